@@ -1,0 +1,175 @@
+"""Typed configuration: nested dataclasses, a YAML preset, `--set a.b=c` overrides.
+
+Precedence is CLI override > YAML file > dataclass default. Every key must name a
+field: an unknown key is a `ConfigError`, never silently ignored.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ".wanray/tiny-wan2.2"
+    """Diffusers-format Wan2.2 directory (model_index.json, transformer/ = high-noise
+    expert, transformer_2/ = low-noise expert, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    create_tiny: bool = False
+    """If `path` holds no model, write the tiny random-init Wan2.2 there first."""
+    tiny_seed: int = 0
+    """Seed of the tiny checkpoint's random initialisation."""
+    boundary: float = 0.875
+    """Expert switch as a fraction of 1000 train timesteps: high-noise expert for t >= boundary*1000."""
+
+
+@dataclass
+class DataConfig:
+    height: int = 480
+    """Clip height in pixels after resize + center crop (multiple of 16)."""
+    width: int = 832
+    """Clip width in pixels after resize + center crop (multiple of 16)."""
+    num_frames: int = 81
+    """Frames per clip, 4n+1 (81 frames -> 21 latent frames)."""
+    min_frames: int = 81
+    """Shorter videos give the longest 4n+1 clip they hold, down to this; below it they are rejected."""
+    fps: float = 16.0
+    """Clips are resampled to this frame rate."""
+    max_text_tokens: int = 512
+    """UMT5 sequence length; embeddings are padded to it at batch time."""
+
+
+@dataclass
+class PreprocessConfig:
+    device: str = "cpu"
+    """Where the VAE and text encoder run: cpu, cuda or npu."""
+    dtype: str = "float32"
+    """Dtype the encoders run in and latents / text embeddings are stored in: float32 or bfloat16."""
+    decode_cpus: float = 1.0
+    """CPUs per decode task (decord is single-threaded per video)."""
+    vae_actors: int = 1
+    """VAE encoder actors in the pool."""
+    vae_batch_size: int = 4
+    """Clips per VAE encoder batch."""
+    text_actors: int = 1
+    """Text encoder actors in the pool."""
+    text_batch_size: int = 16
+    """Captions per text encoder batch."""
+    encoder_cpus: float = 1.0
+    """CPUs per encoder actor (use fractions on small machines)."""
+    encoder_accelerators: float = 1.0
+    """NPUs / GPUs per encoder actor when device is npu / cuda."""
+    rows_per_shard: int = 64
+    """Clips per Parquet shard."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+    def validate(self) -> "Config":
+        d = self.data
+        if d.num_frames % 4 != 1 or d.min_frames % 4 != 1:
+            raise ConfigError(f"data.num_frames and data.min_frames must be 4n+1, got {d.num_frames}, {d.min_frames}")
+        if d.min_frames > d.num_frames:
+            raise ConfigError("data.min_frames must not exceed data.num_frames")
+        if d.height % 16 or d.width % 16:
+            raise ConfigError(f"data.height and data.width must be multiples of 16, got {d.height}x{d.width}")
+        if self.preprocess.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"preprocess.dtype must be float32 or bfloat16, got {self.preprocess.dtype!r}")
+        if not 0.0 < self.model.boundary < 1.0:
+            raise ConfigError(f"model.boundary must lie in (0, 1), got {self.model.boundary}")
+        return self
+
+
+def _coerce(value, tp, where: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = set(typing.get_args(tp)) - {Ellipsis}
+        return origin(_coerce(v, item, f"{where}[]") for v in value)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        return _coerce(value, tp, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, where: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {where + unknown[0]!r} (valid: {', '.join(sorted(names))})")
+    return cls(**{k: _coerce(v, hints[k], f"{where}{k}") for k, v in values.items()})
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """`a.b=c` -> {"a": {"b": c}}, with c parsed as a YAML scalar (1, 0.5, true, [1, 2])."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    for part in reversed(key.strip().split(".")):
+        if not part:
+            raise ConfigError(f"override {text!r} has an empty key part")
+        value = {part: value}
+    return value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file <- `key=value` overrides; unknown keys raise ConfigError."""
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}".splitlines()[0]) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        values = loaded
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    return _build(Config, values).validate()
+
+
+def add_config_args(parser: argparse.ArgumentParser, default: str = "configs/tiny.yaml") -> None:
+    parser.add_argument("--config", default=default, help=f"YAML preset (default {default})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set data.fps=24 (repeatable)")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

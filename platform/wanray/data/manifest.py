@@ -1,0 +1,175 @@
+"""Caption manifests -> clip sources, every bad entry a named reject.
+
+Accepted formats (picked by file extension):
+- MindSpeed-MM `data.txt`: lines `folder,annotation.json`; the annotation JSON is a list of
+  `{path, cap, num_frames, fps, resolution: {height, width}}` with `cap` a string or a list
+  of strings (the first non-empty one is used) and optional Open-Sora-Plan `cut`
+  ([start_frame, end_frame) in source frames) and `aesthetic`. Video paths resolve
+  against `folder`.
+- A bare annotation `.json` (paths resolve against its own directory).
+- `.jsonl`: one object per line with `path` (or `video`) and `cap` (or `prompt`, `caption`, `text`).
+- `.csv` with `video,prompt` columns (DiffSynth-Studio style).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+PATH_KEYS = ("path", "video")
+CAPTION_KEYS = ("cap", "prompt", "caption", "text")
+
+
+class ManifestError(ValueError):
+    """The manifest as a whole cannot be read (missing file, unknown format, no usable columns)."""
+
+
+@dataclass(frozen=True)
+class ClipSource:
+    """One video (or one `cut` of it) with its caption, as the manifest names it."""
+
+    id: str
+    path: str
+    caption: str
+    cut_start: int = 0
+    cut_end: int = -1
+    """Exclusive end frame in the source video; -1 means the end of the video."""
+
+
+@dataclass(frozen=True)
+class Reject:
+    input: str
+    """What was rejected: a video path, or `manifest:line` for an entry that names none."""
+    reason: str
+    """Stable machine-readable reason, e.g. missing_caption, file_not_found."""
+    detail: str = ""
+
+
+def clip_id(path: str, caption: str, cut_start: int, cut_end: int) -> str:
+    return hashlib.sha1(f"{path}\n{cut_start}\n{cut_end}\n{caption}".encode()).hexdigest()[:20]
+
+
+def _caption(entry: dict) -> tuple[str | None, str | None]:
+    """(caption, None) or (None, reject reason)."""
+    key = next((k for k in CAPTION_KEYS if k in entry), None)
+    if key is None:
+        return None, "missing_caption"
+    cap = entry[key]
+    if isinstance(cap, list):
+        if not all(isinstance(c, str) for c in cap):
+            return None, "caption_not_string"
+        cap = next((c for c in cap if c.strip()), "")
+    if not isinstance(cap, str):
+        return None, "caption_not_string"
+    if not cap.strip():
+        return None, "empty_caption"
+    return cap.strip(), None
+
+
+def _cut(entry: dict) -> tuple[int, int] | None:
+    cut = entry.get("cut")
+    if cut is None:
+        return 0, -1
+    ok = (isinstance(cut, (list, tuple)) and len(cut) == 2 and all(isinstance(c, int) for c in cut)
+          and 0 <= cut[0] and (cut[1] == -1 or cut[1] > cut[0]))
+    return (cut[0], cut[1]) if ok else None
+
+
+def parse_entry(entry, folder: Path, where: str) -> ClipSource | Reject:
+    """One annotation object -> a ClipSource, or a Reject naming what is wrong with it."""
+    if not isinstance(entry, dict):
+        return Reject(where, "malformed_entry", f"expected an object, got {type(entry).__name__}")
+    raw_path = next((entry[k] for k in PATH_KEYS if k in entry), None)
+    if not isinstance(raw_path, str) or not raw_path.strip():
+        return Reject(where, "missing_path", "entry has no video path")
+    path = str((folder / raw_path.strip()).resolve())
+    caption, reason = _caption(entry)
+    if reason:
+        return Reject(path, reason, where)
+    cut = _cut(entry)
+    if cut is None:
+        return Reject(path, "malformed_cut", f"{where}: cut must be [start_frame, end_frame], got {entry['cut']!r}")
+    return ClipSource(clip_id(path, caption, *cut), path, caption, *cut)
+
+
+def _annotation(path: Path, folder: Path, where: str) -> list[ClipSource | Reject]:
+    if not path.is_file():
+        return [Reject(where, "annotation_not_found", str(path))]
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return [Reject(str(path), "malformed_json", str(e))]
+    if not isinstance(entries, list):
+        return [Reject(str(path), "malformed_annotation", "annotation JSON must be a list of objects")]
+    return [parse_entry(e, folder, f"{path}#{i}") for i, e in enumerate(entries)]
+
+
+def _data_txt(path: Path) -> list[ClipSource | Reject]:
+    out: list[ClipSource | Reject] = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 2 or not all(parts):
+            out.append(Reject(f"{path}:{n}", "malformed_manifest_line", "expected 'folder,annotation.json'"))
+            continue
+        folder, anno = (path.parent / parts[0]).resolve(), (path.parent / parts[1]).resolve()
+        out.extend(_annotation(anno, folder, f"{path}:{n}"))
+    return out
+
+
+def _jsonl(path: Path) -> list[ClipSource | Reject]:
+    out: list[ClipSource | Reject] = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            out.append(Reject(f"{path}:{n}", "malformed_json_line", str(e)))
+            continue
+        out.append(parse_entry(entry, path.parent, f"{path}:{n}"))
+    return out
+
+
+def _csv(path: Path) -> list[ClipSource | Reject]:
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"video", "prompt"} <= set(reader.fieldnames):
+            raise ManifestError(f"{path}: CSV manifest needs 'video' and 'prompt' columns, has {reader.fieldnames}")
+        return [parse_entry({"video": r["video"], "prompt": r["prompt"]}, path.parent, f"{path}:{n}")
+                for n, r in enumerate(reader, 2)]
+
+
+def read_manifest(path) -> tuple[list[ClipSource], list[Reject]]:
+    """All clip sources of a manifest, and a Reject for every entry that cannot be one.
+
+    Duplicate entries (same video, cut and caption) are kept once and the rest rejected.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ManifestError(f"manifest not found: {p}")
+    suffix = p.suffix.lower()
+    if suffix == ".txt":
+        items = _data_txt(p)
+    elif suffix == ".json":
+        items = _annotation(p, p.parent.resolve(), str(p))
+    elif suffix == ".jsonl":
+        items = _jsonl(p)
+    elif suffix == ".csv":
+        items = _csv(p)
+    else:
+        raise ManifestError(f"{p}: unknown manifest format {suffix!r} (use data.txt, .json, .jsonl or .csv)")
+    sources: dict[str, ClipSource] = {}
+    rejects: list[Reject] = []
+    for item in items:
+        if isinstance(item, Reject):
+            rejects.append(item)
+        elif item.id in sources:
+            rejects.append(Reject(item.path, "duplicate_entry", "same video, cut and caption listed before"))
+        else:
+            sources[item.id] = item
+    return list(sources.values()), rejects

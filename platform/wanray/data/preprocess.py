@@ -1,0 +1,134 @@
+"""The preprocessing job on Ray Data: manifest -> decode -> VAE -> UMT5 -> Parquet shards.
+
+    read manifest (driver) -> skip clips already written or rejected (resume)
+      -> decode: CPU tasks, decord, one clip each; rejects recorded where they happen
+      -> LatentEncoder actor pool (VAE; NPU / GPU / CPU per config)
+      -> TextEncoder actor pool (UMT5)
+      -> ShardWriter: rows_per_shard clips per atomically written shard
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import ray
+
+from wanray import models
+from wanray.config import Config, ConfigError
+from wanray.data.encode import LatentEncoder, TextEncoder, encode_text
+from wanray.data.manifest import ClipSource, Reject, read_manifest
+from wanray.data.shards import (EMPTY_PROMPT_FILE, ShardWriter, collect_rejects, record_reject,
+                                rejected_keys, write_empty_prompt, write_json_atomic, written_ids)
+from wanray.data.video import ClipRejected, decode_clip
+from wanray.devices import accelerator, torch_dtype
+
+
+def decode_source(row: dict, cfg: Config, out_dir: str) -> list[dict]:
+    """Ray Data flat_map: a ClipSource row -> [clip row with frames], or [] after recording the reject."""
+    src = ClipSource(**row)
+    d = cfg.data
+    try:
+        clip = decode_clip(src.path, d.height, d.width, d.fps, d.num_frames, d.min_frames, src.cut_start, src.cut_end)
+    except ClipRejected as e:
+        record_reject(out_dir, Reject(src.path, e.reason, e.detail), key=src.id)
+        return []
+    return [{"id": src.id, "source": src.path, "caption": src.caption, "fps": np.float32(d.fps),
+             "num_frames": np.int32(len(clip.plan.indices)), "height": np.int32(d.height),
+             "width": np.int32(d.width), "clip_start": np.int32(clip.plan.start), "frames": clip.frames}]
+
+
+def _empty_prompt_task(model_path: str, device: str, dtype: str, max_tokens: int, out_dir: str) -> None:
+    dev = accelerator(device).torch_device()
+    encoder = models.load_text_encoder(model_path, torch_dtype(dtype), dev)
+    (embedding,) = encode_text(models.load_tokenizer(model_path), encoder, [""], max_tokens)
+    write_empty_prompt(out_dir, embedding.cpu())
+
+
+def _check_settings(cfg: Config, out_dir: Path) -> None:
+    """An output directory holds clips of one model and one data setting; mixing them is an error."""
+    settings = {"model": str(Path(cfg.model.path).resolve()), "data": dataclasses.asdict(cfg.data),
+                "dtype": cfg.preprocess.dtype}
+    path = out_dir / "settings.json"
+    if path.exists():
+        before = json.loads(path.read_text())
+        if before != settings:
+            changed = sorted(k for k in settings if before.get(k) != settings[k])
+            raise ConfigError(f"{out_dir} was preprocessed with other {', '.join(changed)} settings; "
+                              "use a new --out directory")
+    else:
+        write_json_atomic(settings, path)
+
+
+def build_dataset(todo: list[ClipSource], cfg: Config, model_path: str, out_dir: str) -> ray.data.Dataset:
+    p = cfg.preprocess
+    acc = accelerator(p.device)
+    encoder_opts = acc.ray_resources(p.encoder_cpus, p.encoder_accelerators)
+    ds = ray.data.from_items([dataclasses.asdict(s) for s in todo], override_num_blocks=max(1, min(len(todo), 1024)))
+    ds = ds.flat_map(decode_source, fn_kwargs={"cfg": cfg, "out_dir": out_dir}, num_cpus=p.decode_cpus)
+    ds = ds.map_batches(LatentEncoder, fn_constructor_kwargs={"model_path": model_path, "device": p.device,
+                                                              "dtype": p.dtype},
+                        batch_size=p.vae_batch_size, concurrency=p.vae_actors, batch_format="numpy", **encoder_opts)
+    ds = ds.map_batches(TextEncoder, fn_constructor_kwargs={"model_path": model_path, "device": p.device,
+                                                            "dtype": p.dtype, "max_tokens": cfg.data.max_text_tokens},
+                        batch_size=p.text_batch_size, concurrency=p.text_actors, batch_format="numpy", **encoder_opts)
+    return ds.map_batches(ShardWriter, fn_constructor_kwargs={"out_dir": out_dir}, batch_size=p.rows_per_shard,
+                          concurrency=1, num_cpus=0.1, batch_format="numpy")
+
+
+def run_preprocess(cfg: Config, manifest: str, out_dir: str, log: Callable[[str], None] = print) -> dict:
+    """Run (or resume) preprocessing of `manifest` into `out_dir`; returns the summary written there."""
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = str(models.ensure_model(cfg.model))
+    _check_settings(cfg, out)
+    sources, manifest_rejects = read_manifest(manifest)
+    done, rejected = written_ids(out), rejected_keys(out)
+    for r in manifest_rejects:
+        record_reject(out, r)
+    todo = [s for s in sources if s.id not in done and s.id not in rejected]
+    log(f"[preprocess] {len(sources)} clips in manifest, {len(manifest_rejects)} bad entries; "
+        f"{len(sources) - len(todo)} already done, {len(todo)} to process")
+
+    p = cfg.preprocess
+    pending = []
+    if not (out / EMPTY_PROMPT_FILE).exists():
+        task = ray.remote(_empty_prompt_task).options(**accelerator(p.device).ray_resources(p.encoder_cpus,
+                                                                                           p.encoder_accelerators))
+        pending.append(task.remote(model_path, p.device, p.dtype, cfg.data.max_text_tokens, str(out)))
+
+    start, written, frames = time.perf_counter(), 0, 0
+    if todo:
+        for shard in build_dataset(todo, cfg, model_path, str(out)).iter_rows():
+            written += shard["rows"]
+            frames += shard["frames"]
+            elapsed = time.perf_counter() - start
+            rate = written / elapsed
+            eta = (len(todo) - written) / rate if rate > 0 else float("nan")
+            log(f"[preprocess] {written}/{len(todo)} clips written ({shard['shard']}), "
+                f"{rate:.2f} clips/s, at most {eta:.0f}s left")
+    ray.get(pending)
+    elapsed = time.perf_counter() - start
+
+    records = collect_rejects(out)
+    summary = {
+        "manifest": str(Path(manifest).resolve()),
+        "clips_in_manifest": len(sources),
+        "outcomes": {"written": written, "already_written": len(done & {s.id for s in sources}),
+                     "rejected": len(records)},
+        "rejects_by_reason": dict(Counter(r["reason"] for r in records)),
+        "rows_in_output": len(written_ids(out)),
+        "seconds": round(elapsed, 3),
+        "clips_per_second": round(written / elapsed, 3) if elapsed > 0 else None,
+        "frames_per_second": round(frames / elapsed, 3) if elapsed > 0 else None,
+        "rejected_this_run": len(rejected_keys(out) - rejected),
+    }
+    write_json_atomic(summary, out / "summary.json")
+    log(f"[preprocess] done: {written} written, {len(records)} rejected "
+        f"({', '.join(f'{k}: {v}' for k, v in sorted(summary['rejects_by_reason'].items())) or 'none'}); "
+        f"{summary['rows_in_output']} clips in {out}")
+    return summary

@@ -1,0 +1,125 @@
+"""Parquet shards and reject records of a preprocess output directory.
+
+out/
+  part-<uuid>.parquet   clips, CLIP_SCHEMA; each appears whole (temp file + rename)
+  empty_prompt.parquet  the empty-prompt text embedding
+  rejects/<key>.json    one record per rejected input, written where it was rejected
+  rejects.jsonl         all reject records, one JSON object per line (rebuilt every run)
+  summary.json          counts by outcome and reason, throughput
+  settings.json         the model and data settings the shards were made with
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from wanray.data.manifest import Reject
+from wanray.schema import CLIP_SCHEMA, EMPTY_PROMPT_SCHEMA, check_version
+
+SHARD_GLOB = "part-*.parquet"
+EMPTY_PROMPT_FILE = "empty_prompt.parquet"
+
+
+def write_table_atomic(table: pa.Table, path: Path) -> None:
+    """Write to a hidden temp file, then rename: readers never see a partial shard."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def shard_paths(out_dir) -> list[Path]:
+    return sorted(Path(out_dir).glob(SHARD_GLOB))
+
+
+def written_ids(out_dir) -> set[str]:
+    """Ids of all clips already in complete shards (reads only the id column)."""
+    ids: set[str] = set()
+    for p in shard_paths(out_dir):
+        ids.update(pq.read_table(p, columns=["id"]).column("id").to_pylist())
+    return ids
+
+
+def read_clips(out_dir) -> pa.Table:
+    """All clip rows of a preprocess output directory, version-checked."""
+    paths = shard_paths(out_dir)
+    if not paths:
+        raise FileNotFoundError(f"no Parquet shards ({SHARD_GLOB}) in {out_dir}")
+    for p in paths:
+        check_version(pq.read_schema(p), str(p))
+    return pa.concat_tables([pq.read_table(p, schema=CLIP_SCHEMA) for p in paths])
+
+
+def reject_key(reject: Reject) -> str:
+    return hashlib.sha1(f"{reject.input}\n{reject.reason}".encode()).hexdigest()[:20]
+
+
+def record_reject(out_dir, reject: Reject, key: str | None = None) -> None:
+    d = Path(out_dir) / "rejects"
+    d.mkdir(exist_ok=True)
+    write_json_atomic({"input": reject.input, "reason": reject.reason, "detail": reject.detail},
+                      d / f"{key or reject_key(reject)}.json")
+
+
+def rejected_keys(out_dir) -> set[str]:
+    d = Path(out_dir) / "rejects"
+    return {p.stem for p in d.glob("*.json")} if d.is_dir() else set()
+
+
+def collect_rejects(out_dir) -> list[dict]:
+    """All reject records, also rewritten as out/rejects.jsonl sorted by input."""
+    d = Path(out_dir) / "rejects"
+    records = sorted((json.loads(p.read_text()) for p in d.glob("*.json")), key=lambda r: (r["input"], r["reason"])) \
+        if d.is_dir() else []
+    tmp = Path(out_dir) / ".rejects.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, Path(out_dir) / "rejects.jsonl")
+    return records
+
+
+class ShardWriter:
+    """Ray Data actor: each batch of clip rows becomes one Parquet shard."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["id"])
+        columns = {}
+        for f in CLIP_SCHEMA:
+            values = batch[f.name]
+            columns[f.name] = [list(map(int, v)) for v in values] if f.name.endswith("_shape") else list(values)
+        table = pa.Table.from_pydict(columns, schema=CLIP_SCHEMA)
+        name = f"part-{uuid.uuid4().hex}.parquet"
+        write_table_atomic(table, self.out_dir / name)
+        return {"shard": [name], "rows": [n], "frames": [int(sum(batch["num_frames"]))]}
+
+
+def write_empty_prompt(out_dir, embedding) -> None:
+    from wanray.schema import encode_tensor
+
+    data, shape, dtype = encode_tensor(embedding)
+    table = pa.Table.from_pydict({"text_embedding": [data], "text_embedding_shape": [shape],
+                                  "text_embedding_dtype": [dtype], "text_tokens": [int(embedding.shape[0])]},
+                                 schema=EMPTY_PROMPT_SCHEMA)
+    write_table_atomic(table, Path(out_dir) / EMPTY_PROMPT_FILE)
+
+
+def read_empty_prompt(out_dir):
+    from wanray.schema import decode_tensor
+
+    path = Path(out_dir) / EMPTY_PROMPT_FILE
+    check_version(pq.read_schema(path), str(path))
+    row = pq.read_table(path).to_pylist()[0]
+    return decode_tensor(row["text_embedding"], row["text_embedding_shape"], row["text_embedding_dtype"])

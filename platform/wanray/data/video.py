@@ -1,0 +1,129 @@
+"""Clip planning and decoding: pure functions, no Ray.
+
+A clip is the source video resampled to the preset fps, cut to the longest 4n+1 frame
+count it holds (at most data.num_frames, at least data.min_frames), then resized so it
+covers the target size and center-cropped to it. Only the frames the clip uses are
+decoded (decord `get_batch` on exactly those indices).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class ClipRejected(Exception):
+    """A video that cannot give a clip; `reason` is the stable reject reason."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class ClipPlan:
+    indices: list[int]
+    """Source frame indices, one per clip frame (4n+1 of them)."""
+
+    @property
+    def start(self) -> int:
+        return self.indices[0]
+
+
+def longest_4n1(available: int, most: int, least: int) -> int | None:
+    """The largest 4n+1 <= min(available, most), or None if it is below `least`."""
+    n = min(available, most)
+    n = n - (n - 1) % 4 if n >= 1 else 0
+    return n if n >= least else None
+
+
+def plan_clip(src_fps: float, src_frames: int, fps: float, most: int, least: int,
+              cut_start: int = 0, cut_end: int = -1) -> ClipPlan:
+    """Source frame indices of a clip resampled from `src_fps` to `fps`.
+
+    Clip frame i shows source frame cut_start + floor(i * src_fps / fps): frames are
+    dropped when the source is faster and repeated when it is slower.
+    """
+    if not src_fps or src_fps <= 0 or not math.isfinite(src_fps):
+        raise ClipRejected("bad_frame_rate", f"source reports {src_fps} fps")
+    end = src_frames if cut_end < 0 else min(cut_end, src_frames)
+    if cut_start >= end:
+        raise ClipRejected("too_short", f"cut starts at frame {cut_start}, video has {src_frames}")
+    step = src_fps / fps
+    available = (end - 1 - cut_start) // step + 1  # clip frames whose source index is < end
+    n = longest_4n1(int(available), most, least)
+    if n is None:
+        raise ClipRejected("too_short", f"{src_frames} frames at {src_fps:g} fps give {int(available)} "
+                                        f"at {fps:g} fps, need {least}")
+    return ClipPlan([cut_start + int(i * step) for i in range(n)])
+
+
+def resize_crop_box(src_h: int, src_w: int, h: int, w: int) -> tuple[int, int, int, int]:
+    """(resized_h, resized_w, top, left): scale to cover h x w keeping aspect, then center-crop."""
+    scale = max(h / src_h, w / src_w)
+    rh, rw = max(h, round(src_h * scale)), max(w, round(src_w * scale))
+    return rh, rw, (rh - h) // 2, (rw - w) // 2
+
+
+def resize_crop(frames: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(T, H, W, 3) uint8 -> (T, h, w, 3) uint8, bilinear with antialiasing."""
+    src_h, src_w = frames.shape[1:3]
+    rh, rw, top, left = resize_crop_box(src_h, src_w, h, w)
+    if (rh, rw) != (src_h, src_w):
+        x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+        x = F.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
+        frames = x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return np.ascontiguousarray(frames[:, top:top + h, left:left + w])
+
+
+# Container signatures: (offset, magic). A file with one of these that still fails to
+# open is a damaged video (e.g. an mp4 cut off before its moov atom); without, not a video.
+_MAGIC = ((4, b"ftyp"), (0, b"\x1aE\xdf\xa3"), (0, b"RIFF"), (0, b"\x00\x00\x01\xba"), (0, b"OggS"), (0, b"FLV"))
+
+
+def looks_like_video(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(16)
+    return any(head[o:o + len(m)] == m for o, m in _MAGIC)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+@dataclass(frozen=True)
+class DecodedClip:
+    frames: np.ndarray
+    """(T, h, w, 3) uint8 at the target size."""
+    plan: ClipPlan
+    src_fps: float
+
+
+def decode_clip(path: str, height: int, width: int, fps: float, most: int, least: int,
+                cut_start: int = 0, cut_end: int = -1) -> DecodedClip:
+    """Decode the clip of `path` (raises ClipRejected with a named reason)."""
+    import decord
+
+    if not os.path.exists(path):
+        raise ClipRejected("file_not_found", path)
+    if os.path.getsize(path) == 0:
+        raise ClipRejected("empty_file", path)
+    try:
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        src_frames, src_fps = len(reader), reader.get_avg_fps()
+    except Exception as e:  # decord raises DECORDError with ffmpeg's message
+        reason = "corrupt_video" if looks_like_video(path) else "not_a_video"
+        raise ClipRejected(reason, _first_line(e)) from None
+    plan = plan_clip(src_fps, src_frames, fps, most, least, cut_start, cut_end)
+    try:
+        frames = reader.get_batch(plan.indices).asnumpy()
+    except Exception as e:
+        raise ClipRejected("decode_error", _first_line(e)) from None
+    if frames.shape[0] != len(plan.indices) or frames.ndim != 4:
+        raise ClipRejected("decode_error", f"got frames of shape {frames.shape} for {len(plan.indices)} indices")
+    return DecodedClip(resize_crop(frames, height, width), plan, src_fps)

@@ -1,0 +1,32 @@
+"""Driver plumbing shared by the pipelines: joining Ray, and one-line errors on bad input."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+from wanray.config import ConfigError
+from wanray.data.manifest import ManifestError
+from wanray.models import ModelDirError
+
+# Errors caused by what the user passed in: reported as one line, exit status 2.
+USER_ERRORS = (ConfigError, ManifestError, ModelDirError, FileNotFoundError)
+
+
+def connect_ray(**kwargs):
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray instance."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, **kwargs)
+    return ray
+
+
+@contextlib.contextmanager
+def fail(program: str):
+    try:
+        yield
+    except USER_ERRORS as e:
+        print(f"{Path(program).name}: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,109 @@
+"""The Parquet contract: one row per clip, tensors as (bytes, shape, dtype).
+
+Readable with plain pyarrow: `pq.read_table(shard)`; decode a tensor column with
+`decode_tensor(row["latent"], row["latent_shape"], row["latent_dtype"])`. bfloat16
+is stored as its raw 16-bit pattern, so it round-trips bit-exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+import torch
+
+SCHEMA_VERSION = "1"
+VERSION_KEY = b"wanray.schema_version"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# numpy has no bfloat16: move its bits as int16.
+_CARRIER = {torch.float32: torch.float32, torch.bfloat16: torch.int16, torch.float16: torch.float16}
+
+
+def encode_tensor(t: torch.Tensor) -> tuple[bytes, list[int], str]:
+    """A tensor as (raw bytes, shape, dtype name); never empty."""
+    t = t.detach().contiguous().cpu()
+    if t.numel() == 0:
+        raise ValueError(f"refusing to store an empty tensor of shape {tuple(t.shape)}")
+    name = next(k for k, v in _DTYPES.items() if v == t.dtype)
+    return t.view(_CARRIER[t.dtype]).numpy().tobytes(), list(t.shape), name
+
+
+def decode_tensor(data: bytes, shape, dtype: str) -> torch.Tensor:
+    """Inverse of encode_tensor, in exactly the stored dtype."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown stored dtype {dtype!r}")
+    want = _DTYPES[dtype]
+    flat = torch.frombuffer(bytearray(data), dtype=_CARRIER[want])
+    return flat.view(want).reshape([int(s) for s in shape])
+
+
+def _tensor_fields(name: str) -> list[pa.Field]:
+    return [pa.field(name, pa.binary(), nullable=False),
+            pa.field(f"{name}_shape", pa.list_(pa.int32()), nullable=False),
+            pa.field(f"{name}_dtype", pa.string(), nullable=False)]
+
+
+CLIP_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("caption", pa.string(), nullable=False),
+        pa.field("fps", pa.float32(), nullable=False),
+        pa.field("num_frames", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("clip_start", pa.int32(), nullable=False),
+        *_tensor_fields("latent"),
+        *_tensor_fields("text_embedding"),
+        pa.field("text_tokens", pa.int32(), nullable=False),
+    ],
+    metadata={VERSION_KEY: SCHEMA_VERSION.encode()},
+)
+
+# The empty-prompt embedding (caption dropout in training, unconditional branch of guidance).
+EMPTY_PROMPT_SCHEMA = pa.schema([*_tensor_fields("text_embedding"), pa.field("text_tokens", pa.int32())],
+                                metadata={VERSION_KEY: SCHEMA_VERSION.encode()})
+
+
+@dataclass
+class ClipRow:
+    """One training clip as stored: metadata plus its normalised latent and unpadded text embedding."""
+
+    id: str
+    source: str
+    caption: str
+    fps: float
+    num_frames: int
+    height: int
+    width: int
+    clip_start: int
+    latent: torch.Tensor
+    """(16, latent_frames, height/8, width/8), normalised with the VAE's latents_mean/std."""
+    text_embedding: torch.Tensor
+    """(text_tokens, text_dim): UMT5 output without padding."""
+
+    def to_record(self) -> dict:
+        rec = {k: getattr(self, k) for k in ("id", "source", "caption", "fps", "num_frames", "height", "width",
+                                             "clip_start")}
+        for name in ("latent", "text_embedding"):
+            rec[name], rec[f"{name}_shape"], rec[f"{name}_dtype"] = encode_tensor(getattr(self, name))
+        rec["text_tokens"] = int(self.text_embedding.shape[0])
+        return rec
+
+    @classmethod
+    def from_record(cls, rec: dict) -> "ClipRow":
+        tensors = {n: decode_tensor(rec[n], rec[f"{n}_shape"], rec[f"{n}_dtype"]) for n in ("latent", "text_embedding")}
+        meta = {k: rec[k] for k in ("id", "source", "caption", "fps", "num_frames", "height", "width", "clip_start")}
+        return cls(**meta, **tensors)
+
+
+def check_version(schema: pa.Schema, where: str) -> None:
+    found = (schema.metadata or {}).get(VERSION_KEY)
+    if found != SCHEMA_VERSION.encode():
+        raise ValueError(f"{where}: schema version {found!r}, this wanray reads {SCHEMA_VERSION!r}")
+
+
+def pad_text_embedding(emb: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad (tokens, dim) to (length, dim), as WanPipeline.encode_prompt does."""
+    return torch.cat([emb, emb.new_zeros(length - emb.shape[0], emb.shape[1])])
+

@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny Wan2.2 checkpoint, synthetic videos, a real local Ray cluster."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from wanray.models import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny-wan2.2")
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory) -> Path:
+    """data.txt of 8 synthetic captioned mp4 clips (varied size, fps and length)."""
+    from wanray.data.synthetic import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("synthetic"), count=8, seed=1)
+
+
+def tiny_config(model: Path, *overrides: str):
+    from wanray.config import load_config
+
+    return load_config(ROOT / "configs" / "tiny.yaml", [f"model.path={model}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray instance (2 CPUs), joined by subprocess drivers through RAY_ADDRESS.
+
+    Started with ray.init rather than `ray start`, so shutdown stops only this instance.
+    """
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    address = ray.get_runtime_context().gcs_address
+    os.environ["RAY_ADDRESS"] = address
+    yield address
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.shutdown()

@@ -1,0 +1,65 @@
+"""platform/ guard, config loading and overrides, devices."""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from wanray.config import ConfigError, load_config, parse_override
+from wanray.devices import accelerator
+
+
+def test_platform_dir_never_shadows_stdlib_platform():
+    assert not (ROOT / "platform" / "__init__.py").exists()
+    code = "import platform, torch, ray; platform.python_version(); print(platform.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={"PYTHONPATH": f"{ROOT}:{ROOT / 'platform'}", "PATH": ""})
+    assert out.returncode == 0, out.stderr
+    assert not out.stdout.strip().startswith(str(ROOT / "platform")), out.stdout
+
+
+@pytest.mark.parametrize("preset", ["tiny.yaml", "t2v_a14b.yaml"])
+def test_presets_load(preset):
+    cfg = load_config(ROOT / "configs" / preset)
+    assert cfg.data.num_frames % 4 == 1 and cfg.model.boundary == 0.875
+
+
+def test_a14b_preset_has_the_published_numbers():
+    cfg = load_config(ROOT / "configs" / "t2v_a14b.yaml")
+    assert (cfg.data.height, cfg.data.width, cfg.data.num_frames, cfg.data.fps) == (480, 832, 81, 16.0)
+
+
+def test_overrides_are_typed_and_win_over_the_file():
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["data.fps=24", "preprocess.dtype=bfloat16",
+                                                       "model.path=/x y"])
+    assert cfg.data.fps == 24.0 and isinstance(cfg.data.fps, float)
+    assert cfg.preprocess.dtype == "bfloat16" and cfg.model.path == "/x y"
+    assert parse_override("a.b=[1, 2]") == {"a": {"b": [1, 2]}}
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.fpz=3", "unknown config key 'data.fpz'"),
+    ("modle.path=x", "unknown config key 'modle'"),
+    ("data.num_frames=16", "4n+1"),
+    ("data.height=100", "multiples of 16"),
+    ("data.fps=fast", "expected float"),
+    ("nokey", "key=value"),
+])
+def test_bad_config_is_a_clear_error(override, message):
+    with pytest.raises(ConfigError, match=message.replace("+", r"\+")):
+        load_config(ROOT / "configs" / "tiny.yaml", [override])
+
+
+def test_unknown_key_in_file_is_an_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  height: 64\n  hieght: 32\n")
+    with pytest.raises(ConfigError, match="data.hieght"):
+        load_config(bad)
+
+
+def test_devices():
+    assert accelerator("cpu").dist_backend == "gloo"
+    assert accelerator("cuda").ray_resources(1, 1) == {"num_cpus": 1, "num_gpus": 1}
+    assert accelerator("cpu").ray_resources(0.5, 1) == {"num_cpus": 0.5}
+    with pytest.raises(ValueError, match="unknown device"):
+        accelerator("tpu")

@@ -1,0 +1,71 @@
+"""Clip planning, resize/crop, real decord decoding, and the tensor codec."""
+import numpy as np
+import pytest
+import torch
+
+from wanray.data.synthetic import SyntheticClip, render, write_mp4
+from wanray.data.video import ClipRejected, decode_clip, longest_4n1, plan_clip, resize_crop, resize_crop_box
+from wanray.schema import decode_tensor, encode_tensor, pad_text_embedding
+
+
+def test_longest_4n1():
+    assert [longest_4n1(a, 81, 9) for a in (100, 81, 80, 17, 12, 8)] == [81, 81, 77, 17, 9, None]
+
+
+def test_plan_resamples_to_target_fps():
+    # 30 fps source, 16 fps clip: step 1.875 source frames per clip frame
+    plan = plan_clip(30, 300, 16, 17, 9)
+    assert len(plan.indices) == 17 and plan.indices[:4] == [0, 1, 3, 5] and plan.indices[-1] == 30
+    # 8 fps source is slower than 16 fps: frames repeat
+    assert plan_clip(8, 100, 16, 5, 5).indices == [0, 0, 1, 1, 2]
+    # a cut restricts the range; the longest 4n+1 that fits is taken
+    plan = plan_clip(16, 1000, 16, 81, 9, cut_start=100, cut_end=130)
+    assert plan.indices == list(range(100, 129))
+
+
+def test_too_short_and_bad_fps_are_named():
+    with pytest.raises(ClipRejected) as e:
+        plan_clip(16, 6, 16, 17, 9)
+    assert e.value.reason == "too_short"
+    with pytest.raises(ClipRejected) as e:
+        plan_clip(0, 60, 16, 17, 9)
+    assert e.value.reason == "bad_frame_rate"
+
+
+def test_resize_covers_then_center_crops():
+    assert resize_crop_box(480, 640, 64, 64) == (64, 85, 0, 10)
+    assert resize_crop_box(160, 96, 64, 64) == (107, 64, 21, 0)
+    frames = np.zeros((3, 40, 80, 3), np.uint8)
+    frames[:, :, 30:50] = 255  # a centred white band survives the crop
+    out = resize_crop(frames, 32, 32)
+    assert out.shape == (3, 32, 32, 3) and out[0, 16, 16, 0] == 255 and out[0, 16, 0, 0] == 0
+
+
+def test_decode_reads_the_planned_frames(tmp_path):
+    clip = SyntheticClip("a.mp4", "x", 64, 64, 16, 40, "square", "white", "black", "left to right")
+    frames = render(clip)
+    write_mp4(tmp_path / "a.mp4", frames, 16)
+    out = decode_clip(str(tmp_path / "a.mp4"), 64, 64, 8, 9, 9)
+    assert out.frames.shape == (9, 64, 64, 3) and out.plan.indices == list(range(0, 18, 2))
+    # the square moves right: its centre of mass in the decoded clip follows the source
+    cols = np.arange(64)
+    com = [(f[..., 0].astype(float).sum(0) * cols).sum() / f[..., 0].sum() for f in out.frames]
+    want = [(s[..., 0].astype(float).sum(0) * cols).sum() / s[..., 0].sum() for s in frames[out.plan.indices]]
+    assert np.allclose(com, want, atol=1.0) and com[-1] > com[0] + 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tensor_codec_is_exact(dtype):
+    t = torch.randn(16, 3, 4, 5).to(dtype)
+    data, shape, name = encode_tensor(t)
+    back = decode_tensor(data, shape, name)
+    assert back.dtype == dtype and torch.equal(back.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                                               t.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    with pytest.raises(ValueError, match="empty"):
+        encode_tensor(torch.zeros(0, 4))
+
+
+def test_pad_text_embedding():
+    e = torch.ones(3, 4)
+    p = pad_text_embedding(e, 8)
+    assert p.shape == (8, 4) and p[:3].eq(1).all() and p[3:].eq(0).all()

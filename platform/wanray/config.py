@@ -74,10 +74,72 @@ class PreprocessConfig:
 
 
 @dataclass
+class InferConfig:
+    device: str = "cpu"
+    """Where every inference stage runs: cpu, cuda or npu."""
+    dtype: str = "float32"
+    """Dtype of the text encoder, experts and VAE: float32 or bfloat16 (latents stay float32, as in diffusers)."""
+    flow_shift: float | None = None
+    """Sampling shift of the scheduler's flow sigmas; None keeps the model directory's own value
+    (diffusers ships 3.0, the official Wan2.2 T2V sampler uses 12.0)."""
+    num_inference_steps: int = 40
+    """Denoising steps when a request names none (Wan2.2 T2V: 40)."""
+    guidance_scale: float = 4.0
+    """Classifier-free guidance of the high-noise expert; guidance runs (in both stages) only when this is > 1."""
+    guidance_scale_2: float = 3.0
+    """Classifier-free guidance of the low-noise expert."""
+    negative_prompt: str = ""
+    """Negative prompt when a request names none."""
+    seed: int = 0
+    """Seed when a request names none. Height, width and frames default to data.*, the trained clip size."""
+    torch_threads: int = 0
+    """Intra-op torch threads in each stage process; 0 leaves torch's default (Ray sets it from the CPU request)."""
+    text_cpus: float = 1.0
+    """CPUs of the text encoder deployment."""
+    high_cpus: float = 1.0
+    """CPUs of the high-noise expert deployment."""
+    low_cpus: float = 1.0
+    """CPUs of the low-noise expert deployment."""
+    vae_cpus: float = 1.0
+    """CPUs of the VAE decoder deployment."""
+    ingress_cpus: float = 1.0
+    """CPUs of the HTTP ingress (REST API and Gradio UI)."""
+    text_accelerators: float = 1.0
+    """NPUs / GPUs of the text encoder deployment when device is npu / cuda."""
+    high_accelerators: float = 1.0
+    """NPUs / GPUs of the high-noise expert deployment."""
+    low_accelerators: float = 1.0
+    """NPUs / GPUs of the low-noise expert deployment."""
+    vae_accelerators: float = 1.0
+    """NPUs / GPUs of the VAE decoder deployment."""
+    host: str = "127.0.0.1"
+    """Address the Serve HTTP proxy binds; 0.0.0.0 exposes it to the network."""
+    port: int = 8000
+    """Port of the Serve HTTP proxy."""
+    max_height: int = 1280
+    """Largest height a request may ask for (pixels)."""
+    max_width: int = 1280
+    """Largest width a request may ask for (pixels)."""
+    max_frames: int = 121
+    """Largest frame count a request may ask for (4n+1)."""
+    max_steps: int = 100
+    """Most denoising steps a request may ask for."""
+    max_prompt_chars: int = 2000
+    """Longest prompt or negative prompt, in characters (UMT5 keeps 512 tokens of it)."""
+    batch_actors: int = 1
+    """Sampler actors of batch generation (generate.py); each holds the whole model."""
+    batch_cpus: float = 1.0
+    """CPUs per batch generation actor."""
+    batch_accelerators: float = 1.0
+    """NPUs / GPUs per batch generation actor when device is npu / cuda."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
 
     def validate(self) -> "Config":
         d = self.data
@@ -89,6 +151,13 @@ class Config:
             raise ConfigError(f"data.height and data.width must be multiples of 16, got {d.height}x{d.width}")
         if self.preprocess.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"preprocess.dtype must be float32 or bfloat16, got {self.preprocess.dtype!r}")
+        if self.infer.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"infer.dtype must be float32 or bfloat16, got {self.infer.dtype!r}")
+        if self.infer.flow_shift is not None and self.infer.flow_shift <= 0:
+            raise ConfigError(f"infer.flow_shift must be positive, got {self.infer.flow_shift}")
+        if not 1 <= self.infer.num_inference_steps <= self.infer.max_steps:
+            raise ConfigError(f"infer.num_inference_steps must lie in [1, infer.max_steps], "
+                              f"got {self.infer.num_inference_steps}")
         if not 0.0 < self.model.boundary < 1.0:
             raise ConfigError(f"model.boundary must lie in (0, 1), got {self.model.boundary}")
         return self

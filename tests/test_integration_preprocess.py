@@ -1,0 +1,139 @@
+"""Preprocessing on a real local Ray: parity with diffusers, rejects, resume after a kill."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import ROOT, tiny_config
+from wanray.data.preprocess import run_preprocess
+from wanray.data.shards import read_clips, read_empty_prompt, shard_paths
+from wanray.data.synthetic import SyntheticClip, render, write_dataset, write_mp4
+from wanray.data.video import decode_clip
+from wanray.schema import VERSION_KEY, ClipRow, pad_text_embedding
+
+
+def _bad_inputs(root: Path, good: list[dict]) -> list[str]:
+    """JSONL lines: the good clips plus one of each kind of bad input."""
+    (root / "zero.mp4").write_bytes(b"")
+    data = Path(good[0]["path"]).read_bytes()
+    (root / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    (root / "notvideo.mp4").write_text("this is a text file, not a video\n" * 20)
+    write_mp4(root / "short.mp4", render(SyntheticClip("s", "", 64, 64, 16, 3, "circle", "red", "gray",
+                                                        "left to right")), 16)
+    lines = [json.dumps(g) for g in good]
+    lines += [json.dumps({"path": "missing.mp4", "cap": "gone"}),
+              json.dumps({"path": "zero.mp4", "cap": "zero bytes"}),
+              json.dumps({"path": "truncated.mp4", "cap": "cut off"}),
+              json.dumps({"path": "notvideo.mp4", "cap": "text"}),
+              json.dumps({"path": "short.mp4", "cap": "three frames"}),
+              json.dumps({"path": good[0]["path"]}),
+              json.dumps({"path": good[1]["path"], "cap": ""}),
+              json.dumps({"path": good[2]["path"], "cap": {"en": "dict"}}),
+              '{"path": "x.mp4", "cap": "broken line"']
+    return lines
+
+
+@pytest.fixture(scope="module")
+def prep(tmp_path_factory, tiny_model, synthetic, ray_cluster):
+    root = tmp_path_factory.mktemp("prep_in")
+    anno = json.loads((synthetic.parent / "data.json").read_text())
+    good = [{"path": str(synthetic.parent / a["path"]), "cap": a["cap"]} for a in anno]
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("\n".join(_bad_inputs(root, good)) + "\n")
+    out = tmp_path_factory.mktemp("prep_out")
+    summary = run_preprocess(tiny_config(tiny_model), str(manifest), str(out))
+    return out, summary, good
+
+
+def test_every_good_clip_written_and_every_bad_input_named(prep):
+    out, summary, good = prep
+    table = read_clips(out)
+    assert sorted(table.column("caption").to_pylist()) == sorted(g["cap"] for g in good)
+    assert summary["outcomes"]["written"] == len(good)
+    assert summary["rejects_by_reason"] == {
+        "file_not_found": 1, "empty_file": 1, "corrupt_video": 1, "not_a_video": 1, "too_short": 1,
+        "missing_caption": 1, "empty_caption": 1, "caption_not_string": 1, "malformed_json_line": 1}
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    by_reason = {r["reason"]: r["input"] for r in rejects}
+    assert by_reason["truncated" and "corrupt_video"].endswith("truncated.mp4")
+    assert by_reason["not_a_video"].endswith("notvideo.mp4")
+    assert json.loads((out / "summary.json").read_text())["rows_in_output"] == len(good)
+
+
+def test_shards_are_plain_pyarrow_with_schema_version(prep):
+    out, _, _ = prep
+    shard = shard_paths(out)[0]
+    table = pq.read_table(shard)
+    assert table.schema.metadata[VERSION_KEY] == b"1"
+    row = table.slice(0, 1).to_pylist()[0]
+    assert row["latent_dtype"] == "float32" and row["latent_shape"][0] == 16
+    assert len(row["latent"]) == 4 * int(np.prod(row["latent_shape"]))
+    assert row["text_tokens"] == row["text_embedding_shape"][0] and row["height"] == 64
+
+
+def test_latents_and_text_embeddings_match_diffusers(prep, tiny_model):
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    out, _, _ = prep
+    cfg = tiny_config(tiny_model).data
+    vae = AutoencoderKLWan.from_pretrained(tiny_model, subfolder="vae").eval()
+    pipe = WanPipeline.from_pretrained(tiny_model)
+    rows = [ClipRow.from_record(r) for r in read_clips(out).to_pylist()[:3]]
+    for row in rows:
+        clip = decode_clip(row.source, cfg.height, cfg.width, cfg.fps, cfg.num_frames, cfg.min_frames)
+        video = torch.from_numpy(clip.frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+        with torch.no_grad():
+            z = vae.encode(video).latent_dist.mode()
+        mean = torch.tensor(vae.config.latents_mean).view(1, 16, 1, 1, 1)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, 16, 1, 1, 1)
+        expected = (z - mean) * inv_std  # WanPipeline decodes with latents / inv_std + mean
+        assert row.latent.shape == expected[0].shape == (16, (row.num_frames - 1) // 4 + 1, 8, 8)
+        torch.testing.assert_close(row.latent, expected[0], atol=1e-5, rtol=0)
+        with torch.no_grad():
+            want, _ = pipe.encode_prompt(row.caption, do_classifier_free_guidance=False, max_sequence_length=512)
+        torch.testing.assert_close(pad_text_embedding(row.text_embedding, 512), want[0], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        empty, _ = pipe.encode_prompt("", do_classifier_free_guidance=False, max_sequence_length=512)
+    torch.testing.assert_close(pad_text_embedding(read_empty_prompt(out), 512), empty[0], atol=1e-5, rtol=0)
+
+
+def test_killed_run_resumes_to_exactly_one_row_per_clip(tmp_path, tiny_model, ray_cluster):
+    manifest = write_dataset(tmp_path / "videos", count=24, seed=7)
+    out = tmp_path / "out"
+    # small batches everywhere, so shards land one by one while the run goes on
+    settings = ["preprocess.rows_per_shard=2", "preprocess.vae_batch_size=1", "preprocess.text_batch_size=1",
+                "preprocess.vae_actors=1", "data.height=128", "data.width=128"]
+    cmd = [sys.executable, str(ROOT / "pipelines" / "preprocess.py"), "--config", str(ROOT / "configs/tiny.yaml"),
+           "--data", str(manifest), "--out", str(out), "--set", f"model.path={tiny_model}"]
+    cmd += [a for s in settings for a in ("--set", s)]
+    log = (tmp_path / "run.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 240
+    while not (out.exists() and shard_paths(out)) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before it could be killed: {(tmp_path / 'run.log').read_text()[-2000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = len(read_clips(out))
+    assert 0 < partial < 24, (tmp_path / "run.log").read_text()[-2000:]
+    summary = run_preprocess(tiny_config(tiny_model, *settings), str(manifest), str(out))
+    ids = read_clips(out).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 24
+    assert summary["outcomes"] == {"written": 24 - partial, "already_written": partial, "rejected": 0}
+
+
+def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, ray_cluster):
+    base = [sys.executable, str(ROOT / "pipelines" / "preprocess.py"), "--out", str(tmp_path / "o")]
+    for extra, needle in [(["--data", str(tmp_path / "nope.txt")], "manifest not found"),
+                          (["--data", "x.txt", "--set", "data.fpz=2"], "unknown config key 'data.fpz'")]:
+        r = subprocess.run(base + extra, capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 2
+        assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

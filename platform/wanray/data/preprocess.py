@@ -72,12 +72,12 @@ def build_dataset(todo: list[ClipSource], cfg: Config, model_path: str, out_dir:
     ds = ds.flat_map(decode_source, fn_kwargs={"cfg": cfg, "out_dir": out_dir}, num_cpus=p.decode_cpus)
     ds = ds.map_batches(LatentEncoder, fn_constructor_kwargs={"model_path": model_path, "device": p.device,
                                                               "dtype": p.dtype},
-                        batch_size=p.vae_batch_size, concurrency=p.vae_actors, batch_format="numpy", **encoder_opts)
+                        batch_size=p.vae_batch_size, compute=ray.data.ActorPoolStrategy(size=p.vae_actors), batch_format="numpy", **encoder_opts)
     ds = ds.map_batches(TextEncoder, fn_constructor_kwargs={"model_path": model_path, "device": p.device,
                                                             "dtype": p.dtype, "max_tokens": cfg.data.max_text_tokens},
-                        batch_size=p.text_batch_size, concurrency=p.text_actors, batch_format="numpy", **encoder_opts)
+                        batch_size=p.text_batch_size, compute=ray.data.ActorPoolStrategy(size=p.text_actors), batch_format="numpy", **encoder_opts)
     return ds.map_batches(ShardWriter, fn_constructor_kwargs={"out_dir": out_dir}, batch_size=p.rows_per_shard,
-                          concurrency=1, num_cpus=0.1, batch_format="numpy")
+                          compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1, batch_format="numpy")
 
 
 def run_preprocess(cfg: Config, manifest: str, out_dir: str, log: Callable[[str], None] = print) -> dict:

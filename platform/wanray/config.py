@@ -135,11 +135,80 @@ class InferConfig:
 
 
 @dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train LoRA adapters only (peft); the expert's own weights stay frozen."""
+    rank: int = 32
+    """Adapter rank r."""
+    alpha: float = 32.0
+    """Adapter scale numerator: delta W = (alpha / rank) * B @ A."""
+    target_modules: list[str] = field(default_factory=lambda: [
+        "to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"])
+    """Module name suffixes that get adapters: attention projections and the FFN by default."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 5000
+    """Optimizer steps per expert."""
+    batch_size: int = 1
+    """Clips per worker per micro-batch (clips of one latent shape are batched together)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-5
+    """Peak learning rate (MindSpeed-MM recipe: 1e-5 constant)."""
+    lr_schedule: str = "constant"
+    """constant or cosine (to 0 at `steps`), after `warmup_steps` of linear warmup."""
+    warmup_steps: int = 0
+    """Linear warmup steps from 0 to `lr`."""
+    weight_decay: float = 1e-2
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Max global gradient norm (0 disables clipping)."""
+    timestep_shift: float = 5.0
+    """Shift of the training timestep schedule (DiffSynth / MindSpeed: 5)."""
+    caption_dropout: float = 0.1
+    """Probability of training a clip on the empty-prompt embedding (for guidance)."""
+    seed: int = 0
+    """Seed of noise, timesteps and caption dropout (with rank and step)."""
+    workers: int = 1
+    """Ray Train workers (FSDP2 ranks) per expert."""
+    device: str = "cpu"
+    """cpu (gloo), cuda (nccl) or npu (hccl)."""
+    cpus_per_worker: float = 1.0
+    """CPUs each worker asks Ray for (fractions leave room for Ray Data on small machines)."""
+    accelerators_per_worker: float = 1.0
+    """NPUs / GPUs per worker on cuda / npu."""
+    param_dtype: str = "float32"
+    """Compute dtype of parameters (bfloat16 on accelerators); master weights stay float32."""
+    reduce_dtype: str = "float32"
+    """Gradient reduce-scatter dtype."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block in backward instead of keeping its activations."""
+    init_dcp: str = ""
+    """DCP copy of the expert's weights (pipelines/export.py --to-dcp) for sharded loading; empty = safetensors."""
+    checkpoint_every: int = 500
+    """Save a DCP checkpoint every N steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept per expert run."""
+    max_failures: int = 3
+    """Automatic restarts from the last checkpoint after a worker failure."""
+    log_every: int = 10
+    """Report metrics every N steps."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "Config":
         d = self.data
@@ -158,6 +227,15 @@ class Config:
         if not 1 <= self.infer.num_inference_steps <= self.infer.max_steps:
             raise ConfigError(f"infer.num_inference_steps must lie in [1, infer.max_steps], "
                               f"got {self.infer.num_inference_steps}")
+        t = self.train
+        if t.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"train.lr_schedule must be constant or cosine, got {t.lr_schedule!r}")
+        if t.param_dtype not in ("float32", "bfloat16") or t.reduce_dtype not in ("float32", "bfloat16"):
+            raise ConfigError("train.param_dtype and train.reduce_dtype must be float32 or bfloat16")
+        if t.steps < 1 or t.workers < 1 or t.batch_size < 1 or t.grad_accum < 1 or t.checkpoint_every < 1:
+            raise ConfigError("train.steps, workers, batch_size, grad_accum and checkpoint_every must be >= 1")
+        if not 0.0 <= t.caption_dropout < 1.0 or t.timestep_shift <= 0:
+            raise ConfigError("train.caption_dropout must lie in [0, 1) and train.timestep_shift be positive")
         if not 0.0 < self.model.boundary < 1.0:
             raise ConfigError(f"model.boundary must lie in (0, 1), got {self.model.boundary}")
         return self

@@ -35,8 +35,9 @@ def check_model_dir(path: str | os.PathLike) -> Path:
 
 
 def ensure_model(cfg_model) -> Path:
-    """The model directory of `cfg_model`, writing the tiny checkpoint first when asked to."""
-    p = Path(cfg_model.path)
+    """The model directory of `cfg_model` as an absolute path (workers run in other directories),
+    writing the tiny checkpoint first when asked to."""
+    p = Path(cfg_model.path).resolve()
     if cfg_model.create_tiny and not (p / "model_index.json").exists():
         write_tiny_checkpoint(p, seed=cfg_model.tiny_seed, boundary=cfg_model.boundary)
     return check_model_dir(p)

@@ -1,0 +1,164 @@
+"""DCP checkpoints of a sharded expert, and export back to a diffusers-format directory.
+
+A checkpoint holds three Stateful objects under fixed keys:
+  "model"  the expert's parameters (sharded DTensors; resharded on load to any world size)
+  "optim"  AdamW state
+  "train"  step, data position (epoch, samples consumed), LR schedule, seed
+Noise, timesteps and caption dropout are drawn from generators seeded by (seed, rank,
+step), so the step restores the random stream too.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from wanray import models
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    epoch: int = 0
+    samples_in_epoch: int = 0
+    """Samples (all ranks together) consumed in the current epoch: the data position."""
+
+
+class ModelState(Stateful):
+    def __init__(self, model):
+        self.model = model
+
+    def state_dict(self):
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state):
+        set_model_state_dict(self.model, state)
+
+
+class OptimizerState(Stateful):
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self):
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state):
+        set_optimizer_state_dict(self.model, self.optimizer, state)
+
+
+class TrainState(Stateful):
+    def __init__(self, progress: Progress, lr_scheduler):
+        self.progress, self.lr_scheduler = progress, lr_scheduler
+
+    def state_dict(self):
+        return {**asdict(self.progress), "lr_scheduler": self.lr_scheduler.state_dict()}
+
+    def load_state_dict(self, state):
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        for k in ("step", "epoch", "samples_in_epoch"):
+            setattr(self.progress, k, int(state[k]))
+
+
+def app_state(model, optimizer, lr_scheduler, progress: Progress) -> dict:
+    return {"model": ModelState(model), "optim": OptimizerState(model, optimizer),
+            "train": TrainState(progress, lr_scheduler)}
+
+
+def save(state: dict, directory) -> None:
+    """Collective: every rank writes its shards (__<rank>_*.distcp) and rank 0 the metadata."""
+    dcp.save(state, checkpoint_id=str(directory))
+
+
+def load(state: dict, directory) -> None:
+    """Collective; works whatever the world size the checkpoint was written with."""
+    dcp.load(state, checkpoint_id=str(directory))
+
+
+def load_model_weights(model, directory) -> None:
+    """Only the "model" entries of a DCP directory (a training checkpoint or an --to-dcp copy)."""
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_model_state_dict(model, state["model"])
+
+
+# ---- single-process tools: export and conversion (no process group needed) ----
+
+def merge_lora(state: dict, scale: float) -> tuple[dict, dict]:
+    """(plain diffusers state dict with W + scale * B @ A folded in, adapter tensors by module)."""
+    merged, adapter = {}, {}
+    for key, value in state.items():
+        if ".lora_" in key:
+            module, rest = key.split(".lora_", 1)  # "blocks.0.attn1.to_q", "A.default.weight"
+            adapter[f"{module}.lora_{rest.split('.')[0]}.weight"] = value
+        else:
+            merged[key.replace(".base_layer.", ".")] = value
+    for key in [k for k in adapter if k.endswith(".lora_A.weight")]:
+        module = key[: -len(".lora_A.weight")]
+        w = merged[f"{module}.weight"]
+        delta = adapter[f"{module}.lora_B.weight"].float() @ adapter[key].float()
+        merged[f"{module}.weight"] = (w.float() + scale * delta).to(w.dtype)
+    return merged, adapter
+
+
+def full_expert_state(model_path, expert: str, checkpoint_dir, lora=None) -> tuple[dict, dict | None]:
+    """(diffusers state dict of the trained expert, LoRA adapter tensors or None), from a checkpoint."""
+    from wanray.train.parallel import build_on_meta
+
+    model = build_on_meta(model_path, expert, lora)
+    model.to_empty(device="cpu")  # every tensor is overwritten by the load below
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(checkpoint_dir), no_dist=True)
+    full = {k: v.contiguous() for k, v in state["model"].items()}
+    if lora is None or not lora.enabled:
+        return full, None
+    return merge_lora(full, lora.alpha / lora.rank)
+
+
+def export_diffusers(model_path, out_dir, experts: dict[str, Path], lora=None) -> Path:
+    """Copy the base directory to out_dir with each trained expert's weights in place.
+
+    experts maps "high" / "low" to a DCP checkpoint directory. The result is loadable by
+    `WanPipeline.from_pretrained(out_dir)`; LoRA runs also get `<subfolder>/lora/` with the
+    adapter in diffusers' `pytorch_lora_weights.safetensors` layout.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    src, out = models.check_model_dir(model_path), Path(out_dir)
+    replaced = {str(src / models.EXPERT_SUBFOLDERS[e]) for e in experts}
+
+    def skip_replaced_weights(folder, names):  # don't copy 28 GB only to overwrite it
+        return [n for n in names if n.startswith("diffusion_pytorch_model")] if folder in replaced else []
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=skip_replaced_weights)
+    for expert, ckpt in experts.items():
+        weights, adapter = full_expert_state(src, expert, ckpt, lora)
+        folder = tmp / models.EXPERT_SUBFOLDERS[expert]
+        save_file(weights, folder / "diffusion_pytorch_model.safetensors")
+        if adapter is not None:
+            (folder / "lora").mkdir(exist_ok=True)
+            save_file({f"transformer.{k}": v.contiguous() for k, v in adapter.items()},
+                      folder / "lora" / "pytorch_lora_weights.safetensors")
+            (folder / "lora" / "adapter_config.json").write_text(json.dumps(
+                {"r": lora.rank, "lora_alpha": lora.alpha, "target_modules": list(lora.target_modules)}, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def diffusers_to_dcp(model_path, expert: str, out_dir) -> Path:
+    """Write an expert's weights as a DCP directory, for sharded loading (train.init_dcp)."""
+    model = models.load_expert(model_path, expert)
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(out_dir), no_dist=True)
+    return Path(out_dir)

@@ -1,0 +1,133 @@
+"""Sharding, mixed precision, activation checkpointing and weight loading: all FSDP2 lives here.
+
+The expert is built on the meta device, sharded with `fully_shard` per transformer block
+and then the root, given storage for its local shards only, and loaded shard by shard
+(straight from the safetensors file, each rank reading just its rows, or from a DCP copy).
+No rank ever materialises the whole unsharded expert: 14B x 4 bytes = 56 GB would not
+fit a 64 GB NPU next to activations.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from wanray.devices import torch_dtype
+from wanray.models import EXPERT_SUBFOLDERS
+
+LORA_PREFIX = "base_model.model."
+
+
+def build_on_meta(model_path, expert: str, lora=None):
+    """The expert's module with parameters on the meta device and real (CPU) buffers."""
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+
+    config = WanTransformer3DModel.load_config(model_path, subfolder=EXPERT_SUBFOLDERS[expert], local_files_only=True)
+    with init_empty_weights(include_buffers=False):  # rope tables stay real: they are computed, not loaded
+        model = WanTransformer3DModel.from_config(config)
+    if lora is not None and lora.enabled:
+        from peft import LoraConfig
+
+        model.requires_grad_(False)
+        model.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
+                                     init_lora_weights=True))
+    return model
+
+
+def apply_fsdp(model, device: torch.device, param_dtype: str, reduce_dtype: str, activation_checkpointing: bool):
+    """Shard each transformer block, then the root, over all ranks (one flat data-parallel mesh)."""
+    if activation_checkpointing:
+        model.enable_gradient_checkpointing()  # diffusers recomputes each block in backward
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=torch_dtype(param_dtype), reduce_dtype=torch_dtype(reduce_dtype))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def materialize(model, device: torch.device) -> None:
+    """Allocate local shards on `device`; buffers keep the values computed at construction."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+
+
+def _weight_files(model_path, expert: str) -> dict[str, Path]:
+    """Tensor name -> safetensors file holding it (single file or sharded with an index)."""
+    folder = Path(model_path) / EXPERT_SUBFOLDERS[expert]
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.exists():
+        return {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    single = folder / "diffusion_pytorch_model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(single, "pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def checkpoint_name(param_name: str) -> str | None:
+    """The diffusers tensor name of a parameter (None for LoRA adapter parameters)."""
+    if ".lora_" in param_name:
+        return None
+    return param_name.replace(".base_layer.", ".")
+
+
+def _local_slices(p: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """(this rank's local tensor, the index of it in the full tensor)."""
+    if not isinstance(p, DTensor):
+        return p, tuple(slice(0, n) for n in p.shape)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return p.to_local(), tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+@torch.no_grad()
+def load_expert_shards(model, model_path, expert: str) -> None:
+    """Fill each rank's local shards from the expert's safetensors, reading only those rows."""
+    from safetensors import safe_open
+
+    files = _weight_files(model_path, expert)
+    handles = {}
+    try:
+        for name, p in model.named_parameters():
+            key = checkpoint_name(name)
+            if key is None:
+                continue
+            if key not in files:
+                raise KeyError(f"{key} missing from the {expert}-noise expert's weights in {model_path}")
+            f = handles.get(files[key]) or handles.setdefault(files[key], safe_open(files[key], "pt"))
+            local, index = _local_slices(p)
+            if local.numel():
+                local.copy_(f.get_slice(key)[index])
+    finally:
+        handles.clear()
+
+
+@torch.no_grad()
+def init_lora(model, seed: int) -> None:
+    """Adapter init after materialisation: A ~ kaiming-uniform (same on all ranks, by seed), B = 0."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):
+        if ".lora_" not in name:
+            continue
+        local, index = _local_slices(p)
+        if ".lora_B." in name:
+            local.zero_()
+        else:
+            fan_in = p.shape[1]
+            full = (torch.rand(p.shape, generator=g) * 2 - 1) / fan_in ** 0.5
+            local.copy_(full[index].to(local.dtype))
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]

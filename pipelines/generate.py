@@ -1,0 +1,45 @@
+"""Batch generation: one video per line of a prompts file, on Ray Data actors.
+
+    python pipelines/generate.py --config configs/tiny.yaml --prompts prompts.txt --out videos/
+
+Writes out/00000.mp4, 00001.mp4, ... (line order, blank lines skipped) and out/videos.jsonl.
+Size, steps, guidance scales, negative prompt and seed come from the config
+(data.height/width/num_frames, infer.*). Runs on the cluster in RAY_ADDRESS, else on a
+local Ray it starts.
+"""
+import argparse
+import sys
+
+from wanray.config import add_config_args, load_config
+from wanray.infer.api import RequestError
+from wanray.infer.batch import generate_videos, read_prompts
+from wanray.models import ensure_model
+from wanray.runtime import connect_ray, fail
+
+
+def get_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    parser.add_argument("--out", required=True, help="output directory for the videos and videos.jsonl")
+    parser.add_argument("--model", help="diffusers-format Wan2.2 directory to load (sets model.path)")
+    parser.add_argument("--save-frames", action="store_true", help="also write each video's float frames as .npy")
+    return parser.parse_args()
+
+
+def main(args):
+    overrides = args.overrides + ([f"model.path={args.model}", "model.create_tiny=false"] if args.model else [])
+    cfg = load_config(args.config, overrides)
+    params = read_prompts(args.prompts, cfg)
+    model_dir = ensure_model(cfg.model)
+    connect_ray()
+    generate_videos(cfg, str(model_dir), params, args.out, args.save_frames)
+
+
+if __name__ == "__main__":
+    with fail(sys.argv[0]):
+        try:
+            main(get_args())
+        except RequestError as e:  # a prompt line outside the configured bounds
+            print(f"generate.py: error: {e}", file=sys.stderr)
+            sys.exit(2)

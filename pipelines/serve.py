@@ -1,0 +1,61 @@
+"""Serve a Wan2.2 model: REST API, Gradio UI, one Ray Serve deployment per stage.
+
+    python pipelines/serve.py --config configs/tiny.yaml [--model DIR] [--host 127.0.0.1] [--port 8000]
+
+Runs on the cluster in RAY_ADDRESS, else on a local Ray it starts; prints the URL and
+serves until interrupted (Ctrl-C removes the application). Binds infer.host
+(127.0.0.1 unless told otherwise).
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from wanray.config import add_config_args, load_config
+from wanray.infer.serve import APP_NAME, UI_PATH, start
+from wanray.models import ensure_model
+from wanray.runtime import connect_ray, fail
+
+UI_DIR = Path(__file__).resolve().parents[1] / "ui"
+
+
+def get_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--model", help="diffusers-format Wan2.2 directory to serve (sets model.path)")
+    parser.add_argument("--host", help="address to bind (sets infer.host; 0.0.0.0 exposes it)")
+    parser.add_argument("--port", type=int, help="port to bind (sets infer.port)")
+    parser.add_argument("--no-ui", action="store_true", help="serve the REST API only")
+    return parser.parse_args()
+
+
+def main(args):
+    overrides = list(args.overrides)
+    if args.model:
+        overrides += [f"model.path={args.model}", "model.create_tiny=false"]
+    overrides += [f"infer.host={args.host}"] if args.host else []
+    overrides += [f"infer.port={args.port}"] if args.port else []
+    cfg = load_config(args.config, overrides)
+    model_dir = ensure_model(cfg.model)
+    # py_modules ships ui/ to every node; Serve deployments inherit the job's runtime_env.
+    ray = connect_ray(runtime_env={"py_modules": [str(UI_DIR)]})
+    print(f"starting the deployments for {model_dir} (text encoder, high-noise expert, low-noise expert, VAE)",
+          flush=True)
+    url = start(cfg, str(model_dir), with_ui=not args.no_ui)
+    print(f"wanray is serving {model_dir} at {url}", flush=True)
+    print(f"  REST API: POST {url}/v1/generate, GET {url}/v1/health", flush=True)
+    if not args.no_ui:
+        print(f"  UI:       {url}{UI_PATH}/", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.delete(APP_NAME)
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    with fail(sys.argv[0]):
+        main(get_args())

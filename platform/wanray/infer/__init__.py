@@ -1,0 +1,1 @@
+"""Inference: the two-stage sampler, its Ray Serve application, the REST API and video export."""

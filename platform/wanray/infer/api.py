@@ -1,0 +1,132 @@
+"""The REST API: `POST /v1/generate`, `GET /v1/health`, and the validation of every request.
+
+A request outside the served bounds, a body that is not JSON or an empty prompt gets a
+4xx whose JSON `detail` says what is wrong in one line; nothing a client sends can take
+the server down. `resolve` is also what the Gradio UI validates with.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Awaitable, Callable, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from wanray.config import Config
+from wanray.infer.sampler import GenerationParams
+
+logger = logging.getLogger(__name__)
+
+OutputFormat = Literal["mp4", "frames"]
+MEDIA_TYPES = {"mp4": "video/mp4", "frames": "application/x-npy"}
+MAX_SEED = 2**63 - 1
+
+OnStage = Callable[[float, str], None]
+"""Progress callback: (fraction done, what just finished)."""
+Generate = Callable[[GenerationParams, OutputFormat, "OnStage | None"], Awaitable[bytes]]
+
+
+class GenerateRequest(BaseModel):
+    """Body of POST /v1/generate; a field left out takes the server's configured default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    negative_prompt: str | None = None
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = Field(None, allow_inf_nan=False)
+    guidance_scale_2: float | None = Field(None, allow_inf_nan=False)
+    seed: int | None = None
+    output: OutputFormat = "mp4"
+    """mp4 (H.264), or frames: the float32 (frames, height, width, 3) array in [0, 1] as .npy."""
+
+
+class RequestError(ValueError):
+    """A request the server will not run; the message goes back to the client as is."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise RequestError(message)
+
+
+def _check_prompt(name: str, text: str, max_chars: int, required: bool) -> None:
+    _check(not required or text.strip() != "", f"{name} must not be empty")
+    _check(len(text) <= max_chars, f"{name} has {len(text)} characters, at most {max_chars} are served")
+
+
+def resolve(req: GenerateRequest, cfg: Config) -> GenerationParams:
+    """The request with the configured defaults filled in; RequestError names the first bound it breaks."""
+    inf, data = cfg.infer, cfg.data
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    p = GenerationParams(
+        prompt=req.prompt, negative_prompt=pick(req.negative_prompt, inf.negative_prompt),
+        height=pick(req.height, data.height), width=pick(req.width, data.width),
+        num_frames=pick(req.num_frames, data.num_frames),
+        num_inference_steps=pick(req.num_inference_steps, inf.num_inference_steps),
+        guidance_scale=pick(req.guidance_scale, inf.guidance_scale),
+        guidance_scale_2=pick(req.guidance_scale_2, inf.guidance_scale_2), seed=pick(req.seed, inf.seed))
+    _check_prompt("prompt", p.prompt, inf.max_prompt_chars, required=True)
+    _check_prompt("negative_prompt", p.negative_prompt, inf.max_prompt_chars, required=False)
+    for name, value, most in (("height", p.height, inf.max_height), ("width", p.width, inf.max_width)):
+        _check(value % 16 == 0, f"{name} must be a multiple of 16, got {value}")
+        _check(16 <= value <= most, f"{name} must lie in [16, {most}], got {value}")
+    _check(p.num_frames % 4 == 1, f"num_frames must be 4n+1 (1, 5, ..., 81), got {p.num_frames}")
+    _check(1 <= p.num_frames <= inf.max_frames, f"num_frames must lie in [1, {inf.max_frames}], got {p.num_frames}")
+    _check(1 <= p.num_inference_steps <= inf.max_steps,
+           f"num_inference_steps must lie in [1, {inf.max_steps}], got {p.num_inference_steps}")
+    for name in ("guidance_scale", "guidance_scale_2"):
+        value = getattr(p, name)
+        _check(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0, got {value}")
+    _check(0 <= p.seed <= MAX_SEED, f"seed must lie in [0, 2**63-1], got {p.seed}")
+    return p
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
+    """FastAPI's error list as one line; a body that is not JSON is a 400, a wrong field a 422."""
+    errors = exc.errors()
+    for e in errors:
+        if e.get("type") == "json_invalid":
+            at = e.get("loc", ("body", "?"))[-1]
+            reason = e.get("ctx", {}).get("error", e.get("msg"))
+            return 400, f"request body is not valid JSON: {reason} (at character {at})"
+    parts = []
+    for e in errors:
+        where = ".".join(str(x) for x in e.get("loc", ())[1:]) or "body"
+        parts.append(f"{where}: {e.get('msg')}")
+    return 422, "; ".join(parts)
+
+
+def build_api(generate: Generate, cfg: Config, model_dir: str) -> FastAPI:
+    """The FastAPI app of the ingress; `generate` moves one request through the stages."""
+    app = FastAPI(title="wanray", description=f"Wan2.2 text-to-video from {model_dir}")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+        status, message = _validation_message(exc)
+        return JSONResponse({"detail": message}, status_code=status)
+
+    @app.get("/v1/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_dir, "device": cfg.infer.device, "dtype": cfg.infer.dtype}
+
+    @app.post("/v1/generate", responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}})
+    async def generate_video(req: GenerateRequest) -> Response:
+        try:
+            params = resolve(req, cfg)
+        except RequestError as e:
+            return JSONResponse({"detail": str(e)}, status_code=422)
+        try:
+            data = await generate(params, req.output, None)
+        except Exception as e:  # a failed generation answers this request only; the server keeps serving
+            logger.exception("generation failed")
+            return JSONResponse({"detail": f"generation failed: {type(e).__name__}: {e}"}, status_code=500)
+        return Response(data, media_type=MEDIA_TYPES[req.output])
+
+    return app

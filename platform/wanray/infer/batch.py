@@ -1,0 +1,97 @@
+"""Batch generation on Ray Data: one video per line of a prompts file.
+
+    prompts.txt ─► read + validate (all lines, before any work) ─► Ray Data rows
+        ─► map_batches(VideoWriter actors: the whole Sampler, loaded once each) ─► out/00000.mp4, ...
+        ─► out/videos.jsonl (index, prompt, seed, video file, seconds)
+
+Like the reference inference script: every prompt uses the configured seed, steps,
+guidance scales and size, so a line always gives the same video.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from wanray.config import Config
+from wanray.devices import accelerator
+from wanray.infer.api import GenerateRequest, RequestError, resolve
+from wanray.infer.sampler import GenerationParams, Sampler, model_boundary
+from wanray.infer.video import mp4_bytes
+
+INDEX_FILE = "videos.jsonl"
+
+
+def read_prompts(path: str | os.PathLike, cfg: Config) -> list[GenerationParams]:
+    """One GenerationParams per non-blank line; RequestError names the first line out of bounds."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompts file not found: {p}")
+    params = []
+    for number, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            params.append(resolve(GenerateRequest(prompt=line.strip()), cfg))
+        except RequestError as e:
+            raise RequestError(f"{p} line {number}: {e}") from None
+    if not params:
+        raise RequestError(f"{p} holds no prompt (one prompt per line)")
+    return params
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+class VideoWriter:
+    """Ray Data actor: rows (index, GenerationParams as JSON) -> videos on disk; rows (index, video, seconds) out."""
+
+    def __init__(self, model_dir: str, cfg: Config, out_dir: str, save_frames: bool):
+        self.sampler = Sampler(model_dir, cfg.infer, model_boundary(model_dir, cfg.model.boundary))
+        self.out_dir, self.fps, self.save_frames = Path(out_dir), cfg.data.fps, save_frames
+
+    def __call__(self, batch: dict) -> dict:
+        videos, seconds = [], []
+        for index, text in zip(batch["index"], batch["params"]):
+            params = GenerationParams(**json.loads(text))
+            start = time.perf_counter()
+            frames = self.sampler(params)
+            video = self.out_dir / f"{int(index):05d}.mp4"
+            _write_atomic(video, mp4_bytes(frames, self.fps))
+            if self.save_frames:
+                np.save(video.with_suffix(".npy"), frames)
+            videos.append(video.name)
+            seconds.append(time.perf_counter() - start)
+        return {"index": batch["index"], "video": np.array(videos, dtype=object), "seconds": np.array(seconds)}
+
+
+def generate_videos(cfg: Config, model_dir: str, params: list[GenerationParams], out_dir: str | os.PathLike,
+                    save_frames: bool = False) -> list[dict]:
+    """Generate every video on `cfg.infer.batch_actors` actors; return (and write) the index, in prompt order."""
+    import ray
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    inf = cfg.infer
+    rows = [{"index": i, "params": json.dumps(dataclasses.asdict(p))} for i, p in enumerate(params)]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+        VideoWriter, batch_size=1, compute=ray.data.ActorPoolStrategy(size=inf.batch_actors), batch_format="numpy",
+        fn_constructor_kwargs=dict(model_dir=str(Path(model_dir).resolve()), cfg=cfg, out_dir=str(out.resolve()),
+                                   save_frames=save_frames),
+        **accelerator(inf.device).ray_resources(inf.batch_cpus, inf.batch_accelerators))
+    done = []
+    for row in ds.iter_rows():
+        p = params[int(row["index"])]
+        done.append({"index": int(row["index"]), "prompt": p.prompt, "seed": p.seed, "video": str(row["video"]),
+                     "seconds": round(float(row["seconds"]), 3)})
+        print(f"[{len(done)}/{len(rows)}] {out / done[-1]['video']}  ({done[-1]['seconds']:.1f} s)", flush=True)
+    done.sort(key=lambda r: r["index"])
+    (out / INDEX_FILE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done))
+    return done

@@ -1,0 +1,51 @@
+"""Batch generation (pipelines/generate.py) on Ray Data: one video per prompt line, WanPipeline's frames."""
+import json
+import subprocess
+import sys
+
+import av
+import numpy as np
+
+from conftest import ROOT, tiny_config
+from wanray.infer.api import GenerateRequest, resolve
+from wanray.infer.reference import wanpipeline_frames
+
+PROMPTS = ["a red circle moving left to right", "a blue square moving top to bottom on a gray background"]
+OVERRIDES = ["data.num_frames=9", "infer.negative_prompt=blurry, static", "infer.seed=11"]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "pipelines" / "generate.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=400)
+
+
+def test_generate_writes_one_video_per_prompt_with_wanpipeline_frames(tiny_model, ray_cluster, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n")  # the blank line is skipped
+    out = tmp_path / "videos"
+    sets = [a for o in OVERRIDES for a in ("--set", o)]
+    run = _run("--config", str(ROOT / "configs" / "tiny.yaml"), "--model", str(tiny_model), *sets,
+               "--prompts", str(prompts), "--out", str(out), "--save-frames")
+    assert run.returncode == 0, run.stderr[-3000:]
+    index = [json.loads(line) for line in (out / "videos.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["prompt"], r["video"], r["seed"]) for r in index] == [
+        (0, PROMPTS[0], "00000.mp4", 11), (1, PROMPTS[1], "00001.mp4", 11)]
+    cfg = tiny_config(tiny_model, *OVERRIDES)
+    for i, prompt in enumerate(PROMPTS):
+        with av.open(str(out / f"{i:05d}.mp4")) as container:
+            assert sum(1 for _ in container.decode(video=0)) == 9
+        frames = np.load(out / f"{i:05d}.npy")
+        ref = wanpipeline_frames(tiny_model, resolve(GenerateRequest(prompt=prompt), cfg), cfg.model.boundary)
+        assert frames.shape == (9, 64, 64, 3) and np.abs(frames - ref).max() <= 1e-4
+
+
+def test_a_prompt_line_out_of_bounds_fails_before_any_work(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n" + "x" * 2001 + "\n")
+    run = _run("--prompts", str(prompts), "--out", str(tmp_path / "out"))
+    assert run.returncode == 2
+    reason = "prompt has 2001 characters, at most 2000 are served"
+    assert run.stderr.strip() == f"generate.py: error: {prompts} line 2: {reason}"
+    assert not (tmp_path / "out").exists()
+    missing = _run("--prompts", str(tmp_path / "none.txt"), "--out", str(tmp_path / "out"))
+    assert missing.returncode == 2 and "prompts file not found" in missing.stderr

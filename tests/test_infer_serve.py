@@ -1,0 +1,138 @@
+"""The Serve application on a real local Ray: REST API, parity, bad requests, Gradio UI, screenshot."""
+import io
+import json
+import socket
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import av
+import numpy as np
+import pytest
+import requests
+
+from conftest import ROOT, tiny_config
+from wanray.infer.reference import wanpipeline_frames
+from wanray.infer.sampler import GenerationParams
+
+BODY = dict(prompt="a red circle moving left to right", negative_prompt="blurry, static", height=64, width=48,
+            num_frames=9, num_inference_steps=8, guidance_scale=4.0, guidance_scale_2=3.0, seed=7)
+CHEAP = dict(prompt="a dot", height=16, width=16, num_frames=1, num_inference_steps=1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, ray_cluster):
+    """One Serve application for the module, on the test's own Ray instance; removed afterwards."""
+    from ray import serve
+
+    from wanray.infer.serve import APP_NAME, start
+
+    cfg = tiny_config(tiny_model, f"infer.port={_free_port()}")
+    url = start(cfg, str(tiny_model))
+    yield url, cfg
+    serve.delete(APP_NAME)
+    serve.shutdown()
+
+
+def _generate(url: str, body, **kw) -> requests.Response:
+    data = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    return requests.post(f"{url}/v1/generate", data=data, headers={"content-type": "application/json"},
+                         timeout=300, **kw)
+
+
+def test_health_names_the_model(server, tiny_model):
+    url, _ = server
+    r = requests.get(f"{url}/v1/health", timeout=30)
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["model"] == str(tiny_model.resolve())
+
+
+def test_serve_frames_equal_wanpipeline(server, tiny_model):
+    url, cfg = server
+    r = _generate(url, {**BODY, "output": "frames"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-npy"
+    frames = np.load(io.BytesIO(r.content))
+    ref = wanpipeline_frames(tiny_model, GenerationParams(**BODY), cfg.model.boundary)
+    assert frames.shape == (9, 64, 48, 3) and np.abs(frames - ref).max() <= 1e-4
+
+
+def test_mp4_has_the_requested_size_and_frames(server):
+    url, _ = server
+    r = _generate(url, {**BODY, "num_frames": 13, "height": 32, "width": 64})
+    assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
+    with av.open(io.BytesIO(r.content)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 13 and frames[0].shape == (32, 64, 3)
+
+
+def test_concurrent_requests_each_get_their_own_video(server):
+    """Requests overlap in the stages; each must still get exactly the video it would get alone."""
+    url, _ = server
+    bodies = [{**BODY, "seed": s, "num_inference_steps": 4, "output": "frames"} for s in (1, 2, 3)]
+    alone = [np.load(io.BytesIO(_generate(url, b).content)) for b in bodies]
+    with ThreadPoolExecutor(3) as pool:
+        together = [np.load(io.BytesIO(r.content)) for r in pool.map(lambda b: _generate(url, b), bodies)]
+    for a, t in zip(alone, together):
+        assert np.array_equal(a, t)
+    assert not np.array_equal(alone[0], alone[1])
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ('{"prompt": "a cat", ', 400, "request body is not valid JSON"),
+    ("not json at all", 400, "request body is not valid JSON"),
+    ({"prompt": ""}, 422, "prompt must not be empty"),
+    ({"negative_prompt": "x"}, 422, "prompt: Field required"),
+    ({"prompt": "x" * 2001}, 422, "at most 2000 are served"),
+    ({"prompt": "a cat", "height": 60}, 422, "height must be a multiple of 16"),
+    ({"prompt": "a cat", "width": 512}, 422, "width must lie in [16, 256]"),
+    ({"prompt": "a cat", "num_frames": 16}, 422, "num_frames must be 4n+1"),
+    ({"prompt": "a cat", "num_frames": 37}, 422, "num_frames must lie in [1, 33]"),
+    ({"prompt": "a cat", "num_inference_steps": 0}, 422, "num_inference_steps must lie in [1, 50]"),
+    ({"prompt": "a cat", "num_inference_steps": 51}, 422, "num_inference_steps must lie in [1, 50]"),
+    ({"prompt": "a cat", "guidance_scale": -2}, 422, "guidance_scale must be a finite number >= 0"),
+    ({"prompt": "a cat", "seed": -5}, 422, "seed must lie in"),
+    ({"prompt": "a cat", "height": "tall"}, 422, "height: Input should be a valid integer"),
+    ({"prompt": "a cat", "steps": 4}, 422, "steps: Extra inputs are not permitted"),
+    ({"prompt": "a cat", "output": "gif"}, 422, "output: Input should be 'mp4' or 'frames'"),
+    ([1, 2], 422, "valid dictionary"),
+])
+def test_bad_request_gets_4xx_with_reason_and_server_keeps_serving(server, body, status, message):
+    url, _ = server
+    r = _generate(url, body)
+    assert r.status_code == status and message in r.json()["detail"], r.text
+    after = _generate(url, CHEAP)
+    assert after.status_code == 200 and after.content[4:8] == b"ftyp"
+
+
+def test_gradio_client_generates_a_video_through_the_ui(server):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    url, _ = server
+    client = Client(f"{url}/ui/", verbose=False)
+    path = client.predict("a red circle", "blurry", 3, 4, 4.0, 3.0, 32, 48, 5, api_name="/generate")
+    with av.open(path) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 5 and frames[0].shape == (32, 48, 3)
+    with pytest.raises(AppError, match="num_frames must be 4n\\+1"):
+        client.predict("a red circle", "", 3, 4, 4.0, 3.0, 32, 48, 6, api_name="/generate")
+    page = requests.get(f"{url}/ui/", timeout=30).text
+    assert "wanray" in page
+
+
+def test_screenshot_script_captures_the_ui(server, tmp_path):
+    url, _ = server
+    out = tmp_path / "ui.png"
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshot.py"), "--url", f"{url}/ui/",
+                          "--out", str(out)], capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr
+    from PIL import Image
+
+    image = np.asarray(Image.open(out).convert("L"), dtype=np.float32)
+    assert image.shape == (900, 1280)
+    assert image.std() > 10  # a rendered page, not a blank window

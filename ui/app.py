@@ -1,0 +1,69 @@
+"""The Gradio page: prompt in, video out, mounted on the Serve ingress at /ui.
+
+`build_ui` gets the ingress's `generate` (the same path as POST /v1/generate) and the
+config, so the page's defaults and slider ranges are the served ones and a request the
+REST API would refuse is refused here with the same message.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+from pydantic import ValidationError
+
+from wanray.config import Config
+from wanray.infer.api import Generate, GenerateRequest, RequestError, resolve
+
+MAX_GUIDANCE = 20.0  # slider range; the REST API takes any finite scale >= 0
+
+
+def _request_error(e: Exception) -> gr.Error:
+    if isinstance(e, ValidationError):
+        return gr.Error("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
+    return gr.Error(str(e))
+
+
+def build_ui(generate: Generate, cfg: Config, model_dir: str) -> gr.Blocks:
+    inf, data = cfg.infer, cfg.data
+
+    async def run(prompt, negative_prompt, seed, steps, guidance_scale, guidance_scale_2, height, width, num_frames,
+                  progress=gr.Progress()):
+        try:
+            params = resolve(GenerateRequest(
+                prompt=prompt, negative_prompt=negative_prompt, seed=seed, num_inference_steps=steps,
+                guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2, height=height, width=width,
+                num_frames=num_frames), cfg)
+        except (RequestError, ValidationError) as e:
+            raise _request_error(e) from None
+        progress(0.0, desc="encoding prompt")
+        video = await generate(params, "mp4", lambda fraction, what: progress(fraction, desc=what))
+        with tempfile.TemporaryDirectory(prefix="wanray-ui-") as tmp:
+            path = Path(tmp) / f"wanray-seed{params.seed}.mp4"
+            path.write_bytes(video)
+            yield str(path)  # Gradio copies the file into its cache before it resumes us
+
+    with gr.Blocks(title="wanray", delete_cache=(3600, 3600)) as page:
+        gr.Markdown(f"# wanray: Wan2.2 text-to-video\nModel directory: `{model_dir}` "
+                    f"({inf.device}, {inf.dtype}); two stages: high-noise expert, then low-noise expert.")
+        with gr.Row():
+            with gr.Column():
+                prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red circle moving left to right")
+                negative = gr.Textbox(label="Negative prompt", value=inf.negative_prompt, lines=2)
+                with gr.Row():
+                    height = gr.Slider(16, inf.max_height, value=data.height, step=16, label="Height")
+                    width = gr.Slider(16, inf.max_width, value=data.width, step=16, label="Width")
+                    frames = gr.Slider(1, inf.max_frames, value=data.num_frames, step=4, label="Frames (4n+1)")
+                with gr.Row():
+                    steps = gr.Slider(1, inf.max_steps, value=inf.num_inference_steps, step=1, label="Steps")
+                    seed = gr.Number(value=inf.seed, precision=0, minimum=0, label="Seed")
+                with gr.Row():
+                    guidance = gr.Slider(0, MAX_GUIDANCE, value=inf.guidance_scale, step=0.5,
+                                         label="Guidance, high-noise expert")
+                    guidance_2 = gr.Slider(0, MAX_GUIDANCE, value=inf.guidance_scale_2, step=0.5,
+                                           label="Guidance, low-noise expert")
+                button = gr.Button("Generate", variant="primary")
+            video = gr.Video(label="Video", autoplay=True)
+        button.click(run, inputs=[prompt, negative, seed, steps, guidance, guidance_2, height, width, frames],
+                     outputs=video, api_name="generate")
+    return page

@@ -1,0 +1,132 @@
+"""Serving overhead and stage overlap, measured side by side in one run.
+
+    python benchmarks/serve.py [--steps 20] [--flow-shift 6.0] [--size 64] [--frames 17] [--requests 4]
+
+Prints (Ray and Serve start-up timed and stated apart, never inside a ratio):
+ (a) single-request latency through Serve (HTTP -> ingress -> 4 stage replicas -> mp4) over the
+     same sampler in this process (encode, both experts, decode, mp4), both at 1 torch thread
+ (b) throughput of --requests concurrent requests over the same requests sent one after another
+
+The model is the tiny checkpoint with its two experts widened (dim 384, 8 layers), so that,
+as in the real Wan2.2, the denoising stages dominate a request and not the VAE. Overlap can
+only hide the shorter expert stage behind the longer one: the printed high/low step split
+bounds the gain (flow shift 6.0 at 20 steps splits 10/10; the official T2V 12.0 at 40 steps
+splits 26/14).
+"""
+import argparse
+import concurrent.futures
+import os
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+import torch
+
+from wanray import models
+from wanray.config import load_config
+from wanray.infer.sampler import GenerationParams, Sampler
+from wanray.infer.video import mp4_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+WIDE_EXPERT = dict(num_attention_heads=8, attention_head_dim=48, ffn_dim=1536, num_layers=8)
+
+
+def write_bench_checkpoint(path: Path) -> Path:
+    """The tiny checkpoint with wider experts (~14 M parameters each; the tiny ones have ~0.03 M)."""
+    from diffusers import WanTransformer3DModel
+
+    models.write_tiny_checkpoint(path)
+    torch.manual_seed(1)
+    for sub in models.EXPERT_SUBFOLDERS.values():
+        WanTransformer3DModel(**{**models.TINY_TRANSFORMER, **WIDE_EXPERT}).save_pretrained(path / sub)
+    return path
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall seconds of `repeats` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--flow-shift", type=float, default=6.0)
+    parser.add_argument("--size", type=int, default=64, help="height = width, pixels")
+    parser.add_argument("--frames", type=int, default=17)
+    parser.add_argument("--requests", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per latency figure (median)")
+    return parser.parse_args()
+
+
+def main(args):
+    import ray
+    from ray import serve
+
+    from wanray.infer.serve import start
+
+    load_before = os.getloadavg()[0]
+    tmp = tempfile.TemporaryDirectory(prefix="wanray-bench-")
+    model = write_bench_checkpoint(Path(tmp.name) / "bench-wan2.2")
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+        f"model.path={model}", f"infer.flow_shift={args.flow_shift}", f"infer.num_inference_steps={args.steps}",
+        "infer.torch_threads=1", f"infer.port={free_port()}"])
+    params = GenerationParams("a red circle moving left to right", "blurry", args.size, args.size, args.frames,
+                              args.steps, 4.0, 3.0, 0)
+    body = {"prompt": params.prompt, "negative_prompt": params.negative_prompt, "height": args.size,
+            "width": args.size, "num_frames": args.frames, "num_inference_steps": args.steps, "seed": 0}
+
+    torch.set_num_threads(cfg.infer.torch_threads)  # the same thread setting the stage replicas use
+    sampler = Sampler(str(model), cfg.infer, cfg.model.boundary)
+    in_process = timed(lambda: mp4_bytes(sampler(params), cfg.data.fps), args.repeats)
+    state = sampler.high.initial_state(params)
+    high_steps = int((state.scheduler.timesteps >= sampler.high.boundary_timestep).sum())
+    del sampler
+
+    started = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False)
+    url = start(cfg, str(model), with_ui=False)
+    startup = time.perf_counter() - started
+
+    def one(seed: int = 0) -> bytes:
+        r = requests.post(f"{url}/v1/generate", json={**body, "seed": seed}, timeout=600)
+        r.raise_for_status()
+        return r.content
+
+    through_serve = timed(one, args.repeats)
+    seeds = list(range(1, args.requests + 1))
+    sequential = timed(lambda: [one(s) for s in seeds], 1)
+    with concurrent.futures.ThreadPoolExecutor(args.requests) as pool:
+        concurrent_s = timed(lambda: list(pool.map(one, seeds)), 1)
+    serve.shutdown()
+    ray.shutdown()
+    tmp.cleanup()
+
+    print(f"\nrequest: {args.size}x{args.size}, {args.frames} frames, {args.steps} steps "
+          f"(high-noise {high_steps} / low-noise {args.steps - high_steps}, flow shift {args.flow_shift}), "
+          f"guidance 4.0/3.0, 1 torch thread per process, {torch.get_num_interop_threads()} interop threads")
+    print(f"Ray + Serve start-up (not in any ratio): {startup:.1f} s; 1-minute load average "
+          f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after ({os.cpu_count()} CPUs): "
+          "other work on the machine skews every figure")
+    print(f"(a) single request: in-process {in_process:.3f} s, through Serve {through_serve:.3f} s "
+          f"-> {through_serve / in_process:.3f}x (target <= 1.10x)")
+    print(f"(b) {args.requests} requests: one after another {sequential:.2f} s, concurrent {concurrent_s:.2f} s "
+          f"-> throughput {sequential / concurrent_s:.2f}x (target >= 1.5x)")
+
+
+if __name__ == "__main__":
+    main(get_args())

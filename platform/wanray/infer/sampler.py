@@ -92,7 +92,8 @@ def model_boundary(model_dir, fallback: float) -> float:
     return fallback if stored is None else stored
 
 
-def _device(infer: InferConfig) -> torch.device:
+def _stage_device(infer: InferConfig) -> torch.device:
+    """Apply the stage's torch thread setting and return the device it computes on."""
     if infer.torch_threads > 0:
         torch.set_num_threads(infer.torch_threads)
     return accelerator(infer.device).torch_device()
@@ -102,7 +103,7 @@ class PromptEncoder:
     """Stage 1: prompt and negative prompt -> padded UMT5 embeddings."""
 
     def __init__(self, model_dir: str, infer: InferConfig):
-        self.device = _device(infer)
+        self.device = _stage_device(infer)
         self.tokenizer = models.load_tokenizer(model_dir)
         self.text_encoder = models.load_text_encoder(model_dir, torch_dtype(infer.dtype), self.device)
 
@@ -120,7 +121,7 @@ class ExpertStage:
     """Stage 2 or 3: the high-noise expert (t >= boundary*1000, starting from noise) or the low-noise one."""
 
     def __init__(self, model_dir: str, expert: str, infer: InferConfig, boundary: float):
-        self.device = _device(infer)
+        self.device = _stage_device(infer)
         self.expert_name = expert
         self.expert = models.load_expert(model_dir, expert, torch_dtype(infer.dtype), self.device)
         self.scheduler = models.load_scheduler(model_dir, infer.flow_shift)
@@ -144,6 +145,8 @@ class ExpertStage:
     def denoise(self, params: GenerationParams, text: TextEmbeddings,
                 state: DenoiseState | None = None) -> DenoiseState:
         """Run this expert's steps: the high-noise stage starts from noise, the low-noise one from `state`."""
+        if (state is None) != (self.expert_name == "high"):
+            raise ValueError("the high-noise stage starts from noise; the low-noise stage continues its state")
         state = self.initial_state(params) if state is None else state.to(self.device)
         timesteps = state.scheduler.timesteps
         # Timesteps descend, so the high-noise expert owns the first k of them, k = #(t >= boundary).
@@ -178,7 +181,7 @@ class VideoDecoder:
     def __init__(self, model_dir: str, infer: InferConfig):
         from diffusers.video_processor import VideoProcessor
 
-        self.device = _device(infer)
+        self.device = _stage_device(infer)
         self.vae = models.load_vae(model_dir, torch_dtype(infer.dtype), self.device)
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae.config.scale_factor_spatial)
 

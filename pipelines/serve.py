@@ -3,10 +3,11 @@
     python pipelines/serve.py --config configs/tiny.yaml [--model DIR] [--host 127.0.0.1] [--port 8000]
 
 Runs on the cluster in RAY_ADDRESS, else on a local Ray it starts; prints the URL and
-serves until interrupted (Ctrl-C removes the application). Binds infer.host
+serves until interrupted (Ctrl-C or SIGTERM removes the application). Binds infer.host
 (127.0.0.1 unless told otherwise).
 """
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,7 @@ def main(args):
     print(f"  REST API: POST {url}/v1/generate, GET {url}/v1/health", flush=True)
     if not args.no_ui:
         print(f"  UI:       {url}{UI_PATH}/", flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` cleans up like Ctrl-C
     try:
         while True:
             time.sleep(3600)

@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import tiny_config
 from wanray.infer.api import GenerateRequest, RequestError, resolve
@@ -49,6 +50,11 @@ def test_high_noise_expert_runs_exactly_the_steps_at_or_above_the_boundary(tiny_
     # The hand-off as Ray makes it (pickled to another process) carries the multistep history.
     handed = pickle.loads(pickle.dumps(state))
     assert any(o is not None for o in handed.scheduler.model_outputs)
+    on_device = pickle.loads(pickle.dumps(state)).to(torch.device("meta"))  # as a stage on another device
+    history = on_device.scheduler.model_outputs + on_device.scheduler.timestep_list
+    assert on_device.latents.is_meta and on_device.scheduler.last_sample.is_meta
+    assert all(h.is_meta for h in history if h is not None) and on_device.scheduler.timesteps.is_meta
+    assert on_device.scheduler.sigmas.device.type == "cpu"
     decoder = VideoDecoder(str(tiny_model), cfg.infer)
     frames = decoder.decode(low.denoise(PARAMS, text, handed))
     assert np.abs(frames - wanpipeline_frames(tiny_model, PARAMS, cfg.model.boundary)).max() <= 1e-4

@@ -27,6 +27,9 @@ from wanray.devices import accelerator, torch_dtype
 from wanray.schema import pad_text_embedding
 
 TEXT_TOKENS = 512  # WanPipeline's max_sequence_length: embeddings are zero-padded to it
+# UniPC state that set_timesteps and step keep on the compute device: timesteps, and the multistep
+# history (last solver_order model outputs, their timesteps, the last sample). sigmas stay on the CPU.
+SCHEDULER_DEVICE_STATE = ("timesteps", "model_outputs", "timestep_list", "last_sample")
 
 
 @dataclass(frozen=True)
@@ -71,17 +74,12 @@ class DenoiseState:
     """Index of the next timestep to run."""
 
     def to(self, device: torch.device) -> "DenoiseState":
-        """Move latents and the scheduler history; `sigmas` stays on the CPU, where set_timesteps keeps it."""
+        """Move the latents and the scheduler's per-request tensors (the rest stays on the CPU, as in diffusers)."""
         def move(v):
-            if isinstance(v, torch.Tensor):
-                return v.to(device)
-            if isinstance(v, list):
-                return [move(x) for x in v]
-            return v
+            return [move(x) for x in v] if isinstance(v, list) else v.to(device) if torch.is_tensor(v) else v
 
-        for name, value in vars(self.scheduler).items():
-            if name != "sigmas":
-                setattr(self.scheduler, name, move(value))
+        for name in SCHEDULER_DEVICE_STATE:
+            setattr(self.scheduler, name, move(getattr(self.scheduler, name)))
         self.latents = self.latents.to(device)
         return self
 

@@ -199,6 +199,8 @@ class TrainConfig:
     """Automatic restarts from the last checkpoint after a worker failure."""
     log_every: int = 10
     """Report metrics every N steps."""
+    cache_bytes: int = 2 * 1024**3
+    """Keep a worker's decoded clips in memory across epochs when they fit in this many bytes (0: always stream)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -259,6 +261,11 @@ def _coerce(value, tp, where: str):
         return _coerce(value, tp, where)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value

@@ -86,11 +86,12 @@ def boundary_ratio(path) -> float | None:
     return json.loads((Path(path) / "model_index.json").read_text()).get("boundary_ratio")
 
 
-# Tiny dimensions of the real architecture: DiT dim 24 (2 heads x 12; rope needs
-# head_dim split in 3), UMT5 d_model 32 (= DiT text_dim), VAE base_dim 8 with the real
-# stride (4, 8, 8) and z_dim 16. About 0.3 M parameters in all; a CPU forward takes ms.
-TINY_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
-                        out_channels=16, text_dim=32, freq_dim=32, ffn_dim=48, num_layers=2)
+# Tiny dimensions of the real architecture: DiT dim 96 (4 heads x 24; rope splits head_dim
+# in 3; dim must exceed the 16 x 1 x 2 x 2 = 64 values of a patch, or the model cannot pass
+# the noise through and the flow loss cannot fall), UMT5 d_model 32 (= DiT text_dim), VAE
+# base_dim 8 with the real stride (4, 8, 8) and z_dim 16. About 0.8 M parameters in all.
+TINY_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=24, in_channels=16,
+                        out_channels=16, text_dim=32, freq_dim=32, ffn_dim=192, num_layers=2)
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
 TINY_UMT5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
                  relative_attention_max_distance=32, dropout_rate=0.0, feed_forward_proj="gated-gelu")

@@ -17,10 +17,10 @@ from wanray.config import Config
 from wanray.devices import accelerator
 from wanray.schema import pad_text_embedding
 from wanray.train import checkpoint as ckpt
-from wanray.train.data import Batch, clip_batches
+from wanray.train.data import Batch, EpochSource
 from wanray.train.flow import noisy_latents, sample_timesteps
 from wanray.train.parallel import (apply_fsdp, build_on_meta, init_lora, load_expert_shards, materialize,
-                                   trainable_parameters)
+                                   shard_stats, trainable_parameters)
 
 STEP_FILE = "wanray_step.json"
 
@@ -85,12 +85,11 @@ def flow_loss(model, batch: Batch, spec: LoopSpec, empty: torch.Tensor, gen: tor
 class Batches:
     """Micro-batches across epochs; every rank starts each epoch together (see `next`)."""
 
-    def __init__(self, shard, spec: LoopSpec, progress: ckpt.Progress, world: int, device):
-        self.shard, self.spec, self.progress, self.world, self.device = shard, spec, progress, world, device
-        self.it = self._epoch(skip=progress.samples_in_epoch // world)
-
-    def _epoch(self, skip: int):
-        return clip_batches(self.shard, self.spec.cfg.train.batch_size, self.spec.cfg.data.max_text_tokens, skip)
+    def __init__(self, shard, spec: LoopSpec, progress: ckpt.Progress, world: int, rank: int, device):
+        t = spec.cfg.train
+        self.source = EpochSource(shard, t.batch_size, spec.cfg.data.max_text_tokens, t.cache_bytes, t.seed + rank)
+        self.progress, self.world, self.device = progress, world, device
+        self.it = self.source.epoch(progress.epoch, skip=progress.samples_in_epoch // world)
 
     def next(self) -> Batch:
         for _ in range(3):
@@ -105,7 +104,7 @@ class Batches:
                 return batch
             self.progress.epoch += 1
             self.progress.samples_in_epoch = 0
-            self.it = self._epoch(skip=0)
+            self.it = self.source.epoch(self.progress.epoch)
         raise RuntimeError("the training data yields no batch on some worker: too few clips for the worker count")
 
 
@@ -147,7 +146,7 @@ def train_loop(config: dict) -> None:
             ckpt.load(state, d)
         if rank == 0:
             print(f"[train:{spec.expert}] resumed at step {progress.step} (epoch {progress.epoch}) on {world} workers")
-    batches = Batches(ray.train.get_dataset_shard("train"), spec, progress, world, device)
+    batches = Batches(ray.train.get_dataset_shard("train"), spec, progress, world, rank, device)
     empty = pad_text_embedding(spec.empty_prompt.float(), spec.cfg.data.max_text_tokens)
     log = MetricsLog(spec, rank, world, acc)
     while progress.step < t.steps:
@@ -170,6 +169,9 @@ def train_loop(config: dict) -> None:
         progress.step += 1
         metrics = log.step(loss_sum, grad_norm, scheduler.get_last_lr()[0], time.perf_counter() - step_start,
                            wait, samples, tokens, progress)
+        if metrics:
+            metrics.update(shard_stats(model, optimizer))
+            log.write(metrics)
         if progress.step % t.checkpoint_every == 0 or progress.step == t.steps:
             save_checkpoint(state, progress, metrics or {"step": progress.step}, rank)
         elif metrics:
@@ -204,11 +206,13 @@ class MetricsLog:
              "tokens_per_s": self.tokens * self.world / self.seconds, "data_wait_fraction": self.wait / self.seconds,
              "peak_memory_bytes": peak_memory_bytes(self.acc), "world_size": self.world}
         self.reset = True
-        if self.rank == 0:
-            self._write(m, progress.step)
         return m
 
-    def _write(self, m: dict, step: int) -> None:
+    def write(self, m: dict) -> None:
+        """Rank 0 appends to metrics.jsonl and prints the progress line."""
+        if self.rank != 0:
+            return
+        step = m["step"]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(m) + "\n")

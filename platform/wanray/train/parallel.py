@@ -131,3 +131,16 @@ def init_lora(model, seed: int) -> None:
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def shard_stats(model, optimizer) -> dict:
+    """Bytes of parameters and optimizer state held by this rank, and over how many ranks params are sharded."""
+    def local_bytes(t: torch.Tensor) -> int:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+
+    params = list(model.parameters())
+    states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+    return {"param_bytes": sum(local_bytes(p) for p in params),
+            "optimizer_bytes": sum(local_bytes(v) for v in states),
+            "params_sharded_over": min(p.device_mesh.size() if isinstance(p, DTensor) else 1 for p in params)}

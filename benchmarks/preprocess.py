@@ -1,0 +1,154 @@
+"""Preprocessing throughput, measured side by side in one run on the same clips.
+
+    python benchmarks/preprocess.py [--clips 256] [--small 32] [--size 128] [--frames 17]
+
+Prints (Ray start-up and worker warm-up timed and stated apart, never inside a ratio):
+ (a) pipeline clips/s over a sequential single-process loop doing the same decode and encode
+ (b) decode-stage frames/s (Ray Data tasks) over bare decord get_batch on the same files and indices
+ (c) pipeline seconds per clip at --small and at --clips clips
+ (d) peak memory (RSS summed over the driver and all Ray worker processes; RSS of the loop)
+"""
+import argparse
+import json
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import ray
+import torch
+
+from wanray import models
+from wanray.config import load_config
+from wanray.data.encode import encode_latents, encode_text, frames_to_video
+from wanray.data.manifest import read_manifest
+from wanray.data.preprocess import decode_source, run_preprocess
+from wanray.data.synthetic import write_dataset
+from wanray.data.video import decode_clip, plan_clip
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class PeakRSS:
+    """Samples the summed RSS of this process and every Ray worker every 0.1 s."""
+
+    def __init__(self, ray_workers: bool):
+        self.ray_workers, self.peak, self._stop = ray_workers, 0, threading.Event()
+
+    def _sample(self) -> int:
+        procs = [psutil.Process()]
+        if self.ray_workers:
+            procs += [p for p in psutil.process_iter(["cmdline"]) if any("ray::" in c for c in p.info["cmdline"] or [])]
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def __enter__(self):
+        def loop():
+            while not self._stop.wait(0.1):
+                self.peak = max(self.peak, self._sample())
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def sequential(cfg, sources, model_path) -> float:
+    """The same decode + VAE + UMT5 work, one clip after another in this process (seconds)."""
+    d = cfg.data
+    vae, tok, te = models.load_vae(model_path), models.load_tokenizer(model_path), models.load_text_encoder(model_path)
+    start = time.perf_counter()
+    for s in sources:
+        clip = decode_clip(s.path, d.height, d.width, d.fps, d.num_frames, d.min_frames)
+        encode_latents(vae, frames_to_video(clip.frames)[None])
+        encode_text(tok, te, [s.caption], d.max_text_tokens)
+    return time.perf_counter() - start
+
+
+def pipeline(cfg, manifest, work: Path, name: str) -> tuple[float, int]:
+    out = work / f"out-{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    summary = run_preprocess(cfg, str(manifest), str(out), log=lambda _: None)
+    return time.perf_counter() - start, summary["outcomes"]["written"]
+
+
+def decode_stage(cfg, sources, work: Path) -> tuple[float, int]:
+    ds = ray.data.from_items([s.__dict__ for s in sources], override_num_blocks=len(sources))
+    ds = ds.flat_map(decode_source, fn_kwargs={"cfg": cfg, "out_dir": str(work)}, num_cpus=cfg.preprocess.decode_cpus)
+    start = time.perf_counter()
+    frames = sum(int(b["num_frames"].sum()) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
+    return time.perf_counter() - start, frames
+
+
+def bare_decord(cfg, sources) -> tuple[float, int]:
+    import decord
+
+    d, frames = cfg.data, 0
+    start = time.perf_counter()
+    for s in sources:
+        reader = decord.VideoReader(s.path, ctx=decord.cpu(0), num_threads=1)
+        plan = plan_clip(reader.get_avg_fps(), len(reader), d.fps, d.num_frames, d.min_frames)
+        frames += reader.get_batch(plan.indices).asnumpy().shape[0]
+    return time.perf_counter() - start, frames
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clips", type=int, default=256)
+    ap.add_argument("--small", type=int, default=32)
+    ap.add_argument("--size", type=int, default=128, help="clip height and width")
+    ap.add_argument("--frames", type=int, default=17)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="wanray-bench-"))
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"model.path={work / 'model'}", f"data.height={args.size}",
+                                                       f"data.width={args.size}", f"data.num_frames={args.frames}"])
+    model_path = str(models.ensure_model(cfg.model))
+    big = write_dataset(work / "big", count=args.clips, seed=0)
+    small = work / "big" / "small.json"  # the first --small clips of the same set
+    small.write_text(json.dumps(json.loads((work / "big" / "data.json").read_text())[: args.small]))
+    sources, _ = read_manifest(big)
+    print(f"{args.clips} synthetic clips -> {args.size}x{args.size}x{args.frames}; torch threads {torch.get_num_threads()}")
+
+    with PeakRSS(ray_workers=False) as seq_mem:
+        t_seq = sequential(cfg, sources, model_path)
+
+    t0 = time.perf_counter()
+    ray.init(num_cpus=psutil.cpu_count(), include_dashboard=False)
+    t_ray = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pipeline(cfg, small, work, "warmup")
+    t_warm = time.perf_counter() - t0
+    with PeakRSS(ray_workers=True) as pipe_mem:
+        t_big, n_big = pipeline(cfg, big, work, "big")
+    t_small, n_small = pipeline(cfg, small, work, "small")
+    t_dec, f_dec = decode_stage(cfg, sources, work / "decode")
+    t_bare, f_bare = bare_decord(cfg, sources)
+    assert n_big == args.clips and n_small == args.small and f_dec == f_bare
+
+    print(f"ray start-up {t_ray:.1f}s, first pipeline run (worker warm-up) on {args.small} clips {t_warm:.1f}s "
+          "-- both excluded below")
+    print(f"(a) pipeline {n_big / t_big:.2f} clips/s vs sequential loop {args.clips / t_seq:.2f} clips/s: "
+          f"{t_seq / t_big:.2f}x (target >= 1.7x)")
+    print(f"(b) decode stage {f_dec / t_dec:.0f} frames/s vs bare decord get_batch {f_bare / t_bare:.0f} frames/s: "
+          f"{(f_dec / t_dec) / (f_bare / t_bare):.2f}x (target >= 0.85)")
+    s_small, s_big = t_small / n_small, t_big / n_big
+    print(f"(c) seconds per clip: {s_small:.3f} at {n_small} clips, {s_big:.3f} at {n_big} clips: "
+          f"{s_small / s_big:.2f}x (target within 15%)")
+    print(f"(d) peak RSS: pipeline {pipe_mem.peak / 2**20:.0f} MiB (driver + Ray workers), "
+          f"sequential loop {seq_mem.peak / 2**20:.0f} MiB")
+    ray.shutdown()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

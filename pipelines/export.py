@@ -1,0 +1,50 @@
+"""Export trained experts to a diffusers-format Wan2.2 directory, or convert one expert to DCP.
+
+    python pipelines/export.py --config configs/tiny.yaml --run runs/exp1 --out exported/
+    python pipelines/export.py --config configs/t2v_a14b.yaml --to-dcp high --out ckpt/high-dcp
+
+The first form copies model.path to --out with the latest checkpoint of each expert
+trained in --run in place (safetensors; LoRA runs also write the adapter); the result
+loads with `WanPipeline.from_pretrained`. The second writes one expert of model.path as
+a DCP directory for sharded loading in training (--set train.init_dcp=...).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from wanray import models
+from wanray.config import ConfigError, add_config_args, load_config
+from wanray.runtime import fail
+from wanray.train.checkpoint import diffusers_to_dcp, export_diffusers
+from wanray.train.trainer import EXPERTS, latest_checkpoint
+
+
+def get_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--run", help="training run directory (pipelines/train.py --out)")
+    parser.add_argument("--to-dcp", choices=EXPERTS, help="convert this expert of model.path to DCP instead")
+    parser.add_argument("--out", required=True, help="output directory")
+    return parser.parse_args()
+
+
+def main(args):
+    cfg = load_config(args.config, args.overrides)
+    model_path = models.ensure_model(cfg.model)
+    if args.to_dcp:
+        print(f"[export] {args.to_dcp}-noise expert of {model_path} -> DCP {diffusers_to_dcp(model_path, args.to_dcp, args.out)}")
+        return
+    if not args.run:
+        raise ConfigError("give --run RUN_DIR to export, or --to-dcp EXPERT to convert")
+    trained = {e: latest_checkpoint(args.run, e) for e in EXPERTS if (Path(args.run) / e).is_dir()}
+    if not trained:
+        raise FileNotFoundError(f"no trained expert (high/ or low/) in {args.run}")
+    for e, ckpt in trained.items():
+        print(f"[export] {e}-noise expert from {ckpt}")
+    out = export_diffusers(model_path, args.out, trained, cfg.train.lora)
+    print(f"[export] wrote {out} (load with WanPipeline.from_pretrained)")
+
+
+if __name__ == "__main__":
+    with fail(sys.argv[0]):
+        main(get_args())

@@ -1,9 +1,12 @@
-"""The whole loop on the embedded default: synthetic videos -> preprocessing.
+"""The whole loop on the embedded default, in one command:
 
-    python pipelines/quickstart.py [--out outputs/quickstart] [--clips 16]
+    synthetic captioned videos -> preprocessing (Ray Data) -> brief training of both experts
+    (Ray Train, FSDP2) -> export to a diffusers directory -> two-stage generation of a video
 
-Uses configs/tiny.yaml (a tiny random-init Wan2.2 written on first use) and a local
-Ray instance (or the cluster in RAY_ADDRESS); prints where every artifact is.
+    python pipelines/quickstart.py [--out outputs/quickstart] [--clips 16] [--prompt "..."]
+
+Uses configs/tiny.yaml (a tiny random-init Wan2.2 written on first use) and a local Ray
+instance (or the cluster in RAY_ADDRESS); prints where every artifact is.
 """
 import argparse
 import sys
@@ -12,7 +15,12 @@ from pathlib import Path
 from wanray.config import add_config_args, load_config
 from wanray.data.preprocess import run_preprocess
 from wanray.data.synthetic import write_dataset
+from wanray.infer.api import GenerateRequest, resolve
+from wanray.infer.batch import generate_videos
+from wanray.models import ensure_model
 from wanray.runtime import connect_ray, fail
+from wanray.train.checkpoint import export_diffusers
+from wanray.train.trainer import EXPERTS, latest_checkpoint, train_experts
 
 
 def get_args():
@@ -20,21 +28,32 @@ def get_args():
     add_config_args(parser)
     parser.add_argument("--out", default="outputs/quickstart", help="where all artifacts go")
     parser.add_argument("--clips", type=int, default=16, help="synthetic clips to generate")
+    parser.add_argument("--prompt", default="a red circle moving left to right on a black background")
     return parser.parse_args()
 
 
 def main(args):
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out).resolve()
-    print(f"[quickstart] 1/2 writing {args.clips} synthetic captioned clips")
+    model = ensure_model(cfg.model)
+    print(f"[quickstart] 1/5 writing {args.clips} synthetic captioned clips", flush=True)
     manifest = write_dataset(out / "videos", count=args.clips)
     connect_ray()
-    print("[quickstart] 2/2 preprocessing on Ray Data")
+    print("[quickstart] 2/5 preprocessing on Ray Data", flush=True)
     run_preprocess(cfg, str(manifest), str(out / "preprocessed"))
+    print(f"[quickstart] 3/5 training both experts for {cfg.train.steps} steps on Ray Train", flush=True)
+    train_experts(cfg, "both", out / "preprocessed", out / "run")
+    print("[quickstart] 4/5 exporting to a diffusers-format directory", flush=True)
+    exported = export_diffusers(model, out / "exported", {e: latest_checkpoint(out / "run", e) for e in EXPERTS},
+                                cfg.train.lora)
+    print("[quickstart] 5/5 two-stage generation with the fine-tuned experts", flush=True)
+    (video,) = generate_videos(cfg, str(exported), [resolve(GenerateRequest(prompt=args.prompt), cfg)],
+                               out / "generated")
     print("[quickstart] artifacts:")
-    print(f"  model       {Path(cfg.model.path).resolve()}")
-    print(f"  videos      {manifest}")
-    print(f"  parquet     {out / 'preprocessed'}  (summary.json, rejects.jsonl)")
+    for name, path in [("base model", model), ("videos", manifest), ("parquet", out / "preprocessed"),
+                       ("checkpoints", out / "run"), ("metrics", out / "run" / "high" / "metrics.jsonl"),
+                       ("exported", exported), ("video", out / "generated" / video["video"])]:
+        print(f"  {name:<12}{path}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ The layout is exactly that of `Wan2.2-T2V-A14B-Diffusers`:
   model_index.json, transformer/ (high-noise expert), transformer_2/ (low-noise
   expert), vae/, text_encoder/, tokenizer/, scheduler/.
 The tiny checkpoint uses the same classes with tiny dimensions, so every test goes
-through the real loading path. Nothing is ever downloaded: loading is local-only.
+through the real loading path. Nothing is ever downloaded: loading is local-only, and weights load from safetensors
+only (never a pickle: a .bin or .pt file can run code when unpickled).
 """
 from __future__ import annotations
 
@@ -52,14 +53,16 @@ def load_tokenizer(path):
 def load_text_encoder(path, dtype=torch.float32, device="cpu"):
     from transformers import UMT5EncoderModel
 
-    model = UMT5EncoderModel.from_pretrained(Path(path) / "text_encoder", dtype=dtype, local_files_only=True)
+    model = UMT5EncoderModel.from_pretrained(Path(path) / "text_encoder", dtype=dtype, local_files_only=True,
+                                             use_safetensors=True)
     return model.to(device).eval().requires_grad_(False)
 
 
 def load_vae(path, dtype=torch.float32, device="cpu"):
     from diffusers import AutoencoderKLWan
 
-    vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=dtype, local_files_only=True)
+    vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=dtype, local_files_only=True,
+                                           use_safetensors=True)
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -70,7 +73,7 @@ def load_expert(path, expert: str, dtype=torch.float32, device="cpu"):
     if expert not in EXPERT_SUBFOLDERS:
         raise ValueError(f"expert must be 'high' or 'low', got {expert!r}")
     model = WanTransformer3DModel.from_pretrained(
-        path, subfolder=EXPERT_SUBFOLDERS[expert], torch_dtype=dtype, local_files_only=True)
+        path, subfolder=EXPERT_SUBFOLDERS[expert], torch_dtype=dtype, local_files_only=True, use_safetensors=True)
     return model.to(device)
 
 

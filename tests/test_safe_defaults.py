@@ -1,0 +1,80 @@
+"""Safe defaults: loopback binding, Ray token auth on, safetensors-only weights, no paths from requests;
+and cluster.yaml passes Ray's own cluster-config validation."""
+import copy
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT
+from wanray.config import Config, load_config
+
+SOURCES = [p for d in ("platform", "pipelines", "ui", "benchmarks", "scripts") for p in (ROOT / d).rglob("*.py")]
+
+
+@pytest.mark.parametrize("preset", [None, "tiny.yaml", "t2v_a14b.yaml"])
+def test_services_bind_to_loopback_by_default(preset):
+    cfg = Config() if preset is None else load_config(ROOT / "configs" / preset)
+    assert cfg.infer.host == "127.0.0.1"
+
+
+def test_token_authentication_is_never_turned_off():
+    for path in [*SOURCES, ROOT / "cluster.yaml", ROOT / ".ci" / "run", ROOT / "scripts" / "setup.sh"]:
+        text = path.read_text()
+        assert not re.search(r"RAY_AUTH_MODE\s*[=:]\s*['\"]?disabled", text), path
+
+
+def test_cluster_rejects_a_client_without_the_token(ray_cluster, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token here
+    code = f"import ray; ray.init(address='{ray_cluster}'); print('joined')"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "joined" not in out.stdout
+    assert re.search(r"(?i)token|authenticat", out.stdout + out.stderr)
+
+
+def test_weights_load_from_safetensors_only(tiny_model, tmp_path):
+    from wanray import models
+
+    assert not [p for p in tiny_model.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+    pickled = tmp_path / "pickled"
+    (pickled / "transformer").mkdir(parents=True)
+    (pickled / "transformer" / "config.json").write_text((tiny_model / "transformer" / "config.json").read_text())
+    torch.save(models.load_expert(tiny_model, "high").state_dict(), pickled / "transformer" / "diffusion_pytorch_model.bin")
+    with pytest.raises(Exception):
+        models.load_expert(pickled, "high")
+    for path in SOURCES:
+        for line in path.read_text().splitlines():
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, f"{path}: {line.strip()}"
+            assert "pickle.load" not in line, f"{path}: {line.strip()}"
+
+
+def test_requests_carry_no_paths():
+    from pydantic import ValidationError
+
+    from wanray.infer.api import GenerateRequest
+
+    assert not [f for f in GenerateRequest.model_fields if re.search("path|file|dir|model|url", f)]
+    with pytest.raises(ValidationError):
+        GenerateRequest(prompt="a cat", model_path="/etc/passwd")
+
+
+def test_cluster_yaml_passes_rays_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(raw)))  # what `ray up` runs before starting anything
+    assert raw["provider"]["type"] == "local"
+    workers = " ".join(raw["worker_start_ray_commands"])
+    assert '"NPU": 8' in workers and "wanray/node-kind=cpu" in workers
+    assert "[npu]" in " ".join(raw["setup_commands"]) and "set_env.sh" in " ".join(raw["setup_commands"])
+    broken = copy.deepcopy(raw)
+    broken["max_worker"] = broken.pop("max_workers")
+    with pytest.raises(Exception):
+        validate_config(prepare_config(broken))

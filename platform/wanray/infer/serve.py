@@ -1,10 +1,10 @@
 """The Ray Serve application: one deployment per stage, and an ingress that pipelines requests.
 
     HTTP ─► proxy ─► Ingress (FastAPI: /v1/generate, /v1/health; Gradio at /ui)
-                       │ text = TextEncoder.encode(params)
-                       │ high = HighNoiseExpert.denoise(params, text)          each stage: its own
-                       │ low  = LowNoiseExpert.denoise(params, text, high)     replica, device and
-                       └ video = VaeDecoder.render(low)                       one request at a time
+                       │ text  = text_encoder.encode(params)
+                       │ high  = high_noise_expert.denoise(params, text)        each stage: its own
+                       │ low   = low_noise_expert.denoise(params, text, high)   replica, device and
+                       └ video = vae_decoder.render(low)                        one request at a time
 
 The ingress chains the calls without waiting on them: Serve holds each call until its
 inputs exist, then hands the object refs straight to the next stage's replica, so the

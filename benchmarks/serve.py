@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import requests
 import torch
 
@@ -43,6 +44,30 @@ def write_bench_checkpoint(path: Path) -> Path:
     for sub in models.EXPERT_SUBFOLDERS.values():
         WanTransformer3DModel(**{**models.TINY_TRANSFORMER, **WIDE_EXPERT}).save_pretrained(path / sub)
     return path
+
+
+class ForeignCpu:
+    """CPUs that processes outside this one and its descendants (Ray and its workers) kept busy, on average."""
+
+    @staticmethod
+    def _busy() -> tuple[float, float]:
+        t = psutil.cpu_times()
+        system = t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
+        own = 0.0
+        for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+            try:
+                own += sum(proc.cpu_times()[:2])
+            except psutil.Error:
+                pass
+        return system, own
+
+    def __enter__(self):
+        self.start, (self.system, self.own) = time.perf_counter(), self._busy()
+        return self
+
+    def __exit__(self, *exc):
+        system, own = self._busy()
+        self.cpus = max(0.0, (system - self.system) - (own - self.own)) / (time.perf_counter() - self.start)
 
 
 def timed(fn, repeats: int) -> float:
@@ -113,18 +138,19 @@ def measure_serve(cfg, model: Path, body: dict, args) -> dict:
         r.raise_for_status()
         return r.content
 
-    out["single"] = timed(one, args.repeats)
     seeds = list(range(1, args.requests + 1))
-    out["sequential"] = timed(lambda: [one(s) for s in seeds], 1)
-    with concurrent.futures.ThreadPoolExecutor(args.requests) as pool:
-        out["concurrent"] = timed(lambda: list(pool.map(one, seeds)), 1)
+    with ForeignCpu() as foreign:
+        out["single"] = timed(one, args.repeats)
+        out["sequential"] = timed(lambda: [one(s) for s in seeds], 1)
+        with concurrent.futures.ThreadPoolExecutor(args.requests) as pool:
+            out["concurrent"] = timed(lambda: list(pool.map(one, seeds)), 1)
+    out["foreign_cpus"] = foreign.cpus
     serve.shutdown()
     ray.shutdown()
     return out
 
 
 def main(args):
-    load_before = os.getloadavg()[0]
     tmp = tempfile.TemporaryDirectory(prefix="wanray-bench-")
     model = write_bench_checkpoint(Path(tmp.name) / "bench-wan2.2")
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [
@@ -147,9 +173,8 @@ def main(args):
     print(f"\nrequest: {args.size}x{args.size}, {args.frames} frames, {args.steps} steps (high-noise {high} / "
           f"low-noise {args.steps - high}, flow shift {args.flow_shift}), guidance 4.0/3.0, 1 torch thread")
     print("stages in-process: " + ", ".join(f"{k} {stages[k]:.3f} s" for k in ("text", "high", "low", "vae")))
-    print(f"Ray + Serve start-up (not in any ratio): {served['startup']:.1f} s; 1-minute load average "
-          f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after ({os.cpu_count()} CPUs): "
-          "other work on the machine skews every figure")
+    print(f"Ray + Serve start-up (not in any ratio): {served['startup']:.1f} s; other processes on the machine "
+          f"kept {served['foreign_cpus']:.2f} of {os.cpu_count()} CPUs busy during the Serve measurements")
     print(f"(a) single request: in-process {in_process:.3f} s, through Serve {served['single']:.3f} s "
           f"-> {served['single'] / in_process:.3f}x (target <= 1.10x)")
     print(f"(b) {n} requests: one after another {served['sequential']:.2f} s, concurrent "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -114,7 +115,9 @@ def full_expert_state(model_path, expert: str, checkpoint_dir, lora=None) -> tup
     model = build_on_meta(model_path, expert, lora)
     model.to_empty(device="cpu")  # every tensor is overwritten by the load below
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(checkpoint_dir), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(checkpoint_dir), no_dist=True)
     full = {k: v.contiguous() for k, v in state["model"].items()}
     if lora is None or not lora.enabled:
         return full, None

@@ -82,11 +82,18 @@ def pipeline(cfg, manifest, work: Path, name: str) -> tuple[float, int]:
     return time.perf_counter() - start, summary["outcomes"]["written"]
 
 
+def count_frames(batch: dict) -> dict:
+    return {"frames": [int(batch["num_frames"].sum())]}
+
+
 def decode_stage(cfg, sources, work: Path) -> tuple[float, int]:
-    ds = ray.data.from_items([s.__dict__ for s in sources], override_num_blocks=len(sources))
-    ds = ds.flat_map(decode_source, fn_kwargs={"cfg": cfg, "out_dir": str(work)}, num_cpus=cfg.preprocess.decode_cpus)
+    """The pipeline's decode stage alone; frame counting fuses into the same tasks."""
+    p = cfg.preprocess
     start = time.perf_counter()
-    frames = sum(int(b["num_frames"].sum()) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
+    ds = ray.data.from_items([s.__dict__ for s in sources],
+                             override_num_blocks=-(-len(sources) // p.clips_per_decode_task))
+    ds = ds.flat_map(decode_source, fn_kwargs={"cfg": cfg, "out_dir": str(work)}, num_cpus=p.decode_cpus)
+    frames = ds.map_batches(count_frames, batch_size=None, num_cpus=p.decode_cpus).sum("frames")
     return time.perf_counter() - start, frames
 
 

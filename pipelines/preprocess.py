@@ -10,7 +10,7 @@ import sys
 
 from wanray.config import add_config_args, load_config
 from wanray.data.preprocess import run_preprocess
-from wanray.runtime import connect_ray, fail
+from wanray.runtime import fail
 
 
 def get_args():
@@ -23,7 +23,6 @@ def get_args():
 
 def main(args):
     cfg = load_config(args.config, args.overrides)
-    connect_ray()
     run_preprocess(cfg, args.data, args.out)
 
 

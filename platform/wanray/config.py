@@ -57,6 +57,8 @@ class PreprocessConfig:
     """Dtype the encoders run in and latents / text embeddings are stored in: float32 or bfloat16."""
     decode_cpus: float = 1.0
     """CPUs per decode task (decord is single-threaded per video)."""
+    clips_per_decode_task: int = 16
+    """Clips one decode task takes in turn: larger tasks amortise Ray's per-task overhead, smaller ones spread better."""
     vae_actors: int = 1
     """VAE encoder actors in the pool."""
     vae_batch_size: int = 4

@@ -4,7 +4,7 @@
       -> decode: CPU tasks, decord, one clip each; rejects recorded where they happen
       -> LatentEncoder actor pool (VAE; NPU / GPU / CPU per config)
       -> TextEncoder actor pool (UMT5)
-      -> ShardWriter: rows_per_shard clips per atomically written shard
+      -> write_shard tasks: rows_per_shard clips per atomically written shard
 """
 from __future__ import annotations
 
@@ -22,10 +22,12 @@ from wanray import models
 from wanray.config import Config, ConfigError
 from wanray.data.encode import LatentEncoder, TextEncoder, encode_text
 from wanray.data.manifest import ClipSource, Reject, read_manifest
-from wanray.data.shards import (EMPTY_PROMPT_FILE, ShardWriter, collect_rejects, record_reject,
-                                rejected_keys, write_empty_prompt, write_json_atomic, written_ids)
+from wanray.data.shards import (EMPTY_PROMPT_FILE, collect_rejects, record_reject,
+                                rejected_keys, write_empty_prompt, write_json_atomic, write_shard,
+                                written_ids)
 from wanray.data.video import ClipRejected, decode_clip
 from wanray.devices import accelerator, torch_dtype
+from wanray.runtime import connect_ray
 
 
 def decode_source(row: dict, cfg: Config, out_dir: str) -> list[dict]:
@@ -68,7 +70,8 @@ def build_dataset(todo: list[ClipSource], cfg: Config, model_path: str, out_dir:
     p = cfg.preprocess
     acc = accelerator(p.device)
     encoder_opts = acc.ray_resources(p.encoder_cpus, p.encoder_accelerators)
-    ds = ray.data.from_items([dataclasses.asdict(s) for s in todo], override_num_blocks=max(1, min(len(todo), 1024)))
+    blocks = -(-len(todo) // p.clips_per_decode_task)  # one decode task per block
+    ds = ray.data.from_items([dataclasses.asdict(s) for s in todo], override_num_blocks=max(1, blocks))
     ds = ds.flat_map(decode_source, fn_kwargs={"cfg": cfg, "out_dir": out_dir}, num_cpus=p.decode_cpus)
     ds = ds.map_batches(LatentEncoder, fn_constructor_kwargs={"model_path": model_path, "device": p.device,
                                                               "dtype": p.dtype},
@@ -76,8 +79,8 @@ def build_dataset(todo: list[ClipSource], cfg: Config, model_path: str, out_dir:
     ds = ds.map_batches(TextEncoder, fn_constructor_kwargs={"model_path": model_path, "device": p.device,
                                                             "dtype": p.dtype, "max_tokens": cfg.data.max_text_tokens},
                         batch_size=p.text_batch_size, compute=ray.data.ActorPoolStrategy(size=p.text_actors), batch_format="numpy", **encoder_opts)
-    return ds.map_batches(ShardWriter, fn_constructor_kwargs={"out_dir": out_dir}, batch_size=p.rows_per_shard,
-                          compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1, batch_format="numpy")
+    return ds.map_batches(write_shard, fn_kwargs={"out_dir": out_dir}, batch_size=p.rows_per_shard, num_cpus=0.1,
+                          batch_format="numpy")
 
 
 def run_preprocess(cfg: Config, manifest: str, out_dir: str, log: Callable[[str], None] = print) -> dict:
@@ -87,6 +90,7 @@ def run_preprocess(cfg: Config, manifest: str, out_dir: str, log: Callable[[str]
     model_path = str(models.ensure_model(cfg.model))
     _check_settings(cfg, out)
     sources, manifest_rejects = read_manifest(manifest)
+    connect_ray()  # after the input checks, so bad input fails fast with one line
     done, rejected = written_ids(out), rejected_keys(out)
     for r in manifest_rejects:
         record_reject(out, r)

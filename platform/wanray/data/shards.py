@@ -88,22 +88,13 @@ def collect_rejects(out_dir) -> list[dict]:
     return records
 
 
-class ShardWriter:
-    """Ray Data actor: each batch of clip rows becomes one Parquet shard."""
-
-    def __init__(self, out_dir: str):
-        self.out_dir = Path(out_dir)
-
-    def __call__(self, batch: dict) -> dict:
-        n = len(batch["id"])
-        columns = {}
-        for f in CLIP_SCHEMA:
-            values = batch[f.name]
-            columns[f.name] = [list(map(int, v)) for v in values] if f.name.endswith("_shape") else list(values)
-        table = pa.Table.from_pydict(columns, schema=CLIP_SCHEMA)
-        name = f"part-{uuid.uuid4().hex}.parquet"
-        write_table_atomic(table, self.out_dir / name)
-        return {"shard": [name], "rows": [n], "frames": [int(sum(batch["num_frames"]))]}
+def write_shard(batch: dict, out_dir: str) -> dict:
+    """Ray Data map_batches function: one batch of clip rows becomes one Parquet shard."""
+    columns = {f.name: [list(map(int, v)) for v in batch[f.name]] if f.name.endswith("_shape") else list(batch[f.name])
+               for f in CLIP_SCHEMA}
+    name = f"part-{uuid.uuid4().hex}.parquet"
+    write_table_atomic(pa.Table.from_pydict(columns, schema=CLIP_SCHEMA), Path(out_dir) / name)
+    return {"shard": [name], "rows": [len(batch["id"])], "frames": [int(sum(batch["num_frames"]))]}
 
 
 def write_empty_prompt(out_dir, embedding) -> None:

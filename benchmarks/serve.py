@@ -2,7 +2,8 @@
 
     python benchmarks/serve.py [--steps 20] [--flow-shift 6.0] [--size 64] [--frames 17] [--requests 4]
 
-Prints (Ray and Serve start-up timed and stated apart, never inside a ratio):
+Prints (Ray and Serve start-up timed and stated apart, never inside a ratio; the two sides of
+each ratio are timed in turns, so that other load on the machine hits both alike):
  (a) single-request latency through Serve (HTTP -> ingress -> 4 stage replicas -> mp4) over the
      same sampler in this process (encode, both experts, decode, mp4), both at 1 torch thread
  (b) throughput of --requests concurrent requests over the same requests sent one after another
@@ -70,15 +71,17 @@ class ForeignCpu:
         self.cpus = max(0.0, (system - self.system) - (own - self.own)) / (time.perf_counter() - self.start)
 
 
-def timed(fn, repeats: int) -> float:
-    """Median wall seconds of `repeats` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def interleaved(a, b, rounds: int, warm_up: bool = True) -> tuple[float, float]:
+    """Median wall seconds of a() and of b(), taken in turns so that drifting load hits both alike."""
+    if warm_up:
+        a(), b()
+    times: tuple[list, list] = ([], [])
+    for _ in range(rounds):
+        for fn, out in zip((a, b), times):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def free_port() -> int:
@@ -94,7 +97,7 @@ def get_args():
     parser.add_argument("--size", type=int, default=64, help="height = width, pixels")
     parser.add_argument("--frames", type=int, default=17)
     parser.add_argument("--requests", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per latency figure (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed pairs for the latency figures (median)")
     return parser.parse_args()
 
 
@@ -119,19 +122,24 @@ def overlap_bound(t: dict, n: int) -> float:
     return n * one / (t["text"] + n * max(t["high"], t["low"]) + min(t["high"], t["low"]) + t["vae"])
 
 
-def measure_serve(cfg, model: Path, body: dict, args) -> dict:
-    """Start-up, single-request latency, and n requests one after another / concurrently, through HTTP."""
+def measure(cfg, model: Path, params: GenerationParams, args) -> dict:
+    """Start-up; one request in-process vs through Serve; n requests one after another vs concurrently."""
     import ray
     from ray import serve
 
     from wanray.infer.serve import start
 
+    torch.set_num_threads(cfg.infer.torch_threads)  # the same thread setting the stage replicas use
+    sampler = Sampler(str(model), cfg.infer, cfg.model.boundary)
+    out = {"stages": stage_seconds(sampler, params, cfg.data.fps)}
     started = time.perf_counter()
     # Ray runs workers at niceness 15; the in-process baseline runs at 0. Same priority for both.
     os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=2, include_dashboard=False)
     url = start(cfg, str(model), with_ui=False)
-    out = {"startup": time.perf_counter() - started}
+    out["startup"] = time.perf_counter() - started
+    body = {"prompt": params.prompt, "negative_prompt": params.negative_prompt, "height": params.height,
+            "width": params.width, "num_frames": params.num_frames, "num_inference_steps": params.num_inference_steps}
 
     def one(seed: int = 0) -> bytes:
         r = requests.post(f"{url}/v1/generate", json={**body, "seed": seed}, timeout=600)
@@ -139,11 +147,11 @@ def measure_serve(cfg, model: Path, body: dict, args) -> dict:
         return r.content
 
     seeds = list(range(1, args.requests + 1))
-    with ForeignCpu() as foreign:
-        out["single"] = timed(one, args.repeats)
-        out["sequential"] = timed(lambda: [one(s) for s in seeds], 1)
-        with concurrent.futures.ThreadPoolExecutor(args.requests) as pool:
-            out["concurrent"] = timed(lambda: list(pool.map(one, seeds)), 1)
+    with ForeignCpu() as foreign, concurrent.futures.ThreadPoolExecutor(args.requests) as pool:
+        out["in_process"], out["single"] = interleaved(lambda: mp4_bytes(sampler(params), cfg.data.fps), one,
+                                                       args.repeats)
+        out["sequential"], out["concurrent"] = interleaved(lambda: [one(s) for s in seeds],
+                                                           lambda: list(pool.map(one, seeds)), 2, warm_up=False)
     out["foreign_cpus"] = foreign.cpus
     serve.shutdown()
     ray.shutdown()
@@ -158,27 +166,20 @@ def main(args):
         "infer.torch_threads=1", f"infer.port={free_port()}"])
     params = GenerationParams("a red circle moving left to right", "blurry", args.size, args.size, args.frames,
                               args.steps, 4.0, 3.0, 0)
-    body = {"prompt": params.prompt, "negative_prompt": params.negative_prompt, "height": args.size,
-            "width": args.size, "num_frames": args.frames, "num_inference_steps": args.steps, "seed": 0}
-
-    torch.set_num_threads(cfg.infer.torch_threads)  # the same thread setting the stage replicas use
-    sampler = Sampler(str(model), cfg.infer, cfg.model.boundary)
-    in_process = timed(lambda: mp4_bytes(sampler(params), cfg.data.fps), args.repeats)
-    stages = stage_seconds(sampler, params, cfg.data.fps)
-    del sampler
-    served = measure_serve(cfg, model, body, args)
+    m = measure(cfg, model, params, args)
     tmp.cleanup()
 
-    n, high = args.requests, stages["high_steps"]
+    n, stages = args.requests, m["stages"]
+    high = stages["high_steps"]
     print(f"\nrequest: {args.size}x{args.size}, {args.frames} frames, {args.steps} steps (high-noise {high} / "
           f"low-noise {args.steps - high}, flow shift {args.flow_shift}), guidance 4.0/3.0, 1 torch thread")
     print("stages in-process: " + ", ".join(f"{k} {stages[k]:.3f} s" for k in ("text", "high", "low", "vae")))
-    print(f"Ray + Serve start-up (not in any ratio): {served['startup']:.1f} s; other processes on the machine "
-          f"kept {served['foreign_cpus']:.2f} of {os.cpu_count()} CPUs busy during the Serve measurements")
-    print(f"(a) single request: in-process {in_process:.3f} s, through Serve {served['single']:.3f} s "
-          f"-> {served['single'] / in_process:.3f}x (target <= 1.10x)")
-    print(f"(b) {n} requests: one after another {served['sequential']:.2f} s, concurrent "
-          f"{served['concurrent']:.2f} s -> throughput {served['sequential'] / served['concurrent']:.2f}x "
+    print(f"Ray + Serve start-up (not in any ratio): {m['startup']:.1f} s; other processes on the machine "
+          f"kept {m['foreign_cpus']:.2f} of {os.cpu_count()} CPUs busy during the measurements")
+    print(f"(a) single request: in-process {m['in_process']:.3f} s, through Serve {m['single']:.3f} s "
+          f"-> {m['single'] / m['in_process']:.3f}x (target <= 1.10x)")
+    print(f"(b) {n} requests: one after another {m['sequential']:.2f} s, concurrent {m['concurrent']:.2f} s "
+          f"-> throughput {m['sequential'] / m['concurrent']:.2f}x "
           f"(target >= 1.5x; perfect overlap of these stages would give {overlap_bound(stages, n):.2f}x)")
 
 

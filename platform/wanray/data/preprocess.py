@@ -85,12 +85,12 @@ def build_dataset(todo: list[ClipSource], cfg: Config, model_path: str, out_dir:
 
 def run_preprocess(cfg: Config, manifest: str, out_dir: str, log: Callable[[str], None] = print) -> dict:
     """Run (or resume) preprocessing of `manifest` into `out_dir`; returns the summary written there."""
+    sources, manifest_rejects = read_manifest(manifest)  # bad input fails fast, before any work
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     model_path = str(models.ensure_model(cfg.model))
     _check_settings(cfg, out)
-    sources, manifest_rejects = read_manifest(manifest)
-    connect_ray()  # after the input checks, so bad input fails fast with one line
+    connect_ray()
     done, rejected = written_ids(out), rejected_keys(out)
     for r in manifest_rejects:
         record_reject(out, r)

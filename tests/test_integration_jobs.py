@@ -43,8 +43,7 @@ def submit(address: str, args: list[str], timeout: float = 600) -> str:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     runtime_env = json.dumps({"env_vars": {"PYTHONPATH": "platform", "RAY_USAGE_STATS_ENABLED": "0"}})
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # --address names the cluster
-    env["RAY_AUTH_MODE"] = "token"  # the client sends the cluster's token (~/.ray/auth_token)
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}  # the client sends the cluster's token (~/.ray/auth_token)
     cmd = RAY + ["job", "submit", "--address", address, "--working-dir", str(ROOT), "--runtime-env-json", runtime_env,
                  "--no-wait", "--", "python", *args]
     for _ in range(60):  # a fresh head's job agent takes a few seconds to come up
@@ -65,7 +64,8 @@ def submit(address: str, args: list[str], timeout: float = 600) -> str:
     return logs
 
 
-def test_preprocess_train_generate_as_ray_jobs(head, tiny_model, synthetic, tmp_path):
+def test_preprocess_train_generate_as_ray_jobs(head, tiny_model, synthetic, tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # another test's cluster: the job client would follow it
     common = ["--config", "configs/tiny.yaml", "--set", f"model.path={tiny_model}"]
     logs = submit(head, ["pipelines/preprocess.py", *common, "--data", str(synthetic), "--out", str(tmp_path / "prep")])
     assert "[preprocess] done: 8 written" in logs

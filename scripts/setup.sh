@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
 # Create .venv and install wanray with its test tools. Safe to re-run.
+#   --with-test-deps  also install Chromium (the UI screenshot test) with apt-get when missing
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--with-test-deps" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing chromium (headless UI screenshot test)"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "warning: chromium not found; install it (Debian: apt-get install chromium) for the UI screenshot test" >&2
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi

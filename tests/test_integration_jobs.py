@@ -23,7 +23,9 @@ def head(tmp_path_factory):
     """
     temp = str(tmp_path_factory.mktemp("rayhead"))
     port, dash = free_port(), free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # nodes run `python` from the environment Ray was started in, like an activated venv on a cluster
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     log = open(Path(temp) / "ray-start.log", "w")
     subprocess.run(RAY + ["start", "--head", f"--port={port}", "--num-cpus=2", f"--temp-dir={temp}",

@@ -58,8 +58,8 @@ class QueuedStage:
 
     async def run(self, method: Callable, *args):
         """`method(stage, *args)`, e.g. run(ExpertStage.denoise, params, text), after the calls before it."""
-        return await asyncio.get_running_loop().run_in_executor(self.runner, functools.partial(method, self.stage,
-                                                                                                *args))
+        call = functools.partial(method, self.stage, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.runner, call)
 
 
 @serve.deployment(max_ongoing_requests=64)

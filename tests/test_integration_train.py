@@ -1,6 +1,5 @@
 """Training on a real local Ray: FSDP2 sharding, loss, failure recovery, resume, export, LoRA."""
 import json
-import os
 import shutil
 import signal
 import subprocess

@@ -1,4 +1,7 @@
 """Clip planning, resize/crop, real decord decoding, and the tensor codec."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -52,6 +55,26 @@ def test_decode_reads_the_planned_frames(tmp_path):
     com = [(f[..., 0].astype(float).sum(0) * cols).sum() / f[..., 0].sum() for f in out.frames]
     want = [(s[..., 0].astype(float).sum(0) * cols).sum() / s[..., 0].sum() for s in frames[out.plan.indices]]
     assert np.allclose(com, want, atol=1.0) and com[-1] > com[0] + 10
+
+
+def test_decode_scales_larger_sources_like_a_resize_of_the_full_frames(tmp_path):
+    clip = SyntheticClip("b.mp4", "x", 96, 160, 16, 20, "circle", "red", "navy", "top to bottom")
+    write_mp4(tmp_path / "b.mp4", render(clip), 16)
+    out = decode_clip(str(tmp_path / "b.mp4"), 64, 64, 16, 9, 9)
+    full = decode_clip(str(tmp_path / "b.mp4"), 96, 160, 16, 9, 9)  # no scaling: the source size
+    want = resize_crop(full.frames, 64, 64)
+    assert out.frames.shape == want.shape == (9, 64, 64, 3)
+    # decord's swscale and torch's antialiased bilinear differ by rounding and filter taps only
+    assert np.abs(out.frames.astype(int) - want.astype(int)).mean() < 4
+
+
+def test_decoding_does_not_import_torch(tmp_path):
+    clip = SyntheticClip("c.mp4", "x", 96, 160, 16, 20, "square", "white", "black", "left to right")
+    write_mp4(tmp_path / "c.mp4", render(clip), 16)
+    code = ("import sys; from wanray.data.video import decode_clip; "
+            f"decode_clip({str(tmp_path / 'c.mp4')!r}, 64, 64, 16, 9, 9); print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"  # decode workers start without paying torch's import
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

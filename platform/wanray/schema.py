@@ -7,34 +7,41 @@ is stored as its raw 16-bit pattern, so it round-trips bit-exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
-import torch
+
+if TYPE_CHECKING:
+    import torch  # imported where tensors are made: the decode and shard-writing workers never need it
 
 SCHEMA_VERSION = "1"
 VERSION_KEY = b"wanray.schema_version"
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# numpy has no bfloat16: move its bits as int16.
-_CARRIER = {torch.float32: torch.float32, torch.bfloat16: torch.int16, torch.float16: torch.float16}
+# Stored dtype name -> the dtype its bytes travel as (numpy has no bfloat16: its bits go as int16).
+_CARRIERS = {"float32": "float32", "bfloat16": "int16", "float16": "float16"}
 
 
 def encode_tensor(t: torch.Tensor) -> tuple[bytes, list[int], str]:
     """A tensor as (raw bytes, shape, dtype name); never empty."""
+    import torch
+
     t = t.detach().contiguous().cpu()
     if t.numel() == 0:
         raise ValueError(f"refusing to store an empty tensor of shape {tuple(t.shape)}")
-    name = next(k for k, v in _DTYPES.items() if v == t.dtype)
-    return t.view(_CARRIER[t.dtype]).numpy().tobytes(), list(t.shape), name
+    name = str(t.dtype).removeprefix("torch.")
+    if name not in _CARRIERS:
+        raise ValueError(f"cannot store dtype {t.dtype}; stored dtypes are {', '.join(_CARRIERS)}")
+    return t.view(getattr(torch, _CARRIERS[name])).numpy().tobytes(), list(t.shape), name
 
 
 def decode_tensor(data: bytes, shape, dtype: str) -> torch.Tensor:
     """Inverse of encode_tensor, in exactly the stored dtype."""
-    if dtype not in _DTYPES:
+    import torch
+
+    if dtype not in _CARRIERS:
         raise ValueError(f"unknown stored dtype {dtype!r}")
-    want = _DTYPES[dtype]
-    flat = torch.frombuffer(bytearray(data), dtype=_CARRIER[want])
-    return flat.view(want).reshape([int(s) for s in shape])
+    flat = torch.frombuffer(bytearray(data), dtype=getattr(torch, _CARRIERS[dtype]))
+    return flat.view(getattr(torch, dtype)).reshape([int(s) for s in shape])
 
 
 def _tensor_fields(name: str) -> list[pa.Field]:
@@ -105,5 +112,7 @@ def check_version(schema: pa.Schema, where: str) -> None:
 
 def pad_text_embedding(emb: torch.Tensor, length: int) -> torch.Tensor:
     """Zero-pad (tokens, dim) to (length, dim), as WanPipeline.encode_prompt does."""
+    import torch
+
     return torch.cat([emb, emb.new_zeros(length - emb.shape[0], emb.shape[1])])
 

@@ -17,7 +17,7 @@ from wanray.schema import encode_tensor
 
 def frames_to_video(frames: np.ndarray) -> torch.Tensor:
     """(T, H, W, 3) uint8 -> (3, T, H, W) float in [-1, 1], the VAE's input range."""
-    return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
+    return torch.from_numpy(np.array(frames)).permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)  # a writable copy
 
 
 def latent_stats(vae, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """The preprocessing job on Ray Data: manifest -> decode -> VAE -> UMT5 -> Parquet shards.
 
     read manifest (driver) -> skip clips already written or rejected (resume)
-      -> decode: CPU tasks, decord, one clip each; rejects recorded where they happen
+      -> decode: CPU tasks (video.decode_source), clips_per_decode_task clips each; rejects recorded where they happen
       -> LatentEncoder actor pool (VAE; NPU / GPU / CPU per config)
       -> TextEncoder actor pool (UMT5)
       -> write_shard tasks: rows_per_shard clips per atomically written shard
@@ -15,33 +15,18 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import ray
 
 from wanray import models
 from wanray.config import Config, ConfigError
 from wanray.data.encode import LatentEncoder, TextEncoder, encode_text
-from wanray.data.manifest import ClipSource, Reject, read_manifest
+from wanray.data.manifest import ClipSource, read_manifest
 from wanray.data.shards import (EMPTY_PROMPT_FILE, collect_rejects, record_reject,
                                 rejected_keys, write_empty_prompt, write_json_atomic, write_shard,
                                 written_ids)
-from wanray.data.video import ClipRejected, decode_clip
+from wanray.data.video import decode_source
 from wanray.devices import accelerator, torch_dtype
 from wanray.runtime import connect_ray
-
-
-def decode_source(row: dict, cfg: Config, out_dir: str) -> list[dict]:
-    """Ray Data flat_map: a ClipSource row -> [clip row with frames], or [] after recording the reject."""
-    src = ClipSource(**row)
-    d = cfg.data
-    try:
-        clip = decode_clip(src.path, d.height, d.width, d.fps, d.num_frames, d.min_frames, src.cut_start, src.cut_end)
-    except ClipRejected as e:
-        record_reject(out_dir, Reject(src.path, e.reason, e.detail), key=src.id)
-        return []
-    return [{"id": src.id, "source": src.path, "caption": src.caption, "fps": np.float32(d.fps),
-             "num_frames": np.int32(len(clip.plan.indices)), "height": np.int32(d.height),
-             "width": np.int32(d.width), "clip_start": np.int32(clip.plan.start), "frames": clip.frames}]
 
 
 def _empty_prompt_task(model_path: str, device: str, dtype: str, max_tokens: int, out_dir: str) -> None:

@@ -1,9 +1,11 @@
-"""Clip planning and decoding: pure functions, no Ray.
+"""Clip planning and decoding: pure functions, no Ray, no torch (decode workers start light).
 
 A clip is the source video resampled to the preset fps, cut to the longest 4n+1 frame
 count it holds (at most data.num_frames, at least data.min_frames), then resized so it
 covers the target size and center-cropped to it. Only the frames the clip uses are
-decoded (decord `get_batch` on exactly those indices).
+decoded (decord `get_batch` on exactly those indices), and decord scales them while it
+converts them to RGB (ffmpeg's swscale): resizing 480x832 frames in Python afterwards
+costs several times the decode itself.
 """
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+from wanray.config import Config
+from wanray.data.manifest import ClipSource, Reject
+from wanray.data.shards import record_reject
 
 
 class ClipRejected(Exception):
@@ -70,10 +74,14 @@ def resize_crop_box(src_h: int, src_w: int, h: int, w: int) -> tuple[int, int, i
 
 
 def resize_crop(frames: np.ndarray, h: int, w: int) -> np.ndarray:
-    """(T, H, W, 3) uint8 -> (T, h, w, 3) uint8, bilinear with antialiasing."""
+    """(T, H, W, 3) uint8 -> (T, h, w, 3) uint8, bilinear with antialiasing (a no-op resize when
+    the frames already cover h x w exactly, as decode_clip asks decord to scale them)."""
     src_h, src_w = frames.shape[1:3]
     rh, rw, top, left = resize_crop_box(src_h, src_w, h, w)
     if (rh, rw) != (src_h, src_w):
+        import torch
+        import torch.nn.functional as F
+
         x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
         x = F.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
         frames = x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -104,6 +112,15 @@ class DecodedClip:
     src_fps: float
 
 
+def frame_size(path: str) -> tuple[int, int]:
+    """(height, width) of the first video stream, read from the container header (PyAV, < 1 ms)."""
+    import av
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        return stream.codec_context.height, stream.codec_context.width
+
+
 def decode_clip(path: str, height: int, width: int, fps: float, most: int, least: int,
                 cut_start: int = 0, cut_end: int = -1) -> DecodedClip:
     """Decode the clip of `path` (raises ClipRejected with a named reason)."""
@@ -114,9 +131,12 @@ def decode_clip(path: str, height: int, width: int, fps: float, most: int, least
     if os.path.getsize(path) == 0:
         raise ClipRejected("empty_file", path)
     try:
-        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        src_h, src_w = frame_size(path)
+        rh, rw, _, _ = resize_crop_box(src_h, src_w, height, width)
+        scale = {} if (rh, rw) == (src_h, src_w) else {"height": rh, "width": rw}
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1, **scale)
         src_frames, src_fps = len(reader), reader.get_avg_fps()
-    except Exception as e:  # decord raises DECORDError with ffmpeg's message
+    except Exception as e:  # PyAV and decord raise with ffmpeg's message
         reason = "corrupt_video" if looks_like_video(path) else "not_a_video"
         raise ClipRejected(reason, _first_line(e)) from None
     plan = plan_clip(src_fps, src_frames, fps, most, least, cut_start, cut_end)
@@ -127,3 +147,18 @@ def decode_clip(path: str, height: int, width: int, fps: float, most: int, least
     if frames.shape[0] != len(plan.indices) or frames.ndim != 4:
         raise ClipRejected("decode_error", f"got frames of shape {frames.shape} for {len(plan.indices)} indices")
     return DecodedClip(resize_crop(frames, height, width), plan, src_fps)
+
+
+def decode_source(row: dict, cfg: Config, out_dir: str) -> list[dict]:
+    """The decode stage (a Ray Data flat_map): a ClipSource row -> [clip row with frames], or [] after
+    recording the reject in `out_dir`."""
+    src = ClipSource(**row)
+    d = cfg.data
+    try:
+        clip = decode_clip(src.path, d.height, d.width, d.fps, d.num_frames, d.min_frames, src.cut_start, src.cut_end)
+    except ClipRejected as e:
+        record_reject(out_dir, Reject(src.path, e.reason, e.detail), key=src.id)
+        return []
+    return [{"id": src.id, "source": src.path, "caption": src.caption, "fps": np.float32(d.fps),
+             "num_frames": np.int32(len(clip.plan.indices)), "height": np.int32(d.height),
+             "width": np.int32(d.width), "clip_start": np.int32(clip.plan.start), "frames": clip.frames}]

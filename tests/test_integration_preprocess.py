@@ -14,7 +14,7 @@ import torch
 
 from conftest import ROOT, tiny_config
 from wanray.data.preprocess import run_preprocess
-from wanray.data.shards import read_clips, read_empty_prompt, shard_paths
+from wanray.data.shards import EMPTY_PROMPT_FILE, read_clips, read_empty_prompt, shard_paths
 from wanray.data.synthetic import SyntheticClip, render, write_dataset, write_mp4
 from wanray.data.video import decode_clip
 from wanray.schema import VERSION_KEY, ClipRow, pad_text_embedding
@@ -128,6 +128,11 @@ def test_killed_run_resumes_to_exactly_one_row_per_clip(tmp_path, tiny_model, ra
     ids = read_clips(out).column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 24
     assert summary["outcomes"] == {"written": 24 - partial, "already_written": partial, "rejected": 0}
+    # the empty-prompt embedding lost after every clip was done: a re-run encodes only it again
+    empty = read_empty_prompt(out)
+    (out / EMPTY_PROMPT_FILE).unlink()
+    again = run_preprocess(tiny_config(tiny_model, *settings), str(manifest), str(out))
+    assert again["outcomes"]["written"] == 0 and torch.equal(read_empty_prompt(out), empty)
 
 
 def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, ray_cluster):

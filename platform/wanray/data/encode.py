@@ -6,12 +6,14 @@ callable classes (the model loads once per actor in __init__) working on numpy b
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from wanray import models
 from wanray.devices import accelerator, torch_dtype
+from wanray.data.shards import EMPTY_PROMPT_FILE, write_empty_prompt
 from wanray.schema import encode_tensor
 
 
@@ -87,13 +89,20 @@ class LatentEncoder:
 
 
 class TextEncoder:
-    """Ray Data actor: `caption` -> `text_embedding` bytes, shape, dtype and `text_tokens` columns."""
+    """Ray Data actor: `caption` -> `text_embedding` bytes, shape, dtype and `text_tokens` columns.
 
-    def __init__(self, model_path: str, device: str = "cpu", dtype: str = "float32", max_tokens: int = 512):
+    Given `empty_prompt_dir`, it also writes the empty-prompt embedding there once (if missing)."""
+
+    def __init__(self, model_path: str, device: str = "cpu", dtype: str = "float32", max_tokens: int = 512,
+                 empty_prompt_dir: str | None = None):
         self.device = accelerator(device).torch_device()
         self.tokenizer = models.load_tokenizer(model_path)
         self.text_encoder = models.load_text_encoder(model_path, torch_dtype(dtype), self.device)
         self.max_tokens = max_tokens
+        if empty_prompt_dir and not (Path(empty_prompt_dir) / EMPTY_PROMPT_FILE).exists():
+            # with the model already loaded: a separate process would load UMT5 (11 GB for the real one) again
+            (embedding,) = encode_text(self.tokenizer, self.text_encoder, [""], max_tokens)
+            write_empty_prompt(empty_prompt_dir, embedding.cpu())  # atomic: two actors may both write it
 
     def __call__(self, batch: dict) -> dict:
         embeddings = [e.cpu() for e in encode_text(self.tokenizer, self.text_encoder, list(batch["caption"]),

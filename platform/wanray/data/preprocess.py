@@ -19,21 +19,18 @@ import ray
 
 from wanray import models
 from wanray.config import Config, ConfigError
-from wanray.data.encode import LatentEncoder, TextEncoder, encode_text
+from wanray.data.encode import LatentEncoder, TextEncoder
 from wanray.data.manifest import ClipSource, read_manifest
 from wanray.data.shards import (EMPTY_PROMPT_FILE, collect_rejects, record_reject,
-                                rejected_keys, write_empty_prompt, write_json_atomic, write_shard,
+                                rejected_keys, write_json_atomic, write_shard,
                                 written_ids)
 from wanray.data.video import decode_source
-from wanray.devices import accelerator, torch_dtype
+from wanray.devices import accelerator
 from wanray.runtime import connect_ray
 
 
 def _empty_prompt_task(model_path: str, device: str, dtype: str, max_tokens: int, out_dir: str) -> None:
-    dev = accelerator(device).torch_device()
-    encoder = models.load_text_encoder(model_path, torch_dtype(dtype), dev)
-    (embedding,) = encode_text(models.load_tokenizer(model_path), encoder, [""], max_tokens)
-    write_empty_prompt(out_dir, embedding.cpu())
+    TextEncoder(model_path, device, dtype, max_tokens, empty_prompt_dir=out_dir)
 
 
 def _check_settings(cfg: Config, out_dir: Path) -> None:
@@ -62,7 +59,8 @@ def build_dataset(todo: list[ClipSource], cfg: Config, model_path: str, out_dir:
                                                               "dtype": p.dtype},
                         batch_size=p.vae_batch_size, compute=ray.data.ActorPoolStrategy(size=p.vae_actors), batch_format="numpy", **encoder_opts)
     ds = ds.map_batches(TextEncoder, fn_constructor_kwargs={"model_path": model_path, "device": p.device,
-                                                            "dtype": p.dtype, "max_tokens": cfg.data.max_text_tokens},
+                                                            "dtype": p.dtype, "max_tokens": cfg.data.max_text_tokens,
+                                                            "empty_prompt_dir": out_dir},
                         batch_size=p.text_batch_size, compute=ray.data.ActorPoolStrategy(size=p.text_actors), batch_format="numpy", **encoder_opts)
     return ds.map_batches(write_shard, fn_kwargs={"out_dir": out_dir}, batch_size=p.rows_per_shard, num_cpus=0.1,
                           batch_format="numpy")
@@ -83,13 +81,6 @@ def run_preprocess(cfg: Config, manifest: str, out_dir: str, log: Callable[[str]
     log(f"[preprocess] {len(sources)} clips in manifest, {len(manifest_rejects)} bad entries; "
         f"{len(sources) - len(todo)} already done, {len(todo)} to process")
 
-    p = cfg.preprocess
-    pending = []
-    if not (out / EMPTY_PROMPT_FILE).exists():
-        task = ray.remote(_empty_prompt_task).options(**accelerator(p.device).ray_resources(p.encoder_cpus,
-                                                                                           p.encoder_accelerators))
-        pending.append(task.remote(model_path, p.device, p.dtype, cfg.data.max_text_tokens, str(out)))
-
     start, written, frames = time.perf_counter(), 0, 0
     if todo:
         for shard in build_dataset(todo, cfg, model_path, str(out)).iter_rows():
@@ -100,7 +91,11 @@ def run_preprocess(cfg: Config, manifest: str, out_dir: str, log: Callable[[str]
             eta = (len(todo) - written) / rate if rate > 0 else float("nan")
             log(f"[preprocess] {written}/{len(todo)} clips written ({shard['shard']}), "
                 f"{rate:.2f} clips/s, at most {eta:.0f}s left")
-    ray.get(pending)
+    if not (out / EMPTY_PROMPT_FILE).exists():  # the text encoder actors write it; nothing ran if all was done
+        p = cfg.preprocess
+        task = ray.remote(_empty_prompt_task).options(**accelerator(p.device).ray_resources(p.encoder_cpus,
+                                                                                           p.encoder_accelerators))
+        ray.get(task.remote(model_path, p.device, p.dtype, cfg.data.max_text_tokens, str(out)))
     elapsed = time.perf_counter() - start
 
     records = collect_rejects(out)

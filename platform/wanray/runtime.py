@@ -10,8 +10,14 @@ from wanray.config import ConfigError
 from wanray.data.manifest import ManifestError
 from wanray.models import ModelDirError
 
+
+class RequestError(ValueError):
+    """A generation request the platform will not run (out of the configured bounds, malformed);
+    the server sends the message back to the client as is."""
+
+
 # Errors caused by what the user passed in: reported as one line, exit status 2.
-USER_ERRORS = (ConfigError, ManifestError, ModelDirError, FileNotFoundError)
+USER_ERRORS = (ConfigError, ManifestError, ModelDirError, FileNotFoundError, RequestError)
 
 
 def connect_ray(**kwargs):

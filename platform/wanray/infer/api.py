@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from wanray.config import Config
+from wanray.runtime import RequestError
 from wanray.infer.sampler import GenerationParams
 
 logger = logging.getLogger(__name__)
@@ -45,10 +46,6 @@ class GenerateRequest(BaseModel):
     seed: int | None = None
     output: OutputFormat = "mp4"
     """mp4 (H.264), or frames: the float32 (frames, height, width, 3) array in [0, 1] as .npy."""
-
-
-class RequestError(ValueError):
-    """A request the server will not run; the message goes back to the client as is."""
 
 
 def _check(ok: bool, message: str) -> None:

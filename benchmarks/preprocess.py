@@ -7,7 +7,7 @@ Prints (Ray start-up and worker warm-up timed and stated apart, never inside a r
  (b) decode-stage frames/s (Ray Data tasks) over bare decord get_batch on the same files and indices:
      --hd-clips source videos of 480x832 at 24 fps, 6 s each, cut to --hd-frames frames at 16 fps
      and resized to --size (decoding tiny clips would measure only Ray's per-task overhead)
- (c) pipeline seconds per clip at --small and at --clips clips
+ (c) pipeline seconds per clip at --small and at --clips clips, and the fixed and per-clip cost they imply
  (d) peak memory (RSS summed over the driver and all Ray worker processes; RSS of the loop)
 """
 import argparse
@@ -175,6 +175,9 @@ def main():
     s_small, s_big = t_small / n_small, t_big / n_big
     print(f"(c) seconds per clip: {s_small:.3f} at {n_small} clips, {s_big:.3f} at {n_big} clips: "
           f"{s_small / s_big:.2f}x (target within 15%)")
+    marginal = (t_big - t_small) / (n_big - n_small)  # the two runs as a line: time = fixed + clips * marginal
+    print(f"    i.e. {t_small - n_small * marginal:.1f}s fixed per run (encoder actor processes starting and loading "
+          f"their models) + {marginal:.3f}s per clip")
     print(f"(d) peak RSS: pipeline {pipe_mem.peak / 2**20:.0f} MiB (driver + Ray workers), "
           f"sequential loop {seq_mem.peak / 2**20:.0f} MiB")
     ray.shutdown()

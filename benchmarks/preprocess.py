@@ -135,8 +135,9 @@ def main():
     ap.add_argument("--hd-frames", type=int, default=81, help="clip frames cut from each of them in (b)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="wanray-bench-"))
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"model.path={work / 'model'}", f"data.height={args.size}",
-                                                       f"data.width={args.size}", f"data.num_frames={args.frames}"])
+    size = [f"data.height={args.size}", f"data.width={args.size}"]
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"model.path={work / 'model'}", *size,
+                                                       f"data.num_frames={args.frames}"])
     model_path = str(models.ensure_model(cfg.model))
     big = write_dataset(work / "big", count=args.clips, seed=0)
     small = work / "big" / "small.json"  # the first --small clips of the same set
@@ -157,8 +158,7 @@ def main():
     with PeakRSS(ray_workers=True) as pipe_mem:
         t_big, n_big = pipeline(cfg, big, work, "big")
     t_small, n_small = pipeline(cfg, small, work, "small")
-    hd_cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"data.height={args.size}", f"data.width={args.size}",
-                                                          f"data.num_frames={args.hd_frames}"])
+    hd_cfg = load_config(ROOT / "configs" / "tiny.yaml", [*size, f"data.num_frames={args.hd_frames}"])
     t0 = time.perf_counter()
     decode_stage(hd_cfg, hd, work / "decode")  # its new task workers import the decode code once
     t_dec_warm = time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""Clip planning and decoding: pure functions, no Ray, no torch (decode workers start light).
+"""Clip planning and decoding, and the decode stage built on them; no Ray, no torch (decode workers start light).
 
 A clip is the source video resampled to the preset fps, cut to the longest 4n+1 frame
 count it holds (at most data.num_frames, at least data.min_frames), then resized so it

@@ -1,10 +1,11 @@
-"""Preprocessing on a real local Ray: parity with diffusers, rejects, resume after a kill."""
+"""Preprocessing on a real local Ray: parity with diffusers, rejects, resume after a kill, loaded encoders shared by runs."""
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_config
-from wanray.data.preprocess import run_preprocess
+from wanray.data.preprocess import Preprocessor, run_preprocess
 from wanray.data.shards import EMPTY_PROMPT_FILE, read_clips, read_empty_prompt, shard_paths
 from wanray.data.synthetic import SyntheticClip, render, write_dataset, write_mp4
 from wanray.data.video import decode_clip
@@ -105,6 +106,45 @@ def test_latents_and_text_embeddings_match_diffusers(prep, tiny_model):
     torch.testing.assert_close(pad_text_embedding(read_empty_prompt(out), 512), empty[0], atol=1e-5, rtol=0)
 
 
+def test_preprocessor_runs_share_one_set_of_loaded_encoders(prep, tmp_path, tiny_model):
+    import ray
+    from ray._private.state import actors  # the GCS actor table, dead actors included
+
+    def started_actors() -> Counter:
+        return Counter(a["ActorClassName"].rsplit(".", 1)[-1] for a in actors().values())
+
+    def pid(actor) -> int:
+        return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+
+    one_shot, _, good = prep
+    manifests = []
+    for i, part in enumerate([good[:5], good[5:]]):
+        manifests.append(tmp_path / f"part{i}.jsonl")
+        manifests[-1].write_text("".join(json.dumps(g) + "\n" for g in part))
+    before = started_actors()
+    with Preprocessor(tiny_config(tiny_model), log=lambda _: None) as pre:
+        pids = [pid(a) for a in pre.vae + pre.text]
+        summaries = [pre.run(str(m), str(tmp_path / f"out{i}")) for i, m in enumerate(manifests)]
+        assert [pid(a) for a in pre.vae + pre.text] == pids  # the same processes served both runs
+        handles = pre.vae + pre.text
+    # the Preprocessor's 2 VAE and 1 text encoder actors, and no actor pool of either run
+    assert started_actors() - before == Counter({"LatentEncoder": 2, "TextEncoder": 1})
+    with pytest.raises(ray.exceptions.RayActorError):  # closed: the encoders are gone
+        ray.get(handles[0].__ray_ready__.remote())
+    with pytest.raises(RuntimeError, match="closed"):
+        pre.run(str(manifests[0]), str(tmp_path / "again"))
+
+    assert [s["outcomes"]["written"] for s in summaries] == [5, len(good) - 5]
+    expected = {r["id"]: ClipRow.from_record(r) for r in read_clips(one_shot).to_pylist()}
+    rows = [ClipRow.from_record(r) for i in range(2) for r in read_clips(tmp_path / f"out{i}").to_pylist()]
+    assert sorted(r.id for r in rows) == sorted(expected)
+    for row in rows:  # the same encoders as a one-shot run's, batched differently
+        torch.testing.assert_close(row.latent, expected[row.id].latent, atol=1e-5, rtol=0)
+        torch.testing.assert_close(row.text_embedding, expected[row.id].text_embedding, atol=1e-5, rtol=0)
+    for i in range(2):
+        assert torch.equal(read_empty_prompt(tmp_path / f"out{i}"), read_empty_prompt(one_shot))
+
+
 def test_killed_run_resumes_to_exactly_one_row_per_clip(tmp_path, tiny_model, ray_cluster):
     manifest = write_dataset(tmp_path / "videos", count=24, seed=7)
     out = tmp_path / "out"
@@ -142,3 +182,25 @@ def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, ray_cluster):
         r = subprocess.run(base + extra, capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 2
         assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_local_ray_keeps_idle_workers_for_the_next_run(tmp_path):
+    """A local instance started by connect_ray keeps 8 idle workers on 2 CPUs (Ray alone keeps 2),
+    so the fractional-CPU tasks of the next run start no new worker processes."""
+    code = """
+import os, time, ray
+from wanray.runtime import connect_ray
+connect_ray(num_cpus=2, include_dashboard=False)
+@ray.remote(num_cpus=0.25)
+def pid():
+    time.sleep(1)
+    return os.getpid()
+first = set(ray.get([pid.remote() for _ in range(8)]))
+time.sleep(5)  # Ray kills idle workers beyond its limit after 1 s
+second = set(ray.get([pid.remote() for _ in range(8)]))
+print("workers", len(first), "reused", len(first & second))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_num_workers_soft_limit")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180,
+                         cwd=tmp_path)
+    assert "workers 8 reused 8" in out.stdout, out.stdout[-1000:] + out.stderr[-2000:]

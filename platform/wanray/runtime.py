@@ -25,6 +25,11 @@ def connect_ray(**kwargs):
     import ray
 
     if not ray.is_initialized():
+        # Read by a local instance this starts (a cluster keeps its own setting). Ray kills idle
+        # workers beyond num_cpus; with fractional-CPU Ray Data tasks, each run would start new
+        # worker processes that import the decode code again.
+        cpus = kwargs.get("num_cpus") or os.cpu_count() or 1
+        os.environ.setdefault("RAY_num_workers_soft_limit", str(4 * max(1, round(cpus))))
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, **kwargs)
     return ray
 

@@ -100,9 +100,13 @@ class TextEncoder:
         self.text_encoder = models.load_text_encoder(model_path, torch_dtype(dtype), self.device)
         self.max_tokens = max_tokens
         if empty_prompt_dir and not (Path(empty_prompt_dir) / EMPTY_PROMPT_FILE).exists():
-            # with the model already loaded: a separate process would load UMT5 (11 GB for the real one) again
-            (embedding,) = encode_text(self.tokenizer, self.text_encoder, [""], max_tokens)
-            write_empty_prompt(empty_prompt_dir, embedding.cpu())  # atomic: two actors may both write it
+            self.write_empty_prompt(empty_prompt_dir)
+
+    def write_empty_prompt(self, out_dir: str) -> None:
+        """The empty-prompt embedding into `out_dir`, with the model already loaded here: a separate
+        process would load UMT5 (11 GB for the real one) again. Atomic: two actors may both write it."""
+        (embedding,) = encode_text(self.tokenizer, self.text_encoder, [""], self.max_tokens)
+        write_empty_prompt(out_dir, embedding.cpu())
 
     def __call__(self, batch: dict) -> dict:
         embeddings = [e.cpu() for e in encode_text(self.tokenizer, self.text_encoder, list(batch["caption"]),

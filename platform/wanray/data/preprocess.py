@@ -5,11 +5,17 @@
       -> LatentEncoder actor pool (VAE; NPU / GPU / CPU per config)
       -> TextEncoder actor pool (UMT5)
       -> write_shard tasks: rows_per_shard clips per atomically written shard
+
+`run_preprocess` starts the encoder actor pools inside the run, so each run pays for their
+processes starting and loading the models. A `Preprocessor` loads the same encoders once, as
+actors kept until it closes, and each of its runs hands batches to them from Ray Data tasks:
+for many runs from one driver (incremental ingestion, many small manifests).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import time
 from collections import Counter
 from pathlib import Path
@@ -48,26 +54,101 @@ def _check_settings(cfg: Config, out_dir: Path) -> None:
         write_json_atomic(settings, path)
 
 
-def build_dataset(todo: list[ClipSource], cfg: Config, model_path: str, out_dir: str) -> ray.data.Dataset:
+def encode_on(batch: dict, actors: list) -> dict:
+    """Ray Data task: `batch` encoded by one of a Preprocessor's loaded encoder actors."""
+    return ray.get(random.choice(actors).__call__.remote(batch))
+
+
+def _encode_stage(cls, actors: list | None, count: int, init: dict, options: dict, blocks: int) -> dict:
+    """map_batches arguments of one encode stage: a Ray Data actor pool of `count` `cls` actors
+    loading the model for this run, or tasks handing batches to a Preprocessor's `actors`."""
+    if actors is None:
+        return {"fn": cls, "fn_constructor_kwargs": init, "compute": ray.data.ActorPoolStrategy(size=count), **options}
+    # a batch in each actor and one waiting for it (no more tasks than blocks come in);
+    # the tasks wait in ray.get, which holds no CPU
+    return {"fn": encode_on, "fn_kwargs": {"actors": actors}, "num_cpus": 0.05,
+            "concurrency": min(2 * len(actors), blocks)}
+
+
+def build_dataset(todo: list[ClipSource], cfg: Config, model_path: str, out_dir: str,
+                  encoders: Preprocessor | None = None) -> ray.data.Dataset:
     p = cfg.preprocess
-    acc = accelerator(p.device)
-    encoder_opts = acc.ray_resources(p.encoder_cpus, p.encoder_accelerators)
-    blocks = -(-len(todo) // p.clips_per_decode_task)  # one decode task per block
-    ds = ray.data.from_items([dataclasses.asdict(s) for s in todo], override_num_blocks=max(1, blocks))
+    options = accelerator(p.device).ray_resources(p.encoder_cpus, p.encoder_accelerators)
+    blocks = max(1, -(-len(todo) // p.clips_per_decode_task))  # one decode task per block
+    ds = ray.data.from_items([dataclasses.asdict(s) for s in todo], override_num_blocks=blocks)
     ds = ds.flat_map(decode_source, fn_kwargs={"cfg": cfg, "out_dir": out_dir}, num_cpus=p.decode_cpus)
-    ds = ds.map_batches(LatentEncoder, fn_constructor_kwargs={"model_path": model_path, "device": p.device,
-                                                              "dtype": p.dtype},
-                        batch_size=p.vae_batch_size, compute=ray.data.ActorPoolStrategy(size=p.vae_actors), batch_format="numpy", **encoder_opts)
-    ds = ds.map_batches(TextEncoder, fn_constructor_kwargs={"model_path": model_path, "device": p.device,
-                                                            "dtype": p.dtype, "max_tokens": cfg.data.max_text_tokens,
-                                                            "empty_prompt_dir": out_dir},
-                        batch_size=p.text_batch_size, compute=ray.data.ActorPoolStrategy(size=p.text_actors), batch_format="numpy", **encoder_opts)
+    vae = _encode_stage(LatentEncoder, encoders and encoders.vae, p.vae_actors,
+                        {"model_path": model_path, "device": p.device, "dtype": p.dtype}, options, blocks)
+    ds = ds.map_batches(batch_size=p.vae_batch_size, batch_format="numpy", **vae)
+    text = _encode_stage(TextEncoder, encoders and encoders.text, p.text_actors,
+                         {"model_path": model_path, "device": p.device, "dtype": p.dtype,
+                          "max_tokens": cfg.data.max_text_tokens, "empty_prompt_dir": out_dir}, options, blocks)
+    ds = ds.map_batches(batch_size=p.text_batch_size, batch_format="numpy", **text)
     return ds.map_batches(write_shard, fn_kwargs={"out_dir": out_dir}, batch_size=p.rows_per_shard, num_cpus=0.1,
                           batch_format="numpy")
 
 
-def run_preprocess(cfg: Config, manifest: str, out_dir: str, log: Callable[[str], None] = print) -> dict:
-    """Run (or resume) preprocessing of `manifest` into `out_dir`; returns the summary written there."""
+class Preprocessor:
+    """Preprocessing runs that share one set of loaded encoders.
+
+        with Preprocessor(cfg) as pre:
+            pre.run("batch-01/data.txt", "prep/batch-01")
+            pre.run("batch-02/data.txt", "prep/batch-02")
+
+    The VAE and UMT5 actors (preprocess.vae_actors / text_actors, with the resources
+    preprocess.* asks for) start once and stay loaded until close(); every run has the same
+    config. On Ray errors they restart and the call is retried.
+    """
+
+    def __init__(self, cfg: Config, log: Callable[[str], None] = print):
+        self.cfg, self.log = cfg, log
+        self.model_path = str(models.ensure_model(cfg.model))
+        connect_ray()
+        p = cfg.preprocess
+        options = {**accelerator(p.device).ray_resources(p.encoder_cpus, p.encoder_accelerators),
+                   "max_restarts": 3, "max_task_retries": 3}
+        log(f"[preprocess] loading {p.vae_actors} VAE and {p.text_actors} text encoder actors "
+            f"({p.device}, {p.dtype}); they stay loaded until this Preprocessor closes")
+        start = time.perf_counter()
+        self.vae = [ray.remote(LatentEncoder).options(**options).remote(self.model_path, p.device, p.dtype)
+                    for _ in range(p.vae_actors)]
+        self.text = [ray.remote(TextEncoder).options(**options).remote(self.model_path, p.device, p.dtype,
+                                                                       cfg.data.max_text_tokens)
+                     for _ in range(p.text_actors)]
+        try:
+            ray.get([a.__ray_ready__.remote() for a in self.vae + self.text])  # a load error surfaces here
+        except BaseException:
+            self.close()
+            raise
+        log(f"[preprocess] encoders loaded in {time.perf_counter() - start:.1f}s")
+
+    def run(self, manifest: str, out_dir: str) -> dict:
+        if not self.vae:
+            raise RuntimeError("this Preprocessor is closed")
+        return run_preprocess(self.cfg, manifest, out_dir, self.log, encoders=self)
+
+    def write_empty_prompt(self, out_dir: str) -> None:
+        ray.get(self.text[0].write_empty_prompt.remote(out_dir))
+
+    def close(self) -> None:
+        for actor in self.vae + self.text:
+            ray.kill(actor)
+        self.vae, self.text = [], []
+
+    def __enter__(self) -> Preprocessor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_preprocess(cfg: Config, manifest: str, out_dir: str, log: Callable[[str], None] = print,
+                   encoders: Preprocessor | None = None) -> dict:
+    """Run (or resume) preprocessing of `manifest` into `out_dir`; returns the summary written there.
+
+    The encoders load inside the run, or are those of `encoders` (see Preprocessor)."""
+    if encoders is not None and encoders.cfg != cfg:
+        raise ConfigError("a Preprocessor runs with the config its encoders were loaded with")
     sources, manifest_rejects = read_manifest(manifest)  # bad input fails fast, before any work
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +164,7 @@ def run_preprocess(cfg: Config, manifest: str, out_dir: str, log: Callable[[str]
 
     start, written, frames = time.perf_counter(), 0, 0
     if todo:
-        for shard in build_dataset(todo, cfg, model_path, str(out)).iter_rows():
+        for shard in build_dataset(todo, cfg, model_path, str(out), encoders).iter_rows():
             written += shard["rows"]
             frames += shard["frames"]
             elapsed = time.perf_counter() - start
@@ -91,7 +172,10 @@ def run_preprocess(cfg: Config, manifest: str, out_dir: str, log: Callable[[str]
             eta = (len(todo) - written) / rate if rate > 0 else float("nan")
             log(f"[preprocess] {written}/{len(todo)} clips written ({shard['shard']}), "
                 f"{rate:.2f} clips/s, at most {eta:.0f}s left")
-    if not (out / EMPTY_PROMPT_FILE).exists():  # the text encoder actors write it; nothing ran if all was done
+    if encoders is not None:
+        if not (out / EMPTY_PROMPT_FILE).exists():
+            encoders.write_empty_prompt(str(out))
+    elif not (out / EMPTY_PROMPT_FILE).exists():  # the text encoder actors write it; nothing ran if all was done
         p = cfg.preprocess
         task = ray.remote(_empty_prompt_task).options(**accelerator(p.device).ray_resources(p.encoder_cpus,
                                                                                            p.encoder_accelerators))

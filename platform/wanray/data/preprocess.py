@@ -62,8 +62,9 @@ def encode_on(batch: dict, actors: list) -> dict:
 def _encode_stage(cls, actors: list | None, count: int, init: dict, options: dict, blocks: int) -> dict:
     """map_batches arguments of one encode stage: a Ray Data actor pool of `count` `cls` actors
     loading the model for this run, or tasks handing batches to a Preprocessor's `actors`."""
-    if actors is None:
-        return {"fn": cls, "fn_constructor_kwargs": init, "compute": ray.data.ActorPoolStrategy(size=count), **options}
+    if actors is None:  # no more actors than blocks come in: an extra one would only load its model
+        return {"fn": cls, "fn_constructor_kwargs": init, "compute": ray.data.ActorPoolStrategy(size=min(count, blocks)),
+                **options}
     # a batch in each actor and one waiting for it (no more tasks than blocks come in);
     # the tasks wait in ray.get, which holds no CPU
     return {"fn": encode_on, "fn_kwargs": {"actors": actors}, "num_cpus": 0.05,

@@ -145,6 +145,29 @@ def test_preprocessor_runs_share_one_set_of_loaded_encoders(prep, tmp_path, tiny
         assert torch.equal(read_empty_prompt(tmp_path / f"out{i}"), read_empty_prompt(one_shot))
 
 
+def test_encode_on_spreads_a_block_over_the_actors_in_turn(ray_cluster):
+    import ray
+
+    from wanray.data.preprocess import encode_on
+
+    @ray.remote(num_cpus=0.01)
+    class Tagger:
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, batch):
+            return {**batch, "actor": np.array([self.name] * len(batch["seq"]), dtype=object)}
+
+    actors = [Tagger.remote("a"), Tagger.remote("b"), Tagger.remote("c")]
+    batch = {"seq": np.arange(6, 13, dtype=np.int32), "caption": np.array([f"c{i}" for i in range(6, 13)], dtype=object)}
+    out = encode_on(batch, actors, batch_size=2)
+    # rows 6..12 in batches [6,7] [8,9] [10,11] [12]; the first is the run's 4th batch (6 // 2 = 3)
+    assert out["seq"].tolist() == list(range(6, 13)) and out["caption"].tolist() == batch["caption"].tolist()
+    assert out["actor"].tolist() == ["a", "a", "b", "b", "c", "c", "a"]
+    for actor in actors:
+        ray.kill(actor)
+
+
 def test_killed_run_resumes_to_exactly_one_row_per_clip(tmp_path, tiny_model, ray_cluster):
     manifest = write_dataset(tmp_path / "videos", count=24, seed=7)
     out = tmp_path / "out"

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import ray
 
 from wanray import models
@@ -54,21 +54,26 @@ def _check_settings(cfg: Config, out_dir: Path) -> None:
         write_json_atomic(settings, path)
 
 
-def encode_on(batch: dict, actors: list) -> dict:
-    """Ray Data task: `batch` encoded by one of a Preprocessor's loaded encoder actors."""
-    return ray.get(random.choice(actors).__call__.remote(batch))
+def encode_on(batch: dict, actors: list, batch_size: int) -> dict:
+    """Ray Data task: a block of clip rows, cut into batches of `batch_size` that a Preprocessor's
+    loaded encoder actors encode at once. Batches go round the actors by the clips' place in the
+    run (`seq`), so each actor has an even share and one block keeps several of them busy."""
+    first, rows = int(batch["seq"][0]) // batch_size, len(batch["seq"])
+    parts = ray.get([actors[(first + j) % len(actors)].__call__.remote({k: v[i:i + batch_size] for k, v in batch.items()})
+                     for j, i in enumerate(range(0, rows, batch_size))])
+    return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
 
 
-def _encode_stage(cls, actors: list | None, count: int, init: dict, options: dict, blocks: int) -> dict:
+def _encode_stage(cls, actors: list | None, count: int, batch_size: int, init: dict, options: dict,
+                  blocks: int) -> dict:
     """map_batches arguments of one encode stage: a Ray Data actor pool of `count` `cls` actors
-    loading the model for this run, or tasks handing batches to a Preprocessor's `actors`."""
+    loading the model for this run, or tasks handing whole blocks to a Preprocessor's `actors`."""
     if actors is None:  # no more actors than blocks come in: an extra one would only load its model
-        return {"fn": cls, "fn_constructor_kwargs": init, "compute": ray.data.ActorPoolStrategy(size=min(count, blocks)),
-                **options}
-    # a batch in each actor and one waiting for it (no more tasks than blocks come in);
-    # the tasks wait in ray.get, which holds no CPU
-    return {"fn": encode_on, "fn_kwargs": {"actors": actors}, "num_cpus": 0.05,
-            "concurrency": min(2 * len(actors), blocks)}
+        return {"fn": cls, "fn_constructor_kwargs": init, "batch_size": batch_size,
+                "compute": ray.data.ActorPoolStrategy(size=min(count, blocks)), **options}
+    # the tasks wait in ray.get, which holds no CPU; no more of them than blocks come in
+    return {"fn": encode_on, "fn_kwargs": {"actors": actors, "batch_size": batch_size}, "batch_size": None,
+            "num_cpus": 0.05, "concurrency": min(2 * len(actors), blocks)}
 
 
 def build_dataset(todo: list[ClipSource], cfg: Config, model_path: str, out_dir: str,
@@ -76,15 +81,16 @@ def build_dataset(todo: list[ClipSource], cfg: Config, model_path: str, out_dir:
     p = cfg.preprocess
     options = accelerator(p.device).ray_resources(p.encoder_cpus, p.encoder_accelerators)
     blocks = max(1, -(-len(todo) // p.clips_per_decode_task))  # one decode task per block
-    ds = ray.data.from_items([dataclasses.asdict(s) for s in todo], override_num_blocks=blocks)
+    items = [{**dataclasses.asdict(s), "seq": i} for i, s in enumerate(todo)]
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.flat_map(decode_source, fn_kwargs={"cfg": cfg, "out_dir": out_dir}, num_cpus=p.decode_cpus)
-    vae = _encode_stage(LatentEncoder, encoders and encoders.vae, p.vae_actors,
+    vae = _encode_stage(LatentEncoder, encoders and encoders.vae, p.vae_actors, p.vae_batch_size,
                         {"model_path": model_path, "device": p.device, "dtype": p.dtype}, options, blocks)
-    ds = ds.map_batches(batch_size=p.vae_batch_size, batch_format="numpy", **vae)
-    text = _encode_stage(TextEncoder, encoders and encoders.text, p.text_actors,
+    ds = ds.map_batches(batch_format="numpy", **vae)
+    text = _encode_stage(TextEncoder, encoders and encoders.text, p.text_actors, p.text_batch_size,
                          {"model_path": model_path, "device": p.device, "dtype": p.dtype,
                           "max_tokens": cfg.data.max_text_tokens, "empty_prompt_dir": out_dir}, options, blocks)
-    ds = ds.map_batches(batch_size=p.text_batch_size, batch_format="numpy", **text)
+    ds = ds.map_batches(batch_format="numpy", **text)
     return ds.map_batches(write_shard, fn_kwargs={"out_dir": out_dir}, batch_size=p.rows_per_shard, num_cpus=0.1,
                           batch_format="numpy")
 

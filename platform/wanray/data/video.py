@@ -150,8 +150,10 @@ def decode_clip(path: str, height: int, width: int, fps: float, most: int, least
 
 
 def decode_source(row: dict, cfg: Config, out_dir: str) -> list[dict]:
-    """The decode stage (a Ray Data flat_map): a ClipSource row -> [clip row with frames], or [] after
-    recording the reject in `out_dir`."""
+    """The decode stage (a Ray Data flat_map): a ClipSource row (plus `seq`, its place in the run, kept
+    in the output) -> [clip row with frames], or [] after recording the reject in `out_dir`."""
+    row = dict(row)
+    seq = row.pop("seq", 0)
     src = ClipSource(**row)
     d = cfg.data
     try:
@@ -161,4 +163,5 @@ def decode_source(row: dict, cfg: Config, out_dir: str) -> list[dict]:
         return []
     return [{"id": src.id, "source": src.path, "caption": src.caption, "fps": np.float32(d.fps),
              "num_frames": np.int32(len(clip.plan.indices)), "height": np.int32(d.height),
-             "width": np.int32(d.width), "clip_start": np.int32(clip.plan.start), "frames": clip.frames}]
+             "width": np.int32(d.width), "clip_start": np.int32(clip.plan.start), "frames": clip.frames,
+             "seq": np.int32(seq)}]

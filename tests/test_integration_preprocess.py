@@ -117,10 +117,9 @@ def test_preprocessor_runs_share_one_set_of_loaded_encoders(prep, tmp_path, tiny
         return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
 
     one_shot, _, good = prep
-    manifests = []
-    for i, part in enumerate([good[:5], good[5:]]):
-        manifests.append(tmp_path / f"part{i}.jsonl")
-        manifests[-1].write_text("".join(json.dumps(g) + "\n" for g in part))
+    manifests = [tmp_path / "part0.jsonl", tmp_path / "part1.jsonl"]  # the second with every kind of bad input
+    manifests[0].write_text("".join(json.dumps(g) + "\n" for g in good[:5]))
+    manifests[1].write_text("\n".join(_bad_inputs(tmp_path, good)[5:]) + "\n")
     before = started_actors()
     with Preprocessor(tiny_config(tiny_model), log=lambda _: None) as pre:
         pids = [pid(a) for a in pre.vae + pre.text]
@@ -135,6 +134,7 @@ def test_preprocessor_runs_share_one_set_of_loaded_encoders(prep, tmp_path, tiny
         pre.run(str(manifests[0]), str(tmp_path / "again"))
 
     assert [s["outcomes"]["written"] for s in summaries] == [5, len(good) - 5]
+    assert summaries[1]["rejects_by_reason"] == prep[1]["rejects_by_reason"]
     expected = {r["id"]: ClipRow.from_record(r) for r in read_clips(one_shot).to_pylist()}
     rows = [ClipRow.from_record(r) for i in range(2) for r in read_clips(tmp_path / f"out{i}").to_pylist()]
     assert sorted(r.id for r in rows) == sorted(expected)

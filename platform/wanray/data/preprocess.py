@@ -179,14 +179,15 @@ def run_preprocess(cfg: Config, manifest: str, out_dir: str, log: Callable[[str]
             eta = (len(todo) - written) / rate if rate > 0 else float("nan")
             log(f"[preprocess] {written}/{len(todo)} clips written ({shard['shard']}), "
                 f"{rate:.2f} clips/s, at most {eta:.0f}s left")
-    if encoders is not None:
-        if not (out / EMPTY_PROMPT_FILE).exists():
+    # a one-shot run's text encoder actors write it as they start; none start if every clip was done
+    if not (out / EMPTY_PROMPT_FILE).exists():
+        if encoders is not None:  # the Preprocessor's loaded text encoder writes it
             encoders.write_empty_prompt(str(out))
-    elif not (out / EMPTY_PROMPT_FILE).exists():  # the text encoder actors write it; nothing ran if all was done
-        p = cfg.preprocess
-        task = ray.remote(_empty_prompt_task).options(**accelerator(p.device).ray_resources(p.encoder_cpus,
-                                                                                           p.encoder_accelerators))
-        ray.get(task.remote(model_path, p.device, p.dtype, cfg.data.max_text_tokens, str(out)))
+        else:
+            p = cfg.preprocess
+            task = ray.remote(_empty_prompt_task).options(**accelerator(p.device).ray_resources(p.encoder_cpus,
+                                                                                               p.encoder_accelerators))
+            ray.get(task.remote(model_path, p.device, p.dtype, cfg.data.max_text_tokens, str(out)))
     elapsed = time.perf_counter() - start
 
     records = collect_rejects(out)

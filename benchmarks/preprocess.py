@@ -77,7 +77,7 @@ def sequential(cfg, sources, model_path) -> float:
     for s in sources:
         clip = decode_clip(s.path, d.height, d.width, d.fps, d.num_frames, d.min_frames)
         encode_latents(vae, frames_to_video(clip.frames)[None])
-        encode_text(tok, te, [s.caption], d.max_text_tokens)
+        encode_text(tok, te, [s.caption])
     return time.perf_counter() - start
 
 

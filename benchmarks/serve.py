@@ -29,7 +29,7 @@ import torch
 
 from wanray import models
 from wanray.config import load_config
-from wanray.infer.sampler import GenerationParams, Sampler
+from wanray.infer.sampler import GenerationParams, Sampler, StageSpec
 from wanray.infer.video import mp4_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def stage_seconds(sampler: Sampler, params: GenerationParams, fps: float) -> dic
     times["low"], start = time.perf_counter() - start, time.perf_counter()
     mp4_bytes(sampler.decoder.decode(state), fps)
     times["vae"] = time.perf_counter() - start
-    times["high_steps"] = state.scheduler.timesteps.ge(sampler.high.boundary_timestep).sum().item()
+    times["high_steps"] = int(sampler.high.contract.uses_high_expert(state.scheduler.timesteps).sum())
     return times
 
 
@@ -130,7 +130,7 @@ def measure(cfg, model: Path, params: GenerationParams, args) -> dict:
     from wanray.infer.serve import start
 
     torch.set_num_threads(cfg.infer.torch_threads)  # the same thread setting the stage replicas use
-    sampler = Sampler(str(model), cfg.infer, cfg.model.boundary)
+    sampler = Sampler(StageSpec.resolve(model, cfg))
     out = {"stages": stage_seconds(sampler, params, cfg.data.fps)}
     started = time.perf_counter()
     # Ray runs workers at niceness 15; the in-process baseline runs at 0. Same priority for both.

@@ -34,11 +34,16 @@ def tiny_config(model: Path, *overrides: str):
 def ray_cluster():
     """A real local Ray instance (2 CPUs), joined by subprocess drivers through RAY_ADDRESS.
 
-    Started with ray.init rather than `ray start`, so shutdown stops only this instance.
+    Started with ray.init rather than `ray start`, so shutdown stops only this instance. It also
+    declares 2 GPUs and 2 NPUs that do not exist: Ray hands out their ids and sets the visible-device
+    variables as on a real accelerator node (nothing that runs on CPU asks for them).
     """
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    # Ray Train V2's controller polls its workers every 2 s and registers a reported checkpoint only
+    # then; the tiny model's steps take 0.1 s, so the kill-and-resume test wants it sooner.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    ray.init(num_cpus=2, num_gpus=2, resources={"NPU": 2}, include_dashboard=False, _node_ip_address="127.0.0.1")
     address = ray.get_runtime_context().gcs_address
     os.environ["RAY_ADDRESS"] = address
     yield address

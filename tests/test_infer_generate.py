@@ -9,6 +9,7 @@ import numpy as np
 from conftest import ROOT, tiny_config
 from wanray.infer.api import GenerateRequest, resolve
 from wanray.infer.reference import wanpipeline_frames
+from wanray.models import TINY_BOUNDARY
 
 PROMPTS = ["a red circle moving left to right", "a blue square moving top to bottom on a gray background"]
 OVERRIDES = ["data.num_frames=9", "infer.negative_prompt=blurry, static", "infer.seed=11"]
@@ -35,7 +36,7 @@ def test_generate_writes_one_video_per_prompt_with_wanpipeline_frames(tiny_model
         with av.open(str(out / f"{i:05d}.mp4")) as container:
             assert sum(1 for _ in container.decode(video=0)) == 9
         frames = np.load(out / f"{i:05d}.npy")
-        ref = wanpipeline_frames(tiny_model, resolve(GenerateRequest(prompt=prompt), cfg), cfg.model.boundary)
+        ref = wanpipeline_frames(tiny_model, resolve(GenerateRequest(prompt=prompt), cfg), TINY_BOUNDARY)
         assert frames.shape == (9, 64, 64, 3) and np.abs(frames - ref).max() <= 1e-4
 
 

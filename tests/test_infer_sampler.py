@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_config
 from wanray.infer.api import GenerateRequest, RequestError, resolve
 from wanray.infer.reference import wanpipeline_frames
-from wanray.infer.sampler import ExpertStage, GenerationParams, PromptEncoder, Sampler, VideoDecoder
+from wanray.infer.sampler import GenerationParams, Sampler, StageSpec, build
 
 PARAMS = GenerationParams(prompt="a red circle moving left to right", negative_prompt="blurry, static",
                           height=64, width=48, num_frames=9, num_inference_steps=8, guidance_scale=4.0,
@@ -21,8 +21,9 @@ PARAMS = GenerationParams(prompt="a red circle moving left to right", negative_p
 def test_sampler_frames_equal_wanpipeline(tiny_model, flow_shift, guidance):
     cfg = tiny_config(tiny_model, f"infer.flow_shift={'null' if flow_shift is None else flow_shift}")
     params = replace(PARAMS, guidance_scale=guidance[0], guidance_scale_2=guidance[1])
-    ours = Sampler(str(tiny_model), cfg.infer, cfg.model.boundary)(params)
-    ref = wanpipeline_frames(tiny_model, params, cfg.model.boundary, flow_shift)
+    spec = StageSpec.resolve(tiny_model, cfg)
+    ours = Sampler(spec)(params)
+    ref = wanpipeline_frames(tiny_model, params, spec.contract.boundary, flow_shift)
     assert ours.shape == (9, 64, 48, 3) and ours.dtype == np.float32
     assert np.abs(ours - ref).max() <= 1e-4
 
@@ -30,20 +31,19 @@ def test_sampler_frames_equal_wanpipeline(tiny_model, flow_shift, guidance):
 def test_each_setting_changes_the_video(tiny_model):
     """Parity is only worth something if seed, guidance of either expert and shift all reach the frames."""
     cfg = tiny_config(tiny_model)
-    sampler = Sampler(str(tiny_model), cfg.infer, cfg.model.boundary)
+    sampler = Sampler(StageSpec.resolve(tiny_model, cfg))
     base = sampler(PARAMS)
     for change in (dict(seed=8), dict(guidance_scale=5.0), dict(guidance_scale_2=5.0), dict(prompt="a blue square"),
                    dict(negative_prompt="")):
         assert np.abs(sampler(replace(PARAMS, **change)) - base).max() > 1e-3, change
     shifted = tiny_config(tiny_model, "infer.flow_shift=12.0")
-    assert np.abs(Sampler(str(tiny_model), shifted.infer, cfg.model.boundary)(PARAMS) - base).max() > 1e-3
+    assert np.abs(Sampler(StageSpec.resolve(tiny_model, shifted))(PARAMS) - base).max() > 1e-3
 
 
 def test_high_noise_expert_runs_exactly_the_steps_at_or_above_the_boundary(tiny_model):
-    cfg = tiny_config(tiny_model)
-    high = ExpertStage(str(tiny_model), "high", cfg.infer, cfg.model.boundary)
-    low = ExpertStage(str(tiny_model), "low", cfg.infer, cfg.model.boundary)
-    text = PromptEncoder(str(tiny_model), cfg.infer).encode(PARAMS)
+    spec = StageSpec.resolve(tiny_model, tiny_config(tiny_model))
+    high, low = build(spec.expert("high")), build(spec.expert("low"))
+    text = build(spec.prompt_encoder()).encode(PARAMS)
     state = high.denoise(PARAMS, text)
     timesteps = state.scheduler.timesteps
     assert state.step == int((timesteps >= 875).sum()) and 0 < state.step < len(timesteps)
@@ -55,9 +55,8 @@ def test_high_noise_expert_runs_exactly_the_steps_at_or_above_the_boundary(tiny_
     assert on_device.latents.is_meta and on_device.scheduler.last_sample.is_meta
     assert all(h.is_meta for h in history if h is not None) and on_device.scheduler.timesteps.is_meta
     assert on_device.scheduler.sigmas.device.type == "cpu"
-    decoder = VideoDecoder(str(tiny_model), cfg.infer)
-    frames = decoder.decode(low.denoise(PARAMS, text, handed))
-    assert np.abs(frames - wanpipeline_frames(tiny_model, PARAMS, cfg.model.boundary)).max() <= 1e-4
+    frames = build(spec.decoder()).decode(low.denoise(PARAMS, text, handed))
+    assert np.abs(frames - wanpipeline_frames(tiny_model, PARAMS, spec.contract.boundary)).max() <= 1e-4
 
 
 def test_request_defaults_come_from_the_config(tiny_model):

@@ -13,6 +13,7 @@ import requests
 
 from conftest import ROOT, tiny_config
 from wanray.infer.reference import wanpipeline_frames
+from wanray.models import TINY_BOUNDARY
 from wanray.infer.sampler import GenerationParams
 
 BODY = dict(prompt="a red circle moving left to right", negative_prompt="blurry, static", height=64, width=48,
@@ -57,7 +58,7 @@ def test_serve_frames_equal_wanpipeline(server, tiny_model):
     r = _generate(url, {**BODY, "output": "frames"})
     assert r.status_code == 200 and r.headers["content-type"] == "application/x-npy"
     frames = np.load(io.BytesIO(r.content))
-    ref = wanpipeline_frames(tiny_model, GenerationParams(**BODY), cfg.model.boundary)
+    ref = wanpipeline_frames(tiny_model, GenerationParams(**BODY), TINY_BOUNDARY)
     assert frames.shape == (9, 64, 48, 3) and np.abs(frames - ref).max() <= 1e-4
 
 

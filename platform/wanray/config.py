@@ -20,6 +20,29 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
+# Keys that no longer exist, with what replaced them: a one-line error instead of "unknown key".
+REMOVED_KEYS = {
+    "data.max_text_tokens": "Wan2.2's text length is fixed at 512 tokens (wanray.wan.TEXT_TOKENS)",
+}
+
+# diffusers attention backends (diffusers.models.attention_dispatch.AttentionBackendName) wanray can
+# select, and the devices each runs on. The *_hub backends are left out: they download kernels at
+# run time. None (the default) means _native_npu on NPU, native elsewhere.
+ATTENTION_BACKENDS = {
+    "native": ("cpu", "cuda", "npu"), "_native_math": ("cpu", "cuda", "npu"), "_native_flash": ("cpu", "cuda"),
+    "_native_efficient": ("cuda",), "_native_cudnn": ("cuda",), "flex": ("cpu", "cuda"), "_native_npu": ("npu",),
+    "flash": ("cuda",), "flash_varlen": ("cuda",), "_flash_3": ("cuda",), "_flash_varlen_3": ("cuda",),
+    "sage": ("cuda",), "sage_varlen": ("cuda",), "xformers": ("cuda",),
+}
+
+
+def attention_backend(configured: str | None, device: str) -> str:
+    """The backend a stage on `device` uses: the configured one, else the device's default."""
+    if configured is None:
+        return "_native_npu" if device == "npu" else "native"
+    return configured
+
+
 @dataclass
 class ModelConfig:
     path: str = ".wanray/tiny-wan2.2"
@@ -29,8 +52,15 @@ class ModelConfig:
     """If `path` holds no model, write the tiny random-init Wan2.2 there first."""
     tiny_seed: int = 0
     """Seed of the tiny checkpoint's random initialisation."""
-    boundary: float = 0.875
-    """Expert switch as a fraction of 1000 train timesteps: high-noise expert for t >= boundary*1000."""
+    boundary: float | None = None
+    """Expert switch as a fraction of 1000 train timesteps (high-noise expert for t >= boundary*1000).
+    None: the model directory's boundary_ratio. A value that contradicts the directory is an error
+    unless force_boundary is set (see wanray.wan)."""
+    force_boundary: bool = False
+    """Train or sample with model.boundary even where the model directory says otherwise."""
+    attention_backend: str | None = None
+    """diffusers attention backend of the experts (training, serving, batch generation): None picks
+    _native_npu on NPU and native (torch SDPA) elsewhere; see ATTENTION_BACKENDS."""
 
 
 @dataclass
@@ -45,8 +75,6 @@ class DataConfig:
     """Shorter videos give the longest 4n+1 clip they hold, down to this; below it they are rejected."""
     fps: float = 16.0
     """Clips are resampled to this frame rate."""
-    max_text_tokens: int = 512
-    """UMT5 sequence length; embeddings are padded to it at batch time."""
 
 
 @dataclass
@@ -240,9 +268,22 @@ class Config:
             raise ConfigError("train.steps, workers, batch_size, grad_accum and checkpoint_every must be >= 1")
         if not 0.0 <= t.caption_dropout < 1.0 or t.timestep_shift <= 0:
             raise ConfigError("train.caption_dropout must lie in [0, 1) and train.timestep_shift be positive")
-        if not 0.0 < self.model.boundary < 1.0:
+        if self.model.boundary is not None and not 0.0 < self.model.boundary < 1.0:
             raise ConfigError(f"model.boundary must lie in (0, 1), got {self.model.boundary}")
+        self._validate_attention_backend()
         return self
+
+    def _validate_attention_backend(self) -> None:
+        name = self.model.attention_backend
+        if name is None:
+            return
+        if name not in ATTENTION_BACKENDS:
+            raise ConfigError(f"model.attention_backend {name!r} is not one wanray can use "
+                              f"(valid: {', '.join(ATTENTION_BACKENDS)}; null picks the device's default)")
+        for key, device in (("train.device", self.train.device), ("infer.device", self.infer.device)):
+            if device not in ATTENTION_BACKENDS[name]:
+                raise ConfigError(f"model.attention_backend {name!r} runs on {' or '.join(ATTENTION_BACKENDS[name])} "
+                                  f"only, but {key} is {device}")
 
 
 def _coerce(value, tp, where: str):
@@ -277,6 +318,9 @@ def _build(cls, values: dict, where: str = ""):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
+    for key in unknown:
+        if where + key in REMOVED_KEYS:
+            raise ConfigError(f"config key {where + key!r} was removed: {REMOVED_KEYS[where + key]}")
     if unknown:
         raise ConfigError(f"unknown config key {where + unknown[0]!r} (valid: {', '.join(sorted(names))})")
     return cls(**{k: _coerce(v, hints[k], f"{where}{k}") for k, v in values.items()})

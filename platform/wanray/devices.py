@@ -1,12 +1,53 @@
-"""cpu / cuda / npu: the torch device, the distributed backend and the Ray resource of each."""
+"""cpu / cuda / npu: the device Ray assigned, the distributed backend and the Ray resource of each.
+
+Ray hands every task, actor, Serve replica and Train worker that asks for accelerators their
+ids, and restricts the process to them with CUDA_VISIBLE_DEVICES / ASCEND_RT_VISIBLE_DEVICES.
+Torch numbers the visible devices from 0, so the device to compute on is the position of the
+assigned id in the visible list: 0 when Ray made only that one visible (every Ray worker on NPU,
+since Ray Train V2 shares no NPU ids), its position when several are visible (Ray Train shares
+CUDA_VISIBLE_DEVICES among a node's GPU workers; this is `ray.train.torch.get_device()`'s rule).
+`assigned_device_index` is that choice, a pure function of the environment.
+"""
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import torch
 
 KINDS = ("cpu", "cuda", "npu")
+VISIBLE_DEVICES_ENV = {"cuda": "CUDA_VISIBLE_DEVICES", "npu": "ASCEND_RT_VISIBLE_DEVICES"}
+RAY_RESOURCE = {"cpu": None, "cuda": "GPU", "npu": "NPU"}
+
+
+def assigned_device_index(kind: str, env: Mapping[str, str], assigned_ids: Sequence[str]) -> int:
+    """Torch index of the device Ray assigned this process (its first one, as Ray Train's get_device).
+
+    assigned_ids: Ray's ids for this process (`get_accelerator_ids()`), empty outside a Ray worker
+    that holds a device (then the first visible device, index 0).
+    """
+    if kind == "cpu" or not assigned_ids:
+        return 0
+    var = VISIBLE_DEVICES_ENV[kind]
+    raw = env.get(var, "")
+    visible = [v.strip() for v in raw.split(",") if v.strip()] if raw not in ("", "NoDevFiles") else []
+    first = str(assigned_ids[0])
+    if not visible:  # Ray left visibility alone (RAY_EXPERIMENTAL_NOSET_*): ids are torch indices
+        return int(first)
+    if first not in visible:
+        raise RuntimeError(f"{var}={raw} does not include the {kind} device Ray assigned ({first}); "
+                           f"was {var} overridden?")
+    return visible.index(first)
+
+
+def _ray_assigned_ids(kind: str) -> list[str]:
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    return [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get(RAY_RESOURCE[kind], [])]
 
 
 @dataclass(frozen=True)
@@ -21,7 +62,7 @@ class Accelerator:
     @property
     def ray_resource(self) -> str | None:
         """Name of the Ray resource one device of this kind is, None for CPU."""
-        return {"cpu": None, "cuda": "GPU", "npu": "NPU"}[self.kind]
+        return RAY_RESOURCE[self.kind]
 
     def ray_resources(self, cpus: float, accelerators: float) -> dict:
         """Ray remote options asking for `cpus` CPUs and `accelerators` devices of this kind."""
@@ -32,17 +73,18 @@ class Accelerator:
             opts["resources"] = {"NPU": accelerators}
         return opts
 
-    def torch_device(self, local_index: int = 0) -> torch.device:
-        """The device this process should compute on; sets the current device on accelerators."""
+    def torch_device(self) -> torch.device:
+        """The device Ray assigned this process (see assigned_device_index), made the current device."""
         if self.kind == "cpu":
             return torch.device("cpu")
+        index = assigned_device_index(self.kind, os.environ, _ray_assigned_ids(self.kind))
         if self.kind == "npu":
             import torch_npu  # noqa: F401  registers torch.npu
 
-            torch.npu.set_device(local_index)
-            return torch.device("npu", local_index)
-        torch.cuda.set_device(local_index)
-        return torch.device("cuda", local_index)
+            torch.npu.set_device(index)
+            return torch.device("npu", index)
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
 
     def peak_memory_bytes(self) -> int | None:
         """Peak allocated device memory of this process, None on CPU (read RSS instead)."""
@@ -63,3 +105,23 @@ def accelerator(kind: str) -> Accelerator:
 
 def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def apply_attention_backend(model, name: str) -> None:
+    """Route the model's attention through diffusers' dispatcher backend `name` (see
+    config.ATTENTION_BACKENDS); a backend whose package is missing here is a ConfigError."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+    from diffusers.utils import logging as diffusers_logging
+
+    from wanray.config import ConfigError
+
+    try:
+        _check_attention_backend_requirements(AttentionBackendName(name))
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"model.attention_backend {name!r} cannot run here: {e}") from None
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # "attention backends are an experimental feature", per model
+    try:
+        model.set_attention_backend(name)
+    finally:
+        diffusers_logging.set_verbosity(level)

@@ -9,7 +9,6 @@ only (never a pickle: a .bin or .pt file can run code when unpickled).
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -40,7 +39,8 @@ def ensure_model(cfg_model) -> Path:
     writing the tiny checkpoint first when asked to."""
     p = Path(cfg_model.path).resolve()
     if cfg_model.create_tiny and not (p / "model_index.json").exists():
-        write_tiny_checkpoint(p, seed=cfg_model.tiny_seed, boundary=cfg_model.boundary)
+        write_tiny_checkpoint(p, seed=cfg_model.tiny_seed,
+                              boundary=TINY_BOUNDARY if cfg_model.boundary is None else cfg_model.boundary)
     return check_model_dir(p)
 
 
@@ -84,11 +84,6 @@ def load_scheduler(path, flow_shift: float | None = None):
     return UniPCMultistepScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True, **kwargs)
 
 
-def boundary_ratio(path) -> float | None:
-    """The boundary stored in model_index.json (None when the directory has none)."""
-    return json.loads((Path(path) / "model_index.json").read_text()).get("boundary_ratio")
-
-
 # Tiny dimensions of the real architecture: DiT dim 96 (4 heads x 24; rope splits head_dim
 # in 3; dim must exceed the 16 x 1 x 2 x 2 = 64 values of a patch, or the model cannot pass
 # the noise through and the flow loss cannot fall), UMT5 d_model 32 (= DiT text_dim), VAE
@@ -100,7 +95,10 @@ TINY_UMT5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relativ
                  relative_attention_max_distance=32, dropout_rate=0.0, feed_forward_proj="gated-gelu")
 
 
-def write_tiny_checkpoint(path, seed: int = 0, boundary: float = 0.875) -> Path:
+TINY_BOUNDARY = 0.875  # T2V-A14B's
+
+
+def write_tiny_checkpoint(path, seed: int = 0, boundary: float = TINY_BOUNDARY) -> Path:
     """Write a randomly initialised tiny Wan2.2-T2V as a diffusers directory (atomically)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel

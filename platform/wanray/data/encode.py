@@ -15,6 +15,7 @@ from wanray import models
 from wanray.devices import accelerator, torch_dtype
 from wanray.data.shards import EMPTY_PROMPT_FILE, write_empty_prompt
 from wanray.schema import encode_tensor
+from wanray.wan import TEXT_TOKENS, normalize_latents
 
 
 def frames_to_video(frames: np.ndarray) -> torch.Tensor:
@@ -22,37 +23,25 @@ def frames_to_video(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(frames)).permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)  # a writable copy
 
 
-def latent_stats(vae, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VAE's per-channel latents_mean and latents_std, shaped (1, z, 1, 1, 1)."""
-    shape = (1, vae.config.z_dim, 1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean).view(shape).to(device, dtype)
-    std = torch.tensor(vae.config.latents_std).view(shape).to(device, dtype)
-    return mean, std
-
-
 @torch.no_grad()
 def encode_latents(vae, videos: torch.Tensor) -> torch.Tensor:
-    """(B, 3, T, H, W) in [-1, 1] -> normalised latents (B, 16, (T-1)/4+1, H/8, W/8).
-
-    The posterior mode, normalised as (z - latents_mean) / latents_std: the inverse of
-    WanPipeline's `latents / (1/latents_std) + latents_mean` before VAE decode.
-    """
+    """(B, 3, T, H, W) in [-1, 1] -> normalised latents (B, 16, (T-1)/4+1, H/8, W/8): the posterior
+    mode, normalised as the Wan2.2 contract says (wan.normalize_latents)."""
     param = next(vae.parameters())
     z = vae.encode(videos.to(param.device, param.dtype)).latent_dist.mode()
-    mean, std = latent_stats(vae, z.device, z.dtype)
-    return (z - mean) / std
+    return normalize_latents(z, vae.config.latents_mean, vae.config.latents_std)
 
 
 @torch.no_grad()
-def encode_text(tokenizer, text_encoder, prompts: list[str], max_tokens: int = 512) -> list[torch.Tensor]:
+def encode_text(tokenizer, text_encoder, prompts: list[str]) -> list[torch.Tensor]:
     """Unpadded UMT5 embeddings, one (tokens, dim) tensor per prompt.
 
-    Same cleaning, tokenisation (padded to max_tokens, as the model saw it) and
+    Same cleaning, tokenisation (padded to the contract's 512 tokens, as the model saw it) and
     truncation as `WanPipeline._get_t5_prompt_embeds`; padding is dropped for storage.
     """
     from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-    inputs = tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=max_tokens,
+    inputs = tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=TEXT_TOKENS,
                        truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
     device = next(text_encoder.parameters()).device
     mask = inputs.attention_mask.to(device)
@@ -93,24 +82,22 @@ class TextEncoder:
 
     Given `empty_prompt_dir`, it also writes the empty-prompt embedding there once (if missing)."""
 
-    def __init__(self, model_path: str, device: str = "cpu", dtype: str = "float32", max_tokens: int = 512,
+    def __init__(self, model_path: str, device: str = "cpu", dtype: str = "float32",
                  empty_prompt_dir: str | None = None):
         self.device = accelerator(device).torch_device()
         self.tokenizer = models.load_tokenizer(model_path)
         self.text_encoder = models.load_text_encoder(model_path, torch_dtype(dtype), self.device)
-        self.max_tokens = max_tokens
         if empty_prompt_dir and not (Path(empty_prompt_dir) / EMPTY_PROMPT_FILE).exists():
             self.write_empty_prompt(empty_prompt_dir)
 
     def write_empty_prompt(self, out_dir: str) -> None:
         """The empty-prompt embedding into `out_dir`, with the model already loaded here: a separate
         process would load UMT5 (11 GB for the real one) again. Atomic: two actors may both write it."""
-        (embedding,) = encode_text(self.tokenizer, self.text_encoder, [""], self.max_tokens)
+        (embedding,) = encode_text(self.tokenizer, self.text_encoder, [""])
         write_empty_prompt(out_dir, embedding.cpu())
 
     def __call__(self, batch: dict) -> dict:
-        embeddings = [e.cpu() for e in encode_text(self.tokenizer, self.text_encoder, list(batch["caption"]),
-                                                   self.max_tokens)]
+        embeddings = [e.cpu() for e in encode_text(self.tokenizer, self.text_encoder, list(batch["caption"]))]
         cols = _columns(embeddings, "text_embedding")
         cols["text_tokens"] = np.array([e.shape[0] for e in embeddings], dtype=np.int32)
         return {**batch, **cols}

@@ -35,8 +35,8 @@ from wanray.devices import accelerator
 from wanray.runtime import connect_ray
 
 
-def _empty_prompt_task(model_path: str, device: str, dtype: str, max_tokens: int, out_dir: str) -> None:
-    TextEncoder(model_path, device, dtype, max_tokens, empty_prompt_dir=out_dir)
+def _empty_prompt_task(model_path: str, device: str, dtype: str, out_dir: str) -> None:
+    TextEncoder(model_path, device, dtype, empty_prompt_dir=out_dir)
 
 
 def _check_settings(cfg: Config, out_dir: Path) -> None:
@@ -46,6 +46,8 @@ def _check_settings(cfg: Config, out_dir: Path) -> None:
     path = out_dir / "settings.json"
     if path.exists():
         before = json.loads(path.read_text())
+        # a data key this wanray no longer has (data.max_text_tokens) does not make the settings differ
+        before["data"] = {k: v for k, v in before.get("data", {}).items() if k in settings["data"]}
         if before != settings:
             changed = sorted(k for k in settings if before.get(k) != settings[k])
             raise ConfigError(f"{out_dir} was preprocessed with other {', '.join(changed)} settings; "
@@ -89,7 +91,7 @@ def build_dataset(todo: list[ClipSource], cfg: Config, model_path: str, out_dir:
     ds = ds.map_batches(batch_format="numpy", **vae)
     text = _encode_stage(TextEncoder, encoders and encoders.text, p.text_actors, p.text_batch_size,
                          {"model_path": model_path, "device": p.device, "dtype": p.dtype,
-                          "max_tokens": cfg.data.max_text_tokens, "empty_prompt_dir": out_dir}, options, blocks)
+                          "empty_prompt_dir": out_dir}, options, blocks)
     ds = ds.map_batches(batch_format="numpy", **text)
     return ds.map_batches(write_shard, fn_kwargs={"out_dir": out_dir}, batch_size=p.rows_per_shard, num_cpus=0.1,
                           batch_format="numpy")
@@ -119,8 +121,7 @@ class Preprocessor:
         start = time.perf_counter()
         self.vae = [ray.remote(LatentEncoder).options(**options).remote(self.model_path, p.device, p.dtype)
                     for _ in range(p.vae_actors)]
-        self.text = [ray.remote(TextEncoder).options(**options).remote(self.model_path, p.device, p.dtype,
-                                                                       cfg.data.max_text_tokens)
+        self.text = [ray.remote(TextEncoder).options(**options).remote(self.model_path, p.device, p.dtype)
                      for _ in range(p.text_actors)]
         try:
             ray.get([a.__ray_ready__.remote() for a in self.vae + self.text])  # a load error surfaces here
@@ -187,7 +188,7 @@ def run_preprocess(cfg: Config, manifest: str, out_dir: str, log: Callable[[str]
             p = cfg.preprocess
             task = ray.remote(_empty_prompt_task).options(**accelerator(p.device).ray_resources(p.encoder_cpus,
                                                                                                p.encoder_accelerators))
-            ray.get(task.remote(model_path, p.device, p.dtype, cfg.data.max_text_tokens, str(out)))
+            ray.get(task.remote(model_path, p.device, p.dtype, str(out)))
     elapsed = time.perf_counter() - start
 
     records = collect_rejects(out)

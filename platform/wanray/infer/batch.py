@@ -20,7 +20,7 @@ import numpy as np
 from wanray.config import Config
 from wanray.devices import accelerator
 from wanray.infer.api import GenerateRequest, RequestError, resolve
-from wanray.infer.sampler import GenerationParams, Sampler, model_boundary
+from wanray.infer.sampler import GenerationParams, Sampler, StageSpec
 from wanray.infer.video import mp4_bytes
 
 INDEX_FILE = "videos.jsonl"
@@ -53,9 +53,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
 class VideoWriter:
     """Ray Data actor: rows (index, GenerationParams as JSON) -> videos on disk; rows (index, video, seconds) out."""
 
-    def __init__(self, model_dir: str, cfg: Config, out_dir: str, save_frames: bool):
-        self.sampler = Sampler(model_dir, cfg.infer, model_boundary(model_dir, cfg.model.boundary))
-        self.out_dir, self.fps, self.save_frames = Path(out_dir), cfg.data.fps, save_frames
+    def __init__(self, spec: StageSpec, fps: float, out_dir: str, save_frames: bool):
+        self.sampler = Sampler(spec)
+        self.out_dir, self.fps, self.save_frames = Path(out_dir), fps, save_frames
 
     def __call__(self, batch: dict) -> dict:
         videos, seconds = [], []
@@ -83,8 +83,8 @@ def generate_videos(cfg: Config, model_dir: str, params: list[GenerationParams],
     rows = [{"index": i, "params": json.dumps(dataclasses.asdict(p))} for i, p in enumerate(params)]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         VideoWriter, batch_size=1, compute=ray.data.ActorPoolStrategy(size=inf.batch_actors), batch_format="numpy",
-        fn_constructor_kwargs=dict(model_dir=str(Path(model_dir).resolve()), cfg=cfg, out_dir=str(out.resolve()),
-                                   save_frames=save_frames),
+        fn_constructor_kwargs=dict(spec=StageSpec.resolve(Path(model_dir).resolve(), cfg), fps=cfg.data.fps,
+                                   out_dir=str(out.resolve()), save_frames=save_frames),
         **accelerator(inf.device).ray_resources(inf.batch_cpus, inf.batch_accelerators))
     done = []
     for row in ds.iter_rows():

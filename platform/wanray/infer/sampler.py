@@ -4,7 +4,8 @@
               (UMT5)           steps with t >= boundary  the other steps       (VAE)
 
 Each stage loads only its own part of the model directory, so each can live on its own
-device. What moves between the expert stages is a `DenoiseState`: the latents *and* the
+device, and takes the Wan2.2 contract of that directory (`wanray.wan`: switch rule, text
+length, latent shape and normalisation) from the driver that read it. What moves between the expert stages is a `DenoiseState`: the latents *and* the
 scheduler, because UniPC is multistep and keeps a history of model outputs. Every step
 reproduces diffusers' `WanPipeline.__call__` (same latent init, timesteps, expert switch,
 guidance formula and de-normalisation), so the frames equal WanPipeline's for the same
@@ -13,20 +14,18 @@ weights, scheduler, prompts and seed. `Sampler` chains the stages in one process
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from wanray import models
-from wanray.config import InferConfig
-from wanray.data.encode import encode_text, latent_stats
-from wanray.devices import accelerator, torch_dtype
+from wanray.config import Config, InferConfig, attention_backend
+from wanray.data.encode import encode_text
+from wanray.devices import accelerator, apply_attention_backend, torch_dtype
 from wanray.schema import pad_text_embedding
+from wanray.wan import WanContract, read_contract
 
-TEXT_TOKENS = 512  # WanPipeline's max_sequence_length: embeddings are zero-padded to it
 # UniPC state that set_timesteps and step keep on the compute device: timesteps, and the multistep
 # history (last solver_order model outputs, their timesteps, the last sample). sigmas stay on the CPU.
 SCHEDULER_DEVICE_STATE = ("timesteps", "model_outputs", "timestep_list", "last_sample")
@@ -84,12 +83,6 @@ class DenoiseState:
         return self
 
 
-def model_boundary(model_dir, fallback: float) -> float:
-    """The boundary stored in the directory's model_index.json (the experts were trained for it), else config."""
-    stored = models.boundary_ratio(model_dir)
-    return fallback if stored is None else stored
-
-
 def _stage_device(infer: InferConfig) -> torch.device:
     """Apply the stage's torch thread setting and return the device it computes on."""
     if infer.torch_threads > 0:
@@ -100,16 +93,17 @@ def _stage_device(infer: InferConfig) -> torch.device:
 class PromptEncoder:
     """Stage 1: prompt and negative prompt -> padded UMT5 embeddings."""
 
-    def __init__(self, model_dir: str, infer: InferConfig):
+    def __init__(self, model_dir: str, infer: InferConfig, contract: WanContract):
         self.device = _stage_device(infer)
+        self.text_tokens = contract.text_tokens
         self.tokenizer = models.load_tokenizer(model_dir)
         self.text_encoder = models.load_text_encoder(model_dir, torch_dtype(infer.dtype), self.device)
 
     def encode(self, params: GenerationParams) -> TextEmbeddings:
         # One forward per prompt, as WanPipeline does: a batch of two could round differently.
         def one(text: str) -> torch.Tensor:
-            (emb,) = encode_text(self.tokenizer, self.text_encoder, [text], TEXT_TOKENS)
-            return pad_text_embedding(emb, TEXT_TOKENS)[None].cpu()
+            (emb,) = encode_text(self.tokenizer, self.text_encoder, [text])
+            return pad_text_embedding(emb, self.text_tokens)[None].cpu()
 
         negative = one(params.negative_prompt) if params.guided else None
         return TextEmbeddings(one(params.prompt), negative)
@@ -118,14 +112,12 @@ class PromptEncoder:
 class ExpertStage:
     """Stage 2 or 3: the high-noise expert (t >= boundary*1000, starting from noise) or the low-noise one."""
 
-    def __init__(self, model_dir: str, expert: str, infer: InferConfig, boundary: float):
+    def __init__(self, model_dir: str, expert: str, infer: InferConfig, contract: WanContract, attention: str):
         self.device = _stage_device(infer)
-        self.expert_name = expert
+        self.expert_name, self.contract = expert, contract
         self.expert = models.load_expert(model_dir, expert, torch_dtype(infer.dtype), self.device)
+        apply_attention_backend(self.expert, attention)
         self.scheduler = models.load_scheduler(model_dir, infer.flow_shift)
-        self.boundary_timestep = boundary * self.scheduler.config.num_train_timesteps
-        vae = json.loads((Path(model_dir) / "vae" / "config.json").read_text())
-        self.scale_t, self.scale_s = vae.get("scale_factor_temporal", 4), vae.get("scale_factor_spatial", 8)
 
     def initial_state(self, params: GenerationParams) -> DenoiseState:
         """Seeded noise and a fresh scheduler, exactly as WanPipeline.prepare_latents / set_timesteps."""
@@ -134,8 +126,8 @@ class ExpertStage:
         scheduler = copy.deepcopy(self.scheduler)
         scheduler.set_timesteps(params.num_inference_steps, device=self.device)
         scheduler.set_begin_index(0)
-        shape = (1, self.expert.config.in_channels, (params.num_frames - 1) // self.scale_t + 1,
-                 params.height // self.scale_s, params.width // self.scale_s)
+        shape = self.contract.latent_shape(self.expert.config.in_channels, params.num_frames, params.height,
+                                           params.width)
         generator = torch.Generator("cpu").manual_seed(params.seed)  # noise drawn on the CPU, then moved
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         return DenoiseState(latents, scheduler, 0)
@@ -148,7 +140,7 @@ class ExpertStage:
         state = self.initial_state(params) if state is None else state.to(self.device)
         timesteps = state.scheduler.timesteps
         # Timesteps descend, so the high-noise expert owns the first k of them, k = #(t >= boundary).
-        high_steps = int((timesteps >= self.boundary_timestep).sum())  # host sync, once per request
+        high_steps = int(self.contract.uses_high_expert(timesteps).sum())  # host sync, once per request
         stop = high_steps if self.expert_name == "high" else len(timesteps)
         scale = params.guidance_scale if self.expert_name == "high" else params.guidance_scale_2
         state = self._steps(state, text, scale, stop)
@@ -176,30 +168,60 @@ class ExpertStage:
 class VideoDecoder:
     """Stage 4: normalised latents -> (frames, height, width, 3) float32 frames in [0, 1]."""
 
-    def __init__(self, model_dir: str, infer: InferConfig):
+    def __init__(self, model_dir: str, infer: InferConfig, contract: WanContract):
         from diffusers.video_processor import VideoProcessor
 
-        self.device = _stage_device(infer)
+        self.device, self.contract = _stage_device(infer), contract
         self.vae = models.load_vae(model_dir, torch_dtype(infer.dtype), self.device)
-        self.video_processor = VideoProcessor(vae_scale_factor=self.vae.config.scale_factor_spatial)
+        self.video_processor = VideoProcessor(vae_scale_factor=contract.vae_scale_spatial)
 
     @torch.no_grad()
     def decode(self, state: DenoiseState) -> np.ndarray:
-        latents = state.latents.to(self.device, self.vae.dtype)
-        mean, std = latent_stats(self.vae, latents.device, latents.dtype)
-        latents = latents / (1.0 / std) + mean  # WanPipeline's exact expression: the inverse of preprocessing
+        latents = self.contract.denormalize(state.latents.to(self.device, self.vae.dtype))
         video = self.vae.decode(latents, return_dict=False)[0]
         return self.video_processor.postprocess_video(video, output_type="np")[0]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What every stage of one served model shares, resolved once by the driver."""
+
+    model_dir: str
+    infer: InferConfig
+    contract: WanContract
+    attention: str
+    """diffusers attention backend of the experts."""
+
+    @classmethod
+    def resolve(cls, model_dir, cfg: Config) -> StageSpec:
+        """The spec for `model_dir` under `cfg`; a boundary contradicting the directory is a ConfigError."""
+        return cls(str(model_dir), cfg.infer, read_contract(model_dir, cfg.model),
+                   attention_backend(cfg.model.attention_backend, cfg.infer.device))
+
+    def prompt_encoder(self) -> tuple:
+        return PromptEncoder, self.model_dir, self.infer, self.contract
+
+    def expert(self, expert: str) -> tuple:
+        return ExpertStage, self.model_dir, expert, self.infer, self.contract, self.attention
+
+    def decoder(self, cls: type | None = None) -> tuple:
+        return cls or VideoDecoder, self.model_dir, self.infer, self.contract
+
+
+def build(stage: tuple):
+    """A stage from StageSpec's (class, *arguments)."""
+    cls, *args = stage
+    return cls(*args)
 
 
 class Sampler:
     """All four stages in one process: batch generation, and the baseline Serve is measured against."""
 
-    def __init__(self, model_dir: str, infer: InferConfig, boundary: float):
-        self.prompt_encoder = PromptEncoder(model_dir, infer)
-        self.high = ExpertStage(model_dir, "high", infer, boundary)
-        self.low = ExpertStage(model_dir, "low", infer, boundary)
-        self.decoder = VideoDecoder(model_dir, infer)
+    def __init__(self, spec: StageSpec):
+        self.prompt_encoder = build(spec.prompt_encoder())
+        self.high = build(spec.expert("high"))
+        self.low = build(spec.expert("low"))
+        self.decoder = build(spec.decoder())
 
     def __call__(self, params: GenerationParams) -> np.ndarray:
         text = self.prompt_encoder.encode(params)

@@ -25,7 +25,7 @@ from ray import serve
 from wanray.config import Config
 from wanray.devices import accelerator
 from wanray.infer.api import OnStage, OutputFormat, build_api
-from wanray.infer.sampler import ExpertStage, GenerationParams, PromptEncoder, VideoDecoder, model_boundary
+from wanray.infer.sampler import ExpertStage, GenerationParams, PromptEncoder, StageSpec, VideoDecoder
 from wanray.infer.video import mp4_bytes, npy_bytes
 
 APP_NAME = "wanray"
@@ -102,18 +102,16 @@ def build_app(cfg: Config, model_dir: str, with_ui: bool = True):
     inf = cfg.infer
     device = accelerator(inf.device)
     model_dir = str(Path(model_dir).resolve())  # replicas may run elsewhere: never a path relative to here
-    boundary = model_boundary(model_dir, cfg.model.boundary)
+    spec = StageSpec.resolve(model_dir, cfg)  # a boundary contradicting the directory fails here, not in a replica
 
     def stage(name: str, cpus: float, accelerators: float):
         return serve.deployment(QueuedStage, name=name, max_ongoing_requests=STAGE_QUEUE,
                                 ray_actor_options=device.ray_resources(cpus, accelerators))
 
-    text = stage("text_encoder", inf.text_cpus, inf.text_accelerators).bind(PromptEncoder, model_dir, inf)
-    high = stage("high_noise_expert", inf.high_cpus, inf.high_accelerators).bind(
-        ExpertStage, model_dir, "high", inf, boundary)
-    low = stage("low_noise_expert", inf.low_cpus, inf.low_accelerators).bind(
-        ExpertStage, model_dir, "low", inf, boundary)
-    vae = stage("vae_decoder", inf.vae_cpus, inf.vae_accelerators).bind(VideoStage, model_dir, inf)
+    text = stage("text_encoder", inf.text_cpus, inf.text_accelerators).bind(*spec.prompt_encoder())
+    high = stage("high_noise_expert", inf.high_cpus, inf.high_accelerators).bind(*spec.expert("high"))
+    low = stage("low_noise_expert", inf.low_cpus, inf.low_accelerators).bind(*spec.expert("low"))
+    vae = stage("vae_decoder", inf.vae_cpus, inf.vae_accelerators).bind(*spec.decoder(VideoStage))
     ingress = Ingress.options(ray_actor_options={"num_cpus": inf.ingress_cpus})
     return ingress.bind(text, high, low, vae, cfg, str(model_dir), with_ui)
 

@@ -1,0 +1,142 @@
+"""The Wan2.2 contract: the facts preprocessing, training, inference and export must agree on.
+
+    model directory ──► read_contract ──► WanContract ──► preprocessing (text length, latent normalisation)
+    (model_index.json,                                ├─► training (boundary: each expert's timestep range)
+     vae/config.json,                                 ├─► sampler stages (switch rule, text length, latent shape,
+     scheduler/)                                      │                  de-normalisation)
+    + model.boundary                                  └─► export (the boundary trained with, into model_index.json)
+
+The expert boundary comes from the directory's `boundary_ratio` (the experts were trained for
+it); `model.boundary` only fills in for a directory that has none, and contradicting the
+directory is an error unless `model.force_boundary` says so. The switch rule is diffusers'
+`WanPipeline`: the high-noise expert runs the steps whose scheduler timestep t satisfies
+t >= boundary * num_train_timesteps, the low-noise expert the rest.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from wanray.config import ConfigError, ModelConfig
+
+TEXT_TOKENS = 512
+"""UMT5 sequence length of every Wan2.2 model: WanPipeline's max_sequence_length. Embeddings are
+stored unpadded and zero-padded to it for training and sampling alike."""
+EXPERTS = ("high", "low")
+
+
+@dataclass(frozen=True)
+class WanContract:
+    boundary: float
+    """Expert switch as a fraction of num_train_timesteps."""
+    boundary_source: str
+    """Where the boundary came from, in words (for logs and run records)."""
+    num_train_timesteps: int
+    vae_scale_temporal: int
+    vae_scale_spatial: int
+    latents_mean: tuple[float, ...]
+    latents_std: tuple[float, ...]
+    text_tokens: int = TEXT_TOKENS
+
+    @property
+    def boundary_timestep(self) -> float:
+        """t at and above which the high-noise expert runs: 875.0 for T2V-A14B."""
+        return self.boundary * self.num_train_timesteps
+
+    def uses_high_expert(self, t):
+        """The switch rule, elementwise on a tensor of (shifted) timesteps."""
+        return t >= self.boundary_timestep
+
+    def timestep_range(self, expert: str) -> tuple[float, float]:
+        """[low, high) of the timesteps `expert` owns (the high expert's range includes 1000)."""
+        if expert not in EXPERTS:
+            raise ValueError(f"expert must be 'high' or 'low', got {expert!r}")
+        return (self.boundary_timestep, float(self.num_train_timesteps)) if expert == "high" \
+            else (0.0, self.boundary_timestep)
+
+    def describe_range(self, expert: str) -> str:
+        low, high = self.timestep_range(expert)
+        return f"t in [{low:g}, {high:g}{']' if expert == 'high' else ')'}"
+
+    def latent_shape(self, channels: int, num_frames: int, height: int, width: int) -> tuple[int, ...]:
+        """(1, channels, (frames-1)/4+1, height/8, width/8) with the real VAE's strides."""
+        return (1, channels, (num_frames - 1) // self.vae_scale_temporal + 1,
+                height // self.vae_scale_spatial, width // self.vae_scale_spatial)
+
+    def normalize(self, z):
+        return normalize_latents(z, self.latents_mean, self.latents_std)
+
+    def denormalize(self, latents):
+        return denormalize_latents(latents, self.latents_mean, self.latents_std)
+
+
+def _stats(like, mean, std):
+    import torch
+
+    shape = (1, len(mean), 1, 1, 1)
+    return (torch.tensor(mean).view(shape).to(like.device, like.dtype),
+            torch.tensor(std).view(shape).to(like.device, like.dtype))
+
+
+def normalize_latents(z, latents_mean, latents_std):
+    """VAE posterior (B, z, F, H, W) -> the latents training and sampling work in: (z - mean) / std,
+    with the VAE config's per-channel latents_mean / latents_std."""
+    mean, std = _stats(z, latents_mean, latents_std)
+    return (z - mean) / std
+
+
+def denormalize_latents(latents, latents_mean, latents_std):
+    """The inverse, in WanPipeline's exact expression (latents / (1 / std) + mean), before VAE decode."""
+    mean, std = _stats(latents, latents_mean, latents_std)
+    return latents / (1.0 / std) + mean
+
+
+def resolve_boundary(stored: float | None, configured: float | None, force: bool) -> tuple[float, str]:
+    """(boundary, where it came from): the directory's, else the config's; a contradiction is an error
+    unless forced."""
+    if stored is None and configured is None:
+        raise ConfigError("the model directory's model_index.json has no boundary_ratio: set model.boundary")
+    if stored is None:
+        return configured, "model.boundary (model_index.json has none)"
+    if configured is None or configured == stored:
+        return stored, "model_index.json"
+    if not force:
+        raise ConfigError(f"model.boundary={configured} contradicts the model directory's boundary_ratio {stored} "
+                          "(its experts were trained for it); drop model.boundary, or set model.force_boundary=true "
+                          "to train or sample with another boundary")
+    return configured, f"model.boundary, forced over model_index.json's {stored}"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: model.path must name a diffusers-format Wan2.2 directory") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_contract(model_dir, model_cfg: ModelConfig) -> WanContract:
+    """The contract of the Wan2.2 directory `model_dir` under the `model.*` settings."""
+    root = Path(model_dir)
+    index, vae = _read_json(root / "model_index.json"), _read_json(root / "vae" / "config.json")
+    scheduler = _read_json(root / "scheduler" / "scheduler_config.json")
+    boundary, source = resolve_boundary(index.get("boundary_ratio"), model_cfg.boundary, model_cfg.force_boundary)
+    z = vae.get("z_dim", 16)
+    mean, std = vae.get("latents_mean"), vae.get("latents_std")
+    if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == z):
+        raise ConfigError(f"{root / 'vae' / 'config.json'} must list z_dim={z} latents_mean and latents_std values")
+    return WanContract(boundary=float(boundary), boundary_source=source,
+                       num_train_timesteps=int(scheduler.get("num_train_timesteps", 1000)),
+                       vae_scale_temporal=int(vae.get("scale_factor_temporal", 4)),
+                       vae_scale_spatial=int(vae.get("scale_factor_spatial", 8)),
+                       latents_mean=tuple(map(float, mean)), latents_std=tuple(map(float, std)))
+
+
+def write_boundary(model_dir, boundary: float) -> None:
+    """Record the boundary the experts of `model_dir` were trained with in its model_index.json."""
+    path = Path(model_dir) / "model_index.json"
+    index = _read_json(path)
+    index["boundary_ratio"] = boundary
+    path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -29,9 +29,10 @@ from wanray.data.shards import read_empty_prompt, shard_paths
 from wanray.data.synthetic import write_dataset
 from wanray.data.video import decode_clip
 from wanray.schema import ClipRow, pad_text_embedding
-from wanray.train.data import Batch
-from wanray.train.loop import LoopSpec, flow_loss
+from wanray.train.data import Batch, ClipIndex
+from wanray.train.loop import LoopSpec, draw_for, flow_loss
 from wanray.train.trainer import train_experts
+from wanray.wan import TEXT_TOKENS, read_contract
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,11 +56,13 @@ def step_times(cfg, data: Path, sources, model_path: str, steps: int) -> tuple[f
     d = cfg.data
     model = models.load_expert(model_path, "high").train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    spec = LoopSpec(cfg, "high", model_path, read_empty_prompt(data), "")
-    empty = pad_text_embedding(spec.empty_prompt, d.max_text_tokens)
+    spec = LoopSpec(cfg, "high", model_path, read_contract(model_path, cfg.model), ClipIndex.from_dir(data),
+                    read_empty_prompt(data), "")
+    empty = pad_text_embedding(spec.empty_prompt, TEXT_TOKENS)
 
     def train_step(batch, step):
-        loss = flow_loss(model, batch, spec, empty, torch.Generator().manual_seed(step), torch.device("cpu"))
+        batch.index = step
+        loss = flow_loss(model, batch, draw_for(batch, spec), empty, spec, torch.device("cpu"))
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -68,7 +71,7 @@ def step_times(cfg, data: Path, sources, model_path: str, steps: int) -> tuple[f
     start = time.perf_counter()
     for step in range(steps):
         row = ClipRow.from_record(rows[step % len(rows)])
-        train_step(Batch(row.latent[None], pad_text_embedding(row.text_embedding, d.max_text_tokens)[None]), step)
+        train_step(Batch(row.latent[None], pad_text_embedding(row.text_embedding, TEXT_TOKENS)[None]), step)
     t_parquet = (time.perf_counter() - start) / steps
 
     vae, tok, te = models.load_vae(model_path), models.load_tokenizer(model_path), models.load_text_encoder(model_path)
@@ -77,8 +80,8 @@ def step_times(cfg, data: Path, sources, model_path: str, steps: int) -> tuple[f
         s = sources[step % len(sources)]
         clip = decode_clip(s.path, d.height, d.width, d.fps, d.num_frames, d.min_frames)
         latent = encode_latents(vae, frames_to_video(clip.frames)[None])
-        (text,) = encode_text(tok, te, [s.caption], d.max_text_tokens)
-        train_step(Batch(latent, pad_text_embedding(text, d.max_text_tokens)[None]), step)
+        (text,) = encode_text(tok, te, [s.caption])
+        train_step(Batch(latent, pad_text_embedding(text, TEXT_TOKENS)[None]), step)
     return t_parquet, (time.perf_counter() - start) / steps
 
 

@@ -4,19 +4,19 @@
     python pipelines/export.py --config configs/t2v_a14b.yaml --to-dcp high --out ckpt/high-dcp
 
 The first form copies model.path to --out with the latest checkpoint of each expert
-trained in --run in place (safetensors; LoRA runs also write the adapter); the result
-loads with `WanPipeline.from_pretrained`. The second writes one expert of model.path as
+trained in --run in place (safetensors; LoRA runs also write the adapter) and the boundary
+they trained with in model_index.json; the result loads with `WanPipeline.from_pretrained`. The second writes one expert of model.path as
 a DCP directory for sharded loading in training (--set train.init_dcp=...).
 """
 import argparse
 import sys
-from pathlib import Path
 
 from wanray import models
 from wanray.config import ConfigError, add_config_args, load_config
 from wanray.runtime import fail
-from wanray.train.checkpoint import diffusers_to_dcp, export_diffusers
-from wanray.train.trainer import EXPERTS, latest_checkpoint
+from wanray.train.checkpoint import diffusers_to_dcp
+from wanray.train.trainer import export_run
+from wanray.wan import EXPERTS
 
 
 def get_args():
@@ -36,13 +36,7 @@ def main(args):
         return
     if not args.run:
         raise ConfigError("give --run RUN_DIR to export, or --to-dcp EXPERT to convert")
-    trained = {e: latest_checkpoint(args.run, e) for e in EXPERTS if (Path(args.run) / e).is_dir()}
-    if not trained:
-        raise FileNotFoundError(f"no trained expert (high/ or low/) in {args.run}")
-    for e, ckpt in trained.items():
-        print(f"[export] {e}-noise expert from {ckpt}")
-    out = export_diffusers(model_path, args.out, trained, cfg.train.lora)
-    print(f"[export] wrote {out} (load with WanPipeline.from_pretrained)")
+    export_run(cfg, args.run, args.out)
 
 
 if __name__ == "__main__":

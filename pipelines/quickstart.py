@@ -19,8 +19,7 @@ from wanray.infer.api import GenerateRequest, resolve
 from wanray.infer.batch import generate_videos
 from wanray.models import ensure_model
 from wanray.runtime import connect_ray, fail
-from wanray.train.checkpoint import export_diffusers
-from wanray.train.trainer import EXPERTS, latest_checkpoint, train_experts
+from wanray.train.trainer import export_run, train_experts
 
 
 def get_args():
@@ -44,8 +43,7 @@ def main(args):
     print(f"[quickstart] 3/5 training both experts for {cfg.train.steps} steps on Ray Train", flush=True)
     train_experts(cfg, "both", out / "preprocessed", out / "run")
     print("[quickstart] 4/5 exporting to a diffusers-format directory", flush=True)
-    exported = export_diffusers(model, out / "exported", {e: latest_checkpoint(out / "run", e) for e in EXPERTS},
-                                cfg.train.lora)
+    exported = export_run(cfg, out / "run", out / "exported")
     print("[quickstart] 5/5 two-stage generation with the fine-tuned experts", flush=True)
     (video,) = generate_videos(cfg, str(exported), [resolve(GenerateRequest(prompt=args.prompt), cfg)],
                                out / "generated")

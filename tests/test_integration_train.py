@@ -1,10 +1,12 @@
-"""Training on a real local Ray: FSDP2 sharding, loss, failure recovery, resume, export, LoRA."""
+"""Training on a real local Ray: FSDP2 sharding, bf16, loss, exact resume, failure recovery, export, LoRA."""
 import json
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
+from contextlib import contextmanager
 
 import psutil
 import pyarrow.parquet as pq
@@ -12,17 +14,72 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, free_port, tiny_config
 from wanray.data.preprocess import run_preprocess
-from wanray.data.shards import EMPTY_PROMPT_FILE, shard_paths
-from wanray.train.checkpoint import export_diffusers, full_expert_state
-from wanray.train.trainer import latest_checkpoint, train_experts
+from wanray.data.shards import EMPTY_PROMPT_FILE, read_empty_prompt, shard_paths
+from wanray.train.checkpoint import diffusers_to_dcp, full_expert_state
+from wanray.train.trainer import export_run, latest_checkpoint, train_experts
 
 FAST = ["train.log_every=1", "train.caption_dropout=0.0"]
+# What configs/t2v_a14b.yaml trains with, on the tiny model (init_dcp is added per test).
+PRESET = ["train.param_dtype=bfloat16", "train.reduce_dtype=float32", "train.activation_checkpointing=true",
+          "train.grad_accum=2", "train.lr_schedule=cosine", "train.warmup_steps=4", "train.caption_dropout=0.1"]
 
 
 def metrics(run, expert="high"):
     return [json.loads(line) for line in (run / expert / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint_state(ckpt, tmp_path) -> dict:
+    """Everything a DCP checkpoint holds (model, optimizer, train state), unsharded."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp_path / f"{ckpt.parent.name}-{ckpt.name}.pt"
+    dcp_to_torch_save(str(ckpt), str(out))
+    return torch.load(out, weights_only=True)
+
+
+def assert_same_training_state(a: dict, b: dict, atol: float) -> None:
+    """Weights and AdamW state (moments and step counts) of two checkpoints agree."""
+    def tensors(state, key):
+        flat = {}
+
+        def walk(prefix, v):
+            if isinstance(v, dict):
+                for k, x in v.items():
+                    walk(f"{prefix}.{k}", x)
+            elif torch.is_tensor(v):
+                flat[prefix] = v
+        walk(key, state[key])
+        return flat
+
+    for key in ("model", "optim"):
+        ta, tb = tensors(a, key), tensors(b, key)
+        assert set(ta) == set(tb) and ta, key
+        for name in ta:
+            torch.testing.assert_close(ta[name].float(), tb[name].float(), atol=atol, rtol=1e-4, msg=name)
+    assert a["train"]["step"] == b["train"]["step"]
+    assert (a["train"]["epoch"], a["train"]["batches_in_epoch"]) == (b["train"]["epoch"], b["train"]["batches_in_epoch"])
+
+
+def registered_checkpoint_steps(expert_dir) -> list[int]:
+    """Steps of the checkpoints Ray Train's controller has registered (those a restart resumes from)."""
+    try:
+        snapshot = json.loads((expert_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or caught mid-write
+        return []
+    return sorted(r["metrics"]["step"] for r in snapshot["checkpoint_results"])
+
+
+def clip_counts(run, expert="high") -> Counter:
+    """How often each clip was trained on: the last record of every (rank, step) in data_order/
+    (steps after the last checkpoint of a failed attempt are trained again)."""
+    last = {}
+    for path in sorted((run / expert / "data_order").glob("rank-*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            last[(path.name, rec["step"])] = rec["ids"]
+    return Counter(i for ids in last.values() for i in ids)
 
 
 @pytest.fixture(scope="module")
@@ -41,18 +98,23 @@ def one_clip(prep, tmp_path_factory):
     return out
 
 
-def test_loss_halves_on_one_clip_and_export_changes_generation(one_clip, tiny_model, tmp_path):
+def test_loss_halves_on_one_clip_and_export_carries_the_boundary_it_trained_with(one_clip, tiny_model, tmp_path):
     from diffusers import WanPipeline
 
+    # a boundary forced over the directory's 0.875: the expert's range, the log and the export follow it
     cfg = tiny_config(tiny_model, *FAST, "train.workers=1", "train.steps=60", "train.lr=3e-3",
-                      "train.checkpoint_every=60")
+                      "train.checkpoint_every=60", "model.boundary=0.9", "model.force_boundary=true")
     train_experts(cfg, "high", one_clip, tmp_path / "run", log=lambda _: None)
-    losses = [m["loss"] for m in metrics(tmp_path / "run")]
+    m = metrics(tmp_path / "run")
+    losses = [x["loss"] for x in m]
     assert len(losses) == 60
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
     assert last <= 0.5 * first, (first, last)
+    assert all(x["timestep_range"] == [900.0, 1000.0] and 900 <= x["timesteps_seen"][0] for x in m)
 
-    out = export_diffusers(tiny_model, tmp_path / "export", {"high": latest_checkpoint(tmp_path / "run", "high")})
+    out = export_run(cfg, tmp_path / "run", tmp_path / "export", log=lambda _: None)
+    assert json.loads((out / "model_index.json").read_text())["boundary_ratio"] == 0.9
+    assert json.loads((tiny_model / "model_index.json").read_text())["boundary_ratio"] == 0.875
     kwargs = dict(prompt="a red circle", height=64, width=64, num_frames=9, num_inference_steps=4,
                   output_type="pt", generator=None)
     videos = []
@@ -63,59 +125,139 @@ def test_loss_halves_on_one_clip_and_export_changes_generation(one_clip, tiny_mo
     assert (videos[0] - videos[1]).abs().max() > 1e-3
 
 
-def test_two_workers_shard_the_expert_then_resume_on_one(prep, tiny_model, tmp_path):
+@contextmanager
+def one_rank_process_group():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bf16_training_gives_the_model_the_exact_float32_timesteps(prep, tiny_model, tmp_path):
+    """FSDP2 with param_dtype=bfloat16, run in this process: the time embedding sees the very float32
+    timesteps the noised latents were built from (bf16 would turn 874.9 into 876, a high-noise
+    timestep), and no low-noise sample reaches the boundary."""
+    from wanray.train.data import ClipIndex, ClipLoader, ClipReader, DataPlan
+    from wanray.train.loop import LoopSpec, build_model, build_optimizer, train_step
+    from wanray.train.parallel import trainable_parameters
+    from wanray.schema import pad_text_embedding
+    from wanray.wan import read_contract
+
+    cfg = tiny_config(tiny_model, *PRESET, "train.lr=1e-3")
+    contract, index = read_contract(tiny_model, cfg.model), ClipIndex.from_dir(prep)
+    empty = pad_text_embedding(read_empty_prompt(prep).float(), 512)
+    cpu = torch.device("cpu")
+    with one_rank_process_group():
+        for expert in ("low", "high"):
+            spec = LoopSpec(cfg, expert, str(tiny_model), contract, index, read_empty_prompt(prep), str(tmp_path))
+            model = build_model(spec, cpu, fresh=True)
+            seen, dtypes = [], {}
+            model.condition_embedder.timesteps_proj.register_forward_hook(
+                lambda m, args, out: seen.append(args[0].detach().clone()))
+            model.condition_embedder.time_embedder.register_forward_hook(
+                lambda m, args, out: dtypes.__setitem__("time_embedder", args[0].dtype))
+            model.blocks[0].register_forward_hook(lambda m, args, out: dtypes.__setitem__("block", out.dtype))
+            params = trainable_parameters(model)
+            optimizer, schedule = build_optimizer(spec, params, cpu)
+            loader = ClipLoader(DataPlan(index, 1, 0, 1, 2), ClipReader(index, 0), 0, 0, 0, 512)
+            before = model.blocks[0].attn1.to_q.weight.full_tensor().clone()
+            for _ in range(3):
+                loss, _, drawn = train_step(model, params, optimizer, schedule, loader.next(), spec, empty, cpu)
+                given = torch.cat(seen[-2:])  # two micro-batches per step
+                assert given.dtype == torch.float32 and torch.equal(given, drawn), (given, drawn)
+                assert bool(torch.isfinite(loss))
+            loader.close()
+            assert dtypes == {"time_embedder": torch.float32, "block": torch.bfloat16}
+            everything = torch.cat(seen)
+            if expert == "low":
+                assert bool((everything < contract.boundary_timestep).all())
+            else:
+                assert bool((everything >= contract.boundary_timestep).all())
+            assert not torch.equal(before, model.blocks[0].attn1.to_q.weight.full_tensor())
+
+
+def test_resume_on_another_worker_count_ends_where_the_uninterrupted_run_does(prep, tiny_model, tmp_path):
+    """2 workers x 1 micro-batch and 1 worker x 2 micro-batches take the same global batches per step:
+    stopped at step 3 and resumed on one worker, the run ends with the uninterrupted run's weights,
+    optimizer state and clip counts."""
     from wanray.models import load_expert
 
-    run = tmp_path / "run"
-    cfg = tiny_config(tiny_model, *FAST, "train.workers=2", "train.steps=6", "train.checkpoint_every=3")
-    train_experts(cfg, "high", prep, run, log=lambda _: None)
-    m = metrics(run)
+    common = [*FAST, "train.checkpoint_every=3"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_experts(tiny_config(tiny_model, *common, "train.workers=2", "train.steps=6"), "high", prep, straight,
+                  log=lambda _: None)
+    train_experts(tiny_config(tiny_model, *common, "train.workers=2", "train.steps=3"), "high", prep, resumed,
+                  log=lambda _: None)
+    m = metrics(resumed)
     unsharded = sum(p.numel() * p.element_size() for p in load_expert(tiny_model, "high").parameters())
     assert m[-1]["params_sharded_over"] == 2 and m[-1]["world_size"] == 2
     # AdamW keeps two moments per parameter: unsharded that is 3x the parameter bytes
     assert m[-1]["param_bytes"] + m[-1]["optimizer_bytes"] <= 0.6 * 3 * unsharded
 
-    cfg1 = tiny_config(tiny_model, *FAST, "train.workers=1", "train.steps=10", "train.checkpoint_every=3")
-    train_experts(cfg1, "high", prep, run, log=lambda _: None)
-    m = metrics(run)
-    resumed = [x for x in m if x["world_size"] == 1]
-    assert [x["step"] for x in resumed] == [7, 8, 9, 10]
-    assert resumed[0]["params_sharded_over"] == 1
-    assert json.loads((latest_checkpoint(run, "high") / "wanray_step.json").read_text())["step"] == 10
+    train_experts(tiny_config(tiny_model, *common, "train.workers=1", "train.grad_accum=2", "train.steps=6"), "high",
+                  prep, resumed, log=lambda _: None)
+    after = [x for x in metrics(resumed) if x["world_size"] == 1]
+    assert [x["step"] for x in after] == [4, 5, 6] and after[0]["params_sharded_over"] == 1
+    a = checkpoint_state(latest_checkpoint(straight, "high"), tmp_path)
+    b = checkpoint_state(latest_checkpoint(resumed, "high"), tmp_path)
+    assert a["train"]["step"] == 6
+    assert_same_training_state(a, b, atol=1e-5)
+    counts = clip_counts(straight)
+    assert counts == clip_counts(resumed) and sum(counts.values()) == 12  # 6 steps x 2 clips, 8 clips shuffled
 
 
-def test_killed_worker_restarts_from_its_checkpoint(prep, tiny_model, tmp_path):
-    run = tmp_path / "run"
-    steps, every = 40, 10
+def test_killed_worker_resumes_to_the_uninterrupted_run_with_the_a14b_options(prep, tiny_model, tmp_path):
+    """bf16 parameters, float32 reduction, activation checkpointing, 2 micro-batches, cosine with
+    warmup, weights from a DCP copy: the loss falls, and a run whose worker is killed restarts from its
+    checkpoint and ends exactly where the uninterrupted run ends."""
+    dcp_dir = diffusers_to_dcp(tiny_model, "high", tmp_path / "high-dcp")
+    steps, every = 40, 8
+    sets = [*PRESET, f"train.init_dcp={dcp_dir}", "train.lr=3e-3", "train.log_every=1", "train.workers=2",
+            f"train.steps={steps}", f"train.checkpoint_every={every}"]
+    straight, killed_run = tmp_path / "straight", tmp_path / "killed"
+    train_experts(tiny_config(tiny_model, *sets), "high", prep, straight, log=lambda _: None)
+    losses = [x["loss"] for x in metrics(straight)]
+    assert sum(losses[-6:]) / 6 < 0.75 * sum(losses[:6]) / 6, losses
+
     cmd = [sys.executable, str(ROOT / "pipelines" / "train.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
-           "--data", str(prep), "--expert", "high", "--out", str(run), "--set", f"model.path={tiny_model}",
-           "--set", f"train.steps={steps}", "--set", f"train.checkpoint_every={every}", "--set", "train.workers=2"]
-    cmd += [a for s in FAST for a in ("--set", s)]
+           "--data", str(prep), "--expert", "high", "--out", str(killed_run), "--set", f"model.path={tiny_model}"]
+    cmd += [a for s in sets for a in ("--set", s)]
     log = (tmp_path / "train.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    path, deadline, killed = run / "high" / "metrics.jsonl", time.time() + 300, None
+    path, deadline, killed = killed_run / "high" / "metrics.jsonl", time.time() + 300, None
     while time.time() < deadline and proc.poll() is None and killed is None:
         done = [json.loads(x)["step"] for x in path.read_text().splitlines()] if path.exists() else []
-        if done and done[-1] >= every + 3:
+        saved = registered_checkpoint_steps(killed_run / "high")
+        if saved and done and done[-1] >= saved[-1] + 2:  # a checkpoint Ray Train knows of, then 2 more steps
             workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
             assert workers, "no Ray Train worker process found"
             killed = done[-1]
             workers[-1].send_signal(signal.SIGKILL)
-        time.sleep(0.1)
+        time.sleep(0.05)
     assert killed is not None, (tmp_path / "train.log").read_text()[-3000:]
     assert proc.wait(timeout=300) == 0, (tmp_path / "train.log").read_text()[-3000:]
-    seen = [x["step"] for x in metrics(run)]
+    seen = [x["step"] for x in metrics(killed_run)]
     restart = next(i for i in range(1, len(seen)) if seen[i] <= seen[i - 1])
     assert seen[restart] - 1 == every * ((seen[restart] - 1) // every) and seen[restart] > every
     assert seen[restart:] == list(range(seen[restart], steps + 1))
-    assert json.loads((latest_checkpoint(run, "high") / "wanray_step.json").read_text())["step"] == steps
+    a = checkpoint_state(latest_checkpoint(straight, "high"), tmp_path)
+    b = checkpoint_state(latest_checkpoint(killed_run, "high"), tmp_path)
+    assert a["train"]["step"] == steps
+    assert_same_training_state(a, b, atol=0)
+    counts = clip_counts(straight)
+    assert counts == clip_counts(killed_run) and sum(counts.values()) == steps * 4  # 2 workers x 2 micro-batches
 
 
-def test_lora_trains_only_adapters_and_merged_export_is_base_plus_delta(prep, tiny_model, tmp_path):
+def test_lora_adapters_load_in_diffusers_at_their_scale_and_match_the_merged_export(prep, tiny_model, tmp_path):
+    from diffusers import WanPipeline
+
     run = tmp_path / "run"
-    cfg = tiny_config(tiny_model, *FAST, "train.workers=2", "train.steps=4", "train.checkpoint_every=4",
+    cfg = tiny_config(tiny_model, *FAST, "train.workers=1", "train.steps=4", "train.checkpoint_every=4",
                       "train.lora.enabled=true", "train.lora.rank=4", "train.lora.alpha=8", "train.lr=1e-2")
-    train_experts(cfg, "low", prep, run, log=lambda _: None)
+    train_experts(cfg, "both", prep, run, log=lambda _: None)
     ckpt = latest_checkpoint(run, "low")
     base = load_file(tiny_model / "transformer_2" / "diffusion_pytorch_model.safetensors")
 
@@ -131,7 +273,7 @@ def test_lora_trains_only_adapters_and_merged_export_is_base_plus_delta(prep, ti
             assert torch.equal(value, base[key.replace(".base_layer.", ".")]), key
     assert any(v.abs().sum() > 0 for k, v in raw.items() if ".lora_B." in k)  # B starts at 0: it trained
 
-    out = export_diffusers(tiny_model, tmp_path / "export", {"low": ckpt}, cfg.train.lora)
+    out = export_run(cfg, run, tmp_path / "export", log=lambda _: None)
     merged = load_file(out / "transformer_2" / "diffusion_pytorch_model.safetensors")
     adapter = load_file(out / "transformer_2" / "lora" / "pytorch_lora_weights.safetensors")
     assert set(merged) == set(base)
@@ -144,3 +286,19 @@ def test_lora_trains_only_adapters_and_merged_export_is_base_plus_delta(prep, ti
         changed += a is not None
     assert changed == 20  # 2 blocks x (2 attentions x 4 projections + 2 FFN linears)
     assert full_expert_state(tiny_model, "low", ckpt, cfg.train.lora)[1] is not None
+
+    # what a diffusers user does with the adapters: base model + load_lora_weights per expert
+    kwargs = dict(prompt="a red circle", negative_prompt="blurry", height=64, width=64, num_frames=9,
+                  num_inference_steps=6, output_type="np")
+
+    def frames(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames[0]
+
+    with_adapters = WanPipeline.from_pretrained(tiny_model)
+    with_adapters.load_lora_weights(out / "transformer" / "lora")
+    with_adapters.load_lora_weights(out / "transformer_2" / "lora", load_into_transformer_2=True)
+    ours, base_frames = frames(with_adapters), frames(WanPipeline.from_pretrained(tiny_model))
+    reference = frames(WanPipeline.from_pretrained(out))
+    assert abs(ours - reference).max() <= 1e-4
+    assert abs(base_frames - reference).max() > 100 * abs(ours - reference).max() + 1e-3

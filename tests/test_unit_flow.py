@@ -4,7 +4,13 @@ import torch
 
 from wanray.models import SCHEDULER_CONFIG
 from wanray.train.checkpoint import merge_lora
-from wanray.train.flow import noisy_latents, sample_timesteps
+from wanray.train.flow import batch_seed, draw_flow, noisy_latents, sample_timesteps
+from wanray.wan import WanContract
+
+
+def contract(boundary: float) -> WanContract:
+    return WanContract(boundary=boundary, boundary_source="test", num_train_timesteps=1000, vae_scale_temporal=4,
+                       vae_scale_spatial=8, latents_mean=(0.0,) * 16, latents_std=(1.0,) * 16)
 
 
 @pytest.mark.parametrize("shift", [1.0, 5.0, 12.0])
@@ -12,8 +18,9 @@ from wanray.train.flow import noisy_latents, sample_timesteps
 def test_timesteps_lie_on_the_experts_side_of_the_samplers_boundary(shift, boundary):
     boundary_timestep = boundary * SCHEDULER_CONFIG["num_train_timesteps"]  # as WanPipeline computes it
     g = torch.Generator().manual_seed(0)
-    high = sample_timesteps(20000, "high", boundary, shift, g)
-    low = sample_timesteps(20000, "low", boundary, shift, g)
+    high = sample_timesteps(20000, "high", contract(boundary), shift, g)
+    low = sample_timesteps(20000, "low", contract(boundary), shift, g)
+    assert high.dtype == low.dtype == torch.float32
     assert bool((high >= boundary_timestep).all()) and bool((low < boundary_timestep).all())
     assert high.max() <= 1000 and low.min() >= 0
     # each expert covers its whole range, not a sliver of it
@@ -24,18 +31,34 @@ def test_timesteps_lie_on_the_experts_side_of_the_samplers_boundary(shift, bound
 
 
 def test_shifted_schedule_density():
-    # with shift 5 the shifted sigma of u=0.5 is 5/6: half of all draws lie above t=833.3
     g = torch.Generator().manual_seed(1)
-    high = sample_timesteps(40000, "high", 0.5, 1.0, g)
-    assert abs(high.mean().item() - 750) < 5  # shift 1 is uniform on [500, 1000]
+    # shift 1 is uniform: the high expert of boundary 0.5 draws uniformly from [500, 1000]
+    assert abs(sample_timesteps(40000, "high", contract(0.5), 1.0, g).mean().item() - 750) < 5
+    # shift 5 maps u=0.5 to t=833.3 and u=1/6 to t=500, so of the high expert's u in [1/6, 1]
+    # a share (1 - 0.5) / (1 - 1/6) = 0.6 lies above t=833.3
+    high = sample_timesteps(40000, "high", contract(0.5), 5.0, g)
+    assert abs((high > 1000 * 5 / 6).float().mean().item() - 0.6) < 0.01
 
 
 def test_flow_matching_interpolation_and_target():
     x0, noise = torch.randn(2, 16, 3, 4, 4), torch.randn(2, 16, 3, 4, 4)
-    xt, target = noisy_latents(x0, noise, torch.tensor([0.0, 1000.0]))
+    xt, target = noisy_latents(x0, noise, torch.tensor([0.0, 1000.0]), 1000)
     torch.testing.assert_close(xt[0], x0[0])
     torch.testing.assert_close(xt[1], noise[1])
     torch.testing.assert_close(target, noise - x0)
+
+
+def test_a_batch_draws_the_same_noise_whoever_draws_it():
+    """Noise, timesteps and caption dropout depend on (seed, epoch, batch index) only: not on the
+    rank or step that trains the batch, which change when a run resumes on another worker count."""
+    def draw(seed, epoch, index):
+        return draw_flow((2, 16, 3, 4, 4), "low", contract(0.875), 5.0, 0.5, batch_seed(seed, epoch, index))
+
+    a, b = draw(0, 1, 7), draw(0, 1, 7)
+    assert torch.equal(a.noise, b.noise) and torch.equal(a.timesteps, b.timesteps)
+    assert torch.equal(a.drop_caption, b.drop_caption)
+    for other in (draw(1, 1, 7), draw(0, 2, 7), draw(0, 1, 8)):
+        assert not torch.equal(a.noise, other.noise)
 
 
 def test_merge_lora_folds_scaled_delta_and_renames():

@@ -1,7 +1,8 @@
 """Parquet shards and reject records of a preprocess output directory.
 
 out/
-  part-<uuid>.parquet   clips, CLIP_SCHEMA; each appears whole (temp file + rename)
+  part-<uuid>.parquet   clips, CLIP_SCHEMA, one row group per clip (training reads clips one by one,
+                        in random order); each shard appears whole (temp file + rename)
   empty_prompt.parquet  the empty-prompt text embedding
   rejects/<key>.json    one record per rejected input, written where it was rejected
   rejects.jsonl         all reject records, one JSON object per line (rebuilt every run)
@@ -26,10 +27,10 @@ SHARD_GLOB = "part-*.parquet"
 EMPTY_PROMPT_FILE = "empty_prompt.parquet"
 
 
-def write_table_atomic(table: pa.Table, path: Path) -> None:
+def write_table_atomic(table: pa.Table, path: Path, row_group_size: int | None = None) -> None:
     """Write to a hidden temp file, then rename: readers never see a partial shard."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp, row_group_size=row_group_size)
     os.replace(tmp, path)
 
 
@@ -93,7 +94,7 @@ def write_shard(batch: dict, out_dir: str) -> dict:
     columns = {f.name: [list(map(int, v)) for v in batch[f.name]] if f.name.endswith("_shape") else list(batch[f.name])
                for f in CLIP_SCHEMA}
     name = f"part-{uuid.uuid4().hex}.parquet"
-    write_table_atomic(pa.Table.from_pydict(columns, schema=CLIP_SCHEMA), Path(out_dir) / name)
+    write_table_atomic(pa.Table.from_pydict(columns, schema=CLIP_SCHEMA), Path(out_dir) / name, row_group_size=1)
     return {"shard": [name], "rows": [len(batch["id"])], "frames": [int(sum(batch["num_frames"]))]}
 
 

@@ -3,9 +3,10 @@
 A checkpoint holds three Stateful objects under fixed keys:
   "model"  the expert's parameters (sharded DTensors; resharded on load to any world size)
   "optim"  AdamW state
-  "train"  step, data position (epoch, samples consumed), LR schedule, seed
-Noise, timesteps and caption dropout are drawn from generators seeded by (seed, rank,
-step), so the step restores the random stream too.
+  "train"  step, data position (epoch, global batches of it consumed), LR schedule, and the
+           fingerprint of the clip index the order was drawn from
+Noise, timesteps and caption dropout are drawn per global batch from generators seeded by
+(seed, epoch, batch index), so the data position restores the random stream too.
 """
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ from wanray import models
 class Progress:
     step: int = 0
     epoch: int = 0
-    samples_in_epoch: int = 0
-    """Samples (all ranks together) consumed in the current epoch: the data position."""
+    batches_in_epoch: int = 0
+    """Global batches (all ranks together) of the current epoch consumed: the data position."""
+    data_fingerprint: str = ""
+    """ClipIndex.fingerprint() of the data the run reads."""
 
 
 class ModelState(Stateful):
@@ -62,8 +65,9 @@ class TrainState(Stateful):
 
     def load_state_dict(self, state):
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        for k in ("step", "epoch", "samples_in_epoch"):
+        for k in ("step", "epoch", "batches_in_epoch"):
             setattr(self.progress, k, int(state[k]))
+        self.progress.data_fingerprint = str(state["data_fingerprint"])
 
 
 def app_state(model, optimizer, lr_scheduler, progress: Progress) -> dict:
@@ -123,16 +127,20 @@ def full_expert_state(model_path, expert: str, checkpoint_dir, lora=None) -> tup
     return merge_lora(full, lora.alpha / lora.rank)
 
 
-def export_diffusers(model_path, out_dir, experts: dict[str, Path], lora=None) -> Path:
+def export_diffusers(model_path, out_dir, experts: dict[str, Path], boundary: float, lora=None) -> Path:
     """Copy the base directory to out_dir with each trained expert's weights in place.
 
-    experts maps "high" / "low" to a DCP checkpoint directory. The result is loadable by
-    `WanPipeline.from_pretrained(out_dir)`; LoRA runs also get `<subfolder>/lora/` with the
-    adapter in diffusers' `pytorch_lora_weights.safetensors` layout.
+    experts maps "high" / "low" to a DCP checkpoint directory; `boundary` (the one they were
+    trained with) goes into model_index.json. The result is loadable by
+    `WanPipeline.from_pretrained(out_dir)`. LoRA runs also get `<subfolder>/lora/` with the adapter
+    written by diffusers' own `save_lora_weights`, its rank and alpha in the file's metadata, so
+    `load_lora_weights` (with `load_into_transformer_2=True` for the low-noise expert) applies it
+    at alpha / rank.
     """
-    import json
-
+    from diffusers import WanPipeline
     from safetensors.torch import save_file
+
+    from wanray import wan
 
     src, out = models.check_model_dir(model_path), Path(out_dir)
     replaced = {str(src / models.EXPERT_SUBFOLDERS[e]) for e in experts}
@@ -143,16 +151,16 @@ def export_diffusers(model_path, out_dir, experts: dict[str, Path], lora=None) -
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp, ignore=skip_replaced_weights)
+    wan.write_boundary(tmp, boundary)
     for expert, ckpt in experts.items():
         weights, adapter = full_expert_state(src, expert, ckpt, lora)
         folder = tmp / models.EXPERT_SUBFOLDERS[expert]
         save_file(weights, folder / "diffusion_pytorch_model.safetensors")
         if adapter is not None:
-            (folder / "lora").mkdir(exist_ok=True)
-            save_file({f"transformer.{k}": v.contiguous() for k, v in adapter.items()},
-                      folder / "lora" / "pytorch_lora_weights.safetensors")
-            (folder / "lora" / "adapter_config.json").write_text(json.dumps(
-                {"r": lora.rank, "lora_alpha": lora.alpha, "target_modules": list(lora.target_modules)}, indent=1))
+            WanPipeline.save_lora_weights(
+                folder / "lora", transformer_lora_layers={k: v.contiguous() for k, v in adapter.items()},
+                transformer_lora_adapter_metadata={"r": lora.rank, "lora_alpha": lora.alpha,
+                                                   "target_modules": list(lora.target_modules)})
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -1,22 +1,127 @@
-"""Training batches from the preprocessed Parquet: stored dtype honoured, text padded to 512.
+"""Training batches from the preprocessed Parquet, in one seeded global order that resume replays.
 
-The driver hands Ray Train a Ray Data dataset over the clip shards; each worker iterates
-its shard, decodes the tensor columns in their stored dtype, and groups clips of one
-latent shape into batches (clips of different lengths cannot be stacked). A shard small
-enough (train.cache_bytes) is kept decoded in memory after its first full epoch, and
-later epochs reshuffle it instead of reading the Parquet again.
+    driver:  ClipIndex.from_dir(prep/)   one entry per clip: shard, row group, row, latent shape
+    epoch e: permutation(seed, e) of all clips -> same-shape batches of batch_size (the epoch's
+             global batch list) -> cut to a multiple of G = workers x grad_accum
+    step:    the next G global batches of the epoch; micro-batch m of rank r is batch
+             start + m * workers + r
+    worker:  ClipLoader reads its own clips (one Parquet row group per clip) in a background
+             thread, a step ahead, and keeps decoded clips in memory while they fit in cache_bytes
+
+The order depends on (seed, epoch) only and the data position is one number per epoch (global
+batches consumed), so a resumed run reads exactly the clips the uninterrupted run would have,
+also on another worker count with the same G. Clips of different latent shapes cannot be
+stacked, so a batch holds one shape; a shape's last, unfilled batch of an epoch goes out smaller.
 """
 from __future__ import annotations
 
-import random
-from collections import defaultdict
-from dataclasses import dataclass
-from typing import Iterable, Iterator
+import queue
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Iterator
 
+import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from wanray.data.shards import shard_paths
-from wanray.schema import decode_tensor, pad_text_embedding
+from wanray.schema import check_version, decode_tensor, pad_text_embedding
+
+TENSOR_COLUMNS = ["id", "latent", "latent_shape", "latent_dtype", "text_embedding", "text_embedding_shape",
+                  "text_embedding_dtype"]
+
+
+@dataclass
+class ClipIndex:
+    """Where every clip of a preprocess output directory lives, in a fixed order (shards by name)."""
+
+    files: list[str]
+    file: np.ndarray
+    """(N,) index into files."""
+    row_group: np.ndarray
+    row: np.ndarray
+    """(N,) row within its row group."""
+    shape: np.ndarray
+    """(N,) index into shapes."""
+    shapes: list[tuple[int, ...]]
+    """Distinct latent shapes, (16, F, H, W)."""
+
+    def __len__(self) -> int:
+        return len(self.file)
+
+    @classmethod
+    def from_dir(cls, data_dir) -> ClipIndex:
+        """Reads the shards' footers and latent_shape columns only; checks their schema version."""
+        paths = shard_paths(data_dir)
+        if not paths:
+            raise FileNotFoundError(f"no preprocessed clips (part-*.parquet) in {data_dir}")
+        files, rows, shapes = [str(p.resolve()) for p in paths], [], {}
+        for f, path in enumerate(paths):
+            pf = pq.ParquetFile(path)
+            check_version(pf.schema_arrow, str(path))
+            column = iter(pf.read(columns=["latent_shape"]).column("latent_shape").to_pylist())
+            for g in range(pf.num_row_groups):
+                for r in range(pf.metadata.row_group(g).num_rows):
+                    rows.append((f, g, r, shapes.setdefault(tuple(next(column)), len(shapes))))
+        table = np.array(rows, dtype=np.int64).reshape(-1, 4)
+        return cls(files, *(table[:, i].copy() for i in range(4)), list(shapes))
+
+    def fingerprint(self) -> str:
+        """Changes when shards are added, removed or rewritten: the order of a resumed run would differ."""
+        import hashlib
+
+        h = hashlib.sha1("\n".join(self.files).encode())
+        h.update(np.stack([self.file, self.row_group, self.row, self.shape]).tobytes())
+        return h.hexdigest()[:16]
+
+
+def epoch_batches(index: ClipIndex, epoch: int, seed: int, batch_size: int) -> list[np.ndarray]:
+    """The epoch's global batch list: clips in seeded random order, grouped by latent shape."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(index))
+    batches, open_batches = [], {}
+    for clip in order.tolist():
+        batch = open_batches.setdefault(int(index.shape[clip]), [])
+        batch.append(clip)
+        if len(batch) == batch_size:
+            batches.append(np.array(batch))
+            del open_batches[int(index.shape[clip])]
+    return batches + [np.array(b) for b in open_batches.values()]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The global batches one rank trains on in one step."""
+
+    epoch: int
+    start: int
+    """Global batches of the epoch consumed before this step."""
+    batches: list[tuple[int, np.ndarray]]
+    """(global batch index, clip positions) per micro-batch of this rank."""
+
+
+class DataPlan:
+    """The global batch order of a run: what each rank trains on at each data position."""
+
+    def __init__(self, index: ClipIndex, batch_size: int, seed: int, world: int, grad_accum: int):
+        self.index, self.batch_size, self.seed = index, batch_size, seed
+        self.world, self.grad_accum = world, grad_accum
+        self.per_step = world * grad_accum  # G: global batches per optimizer step
+
+    def steps(self, epoch: int, start: int, rank: int) -> Iterator[StepPlan]:
+        """Rank `rank`'s steps from data position (epoch, start) on, forever (epoch after epoch)."""
+        while True:
+            batches = epoch_batches(self.index, epoch, self.seed, self.batch_size)
+            usable = len(batches) - len(batches) % self.per_step
+            if usable == 0:
+                raise RuntimeError(f"an epoch holds {len(batches)} batches of train.batch_size={self.batch_size}, "
+                                   f"but one step takes {self.per_step} (train.workers x train.grad_accum): "
+                                   f"too few clips ({len(self.index)})")
+            while start + self.per_step <= usable:
+                picks = [start + m * self.world + rank for m in range(self.grad_accum)]
+                yield StepPlan(epoch, start, [(i, batches[i]) for i in picks])
+                start += self.per_step
+            epoch, start = epoch + 1, 0
 
 
 @dataclass
@@ -24,7 +129,11 @@ class Batch:
     latents: torch.Tensor
     """(B, 16, F, H, W) normalised VAE latents, stored dtype."""
     text: torch.Tensor
-    """(B, max_tokens, text_dim) text embeddings zero-padded as WanPipeline pads them."""
+    """(B, 512, text_dim) text embeddings zero-padded as WanPipeline pads them."""
+    ids: list[str] = field(default_factory=list)
+    epoch: int = 0
+    index: int = 0
+    """Global batch index within the epoch (seeds the batch's noise)."""
 
     @property
     def tokens(self) -> int:
@@ -33,72 +142,89 @@ class Batch:
         return b * f * (h // 2) * (w // 2)
 
 
-def read_clip_dataset(data_dir):
-    """A Ray Data dataset over the clip shards of a preprocess output directory."""
-    import ray
-
-    ray.data.DataContext.get_current().enable_progress_bars = False  # workers log their own progress
-    paths = shard_paths(data_dir)
-    if not paths:
-        raise FileNotFoundError(f"no preprocessed clips (part-*.parquet) in {data_dir}")
-    return ray.data.read_parquet([str(p) for p in paths], columns=[
-        "id", "latent", "latent_shape", "latent_dtype", "text_embedding", "text_embedding_shape",
-        "text_embedding_dtype"])
+Clip = tuple[str, torch.Tensor, torch.Tensor]  # (id, latent, unpadded text embedding)
 
 
-Clip = tuple[torch.Tensor, torch.Tensor]  # (latent, unpadded text embedding)
+class ClipReader:
+    """Reads clips by index position from the shards; keeps decoded clips while they fit in cache_bytes."""
+
+    OPEN_FILES = 32
+
+    def __init__(self, index: ClipIndex, cache_bytes: int):
+        self.index, self.cache_bytes = index, cache_bytes
+        self.handles: OrderedDict[int, pq.ParquetFile] = OrderedDict()
+        self.cache: dict[int, Clip] = {}
+        self.cached = 0
+
+    def _file(self, f: int) -> pq.ParquetFile:
+        if f in self.handles:
+            self.handles.move_to_end(f)
+        else:
+            self.handles[f] = pq.ParquetFile(self.index.files[f])
+            if len(self.handles) > self.OPEN_FILES:
+                self.handles.popitem(last=False)
+        return self.handles[f]
+
+    def read(self, clip: int) -> Clip:
+        if clip in self.cache:
+            return self.cache[clip]
+        ix = self.index
+        table = self._file(int(ix.file[clip])).read_row_group(int(ix.row_group[clip]), columns=TENSOR_COLUMNS)
+        row = table.slice(int(ix.row[clip]), 1).to_pylist()[0]
+        out = (row["id"], decode_tensor(row["latent"], row["latent_shape"], row["latent_dtype"]),
+               decode_tensor(row["text_embedding"], row["text_embedding_shape"], row["text_embedding_dtype"]))
+        size = out[1].nbytes + out[2].nbytes
+        if self.cached + size <= self.cache_bytes:
+            self.cache[clip], self.cached = out, self.cached + size
+        return out
+
+    def batch(self, clips: np.ndarray, epoch: int, index: int, text_tokens: int) -> Batch:
+        read = [self.read(int(c)) for c in clips]
+        return Batch(torch.stack([c[1] for c in read]), torch.stack([pad_text_embedding(c[2], text_tokens)
+                                                                     for c in read]),
+                     [c[0] for c in read], epoch, index)
 
 
-def _decode_rows(shard) -> Iterator[Clip]:
-    for b in shard.iter_batches(batch_size=64, batch_format="numpy", prefetch_batches=2):
-        for i in range(len(b["latent"])):
-            yield (decode_tensor(b["latent"][i], b["latent_shape"][i], b["latent_dtype"][i]),
-                   decode_tensor(b["text_embedding"][i], b["text_embedding_shape"][i], b["text_embedding_dtype"][i]))
+@dataclass
+class StepData:
+    epoch: int
+    start: int
+    batches: list[Batch]
 
 
-def bucket_batches(clips: Iterable[Clip], batch_size: int, max_tokens: int) -> Iterator[Batch]:
-    """Same-shape batches; clips whose shape has not filled a batch at the end go out as a smaller one."""
-    buckets: dict[tuple, list[Clip]] = defaultdict(list)
+class ClipLoader:
+    """A rank's steps, read one step ahead in a background thread (pyarrow and decoding release the GIL)."""
 
-    def emit(bucket):
-        return Batch(torch.stack([c[0] for c in bucket]),
-                     torch.stack([pad_text_embedding(c[1], max_tokens) for c in bucket]))
+    def __init__(self, plan: DataPlan, reader: ClipReader, epoch: int, start: int, rank: int, text_tokens: int,
+                 depth: int = 2):
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        steps = plan.steps(epoch, start, rank)
 
-    for clip in clips:
-        bucket = buckets[tuple(clip[0].shape)]
-        bucket.append(clip)
-        if len(bucket) == batch_size:
-            yield emit(bucket)
-            bucket.clear()
-    for bucket in buckets.values():
-        if bucket:
-            yield emit(bucket)
+        def produce():
+            try:
+                for step in steps:
+                    data = StepData(step.epoch, step.start,
+                                    [reader.batch(clips, step.epoch, i, text_tokens) for i, clips in step.batches])
+                    while not self.stop.is_set():
+                        try:
+                            self.queue.put(data, timeout=0.5)
+                            break
+                        except queue.Full:
+                            continue
+                    if self.stop.is_set():
+                        return
+            except BaseException as e:  # handed to the training thread, raised there
+                self.queue.put(e)
 
+        self.thread = threading.Thread(target=produce, name="wanray-clip-loader", daemon=True)
+        self.thread.start()
 
-class EpochSource:
-    """A worker's clips, one epoch at a time, streamed from its dataset shard or from memory."""
+    def next(self) -> StepData:
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
-    def __init__(self, shard, batch_size: int, max_tokens: int, cache_bytes: int, seed: int):
-        self.shard, self.batch_size, self.max_tokens = shard, batch_size, max_tokens
-        self.cache_bytes, self.seed = cache_bytes, seed
-        self.cache: list[Clip] | None = None
-
-    def epoch(self, index: int, skip: int = 0) -> Iterator[Batch]:
-        if self.cache is not None:
-            clips = list(self.cache)
-            random.Random(self.seed * 7919 + index).shuffle(clips)
-            return bucket_batches(clips[skip:], self.batch_size, self.max_tokens)
-        return bucket_batches(self._stream(skip), self.batch_size, self.max_tokens)
-
-    def _stream(self, skip: int) -> Iterator[Clip]:
-        kept, size = ([] if skip == 0 and self.cache_bytes > 0 else None), 0
-        for n, clip in enumerate(_decode_rows(self.shard)):
-            if kept is not None:
-                size += sum(t.numel() * t.element_size() for t in clip)
-                kept = kept if size <= self.cache_bytes else None
-                if kept is not None:
-                    kept.append(clip)
-            if n >= skip:
-                yield clip
-        if kept is not None:  # a whole epoch fitted: later epochs come from memory
-            self.cache = kept
+    def close(self) -> None:
+        self.stop.set()

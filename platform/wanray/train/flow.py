@@ -1,18 +1,21 @@
 """Flow matching restricted to one expert's timestep range.
 
-x_t = (1 - s) * x0 + s * noise, target = noise - x0, t = 1000 * s, with s drawn from the
-shifted schedule s = shift * u / (1 + (shift - 1) * u), u ~ U(0, 1).
+x_t = (1 - s) * x0 + s * noise, target = noise - x0, t = num_train_timesteps * s, with s drawn
+from the shifted schedule s = shift * u / (1 + (shift - 1) * u), u ~ U(0, 1).
 
-The sampler hands a step to the high-noise expert when t >= boundary * 1000 (t being
-the scheduler's shifted timestep), else to the low-noise expert. Training uses exactly
-that rule: u is drawn only from the part of (0, 1) whose shifted t falls on the
-expert's side, so an expert never learns a range it never sees at inference.
+The sampler hands a step to the high-noise expert by the contract's switch rule
+(`WanContract.uses_high_expert`: t >= boundary * 1000, t the scheduler's shifted timestep).
+Training uses exactly that rule: u is drawn only from the part of (0, 1) whose shifted t falls
+on the expert's side, so an expert never learns a range it never sees at inference.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
-NUM_TRAIN_TIMESTEPS = 1000
+from wanray.wan import WanContract
 
 
 def shift_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
@@ -24,25 +27,50 @@ def unshift_sigma(s: float, shift: float) -> float:
     return s / (shift - (shift - 1) * s)
 
 
-def uses_high_expert(t: torch.Tensor, boundary: float) -> torch.Tensor:
-    """The sampler's switch: the high-noise expert runs steps with t >= boundary * 1000."""
-    return t >= boundary * NUM_TRAIN_TIMESTEPS
-
-
-def sample_timesteps(n: int, expert: str, boundary: float, shift: float, generator: torch.Generator) -> torch.Tensor:
-    """`n` float32 timesteps in [0, 1000] on `expert`'s side of the boundary."""
-    u_b = unshift_sigma(boundary, shift)  # u whose shifted timestep is the boundary
+def sample_timesteps(n: int, expert: str, contract: WanContract, shift: float,
+                     generator: torch.Generator) -> torch.Tensor:
+    """`n` float32 timesteps in [0, num_train_timesteps] on `expert`'s side of the boundary."""
+    u_b = unshift_sigma(contract.boundary, shift)  # u whose shifted timestep is the boundary
     lo, hi = (u_b, 1.0) if expert == "high" else (0.0, u_b)
     u = lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
-    t = (shift_sigma(u, shift) * NUM_TRAIN_TIMESTEPS).float()
+    t = (shift_sigma(u, shift) * contract.num_train_timesteps).float()
     # float32 rounding may carry a t across the boundary: move it back by one ulp
-    edge = torch.tensor(boundary * NUM_TRAIN_TIMESTEPS, dtype=torch.float32)
+    edge = torch.tensor(contract.boundary_timestep, dtype=torch.float32)
     if expert == "high":
-        return torch.where(uses_high_expert(t, boundary), t, edge)
-    return torch.where(uses_high_expert(t, boundary), edge.nextafter(torch.tensor(0.0)), t)
+        return torch.where(contract.uses_high_expert(t), t, edge)
+    return torch.where(contract.uses_high_expert(t), edge.nextafter(torch.tensor(0.0)), t)
 
 
-def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                  num_train_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_t, target) for latents x0 (B, C, F, H, W) at timesteps t (B,)."""
-    s = (t / NUM_TRAIN_TIMESTEPS).to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+    s = (t / num_train_timesteps).to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
     return (1 - s) * x0 + s * noise, noise - x0
+
+
+@dataclass
+class FlowDraw:
+    """The random part of one micro-batch's loss."""
+
+    timesteps: torch.Tensor
+    """(B,) float32: exactly what the model is given and what x_t is built from."""
+    noise: torch.Tensor
+    """Like the latents, float32."""
+    drop_caption: torch.Tensor
+    """(B,) bool: train these clips on the empty-prompt embedding."""
+
+
+def batch_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed of the global batch `index` of `epoch`: its noise, timesteps and caption dropout are the
+    same whichever rank draws them, so a resumed run (on any worker count) draws what the
+    uninterrupted run drew."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def draw_flow(latent_shape: tuple[int, ...], expert: str, contract: WanContract, shift: float,
+              caption_dropout: float, seed: int) -> FlowDraw:
+    gen = torch.Generator().manual_seed(seed)
+    b = latent_shape[0]
+    drop = torch.rand(b, generator=gen) < caption_dropout
+    timesteps = sample_timesteps(b, expert, contract, shift, gen)
+    return FlowDraw(timesteps, torch.randn(latent_shape, generator=gen), drop)

@@ -13,14 +13,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from wanray.config import Config
-from wanray.devices import accelerator
+from wanray.config import Config, attention_backend
+from wanray.devices import accelerator, torch_dtype
 from wanray.schema import pad_text_embedding
 from wanray.train import checkpoint as ckpt
-from wanray.train.data import Batch, EpochSource
-from wanray.train.flow import noisy_latents, sample_timesteps
+from wanray.train.data import Batch, ClipIndex, ClipLoader, ClipReader, DataPlan, StepData
+from wanray.train.flow import FlowDraw, batch_seed, draw_flow, noisy_latents
 from wanray.train.parallel import (apply_fsdp, build_on_meta, init_lora, load_expert_shards, materialize,
                                    shard_stats, trainable_parameters)
+from wanray.wan import WanContract
 
 STEP_FILE = "wanray_step.json"
 
@@ -32,10 +33,14 @@ class LoopSpec:
     cfg: Config
     expert: str
     model_path: str
+    contract: WanContract
+    """The Wan2.2 contract of model_path under cfg.model: the boundary this expert trains on."""
+    index: ClipIndex
+    """Every clip of the training data; each worker reads its own."""
     empty_prompt: torch.Tensor
     """Unpadded empty-prompt embedding (caption dropout)."""
     run_dir: str
-    """Where rank 0 appends metrics.jsonl."""
+    """Where rank 0 appends metrics.jsonl and every rank its data_order/ record."""
 
 
 def lr_lambda(cfg: Config):
@@ -54,7 +59,8 @@ def lr_lambda(cfg: Config):
 def build_model(spec: LoopSpec, device: torch.device, fresh: bool):
     """Meta -> FSDP2 shards -> local storage -> weights (skipped when a checkpoint will load them)."""
     t = spec.cfg.train
-    model = build_on_meta(spec.model_path, spec.expert, t.lora)
+    model = build_on_meta(spec.model_path, spec.expert, t.lora, attention_backend(spec.cfg.model.attention_backend,
+                                                                                  t.device))
     apply_fsdp(model, device, t.param_dtype, t.reduce_dtype, t.activation_checkpointing)
     materialize(model, device)
     if fresh:
@@ -67,45 +73,50 @@ def build_model(spec: LoopSpec, device: torch.device, fresh: bool):
     return model.train()
 
 
-def flow_loss(model, batch: Batch, spec: LoopSpec, empty: torch.Tensor, gen: torch.Generator, device):
-    """Flow-matching MSE on the expert's side of the boundary, with caption dropout."""
-    t, b = spec.cfg.train, batch.latents.shape[0]
-    x0 = batch.latents.float()
-    text = batch.text.float()
-    drop = torch.rand(b, generator=gen) < t.caption_dropout
-    text[drop] = empty
-    timesteps = sample_timesteps(b, spec.expert, spec.cfg.model.boundary, t.timestep_shift, gen)
-    noise = torch.randn(x0.shape, generator=gen)
-    xt, target = noisy_latents(x0, noise, timesteps)
-    pred = model(hidden_states=xt.to(device), timestep=timesteps.to(device), encoder_hidden_states=text.to(device),
-                 return_dict=False)[0]
+def build_optimizer(spec: LoopSpec, params: list, device: torch.device):
+    t = spec.cfg.train
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
+                                  fused=device.type != "cpu")
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.cfg))
+
+
+def draw_for(batch: Batch, spec: LoopSpec) -> FlowDraw:
+    t = spec.cfg.train
+    return draw_flow(tuple(batch.latents.shape), spec.expert, spec.contract, t.timestep_shift, t.caption_dropout,
+                     batch_seed(t.seed, batch.epoch, batch.index))
+
+
+def flow_loss(model, batch: Batch, draw: FlowDraw, empty: torch.Tensor, spec: LoopSpec, device: torch.device):
+    """Flow-matching MSE on the expert's side of the boundary, with caption dropout.
+
+    x_t is built in float32 from the float32 timesteps, and the model is given those same
+    timesteps; latents and text are cast to the compute dtype here (FSDP2 casts no inputs)."""
+    compute = torch_dtype(spec.cfg.train.param_dtype)
+    x0, text = batch.latents.float(), batch.text.float()
+    text[draw.drop_caption] = empty
+    xt, target = noisy_latents(x0, draw.noise, draw.timesteps, spec.contract.num_train_timesteps)
+    pred = model(hidden_states=xt.to(device, compute), timestep=draw.timesteps.to(device),
+                 encoder_hidden_states=text.to(device, compute), return_dict=False)[0]
     return F.mse_loss(pred.float(), target.to(device))
 
 
-class Batches:
-    """Micro-batches across epochs; every rank starts each epoch together (see `next`)."""
-
-    def __init__(self, shard, spec: LoopSpec, progress: ckpt.Progress, world: int, rank: int, device):
-        t = spec.cfg.train
-        self.source = EpochSource(shard, t.batch_size, spec.cfg.data.max_text_tokens, t.cache_bytes, t.seed + rank)
-        self.progress, self.world, self.device = progress, world, device
-        self.it = self.source.epoch(progress.epoch, skip=progress.samples_in_epoch // world)
-
-    def next(self) -> Batch:
-        for _ in range(3):
-            batch = next(self.it, None)
-            # Host sync, once per micro-batch: a rank whose shard ran dry must not start the
-            # next epoch while others still step (streaming_split starts epochs together), so all
-            # ranks agree to end the epoch as soon as one has no batch left.
-            have = torch.tensor([0.0 if batch is None else 1.0], device=self.device)
-            dist.all_reduce(have, op=dist.ReduceOp.MIN)
-            if have.item() == 1.0:
-                self.progress.samples_in_epoch += batch.latents.shape[0] * self.world
-                return batch
-            self.progress.epoch += 1
-            self.progress.samples_in_epoch = 0
-            self.it = self.source.epoch(self.progress.epoch)
-        raise RuntimeError("the training data yields no batch on some worker: too few clips for the worker count")
+def train_step(model, params: list, optimizer, lr_schedule, step: StepData, spec: LoopSpec, empty: torch.Tensor,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step over this rank's micro-batches: (summed loss, grad norm, the timesteps drawn)."""
+    t = spec.cfg.train
+    loss_sum, drawn = torch.zeros((), device=device), []
+    for micro, batch in enumerate(step.batches):
+        model.set_requires_gradient_sync(micro == len(step.batches) - 1)  # reduce-scatter once per step
+        draw = draw_for(batch, spec)
+        loss = flow_loss(model, batch, draw, empty, spec, device) / len(step.batches)
+        loss.backward()
+        loss_sum += loss.detach()
+        drawn.append(draw.timesteps)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad if t.clip_grad > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    lr_schedule.step()
+    return loss_sum, grad_norm, torch.cat(drawn)
 
 
 def peak_memory_bytes(acc) -> int:
@@ -124,6 +135,10 @@ def save_checkpoint(state: dict, progress: ckpt.Progress, metrics: dict, rank: i
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
+def data_order_path(run_dir, rank: int) -> Path:
+    return Path(run_dir) / "data_order" / f"rank-{rank:05d}.jsonl"
+
+
 def train_loop(config: dict) -> None:
     import ray.train
 
@@ -132,50 +147,49 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     acc = accelerator(t.device)
-    device = acc.torch_device(ctx.get_local_rank())
+    device = acc.torch_device()
     resume = ray.train.get_checkpoint()
     model = build_model(spec, device, fresh=resume is None)
     params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
-                                  fused=device.type != "cpu")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.cfg))
-    progress = ckpt.Progress()
-    state = ckpt.app_state(model, optimizer, scheduler, progress)
+    optimizer, lr_schedule = build_optimizer(spec, params, device)
+    progress = ckpt.Progress(data_fingerprint=spec.index.fingerprint())
+    state = ckpt.app_state(model, optimizer, lr_schedule, progress)
+    log = MetricsLog(spec, rank, world, acc)
     if resume is not None:
         with resume.as_directory() as d:
             ckpt.load(state, d)
-        if rank == 0:
-            print(f"[train:{spec.expert}] resumed at step {progress.step} (epoch {progress.epoch}) on {world} workers")
-    batches = Batches(ray.train.get_dataset_shard("train"), spec, progress, world, rank, device)
-    empty = pad_text_embedding(spec.empty_prompt.float(), spec.cfg.data.max_text_tokens)
-    log = MetricsLog(spec, rank, world, acc)
-    while progress.step < t.steps:
-        step_start, wait, samples, tokens = time.perf_counter(), 0.0, 0, 0
-        loss_sum = torch.zeros((), device=device)
-        gen = torch.Generator().manual_seed(t.seed * 1_000_003 + rank * 10_007 + progress.step)
-        for micro in range(t.grad_accum):
-            w0 = time.perf_counter()
-            batch = batches.next()
-            wait += time.perf_counter() - w0
-            model.set_requires_gradient_sync(micro == t.grad_accum - 1)  # reduce-scatter once per step
-            loss = flow_loss(model, batch, spec, empty, gen, device) / t.grad_accum
-            loss.backward()
-            loss_sum += loss.detach()
-            samples, tokens = samples + batch.latents.shape[0], tokens + batch.tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad if t.clip_grad > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        progress.step += 1
-        metrics = log.step(loss_sum, grad_norm, scheduler.get_last_lr()[0], time.perf_counter() - step_start,
-                           wait, samples, tokens, progress)
-        if metrics:
-            metrics.update(shard_stats(model, optimizer))
-            log.write(metrics)
-        if progress.step % t.checkpoint_every == 0 or progress.step == t.steps:
-            save_checkpoint(state, progress, metrics or {"step": progress.step}, rank)
-        elif metrics:
-            ray.train.report(metrics)
+        log.resumed(progress)
+    plan = DataPlan(spec.index, t.batch_size, t.seed, world, t.grad_accum)
+    loader = ClipLoader(plan, ClipReader(spec.index, t.cache_bytes), progress.epoch, progress.batches_in_epoch, rank,
+                        spec.contract.text_tokens)
+    empty = pad_text_embedding(spec.empty_prompt.float(), spec.contract.text_tokens)
+    order = data_order_path(spec.run_dir, rank)
+    order.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with order.open("a") as order_log:
+            while progress.step < t.steps:
+                step_start = time.perf_counter()
+                step = loader.next()
+                wait = time.perf_counter() - step_start
+                loss, grad_norm, timesteps = train_step(model, params, optimizer, lr_schedule, step, spec, empty,
+                                                        device)
+                progress.step += 1
+                progress.epoch, progress.batches_in_epoch = step.epoch, step.start + plan.per_step
+                order_log.write(json.dumps({"step": progress.step, "epoch": step.epoch,
+                                            "batches": [b.index for b in step.batches],
+                                            "ids": [i for b in step.batches for i in b.ids]}) + "\n")
+                order_log.flush()
+                metrics = log.step(loss, grad_norm, lr_schedule.get_last_lr()[0], time.perf_counter() - step_start,
+                                   wait, step, timesteps, progress)
+                if metrics:
+                    metrics.update(shard_stats(model, optimizer))
+                    log.write(metrics)
+                # Ray Train hears of metrics with checkpoints only: a V2 report blocks until the
+                # controller's next poll (every 2 s), which costs more than a small step.
+                if progress.step % t.checkpoint_every == 0 or progress.step == t.steps:
+                    save_checkpoint(state, progress, metrics or {"step": progress.step}, rank)
+    finally:
+        loader.close()
 
 
 class MetricsLog:
@@ -184,15 +198,34 @@ class MetricsLog:
     def __init__(self, spec: LoopSpec, rank: int, world: int, acc):
         self.spec, self.rank, self.world, self.acc = spec, rank, world, acc
         self.path = Path(spec.run_dir) / "metrics.jsonl"
+        self.range = list(spec.contract.timestep_range(spec.expert))
         self.reset = True
         self.started = None
+        self.say(f"{spec.contract.describe_range(spec.expert)} (boundary {spec.contract.boundary} from "
+                 f"{spec.contract.boundary_source}); {len(spec.index)} clips, {world} workers")
 
-    def step(self, loss, grad_norm, lr, seconds, wait, samples, tokens, progress) -> dict | None:
+    def say(self, text: str) -> None:
+        if self.rank == 0:
+            print(f"[train:{self.spec.expert}] {text}", flush=True)
+
+    def resumed(self, progress: ckpt.Progress) -> None:
+        self.say(f"resumed at step {progress.step} (epoch {progress.epoch}, {progress.batches_in_epoch} "
+                 f"batches into it) on {self.world} workers")
+        if progress.data_fingerprint != self.spec.index.fingerprint():
+            self.say("warning: the training data changed since this run started (shards added, removed or "
+                     "rewritten): the clip order from here on differs from an uninterrupted run's")
+            progress.data_fingerprint = self.spec.index.fingerprint()
+
+    def step(self, loss, grad_norm, lr, seconds, wait, step: StepData, timesteps, progress) -> dict | None:
         if self.reset:
             self.seconds = self.wait = self.samples = self.tokens = 0.0
+            self.t_min, self.t_max = math.inf, -math.inf
             self.reset = False
         self.seconds, self.wait = self.seconds + seconds, self.wait + wait
-        self.samples, self.tokens = self.samples + samples, self.tokens + tokens
+        self.samples += sum(b.latents.shape[0] for b in step.batches)
+        self.tokens += sum(b.tokens for b in step.batches)
+        self.t_min = min(self.t_min, float(timesteps.min()))  # CPU tensors: no device sync
+        self.t_max = max(self.t_max, float(timesteps.max()))
         t = self.spec.cfg.train
         if progress.step % t.log_every and progress.step != t.steps:
             return None
@@ -204,6 +237,7 @@ class MetricsLog:
         m = {"expert": self.spec.expert, "step": progress.step, "epoch": progress.epoch, "loss": loss_v,
              "grad_norm": norm_v, "lr": lr, "samples_per_s": self.samples * self.world / self.seconds,
              "tokens_per_s": self.tokens * self.world / self.seconds, "data_wait_fraction": self.wait / self.seconds,
+             "timestep_range": self.range, "timesteps_seen": [self.t_min, self.t_max],
              "peak_memory_bytes": peak_memory_bytes(self.acc), "world_size": self.world}
         self.reset = True
         return m
@@ -223,5 +257,5 @@ class MetricsLog:
         eta = (self.spec.cfg.train.steps - step) / rate if rate else float("nan")
         print(f"[train:{m['expert']}] step {step}/{self.spec.cfg.train.steps} loss {m['loss']:.4f} "
               f"grad_norm {m['grad_norm']:.3f} lr {m['lr']:.2e} {m['samples_per_s']:.2f} samples/s "
-              f"data-wait {m['data_wait_fraction']:.1%} ETA {eta:.0f}s", flush=True)
-
+              f"data-wait {m['data_wait_fraction']:.1%} t {m['timesteps_seen'][0]:.0f}-{m['timesteps_seen'][1]:.0f} "
+              f"ETA {eta:.0f}s", flush=True)

@@ -17,14 +17,15 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from wanray.devices import torch_dtype
+from wanray.devices import apply_attention_backend, torch_dtype
 from wanray.models import EXPERT_SUBFOLDERS
 
 LORA_PREFIX = "base_model.model."
 
 
-def build_on_meta(model_path, expert: str, lora=None):
-    """The expert's module with parameters on the meta device and real (CPU) buffers."""
+def build_on_meta(model_path, expert: str, lora=None, attention_backend: str | None = None):
+    """The expert's module with parameters on the meta device and real (CPU) buffers, its attention
+    routed through diffusers' `attention_backend` when one is named."""
     from accelerate import init_empty_weights
     from diffusers import WanTransformer3DModel
 
@@ -37,15 +38,27 @@ def build_on_meta(model_path, expert: str, lora=None):
         model.requires_grad_(False)
         model.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
                                      init_lora_weights=True))
+    if attention_backend is not None:
+        apply_attention_backend(model, attention_backend)
     return model
 
 
 def apply_fsdp(model, device: torch.device, param_dtype: str, reduce_dtype: str, activation_checkpointing: bool):
-    """Shard each transformer block, then the root, over all ranks (one flat data-parallel mesh)."""
+    """Shard each transformer block, then the root, over all ranks (one flat data-parallel mesh).
+
+    Mixed precision: parameters are all-gathered and computed in param_dtype, except the time
+    embedder, which stays float32 as diffusers keeps it (`_keep_in_fp32_modules`). Forward inputs
+    are never cast (cast_forward_inputs=False): by default FSDP2 would cast the float timestep to
+    bf16, which steps by 4 between 512 and 1024 (874.9 -> 876, across the boundary), and the RoPE
+    tables the root hands each block. The caller casts latents and text to param_dtype itself.
+    """
     if activation_checkpointing:
         model.enable_gradient_checkpointing()  # diffusers recomputes each block in backward
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    mp = MixedPrecisionPolicy(param_dtype=torch_dtype(param_dtype), reduce_dtype=torch_dtype(reduce_dtype))
+    mp = MixedPrecisionPolicy(param_dtype=torch_dtype(param_dtype), reduce_dtype=torch_dtype(reduce_dtype),
+                              cast_forward_inputs=False)
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    fully_shard(model.condition_embedder.time_embedder, mesh=mesh, mp_policy=fp32)
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)

@@ -1,4 +1,9 @@
-"""Driver side of training: one Ray Train TorchTrainer per expert."""
+"""Driver side of training: one Ray Train TorchTrainer per expert.
+
+Each expert's run directory (`--out/<expert>/`) holds Ray Train's checkpoints, metrics.jsonl,
+data_order/ (the clips of every step, per rank) and RUN_FILE: the boundary and timestep range
+the expert trains on, which export writes into the exported model_index.json.
+"""
 from __future__ import annotations
 
 import json
@@ -6,13 +11,14 @@ import threading
 from pathlib import Path
 
 from wanray import models
-from wanray.config import Config, ConfigError
-from wanray.data.shards import read_empty_prompt
+from wanray.config import Config, ConfigError, attention_backend
+from wanray.data.shards import read_empty_prompt, write_json_atomic
 from wanray.devices import accelerator
-from wanray.train.data import read_clip_dataset
+from wanray.train.data import ClipIndex
 from wanray.train.loop import STEP_FILE, LoopSpec, train_loop
+from wanray.wan import EXPERTS, WanContract, read_contract
 
-EXPERTS = ("high", "low")
+RUN_FILE = "wanray_run.json"
 
 
 def worker_resources(cfg: Config) -> dict:
@@ -24,7 +30,23 @@ def worker_resources(cfg: Config) -> dict:
     return res
 
 
-def make_trainer(cfg: Config, expert: str, data_dir, run_dir):
+def record_run(cfg: Config, expert: str, contract: WanContract, index: ClipIndex, run_dir: Path) -> None:
+    """Write (or, on resume, check) what the expert trains on; a resumed run must keep its boundary."""
+    record = {"expert": expert, "boundary": contract.boundary, "boundary_source": contract.boundary_source,
+              "timestep_range": list(contract.timestep_range(expert)),
+              "attention_backend": attention_backend(cfg.model.attention_backend, cfg.train.device),
+              "clips": len(index)}
+    path = run_dir / RUN_FILE
+    if path.exists():
+        before = json.loads(path.read_text())
+        if before["boundary"] != contract.boundary:
+            raise ConfigError(f"{run_dir} trained the {expert}-noise expert with boundary {before['boundary']}; "
+                              f"this run would use {contract.boundary}: use a new --out directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(record, path)
+
+
+def make_trainer(cfg: Config, expert: str, data_dir, run_dir, index: ClipIndex | None = None):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -32,8 +54,11 @@ def make_trainer(cfg: Config, expert: str, data_dir, run_dir):
     if t.lora.enabled and t.init_dcp:
         raise ConfigError("train.init_dcp holds plain expert weights; with train.lora.enabled load from safetensors")
     model_path = str(models.ensure_model(cfg.model))
-    run_dir = Path(run_dir).resolve()
-    spec = LoopSpec(cfg, expert, model_path, read_empty_prompt(data_dir), str(run_dir / expert))
+    contract = read_contract(model_path, cfg.model)
+    index = index or ClipIndex.from_dir(data_dir)
+    expert_dir = Path(run_dir).resolve() / expert
+    record_run(cfg, expert, contract, index, expert_dir)
+    spec = LoopSpec(cfg, expert, model_path, contract, index, read_empty_prompt(data_dir), str(expert_dir))
     return TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec},
@@ -41,11 +66,19 @@ def make_trainer(cfg: Config, expert: str, data_dir, run_dir):
                                                resources_per_worker=worker_resources(cfg)),
         torch_config=TorchConfig(backend=accelerator(t.device).dist_backend),
         run_config=ray.train.RunConfig(
-            name=expert, storage_path=str(run_dir),
+            name=expert, storage_path=str(expert_dir.parent),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures)),
-        datasets={"train": read_clip_dataset(data_dir)},
     )
+
+
+def trained_boundary(run_dir, experts) -> float | None:
+    """The boundary the experts of a run were trained with (None for runs without a record)."""
+    found = {json.loads(p.read_text())["boundary"] for e in experts if (p := Path(run_dir, e, RUN_FILE)).exists()}
+    if len(found) > 1:
+        raise ConfigError(f"the experts in {run_dir} were trained with different boundaries {sorted(found)}; "
+                          "export them separately")
+    return found.pop() if found else None
 
 
 def room_for_both(cfg: Config) -> bool:
@@ -63,7 +96,8 @@ def train_experts(cfg: Config, expert: str, data_dir, run_dir, log=print) -> dic
     experts = EXPERTS if expert == "both" else (expert,)
     if any(e not in EXPERTS for e in experts):
         raise ConfigError(f"--expert must be high, low or both, got {expert!r}")
-    trainers = {e: make_trainer(cfg, e, data_dir, run_dir) for e in experts}
+    index = ClipIndex.from_dir(data_dir)  # read once, sent to every worker of both experts
+    trainers = {e: make_trainer(cfg, e, data_dir, run_dir, index) for e in experts}
     results: dict = {}
     if len(experts) == 2 and room_for_both(cfg):
         log("[train] training both experts at once")
@@ -89,3 +123,22 @@ def latest_checkpoint(run_dir, expert: str) -> Path:
     if not found:
         raise FileNotFoundError(f"no checkpoint of the {expert}-noise expert in {Path(run_dir) / expert}")
     return max(found)[1]
+
+
+def export_run(cfg: Config, run_dir, out_dir, log=print) -> Path:
+    """The latest checkpoint of each expert trained in run_dir, in a copy of model.path (see
+    checkpoint.export_diffusers), with the boundary they trained with in its model_index.json."""
+    from wanray.train.checkpoint import export_diffusers
+
+    model_path = models.ensure_model(cfg.model)
+    trained = {e: latest_checkpoint(run_dir, e) for e in EXPERTS if (Path(run_dir) / e).is_dir()}
+    if not trained:
+        raise FileNotFoundError(f"no trained expert (high/ or low/) in {run_dir}")
+    boundary = trained_boundary(run_dir, trained)
+    if boundary is None:
+        boundary = read_contract(model_path, cfg.model).boundary
+    for e, ckpt in trained.items():
+        log(f"[export] {e}-noise expert from {ckpt}")
+    out = export_diffusers(model_path, out_dir, trained, boundary, cfg.train.lora)
+    log(f"[export] wrote {out} (boundary {boundary}; load with WanPipeline.from_pretrained)")
+    return out

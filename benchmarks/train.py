@@ -57,7 +57,7 @@ def step_times(cfg, data: Path, sources, model_path: str, steps: int) -> tuple[f
     model = models.load_expert(model_path, "high").train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     spec = LoopSpec(cfg, "high", model_path, read_contract(model_path, cfg.model), ClipIndex.from_dir(data),
-                    read_empty_prompt(data), "")
+                    "native", read_empty_prompt(data), "")
     empty = pad_text_embedding(spec.empty_prompt, TEXT_TOKENS)
 
     def train_step(batch, step):

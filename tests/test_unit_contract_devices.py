@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_config
-from wanray.config import ConfigError, ModelConfig, load_config
+from wanray.config import ConfigError, ModelConfig, attention_backend, load_config
 from wanray.devices import _ray_assigned_ids, apply_attention_backend, assigned_device_index
 from wanray.wan import read_contract, resolve_boundary
 
@@ -87,8 +87,33 @@ def test_removed_and_bad_model_keys_are_one_line_errors(tiny_model):
         load_config(ROOT / "configs" / "tiny.yaml", ["data.max_text_tokens=256"])
     with pytest.raises(ConfigError, match="model.attention_backend 'fast' is not one wanray can use"):
         load_config(ROOT / "configs" / "tiny.yaml", ["model.attention_backend=fast"])
-    with pytest.raises(ConfigError, match="'_native_npu' runs on npu only, but train.device is cpu"):
-        load_config(ROOT / "configs" / "tiny.yaml", ["model.attention_backend=_native_npu"])
+
+
+@pytest.mark.parametrize("configured, device, dtype, training, expect", [
+    (None, "npu", "bfloat16", True, "_native_npu"),
+    (None, "npu", "float32", False, "native"),       # torch_npu's fused kernel takes half precision only
+    (None, "cuda", "bfloat16", True, "native"),
+    (None, "cpu", "float32", True, "native"),
+    ("flash", "cuda", "bfloat16", True, "flash"),
+    ("sage", "cuda", "bfloat16", False, "sage"),
+    ("_native_npu", "cpu", "bfloat16", True, "runs on npu only, but training runs on cpu"),
+    ("flash", "cuda", "float32", False, "takes bfloat16 or float16 only, but inference computes in float32"),
+    ("sage", "cuda", "bfloat16", True, "has no backward pass"),
+])
+def test_attention_backend_per_stage(configured, device, dtype, training, expect):
+    if expect.startswith(("_", "native", "flash", "sage")):
+        assert attention_backend(configured, device, dtype, training) == expect
+    else:
+        with pytest.raises(ConfigError, match=expect):
+            attention_backend(configured, device, dtype, training)
+
+
+def test_a_training_run_refuses_an_attention_backend_for_another_device(tiny_model, tmp_path):
+    from wanray.train.trainer import make_trainer
+
+    cfg = tiny_config(tiny_model, "model.attention_backend=_native_npu")
+    with pytest.raises(ConfigError, match="runs on npu only, but training runs on cpu"):
+        make_trainer(cfg, "high", tmp_path, tmp_path / "run")
 
 
 def test_attention_backend_reaches_every_attention_and_an_unusable_one_is_a_config_error(tiny_model):

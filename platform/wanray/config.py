@@ -25,21 +25,50 @@ REMOVED_KEYS = {
     "data.max_text_tokens": "Wan2.2's text length is fixed at 512 tokens (wanray.wan.TEXT_TOKENS)",
 }
 
+@dataclass(frozen=True)
+class AttentionBackend:
+    devices: tuple[str, ...]
+    half_only: bool = False
+    """Takes bfloat16 / float16 inputs only."""
+    trains: bool = True
+    """Has a backward pass (sage's kernels are inference only)."""
+
+
 # diffusers attention backends (diffusers.models.attention_dispatch.AttentionBackendName) wanray can
-# select, and the devices each runs on. The *_hub backends are left out: they download kernels at
-# run time. None (the default) means _native_npu on NPU, native elsewhere.
+# select. The *_hub backends are left out: they download kernels at run time.
 ATTENTION_BACKENDS = {
-    "native": ("cpu", "cuda", "npu"), "_native_math": ("cpu", "cuda", "npu"), "_native_flash": ("cpu", "cuda"),
-    "_native_efficient": ("cuda",), "_native_cudnn": ("cuda",), "flex": ("cpu", "cuda"), "_native_npu": ("npu",),
-    "flash": ("cuda",), "flash_varlen": ("cuda",), "_flash_3": ("cuda",), "_flash_varlen_3": ("cuda",),
-    "sage": ("cuda",), "sage_varlen": ("cuda",), "xformers": ("cuda",),
+    "native": AttentionBackend(("cpu", "cuda", "npu")),
+    "_native_math": AttentionBackend(("cpu", "cuda", "npu")),
+    "_native_flash": AttentionBackend(("cpu", "cuda"), half_only=True),
+    "_native_efficient": AttentionBackend(("cuda",)),
+    "_native_cudnn": AttentionBackend(("cuda",), half_only=True),
+    "flex": AttentionBackend(("cpu", "cuda")),
+    "_native_npu": AttentionBackend(("npu",), half_only=True),
+    "flash": AttentionBackend(("cuda",), half_only=True),
+    "flash_varlen": AttentionBackend(("cuda",), half_only=True),
+    "_flash_3": AttentionBackend(("cuda",), half_only=True),
+    "_flash_varlen_3": AttentionBackend(("cuda",), half_only=True),
+    "sage": AttentionBackend(("cuda",), half_only=True, trains=False),
+    "sage_varlen": AttentionBackend(("cuda",), half_only=True, trains=False),
+    "xformers": AttentionBackend(("cuda",)),
 }
 
 
-def attention_backend(configured: str | None, device: str) -> str:
-    """The backend a stage on `device` uses: the configured one, else the device's default."""
+def attention_backend(configured: str | None, device: str, dtype: str, training: bool) -> str:
+    """The backend a stage computing in `dtype` on `device` uses: model.attention_backend, else
+    _native_npu (torch_npu's fused kernel) on NPU in bfloat16 and native (torch SDPA) otherwise.
+    A backend that cannot run there is a ConfigError, raised by the driver before any worker starts."""
     if configured is None:
-        return "_native_npu" if device == "npu" else "native"
+        return "_native_npu" if device == "npu" and dtype != "float32" else "native"
+    backend, where = ATTENTION_BACKENDS[configured], "training" if training else "inference"
+    if device not in backend.devices:
+        raise ConfigError(f"model.attention_backend {configured!r} runs on {' or '.join(backend.devices)} only, "
+                          f"but {where} runs on {device}")
+    if backend.half_only and dtype == "float32":
+        raise ConfigError(f"model.attention_backend {configured!r} takes bfloat16 or float16 only, but {where} "
+                          "computes in float32")
+    if training and not backend.trains:
+        raise ConfigError(f"model.attention_backend {configured!r} has no backward pass: use it for inference only")
     return configured
 
 
@@ -60,7 +89,7 @@ class ModelConfig:
     """Train or sample with model.boundary even where the model directory says otherwise."""
     attention_backend: str | None = None
     """diffusers attention backend of the experts (training, serving, batch generation): None picks
-    _native_npu on NPU and native (torch SDPA) elsewhere; see ATTENTION_BACKENDS."""
+    _native_npu on NPU in bfloat16 and native (torch SDPA) elsewhere; see ATTENTION_BACKENDS."""
 
 
 @dataclass
@@ -204,13 +233,13 @@ class TrainConfig:
     caption_dropout: float = 0.1
     """Probability of training a clip on the empty-prompt embedding (for guidance)."""
     seed: int = 0
-    """Seed of noise, timesteps and caption dropout (with rank and step)."""
+    """Seed of the data order and of each batch's noise, timesteps and caption dropout (with epoch and batch)."""
     workers: int = 1
     """Ray Train workers (FSDP2 ranks) per expert."""
     device: str = "cpu"
     """cpu (gloo), cuda (nccl) or npu (hccl)."""
     cpus_per_worker: float = 1.0
-    """CPUs each worker asks Ray for (fractions leave room for Ray Data on small machines)."""
+    """CPUs each worker asks Ray for (fractions share a small machine)."""
     accelerators_per_worker: float = 1.0
     """NPUs / GPUs per worker on cuda / npu."""
     param_dtype: str = "float32"
@@ -280,10 +309,6 @@ class Config:
         if name not in ATTENTION_BACKENDS:
             raise ConfigError(f"model.attention_backend {name!r} is not one wanray can use "
                               f"(valid: {', '.join(ATTENTION_BACKENDS)}; null picks the device's default)")
-        for key, device in (("train.device", self.train.device), ("infer.device", self.infer.device)):
-            if device not in ATTENTION_BACKENDS[name]:
-                raise ConfigError(f"model.attention_backend {name!r} runs on {' or '.join(ATTENTION_BACKENDS[name])} "
-                                  f"only, but {key} is {device}")
 
 
 def _coerce(value, tp, where: str):

@@ -196,7 +196,7 @@ class StageSpec:
     def resolve(cls, model_dir, cfg: Config) -> StageSpec:
         """The spec for `model_dir` under `cfg`; a boundary contradicting the directory is a ConfigError."""
         return cls(str(model_dir), cfg.infer, read_contract(model_dir, cfg.model),
-                   attention_backend(cfg.model.attention_backend, cfg.infer.device))
+                   attention_backend(cfg.model.attention_backend, cfg.infer.device, cfg.infer.dtype, training=False))
 
     def prompt_encoder(self) -> tuple:
         return PromptEncoder, self.model_dir, self.infer, self.contract

@@ -82,7 +82,13 @@ def save(state: dict, directory) -> None:
 
 def load(state: dict, directory) -> None:
     """Collective; works whatever the world size the checkpoint was written with."""
-    dcp.load(state, checkpoint_id=str(directory))
+    try:
+        dcp.load(state, checkpoint_id=str(directory))
+    except (RuntimeError, dcp.api.CheckpointException) as e:  # the latter carries every rank's error
+        if "train.batches_in_epoch" in str(e) or "train.data_fingerprint" in str(e):
+            raise RuntimeError(f"{directory} was written by an earlier wanray (no data position of the seeded "
+                               "order): resume is not possible; train into a new --out directory") from None
+        raise
 
 
 def load_model_weights(model, directory) -> None:

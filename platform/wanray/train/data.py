@@ -1,8 +1,8 @@
 """Training batches from the preprocessed Parquet, in one seeded global order that resume replays.
 
     driver:  ClipIndex.from_dir(prep/)   one entry per clip: shard, row group, row, latent shape
-    epoch e: permutation(seed, e) of all clips -> same-shape batches of batch_size (the epoch's
-             global batch list) -> cut to a multiple of G = workers x grad_accum
+    epoch e: permutation(seed, e) of all clips -> same-shape batches of batch_size, in seeded
+             random order (the epoch's global batch list) -> cut to a multiple of G = workers x grad_accum
     step:    the next G global batches of the epoch; micro-batch m of rank r is batch
              start + m * workers + r
     worker:  ClipLoader reads its own clips (one Parquet row group per clip) in a background
@@ -15,10 +15,12 @@ stacked, so a batch holds one shape; a shape's last, unfilled batch of an epoch 
 """
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -68,25 +70,47 @@ class ClipIndex:
         return cls(files, *(table[:, i].copy() for i in range(4)), list(shapes))
 
     def fingerprint(self) -> str:
-        """Changes when shards are added, removed or rewritten: the order of a resumed run would differ."""
-        import hashlib
-
-        h = hashlib.sha1("\n".join(self.files).encode())
+        """Changes when shards are added, removed or rewritten (not when the directory moves)."""
+        h = hashlib.sha1("\n".join(Path(f).name for f in self.files).encode())
         h.update(np.stack([self.file, self.row_group, self.row, self.shape]).tobytes())
         return h.hexdigest()[:16]
 
+    def rows_per_row_group(self) -> int:
+        """Most clips in one Parquet row group: 1 for shards written by this wanray."""
+        _, counts = np.unique(np.stack([self.file, self.row_group]), axis=1, return_counts=True)
+        return int(counts.max())
 
-def epoch_batches(index: ClipIndex, epoch: int, seed: int, batch_size: int) -> list[np.ndarray]:
-    """The epoch's global batch list: clips in seeded random order, grouped by latent shape."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(index))
-    batches, open_batches = [], {}
-    for clip in order.tolist():
-        batch = open_batches.setdefault(int(index.shape[clip]), [])
-        batch.append(clip)
-        if len(batch) == batch_size:
-            batches.append(np.array(batch))
-            del open_batches[int(index.shape[clip])]
-    return batches + [np.array(b) for b in open_batches.values()]
+
+@dataclass(frozen=True)
+class EpochBatches:
+    """One epoch's global batch list: batch i is clips[starts[i]:ends[i]]."""
+
+    clips: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.clips[self.starts[i]:self.ends[i]]
+
+
+def epoch_batches(index: ClipIndex, epoch: int, seed: int, batch_size: int) -> EpochBatches:
+    """Clips in seeded random order, cut into same-shape batches (a shape's last one may be smaller),
+    the batches themselves in seeded random order: which batches an epoch leaves out (see DataPlan)
+    changes from epoch to epoch, whatever their shape."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(index))
+    order = order[np.argsort(index.shape[order], kind="stable")]  # grouped by shape, shuffled within
+    shape = index.shape[order]
+    new_shape = np.r_[True, shape[1:] != shape[:-1]]
+    first_of_shape = np.flatnonzero(new_shape)[np.cumsum(new_shape) - 1]
+    new_batch = new_shape | ((np.arange(len(order)) - first_of_shape) % batch_size == 0)
+    starts = np.flatnonzero(new_batch)
+    ends = np.r_[starts[1:], len(order)]
+    shuffled = rng.permutation(len(starts))
+    return EpochBatches(order, starts[shuffled], ends[shuffled])
 
 
 @dataclass(frozen=True)
@@ -101,12 +125,19 @@ class StepPlan:
 
 
 class DataPlan:
-    """The global batch order of a run: what each rank trains on at each data position."""
+    """The global batch order of a run: what each rank trains on at each data position.
+
+    An epoch's batches are cut to a multiple of G = workers x grad_accum so that every step takes
+    G of them; the few left out are others each epoch."""
 
     def __init__(self, index: ClipIndex, batch_size: int, seed: int, world: int, grad_accum: int):
         self.index, self.batch_size, self.seed = index, batch_size, seed
         self.world, self.grad_accum = world, grad_accum
         self.per_step = world * grad_accum  # G: global batches per optimizer step
+
+    def fingerprint(self) -> str:
+        """Changes with anything that changes which clips a data position means."""
+        return f"{self.index.fingerprint()}-s{self.seed}-b{self.batch_size}-g{self.per_step}"
 
     def steps(self, epoch: int, start: int, rank: int) -> Iterator[StepPlan]:
         """Rank `rank`'s steps from data position (epoch, start) on, forever (epoch after epoch)."""
@@ -148,7 +179,7 @@ Clip = tuple[str, torch.Tensor, torch.Tensor]  # (id, latent, unpadded text embe
 class ClipReader:
     """Reads clips by index position from the shards; keeps decoded clips while they fit in cache_bytes."""
 
-    OPEN_FILES = 32
+    OPEN_FILES = 128
 
     def __init__(self, index: ClipIndex, cache_bytes: int):
         self.index, self.cache_bytes = index, cache_bytes
@@ -201,21 +232,24 @@ class ClipLoader:
         self.stop = threading.Event()
         steps = plan.steps(epoch, start, rank)
 
+        def put(item) -> bool:
+            """Wait for room, unless the loader is closed; False when it is."""
+            while not self.stop.is_set():
+                try:
+                    self.queue.put(item, timeout=0.5)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def produce():
             try:
                 for step in steps:
-                    data = StepData(step.epoch, step.start,
-                                    [reader.batch(clips, step.epoch, i, text_tokens) for i, clips in step.batches])
-                    while not self.stop.is_set():
-                        try:
-                            self.queue.put(data, timeout=0.5)
-                            break
-                        except queue.Full:
-                            continue
-                    if self.stop.is_set():
+                    if not put(StepData(step.epoch, step.start, [reader.batch(clips, step.epoch, i, text_tokens)
+                                                                 for i, clips in step.batches])):
                         return
             except BaseException as e:  # handed to the training thread, raised there
-                self.queue.put(e)
+                put(e)
 
         self.thread = threading.Thread(target=produce, name="wanray-clip-loader", daemon=True)
         self.thread.start()

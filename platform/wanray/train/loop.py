@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from wanray.config import Config, attention_backend
+from wanray.config import Config
 from wanray.devices import accelerator, torch_dtype
 from wanray.schema import pad_text_embedding
 from wanray.train import checkpoint as ckpt
@@ -37,6 +37,8 @@ class LoopSpec:
     """The Wan2.2 contract of model_path under cfg.model: the boundary this expert trains on."""
     index: ClipIndex
     """Every clip of the training data; each worker reads its own."""
+    attention: str
+    """diffusers attention backend of the expert (config.attention_backend, resolved by the driver)."""
     empty_prompt: torch.Tensor
     """Unpadded empty-prompt embedding (caption dropout)."""
     run_dir: str
@@ -59,8 +61,7 @@ def lr_lambda(cfg: Config):
 def build_model(spec: LoopSpec, device: torch.device, fresh: bool):
     """Meta -> FSDP2 shards -> local storage -> weights (skipped when a checkpoint will load them)."""
     t = spec.cfg.train
-    model = build_on_meta(spec.model_path, spec.expert, t.lora, attention_backend(spec.cfg.model.attention_backend,
-                                                                                  t.device))
+    model = build_on_meta(spec.model_path, spec.expert, t.lora, spec.attention)
     apply_fsdp(model, device, t.param_dtype, t.reduce_dtype, t.activation_checkpointing)
     materialize(model, device)
     if fresh:
@@ -106,7 +107,9 @@ def train_step(model, params: list, optimizer, lr_schedule, step: StepData, spec
     t = spec.cfg.train
     loss_sum, drawn = torch.zeros((), device=device), []
     for micro, batch in enumerate(step.batches):
-        model.set_requires_gradient_sync(micro == len(step.batches) - 1)  # reduce-scatter once per step
+        # Full fine-tuning reduce-scatters every micro-batch: without it each rank would keep the
+        # unsharded gradients (14.3B x 4 bytes = 57 GB in fp32). LoRA's are small: sync once per step.
+        model.set_requires_gradient_sync(not t.lora.enabled or micro == len(step.batches) - 1)
         draw = draw_for(batch, spec)
         loss = flow_loss(model, batch, draw, empty, spec, device) / len(step.batches)
         loss.backward()
@@ -152,14 +155,14 @@ def train_loop(config: dict) -> None:
     model = build_model(spec, device, fresh=resume is None)
     params = trainable_parameters(model)
     optimizer, lr_schedule = build_optimizer(spec, params, device)
-    progress = ckpt.Progress(data_fingerprint=spec.index.fingerprint())
+    plan = DataPlan(spec.index, t.batch_size, t.seed, world, t.grad_accum)
+    progress = ckpt.Progress(data_fingerprint=plan.fingerprint())
     state = ckpt.app_state(model, optimizer, lr_schedule, progress)
     log = MetricsLog(spec, rank, world, acc)
     if resume is not None:
         with resume.as_directory() as d:
             ckpt.load(state, d)
-        log.resumed(progress)
-    plan = DataPlan(spec.index, t.batch_size, t.seed, world, t.grad_accum)
+        log.resumed(progress, plan.fingerprint())
     loader = ClipLoader(plan, ClipReader(spec.index, t.cache_bytes), progress.epoch, progress.batches_in_epoch, rank,
                         spec.contract.text_tokens)
     empty = pad_text_embedding(spec.empty_prompt.float(), spec.contract.text_tokens)
@@ -208,13 +211,14 @@ class MetricsLog:
         if self.rank == 0:
             print(f"[train:{self.spec.expert}] {text}", flush=True)
 
-    def resumed(self, progress: ckpt.Progress) -> None:
+    def resumed(self, progress: ckpt.Progress, fingerprint: str) -> None:
         self.say(f"resumed at step {progress.step} (epoch {progress.epoch}, {progress.batches_in_epoch} "
                  f"batches into it) on {self.world} workers")
-        if progress.data_fingerprint != self.spec.index.fingerprint():
-            self.say("warning: the training data changed since this run started (shards added, removed or "
-                     "rewritten): the clip order from here on differs from an uninterrupted run's")
-            progress.data_fingerprint = self.spec.index.fingerprint()
+        if progress.data_fingerprint != fingerprint:
+            self.say("warning: the data order differs from the one this run started with (shards added, removed "
+                     "or rewritten, or train.seed, train.batch_size or workers x grad_accum changed): from here on "
+                     "the batches are not those of an uninterrupted run")
+            progress.data_fingerprint = fingerprint
 
     def step(self, loss, grad_norm, lr, seconds, wait, step: StepData, timesteps, progress) -> dict | None:
         if self.reset:

@@ -47,10 +47,14 @@ def apply_fsdp(model, device: torch.device, param_dtype: str, reduce_dtype: str,
     """Shard each transformer block, then the root, over all ranks (one flat data-parallel mesh).
 
     Mixed precision: parameters are all-gathered and computed in param_dtype, except the time
-    embedder, which stays float32 as diffusers keeps it (`_keep_in_fp32_modules`). Forward inputs
-    are never cast (cast_forward_inputs=False): by default FSDP2 would cast the float timestep to
-    bf16, which steps by 4 between 512 and 1024 (874.9 -> 876, across the boundary), and the RoPE
-    tables the root hands each block. The caller casts latents and text to param_dtype itself.
+    embedder, which stays float32 as diffusers keeps it. diffusers also keeps the blocks'
+    scale_shift_table and norm weights in float32 (`_keep_in_fp32_modules`); here they are gathered
+    in param_dtype with their block (FSDP2 sets precision per sharded group, and they are not
+    modules of their own), while the arithmetic they enter stays float32 (the blocks compute
+    `scale_shift_table + temb.float()` and FP32LayerNorm). Forward inputs are never cast
+    (cast_forward_inputs=False): by default FSDP2 would cast the float timestep to bf16, which steps
+    by 4 between 512 and 1024 (874.9 -> 876, across the boundary), and the RoPE tables the root hands
+    each block. The caller casts latents and text to param_dtype itself.
     """
     if activation_checkpointing:
         model.enable_gradient_checkpointing()  # diffusers recomputes each block in backward

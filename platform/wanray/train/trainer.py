@@ -30,11 +30,11 @@ def worker_resources(cfg: Config) -> dict:
     return res
 
 
-def record_run(cfg: Config, expert: str, contract: WanContract, index: ClipIndex, run_dir: Path) -> None:
+def record_run(cfg: Config, expert: str, contract: WanContract, index: ClipIndex, attention: str,
+               run_dir: Path) -> None:
     """Write (or, on resume, check) what the expert trains on; a resumed run must keep its boundary."""
     record = {"expert": expert, "boundary": contract.boundary, "boundary_source": contract.boundary_source,
-              "timestep_range": list(contract.timestep_range(expert)),
-              "attention_backend": attention_backend(cfg.model.attention_backend, cfg.train.device),
+              "timestep_range": list(contract.timestep_range(expert)), "attention_backend": attention,
               "clips": len(index)}
     path = run_dir / RUN_FILE
     if path.exists():
@@ -55,10 +55,12 @@ def make_trainer(cfg: Config, expert: str, data_dir, run_dir, index: ClipIndex |
         raise ConfigError("train.init_dcp holds plain expert weights; with train.lora.enabled load from safetensors")
     model_path = str(models.ensure_model(cfg.model))
     contract = read_contract(model_path, cfg.model)
+    attention = attention_backend(cfg.model.attention_backend, t.device, t.param_dtype, training=True)
     index = index or ClipIndex.from_dir(data_dir)
     expert_dir = Path(run_dir).resolve() / expert
-    record_run(cfg, expert, contract, index, expert_dir)
-    spec = LoopSpec(cfg, expert, model_path, contract, index, read_empty_prompt(data_dir), str(expert_dir))
+    record_run(cfg, expert, contract, index, attention, expert_dir)
+    spec = LoopSpec(cfg, expert, model_path, contract, index, attention, read_empty_prompt(data_dir),
+                    str(expert_dir))
     return TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec},
@@ -82,12 +84,11 @@ def trained_boundary(run_dir, experts) -> float | None:
 
 
 def room_for_both(cfg: Config) -> bool:
-    """Whether the cluster can hold both experts' worker groups at once (leaving a CPU for Ray Data)."""
+    """Whether the cluster can hold both experts' worker groups at once."""
     import ray
 
     total = ray.cluster_resources()
     need = {k: 2 * v * cfg.train.workers for k, v in worker_resources(cfg).items()}
-    need["CPU"] = need["CPU"] + 1
     return all(total.get(k, 0) >= v for k, v in need.items())
 
 
@@ -97,6 +98,10 @@ def train_experts(cfg: Config, expert: str, data_dir, run_dir, log=print) -> dic
     if any(e not in EXPERTS for e in experts):
         raise ConfigError(f"--expert must be high, low or both, got {expert!r}")
     index = ClipIndex.from_dir(data_dir)  # read once, sent to every worker of both experts
+    if index.rows_per_row_group() > 1:
+        log(f"[train] warning: the shards in {data_dir} hold up to {index.rows_per_row_group()} clips per Parquet row "
+            "group (written by an earlier wanray): every clip read decodes its whole row group. Preprocess into a "
+            "new directory for one row group per clip")
     trainers = {e: make_trainer(cfg, e, data_dir, run_dir, index) for e in experts}
     results: dict = {}
     if len(experts) == 2 and room_for_both(cfg):

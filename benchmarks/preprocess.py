@@ -28,11 +28,12 @@ import torch
 
 from wanray import models
 from wanray.config import load_config
-from wanray.data.encode import encode_latents, encode_text, frames_to_video
+from wanray.encoding import encode_latents, encode_text, frames_to_video
 from wanray.data.manifest import read_manifest
-from wanray.data.preprocess import Preprocessor, run_preprocess
-from wanray.data.synthetic import make_clips, render, write_dataset, write_mp4
-from wanray.data.video import decode_clip, decode_source, plan_clip
+from wanray.data.preprocess import Preprocessor, decode_dataset, run_preprocess
+from wanray.data.synthetic import make_clips, render, write_dataset
+from wanray.data.video import decode_clip, plan_clip
+from wanray.io import write_mp4
 from wanray.runtime import connect_ray
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,13 +111,11 @@ def count_frames(batch: dict) -> dict:
 
 def decode_stage(cfg, sources, work: Path) -> tuple[float, int]:
     """The pipeline's decode stage alone; frame counting fuses into the same tasks."""
-    p = cfg.preprocess
     start = time.perf_counter()
-    ds = ray.data.from_items([s.__dict__ for s in sources],
-                             override_num_blocks=-(-len(sources) // p.clips_per_decode_task))
-    ds = ds.flat_map(decode_source, fn_kwargs={"cfg": cfg, "out_dir": str(work)}, num_cpus=p.decode_cpus)
+    ds = decode_dataset(sources, cfg, str(work))
     # summed on the driver: Dataset.sum() would add a shuffle stage that starts its own actors
-    frames = sum(r["frames"] for r in ds.map_batches(count_frames, batch_size=None, num_cpus=p.decode_cpus).iter_rows())
+    frames = sum(r["frames"] for r in ds.map_batches(count_frames, batch_size=None,
+                                                     num_cpus=cfg.preprocess.decode_cpus).iter_rows())
     return time.perf_counter() - start, frames
 
 

@@ -17,7 +17,6 @@ splits 26/14).
 import argparse
 import concurrent.futures
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -31,6 +30,7 @@ from wanray import models
 from wanray.config import load_config
 from wanray.infer.sampler import GenerationParams, Sampler, StageSpec
 from wanray.infer.video import mp4_bytes
+from wanray.runtime import connect_ray, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDE_EXPERT = dict(num_attention_heads=8, attention_head_dim=48, ffn_dim=1536, num_layers=8)
@@ -84,12 +84,6 @@ def interleaved(a, b, rounds: int, warm_up: bool = True) -> tuple[float, float]:
     return statistics.median(times[0]), statistics.median(times[1])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def get_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
@@ -130,13 +124,13 @@ def measure(cfg, model: Path, params: GenerationParams, args) -> dict:
     from wanray.infer.serve import start
 
     torch.set_num_threads(cfg.infer.torch_threads)  # the same thread setting the stage replicas use
-    sampler = Sampler(StageSpec.resolve(model, cfg))
+    sampler = Sampler(StageSpec.for_serving(model, cfg))
     out = {"stages": stage_seconds(sampler, params, cfg.data.fps)}
     started = time.perf_counter()
     # Ray runs workers at niceness 15; the in-process baseline runs at 0. Same priority for both.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(num_cpus=2, include_dashboard=False)
-    url = start(cfg, str(model), with_ui=False)
+    connect_ray(num_cpus=2, include_dashboard=False)
+    url = start(cfg, str(model))
     out["startup"] = time.perf_counter() - started
     body = {"prompt": params.prompt, "negative_prompt": params.negative_prompt, "height": params.height,
             "width": params.width, "num_frames": params.num_frames, "num_inference_steps": params.num_inference_steps}

@@ -22,17 +22,18 @@ import torch
 
 from wanray import models
 from wanray.config import load_config
-from wanray.data.encode import encode_latents, encode_text, frames_to_video
+from wanray.encoding import encode_latents, encode_text, frames_to_video
 from wanray.data.manifest import read_manifest
 from wanray.data.preprocess import run_preprocess
 from wanray.data.shards import read_empty_prompt, shard_paths
 from wanray.data.synthetic import write_dataset
 from wanray.data.video import decode_clip
 from wanray.schema import ClipRow, pad_text_embedding
+from wanray.runtime import connect_ray
 from wanray.train.data import Batch, ClipIndex
 from wanray.train.loop import LoopSpec, draw_for, flow_loss
 from wanray.train.trainer import train_experts
-from wanray.wan import TEXT_TOKENS, read_contract
+from wanray.wan import TEXT_TOKENS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,7 @@ def step_times(cfg, data: Path, sources, model_path: str, steps: int) -> tuple[f
     d = cfg.data
     model = models.load_expert(model_path, "high").train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    spec = LoopSpec(cfg, "high", model_path, read_contract(model_path, cfg.model), ClipIndex.from_dir(data),
+    spec = LoopSpec(cfg, "high", model_path, models.read_contract(model_path, cfg.model), ClipIndex.from_dir(data),
                     "native", read_empty_prompt(data), "")
     empty = pad_text_embedding(spec.empty_prompt, TEXT_TOKENS)
 
@@ -97,7 +98,7 @@ def main():
         f"train.steps={args.steps}", "train.log_every=1", f"train.checkpoint_every={args.steps}"])
     model_path = str(models.ensure_model(cfg.model))
     manifest = write_dataset(work / "videos", count=args.clips)
-    ray.init(num_cpus=2, include_dashboard=False)
+    connect_ray(num_cpus=2, include_dashboard=False)
     t0 = time.perf_counter()
     run_preprocess(cfg, str(manifest), str(work / "prep"), log=lambda _: None)
     print(f"{args.clips} clips {args.size}x{args.size}x{cfg.data.num_frames}, preprocessed in "

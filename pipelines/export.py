@@ -12,7 +12,8 @@ import argparse
 import sys
 
 from wanray import models
-from wanray.config import ConfigError, add_config_args, load_config
+from wanray.config import add_config_args, load_config
+from wanray.errors import ConfigError
 from wanray.runtime import fail
 from wanray.train.checkpoint import diffusers_to_dcp
 from wanray.train.trainer import export_run

@@ -9,8 +9,8 @@ import argparse
 import sys
 
 from wanray.config import add_config_args, load_config
-from wanray.data.preprocess import run_preprocess
-from wanray.runtime import fail
+from wanray.data.preprocess import PreprocessRun
+from wanray.runtime import connect_ray, fail
 
 
 def get_args():
@@ -23,7 +23,9 @@ def get_args():
 
 def main(args):
     cfg = load_config(args.config, args.overrides)
-    run_preprocess(cfg, args.data, args.out)
+    run = PreprocessRun.prepare(cfg, args.data, args.out)  # bad input fails here, before joining Ray
+    connect_ray()
+    run.execute()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from wanray.infer.serve import APP_NAME, UI_PATH, start
 from wanray.models import ensure_model
 from wanray.runtime import connect_ray, fail
 
-UI_DIR = Path(__file__).resolve().parents[1] / "ui"
+ROOT = Path(__file__).resolve().parents[1]
+UI_DIR = ROOT / "ui"
 
 
 def get_args():
@@ -38,17 +39,21 @@ def main(args):
     overrides += [f"infer.port={args.port}"] if args.port else []
     cfg = load_config(args.config, overrides)
     model_dir = ensure_model(cfg.model)
+    ui = None
+    if not args.no_ui:
+        sys.path.insert(0, str(ROOT))  # the page is ui/app.py of this checkout
+        from ui.app import build_ui as ui
     # py_modules ships ui/ to every node; Serve deployments inherit the job's runtime_env.
     ray = connect_ray(runtime_env={"py_modules": [str(UI_DIR)]})
-    print(f"starting the deployments for {model_dir} (text encoder, high-noise expert, low-noise expert, VAE)",
-          flush=True)
-    url = start(cfg, str(model_dir), with_ui=not args.no_ui)
-    print(f"wanray is serving {model_dir} at {url}", flush=True)
-    print(f"  REST API: POST {url}/v1/generate, GET {url}/v1/health", flush=True)
-    if not args.no_ui:
-        print(f"  UI:       {url}{UI_PATH}/", flush=True)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` cleans up like Ctrl-C
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` cleans up like Ctrl-C, also mid-start
     try:
+        print(f"starting the deployments for {model_dir} (text encoder, high-noise expert, low-noise expert, VAE)",
+              flush=True)
+        url = start(cfg, str(model_dir), ui)
+        print(f"wanray is serving {model_dir} at {url}", flush=True)
+        print(f"  REST API: POST {url}/v1/generate, GET {url}/v1/health", flush=True)
+        if ui is not None:
+            print(f"  UI:       {url}{UI_PATH}/", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

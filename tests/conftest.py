@@ -49,11 +49,3 @@ def ray_cluster():
     yield address
     os.environ.pop("RAY_ADDRESS", None)
     ray.shutdown()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -10,7 +10,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import ROOT
+from wanray.runtime import free_port
 
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 

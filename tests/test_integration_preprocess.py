@@ -64,8 +64,10 @@ def test_every_good_clip_written_and_every_bad_input_named(prep):
         "missing_caption": 1, "empty_caption": 1, "caption_not_string": 1, "malformed_json_line": 1}
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     by_reason = {r["reason"]: r["input"] for r in rejects}
-    assert by_reason["truncated" and "corrupt_video"].endswith("truncated.mp4")
-    assert by_reason["not_a_video"].endswith("notvideo.mp4")
+    for reason, name in (("file_not_found", "missing.mp4"), ("empty_file", "zero.mp4"),
+                         ("corrupt_video", "truncated.mp4"), ("not_a_video", "notvideo.mp4"),
+                         ("too_short", "short.mp4")):
+        assert by_reason[reason].endswith(name), (reason, by_reason[reason])
     assert json.loads((out / "summary.json").read_text())["rows_in_output"] == len(good)
 
 

@@ -14,10 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, free_port, tiny_config
+from conftest import ROOT, tiny_config
 from wanray.config import load_config
 from wanray.data.preprocess import run_preprocess
 from wanray.data.shards import EMPTY_PROMPT_FILE, read_empty_prompt, shard_paths
+from wanray.runtime import free_port
 from wanray.train.checkpoint import diffusers_to_dcp, full_expert_state
 from wanray.train.trainer import export_run, latest_checkpoint, train_experts
 
@@ -25,7 +26,7 @@ FAST = ["train.log_every=1", "train.caption_dropout=0.0"]
 A14B = load_config(ROOT / "configs" / "t2v_a14b.yaml").train
 # The real preset's precision and memory options, and the options a run of it typically adds:
 # gradient accumulation, cosine with warmup (and init_dcp, added per test).
-PRESET = [f"train.param_dtype={A14B.param_dtype}", f"train.reduce_dtype={A14B.reduce_dtype}",
+PRESET = [f"train.worker.dtype={A14B.worker.dtype}", f"train.reduce_dtype={A14B.reduce_dtype}",
           f"train.activation_checkpointing={str(A14B.activation_checkpointing).lower()}",
           f"train.caption_dropout={A14B.caption_dropout}", f"train.timestep_shift={A14B.timestep_shift}",
           "train.grad_accum=2", "train.lr_schedule=cosine", "train.warmup_steps=4"]
@@ -145,14 +146,14 @@ def one_rank_process_group():
 
 
 def test_bf16_training_gives_the_model_the_exact_float32_timesteps(prep, tiny_model, tmp_path):
-    """FSDP2 with param_dtype=bfloat16, run in this process: the time embedding sees the very float32
+    """FSDP2 with bfloat16 parameters, run in this process: the time embedding sees the very float32
     timesteps the noised latents were built from (bf16 would turn 874.9 into 876, a high-noise
     timestep), and no low-noise sample reaches the boundary."""
     from wanray.train.data import ClipIndex, ClipLoader, ClipReader, DataPlan
     from wanray.train.loop import LoopSpec, build_model, build_optimizer, train_step
     from wanray.train.parallel import trainable_parameters
     from wanray.schema import pad_text_embedding
-    from wanray.wan import read_contract
+    from wanray.models import read_contract
 
     cfg = tiny_config(tiny_model, *PRESET, "train.lr=1e-3")
     contract, index = read_contract(tiny_model, cfg.model), ClipIndex.from_dir(prep)

@@ -1,15 +1,16 @@
 """The Wan2.2 contract (boundary source, switch rule), the device Ray assigned, the attention backend."""
 import json
-import os
 import shutil
 
 import pytest
 import torch
 
 from conftest import ROOT, tiny_config
-from wanray.config import ConfigError, ModelConfig, attention_backend, load_config
-from wanray.devices import _ray_assigned_ids, apply_attention_backend, assigned_device_index
-from wanray.wan import read_contract, resolve_boundary
+from wanray.config import ModelConfig, attention_backend, load_config
+from wanray.errors import ConfigError
+from wanray.devices import apply_attention_backend, assigned_device_index
+from wanray.models import read_contract
+from wanray.wan import resolve_boundary
 
 
 @pytest.mark.parametrize("kind, env, assigned, index", [
@@ -29,28 +30,6 @@ def test_device_is_the_assigned_ones_place_among_the_visible(kind, env, assigned
 def test_an_assigned_device_that_is_not_visible_is_an_error():
     with pytest.raises(RuntimeError, match="does not include the npu device Ray assigned"):
         assigned_device_index("npu", {"ASCEND_RT_VISIBLE_DEVICES": "0,1"}, ["3"])
-
-
-def test_ray_actors_each_see_their_own_device_at_index_0(ray_cluster):
-    """What Ray really sets: two actors holding one (fake) GPU or NPU each on one node. Indexing by
-    local rank, as before, would send the second one to a device it cannot see."""
-    import ray
-
-    @ray.remote(num_cpus=0.01)
-    class Probe:
-        def device(self, kind):
-            from wanray.devices import VISIBLE_DEVICES_ENV
-
-            ids = _ray_assigned_ids(kind)
-            return ids, os.environ.get(VISIBLE_DEVICES_ENV[kind]), assigned_device_index(kind, os.environ, ids)
-
-    for kind, opts in (("cuda", {"num_gpus": 1}), ("npu", {"resources": {"NPU": 1}})):
-        probes = [Probe.options(**opts).remote() for _ in range(2)]
-        seen = ray.get([p.device.remote(kind) for p in probes])
-        assert sorted(s[0][0] for s in seen) == ["0", "1"], seen
-        assert all(visible == ids[0] and index == 0 for ids, visible, index in seen), seen
-        for p in probes:
-            ray.kill(p)
 
 
 def test_boundary_comes_from_the_directory_and_a_contradiction_is_an_error():
@@ -117,16 +96,16 @@ def test_a_training_run_refuses_an_attention_backend_for_another_device(tiny_mod
 
 
 def test_attention_backend_reaches_every_attention_and_an_unusable_one_is_a_config_error(tiny_model):
-    from wanray.infer.sampler import StageSpec, build
+    from wanray.infer.sampler import ExpertStage, StageSpec
     from wanray.models import load_expert
     from wanray.train.parallel import build_on_meta
 
-    spec = StageSpec.resolve(tiny_model, tiny_config(tiny_model, "model.attention_backend=_native_math"))
-    assert spec.attention == "_native_math"
-    stage = build(spec.expert("high"))
+    spec = StageSpec.for_serving(tiny_model, tiny_config(tiny_model, "model.attention_backend=_native_math"))
+    assert spec.attention == {"high": "_native_math", "low": "_native_math"}
+    stage = ExpertStage(spec, "high")
     for model in (stage.expert, build_on_meta(tiny_model, "low", attention_backend="_native_math")):
         backends = {m.processor._attention_backend for m in model.modules() if hasattr(m, "processor")}
         assert {str(b.value) for b in backends} == {"_native_math"}
-    assert StageSpec.resolve(tiny_model, tiny_config(tiny_model)).attention == "native"
+    assert StageSpec.for_batch(tiny_model, tiny_config(tiny_model)).attention == {"high": "native", "low": "native"}
     with pytest.raises(ConfigError, match="'flash' cannot run here: .*flash-attn"):
         apply_attention_backend(load_expert(tiny_model, "high"), "flash")

@@ -5,7 +5,8 @@ import sys
 import pytest
 
 from conftest import ROOT
-from wanray.config import ConfigError, load_config, parse_override
+from wanray.config import Resources, load_config, parse_override
+from wanray.errors import ConfigError
 from wanray.devices import accelerator
 
 
@@ -30,10 +31,10 @@ def test_a14b_preset_has_the_published_numbers():
 
 
 def test_overrides_are_typed_and_win_over_the_file():
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["data.fps=24", "preprocess.dtype=bfloat16",
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["data.fps=24", "preprocess.encoders.dtype=bfloat16",
                                                        "model.path=/x y"])
     assert cfg.data.fps == 24.0 and isinstance(cfg.data.fps, float)
-    assert cfg.preprocess.dtype == "bfloat16" and cfg.model.path == "/x y"
+    assert cfg.preprocess.encoders.dtype == "bfloat16" and cfg.model.path == "/x y"
     assert parse_override("a.b=[1, 2]") == {"a": {"b": [1, 2]}}
 
 
@@ -43,6 +44,13 @@ def test_overrides_are_typed_and_win_over_the_file():
     ("data.num_frames=16", "4n+1"),
     ("data.height=100", "multiples of 16"),
     ("data.fps=fast", "expected float"),
+    ("train.worker.device=tpu", "train.worker.device: expected one of cpu, cuda, npu, got 'tpu'"),
+    ("infer.stages.vae.dtype=fp8", "expected one of float32, bfloat16"),
+    ("train.lr_schedule=linear", "expected one of constant, cosine"),
+    ("train.param_dtype=bfloat16", "'train.param_dtype' was removed: use train.worker.dtype"),
+    ("infer.high_cpus=2", "'infer.high_cpus' was removed: use infer.stages.high.cpus"),
+    ("preprocess.device=npu", "'preprocess.device' was removed: use preprocess.encoders.device"),
+    ("infer.device=npu", "each stage has its own: infer.stages"),
     ("nokey", "key=value"),
 ])
 def test_bad_config_is_a_clear_error(override, message):
@@ -59,7 +67,8 @@ def test_unknown_key_in_file_is_an_error(tmp_path):
 
 def test_devices():
     assert accelerator("cpu").dist_backend == "gloo"
-    assert accelerator("cuda").ray_resources(1, 1) == {"num_cpus": 1, "num_gpus": 1}
-    assert accelerator("cpu").ray_resources(0.5, 1) == {"num_cpus": 0.5}
+    assert Resources("cuda", cpus=1, accelerators=1).ray_options() == {"num_cpus": 1, "num_gpus": 1}
+    assert Resources("npu", cpus=2, accelerators=0.5).ray_options() == {"num_cpus": 2, "resources": {"NPU": 0.5}}
+    assert Resources("cpu", cpus=0.5, accelerators=1).ray_options() == {"num_cpus": 0.5}
     with pytest.raises(ValueError, match="unknown device"):
         accelerator("tpu")

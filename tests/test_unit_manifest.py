@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from wanray.data.manifest import ManifestError, read_manifest
+from wanray.data.manifest import read_manifest
+from wanray.errors import ManifestError
 
 
 def _reasons(rejects):

@@ -13,7 +13,8 @@ import gradio as gr
 from pydantic import ValidationError
 
 from wanray.config import Config
-from wanray.infer.api import Generate, GenerateRequest, RequestError, resolve
+from wanray.errors import RequestError
+from wanray.infer.api import Generate, GenerateRequest, resolve
 
 MAX_GUIDANCE = 20.0  # slider range; the REST API takes any finite scale >= 0
 
@@ -44,8 +45,9 @@ def build_ui(generate: Generate, cfg: Config, model_dir: str) -> gr.Blocks:
             yield str(path)  # Gradio copies the file into its cache before it resumes us
 
     with gr.Blocks(title="wanray", delete_cache=(3600, 3600)) as page:
+        experts = inf.stages.high
         gr.Markdown(f"# wanray: Wan2.2 text-to-video\nModel directory: `{model_dir}` "
-                    f"({inf.device}, {inf.dtype}); two stages: high-noise expert, then low-noise expert.")
+                    f"({experts.device}, {experts.dtype}); two stages: high-noise expert, then low-noise expert.")
         with gr.Row():
             with gr.Column():
                 prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red circle moving left to right")

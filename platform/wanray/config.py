@@ -12,17 +12,30 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
+from wanray.errors import ConfigError
 
 
 # Keys that no longer exist, with what replaced them: a one-line error instead of "unknown key".
 REMOVED_KEYS = {
     "data.max_text_tokens": "Wan2.2's text length is fixed at 512 tokens (wanray.wan.TEXT_TOKENS)",
+    "preprocess.device": "use preprocess.encoders.device",
+    "preprocess.dtype": "use preprocess.encoders.dtype",
+    "preprocess.encoder_cpus": "use preprocess.encoders.cpus",
+    "preprocess.encoder_accelerators": "use preprocess.encoders.accelerators",
+    "infer.device": "each stage has its own: infer.stages.{text,high,low,vae}.device and infer.batch.device",
+    "infer.dtype": "each stage has its own: infer.stages.{text,high,low,vae}.dtype and infer.batch.dtype",
+    **{f"infer.{stage}_{old}": f"use infer.stages.{stage}.{new}" for stage in ("text", "high", "low", "vae")
+       for old, new in (("cpus", "cpus"), ("accelerators", "accelerators"))},
+    "infer.batch_cpus": "use infer.batch.cpus",
+    "infer.batch_accelerators": "use infer.batch.accelerators",
+    "train.device": "use train.worker.device",
+    "train.param_dtype": "use train.worker.dtype",
+    "train.cpus_per_worker": "use train.worker.cpus",
+    "train.accelerators_per_worker": "use train.worker.accelerators",
 }
 
 @dataclass(frozen=True)
@@ -106,12 +119,37 @@ class DataConfig:
     """Clips are resampled to this frame rate."""
 
 
+Device = Literal["cpu", "cuda", "npu"]
+Dtype = Literal["float32", "bfloat16"]
+
+
+@dataclass
+class Resources:
+    """Where one stage's processes compute and what each asks Ray for."""
+
+    device: Device = "cpu"
+    """cpu, cuda or npu: the device Ray assigns the process (see wanray.devices)."""
+    dtype: Dtype = "float32"
+    """Compute dtype of the stage's model."""
+    cpus: float = 1.0
+    """CPUs per process (fractions share a small machine)."""
+    accelerators: float = 1.0
+    """NPUs / GPUs per process when device is npu / cuda."""
+
+    def ray_options(self) -> dict:
+        """Ray remote / actor options asking for these resources."""
+        options: dict = {"num_cpus": self.cpus}
+        if self.device == "cuda":
+            options["num_gpus"] = self.accelerators
+        elif self.device == "npu":
+            options["resources"] = {"NPU": self.accelerators}
+        return options
+
+
 @dataclass
 class PreprocessConfig:
-    device: str = "cpu"
-    """Where the VAE and text encoder run: cpu, cuda or npu."""
-    dtype: str = "float32"
-    """Dtype the encoders run in and latents / text embeddings are stored in: float32 or bfloat16."""
+    encoders: Resources = field(default_factory=Resources)
+    """The VAE and text encoder actors; `dtype` is also the dtype latents and text embeddings are stored in."""
     decode_cpus: float = 1.0
     """CPUs per decode task (decord is single-threaded per video)."""
     clips_per_decode_task: int = 16
@@ -124,20 +162,30 @@ class PreprocessConfig:
     """Text encoder actors in the pool."""
     text_batch_size: int = 16
     """Captions per text encoder batch."""
-    encoder_cpus: float = 1.0
-    """CPUs per encoder actor (use fractions on small machines)."""
-    encoder_accelerators: float = 1.0
-    """NPUs / GPUs per encoder actor when device is npu / cuda."""
     rows_per_shard: int = 64
     """Clips per Parquet shard."""
 
 
 @dataclass
+class StageResources:
+    """The four Serve deployments of a served model, each its own process and device."""
+
+    text: Resources = field(default_factory=Resources)
+    """UMT5 text encoder."""
+    high: Resources = field(default_factory=Resources)
+    """High-noise expert."""
+    low: Resources = field(default_factory=Resources)
+    """Low-noise expert."""
+    vae: Resources = field(default_factory=Resources)
+    """VAE decoder (latents stay float32 between stages, as in diffusers)."""
+
+
+@dataclass
 class InferConfig:
-    device: str = "cpu"
-    """Where every inference stage runs: cpu, cuda or npu."""
-    dtype: str = "float32"
-    """Dtype of the text encoder, experts and VAE: float32 or bfloat16 (latents stay float32, as in diffusers)."""
+    stages: StageResources = field(default_factory=StageResources)
+    """Resources of each serving stage."""
+    batch: Resources = field(default_factory=Resources)
+    """Resources of each batch-generation actor (generate.py), which runs all four stages."""
     flow_shift: float | None = None
     """Sampling shift of the scheduler's flow sigmas; None keeps the model directory's own value
     (diffusers ships 3.0, the official Wan2.2 T2V sampler uses 12.0)."""
@@ -153,24 +201,8 @@ class InferConfig:
     """Seed when a request names none. Height, width and frames default to data.*, the trained clip size."""
     torch_threads: int = 0
     """Intra-op torch threads in each stage process; 0 leaves torch's default (Ray sets it from the CPU request)."""
-    text_cpus: float = 1.0
-    """CPUs of the text encoder deployment."""
-    high_cpus: float = 1.0
-    """CPUs of the high-noise expert deployment."""
-    low_cpus: float = 1.0
-    """CPUs of the low-noise expert deployment."""
-    vae_cpus: float = 1.0
-    """CPUs of the VAE decoder deployment."""
     ingress_cpus: float = 1.0
     """CPUs of the HTTP ingress (REST API and Gradio UI)."""
-    text_accelerators: float = 1.0
-    """NPUs / GPUs of the text encoder deployment when device is npu / cuda."""
-    high_accelerators: float = 1.0
-    """NPUs / GPUs of the high-noise expert deployment."""
-    low_accelerators: float = 1.0
-    """NPUs / GPUs of the low-noise expert deployment."""
-    vae_accelerators: float = 1.0
-    """NPUs / GPUs of the VAE decoder deployment."""
     host: str = "127.0.0.1"
     """Address the Serve HTTP proxy binds; 0.0.0.0 exposes it to the network."""
     port: int = 8000
@@ -187,10 +219,6 @@ class InferConfig:
     """Longest prompt or negative prompt, in characters (UMT5 keeps 512 tokens of it)."""
     batch_actors: int = 1
     """Sampler actors of batch generation (generate.py); each holds the whole model."""
-    batch_cpus: float = 1.0
-    """CPUs per batch generation actor."""
-    batch_accelerators: float = 1.0
-    """NPUs / GPUs per batch generation actor when device is npu / cuda."""
 
 
 @dataclass
@@ -216,7 +244,7 @@ class TrainConfig:
     """Micro-batches per optimizer step."""
     lr: float = 1e-5
     """Peak learning rate (MindSpeed-MM recipe: 1e-5 constant)."""
-    lr_schedule: str = "constant"
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     """constant or cosine (to 0 at `steps`), after `warmup_steps` of linear warmup."""
     warmup_steps: int = 0
     """Linear warmup steps from 0 to `lr`."""
@@ -236,15 +264,10 @@ class TrainConfig:
     """Seed of the data order and of each batch's noise, timesteps and caption dropout (with epoch and batch)."""
     workers: int = 1
     """Ray Train workers (FSDP2 ranks) per expert."""
-    device: str = "cpu"
-    """cpu (gloo), cuda (nccl) or npu (hccl)."""
-    cpus_per_worker: float = 1.0
-    """CPUs each worker asks Ray for (fractions share a small machine)."""
-    accelerators_per_worker: float = 1.0
-    """NPUs / GPUs per worker on cuda / npu."""
-    param_dtype: str = "float32"
-    """Compute dtype of parameters (bfloat16 on accelerators); master weights stay float32."""
-    reduce_dtype: str = "float32"
+    worker: Resources = field(default_factory=Resources)
+    """Each worker: device (cpu: gloo, cuda: nccl, npu: hccl), compute dtype of the parameters
+    (bfloat16 on accelerators; master weights stay float32), CPUs and accelerators."""
+    reduce_dtype: Dtype = "float32"
     """Gradient reduce-scatter dtype."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in backward instead of keeping its activations."""
@@ -279,20 +302,12 @@ class Config:
             raise ConfigError("data.min_frames must not exceed data.num_frames")
         if d.height % 16 or d.width % 16:
             raise ConfigError(f"data.height and data.width must be multiples of 16, got {d.height}x{d.width}")
-        if self.preprocess.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"preprocess.dtype must be float32 or bfloat16, got {self.preprocess.dtype!r}")
-        if self.infer.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"infer.dtype must be float32 or bfloat16, got {self.infer.dtype!r}")
         if self.infer.flow_shift is not None and self.infer.flow_shift <= 0:
             raise ConfigError(f"infer.flow_shift must be positive, got {self.infer.flow_shift}")
         if not 1 <= self.infer.num_inference_steps <= self.infer.max_steps:
             raise ConfigError(f"infer.num_inference_steps must lie in [1, infer.max_steps], "
                               f"got {self.infer.num_inference_steps}")
         t = self.train
-        if t.lr_schedule not in ("constant", "cosine"):
-            raise ConfigError(f"train.lr_schedule must be constant or cosine, got {t.lr_schedule!r}")
-        if t.param_dtype not in ("float32", "bfloat16") or t.reduce_dtype not in ("float32", "bfloat16"):
-            raise ConfigError("train.param_dtype and train.reduce_dtype must be float32 or bfloat16")
         if t.steps < 1 or t.workers < 1 or t.batch_size < 1 or t.grad_accum < 1 or t.checkpoint_every < 1:
             raise ConfigError("train.steps, workers, batch_size, grad_accum and checkpoint_every must be >= 1")
         if not 0.0 <= t.caption_dropout < 1.0 or t.timestep_shift <= 0:
@@ -313,6 +328,10 @@ class Config:
 
 def _coerce(value, tp, where: str):
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: expected one of {', '.join(map(str, typing.get_args(tp)))}, got {value!r}")
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")

@@ -42,7 +42,7 @@ def assigned_device_index(kind: str, env: Mapping[str, str], assigned_ids: Seque
     return visible.index(first)
 
 
-def _ray_assigned_ids(kind: str) -> list[str]:
+def ray_assigned_ids(kind: str) -> list[str]:
     import ray
 
     if not ray.is_initialized():
@@ -64,20 +64,11 @@ class Accelerator:
         """Name of the Ray resource one device of this kind is, None for CPU."""
         return RAY_RESOURCE[self.kind]
 
-    def ray_resources(self, cpus: float, accelerators: float) -> dict:
-        """Ray remote options asking for `cpus` CPUs and `accelerators` devices of this kind."""
-        opts: dict = {"num_cpus": cpus}
-        if self.kind == "cuda":
-            opts["num_gpus"] = accelerators
-        elif self.kind == "npu":
-            opts["resources"] = {"NPU": accelerators}
-        return opts
-
     def torch_device(self) -> torch.device:
         """The device Ray assigned this process (see assigned_device_index), made the current device."""
         if self.kind == "cpu":
             return torch.device("cpu")
-        index = assigned_device_index(self.kind, os.environ, _ray_assigned_ids(self.kind))
+        index = assigned_device_index(self.kind, os.environ, ray_assigned_ids(self.kind))
         if self.kind == "npu":
             import torch_npu  # noqa: F401  registers torch.npu
 
@@ -113,7 +104,7 @@ def apply_attention_backend(model, name: str) -> None:
     from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
     from diffusers.utils import logging as diffusers_logging
 
-    from wanray.config import ConfigError
+    from wanray.errors import ConfigError
 
     try:
         _check_attention_backend_requirements(AttentionBackendName(name))

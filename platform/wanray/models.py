@@ -9,10 +9,15 @@ only (never a pickle: a .bin or .pt file can run code when unpickled).
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
+
+from wanray.errors import ConfigError, ModelDirError
+from wanray.io import atomic_path, write_text_atomic
+from wanray.wan import WanContract, contract_from
 
 EXPERT_SUBFOLDERS = {"high": "transformer", "low": "transformer_2"}
 REQUIRED_PARTS = ("model_index.json", "transformer", "transformer_2", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -20,10 +25,6 @@ REQUIRED_PARTS = ("model_index.json", "transformer", "transformer_2", "vae", "te
 # Wan2.2-T2V-A14B's diffusers scheduler: UniPC on flow sigmas. diffusers ships
 # flow_shift 3.0; the official T2V sampler uses 12.0 (inference config can override).
 SCHEDULER_CONFIG = dict(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0)
-
-
-class ModelDirError(ValueError):
-    """A model directory that is missing or not a diffusers-format Wan2.2 directory."""
 
 
 def check_model_dir(path: str | os.PathLike) -> Path:
@@ -42,6 +43,50 @@ def ensure_model(cfg_model) -> Path:
         write_tiny_checkpoint(p, seed=cfg_model.tiny_seed,
                               boundary=TINY_BOUNDARY if cfg_model.boundary is None else cfg_model.boundary)
     return check_model_dir(p)
+
+
+def read_json(model_dir, name: str) -> dict:
+    """A JSON file of the model directory (e.g. "vae/config.json"); a missing or broken one is a ConfigError."""
+    path = Path(model_dir) / name
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: model.path must name a diffusers-format Wan2.2 directory") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_contract(model_dir, model_cfg) -> WanContract:
+    """The Wan2.2 contract of `model_dir` under the `model.*` settings (see wanray.wan)."""
+    return contract_from(read_json(model_dir, "model_index.json"), read_json(model_dir, "vae/config.json"),
+                         read_json(model_dir, "scheduler/scheduler_config.json"), model_cfg)
+
+
+def write_boundary(model_dir, boundary: float) -> None:
+    """Record the boundary the experts of `model_dir` were trained with in its model_index.json."""
+    index = read_json(model_dir, "model_index.json")
+    index["boundary_ratio"] = boundary
+    write_text_atomic(Path(model_dir) / "model_index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def expert_config(model_dir, expert: str) -> dict:
+    """The expert's transformer config (its dimensions), without its weights."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel.load_config(model_dir, subfolder=EXPERT_SUBFOLDERS[expert], local_files_only=True)
+
+
+def expert_weight_files(model_dir, expert: str) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (one file, or shards listed by an index)."""
+    folder = Path(model_dir) / EXPERT_SUBFOLDERS[expert]
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.exists():
+        return {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    single = folder / "diffusion_pytorch_model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(single, "pt") as f:
+        return {k: single for k in f.keys()}
 
 
 def load_tokenizer(path):
@@ -113,14 +158,10 @@ def write_tiny_checkpoint(path, seed: int = 0, boundary: float = TINY_BOUNDARY) 
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                        scheduler=UniPCMultistepScheduler(**SCHEDULER_CONFIG),
                        transformer=high, transformer_2=low, boundary_ratio=boundary)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pipe.save_pretrained(tmp, safe_serialization=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
     except OSError:  # another process won the race and wrote it first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
         check_model_dir(path)
     return path

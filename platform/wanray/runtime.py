@@ -1,4 +1,5 @@
-"""Driver plumbing shared by the pipelines: joining Ray, and one-line errors on bad input."""
+"""Driver plumbing shared by the pipelines, tests and benchmarks: joining Ray, one-line errors on
+bad input, a free local port. Library functions never join Ray themselves: the driver does."""
 from __future__ import annotations
 
 import contextlib
@@ -6,18 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from wanray.config import ConfigError
-from wanray.data.manifest import ManifestError
-from wanray.models import ModelDirError
-
-
-class RequestError(ValueError):
-    """A generation request the platform will not run (out of the configured bounds, malformed);
-    the server sends the message back to the client as is."""
-
-
-# Errors caused by what the user passed in: reported as one line, exit status 2.
-USER_ERRORS = (ConfigError, ManifestError, ModelDirError, FileNotFoundError, RequestError)
+from wanray.errors import USER_ERRORS
 
 
 def connect_ray(**kwargs):
@@ -32,6 +22,15 @@ def connect_ray(**kwargs):
         os.environ.setdefault("RAY_num_workers_soft_limit", str(4 * max(1, round(cpus))))
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, **kwargs)
     return ray
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -1,10 +1,10 @@
 """The Wan2.2 contract: the facts preprocessing, training, inference and export must agree on.
 
-    model directory ──► read_contract ──► WanContract ──► preprocessing (text length, latent normalisation)
-    (model_index.json,                                ├─► training (boundary: each expert's timestep range)
-     vae/config.json,                                 ├─► sampler stages (switch rule, text length, latent shape,
-     scheduler/)                                      │                  de-normalisation)
-    + model.boundary                                  └─► export (the boundary trained with, into model_index.json)
+    model directory ──► models.read_contract ──► WanContract ──► preprocessing (text length, latent normalisation)
+    (model_index.json,                                       ├─► training (boundary: each expert's timestep range)
+     vae/config.json,                                        ├─► sampler stages (switch rule, text length, latent
+     scheduler/)                                             │                  shape, de-normalisation)
+    + model.boundary                                         └─► export (the boundary trained with, into model_index.json)
 
 The expert boundary comes from the directory's `boundary_ratio` (the experts were trained for
 it); `model.boundary` only fills in for a directory that has none, and contradicting the
@@ -14,11 +14,10 @@ t >= boundary * num_train_timesteps, the low-noise expert the rest.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
-from wanray.config import ConfigError, ModelConfig
+from wanray.config import ModelConfig
+from wanray.errors import ConfigError
 
 TEXT_TOKENS = 512
 """UMT5 sequence length of every Wan2.2 model: WanPipeline's max_sequence_length. Embeddings are
@@ -108,35 +107,17 @@ def resolve_boundary(stored: float | None, configured: float | None, force: bool
     return configured, f"model.boundary, forced over model_index.json's {stored}"
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path} not found: model.path must name a diffusers-format Wan2.2 directory") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
-
-
-def read_contract(model_dir, model_cfg: ModelConfig) -> WanContract:
-    """The contract of the Wan2.2 directory `model_dir` under the `model.*` settings."""
-    root = Path(model_dir)
-    index, vae = _read_json(root / "model_index.json"), _read_json(root / "vae" / "config.json")
-    scheduler = _read_json(root / "scheduler" / "scheduler_config.json")
-    boundary, source = resolve_boundary(index.get("boundary_ratio"), model_cfg.boundary, model_cfg.force_boundary)
-    z = vae.get("z_dim", 16)
-    mean, std = vae.get("latents_mean"), vae.get("latents_std")
+def contract_from(model_index: dict, vae_config: dict, scheduler_config: dict, model_cfg: ModelConfig) -> WanContract:
+    """The contract of a Wan2.2 directory from its model_index.json, vae/config.json and
+    scheduler/scheduler_config.json (wanray.models.read_contract reads them) under `model.*`."""
+    boundary, source = resolve_boundary(model_index.get("boundary_ratio"), model_cfg.boundary,
+                                        model_cfg.force_boundary)
+    z = vae_config.get("z_dim", 16)
+    mean, std = vae_config.get("latents_mean"), vae_config.get("latents_std")
     if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == z):
-        raise ConfigError(f"{root / 'vae' / 'config.json'} must list z_dim={z} latents_mean and latents_std values")
+        raise ConfigError(f"the VAE config must list z_dim={z} latents_mean and latents_std values")
     return WanContract(boundary=float(boundary), boundary_source=source,
-                       num_train_timesteps=int(scheduler.get("num_train_timesteps", 1000)),
-                       vae_scale_temporal=int(vae.get("scale_factor_temporal", 4)),
-                       vae_scale_spatial=int(vae.get("scale_factor_spatial", 8)),
+                       num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
+                       vae_scale_temporal=int(vae_config.get("scale_factor_temporal", 4)),
+                       vae_scale_spatial=int(vae_config.get("scale_factor_spatial", 8)),
                        latents_mean=tuple(map(float, mean)), latents_std=tuple(map(float, std)))
-
-
-def write_boundary(model_dir, boundary: float) -> None:
-    """Record the boundary the experts of `model_dir` were trained with in its model_index.json."""
-    path = Path(model_dir) / "model_index.json"
-    index = _read_json(path)
-    index["boundary_ratio"] = boundary
-    path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -1,7 +1,7 @@
-"""VAE latents and UMT5 text embeddings, exactly as diffusers' WanPipeline makes them.
+"""The preprocessing encoders: Ray Data callable classes around wanray.encoding.
 
-The pure functions work on tensors; `LatentEncoder` and `TextEncoder` are Ray Data
-callable classes (the model loads once per actor in __init__) working on numpy batches.
+`LatentEncoder` and `TextEncoder` load their model once per actor in __init__ and turn numpy
+batches of decoded frames / captions into the Parquet tensor columns.
 """
 from __future__ import annotations
 
@@ -12,42 +12,10 @@ import numpy as np
 import torch
 
 from wanray import models
-from wanray.devices import accelerator, torch_dtype
 from wanray.data.shards import EMPTY_PROMPT_FILE, write_empty_prompt
+from wanray.devices import accelerator, torch_dtype
+from wanray.encoding import encode_latents, encode_text, frames_to_video
 from wanray.schema import encode_tensor
-from wanray.wan import TEXT_TOKENS, normalize_latents
-
-
-def frames_to_video(frames: np.ndarray) -> torch.Tensor:
-    """(T, H, W, 3) uint8 -> (3, T, H, W) float in [-1, 1], the VAE's input range."""
-    return torch.from_numpy(np.array(frames)).permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)  # a writable copy
-
-
-@torch.no_grad()
-def encode_latents(vae, videos: torch.Tensor) -> torch.Tensor:
-    """(B, 3, T, H, W) in [-1, 1] -> normalised latents (B, 16, (T-1)/4+1, H/8, W/8): the posterior
-    mode, normalised as the Wan2.2 contract says (wan.normalize_latents)."""
-    param = next(vae.parameters())
-    z = vae.encode(videos.to(param.device, param.dtype)).latent_dist.mode()
-    return normalize_latents(z, vae.config.latents_mean, vae.config.latents_std)
-
-
-@torch.no_grad()
-def encode_text(tokenizer, text_encoder, prompts: list[str]) -> list[torch.Tensor]:
-    """Unpadded UMT5 embeddings, one (tokens, dim) tensor per prompt.
-
-    Same cleaning, tokenisation (padded to the contract's 512 tokens, as the model saw it) and
-    truncation as `WanPipeline._get_t5_prompt_embeds`; padding is dropped for storage.
-    """
-    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
-
-    inputs = tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=TEXT_TOKENS,
-                       truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
-    device = next(text_encoder.parameters()).device
-    mask = inputs.attention_mask.to(device)
-    hidden = text_encoder(inputs.input_ids.to(device), mask).last_hidden_state
-    lengths = mask.gt(0).sum(dim=1).tolist()  # host sync: one per batch, needed to slice
-    return [h[:n] for h, n in zip(hidden, lengths)]
 
 
 def _columns(tensors: list[torch.Tensor], name: str) -> dict[str, np.ndarray]:

@@ -18,12 +18,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from wanray.errors import ManifestError
+
 PATH_KEYS = ("path", "video")
 CAPTION_KEYS = ("cap", "prompt", "caption", "text")
-
-
-class ManifestError(ValueError):
-    """The manifest as a whole cannot be read (missing file, unknown format, no usable columns)."""
 
 
 @dataclass(frozen=True)

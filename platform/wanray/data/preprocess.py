@@ -6,6 +6,7 @@
       -> TextEncoder actor pool (UMT5)
       -> write_shard tasks: rows_per_shard clips per atomically written shard
 
+Everything here runs on the Ray the driver connected to (wanray.runtime.connect_ray).
 `run_preprocess` starts the encoder actor pools inside the run, so each run pays for their
 processes starting and loading the models. A `Preprocessor` loads the same encoders once, as
 actors kept until it closes, and each of its runs hands batches to them from Ray Data tasks:
@@ -17,6 +18,7 @@ import dataclasses
 import json
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -24,15 +26,15 @@ import numpy as np
 import ray
 
 from wanray import models
-from wanray.config import Config, ConfigError
+from wanray.config import Config
 from wanray.data.encode import LatentEncoder, TextEncoder
 from wanray.data.manifest import ClipSource, read_manifest
 from wanray.data.shards import (EMPTY_PROMPT_FILE, collect_rejects, record_reject,
-                                rejected_keys, write_json_atomic, write_shard,
+                                rejected_keys, write_shard,
                                 written_ids)
 from wanray.data.video import decode_source
-from wanray.devices import accelerator
-from wanray.runtime import connect_ray
+from wanray.errors import ConfigError
+from wanray.io import write_json_atomic
 
 
 def _empty_prompt_task(model_path: str, device: str, dtype: str, out_dir: str) -> None:
@@ -42,7 +44,7 @@ def _empty_prompt_task(model_path: str, device: str, dtype: str, out_dir: str) -
 def _check_settings(cfg: Config, out_dir: Path) -> None:
     """An output directory holds clips of one model and one data setting; mixing them is an error."""
     settings = {"model": str(Path(cfg.model.path).resolve()), "data": dataclasses.asdict(cfg.data),
-                "dtype": cfg.preprocess.dtype}
+                "dtype": cfg.preprocess.encoders.dtype}
     path = out_dir / "settings.json"
     if path.exists():
         before = json.loads(path.read_text())
@@ -78,20 +80,28 @@ def _encode_stage(cls, actors: list | None, count: int, batch_size: int, init: d
             "num_cpus": 0.05, "concurrency": min(2 * len(actors), blocks)}
 
 
+def decode_blocks(todo: list[ClipSource], cfg: Config) -> int:
+    return max(1, -(-len(todo) // cfg.preprocess.clips_per_decode_task))  # one decode task per block
+
+
+def decode_dataset(todo: list[ClipSource], cfg: Config, out_dir: str) -> ray.data.Dataset:
+    """The decode stage: clip rows with their frames, rejects recorded in out_dir as they happen."""
+    items = [{**dataclasses.asdict(s), "seq": i} for i, s in enumerate(todo)]
+    ds = ray.data.from_items(items, override_num_blocks=decode_blocks(todo, cfg))
+    return ds.flat_map(decode_source, fn_kwargs={"cfg": cfg, "out_dir": out_dir}, num_cpus=cfg.preprocess.decode_cpus)
+
+
 def build_dataset(todo: list[ClipSource], cfg: Config, model_path: str, out_dir: str,
                   encoders: Preprocessor | None = None) -> ray.data.Dataset:
-    p = cfg.preprocess
-    options = accelerator(p.device).ray_resources(p.encoder_cpus, p.encoder_accelerators)
-    blocks = max(1, -(-len(todo) // p.clips_per_decode_task))  # one decode task per block
-    items = [{**dataclasses.asdict(s), "seq": i} for i, s in enumerate(todo)]
-    ds = ray.data.from_items(items, override_num_blocks=blocks)
-    ds = ds.flat_map(decode_source, fn_kwargs={"cfg": cfg, "out_dir": out_dir}, num_cpus=p.decode_cpus)
+    p, enc, blocks = cfg.preprocess, cfg.preprocess.encoders, decode_blocks(todo, cfg)
+    ds = decode_dataset(todo, cfg, out_dir)
     vae = _encode_stage(LatentEncoder, encoders and encoders.vae, p.vae_actors, p.vae_batch_size,
-                        {"model_path": model_path, "device": p.device, "dtype": p.dtype}, options, blocks)
+                        {"model_path": model_path, "device": enc.device, "dtype": enc.dtype}, enc.ray_options(),
+                        blocks)
     ds = ds.map_batches(batch_format="numpy", **vae)
     text = _encode_stage(TextEncoder, encoders and encoders.text, p.text_actors, p.text_batch_size,
-                         {"model_path": model_path, "device": p.device, "dtype": p.dtype,
-                          "empty_prompt_dir": out_dir}, options, blocks)
+                         {"model_path": model_path, "device": enc.device, "dtype": enc.dtype,
+                          "empty_prompt_dir": out_dir}, enc.ray_options(), blocks)
     ds = ds.map_batches(batch_format="numpy", **text)
     return ds.map_batches(write_shard, fn_kwargs={"out_dir": out_dir}, batch_size=p.rows_per_shard, num_cpus=0.1,
                           batch_format="numpy")
@@ -110,18 +120,17 @@ class Preprocessor:
     """
 
     def __init__(self, cfg: Config, log: Callable[[str], None] = print):
+        """Starts the encoder actors on the connected Ray (the driver's connect_ray)."""
         self.cfg, self.log = cfg, log
         self.model_path = str(models.ensure_model(cfg.model))
-        connect_ray()
-        p = cfg.preprocess
-        options = {**accelerator(p.device).ray_resources(p.encoder_cpus, p.encoder_accelerators),
-                   "max_restarts": 3, "max_task_retries": 3}
+        p, enc = cfg.preprocess, cfg.preprocess.encoders
+        options = {**enc.ray_options(), "max_restarts": 3, "max_task_retries": 3}
         log(f"[preprocess] loading {p.vae_actors} VAE and {p.text_actors} text encoder actors "
-            f"({p.device}, {p.dtype}); they stay loaded until this Preprocessor closes")
+            f"({enc.device}, {enc.dtype}); they stay loaded until this Preprocessor closes")
         start = time.perf_counter()
-        self.vae = [ray.remote(LatentEncoder).options(**options).remote(self.model_path, p.device, p.dtype)
+        self.vae = [ray.remote(LatentEncoder).options(**options).remote(self.model_path, enc.device, enc.dtype)
                     for _ in range(p.vae_actors)]
-        self.text = [ray.remote(TextEncoder).options(**options).remote(self.model_path, p.device, p.dtype)
+        self.text = [ray.remote(TextEncoder).options(**options).remote(self.model_path, enc.device, enc.dtype)
                      for _ in range(p.text_actors)]
         try:
             ray.get([a.__ray_ready__.remote() for a in self.vae + self.text])  # a load error surfaces here
@@ -150,62 +159,79 @@ class Preprocessor:
         self.close()
 
 
+@dataclass
+class PreprocessRun:
+    """One manifest into one output directory. `prepare` reads and checks everything the user passed
+    in without Ray (bad input fails fast); `execute` needs the driver's connected Ray."""
+
+    cfg: Config
+    manifest: str
+    out: Path
+    model_path: str
+    sources: list[ClipSource]
+    manifest_rejects: list
+
+    @classmethod
+    def prepare(cls, cfg: Config, manifest: str, out_dir: str) -> PreprocessRun:
+        sources, manifest_rejects = read_manifest(manifest)
+        out = Path(out_dir).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        model_path = str(models.ensure_model(cfg.model))
+        _check_settings(cfg, out)
+        return cls(cfg, str(Path(manifest).resolve()), out, model_path, sources, manifest_rejects)
+
+    def execute(self, log: Callable[[str], None] = print, encoders: Preprocessor | None = None) -> dict:
+        """Run (or resume): clips already written or rejected are skipped. Returns the summary it writes."""
+        if encoders is not None and encoders.cfg != self.cfg:
+            raise ConfigError("a Preprocessor runs with the config its encoders were loaded with")
+        out = self.out
+        done, rejected = written_ids(out), rejected_keys(out)
+        for r in self.manifest_rejects:
+            record_reject(out, r)
+        todo = [s for s in self.sources if s.id not in done and s.id not in rejected]
+        log(f"[preprocess] {len(self.sources)} clips in manifest, {len(self.manifest_rejects)} bad entries; "
+            f"{len(self.sources) - len(todo)} already done, {len(todo)} to process")
+        start, written, frames = time.perf_counter(), 0, 0
+        if todo:
+            for shard in build_dataset(todo, self.cfg, self.model_path, str(out), encoders).iter_rows():
+                written, frames = written + shard["rows"], frames + shard["frames"]
+                rate = written / (time.perf_counter() - start)
+                eta = (len(todo) - written) / rate if rate > 0 else float("nan")
+                log(f"[preprocess] {written}/{len(todo)} clips written ({shard['shard']}), "
+                    f"{rate:.2f} clips/s, at most {eta:.0f}s left")
+        self._ensure_empty_prompt(encoders)
+        elapsed = time.perf_counter() - start
+        records = collect_rejects(out)
+        summary = {
+            "manifest": self.manifest, "clips_in_manifest": len(self.sources),
+            "outcomes": {"written": written, "already_written": len(done & {s.id for s in self.sources}),
+                         "rejected": len(records)},
+            "rejects_by_reason": dict(Counter(r["reason"] for r in records)),
+            "rows_in_output": len(written_ids(out)), "seconds": round(elapsed, 3),
+            "clips_per_second": round(written / elapsed, 3) if elapsed > 0 else None,
+            "frames_per_second": round(frames / elapsed, 3) if elapsed > 0 else None,
+            "rejected_this_run": len(rejected_keys(out) - rejected),
+        }
+        write_json_atomic(summary, out / "summary.json")
+        log(f"[preprocess] done: {written} written, {len(records)} rejected "
+            f"({', '.join(f'{k}: {v}' for k, v in sorted(summary['rejects_by_reason'].items())) or 'none'}); "
+            f"{summary['rows_in_output']} clips in {out}")
+        return summary
+
+    def _ensure_empty_prompt(self, encoders: Preprocessor | None) -> None:
+        """A one-shot run's text encoder actors write it as they start; none start if every clip was done."""
+        if (self.out / EMPTY_PROMPT_FILE).exists():
+            return
+        if encoders is not None:  # the Preprocessor's loaded text encoder writes it
+            encoders.write_empty_prompt(str(self.out))
+            return
+        enc = self.cfg.preprocess.encoders
+        task = ray.remote(_empty_prompt_task).options(**enc.ray_options())
+        ray.get(task.remote(self.model_path, enc.device, enc.dtype, str(self.out)))
+
+
 def run_preprocess(cfg: Config, manifest: str, out_dir: str, log: Callable[[str], None] = print,
                    encoders: Preprocessor | None = None) -> dict:
-    """Run (or resume) preprocessing of `manifest` into `out_dir`; returns the summary written there.
-
-    The encoders load inside the run, or are those of `encoders` (see Preprocessor)."""
-    if encoders is not None and encoders.cfg != cfg:
-        raise ConfigError("a Preprocessor runs with the config its encoders were loaded with")
-    sources, manifest_rejects = read_manifest(manifest)  # bad input fails fast, before any work
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    model_path = str(models.ensure_model(cfg.model))
-    _check_settings(cfg, out)
-    connect_ray()
-    done, rejected = written_ids(out), rejected_keys(out)
-    for r in manifest_rejects:
-        record_reject(out, r)
-    todo = [s for s in sources if s.id not in done and s.id not in rejected]
-    log(f"[preprocess] {len(sources)} clips in manifest, {len(manifest_rejects)} bad entries; "
-        f"{len(sources) - len(todo)} already done, {len(todo)} to process")
-
-    start, written, frames = time.perf_counter(), 0, 0
-    if todo:
-        for shard in build_dataset(todo, cfg, model_path, str(out), encoders).iter_rows():
-            written += shard["rows"]
-            frames += shard["frames"]
-            elapsed = time.perf_counter() - start
-            rate = written / elapsed
-            eta = (len(todo) - written) / rate if rate > 0 else float("nan")
-            log(f"[preprocess] {written}/{len(todo)} clips written ({shard['shard']}), "
-                f"{rate:.2f} clips/s, at most {eta:.0f}s left")
-    # a one-shot run's text encoder actors write it as they start; none start if every clip was done
-    if not (out / EMPTY_PROMPT_FILE).exists():
-        if encoders is not None:  # the Preprocessor's loaded text encoder writes it
-            encoders.write_empty_prompt(str(out))
-        else:
-            p = cfg.preprocess
-            task = ray.remote(_empty_prompt_task).options(**accelerator(p.device).ray_resources(p.encoder_cpus,
-                                                                                               p.encoder_accelerators))
-            ray.get(task.remote(model_path, p.device, p.dtype, str(out)))
-    elapsed = time.perf_counter() - start
-
-    records = collect_rejects(out)
-    summary = {
-        "manifest": str(Path(manifest).resolve()),
-        "clips_in_manifest": len(sources),
-        "outcomes": {"written": written, "already_written": len(done & {s.id for s in sources}),
-                     "rejected": len(records)},
-        "rejects_by_reason": dict(Counter(r["reason"] for r in records)),
-        "rows_in_output": len(written_ids(out)),
-        "seconds": round(elapsed, 3),
-        "clips_per_second": round(written / elapsed, 3) if elapsed > 0 else None,
-        "frames_per_second": round(frames / elapsed, 3) if elapsed > 0 else None,
-        "rejected_this_run": len(rejected_keys(out) - rejected),
-    }
-    write_json_atomic(summary, out / "summary.json")
-    log(f"[preprocess] done: {written} written, {len(records)} rejected "
-        f"({', '.join(f'{k}: {v}' for k, v in sorted(summary['rejects_by_reason'].items())) or 'none'}); "
-        f"{summary['rows_in_output']} clips in {out}")
-    return summary
+    """Run (or resume) preprocessing of `manifest` into `out_dir` on the connected Ray; returns the
+    summary written there. The encoders load inside the run, or are those of `encoders` (see Preprocessor)."""
+    return PreprocessRun.prepare(cfg, manifest, out_dir).execute(log, encoders)

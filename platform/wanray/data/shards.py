@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import uuid
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from wanray.data.manifest import Reject
+from wanray.io import atomic_path, write_json_atomic, write_text_atomic
 from wanray.schema import CLIP_SCHEMA, EMPTY_PROMPT_SCHEMA, check_version
 
 SHARD_GLOB = "part-*.parquet"
@@ -28,16 +28,9 @@ EMPTY_PROMPT_FILE = "empty_prompt.parquet"
 
 
 def write_table_atomic(table: pa.Table, path: Path, row_group_size: int | None = None) -> None:
-    """Write to a hidden temp file, then rename: readers never see a partial shard."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    pq.write_table(table, tmp, row_group_size=row_group_size)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    """Readers never see a partial shard (wanray.io.atomic_path)."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=row_group_size)
 
 
 def shard_paths(out_dir) -> list[Path]:
@@ -83,9 +76,7 @@ def collect_rejects(out_dir) -> list[dict]:
     d = Path(out_dir) / "rejects"
     records = sorted((json.loads(p.read_text()) for p in d.glob("*.json")), key=lambda r: (r["input"], r["reason"])) \
         if d.is_dir() else []
-    tmp = Path(out_dir) / ".rejects.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, Path(out_dir) / "rejects.jsonl")
+    write_text_atomic(Path(out_dir) / "rejects.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     return records
 
 

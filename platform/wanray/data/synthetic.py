@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from wanray.io import write_mp4
+
 COLORS = {"red": (220, 40, 40), "green": (40, 200, 70), "blue": (40, 80, 230), "yellow": (240, 220, 40),
           "white": (245, 245, 245), "purple": (150, 60, 200)}
 BACKGROUNDS = {"black": (10, 10, 10), "gray": (110, 110, 110), "navy": (20, 30, 80), "olive": (90, 100, 30)}
@@ -56,19 +58,6 @@ def render(clip: SyntheticClip) -> np.ndarray:
     return frames
 
 
-def write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
-    import av
-
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"preset": "ultrafast", "crf": "23"}
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-
-
 def make_clips(count: int, seed: int = 0, min_seconds: float = 1.2, max_seconds: float = 2.5) -> list[SyntheticClip]:
     rng = random.Random(seed)
     clips = []
@@ -91,9 +80,7 @@ def write_dataset(root, count: int = 16, seed: int = 0) -> Path:
     for clip in make_clips(count, seed):
         path = root / "videos" / clip.name
         if not path.exists():
-            tmp = path.with_name(f".{path.name}.tmp.mp4")
-            write_mp4(tmp, render(clip), clip.fps)
-            tmp.replace(path)
+            write_mp4(path, render(clip), clip.fps)
         annotation.append({"path": f"videos/{clip.name}", "cap": clip.caption, "num_frames": clip.num_frames,
                            "fps": clip.fps, "resolution": {"height": clip.height, "width": clip.width}})
     (root / "data.json").write_text(json.dumps(annotation, indent=1))

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from wanray.config import Config
-from wanray.runtime import RequestError
+from wanray.errors import RequestError
 from wanray.infer.sampler import GenerationParams
 
 logger = logging.getLogger(__name__)
@@ -111,7 +111,8 @@ def build_api(generate: Generate, cfg: Config, model_dir: str) -> FastAPI:
 
     @app.get("/v1/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model_dir, "device": cfg.infer.device, "dtype": cfg.infer.dtype}
+        stages = {name: {"device": res.device, "dtype": res.dtype} for name, res in vars(cfg.infer.stages).items()}
+        return {"status": "ok", "model": model_dir, "stages": stages}
 
     @app.post("/v1/generate", responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}})
     async def generate_video(req: GenerateRequest) -> Response:

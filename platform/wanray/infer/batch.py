@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from wanray.config import Config
-from wanray.devices import accelerator
-from wanray.infer.api import GenerateRequest, RequestError, resolve
+from wanray.errors import RequestError
+from wanray.infer.api import GenerateRequest, resolve
 from wanray.infer.sampler import GenerationParams, Sampler, StageSpec
 from wanray.infer.video import mp4_bytes
+from wanray.io import write_bytes_atomic
 
 INDEX_FILE = "videos.jsonl"
 
@@ -44,12 +45,6 @@ def read_prompts(path: str | os.PathLike, cfg: Config) -> list[GenerationParams]
     return params
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 class VideoWriter:
     """Ray Data actor: rows (index, GenerationParams as JSON) -> videos on disk; rows (index, video, seconds) out."""
 
@@ -64,7 +59,7 @@ class VideoWriter:
             start = time.perf_counter()
             frames = self.sampler(params)
             video = self.out_dir / f"{int(index):05d}.mp4"
-            _write_atomic(video, mp4_bytes(frames, self.fps))
+            write_bytes_atomic(video, mp4_bytes(frames, self.fps))
             if self.save_frames:
                 np.save(video.with_suffix(".npy"), frames)
             videos.append(video.name)
@@ -74,7 +69,8 @@ class VideoWriter:
 
 def generate_videos(cfg: Config, model_dir: str, params: list[GenerationParams], out_dir: str | os.PathLike,
                     save_frames: bool = False) -> list[dict]:
-    """Generate every video on `cfg.infer.batch_actors` actors; return (and write) the index, in prompt order."""
+    """Generate every video on `cfg.infer.batch_actors` actors of the connected Ray; return (and write) the
+    index, in prompt order."""
     import ray
 
     out = Path(out_dir)
@@ -83,9 +79,9 @@ def generate_videos(cfg: Config, model_dir: str, params: list[GenerationParams],
     rows = [{"index": i, "params": json.dumps(dataclasses.asdict(p))} for i, p in enumerate(params)]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         VideoWriter, batch_size=1, compute=ray.data.ActorPoolStrategy(size=inf.batch_actors), batch_format="numpy",
-        fn_constructor_kwargs=dict(spec=StageSpec.resolve(Path(model_dir).resolve(), cfg), fps=cfg.data.fps,
+        fn_constructor_kwargs=dict(spec=StageSpec.for_batch(Path(model_dir).resolve(), cfg), fps=cfg.data.fps,
                                    out_dir=str(out.resolve()), save_frames=save_frames),
-        **accelerator(inf.device).ray_resources(inf.batch_cpus, inf.batch_accelerators))
+        **inf.batch.ray_options())
     done = []
     for row in ds.iter_rows():
         p = params[int(row["index"])]

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from wanray import models
-from wanray.config import Config, InferConfig, attention_backend
-from wanray.data.encode import encode_text
+from wanray.config import Config, StageResources, attention_backend
+from wanray.encoding import encode_text
 from wanray.devices import accelerator, apply_attention_backend, torch_dtype
 from wanray.schema import pad_text_embedding
-from wanray.wan import WanContract, read_contract
+from wanray.wan import EXPERTS, WanContract
 
 # UniPC state that set_timesteps and step keep on the compute device: timesteps, and the multistep
 # history (last solver_order model outputs, their timesteps, the last sample). sigmas stay on the CPU.
@@ -83,21 +83,56 @@ class DenoiseState:
         return self
 
 
-def _stage_device(infer: InferConfig) -> torch.device:
-    """Apply the stage's torch thread setting and return the device it computes on."""
-    if infer.torch_threads > 0:
-        torch.set_num_threads(infer.torch_threads)
-    return accelerator(infer.device).torch_device()
+@dataclass(frozen=True)
+class StageSpec:
+    """One served model's four stages, resolved once by the driver: the resources of each, the
+    Wan2.2 contract of the model directory and the experts' attention backends."""
+
+    model_dir: str
+    contract: WanContract
+    stages: StageResources
+    flow_shift: float | None
+    torch_threads: int
+    attention: dict[str, str]
+    """diffusers attention backend per expert."""
+
+    @classmethod
+    def for_serving(cls, model_dir, cfg: Config) -> StageSpec:
+        """Each stage on its own infer.stages.* resources. A boundary contradicting the directory or an
+        attention backend that cannot run on a stage is a ConfigError, raised here in the driver."""
+        return cls._make(model_dir, cfg, cfg.infer.stages)
+
+    @classmethod
+    def for_batch(cls, model_dir, cfg: Config) -> StageSpec:
+        """Every stage in one batch-generation actor, on infer.batch."""
+        b = cfg.infer.batch
+        return cls._make(model_dir, cfg, StageResources(text=b, high=b, low=b, vae=b))
+
+    @classmethod
+    def _make(cls, model_dir, cfg: Config, stages: StageResources) -> StageSpec:
+        attention = {e: attention_backend(cfg.model.attention_backend, getattr(stages, e).device,
+                                          getattr(stages, e).dtype, training=False) for e in EXPERTS}
+        return cls(str(model_dir), models.read_contract(model_dir, cfg.model), stages, cfg.infer.flow_shift,
+                   cfg.infer.torch_threads, attention)
+
+    def device(self, stage: str) -> torch.device:
+        """In the stage's own process: apply the torch thread setting, return the device Ray assigned."""
+        if self.torch_threads > 0:
+            torch.set_num_threads(self.torch_threads)
+        return accelerator(getattr(self.stages, stage).device).torch_device()
+
+    def dtype(self, stage: str) -> torch.dtype:
+        return torch_dtype(getattr(self.stages, stage).dtype)
 
 
 class PromptEncoder:
     """Stage 1: prompt and negative prompt -> padded UMT5 embeddings."""
 
-    def __init__(self, model_dir: str, infer: InferConfig, contract: WanContract):
-        self.device = _stage_device(infer)
-        self.text_tokens = contract.text_tokens
-        self.tokenizer = models.load_tokenizer(model_dir)
-        self.text_encoder = models.load_text_encoder(model_dir, torch_dtype(infer.dtype), self.device)
+    def __init__(self, spec: StageSpec):
+        self.device = spec.device("text")
+        self.text_tokens = spec.contract.text_tokens
+        self.tokenizer = models.load_tokenizer(spec.model_dir)
+        self.text_encoder = models.load_text_encoder(spec.model_dir, spec.dtype("text"), self.device)
 
     def encode(self, params: GenerationParams) -> TextEmbeddings:
         # One forward per prompt, as WanPipeline does: a batch of two could round differently.
@@ -112,12 +147,12 @@ class PromptEncoder:
 class ExpertStage:
     """Stage 2 or 3: the high-noise expert (t >= boundary*1000, starting from noise) or the low-noise one."""
 
-    def __init__(self, model_dir: str, expert: str, infer: InferConfig, contract: WanContract, attention: str):
-        self.device = _stage_device(infer)
-        self.expert_name, self.contract = expert, contract
-        self.expert = models.load_expert(model_dir, expert, torch_dtype(infer.dtype), self.device)
-        apply_attention_backend(self.expert, attention)
-        self.scheduler = models.load_scheduler(model_dir, infer.flow_shift)
+    def __init__(self, spec: StageSpec, expert: str):
+        self.device = spec.device(expert)
+        self.expert_name, self.contract = expert, spec.contract
+        self.expert = models.load_expert(spec.model_dir, expert, spec.dtype(expert), self.device)
+        apply_attention_backend(self.expert, spec.attention[expert])
+        self.scheduler = models.load_scheduler(spec.model_dir, spec.flow_shift)
 
     def initial_state(self, params: GenerationParams) -> DenoiseState:
         """Seeded noise and a fresh scheduler, exactly as WanPipeline.prepare_latents / set_timesteps."""
@@ -168,12 +203,12 @@ class ExpertStage:
 class VideoDecoder:
     """Stage 4: normalised latents -> (frames, height, width, 3) float32 frames in [0, 1]."""
 
-    def __init__(self, model_dir: str, infer: InferConfig, contract: WanContract):
+    def __init__(self, spec: StageSpec):
         from diffusers.video_processor import VideoProcessor
 
-        self.device, self.contract = _stage_device(infer), contract
-        self.vae = models.load_vae(model_dir, torch_dtype(infer.dtype), self.device)
-        self.video_processor = VideoProcessor(vae_scale_factor=contract.vae_scale_spatial)
+        self.device, self.contract = spec.device("vae"), spec.contract
+        self.vae = models.load_vae(spec.model_dir, spec.dtype("vae"), self.device)
+        self.video_processor = VideoProcessor(vae_scale_factor=spec.contract.vae_scale_spatial)
 
     @torch.no_grad()
     def decode(self, state: DenoiseState) -> np.ndarray:
@@ -182,46 +217,14 @@ class VideoDecoder:
         return self.video_processor.postprocess_video(video, output_type="np")[0]
 
 
-@dataclass(frozen=True)
-class StageSpec:
-    """What every stage of one served model shares, resolved once by the driver."""
-
-    model_dir: str
-    infer: InferConfig
-    contract: WanContract
-    attention: str
-    """diffusers attention backend of the experts."""
-
-    @classmethod
-    def resolve(cls, model_dir, cfg: Config) -> StageSpec:
-        """The spec for `model_dir` under `cfg`; a boundary contradicting the directory is a ConfigError."""
-        return cls(str(model_dir), cfg.infer, read_contract(model_dir, cfg.model),
-                   attention_backend(cfg.model.attention_backend, cfg.infer.device, cfg.infer.dtype, training=False))
-
-    def prompt_encoder(self) -> tuple:
-        return PromptEncoder, self.model_dir, self.infer, self.contract
-
-    def expert(self, expert: str) -> tuple:
-        return ExpertStage, self.model_dir, expert, self.infer, self.contract, self.attention
-
-    def decoder(self, cls: type | None = None) -> tuple:
-        return cls or VideoDecoder, self.model_dir, self.infer, self.contract
-
-
-def build(stage: tuple):
-    """A stage from StageSpec's (class, *arguments)."""
-    cls, *args = stage
-    return cls(*args)
-
-
 class Sampler:
     """All four stages in one process: batch generation, and the baseline Serve is measured against."""
 
     def __init__(self, spec: StageSpec):
-        self.prompt_encoder = build(spec.prompt_encoder())
-        self.high = build(spec.expert("high"))
-        self.low = build(spec.expert("low"))
-        self.decoder = build(spec.decoder())
+        self.prompt_encoder = PromptEncoder(spec)
+        self.high = ExpertStage(spec, "high")
+        self.low = ExpertStage(spec, "low")
+        self.decoder = VideoDecoder(spec)
 
     def __call__(self, params: GenerationParams) -> np.ndarray:
         text = self.prompt_encoder.encode(params)

@@ -22,9 +22,8 @@ from typing import Callable
 
 from ray import serve
 
-from wanray.config import Config
-from wanray.devices import accelerator
-from wanray.infer.api import OnStage, OutputFormat, build_api
+from wanray.config import Config, Resources
+from wanray.infer.api import Generate, OnStage, OutputFormat, build_api
 from wanray.infer.sampler import ExpertStage, GenerationParams, PromptEncoder, StageSpec, VideoDecoder
 from wanray.infer.video import mp4_bytes, npy_bytes
 
@@ -33,6 +32,8 @@ UI_PATH = "/ui"
 # Stages of a request as the UI's progress bar shows them: (fraction done after it, what finished).
 PROGRESS = ((0.05, "prompt encoded"), (0.55, "high-noise expert done"), (0.9, "low-noise expert done"))
 STAGE_QUEUE = 32  # requests a stage replica holds (one running, the rest waiting); more wait in Serve's router
+BuildUI = Callable[[Generate, Config, str], object]
+"""(generate, config, model directory) -> a gradio.Blocks page, e.g. ui/app.py's build_ui."""
 
 
 class VideoStage(VideoDecoder):
@@ -47,9 +48,8 @@ class QueuedStage:
     """The deployment around one sampler stage: calls run one at a time, in arrival order, on one thread.
 
     The queue lives here, in the replica, rather than in Serve's router: a router whose replicas
-    are all busy polls them again with a back-off of up to 0.5 s, which left the device idle for
-    0.2-0.5 s between requests. Queued here, the next request starts the moment one ends, and
-    its inputs are already fetched.
+    are all busy polls them again with a back-off of up to 0.5 s, during which the device would
+    idle. Queued here, the next request starts the moment one ends, its inputs already fetched.
     """
 
     def __init__(self, stage_cls: type, *args):
@@ -67,9 +67,9 @@ class QueuedStage:
 class Ingress:
     """HTTP entry point: validates requests, moves each through the four stages, serves the UI."""
 
-    def __init__(self, text_encoder, high, low, vae, cfg: Config, model_dir: str, with_ui: bool):
+    def __init__(self, text_encoder, high, low, vae, cfg: Config, model_dir: str, ui: BuildUI | None):
         self.text_encoder, self.high, self.low, self.vae = text_encoder, high, low, vae
-        self.cfg, self.model_dir, self.with_ui = cfg, model_dir, with_ui
+        self.cfg, self.model_dir, self.ui = cfg, model_dir, ui
 
     async def generate(self, params: GenerationParams, output: OutputFormat, on_stage: OnStage | None) -> bytes:
         text = self.text_encoder.run.remote(PromptEncoder.encode, params)
@@ -84,40 +84,39 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         app = build_api(self.generate, self.cfg, self.model_dir)
-        if not self.with_ui:
+        if self.ui is None:
             return app
         import gradio as gr
-        from ui.app import build_ui  # shipped by the job's runtime_env (py_modules), see build_app
 
-        return gr.mount_gradio_app(app, build_ui(self.generate, self.cfg, self.model_dir), path=UI_PATH,
+        return gr.mount_gradio_app(app, self.ui(self.generate, self.cfg, self.model_dir), path=UI_PATH,
                                    ssr_mode=False)
 
 
-def build_app(cfg: Config, model_dir: str, with_ui: bool = True):
-    """The bound Serve application for `model_dir`, with the Gradio page at /ui when `with_ui`.
+def build_app(cfg: Config, model_dir: str, ui: BuildUI | None = None):
+    """The bound Serve application for `model_dir`, with the page `ui` builds mounted at /ui.
 
-    The page is the repo's ui/app.py: the driver ships it to the cluster with
-    `ray.init(runtime_env={"py_modules": [".../ui"]})`, which Serve deployments inherit.
+    `ui` is the driver's (pipelines/serve.py passes ui/app.py's build_ui); Serve pickles it by
+    reference, so its module must be importable on the cluster: the driver ships ui/ with
+    `runtime_env={"py_modules": [".../ui"]}`, which the deployments inherit.
     """
-    inf = cfg.infer
-    device = accelerator(inf.device)
     model_dir = str(Path(model_dir).resolve())  # replicas may run elsewhere: never a path relative to here
-    spec = StageSpec.resolve(model_dir, cfg)  # a boundary contradicting the directory fails here, not in a replica
+    spec = StageSpec.for_serving(model_dir, cfg)  # a contradicting boundary fails here, not in a replica
 
-    def stage(name: str, cpus: float, accelerators: float):
+    def stage(name: str, resources: Resources):
         return serve.deployment(QueuedStage, name=name, max_ongoing_requests=STAGE_QUEUE,
-                                ray_actor_options=device.ray_resources(cpus, accelerators))
+                                ray_actor_options=resources.ray_options())
 
-    text = stage("text_encoder", inf.text_cpus, inf.text_accelerators).bind(*spec.prompt_encoder())
-    high = stage("high_noise_expert", inf.high_cpus, inf.high_accelerators).bind(*spec.expert("high"))
-    low = stage("low_noise_expert", inf.low_cpus, inf.low_accelerators).bind(*spec.expert("low"))
-    vae = stage("vae_decoder", inf.vae_cpus, inf.vae_accelerators).bind(*spec.decoder(VideoStage))
-    ingress = Ingress.options(ray_actor_options={"num_cpus": inf.ingress_cpus})
-    return ingress.bind(text, high, low, vae, cfg, str(model_dir), with_ui)
+    stages = cfg.infer.stages
+    text = stage("text_encoder", stages.text).bind(PromptEncoder, spec)
+    high = stage("high_noise_expert", stages.high).bind(ExpertStage, spec, "high")
+    low = stage("low_noise_expert", stages.low).bind(ExpertStage, spec, "low")
+    vae = stage("vae_decoder", stages.vae).bind(VideoStage, spec)
+    ingress = Ingress.options(ray_actor_options={"num_cpus": cfg.infer.ingress_cpus})
+    return ingress.bind(text, high, low, vae, cfg, str(model_dir), ui)
 
 
-def start(cfg: Config, model_dir: str, with_ui: bool = True) -> str:
+def start(cfg: Config, model_dir: str, ui: BuildUI | None = None) -> str:
     """Deploy on the connected Ray (HTTP bound to infer.host:infer.port) and return the base URL."""
     serve.start(http_options={"host": cfg.infer.host, "port": cfg.infer.port})
-    serve.run(build_app(cfg, model_dir, with_ui), name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run(build_app(cfg, model_dir, ui), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{cfg.infer.host}:{cfg.infer.port}"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wanray.data.synthetic import write_mp4
+from wanray.io import write_mp4
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:

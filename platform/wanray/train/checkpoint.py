@@ -10,7 +10,6 @@ Noise, timesteps and caption dropout are drawn per global batch from generators 
 """
 from __future__ import annotations
 
-import os
 import shutil
 import warnings
 from dataclasses import asdict, dataclass
@@ -22,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
 from torch.distributed.checkpoint.stateful import Stateful
 
 from wanray import models
+from wanray.io import atomic_path
 
 
 @dataclass
@@ -146,30 +146,24 @@ def export_diffusers(model_path, out_dir, experts: dict[str, Path], boundary: fl
     from diffusers import WanPipeline
     from safetensors.torch import save_file
 
-    from wanray import wan
-
     src, out = models.check_model_dir(model_path), Path(out_dir)
     replaced = {str(src / models.EXPERT_SUBFOLDERS[e]) for e in experts}
 
     def skip_replaced_weights(folder, names):  # don't copy 28 GB only to overwrite it
         return [n for n in names if n.startswith("diffusion_pytorch_model")] if folder in replaced else []
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=skip_replaced_weights)
-    wan.write_boundary(tmp, boundary)
-    for expert, ckpt in experts.items():
-        weights, adapter = full_expert_state(src, expert, ckpt, lora)
-        folder = tmp / models.EXPERT_SUBFOLDERS[expert]
-        save_file(weights, folder / "diffusion_pytorch_model.safetensors")
-        if adapter is not None:
-            WanPipeline.save_lora_weights(
-                folder / "lora", transformer_lora_layers={k: v.contiguous() for k, v in adapter.items()},
-                transformer_lora_adapter_metadata={"r": lora.rank, "lora_alpha": lora.alpha,
-                                                   "target_modules": list(lora.target_modules)})
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_path(out, replace_dir=True) as tmp:
+        shutil.copytree(src, tmp, ignore=skip_replaced_weights)
+        models.write_boundary(tmp, boundary)
+        for expert, ckpt in experts.items():
+            weights, adapter = full_expert_state(src, expert, ckpt, lora)
+            folder = tmp / models.EXPERT_SUBFOLDERS[expert]
+            save_file(weights, folder / "diffusion_pytorch_model.safetensors")
+            if adapter is not None:
+                WanPipeline.save_lora_weights(
+                    folder / "lora", transformer_lora_layers={k: v.contiguous() for k, v in adapter.items()},
+                    transformer_lora_adapter_metadata={"r": lora.rank, "lora_alpha": lora.alpha,
+                                                       "target_modules": list(lora.target_modules)})
     return out
 
 

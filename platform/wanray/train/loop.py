@@ -62,7 +62,7 @@ def build_model(spec: LoopSpec, device: torch.device, fresh: bool):
     """Meta -> FSDP2 shards -> local storage -> weights (skipped when a checkpoint will load them)."""
     t = spec.cfg.train
     model = build_on_meta(spec.model_path, spec.expert, t.lora, spec.attention)
-    apply_fsdp(model, device, t.param_dtype, t.reduce_dtype, t.activation_checkpointing)
+    apply_fsdp(model, device, t.worker.dtype, t.reduce_dtype, t.activation_checkpointing)
     materialize(model, device)
     if fresh:
         if t.init_dcp:
@@ -92,7 +92,7 @@ def flow_loss(model, batch: Batch, draw: FlowDraw, empty: torch.Tensor, spec: Lo
 
     x_t is built in float32 from the float32 timesteps, and the model is given those same
     timesteps; latents and text are cast to the compute dtype here (FSDP2 casts no inputs)."""
-    compute = torch_dtype(spec.cfg.train.param_dtype)
+    compute = torch_dtype(spec.cfg.train.worker.dtype)
     x0, text = batch.latents.float(), batch.text.float()
     text[draw.drop_caption] = empty
     xt, target = noisy_latents(x0, draw.noise, draw.timesteps, spec.contract.num_train_timesteps)
@@ -149,7 +149,7 @@ def train_loop(config: dict) -> None:
     t = spec.cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    acc = accelerator(t.device)
+    acc = accelerator(t.worker.device)
     device = acc.torch_device()
     resume = ray.train.get_checkpoint()
     model = build_model(spec, device, fresh=resume is None)

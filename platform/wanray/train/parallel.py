@@ -8,19 +8,14 @@ fit a 64 GB NPU next to activations.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from wanray import models
 from wanray.devices import apply_attention_backend, torch_dtype
-from wanray.models import EXPERT_SUBFOLDERS
-
-LORA_PREFIX = "base_model.model."
 
 
 def build_on_meta(model_path, expert: str, lora=None, attention_backend: str | None = None):
@@ -29,7 +24,7 @@ def build_on_meta(model_path, expert: str, lora=None, attention_backend: str | N
     from accelerate import init_empty_weights
     from diffusers import WanTransformer3DModel
 
-    config = WanTransformer3DModel.load_config(model_path, subfolder=EXPERT_SUBFOLDERS[expert], local_files_only=True)
+    config = models.expert_config(model_path, expert)
     with init_empty_weights(include_buffers=False):  # rope tables stay real: they are computed, not loaded
         model = WanTransformer3DModel.from_config(config)
     if lora is not None and lora.enabled:
@@ -78,19 +73,6 @@ def materialize(model, device: torch.device) -> None:
             b.copy_(buffers[name])
 
 
-def _weight_files(model_path, expert: str) -> dict[str, Path]:
-    """Tensor name -> safetensors file holding it (single file or sharded with an index)."""
-    folder = Path(model_path) / EXPERT_SUBFOLDERS[expert]
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    if index.exists():
-        return {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
-    single = folder / "diffusion_pytorch_model.safetensors"
-    from safetensors import safe_open
-
-    with safe_open(single, "pt") as f:
-        return {k: single for k in f.keys()}
-
-
 def checkpoint_name(param_name: str) -> str | None:
     """The diffusers tensor name of a parameter (None for LoRA adapter parameters)."""
     if ".lora_" in param_name:
@@ -113,7 +95,7 @@ def load_expert_shards(model, model_path, expert: str) -> None:
     """Fill each rank's local shards from the expert's safetensors, reading only those rows."""
     from safetensors import safe_open
 
-    files = _weight_files(model_path, expert)
+    files = models.expert_weight_files(model_path, expert)
     handles = {}
     try:
         for name, p in model.named_parameters():

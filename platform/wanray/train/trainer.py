@@ -11,22 +11,24 @@ import threading
 from pathlib import Path
 
 from wanray import models
-from wanray.config import Config, ConfigError, attention_backend
-from wanray.data.shards import read_empty_prompt, write_json_atomic
+from wanray.config import Config, attention_backend
+from wanray.data.shards import read_empty_prompt
+from wanray.errors import ConfigError
+from wanray.io import write_json_atomic
 from wanray.devices import accelerator
 from wanray.train.data import ClipIndex
 from wanray.train.loop import STEP_FILE, LoopSpec, train_loop
-from wanray.wan import EXPERTS, WanContract, read_contract
+from wanray.wan import EXPERTS, WanContract
 
 RUN_FILE = "wanray_run.json"
 
 
 def worker_resources(cfg: Config) -> dict:
-    t = cfg.train
-    res = {"CPU": t.cpus_per_worker}
-    name = accelerator(t.device).ray_resource
+    w = cfg.train.worker
+    res = {"CPU": w.cpus}
+    name = accelerator(w.device).ray_resource
     if name:
-        res[name] = t.accelerators_per_worker
+        res[name] = w.accelerators
     return res
 
 
@@ -54,8 +56,8 @@ def make_trainer(cfg: Config, expert: str, data_dir, run_dir, index: ClipIndex |
     if t.lora.enabled and t.init_dcp:
         raise ConfigError("train.init_dcp holds plain expert weights; with train.lora.enabled load from safetensors")
     model_path = str(models.ensure_model(cfg.model))
-    contract = read_contract(model_path, cfg.model)
-    attention = attention_backend(cfg.model.attention_backend, t.device, t.param_dtype, training=True)
+    contract = models.read_contract(model_path, cfg.model)
+    attention = attention_backend(cfg.model.attention_backend, t.worker.device, t.worker.dtype, training=True)
     index = index or ClipIndex.from_dir(data_dir)
     expert_dir = Path(run_dir).resolve() / expert
     record_run(cfg, expert, contract, index, attention, expert_dir)
@@ -64,9 +66,9 @@ def make_trainer(cfg: Config, expert: str, data_dir, run_dir, index: ClipIndex |
     return TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec},
-        scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.device == "cuda",
+        scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.worker.device == "cuda",
                                                resources_per_worker=worker_resources(cfg)),
-        torch_config=TorchConfig(backend=accelerator(t.device).dist_backend),
+        torch_config=TorchConfig(backend=accelerator(t.worker.device).dist_backend),
         run_config=ray.train.RunConfig(
             name=expert, storage_path=str(expert_dir.parent),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
@@ -93,7 +95,8 @@ def room_for_both(cfg: Config) -> bool:
 
 
 def train_experts(cfg: Config, expert: str, data_dir, run_dir, log=print) -> dict:
-    """Train `high`, `low` or `both` (at once when the cluster has room, else one after the other)."""
+    """Train `high`, `low` or `both` on the connected Ray (at once when the cluster has room for both worker
+    groups, else one after the other)."""
     experts = EXPERTS if expert == "both" else (expert,)
     if any(e not in EXPERTS for e in experts):
         raise ConfigError(f"--expert must be high, low or both, got {expert!r}")
@@ -141,7 +144,7 @@ def export_run(cfg: Config, run_dir, out_dir, log=print) -> Path:
         raise FileNotFoundError(f"no trained expert (high/ or low/) in {run_dir}")
     boundary = trained_boundary(run_dir, trained)
     if boundary is None:
-        boundary = read_contract(model_path, cfg.model).boundary
+        boundary = models.read_contract(model_path, cfg.model).boundary
     for e, ckpt in trained.items():
         log(f"[export] {e}-noise expert from {ckpt}")
     out = export_diffusers(model_path, out_dir, trained, boundary, cfg.train.lora)

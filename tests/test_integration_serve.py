@@ -1,7 +1,6 @@
 """The Serve application on a real local Ray: REST API, parity, bad requests, Gradio UI, screenshot."""
 import io
 import json
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -12,19 +11,15 @@ import pytest
 import requests
 
 from conftest import ROOT, tiny_config
+from ui.app import build_ui
 from wanray.infer.reference import wanpipeline_frames
-from wanray.models import TINY_BOUNDARY
 from wanray.infer.sampler import GenerationParams
+from wanray.models import TINY_BOUNDARY
+from wanray.runtime import free_port
 
 BODY = dict(prompt="a red circle moving left to right", negative_prompt="blurry, static", height=64, width=48,
             num_frames=9, num_inference_steps=8, guidance_scale=4.0, guidance_scale_2=3.0, seed=7)
 CHEAP = dict(prompt="a dot", height=16, width=16, num_frames=1, num_inference_steps=1)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +29,8 @@ def server(tiny_model, ray_cluster):
 
     from wanray.infer.serve import APP_NAME, start
 
-    cfg = tiny_config(tiny_model, f"infer.port={_free_port()}")
-    url = start(cfg, str(tiny_model))
+    cfg = tiny_config(tiny_model, f"infer.port={free_port()}")
+    url = start(cfg, str(tiny_model), build_ui)
     yield url, cfg
     serve.delete(APP_NAME)
     serve.shutdown()

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from wanray.infer.api import GenerateRequest, RequestError, resolve
+from wanray.errors import RequestError
+from wanray.infer.api import GenerateRequest, resolve
 from wanray.infer.reference import wanpipeline_frames
-from wanray.infer.sampler import GenerationParams, Sampler, StageSpec, build
+from wanray.infer.sampler import (ExpertStage, GenerationParams, PromptEncoder, Sampler, StageSpec,
+                                  VideoDecoder)
 
 PARAMS = GenerationParams(prompt="a red circle moving left to right", negative_prompt="blurry, static",
                           height=64, width=48, num_frames=9, num_inference_steps=8, guidance_scale=4.0,
@@ -21,7 +23,7 @@ PARAMS = GenerationParams(prompt="a red circle moving left to right", negative_p
 def test_sampler_frames_equal_wanpipeline(tiny_model, flow_shift, guidance):
     cfg = tiny_config(tiny_model, f"infer.flow_shift={'null' if flow_shift is None else flow_shift}")
     params = replace(PARAMS, guidance_scale=guidance[0], guidance_scale_2=guidance[1])
-    spec = StageSpec.resolve(tiny_model, cfg)
+    spec = StageSpec.for_batch(tiny_model, cfg)
     ours = Sampler(spec)(params)
     ref = wanpipeline_frames(tiny_model, params, spec.contract.boundary, flow_shift)
     assert ours.shape == (9, 64, 48, 3) and ours.dtype == np.float32
@@ -31,19 +33,19 @@ def test_sampler_frames_equal_wanpipeline(tiny_model, flow_shift, guidance):
 def test_each_setting_changes_the_video(tiny_model):
     """Parity is only worth something if seed, guidance of either expert and shift all reach the frames."""
     cfg = tiny_config(tiny_model)
-    sampler = Sampler(StageSpec.resolve(tiny_model, cfg))
+    sampler = Sampler(StageSpec.for_batch(tiny_model, cfg))
     base = sampler(PARAMS)
     for change in (dict(seed=8), dict(guidance_scale=5.0), dict(guidance_scale_2=5.0), dict(prompt="a blue square"),
                    dict(negative_prompt="")):
         assert np.abs(sampler(replace(PARAMS, **change)) - base).max() > 1e-3, change
     shifted = tiny_config(tiny_model, "infer.flow_shift=12.0")
-    assert np.abs(Sampler(StageSpec.resolve(tiny_model, shifted))(PARAMS) - base).max() > 1e-3
+    assert np.abs(Sampler(StageSpec.for_batch(tiny_model, shifted))(PARAMS) - base).max() > 1e-3
 
 
 def test_high_noise_expert_runs_exactly_the_steps_at_or_above_the_boundary(tiny_model):
-    spec = StageSpec.resolve(tiny_model, tiny_config(tiny_model))
-    high, low = build(spec.expert("high")), build(spec.expert("low"))
-    text = build(spec.prompt_encoder()).encode(PARAMS)
+    spec = StageSpec.for_serving(tiny_model, tiny_config(tiny_model))
+    high, low = ExpertStage(spec, "high"), ExpertStage(spec, "low")
+    text = PromptEncoder(spec).encode(PARAMS)
     state = high.denoise(PARAMS, text)
     timesteps = state.scheduler.timesteps
     assert state.step == int((timesteps >= 875).sum()) and 0 < state.step < len(timesteps)
@@ -55,7 +57,7 @@ def test_high_noise_expert_runs_exactly_the_steps_at_or_above_the_boundary(tiny_
     assert on_device.latents.is_meta and on_device.scheduler.last_sample.is_meta
     assert all(h.is_meta for h in history if h is not None) and on_device.scheduler.timesteps.is_meta
     assert on_device.scheduler.sigmas.device.type == "cpu"
-    frames = build(spec.decoder()).decode(low.denoise(PARAMS, text, handed))
+    frames = VideoDecoder(spec).decode(low.denoise(PARAMS, text, handed))
     assert np.abs(frames - wanpipeline_frames(tiny_model, PARAMS, spec.contract.boundary)).max() <= 1e-4
 
 

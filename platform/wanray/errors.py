@@ -1,0 +1,23 @@
+"""Every error a user can cause with what they pass in. Drivers report these as one line and exit
+with status 2 (wanray.runtime.fail); the REST API answers a RequestError with a 422."""
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema, or contradicts the model directory."""
+
+
+class ManifestError(ValueError):
+    """The manifest as a whole cannot be read (missing file, unknown format, no usable columns)."""
+
+
+class ModelDirError(ValueError):
+    """A model directory that is missing or not a diffusers-format Wan2.2 directory."""
+
+
+class RequestError(ValueError):
+    """A generation request the platform will not run (out of the configured bounds, malformed);
+    the server sends the message back to the client as is."""
+
+
+USER_ERRORS = (ConfigError, ManifestError, ModelDirError, RequestError, FileNotFoundError)

@@ -1,0 +1,56 @@
+"""pipelines/serve.py as a user runs it: it hands ui/app.py to the Serve app, and SIGTERM, even
+while the deployments are starting, removes the application and exits cleanly."""
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from conftest import ROOT
+from wanray.runtime import free_port
+
+
+def serve_driver(tiny_model, port, log):
+    return subprocess.Popen([sys.executable, str(ROOT / "pipelines" / "serve.py"), "--model", str(tiny_model),
+                             "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture
+def clean_serve(ray_cluster):
+    """The test cluster holds no Serve instance before or after (another module's fixture starts its own)."""
+    from ray import serve
+
+    yield
+    serve.shutdown()
+
+
+def wait_for(log_path, text, timeout=240) -> None:
+    deadline = time.time() + timeout
+    while text not in log_path.read_text():
+        assert time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.5)
+
+
+def test_driver_serves_the_ui_and_sigterm_removes_the_app(tiny_model, clean_serve, tmp_path):
+    from ray import serve
+
+    port, log_path = free_port(), tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        proc = serve_driver(tiny_model, port, log)
+        wait_for(log_path, "wanray is serving")
+        url = f"http://127.0.0.1:{port}"
+        assert requests.get(f"{url}/v1/health", timeout=30).json()["model"] == str(tiny_model.resolve())
+        page = requests.get(f"{url}/ui/", timeout=30)
+        assert page.status_code == 200 and "gradio" in page.text.lower()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+    assert "wanray" not in serve.status().applications
+
+    with log_path.open("w") as log:  # killed while its deployments start
+        proc = serve_driver(tiny_model, free_port(), log)
+        wait_for(log_path, "starting the deployments")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+    assert "wanray" not in serve.status().applications

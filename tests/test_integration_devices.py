@@ -6,7 +6,7 @@ from wanray.devices import VISIBLE_DEVICES_ENV, ray_assigned_ids, assigned_devic
 
 def test_ray_actors_each_see_their_own_device_at_index_0(ray_cluster):
     """What Ray really sets: two actors holding one (fake) GPU or NPU each on one node. Indexing by
-    local rank, as before, would send the second one to a device it cannot see."""
+    local rank would send the second one to a device it cannot see."""
     import ray
 
     @ray.remote(num_cpus=0.01)

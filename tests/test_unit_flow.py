@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from wanray.models import SCHEDULER_CONFIG
-from wanray.train.checkpoint import merge_lora
+from wanray.errors import DataError
+from wanray.train.checkpoint import check_resumable, merge_lora
 from wanray.train.flow import batch_seed, draw_flow, noisy_latents, sample_timesteps
 from wanray.wan import WanContract
 
@@ -69,3 +70,15 @@ def test_merge_lora_folds_scaled_delta_and_renames():
     assert set(merged) == {"blk.to_q.weight", "blk.to_q.bias", "other.weight"}
     torch.testing.assert_close(merged["blk.to_q.weight"], base + 0.5 * b @ a)
     assert set(adapter) == {"blk.to_q.lora_A.weight", "blk.to_q.lora_B.weight"}
+
+
+def test_a_checkpoint_without_the_data_position_is_refused_before_training(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"train": {"step": 3, "epoch": 0, "samples_in_epoch": 2}}, checkpoint_id=str(tmp_path / "old"),
+             no_dist=True)
+    with pytest.raises(DataError, match="written by an earlier wanray"):
+        check_resumable(tmp_path / "old")
+    dcp.save({"train": {"step": 3, "epoch": 0, "batches_in_epoch": 2, "data_fingerprint": "x"}},
+             checkpoint_id=str(tmp_path / "new"), no_dist=True)
+    check_resumable(tmp_path / "new")

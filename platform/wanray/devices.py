@@ -87,10 +87,12 @@ class Accelerator:
 
 
 def accelerator(kind: str) -> Accelerator:
+    from wanray.errors import ConfigError
+
     if kind not in KINDS:
-        raise ValueError(f"unknown device {kind!r}: expected one of {', '.join(KINDS)}")
+        raise ConfigError(f"unknown device {kind!r}: expected one of {', '.join(KINDS)}")
     if kind == "npu" and importlib.util.find_spec("torch_npu") is None:
-        raise ValueError("device 'npu' needs torch_npu: pip install 'wanray[npu]' on a node with CANN")
+        raise ConfigError("device 'npu' needs torch_npu: pip install 'wanray[npu]' on a node with CANN")
     return Accelerator(kind)
 
 

@@ -15,9 +15,14 @@ class ModelDirError(ValueError):
     """A model directory that is missing or not a diffusers-format Wan2.2 directory."""
 
 
+class DataError(ValueError):
+    """Preprocessed data or a training run directory this wanray cannot read (another schema version,
+    a checkpoint without the data position of the seeded order)."""
+
+
 class RequestError(ValueError):
     """A generation request the platform will not run (out of the configured bounds, malformed);
     the server sends the message back to the client as is."""
 
 
-USER_ERRORS = (ConfigError, ManifestError, ModelDirError, RequestError, FileNotFoundError)
+USER_ERRORS = (ConfigError, ManifestError, ModelDirError, DataError, RequestError, FileNotFoundError)

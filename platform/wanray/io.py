@@ -18,18 +18,23 @@ from typing import Iterator
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, replace_dir: bool = False) -> Iterator[Path]:
-    """A temporary sibling of `path` (same suffix, so writers that pick a format by it still can) to
-    write a file or a directory into; it replaces `path` when the block ends without an error, and
-    is removed when it raises. A directory already at `path` is an OSError, or with `replace_dir`
-    is removed first (then, briefly, neither exists)."""
+    """A hidden temporary sibling of `path` (".name.<random>.tmp": no reader's glob of the final
+    names matches it) to write a file or a directory into; it replaces `path` when the block ends
+    without an error, and is removed when it raises. A non-empty directory already at `path` is an
+    OSError, or with `replace_dir` is removed first (then, briefly, only the finished temporary
+    directory holds the result, and it is kept if the rename fails)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    keep = False
     try:
         yield tmp
         if replace_dir and tmp.is_dir() and path.is_dir():
             shutil.rmtree(path)
+            keep = True
         os.replace(tmp, path)
     except BaseException:
+        if keep:
+            raise
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
@@ -55,7 +60,7 @@ def write_mp4(path: str | os.PathLike, frames, fps: int) -> None:
     """(frames, height, width, 3) uint8 frames as an H.264 mp4 (yuv420p), written atomically."""
     import av
 
-    with atomic_path(path) as tmp, av.open(str(tmp), mode="w") as container:
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"

@@ -9,6 +9,7 @@ only (never a pickle: a .bin or .pt file can run code when unpickled).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -59,7 +60,8 @@ def read_json(model_dir, name: str) -> dict:
 def read_contract(model_dir, model_cfg) -> WanContract:
     """The Wan2.2 contract of `model_dir` under the `model.*` settings (see wanray.wan)."""
     return contract_from(read_json(model_dir, "model_index.json"), read_json(model_dir, "vae/config.json"),
-                         read_json(model_dir, "scheduler/scheduler_config.json"), model_cfg)
+                         read_json(model_dir, "scheduler/scheduler_config.json"), model_cfg,
+                         where=str(Path(model_dir) / "vae" / "config.json"))
 
 
 def write_boundary(model_dir, boundary: float) -> None:
@@ -87,6 +89,28 @@ def expert_weight_files(model_dir, expert: str) -> dict[str, Path]:
 
     with safe_open(single, "pt") as f:
         return {k: single for k in f.keys()}
+
+
+def copy_model_dir(src, dst, without_weights_of: list[str]) -> None:
+    """Copy a model directory, leaving out the weight files of the experts named (their new weights
+    are written next: no need to copy 28 GB only to overwrite it)."""
+    import shutil
+
+    skipped = {str(Path(src) / EXPERT_SUBFOLDERS[e]) for e in without_weights_of}
+
+    def weights_of_skipped(folder, names):
+        return [n for n in names if n.startswith("diffusion_pytorch_model")] if folder in skipped else []
+
+    shutil.copytree(src, dst, ignore=weights_of_skipped)
+
+
+def write_expert_weights(model_dir, expert: str, state: dict) -> Path:
+    """An expert's state dict as its diffusers safetensors file; returns the expert's folder."""
+    from safetensors.torch import save_file
+
+    folder = Path(model_dir) / EXPERT_SUBFOLDERS[expert]
+    save_file(state, folder / "diffusion_pytorch_model.safetensors")
+    return folder
 
 
 def load_tokenizer(path):
@@ -162,6 +186,8 @@ def write_tiny_checkpoint(path, seed: int = 0, boundary: float = TINY_BOUNDARY) 
     try:
         with atomic_path(path) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
-    except OSError:  # another process won the race and wrote it first
-        check_model_dir(path)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        check_model_dir(path)  # another process won the race and wrote it first
     return path

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from wanray.errors import DataError
+
 if TYPE_CHECKING:
     import torch  # imported where tensors are made: the decode and shard-writing workers never need it
 
@@ -39,7 +41,7 @@ def decode_tensor(data: bytes, shape, dtype: str) -> torch.Tensor:
     import torch
 
     if dtype not in _CARRIERS:
-        raise ValueError(f"unknown stored dtype {dtype!r}")
+        raise DataError(f"unknown stored dtype {dtype!r}")
     flat = torch.frombuffer(bytearray(data), dtype=getattr(torch, _CARRIERS[dtype]))
     return flat.view(getattr(torch, dtype)).reshape([int(s) for s in shape])
 
@@ -107,7 +109,7 @@ class ClipRow:
 def check_version(schema: pa.Schema, where: str) -> None:
     found = (schema.metadata or {}).get(VERSION_KEY)
     if found != SCHEMA_VERSION.encode():
-        raise ValueError(f"{where}: schema version {found!r}, this wanray reads {SCHEMA_VERSION!r}")
+        raise DataError(f"{where}: schema version {found!r}, this wanray reads {SCHEMA_VERSION!r}")
 
 
 def pad_text_embedding(emb: torch.Tensor, length: int) -> torch.Tensor:

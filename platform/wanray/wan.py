@@ -107,7 +107,8 @@ def resolve_boundary(stored: float | None, configured: float | None, force: bool
     return configured, f"model.boundary, forced over model_index.json's {stored}"
 
 
-def contract_from(model_index: dict, vae_config: dict, scheduler_config: dict, model_cfg: ModelConfig) -> WanContract:
+def contract_from(model_index: dict, vae_config: dict, scheduler_config: dict, model_cfg: ModelConfig,
+                  where: str = "the VAE config") -> WanContract:
     """The contract of a Wan2.2 directory from its model_index.json, vae/config.json and
     scheduler/scheduler_config.json (wanray.models.read_contract reads them) under `model.*`."""
     boundary, source = resolve_boundary(model_index.get("boundary_ratio"), model_cfg.boundary,
@@ -115,7 +116,7 @@ def contract_from(model_index: dict, vae_config: dict, scheduler_config: dict, m
     z = vae_config.get("z_dim", 16)
     mean, std = vae_config.get("latents_mean"), vae_config.get("latents_std")
     if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == z):
-        raise ConfigError(f"the VAE config must list z_dim={z} latents_mean and latents_std values")
+        raise ConfigError(f"{where} must list z_dim={z} latents_mean and latents_std values")
     return WanContract(boundary=float(boundary), boundary_source=source,
                        num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
                        vae_scale_temporal=int(vae_config.get("scale_factor_temporal", 4)),

@@ -114,8 +114,8 @@ class Preprocessor:
             pre.run("batch-01/data.txt", "prep/batch-01")
             pre.run("batch-02/data.txt", "prep/batch-02")
 
-    The VAE and UMT5 actors (preprocess.vae_actors / text_actors, with the resources
-    preprocess.* asks for) start once and stay loaded until close(); every run has the same
+    The VAE and UMT5 actors (preprocess.vae_actors / text_actors, with the resources of
+    preprocess.encoders) start once and stay loaded until close(); every run has the same
     config. On Ray errors they restart and the call is retried.
     """
 
@@ -182,8 +182,6 @@ class PreprocessRun:
 
     def execute(self, log: Callable[[str], None] = print, encoders: Preprocessor | None = None) -> dict:
         """Run (or resume): clips already written or rejected are skipped. Returns the summary it writes."""
-        if encoders is not None and encoders.cfg != self.cfg:
-            raise ConfigError("a Preprocessor runs with the config its encoders were loaded with")
         out = self.out
         done, rejected = written_ids(out), rejected_keys(out)
         for r in self.manifest_rejects:
@@ -234,4 +232,6 @@ def run_preprocess(cfg: Config, manifest: str, out_dir: str, log: Callable[[str]
                    encoders: Preprocessor | None = None) -> dict:
     """Run (or resume) preprocessing of `manifest` into `out_dir` on the connected Ray; returns the
     summary written there. The encoders load inside the run, or are those of `encoders` (see Preprocessor)."""
+    if encoders is not None and encoders.cfg != cfg:  # before prepare writes settings.json
+        raise ConfigError("a Preprocessor runs with the config its encoders were loaded with")
     return PreprocessRun.prepare(cfg, manifest, out_dir).execute(log, encoders)

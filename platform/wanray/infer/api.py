@@ -112,7 +112,8 @@ def build_api(generate: Generate, cfg: Config, model_dir: str) -> FastAPI:
     @app.get("/v1/health")
     async def health() -> dict:
         stages = {name: {"device": res.device, "dtype": res.dtype} for name, res in vars(cfg.infer.stages).items()}
-        return {"status": "ok", "model": model_dir, "stages": stages}
+        experts = cfg.infer.stages.high  # device and dtype at the top: the high-noise expert's
+        return {"status": "ok", "model": model_dir, "device": experts.device, "dtype": experts.dtype, "stages": stages}
 
     @app.post("/v1/generate", responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}})
     async def generate_video(req: GenerateRequest) -> Response:

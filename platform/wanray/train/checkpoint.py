@@ -10,7 +10,6 @@ Noise, timesteps and caption dropout are drawn per global batch from generators 
 """
 from __future__ import annotations
 
-import shutil
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
 from torch.distributed.checkpoint.stateful import Stateful
 
 from wanray import models
+from wanray.errors import DataError
 from wanray.io import atomic_path
 
 
@@ -82,13 +82,15 @@ def save(state: dict, directory) -> None:
 
 def load(state: dict, directory) -> None:
     """Collective; works whatever the world size the checkpoint was written with."""
-    try:
-        dcp.load(state, checkpoint_id=str(directory))
-    except (RuntimeError, dcp.api.CheckpointException) as e:  # the latter carries every rank's error
-        if "train.batches_in_epoch" in str(e) or "train.data_fingerprint" in str(e):
-            raise RuntimeError(f"{directory} was written by an earlier wanray (no data position of the seeded "
-                               "order): resume is not possible; train into a new --out directory") from None
-        raise
+    dcp.load(state, checkpoint_id=str(directory))
+
+
+def check_resumable(directory) -> None:
+    """A DataError for a checkpoint this wanray cannot resume from (one written before the seeded data order)."""
+    keys = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    if not all(f"train.{k}" in keys for k in ("batches_in_epoch", "data_fingerprint")):
+        raise DataError(f"{directory} was written by an earlier wanray (no data position of the seeded order): "
+                        "it cannot be resumed; train into a new --out directory")
 
 
 def load_model_weights(model, directory) -> None:
@@ -144,21 +146,14 @@ def export_diffusers(model_path, out_dir, experts: dict[str, Path], boundary: fl
     at alpha / rank.
     """
     from diffusers import WanPipeline
-    from safetensors.torch import save_file
 
     src, out = models.check_model_dir(model_path), Path(out_dir)
-    replaced = {str(src / models.EXPERT_SUBFOLDERS[e]) for e in experts}
-
-    def skip_replaced_weights(folder, names):  # don't copy 28 GB only to overwrite it
-        return [n for n in names if n.startswith("diffusion_pytorch_model")] if folder in replaced else []
-
     with atomic_path(out, replace_dir=True) as tmp:
-        shutil.copytree(src, tmp, ignore=skip_replaced_weights)
+        models.copy_model_dir(src, tmp, without_weights_of=list(experts))
         models.write_boundary(tmp, boundary)
         for expert, ckpt in experts.items():
             weights, adapter = full_expert_state(src, expert, ckpt, lora)
-            folder = tmp / models.EXPERT_SUBFOLDERS[expert]
-            save_file(weights, folder / "diffusion_pytorch_model.safetensors")
+            folder = models.write_expert_weights(tmp, expert, weights)
             if adapter is not None:
                 WanPipeline.save_lora_weights(
                     folder / "lora", transformer_lora_layers={k: v.contiguous() for k, v in adapter.items()},

@@ -16,6 +16,7 @@ from wanray.data.shards import read_empty_prompt
 from wanray.errors import ConfigError
 from wanray.io import write_json_atomic
 from wanray.devices import accelerator
+from wanray.train import checkpoint as ckpt
 from wanray.train.data import ClipIndex
 from wanray.train.loop import STEP_FILE, LoopSpec, train_loop
 from wanray.wan import EXPERTS, WanContract
@@ -60,6 +61,8 @@ def make_trainer(cfg: Config, expert: str, data_dir, run_dir, index: ClipIndex |
     attention = attention_backend(cfg.model.attention_backend, t.worker.device, t.worker.dtype, training=True)
     index = index or ClipIndex.from_dir(data_dir)
     expert_dir = Path(run_dir).resolve() / expert
+    if list(expert_dir.glob(f"*/{STEP_FILE}")):  # a resume: fail here, not in every worker
+        ckpt.check_resumable(latest_checkpoint(run_dir, expert))
     record_run(cfg, expert, contract, index, attention, expert_dir)
     spec = LoopSpec(cfg, expert, model_path, contract, index, attention, read_empty_prompt(data_dir),
                     str(expert_dir))
@@ -136,8 +139,6 @@ def latest_checkpoint(run_dir, expert: str) -> Path:
 def export_run(cfg: Config, run_dir, out_dir, log=print) -> Path:
     """The latest checkpoint of each expert trained in run_dir, in a copy of model.path (see
     checkpoint.export_diffusers), with the boundary they trained with in its model_index.json."""
-    from wanray.train.checkpoint import export_diffusers
-
     model_path = models.ensure_model(cfg.model)
     trained = {e: latest_checkpoint(run_dir, e) for e in EXPERTS if (Path(run_dir) / e).is_dir()}
     if not trained:
@@ -145,8 +146,8 @@ def export_run(cfg: Config, run_dir, out_dir, log=print) -> Path:
     boundary = trained_boundary(run_dir, trained)
     if boundary is None:
         boundary = models.read_contract(model_path, cfg.model).boundary
-    for e, ckpt in trained.items():
-        log(f"[export] {e}-noise expert from {ckpt}")
-    out = export_diffusers(model_path, out_dir, trained, boundary, cfg.train.lora)
+    for e, checkpoint in trained.items():
+        log(f"[export] {e}-noise expert from {checkpoint}")
+    out = ckpt.export_diffusers(model_path, out_dir, trained, boundary, cfg.train.lora)
     log(f"[export] wrote {out} (boundary {boundary}; load with WanPipeline.from_pretrained)")
     return out

@@ -5,26 +5,38 @@
 Each expert is its own TorchTrainer over train.workers workers, trained on its own side of
 the boundary. Starting the same command again resumes from the latest checkpoint in --out
 (also with a different train.workers).
+
+    python pipelines/train.py --config configs/t2v_a14b.yaml --plan [--set train.workers=8]
+
+prints each expert's memory per rank against train.device_memory_gb instead (no weights, no
+accelerator, no Ray: the model directory's config files only); exit status 1 when it does not fit.
 """
 import argparse
 import sys
 
 from wanray.config import add_config_args, load_config
 from wanray.runtime import connect_ray, fail
-from wanray.train.trainer import train_experts
+from wanray.train.trainer import print_plans, train_experts
 
 
 def get_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
-    parser.add_argument("--data", required=True, help="preprocess output directory (Parquet shards)")
+    parser.add_argument("--data", help="preprocess output directory (Parquet shards)")
     parser.add_argument("--expert", default="both", choices=["high", "low", "both"])
-    parser.add_argument("--out", required=True, help="run directory: checkpoints and metrics per expert")
-    return parser.parse_args()
+    parser.add_argument("--out", help="run directory: checkpoints and metrics per expert")
+    parser.add_argument("--plan", action="store_true", help="print the memory plan per rank instead of training")
+    args = parser.parse_args()
+    if not args.plan and not (args.data and args.out):
+        parser.error("--data and --out are required (or --plan)")
+    return args
 
 
 def main(args):
     cfg = load_config(args.config, args.overrides)
+    if args.plan:
+        fits = print_plans(cfg, args.expert)
+        sys.exit(0 if fits else 1)
     connect_ray()
     train_experts(cfg, args.expert, args.data, args.out)
 

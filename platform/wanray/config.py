@@ -281,6 +281,8 @@ class TrainConfig:
     """Automatic restarts from the last checkpoint after a worker failure."""
     log_every: int = 10
     """Report metrics every N steps."""
+    device_memory_gb: float = 64.0
+    """Memory of one training device (Ascend 910B: 64 GB, H100: 80 GB), for the memory plan (train.py --plan)."""
     cache_bytes: int = 2 * 1024**3
     """Keep a worker's decoded clips in memory across epochs when they fit in this many bytes (0: always stream)."""
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -151,3 +151,20 @@ def export_run(cfg: Config, run_dir, out_dir, log=print) -> Path:
     out = ckpt.export_diffusers(model_path, out_dir, trained, boundary, cfg.train.lora)
     log(f"[export] wrote {out} (boundary {boundary}; load with WanPipeline.from_pretrained)")
     return out
+
+
+def print_plans(cfg: Config, expert: str, log=print) -> bool:
+    """Print the memory plan of `high`, `low` or `both` (train.plan); True when every one fits."""
+    from wanray.train.plan import measure_activations, plan_training
+
+    model_path = models.check_model_dir(cfg.model.path)
+    w = cfg.train.worker
+    activations = measure_activations(w.dtype, attention_backend(cfg.model.attention_backend, w.device, w.dtype,
+                                                                 training=True))
+    fits = True
+    for e in EXPERTS if expert == "both" else (expert,):
+        plan = plan_training(cfg, model_path, e, activations)
+        for line in plan.lines():
+            log(f"[plan] {line}")
+        fits = fits and plan.fits
+    return fits

@@ -1,0 +1,229 @@
+"""A dry run of one expert's training memory per rank: no weights, no accelerator, no Ray.
+
+    expert config.json ─► model on the meta device ─► FSDP2 over a fake process group of train.workers
+    ranks (torch's "fake" backend, as torchtitan's dry runs) ─► rank 0's parameter, gradient and AdamW
+    shards, the bf16 blocks it gathers
+    + activations of train.batch_size clips of data.num_frames x height x width, from bytes measured on
+      the real diffusers blocks at small sizes (see ActivationModel)
+    ─► the total against train.device_memory_gb
+
+Everything is in GB (1e9 bytes). Rank 0 holds the largest shards (FSDP2 splits dim 0 like torch.chunk).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from wanray.config import Config
+from wanray.devices import apply_attention_backend, torch_dtype
+
+GB = 1e9
+HEADROOM = 0.9
+"""Share of device memory the plan lets the estimate use: the rest is left to the allocator's
+fragmentation, kernel workspaces and communication buffers, which the plan does not model."""
+
+
+@dataclass(frozen=True)
+class ActivationModel:
+    """Bytes saved for backward, linear in the sizes of the expert (fitted by `measure_activations`):
+    saved(T tokens) = T * (d * dim + f * ffn + c) + k * dim, per transformer block without activation
+    checkpointing (`block`), per block with it (`checkpointed`: the block's inputs), and for the layers
+    outside the blocks (`rest`)."""
+
+    block: tuple[float, float, float, float]
+    checkpointed: tuple[float, float, float, float]
+    rest: tuple[float, float, float, float]
+
+    @staticmethod
+    def bytes(coef, tokens: int, dim: int, ffn: int) -> float:
+        d, f, c, k = coef
+        return tokens * (d * dim + f * ffn + c) + k * dim
+
+
+def _saved_bytes(model, inputs: dict) -> int:
+    """Bytes of the distinct tensors autograd saves in one forward (parameters and inputs excluded)."""
+    exclude = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    exclude |= {t.untyped_storage().data_ptr() for t in inputs.values()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**inputs, return_dict=False)
+    return sum(n for ptr, n in seen.items() if ptr not in exclude)
+
+
+def _tiny_expert(dim: int, ffn: int, layers: int, text_dim: int, dtype: torch.dtype, checkpointing: bool,
+                 attention: str = "native"):
+    from diffusers import WanTransformer3DModel
+
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=dim // 64, attention_head_dim=64,
+                                  in_channels=16, out_channels=16, text_dim=text_dim, freq_dim=64, ffn_dim=ffn,
+                                  num_layers=layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads")
+    model.to(dtype)
+    model.condition_embedder.time_embedder.float()  # as wanray's FSDP2 setup keeps it
+    apply_attention_backend(model, attention)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    return model.train()
+
+
+def cpu_proxy(attention: str) -> str:
+    """The backend that stands in for `attention` on the CPU: itself where it runs there, else native,
+    whose fused CPU kernel keeps O(tokens) for backward like the accelerators' fused kernels (flash,
+    cudnn, npu_fusion_attention); _native_math keeps the tokens x tokens scores."""
+    return attention if attention in ("native", "_native_math") else "native"
+
+
+def measure_activations(dtype: str, attention: str = "native", text_tokens: int = 512) -> ActivationModel:
+    """Fit ActivationModel on the real diffusers Wan blocks at small sizes, on the CPU (a few seconds),
+    with the attention backend set explicitly (diffusers' global default may have been changed)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    compute = torch_dtype(dtype)
+    rows, totals = [], {}
+    torch.manual_seed(0)
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # "modules should be kept in float32": as in training, they are not
+    for dim, ffn, side in ((128, 256, 8), (128, 768, 8), (256, 256, 8), (128, 256, 16)):
+        tokens = 4 * side * side  # 4 latent frames of side x side patches
+        x = torch.randn(1, 16, 4, 2 * side, 2 * side, dtype=compute)
+        inputs = {"hidden_states": x.requires_grad_(), "timestep": torch.tensor([500.0]),
+                  "encoder_hidden_states": torch.randn(1, text_tokens, 64, dtype=compute)}
+        for checkpointing in (False, True):
+            for layers in (1, 2):
+                model = _tiny_expert(dim, ffn, layers, 64, compute, checkpointing, cpu_proxy(attention))
+                totals[(dim, ffn, tokens, checkpointing, layers)] = _saved_bytes(model, inputs)
+        rows.append((dim, ffn, tokens))
+    diffusers_logging.set_verbosity(level)
+
+    def fit(values):
+        design = np.array([[t * d, t * f, t, d] for d, f, t in rows], dtype=float)
+        return tuple(float(c) for c in np.linalg.lstsq(design, np.array(values, dtype=float), rcond=None)[0])
+
+    block = [totals[(*r, False, 2)] - totals[(*r, False, 1)] for r in rows]
+    checkpointed = [totals[(*r, True, 2)] - totals[(*r, True, 1)] for r in rows]
+    rest = [totals[(*r, False, 1)] - b for r, b in zip(rows, block)]
+    return ActivationModel(fit(block), fit(checkpointed), fit(rest))
+
+
+@dataclass
+class TrainingPlan:
+    expert: str
+    world: int
+    parameters: int
+    trainable: int
+    block_parameters: int
+    root_parameters: int
+    """Parameters outside the transformer blocks (embeddings, time projection, output): one FSDP2 group."""
+    param_bytes: int
+    """Rank 0's fp32 parameter shard."""
+    grad_bytes: int
+    optimizer_bytes: int
+    gathered_bytes: int
+    """bf16 parameters all-gathered at once: the root group, the running block and the prefetched next."""
+    grad_buffer_bytes: int
+    """Unsharded gradients: full fine-tuning, the block being reduce-scattered (param dtype + reduce dtype);
+    LoRA with gradient accumulation, every adapter's (it syncs once per step)."""
+    unsharded_grad_bytes: int
+    """Unsharded gradients of every trained parameter, in the reduce dtype: what skipping the sync between
+    micro-batches holds."""
+    lora: bool
+    tokens: int
+    activation_bytes: int
+    activation_bytes_without_checkpointing: int
+    device_bytes: int
+    activation_checkpointing: bool
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.gathered_bytes
+                + self.grad_buffer_bytes + self.activation_bytes)
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= HEADROOM * self.device_bytes
+
+    def lines(self) -> list[str]:
+        g = lambda n: f"{n / GB:.2f} GB"  # noqa: E731
+        verdict = (f"fits: {g(self.total_bytes)} of {g(self.device_bytes)} ({self.total_bytes / self.device_bytes:.0%}; "
+                   f"the plan keeps {1 - HEADROOM:.0%} for the allocator, workspaces and communication buffers)"
+                   if self.fits else
+                   f"DOES NOT FIT: {g(self.total_bytes)} of {g(self.device_bytes)} "
+                   f"({self.total_bytes / self.device_bytes:.0%}; at most {HEADROOM:.0%}): add ranks"
+                   f"{'' if self.activation_checkpointing else ', turn on activation checkpointing'}, or train LoRA")
+        return [
+            f"{self.expert}-noise expert: {self.parameters:,} parameters ({self.trainable:,} trained), "
+            f"{self.block_parameters:,} per block, {self.root_parameters:,} outside the blocks; {self.world} ranks",
+            f"per rank: parameters (fp32 shard) {g(self.param_bytes)}, gradients {g(self.grad_bytes)}, "
+            f"AdamW moments {g(self.optimizer_bytes)}, gathered bf16 parameters {g(self.gathered_bytes)}, "
+            f"gradient buffers {g(self.grad_buffer_bytes)}",
+            f"activations for {self.tokens:,} tokens: {g(self.activation_bytes)} "
+            f"(activation checkpointing {'on' if self.activation_checkpointing else 'off'}; "
+            f"{g(self.activation_bytes_without_checkpointing)} without it)",
+            (f"LoRA syncs gradients once per step: its unsharded adapter gradients take {g(self.unsharded_grad_bytes)}"
+             if self.lora else
+             f"gradient accumulation reduce-scatters every micro-batch, keeping gradients sharded; skipping the sync "
+             f"between micro-batches would hold {g(self.unsharded_grad_bytes)} of unsharded gradients instead"),
+            f"total per rank {g(self.total_bytes)}: {verdict}",
+        ]
+
+
+def _rank0_shard_numel(model, world: int) -> tuple[int, int]:
+    """(rank 0's local elements of all parameters, of the trainable ones) after FSDP2 over a fake group."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from wanray.train.parallel import apply_fsdp
+
+    if dist.is_initialized():
+        raise RuntimeError("the memory plan shards over a fake process group of its own: run it outside training")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        apply_fsdp(model, torch.device("cpu"), "bfloat16", "float32", activation_checkpointing=False)
+        local = [(p.to_local().numel(), p.requires_grad) for p in model.parameters()]
+    finally:
+        dist.destroy_process_group()
+    return sum(n for n, _ in local), sum(n for n, trains in local if trains)
+
+
+def plan_training(cfg: Config, model_path, expert: str, activations: ActivationModel | None = None) -> TrainingPlan:
+    """Rank 0's memory when training `expert` of `model_path` (its config.json only) under `cfg`."""
+    from wanray import models
+    from wanray.train.parallel import build_on_meta
+
+    t, d = cfg.train, cfg.data
+    model = build_on_meta(model_path, expert, t.lora)
+    config = models.expert_config(model_path, expert)
+    parameters = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    block = sum(p.numel() for p in model.blocks[0].parameters())
+    root = parameters - sum(p.numel() for b in model.blocks for p in b.parameters())
+    local, local_trainable = _rank0_shard_numel(model, t.workers)
+    compute = torch_dtype(t.worker.dtype).itemsize
+    reduce = torch_dtype(t.reduce_dtype).itemsize
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    ffn, layers = config["ffn_dim"], config["num_layers"]
+    _, _, frames, height, width = models.read_contract(model_path, cfg.model).latent_shape(16, d.num_frames, d.height,
+                                                                                         d.width)
+    pt, ph, pw = config["patch_size"]
+    tokens = t.batch_size * (frames // pt) * (height // ph) * (width // pw)  # 21 x 30 x 52 = 32,760 per clip
+    act = activations or measure_activations(t.worker.dtype)
+    one_block = ActivationModel.bytes(act.block, tokens, dim, ffn)
+    rest = ActivationModel.bytes(act.rest, tokens, dim, ffn)
+    # with checkpointing: every block keeps its inputs, and backward recomputes one block at a time
+    checkpointed = layers * ActivationModel.bytes(act.checkpointed, tokens, dim, ffn) + one_block + rest
+    lora = t.lora.enabled
+    grad_buffers = reduce * trainable if lora else (compute + reduce) * block
+    return TrainingPlan(
+        expert=expert, world=t.workers, parameters=parameters, trainable=trainable, block_parameters=block,
+        root_parameters=root, param_bytes=4 * local, grad_bytes=4 * local_trainable,
+        optimizer_bytes=2 * 4 * local_trainable, gathered_bytes=compute * (root + 2 * block),
+        grad_buffer_bytes=grad_buffers, unsharded_grad_bytes=reduce * trainable, lora=lora,
+        tokens=tokens, activation_bytes=int(checkpointed if t.activation_checkpointing else layers * one_block + rest),
+        activation_bytes_without_checkpointing=int(layers * one_block + rest),
+        device_bytes=int(t.device_memory_gb * GB), activation_checkpointing=t.activation_checkpointing)

@@ -1,0 +1,107 @@
+"""The training memory plan of the real Wan2.2-T2V-A14B expert: fake process group, no weights, no device."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from wanray.config import load_config
+from wanray.train.plan import ActivationModel, _saved_bytes, _tiny_expert, measure_activations, plan_training
+
+# The published transformer/config.json of Wan2.2-T2V-A14B-Diffusers (both experts share it).
+A14B_EXPERT = {"_class_name": "WanTransformer3DModel", "added_kv_proj_dim": None, "attention_head_dim": 128,
+               "cross_attn_norm": True, "eps": 1e-06, "ffn_dim": 13824, "freq_dim": 256, "image_dim": None,
+               "in_channels": 16, "num_attention_heads": 40, "num_layers": 40, "out_channels": 16,
+               "patch_size": [1, 2, 2], "pos_embed_seq_len": None, "qk_norm": "rms_norm_across_heads",
+               "rope_max_seq_len": 1024, "text_dim": 4096}
+WAN21_VAE = {"_class_name": "AutoencoderKLWan", "base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4],
+             "num_res_blocks": 2, "attn_scales": [], "temperal_downsample": [False, True, True],
+             "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715,
+                              0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
+             "latents_std": [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652,
+                             1.5579, 1.6382, 1.1253, 2.8251, 1.916]}
+
+
+@pytest.fixture(scope="module")
+def a14b_configs(tmp_path_factory):
+    """A Wan2.2-T2V-A14B directory holding its config files only (no weights)."""
+    root = tmp_path_factory.mktemp("a14b-configs")
+    files = {"model_index.json": {"_class_name": "WanPipeline", "boundary_ratio": 0.875},
+             "transformer/config.json": A14B_EXPERT, "transformer_2/config.json": A14B_EXPERT,
+             "vae/config.json": WAN21_VAE,
+             "scheduler/scheduler_config.json": {"_class_name": "UniPCMultistepScheduler", "num_train_timesteps": 1000},
+             "text_encoder/config.json": {}, "tokenizer/tokenizer_config.json": {}}
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(json.dumps(content))
+    return root
+
+
+@pytest.fixture(scope="module")
+def activations():
+    return measure_activations("bfloat16")
+
+
+def preset(model, *sets):
+    return load_config(ROOT / "configs" / "t2v_a14b.yaml", [f"model.path={model}", *sets])
+
+
+@pytest.mark.parametrize("world", [8, 16])
+def test_parameters_and_per_rank_shards_of_the_real_expert(a14b_configs, activations, world):
+    from wanray.train.parallel import build_on_meta
+
+    plan = plan_training(preset(a14b_configs, f"train.workers={world}"), a14b_configs, "high", activations)
+    assert plan.parameters == plan.trainable == 14_288_491_584  # the published count
+    assert plan.block_parameters * 40 + plan.root_parameters == plan.parameters
+    # FSDP2 splits dim 0 like torch.chunk: rank 0 holds ceil(rows / world) rows of every parameter
+    shapes = [p.shape for p in build_on_meta(a14b_configs, "high").parameters()]
+    rank0 = sum(min(s[0], math.ceil(s[0] / world)) * math.prod(s[1:]) for s in shapes)
+    assert plan.param_bytes == plan.grad_bytes == 4 * rank0 and plan.optimizer_bytes == 8 * rank0
+    assert abs(plan.param_bytes - 4 * 14_288_491_584 / world) < 0.005 * plan.param_bytes  # (1, 6, dim) tables sit on rank 0
+    assert plan.tokens == 32_760  # 21 x 30 x 52 patches of one 81x480x832 clip
+    assert plan.unsharded_grad_bytes == 4 * 14_288_491_584  # 57 GB: why full fine-tuning syncs every micro-batch
+    assert plan.fits == (world == 16)  # 64 GB devices: MindSpeed-MM trains it on 16
+
+
+def test_activation_model_predicts_a_block_it_was_not_fitted_on(activations):
+    import torch
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    dim, ffn, side = 192, 512, 12
+    inputs = {"hidden_states": torch.randn(1, 16, 4, 2 * side, 2 * side, dtype=torch.bfloat16).requires_grad_(),
+              "timestep": torch.tensor([500.0]), "encoder_hidden_states": torch.randn(1, 512, 64, dtype=torch.bfloat16)}
+    measured = [_saved_bytes(_tiny_expert(dim, ffn, layers, 64, torch.bfloat16, False), inputs) for layers in (1, 2)]
+    predicted = ActivationModel.bytes(activations.block, 4 * side * side, dim, ffn)
+    assert abs((measured[1] - measured[0]) - predicted) < 0.03 * predicted
+    _AttentionBackendRegistry.set_active_backend("_native_math")  # another model's global choice must not leak in
+    try:
+        assert measure_activations("bfloat16").block == activations.block
+        assert measure_activations("bfloat16", "_native_math").block[0] > activations.block[0]  # keeps the scores
+    finally:
+        _AttentionBackendRegistry.set_active_backend("native")
+
+
+def test_checkpointing_and_lora_change_the_plan(a14b_configs, activations):
+    full = plan_training(preset(a14b_configs), a14b_configs, "low", activations)
+    no_ac = plan_training(preset(a14b_configs, "train.activation_checkpointing=false"), a14b_configs, "low",
+                          activations)
+    assert no_ac.activation_bytes == full.activation_bytes_without_checkpointing > 10 * full.activation_bytes
+    assert not no_ac.fits
+    lora = plan_training(preset(a14b_configs, "train.lora.enabled=true", "train.workers=8"), a14b_configs, "low",
+                         activations)
+    assert lora.trainable < 0.02 * lora.parameters and lora.optimizer_bytes < 0.02 * full.optimizer_bytes * 2
+    assert lora.fits
+
+
+def test_train_plan_cli_prints_the_verdict_and_exits_by_it(a14b_configs):
+    def run(*sets):
+        cmd = [sys.executable, str(ROOT / "pipelines" / "train.py"), "--config", str(ROOT / "configs" / "t2v_a14b.yaml"),
+               "--plan", "--expert", "high", "--set", f"model.path={a14b_configs}"]
+        return subprocess.run(cmd + [a for s in sets for a in ("--set", s)], capture_output=True, text=True,
+                              timeout=300)
+
+    fits, too_big = run(), run("train.workers=8")
+    assert fits.returncode == 0 and "14,288,491,584 parameters" in fits.stdout and "fits:" in fits.stdout
+    assert too_big.returncode == 1 and "DOES NOT FIT" in too_big.stdout

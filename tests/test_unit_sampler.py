@@ -90,3 +90,47 @@ def test_each_bound_is_refused_with_its_reason(tiny_model, fields, message):
     with pytest.raises(RequestError) as e:
         resolve(GenerateRequest(**{"prompt": "a cat", **fields}), cfg)
     assert message in str(e.value)
+
+
+def test_the_vae_runs_in_float32_whatever_the_stage_dtype(tiny_model):
+    import torch
+
+    from wanray.data.encode import LatentEncoder
+    from wanray.errors import ConfigError
+
+    cfg = tiny_config(tiny_model, "infer.batch.dtype=bfloat16")
+    decoder = VideoDecoder(StageSpec.for_batch(tiny_model, cfg))
+    expert = ExpertStage(StageSpec.for_batch(tiny_model, cfg), "high")
+    assert next(decoder.vae.parameters()).dtype == torch.float32 and expert.expert.dtype == torch.bfloat16
+    encoder = LatentEncoder(str(tiny_model), "cpu", "bfloat16")
+    assert next(encoder.vae.parameters()).dtype == torch.float32
+    frames = np.empty(1, dtype=object)  # a Ray Data batch: one (frames, height, width, 3) array per clip
+    frames[0] = np.zeros((9, 64, 64, 3), np.uint8)
+    out = encoder({"frames": frames, "id": np.array(["a"])})
+    assert out["latent_dtype"][0] == "bfloat16"
+    with pytest.raises(ConfigError, match="infer.stages.vae.dtype must be float32"):
+        tiny_config(tiny_model, "infer.stages.vae.dtype=bfloat16")
+
+
+def test_batch_offload_keeps_one_stage_on_the_device_and_the_same_frames(tiny_model, monkeypatch):
+    import torch
+
+    cfg = tiny_config(tiny_model)
+    plain = Sampler(StageSpec.for_batch(tiny_model, cfg))(PARAMS)
+    offloading = Sampler(StageSpec.for_batch(tiny_model, tiny_config(tiny_model, "infer.batch_offload=true")))
+    moves, to = [], torch.nn.Module.to
+
+    def spy(module, *args, **kwargs):
+        if module in (offloading.prompt_encoder.text_encoder, offloading.high.expert, offloading.low.expert,
+                      offloading.decoder.vae):
+            moves.append((type(module).__name__, str(args[0])))
+        return to(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", spy)
+    frames = offloading(PARAMS)
+    assert np.array_equal(frames, plain)
+    # each stage's model comes onto the device for its stage and goes back to host memory after it
+    assert moves == [("UMT5EncoderModel", "cpu"), ("UMT5EncoderModel", "cpu"),
+                     ("WanTransformer3DModel", "cpu"), ("WanTransformer3DModel", "cpu"),
+                     ("WanTransformer3DModel", "cpu"), ("WanTransformer3DModel", "cpu"),
+                     ("AutoencoderKLWan", "cpu"), ("AutoencoderKLWan", "cpu")]

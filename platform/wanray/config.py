@@ -177,7 +177,7 @@ class StageResources:
     low: Resources = field(default_factory=Resources)
     """Low-noise expert."""
     vae: Resources = field(default_factory=Resources)
-    """VAE decoder (latents stay float32 between stages, as in diffusers)."""
+    """VAE decoder; it decodes in float32 (wan.VAE_DTYPE), so its dtype must be float32."""
 
 
 @dataclass
@@ -219,6 +219,9 @@ class InferConfig:
     """Longest prompt or negative prompt, in characters (UMT5 keeps 512 tokens of it)."""
     batch_actors: int = 1
     """Sampler actors of batch generation (generate.py); each holds the whole model."""
+    batch_offload: bool = False
+    """Keep only the running stage's model on a batch actor's device, the others in host memory (the
+    whole Wan2.2-T2V-A14B, about 70 GB in bf16, does not fit a 64 GB device)."""
 
 
 @dataclass
@@ -317,6 +320,9 @@ class Config:
         if self.model.boundary is not None and not 0.0 < self.model.boundary < 1.0:
             raise ConfigError(f"model.boundary must lie in (0, 1), got {self.model.boundary}")
         self._validate_attention_backend()
+        if self.infer.stages.vae.dtype != "float32":
+            raise ConfigError("infer.stages.vae.dtype must be float32: the Wan VAE decodes in float32, as the official "
+                              "code and diffusers do (the experts' stages may run in bfloat16)")
         return self
 
     def _validate_attention_backend(self) -> None:

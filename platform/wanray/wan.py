@@ -23,6 +23,9 @@ TEXT_TOKENS = 512
 """UMT5 sequence length of every Wan2.2 model: WanPipeline's max_sequence_length. Embeddings are
 stored unpadded and zero-padded to it for training and sampling alike."""
 EXPERTS = ("high", "low")
+VAE_DTYPE = "float32"
+"""The Wan VAE encodes and decodes in float32 whatever the experts' dtype, as the official code and
+diffusers' Wan examples run it; latents are stored in preprocess.encoders.dtype."""
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from wanray.data.shards import EMPTY_PROMPT_FILE, write_empty_prompt
 from wanray.devices import accelerator, torch_dtype
 from wanray.encoding import encode_latents, encode_text, frames_to_video
 from wanray.schema import encode_tensor
+from wanray.wan import VAE_DTYPE
 
 
 def _columns(tensors: list[torch.Tensor], name: str) -> dict[str, np.ndarray]:
@@ -26,11 +27,14 @@ def _columns(tensors: list[torch.Tensor], name: str) -> dict[str, np.ndarray]:
 
 
 class LatentEncoder:
-    """Ray Data actor: `frames` (T, H, W, 3) uint8 -> `latent` bytes, shape and dtype columns."""
+    """Ray Data actor: `frames` (T, H, W, 3) uint8 -> `latent` bytes, shape and dtype columns.
+
+    The VAE encodes in float32 (wan.VAE_DTYPE); latents are stored in `dtype`."""
 
     def __init__(self, model_path: str, device: str = "cpu", dtype: str = "float32"):
         self.device = accelerator(device).torch_device()
-        self.vae = models.load_vae(model_path, torch_dtype(dtype), self.device)
+        self.vae = models.load_vae(model_path, torch_dtype(VAE_DTYPE), self.device)
+        self.dtype = torch_dtype(dtype)
 
     def __call__(self, batch: dict) -> dict:
         frames = list(batch.pop("frames"))
@@ -40,7 +44,7 @@ class LatentEncoder:
             by_shape[f.shape].append(i)
         for idx in by_shape.values():
             z = encode_latents(self.vae, torch.stack([frames_to_video(frames[i]) for i in idx]))
-            for i, zi in zip(idx, z.cpu()):
+            for i, zi in zip(idx, z.to(self.dtype).cpu()):
                 latents[i] = zi
         return {**batch, **_columns(latents, "latent")}
 

@@ -104,13 +104,51 @@ def copy_model_dir(src, dst, without_weights_of: list[str]) -> None:
     shutil.copytree(src, dst, ignore=weights_of_skipped)
 
 
-def write_expert_weights(model_dir, expert: str, state: dict) -> Path:
-    """An expert's state dict as its diffusers safetensors file; returns the expert's folder."""
-    from safetensors.torch import save_file
+class WeightShards:
+    """Writes an expert's weights in diffusers' layout, holding at most one shard in memory:
+    diffusion_pytorch_model.safetensors, or diffusion_pytorch_model-0000k-of-0000n.safetensors files
+    with diffusion_pytorch_model.safetensors.index.json when they exceed `max_bytes`."""
 
-    folder = Path(model_dir) / EXPERT_SUBFOLDERS[expert]
-    save_file(state, folder / "diffusion_pytorch_model.safetensors")
-    return folder
+    def __init__(self, model_dir, expert: str, max_bytes: int):
+        self.folder, self.max_bytes = Path(model_dir) / EXPERT_SUBFOLDERS[expert], max_bytes
+        self.pending: dict = {}
+        self.files: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, tensors: dict) -> None:
+        for name, tensor in tensors.items():
+            if self.pending and self._pending_bytes() + tensor.nbytes > self.max_bytes:
+                self._flush()
+            self.pending[name] = tensor.contiguous()
+
+    def _pending_bytes(self) -> int:
+        return sum(t.nbytes for t in self.pending.values())
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = self.folder / f".shard-{len(self.files):05d}.safetensors"
+        save_file(self.pending, path)
+        self.files.append((path, list(self.pending)))
+        self.total += self._pending_bytes()
+        self.pending = {}
+
+    def close(self) -> Path:
+        """Name the shards as diffusers does (and write the index when there are several); the folder."""
+        if self.pending:
+            self._flush()
+        base = "diffusion_pytorch_model"
+        if len(self.files) == 1:
+            self.files[0][0].rename(self.folder / f"{base}.safetensors")
+            return self.folder
+        weight_map = {}
+        for k, (path, names) in enumerate(self.files, start=1):
+            name = f"{base}-{k:05d}-of-{len(self.files):05d}.safetensors"
+            path.rename(self.folder / name)
+            weight_map.update(dict.fromkeys(names, name))
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.folder / f"{base}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+        return self.folder
 
 
 def load_tokenizer(path):

@@ -11,7 +11,7 @@ from wanray.train.data import ClipIndex, DataPlan, epoch_batches
 def index_of(shapes: list[int]) -> ClipIndex:
     n = len(shapes)
     return ClipIndex(["part-0.parquet"], np.zeros(n, dtype=np.int64), np.arange(n), np.zeros(n, dtype=np.int64),
-                     np.array(shapes), [(16, f, 8, 8) for f in range(max(shapes) + 1)])
+                     np.array(shapes))
 
 
 MIXED = index_of([0] * 50 + [1] * 13 + [2] * 3)

@@ -112,17 +112,15 @@ class WeightShards:
     def __init__(self, model_dir, expert: str, max_bytes: int):
         self.folder, self.max_bytes = Path(model_dir) / EXPERT_SUBFOLDERS[expert], max_bytes
         self.pending: dict = {}
+        self.pending_bytes = self.total = 0
         self.files: list[tuple[Path, list[str]]] = []
-        self.total = 0
 
     def add(self, tensors: dict) -> None:
         for name, tensor in tensors.items():
-            if self.pending and self._pending_bytes() + tensor.nbytes > self.max_bytes:
+            if self.pending and self.pending_bytes + tensor.nbytes > self.max_bytes:
                 self._flush()
             self.pending[name] = tensor.contiguous()
-
-    def _pending_bytes(self) -> int:
-        return sum(t.nbytes for t in self.pending.values())
+            self.pending_bytes += tensor.nbytes
 
     def _flush(self) -> None:
         from safetensors.torch import save_file
@@ -130,8 +128,8 @@ class WeightShards:
         path = self.folder / f".shard-{len(self.files):05d}.safetensors"
         save_file(self.pending, path)
         self.files.append((path, list(self.pending)))
-        self.total += self._pending_bytes()
-        self.pending = {}
+        self.total += self.pending_bytes
+        self.pending, self.pending_bytes = {}, 0
 
     def close(self) -> Path:
         """Name the shards as diffusers does (and write the index when there are several); the folder."""

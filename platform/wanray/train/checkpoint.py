@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)

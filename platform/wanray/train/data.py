@@ -45,9 +45,7 @@ class ClipIndex:
     row: np.ndarray
     """(N,) row within its row group."""
     shape: np.ndarray
-    """(N,) index into shapes."""
-    shapes: list[tuple[int, ...]]
-    """Distinct latent shapes, (16, F, H, W)."""
+    """(N,) id of the clip's latent shape: clips of one id can be stacked."""
 
     def __len__(self) -> int:
         return len(self.file)
@@ -67,7 +65,7 @@ class ClipIndex:
                 for r in range(pf.metadata.row_group(g).num_rows):
                     rows.append((f, g, r, shapes.setdefault(tuple(next(column)), len(shapes))))
         table = np.array(rows, dtype=np.int64).reshape(-1, 4)
-        return cls(files, *(table[:, i].copy() for i in range(4)), list(shapes))
+        return cls(files, *(table[:, i].copy() for i in range(4)))
 
     def fingerprint(self) -> str:
         """Changes when shards are added, removed or rewritten (not when the directory moves)."""

@@ -162,7 +162,8 @@ def train_loop(config: dict) -> None:
     if resume is not None:
         with resume.as_directory() as d:
             ckpt.load(state, d)
-        log.resumed(progress, plan.fingerprint())
+        log.resumed(progress, order_changed=progress.data_fingerprint != plan.fingerprint())
+        progress.data_fingerprint = plan.fingerprint()
     loader = ClipLoader(plan, ClipReader(spec.index, t.cache_bytes), progress.epoch, progress.batches_in_epoch, rank,
                         spec.contract.text_tokens)
     empty = pad_text_embedding(spec.empty_prompt.float(), spec.contract.text_tokens)
@@ -211,14 +212,13 @@ class MetricsLog:
         if self.rank == 0:
             print(f"[train:{self.spec.expert}] {text}", flush=True)
 
-    def resumed(self, progress: ckpt.Progress, fingerprint: str) -> None:
+    def resumed(self, progress: ckpt.Progress, order_changed: bool) -> None:
         self.say(f"resumed at step {progress.step} (epoch {progress.epoch}, {progress.batches_in_epoch} "
                  f"batches into it) on {self.world} workers")
-        if progress.data_fingerprint != fingerprint:
+        if order_changed:
             self.say("warning: the data order differs from the one this run started with (shards added, removed "
                      "or rewritten, or train.seed, train.batch_size or workers x grad_accum changed): from here on "
                      "the batches are not those of an uninterrupted run")
-            progress.data_fingerprint = fingerprint
 
     def step(self, loss, grad_norm, lr, seconds, wait, step: StepData, timesteps, progress) -> dict | None:
         if self.reset:

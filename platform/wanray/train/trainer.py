@@ -97,15 +97,21 @@ def room_for_both(cfg: Config) -> bool:
     return all(total.get(k, 0) >= v for k, v in need.items())
 
 
-def train_experts(cfg: Config, expert: str, data_dir, run_dir, log=print) -> dict:
-    """Train `high`, `low` or `both` on the connected Ray (at once when the cluster has room for both worker
-    groups, else one after the other)."""
+def selected(expert: str) -> tuple[str, ...]:
+    """The experts `high`, `low` or `both` names."""
     experts = EXPERTS if expert == "both" else (expert,)
     if any(e not in EXPERTS for e in experts):
         raise ConfigError(f"--expert must be high, low or both, got {expert!r}")
+    return experts
+
+
+def train_experts(cfg: Config, expert: str, data_dir, run_dir, log=print) -> dict:
+    """Train `high`, `low` or `both` on the connected Ray (at once when the cluster has room for both worker
+    groups, else one after the other)."""
+    experts = selected(expert)
     index = ClipIndex.from_dir(data_dir)  # read once, sent to every worker of both experts
-    if index.rows_per_row_group() > 1:
-        log(f"[train] warning: the shards in {data_dir} hold up to {index.rows_per_row_group()} clips per Parquet row "
+    if (per_group := index.rows_per_row_group()) > 1:
+        log(f"[train] warning: the shards in {data_dir} hold up to {per_group} clips per Parquet row "
             "group (written by an earlier wanray): every clip read decodes its whole row group. Preprocess into a "
             "new directory for one row group per clip")
     trainers = {e: make_trainer(cfg, e, data_dir, run_dir, index) for e in experts}
@@ -162,7 +168,7 @@ def print_plans(cfg: Config, expert: str, log=print) -> bool:
     activations = measure_activations(w.dtype, attention_backend(cfg.model.attention_backend, w.device, w.dtype,
                                                                  training=True))
     fits = True
-    for e in EXPERTS if expert == "both" else (expert,):
+    for e in selected(expert):
         plan = plan_training(cfg, model_path, e, activations)
         for line in plan.lines():
             log(f"[plan] {line}")

@@ -1,5 +1,4 @@
 """The training memory plan of the real Wan2.2-T2V-A14B expert: fake process group, no weights, no device."""
-import json
 import math
 import subprocess
 import sys
@@ -7,36 +6,14 @@ import sys
 import pytest
 
 from conftest import ROOT
+from wanray import models
 from wanray.config import load_config
 from wanray.train.plan import ActivationModel, _saved_bytes, _tiny_expert, measure_activations, plan_training
 
-# The published transformer/config.json of Wan2.2-T2V-A14B-Diffusers (both experts share it).
-A14B_EXPERT = {"_class_name": "WanTransformer3DModel", "added_kv_proj_dim": None, "attention_head_dim": 128,
-               "cross_attn_norm": True, "eps": 1e-06, "ffn_dim": 13824, "freq_dim": 256, "image_dim": None,
-               "in_channels": 16, "num_attention_heads": 40, "num_layers": 40, "out_channels": 16,
-               "patch_size": [1, 2, 2], "pos_embed_seq_len": None, "qk_norm": "rms_norm_across_heads",
-               "rope_max_seq_len": 1024, "text_dim": 4096}
-WAN21_VAE = {"_class_name": "AutoencoderKLWan", "base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4],
-             "num_res_blocks": 2, "attn_scales": [], "temperal_downsample": [False, True, True],
-             "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715,
-                              0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
-             "latents_std": [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652,
-                             1.5579, 1.6382, 1.1253, 2.8251, 1.916]}
-
-
 @pytest.fixture(scope="module")
 def a14b_configs(tmp_path_factory):
-    """A Wan2.2-T2V-A14B directory holding its config files only (no weights)."""
-    root = tmp_path_factory.mktemp("a14b-configs")
-    files = {"model_index.json": {"_class_name": "WanPipeline", "boundary_ratio": 0.875},
-             "transformer/config.json": A14B_EXPERT, "transformer_2/config.json": A14B_EXPERT,
-             "vae/config.json": WAN21_VAE,
-             "scheduler/scheduler_config.json": {"_class_name": "UniPCMultistepScheduler", "num_train_timesteps": 1000},
-             "text_encoder/config.json": {}, "tokenizer/tokenizer_config.json": {}}
-    for name, content in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(json.dumps(content))
-    return root
+    """A Wan2.2-T2V-A14B directory holding its published config files only (no weights)."""
+    return models.write_config_dir(tmp_path_factory.mktemp("a14b-configs"))
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -43,9 +44,10 @@ def assigned_device_index(kind: str, env: Mapping[str, str], assigned_ids: Seque
 
 
 def ray_assigned_ids(kind: str) -> list[str]:
-    import ray
-
-    if not ray.is_initialized():
+    """Ray's accelerator ids for this process; none outside Ray (a Ray worker has always imported ray,
+    and a process without Ray installed, such as the device check's, never has)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
         return []
     return [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get(RAY_RESOURCE[kind], [])]
 

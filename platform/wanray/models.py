@@ -202,6 +202,45 @@ TINY_UMT5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relativ
 
 TINY_BOUNDARY = 0.875  # T2V-A14B's
 
+# The published config files of Wan-AI/Wan2.2-T2V-A14B-Diffusers (both experts share one; the VAE is
+# Wan2.1's): the real dimensions without the weights, for the memory plans and the device check.
+A14B_TRANSFORMER = {"_class_name": "WanTransformer3DModel", "added_kv_proj_dim": None, "attention_head_dim": 128,
+                    "cross_attn_norm": True, "eps": 1e-06, "ffn_dim": 13824, "freq_dim": 256, "image_dim": None,
+                    "in_channels": 16, "num_attention_heads": 40, "num_layers": 40, "out_channels": 16,
+                    "patch_size": [1, 2, 2], "pos_embed_seq_len": None, "qk_norm": "rms_norm_across_heads",
+                    "rope_max_seq_len": 1024, "text_dim": 4096}
+A14B_VAE = {"_class_name": "AutoencoderKLWan", "base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4],
+            "num_res_blocks": 2, "attn_scales": [], "temperal_downsample": [False, True, True], "dropout": 0.0,
+            "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715,
+                             0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
+            "latents_std": [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652,
+                            1.5579, 1.6382, 1.1253, 2.8251, 1.916]}
+
+A14B_UMT5 = {"architectures": ["UMT5EncoderModel"], "model_type": "umt5", "d_ff": 10240, "d_kv": 64, "d_model": 4096,
+             "num_heads": 64, "num_layers": 24, "num_decoder_layers": 24, "vocab_size": 256384,
+             "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+             "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu_new", "is_gated_act": True,
+             "layer_norm_epsilon": 1e-06, "scalable_attention": True, "tie_word_embeddings": False,
+             "dropout_rate": 0.1, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}
+"""UMT5-XXL's encoder (google/umt5-xxl), the text encoder of every Wan2.2 model."""
+
+
+def write_config_dir(path, transformer: dict = A14B_TRANSFORMER, vae: dict = A14B_VAE, text_encoder: dict = A14B_UMT5,
+                     boundary: float = TINY_BOUNDARY) -> Path:
+    """A model directory holding config files only, no weights (tokenizer/ stays empty): enough for
+    the memory plans, which build the models on the meta device, and for the device check's random
+    weights."""
+    path = Path(path)
+    files = {"model_index.json": {"_class_name": "WanPipeline", "boundary_ratio": boundary},
+             "transformer/config.json": transformer, "transformer_2/config.json": transformer,
+             "vae/config.json": {"_class_name": "AutoencoderKLWan", **vae}, "text_encoder/config.json": text_encoder,
+             "scheduler/scheduler_config.json": {"_class_name": "UniPCMultistepScheduler", **SCHEDULER_CONFIG}}
+    for name, content in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path / name, json.dumps(content, indent=2) + "\n")
+    (path / "tokenizer").mkdir(exist_ok=True)
+    return path
+
 
 def write_tiny_checkpoint(path, seed: int = 0, boundary: float = TINY_BOUNDARY) -> Path:
     """Write a randomly initialised tiny Wan2.2-T2V as a diffusers directory (atomically)."""

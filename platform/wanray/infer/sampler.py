@@ -123,6 +123,10 @@ class StageSpec:
         """Where a stage loads its model: host memory when offloading, else its device."""
         return torch.device("cpu") if self.offload else device
 
+    def hosted(self, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """A stage's model as loaded: in pinned host memory when offloading (see pin_for)."""
+        return pin_for(module, device) if self.offload else module
+
     def device(self, stage: str) -> torch.device:
         """In the stage's own process: apply the torch thread setting, return the device Ray assigned."""
         if self.torch_threads > 0:
@@ -133,19 +137,50 @@ class StageSpec:
         return torch_dtype(getattr(self.stages, stage).dtype)
 
 
+def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]
+
+
+def pin_for(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """An offloaded model waits in page-locked host memory when its device is an accelerator: copies
+    from it run at the link's speed without a staging buffer (pageable memory stays if pinning fails)."""
+    if device.type == "cpu":
+        return module
+    try:
+        with torch.no_grad():
+            for t in _tensors(module):
+                t.data = t.data.pin_memory()
+    except RuntimeError as e:
+        print(f"[wanray] could not pin {type(module).__name__} in host memory ({e}): offloading from pageable memory")
+    return module
+
+
 @contextlib.contextmanager
 def resident(module: torch.nn.Module, device: torch.device, offload: bool):
-    """`module` on `device` for the block; offloaded, it goes back to host memory afterwards, as
-    diffusers' model offload and the official sampler's --offload_model do (a 14B expert in bf16 moves
-    28.6 GB each way: about a second over PCIe, against minutes of denoising)."""
+    """`module` on `device` for the block. Offloaded (batch actors), its weights wait in host memory
+    and are copied to the device when its stage runs, as diffusers' model offload and the official
+    sampler's --offload_model do; afterwards the device copy is dropped and the host copy serves again,
+    with no copy back, since inference never changes weights. On an H200 (benchmarks/device_check.py)
+    the 28.6 GB bf16 expert came to the device from pinned memory in 0.5 s; Module.to, which offloading
+    used before, took 21.6 to 30.3 s to move it to host memory and 4.4 s back."""
     if not offload:
         yield
         return
-    module.to(device)
+    # Each module's parameter and buffer slots get device copies and then their host tensors back
+    # (the objects themselves: no set_data, which some device types refuse across devices).
+    slots = [(table, name, t) for m in module.modules() for table in (m._parameters, m._buffers)
+             for name, t in table.items() if t is not None]
+    copies: dict[int, torch.Tensor] = {}  # a tied tensor is copied once
     try:
+        for table, name, t in slots:
+            if id(t) not in copies:
+                copy = t.detach().to(device, non_blocking=True)
+                copies[id(t)] = torch.nn.Parameter(copy, t.requires_grad) if isinstance(t, torch.nn.Parameter) else copy
+            table[name] = copies[id(t)]
         yield
     finally:
-        module.to("cpu")
+        for table, name, t in slots:
+            table[name] = t
 
 
 class PromptEncoder:
@@ -155,7 +190,8 @@ class PromptEncoder:
         self.device, self.offload = spec.device("text"), spec.offload
         self.text_tokens = spec.contract.text_tokens
         self.tokenizer = models.load_tokenizer(spec.model_dir)
-        self.text_encoder = models.load_text_encoder(spec.model_dir, spec.dtype("text"), spec.load_device(self.device))
+        self.text_encoder = spec.hosted(models.load_text_encoder(spec.model_dir, spec.dtype("text"),
+                                                                 spec.load_device(self.device)), self.device)
 
     def encode(self, params: GenerationParams) -> TextEmbeddings:
         # One forward per prompt, as WanPipeline does: a batch of two could round differently.
@@ -171,10 +207,13 @@ class PromptEncoder:
 class ExpertStage:
     """Stage 2 or 3: the high-noise expert (t >= boundary*1000, starting from noise) or the low-noise one."""
 
-    def __init__(self, spec: StageSpec, expert: str):
+    def __init__(self, spec: StageSpec, expert: str, model=None):
+        """model: the expert already built (the device check's random weights at the real dimensions);
+        None loads it from spec.model_dir."""
         self.device, self.offload = spec.device(expert), spec.offload
         self.expert_name, self.contract = expert, spec.contract
-        self.expert = models.load_expert(spec.model_dir, expert, spec.dtype(expert), spec.load_device(self.device))
+        self.expert = model if model is not None else spec.hosted(
+            models.load_expert(spec.model_dir, expert, spec.dtype(expert), spec.load_device(self.device)), self.device)
         apply_attention_backend(self.expert, spec.attention[expert])
         self.scheduler = models.load_scheduler(spec.model_dir, spec.flow_shift)
 
@@ -228,12 +267,14 @@ class ExpertStage:
 class VideoDecoder:
     """Stage 4: normalised latents -> (frames, height, width, 3) float32 frames in [0, 1]."""
 
-    def __init__(self, spec: StageSpec):
+    def __init__(self, spec: StageSpec, vae=None):
+        """vae: the VAE already built, in float32 (the device check's); None loads it from spec.model_dir."""
         from diffusers.video_processor import VideoProcessor
 
         self.device, self.offload, self.contract = spec.device("vae"), spec.offload, spec.contract
         # float32 whatever the stage's dtype
-        self.vae = models.load_vae(spec.model_dir, torch_dtype(VAE_DTYPE), spec.load_device(self.device))
+        self.vae = vae if vae is not None else spec.hosted(
+            models.load_vae(spec.model_dir, torch_dtype(VAE_DTYPE), spec.load_device(self.device)), self.device)
         self.video_processor = VideoProcessor(vae_scale_factor=spec.contract.vae_scale_spatial)
 
     @torch.no_grad()

@@ -131,29 +131,14 @@ def config_for(model_dir: Path, kind: str, clip: dict, layers: int):
         f"data.height={clip['height']}", f"data.width={clip['width']}", *stages])
 
 
-def random_expert(config: dict, dtype: torch.dtype, device: torch.device, seed: int):
-    """A Wan expert with random weights, laid out as `models.load_expert` returns it: parameters in
-    `dtype` except the modules diffusers keeps in float32 (_keep_in_fp32_modules), on `device`."""
-    from diffusers import WanTransformer3DModel
-
+def random_expert(config: dict, dtype: torch.dtype, device: torch.device, seed: int = 1):
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = WanTransformer3DModel.from_config(config)
-    keep = model._keep_in_fp32_modules or []
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not any(m in name.split(".") for m in keep):
-                p.data = p.data.to(dtype)
-    return model.eval()
+    return models.expert_from_config(config, dtype, device)
 
 
-def random_vae(config: dict, device: torch.device, seed: int):
-    from diffusers import AutoencoderKLWan
-
+def random_vae(config: dict, device: torch.device, seed: int = 2):
     torch.manual_seed(seed)
-    with torch.device(device):
-        vae = AutoencoderKLWan.from_config(config)
-    return vae.eval().requires_grad_(False)
+    return models.vae_from_config(config, device)
 
 
 def check_training(root: Path, kind: str, clip: dict, expert_config: dict, layers: int, steps: int) -> dict:
@@ -226,13 +211,16 @@ def check_denoise(root: Path, kind: str, clip: dict, expert_config: dict, other_
     """Guided denoising steps of the full expert through the sampler's ExpertStage, with the preset's
     attention backend, then with each of `other_backends` (model.attention_backend choices)."""
     from wanray.devices import apply_attention_backend
+    from wanray.infer.plan import plan_stage
     from wanray.infer.sampler import ExpertStage, GenerationParams, StageSpec, TextEmbeddings, pin_for, resident
 
     model_dir = models.write_config_dir(root / "full", expert_config)
     cfg = config_for(model_dir, kind, clip, expert_config["num_layers"])
     spec = StageSpec.for_serving(model_dir, cfg)
+    plan = plan_stage(model_dir, "high", cfg.infer.stages.high.dtype, spec.contract, clip["frames"], clip["height"],
+                      clip["width"], spec.attention["high"])
     device = spec.device("high")
-    stage = ExpertStage(spec, "high", model=random_expert(expert_config, spec.dtype("high"), device, seed=1))
+    stage = ExpertStage(spec, "high", model=random_expert(expert_config, spec.dtype("high"), device))
     weights = sum(t.numel() * t.element_size() for t in [*stage.expert.parameters(), *stage.expert.buffers()])
     free(device)
     reset_peak(device)  # the denoising peak, not the random initialisation's
@@ -270,6 +258,7 @@ def check_denoise(root: Path, kind: str, clip: dict, expert_config: dict, other_
     flops = 2 * expert_forward_flops(expert_config, tokens, spec.contract.text_tokens)
     return {"tokens": tokens, "first_step_s": warm, "steps": steps, "step_s": seconds / steps,
             "tflops": flops / (seconds / steps) / TB, "weights_gb": weights / GB, "peak_gb": peak,
+            "plan_gb": plan.total_bytes / GB,
             "offload_to_device_s": to_device, "offload_to_host_s": to_host, "pin_s": pin,
             "module_to_host_s": module_to_host, "step_s_by_attention_backend": by_backend,
             "finite": bool(torch.isfinite(state.latents).all())}
@@ -277,11 +266,13 @@ def check_denoise(root: Path, kind: str, clip: dict, expert_config: dict, other_
 
 def check_vae(root: Path, kind: str, clip: dict, vae_config: dict) -> dict:
     """Decode of a clip's latents to frames through the sampler's VideoDecoder (float32)."""
+    from wanray.infer.plan import plan_stage
     from wanray.infer.sampler import DenoiseState, StageSpec, VideoDecoder
 
     model_dir = models.write_config_dir(root / "vae", vae=vae_config)
     cfg = config_for(model_dir, kind, clip, 1)
     spec = StageSpec.for_serving(model_dir, cfg)
+    plan = plan_stage(model_dir, "vae", "float32", spec.contract, clip["frames"], clip["height"], clip["width"])
     device = spec.device("vae")
     reset_peak(device)
     decoder = VideoDecoder(spec, vae=random_vae(vae_config, device, seed=2))
@@ -290,7 +281,7 @@ def check_vae(root: Path, kind: str, clip: dict, vae_config: dict) -> dict:
     seconds, frames = timed(lambda: decoder.decode(DenoiseState(torch.randn(shape), None, 0)), device)
     peak = peak_gb(device)
     return {"latent_frames": shape[2], "frames": list(frames.shape), "warmup_s": warm, "decode_s": seconds,
-            "peak_gb": peak}
+            "peak_gb": peak, "plan_gb": plan.total_bytes / GB}
 
 
 def detect_kind() -> str:
@@ -326,7 +317,7 @@ def report(r: dict) -> list[str]:
         f"{t['plan_gb']:.1f} GB (activations {t['plan_activation_gb']:.1f} GB); loss {t['loss']:.4f}",
         f"denoise step with guidance (2 forwards), {d['tokens']:,} tokens, full expert bf16: {d['step_s']:.2f} s/step "
         f"({d['steps']} steps timed, first {d['first_step_s']:.1f} s), {d['tflops']:.1f} TFLOP/s, "
-        f"peak {mem(d['peak_gb'])}",
+        f"peak {mem(d['peak_gb'])} (the inference plan says {d['plan_gb']:.1f} GB)",
         f"    anchor: {ANCHORS['denoise']}",
         "    by attention backend (s/step): "
         + ", ".join(f"{b} {v:.2f}" if isinstance(v, float) else f"{b} {v}" for b, v in
@@ -335,7 +326,7 @@ def report(r: dict) -> list[str]:
         f"{d['offload_to_device_s']:.1f} s from pinned host memory to the device, {d['offload_to_host_s']:.2f} s "
         f"back (the host copy is kept); Module.to to the host took {d['module_to_host_s']:.1f} s",
         f"VAE decode of {v['latent_frames']} latent frames to {'x'.join(map(str, v['frames'][:3]))} (float32): "
-        f"{v['decode_s']:.2f} s, peak {mem(v['peak_gb'])}",
+        f"{v['decode_s']:.2f} s, peak {mem(v['peak_gb'])} (the inference plan says {v['plan_gb']:.1f} GB)",
         f"    anchor: {ANCHORS['vae']}",
     ]
 

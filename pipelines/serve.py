@@ -1,6 +1,7 @@
 """Serve a Wan2.2 model: REST API, Gradio UI, one Ray Serve deployment per stage.
 
     python pipelines/serve.py --config configs/tiny.yaml [--model DIR] [--host 127.0.0.1] [--port 8000]
+    python pipelines/serve.py --config configs/t2v_a14b.yaml --plan    # memory per stage device, no weights
 
 Runs on the cluster in RAY_ADDRESS, else on a local Ray it starts; prints the URL and
 serves until interrupted (Ctrl-C or SIGTERM removes the application). Binds infer.host
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 from wanray.config import add_config_args, load_config
+from wanray.infer.plan import print_plan
 from wanray.infer.serve import APP_NAME, UI_PATH, start
 from wanray.models import ensure_model
 from wanray.runtime import connect_ray, fail
@@ -28,6 +30,8 @@ def get_args():
     parser.add_argument("--host", help="address to bind (sets infer.host; 0.0.0.0 exposes it)")
     parser.add_argument("--port", type=int, help="port to bind (sets infer.port)")
     parser.add_argument("--no-ui", action="store_true", help="serve the REST API only")
+    parser.add_argument("--plan", action="store_true",
+                        help="print each stage device's memory at the largest request (infer.max_*) instead of serving")
     return parser.parse_args()
 
 
@@ -38,6 +42,8 @@ def main(args):
     overrides += [f"infer.host={args.host}"] if args.host else []
     overrides += [f"infer.port={args.port}"] if args.port else []
     cfg = load_config(args.config, overrides)
+    if args.plan:
+        sys.exit(0 if print_plan(cfg, "serve") else 1)
     model_dir = ensure_model(cfg.model)
     ui = None
     if not args.no_ui:

@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from device_check import TINY_EXPERT, expert_forward_flops, random_expert  # noqa: E402
+from device_check import TINY_EXPERT, expert_forward_flops  # noqa: E402
 
 
 @pytest.mark.parametrize("frames, height, width, text_tokens", [(3, 8, 8, 512), (2, 6, 10, 77)])
@@ -36,7 +36,7 @@ def test_random_experts_are_laid_out_as_from_pretrained_loads_them(tmp_path):
 
     WanTransformer3DModel(**models.TINY_TRANSFORMER).save_pretrained(tmp_path / "transformer")
     loaded = models.load_expert(tmp_path, "high", torch.bfloat16)
-    built = random_expert(dict(loaded.config), torch.bfloat16, torch.device("cpu"), seed=0)
+    built = models.expert_from_config(dict(loaded.config), torch.bfloat16)
     layout = lambda m: {n: (t.dtype, t.shape) for n, t in [*m.named_parameters(), *m.named_buffers()]}  # noqa: E731
     assert layout(built) == layout(loaded)
     assert {t.dtype for t in built.parameters()} == {torch.bfloat16, torch.float32}  # float32: _keep_in_fp32_modules

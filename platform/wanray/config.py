@@ -222,6 +222,9 @@ class InferConfig:
     batch_offload: bool = False
     """Keep only the running stage's model on a batch actor's device, the others in host memory (the
     whole Wan2.2-T2V-A14B, about 70 GB in bf16, does not fit a 64 GB device)."""
+    device_memory_gb: float = 64.0
+    """Memory of one inference device (Ascend 910B: 64 GB, H100: 80 GB), for the memory plan
+    (serve.py / generate.py --plan)."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ only (never a pickle: a .bin or .pt file can run code when unpickled).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -180,6 +181,42 @@ def load_expert(path, expert: str, dtype=torch.float32, device="cpu"):
     model = WanTransformer3DModel.from_pretrained(
         path, subfolder=EXPERT_SUBFOLDERS[expert], torch_dtype=dtype, local_files_only=True, use_safetensors=True)
     return model.to(device)
+
+
+def expert_from_config(config: dict, dtype=torch.float32, device=None):
+    """An expert with freshly initialised weights, laid out as load_expert returns it: parameters in
+    `dtype` except the modules diffusers keeps in float32 (_keep_in_fp32_modules). Built on `device`
+    (the current default when None: the device check's accelerator, or a FakeTensorMode's)."""
+    from diffusers import WanTransformer3DModel
+
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = WanTransformer3DModel.from_config(config)
+    keep = model._keep_in_fp32_modules or []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not any(m in name.split(".") for m in keep):
+                p.data = p.data.to(dtype)
+    return model.eval()
+
+
+def vae_from_config(config: dict, device=None):
+    """The Wan VAE with freshly initialised weights, in float32."""
+    from diffusers import AutoencoderKLWan
+
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return AutoencoderKLWan.from_config(config).eval().requires_grad_(False)
+
+
+def text_encoder_from_config(config: dict, dtype=torch.float32):
+    """UMT5's encoder with freshly initialised weights in `dtype` (its embedding tied as loaded)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    model = UMT5EncoderModel(UMT5Config(**{k: v for k, v in config.items() if k != "architectures"}))
+    model.tie_weights()
+    with torch.no_grad():
+        for p in model.parameters():  # per tensor, as Module.to cannot swap a FakeTensorMode's tensors
+            p.data = p.data.to(dtype)
+    return model.eval()
 
 
 def load_scheduler(path, flow_shift: float | None = None):

@@ -1,0 +1,198 @@
+"""A dry run of inference memory per device: no weights, no accelerator, no Ray.
+
+    the model directory's config files ─► each stage's model under torch's FakeTensorMode (tensors
+    with shapes and dtypes but no storage) ─► its weights, and the peak of the tensors alive during
+    one call of the stage at the planned size (one UMT5 forward, one guided denoising step: two
+    expert forwards, one VAE decode), counted by `LiveBytes` ─► per device: Serve's stages each on
+    their own; a batch actor all four, or with infer.batch_offload only the running one
+    ─► the totals against infer.device_memory_gb
+
+Checked on an H200 (benchmarks/device_check.py): a guided step of the 14B expert at 81x480x832
+peaked 3.85 GB above its weights; this plan says 3.74 GB.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from wanray import models
+from wanray.config import Config, attention_backend
+from wanray.devices import apply_attention_backend, torch_dtype
+from wanray.train.plan import GB, HEADROOM, cpu_proxy
+from wanray.wan import EXPERTS, VAE_DTYPE, WanContract
+
+STAGES = ("text", "high", "low", "vae")
+STAGE_NAMES = {"text": "UMT5 text encoder", "high": "high-noise expert", "low": "low-noise expert", "vae": "VAE decoder"}
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages created while active and still alive (fake ones count their
+    size): what a caching allocator must hold at once, less its rounding and fragmentation. The
+    storages of `existing` (weights, inputs) are not counted, nor are views of them (a transposed
+    weight)."""
+
+    def __init__(self, existing=()):
+        super().__init__()
+        self.live = self.peak = 0
+        self._refs: dict[int, weakref.ref] = {}
+        for t in existing:
+            storage = t.untyped_storage()
+            self._refs[id(storage)] = weakref.ref(storage, lambda _, key=id(storage): self._refs.pop(key, None))
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._refs.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = id(storage)
+                if key not in self._refs:
+                    n = storage.nbytes()
+                    self._refs[key] = weakref.ref(storage, lambda _, key=key, n=n: self._freed(key, n))
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+        return out
+
+
+def _weight_bytes(module: torch.nn.Module) -> int:
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stage: str
+    dtype: str
+    weight_bytes: int
+    working_bytes: int
+    """Peak of the tensors one call of the stage allocates, above its weights."""
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.working_bytes
+
+
+def _peak(call, *existing: torch.nn.Module | torch.Tensor) -> int:
+    tensors = [t for e in existing for t in ([*e.parameters(), *e.buffers()] if isinstance(e, torch.nn.Module) else [e])]
+    tracker = LiveBytes(tensors)
+    with tracker, torch.no_grad():
+        call()
+    return tracker.peak
+
+
+def plan_stage(model_dir, stage: str, dtype: str, contract: WanContract, frames: int, height: int, width: int,
+               attention: str = "native") -> StagePlan:
+    """Weights and working set of one stage at frames x height x width (built on fake tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    compute = torch_dtype(dtype)
+    with FakeTensorMode():
+        if stage == "text":
+            model = models.text_encoder_from_config(models.read_json(model_dir, "text_encoder/config.json"), compute)
+            ids = torch.zeros(1, contract.text_tokens, dtype=torch.long)
+            working = _peak(lambda: model(ids, torch.ones_like(ids)), model, ids)
+        elif stage in EXPERTS:
+            config = models.expert_config(model_dir, stage)
+            model = models.expert_from_config(config, compute)
+            apply_attention_backend(model, cpu_proxy(attention))
+            latents = torch.zeros(contract.latent_shape(config["in_channels"], frames, height, width))
+            text = torch.zeros(1, contract.text_tokens, config["text_dim"], dtype=compute)
+
+            def guided_step():  # as ExpertStage._steps: conditional, unconditional, combined
+                x, t = latents.to(compute), torch.tensor([500.0])
+                cond = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+                uncond = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+                return uncond + 4.0 * (cond - uncond)
+
+            working = _peak(guided_step, model, latents, text)
+        elif stage == "vae":
+            config = models.read_json(model_dir, "vae/config.json")
+            model = models.vae_from_config(config)
+            latents = torch.zeros(contract.latent_shape(config.get("z_dim", 16), frames, height, width))
+            working = _peak(lambda: model.decode(contract.denormalize(latents), return_dict=False), model, latents)
+        else:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+        return StagePlan(stage, dtype, _weight_bytes(model), working)
+
+
+@dataclass
+class InferencePlan:
+    use: str
+    """"serve" (each stage on its own device) or "batch" (one actor holds all four)."""
+    frames: int
+    height: int
+    width: int
+    stages: dict[str, StagePlan]
+    offload: bool
+    device_bytes: int
+
+    def devices(self) -> dict[str, int]:
+        """Peak bytes of each device: one per stage when serving; one per batch actor."""
+        if self.use == "serve":
+            return {s: p.total_bytes for s, p in self.stages.items()}
+        if self.offload:
+            return {"batch actor": max(p.total_bytes for p in self.stages.values())}
+        weights = sum(p.weight_bytes for p in self.stages.values())
+        return {"batch actor": weights + max(p.working_bytes for p in self.stages.values())}
+
+    @property
+    def fits(self) -> bool:
+        return all(b <= HEADROOM * self.device_bytes for b in self.devices().values())
+
+    def lines(self) -> list[str]:
+        g = lambda n: f"{n / GB:.2f} GB"  # noqa: E731
+        out = [f"{'Serve' if self.use == 'serve' else 'batch generation'} at {self.frames}x{self.height}x{self.width}"
+               f" (frames x height x width){'' if self.use == 'serve' else ', infer.batch_offload ' + ('on' if self.offload else 'off')}"]
+        for s, p in self.stages.items():
+            out.append(f"{STAGE_NAMES[s]} ({p.dtype}): weights {g(p.weight_bytes)}, working set {g(p.working_bytes)}, "
+                       f"total {g(p.total_bytes)}")
+        for device, n in self.devices().items():
+            if self.use == "batch":
+                what = ("the largest stage's model and working set: the others wait in host memory" if self.offload
+                        else "all four models and the largest working set")
+            else:
+                what = f"the {STAGE_NAMES[device]}'s device"
+            verdict = (f"fits ({n / self.device_bytes:.0%} of {g(self.device_bytes)})" if n <= HEADROOM * self.device_bytes
+                       else f"DOES NOT FIT ({n / self.device_bytes:.0%} of {g(self.device_bytes)}; at most "
+                            f"{HEADROOM:.0%})" + (": turn on infer.batch_offload" if self.use == "batch" and not
+                                                  self.offload else ""))
+            out.append(f"{device}: {g(n)}, {what}: {verdict}")
+        return out
+
+
+def plan_inference(cfg: Config, model_dir, use: str) -> InferencePlan:
+    """The device memory of serving `model_dir` under cfg (at the largest request infer.max_* admits)
+    or of batch generation (at data.*, the size generate.py renders)."""
+    i, d = cfg.infer, cfg.data
+    contract = models.read_contract(model_dir, cfg.model)
+    if use == "serve":
+        frames, height, width = i.max_frames, i.max_height, i.max_width
+        resources = {s: getattr(i.stages, s) for s in STAGES}
+    elif use == "batch":
+        frames, height, width = d.num_frames, d.height, d.width
+        resources = {s: i.batch for s in STAGES}
+    else:
+        raise ValueError(f"use must be 'serve' or 'batch', got {use!r}")
+    stages = {}
+    for s in STAGES:
+        dtype = VAE_DTYPE if s == "vae" else resources[s].dtype
+        attention = attention_backend(cfg.model.attention_backend, resources[s].device, dtype, training=False) \
+            if s in EXPERTS else "native"
+        stages[s] = plan_stage(model_dir, s, dtype, contract, frames, height, width, attention)
+    return InferencePlan(use, frames, height, width, stages, use == "batch" and i.batch_offload,
+                         int(i.device_memory_gb * GB))
+
+
+def print_plan(cfg: Config, use: str, log=print) -> bool:
+    """Print the inference memory plan of cfg.model.path (`serve` or `batch`); True when it fits."""
+    plan = plan_inference(cfg, models.check_model_dir(cfg.model.path), use)
+    for line in plan.lines():
+        log(f"[plan] {line}")
+    return plan.fits

@@ -1,0 +1,89 @@
+"""The inference memory plan of the real Wan2.2-T2V-A14B: fake tensors, no weights, no device."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from wanray import models
+from wanray.config import load_config
+from wanray.infer.plan import LiveBytes, plan_inference, plan_stage
+
+
+@pytest.fixture(scope="module")
+def a14b(tmp_path_factory):
+    return models.write_config_dir(tmp_path_factory.mktemp("a14b") / "model")
+
+
+def preset(model, *sets):
+    return load_config(ROOT / "configs" / "t2v_a14b.yaml", [f"model.path={model}", *sets])
+
+
+def test_live_bytes_counts_the_peak_of_new_tensors_and_not_views_of_existing_ones():
+    weight = torch.ones(100, 100)  # 40,000 bytes, existing
+    tracker = LiveBytes([weight])
+    with tracker:
+        a = weight.t()  # a view: no new storage
+        b = a * 2  # 40,000
+        c = b + 1  # 80,000 alive
+        del b
+        d = c.sum(0)  # 40,000 + 400
+    assert tracker.peak == 80_000 and tracker.live == 40_400
+    del a, c, d
+    assert tracker.live == 0
+
+
+def test_stage_weights_are_the_published_models_bytes(a14b):
+    plan = plan_inference(preset(a14b), a14b, "batch")
+    # experts: bf16, except the modules diffusers keeps in float32, plus the float32 rope tables
+    expert = models.expert_from_config(models.A14B_TRANSFORMER, torch.bfloat16, "meta")
+    keep_fp32 = sum(p.numel() for n, p in expert.named_parameters() if p.dtype == torch.float32)
+    rope = sum(b.numel() for b in expert.buffers())
+    assert plan.stages["high"].weight_bytes == 2 * (14_288_491_584 - keep_fp32) + 4 * (keep_fp32 + rope)
+    assert 0 < keep_fp32 < 0.005 * 14_288_491_584  # time embedder, norms, modulation tables
+    # UMT5-XXL's encoder in bf16: one 256,384 x 4,096 embedding and 24 layers of
+    # q, k, v, o (4,096 x 4,096), gated FFN (2 x 4,096 x 10,240 in, 10,240 x 4,096 out), two norms, 32 x 64 biases
+    d, f = 4096, 10240
+    umt5 = 256_384 * d + 24 * (4 * d * d + 3 * d * f + 2 * d + 32 * 64) + d
+    assert plan.stages["text"].weight_bytes == 2 * umt5
+    assert plan.stages["vae"].dtype == "float32" and 0.4e9 < plan.stages["vae"].weight_bytes < 0.6e9
+
+
+def test_the_working_set_is_one_blocks_not_every_blocks(a14b, tmp_path):
+    """Blocks free their activations in inference: a plan that counted every block would grow with depth."""
+    shallow = models.write_config_dir(tmp_path / "two-blocks", {**models.A14B_TRANSFORMER, "num_layers": 2})
+    cfg = preset(shallow)
+    contract = models.read_contract(shallow, cfg.model)
+    two = plan_stage(shallow, "high", "bfloat16", contract, 81, 480, 832)
+    forty = plan_inference(preset(a14b), a14b, "batch").stages["high"]
+    assert two.working_bytes == forty.working_bytes
+    assert two.weight_bytes < forty.weight_bytes / 10
+
+
+def test_offload_decides_whether_a_batch_actor_fits_and_serving_plans_the_largest_request(a14b):
+    offload = plan_inference(preset(a14b), a14b, "batch")
+    resident = plan_inference(preset(a14b, "infer.batch_offload=false"), a14b, "batch")
+    stages = offload.stages.values()
+    assert offload.devices() == {"batch actor": max(s.total_bytes for s in stages)} and offload.fits
+    assert resident.devices() == {"batch actor": sum(s.weight_bytes for s in stages)
+                                  + max(s.working_bytes for s in stages)}
+    assert not resident.fits  # ~77 GB: UMT5-XXL, two 14B experts and the VAE on one 64 GB device
+    serve = plan_inference(preset(a14b), a14b, "serve")
+    assert (serve.frames, serve.height, serve.width) == (81, 1280, 1280)
+    assert serve.stages["high"].working_bytes > 3 * offload.stages["high"].working_bytes  # 134,400 tokens, not 32,760
+    assert set(serve.devices()) == {"text", "high", "low", "vae"}
+
+
+def test_plan_flags_of_serve_and_generate_print_the_verdict_and_exit_by_it(a14b):
+    def run(script, *sets):
+        cmd = [sys.executable, str(ROOT / "pipelines" / script), "--config", str(ROOT / "configs" / "t2v_a14b.yaml"),
+               "--plan", "--set", f"model.path={a14b}"]
+        return subprocess.run(cmd + [a for s in sets for a in ("--set", s)], capture_output=True, text=True,
+                              timeout=300)
+
+    serve, batch, resident = run("serve.py"), run("generate.py"), run("generate.py", "infer.batch_offload=false")
+    assert serve.returncode == 0 and "[plan] high: 43.96 GB" in serve.stdout, serve.stdout + serve.stderr
+    assert batch.returncode == 0 and "batch actor: 32.38 GB" in batch.stdout, batch.stdout + batch.stderr
+    assert resident.returncode == 1 and "DOES NOT FIT" in resident.stdout and "turn on infer.batch_offload" in \
+        resident.stdout

@@ -162,7 +162,7 @@ def resident(module: torch.nn.Module, device: torch.device, offload: bool):
     sampler's --offload_model do; afterwards the device copy is dropped and the host copy serves again,
     with no copy back, since inference never changes weights. On an H200 (benchmarks/device_check.py)
     the 28.6 GB bf16 expert came to the device from pinned memory in 0.5 s; Module.to, which offloading
-    used before, took 21.6 to 30.3 s to move it to host memory and 4.4 s back."""
+    used before, took 21 to 30 s to move it to host memory and 4.4 s back."""
     if not offload:
         yield
         return

@@ -164,7 +164,7 @@ def check_training(root: Path, kind: str, clip: dict, expert_config: dict, layer
                         attention=attention_backend(cfg.model.attention_backend, kind, t.worker.dtype, training=True),
                         empty_prompt=torch.zeros(8, text_dim), run_dir=str(root))
         reset_peak(device)
-        model = build_model(spec, device, fresh=False)  # no weights to load: random ones instead
+        model = build_model(spec, device, fresh=False)  # as a resumed run: no weights loaded, random ones instead
         torch.manual_seed(0)
         with torch.no_grad():
             for p in model.parameters():

@@ -92,6 +92,39 @@ def expert_weight_files(model_dir, expert: str) -> dict[str, Path]:
         return {k: single for k in f.keys()}
 
 
+class ExpertWeights:
+    """An expert's tensors by diffusers name, read from its safetensors (one file, or the shards its
+    index lists), each file opened once; use as a context manager."""
+
+    def __init__(self, model_dir, expert: str):
+        self.model_dir, self.expert = model_dir, expert
+        self.files = expert_weight_files(model_dir, expert)
+        self._handles: dict[Path, object] = {}
+
+    def _open(self, name: str):
+        from safetensors import safe_open
+
+        if name not in self.files:
+            raise KeyError(f"{name} missing from the {self.expert}-noise expert's weights in {self.model_dir}")
+        path = self.files[name]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, "pt")
+        return self._handles[path]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._open(name).get_tensor(name)
+
+    def get_slice(self, name: str):
+        """A lazy view of the tensor: index it to read only those rows."""
+        return self._open(name).get_slice(name)
+
+    def __enter__(self) -> "ExpertWeights":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handles.clear()
+
+
 def copy_model_dir(src, dst, without_weights_of: list[str]) -> None:
     """Copy a model directory, leaving out the weight files of the experts named (their new weights
     are written next: no need to copy 28 GB only to overwrite it)."""

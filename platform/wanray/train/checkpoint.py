@@ -17,8 +17,9 @@ from typing import Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.distributed.checkpoint.stateful import Stateful
 
 from wanray import models
@@ -37,14 +38,18 @@ class Progress:
 
 
 class ModelState(Stateful):
-    def __init__(self, model):
+    """The expert's trained tensors. With LoRA, only the adapters: the frozen base is the model
+    directory's, loaded from there on resume (a 14B base in every checkpoint would be 57 GB each)."""
+
+    def __init__(self, model, adapters_only: bool = False):
         self.model = model
+        self.options = StateDictOptions(ignore_frozen_params=True, strict=False) if adapters_only else None
 
     def state_dict(self):
-        return get_model_state_dict(self.model)
+        return get_model_state_dict(self.model, options=self.options)
 
     def load_state_dict(self, state):
-        set_model_state_dict(self.model, state)
+        set_model_state_dict(self.model, state, options=self.options)
 
 
 class OptimizerState(Stateful):
@@ -72,8 +77,8 @@ class TrainState(Stateful):
         self.progress.data_fingerprint = str(state["data_fingerprint"])
 
 
-def app_state(model, optimizer, lr_scheduler, progress: Progress) -> dict:
-    return {"model": ModelState(model), "optim": OptimizerState(model, optimizer),
+def app_state(model, optimizer, lr_scheduler, progress: Progress, lora: bool = False) -> dict:
+    return {"model": ModelState(model, adapters_only=lora), "optim": OptimizerState(model, optimizer),
             "train": TrainState(progress, lr_scheduler)}
 
 
@@ -124,8 +129,9 @@ def merge_lora(state: dict, scale: float) -> tuple[dict, dict]:
 def expert_state_groups(model_path, expert: str, checkpoint_dir, lora=None) -> Iterator[tuple[dict, dict]]:
     """The trained expert from a DCP checkpoint as diffusers tensors, one transformer block (then the
     layers outside the blocks) at a time: (weights with any LoRA delta folded in, that group's adapter
-    tensors). Only one group is in memory: 351M parameters, 1.4 GB in fp32, for a 14B expert."""
-    from wanray.train.parallel import build_on_meta
+    tensors). Only one group is in memory: 351M parameters, 1.4 GB in fp32, for a 14B expert. A LoRA
+    checkpoint holds the adapters only: the frozen base comes from model_path."""
+    from wanray.train.parallel import build_on_meta, checkpoint_name
 
     model = build_on_meta(model_path, expert, lora)
     groups: dict[str, list[tuple[str, torch.Tensor]]] = {}
@@ -133,12 +139,19 @@ def expert_state_groups(model_path, expert: str, checkpoint_dir, lora=None) -> I
         parts = name.split(".")
         groups.setdefault(".".join(parts[:2]) if parts[0] == "blocks" else "rest", []).append((name, tensor))
     scale = lora.alpha / lora.rank if lora is not None and lora.enabled else None
-    for members in groups.values():
-        state = {"model": {name: torch.empty(t.shape, dtype=t.dtype) for name, t in members}}
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=str(checkpoint_dir), no_dist=True)  # reads just these tensors
-        yield merge_lora(state["model"], scale) if scale is not None else (state["model"], {})
+    with models.ExpertWeights(model_path, expert) as base:
+        for members in groups.values():
+            trained = {n: torch.empty(t.shape, dtype=t.dtype) for n, t in members if scale is None or ".lora_" in n}
+            if trained:
+                state = {"model": trained}
+                with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                    warnings.simplefilter("ignore", UserWarning)
+                    dcp.load(state, checkpoint_id=str(checkpoint_dir), no_dist=True)  # reads just these tensors
+            if scale is None:
+                yield trained, {}
+                continue
+            frozen = {n: base.get(checkpoint_name(n)).to(t.dtype) for n, t in members if ".lora_" not in n}
+            yield merge_lora({**frozen, **trained}, scale)
 
 
 def export_diffusers(model_path, out_dir, experts: dict[str, Path], boundary: float, lora=None,
@@ -182,28 +195,20 @@ def diffusers_to_dcp(model_path, expert: str, out_dir) -> Path:
     for each tensor as it writes it (`_LazySavePlanner`), one file per tensor (FileSystemWriter
     keeps every tensor of a file until the file is done). Host memory holds one tensor at a time
     (the largest of a 14B expert: 283 MB), not the 57 GB expert."""
-    from safetensors import safe_open
     from torch.distributed.checkpoint import FileSystemWriter
 
     from wanray.train.parallel import build_on_meta
 
-    files = models.expert_weight_files(model_path, expert)
-    shapes = {f"model.{name}": t for name, t in build_on_meta(model_path, expert).state_dict().items()}
-    handles: dict[Path, object] = {}
-
-    def read(fqn: str) -> torch.Tensor:
-        name = fqn[len("model."):]
-        if name not in files:
-            raise KeyError(f"{name} missing from the {expert}-noise expert's weights in {model_path}")
-        f = handles.get(files[name]) or handles.setdefault(files[name], safe_open(files[name], "pt"))
-        return f.get_tensor(name).to(shapes[fqn].dtype)
-
+    shapes = build_on_meta(model_path, expert).state_dict()
     out = Path(out_dir)
-    with atomic_path(out, replace_dir=True) as tmp:
-        dcp.save({"model": {k[len("model."):]: v for k, v in shapes.items()}},
-                 storage_writer=FileSystemWriter(str(tmp), single_file_per_rank=False, thread_count=1),
+    with models.ExpertWeights(model_path, expert) as weights, atomic_path(out, replace_dir=True) as tmp:
+        def read(fqn: str) -> torch.Tensor:
+            name = fqn[len("model."):]
+            return weights.get(name).to(shapes[name].dtype)
+
+        dcp.save({"model": shapes}, storage_writer=FileSystemWriter(str(tmp), single_file_per_rank=False,
+                                                                   thread_count=1),
                  planner=_LazySavePlanner(read), no_dist=True)
-    handles.clear()
     return out
 
 

@@ -59,18 +59,20 @@ def lr_lambda(cfg: Config):
 
 
 def build_model(spec: LoopSpec, device: torch.device, fresh: bool):
-    """Meta -> FSDP2 shards -> local storage -> weights (skipped when a checkpoint will load them)."""
+    """Meta -> FSDP2 shards -> local storage -> weights. A resumed run (fresh=False) gets its trained
+    tensors from the checkpoint; LoRA's frozen base, which its checkpoints leave out, is loaded here
+    either way, and a fresh LoRA run initialises its adapters."""
     t = spec.cfg.train
     model = build_on_meta(spec.model_path, spec.expert, t.lora, spec.attention)
     apply_fsdp(model, device, t.worker.dtype, t.reduce_dtype, t.activation_checkpointing)
     materialize(model, device)
-    if fresh:
+    if fresh or t.lora.enabled:
         if t.init_dcp:
             ckpt.load_model_weights(model, t.init_dcp)
         else:
             load_expert_shards(model, spec.model_path, spec.expert)
-        if t.lora.enabled:
-            init_lora(model, t.seed)
+    if fresh and t.lora.enabled:
+        init_lora(model, t.seed)
     return model.train()
 
 
@@ -157,7 +159,7 @@ def train_loop(config: dict) -> None:
     optimizer, lr_schedule = build_optimizer(spec, params, device)
     plan = DataPlan(spec.index, t.batch_size, t.seed, world, t.grad_accum)
     progress = ckpt.Progress(data_fingerprint=plan.fingerprint())
-    state = ckpt.app_state(model, optimizer, lr_schedule, progress)
+    state = ckpt.app_state(model, optimizer, lr_schedule, progress, lora=t.lora.enabled)
     log = MetricsLog(spec, rank, world, acc)
     if resume is not None:
         with resume.as_directory() as d:

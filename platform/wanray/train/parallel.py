@@ -92,24 +92,16 @@ def _local_slices(p: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
 
 @torch.no_grad()
 def load_expert_shards(model, model_path, expert: str) -> None:
-    """Fill each rank's local shards from the expert's safetensors, reading only those rows."""
-    from safetensors import safe_open
-
-    files = models.expert_weight_files(model_path, expert)
-    handles = {}
-    try:
+    """Fill each rank's local shards of the expert's weights (not LoRA adapters) from its safetensors,
+    reading only those rows."""
+    with models.ExpertWeights(model_path, expert) as weights:
         for name, p in model.named_parameters():
             key = checkpoint_name(name)
             if key is None:
                 continue
-            if key not in files:
-                raise KeyError(f"{key} missing from the {expert}-noise expert's weights in {model_path}")
-            f = handles.get(files[key]) or handles.setdefault(files[key], safe_open(files[key], "pt"))
             local, index = _local_slices(p)
             if local.numel():
-                local.copy_(f.get_slice(key)[index])
-    finally:
-        handles.clear()
+                local.copy_(weights.get_slice(key)[index])
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ from wanray.encoding import encode_latents, encode_text, frames_to_video
 from wanray.data.manifest import read_manifest
 from wanray.data.preprocess import Preprocessor, decode_dataset, run_preprocess
 from wanray.data.synthetic import make_clips, render, write_dataset
+from wanray.buckets import BucketSet
 from wanray.data.video import decode_clip, plan_clip
 from wanray.io import write_mp4
 from wanray.runtime import connect_ray
@@ -76,7 +77,7 @@ def sequential(cfg, sources, model_path) -> float:
     vae, tok, te = models.load_vae(model_path), models.load_tokenizer(model_path), models.load_text_encoder(model_path)
     start = time.perf_counter()
     for s in sources:
-        clip = decode_clip(s.path, d.height, d.width, d.fps, d.num_frames, d.min_frames)
+        clip = decode_clip(s.path, BucketSet.fixed(d.height, d.width, d.num_frames, d.min_frames), d.fps)
         encode_latents(vae, frames_to_video(clip.frames)[None])
         encode_text(tok, te, [s.caption])
     return time.perf_counter() - start

@@ -27,6 +27,7 @@ from wanray.data.manifest import read_manifest
 from wanray.data.preprocess import run_preprocess
 from wanray.data.shards import read_empty_prompt, shard_paths
 from wanray.data.synthetic import write_dataset
+from wanray.buckets import BucketSet
 from wanray.data.video import decode_clip
 from wanray.schema import ClipRow, pad_text_embedding
 from wanray.runtime import connect_ray
@@ -79,7 +80,7 @@ def step_times(cfg, data: Path, sources, model_path: str, steps: int) -> tuple[f
     start = time.perf_counter()
     for step in range(steps):
         s = sources[step % len(sources)]
-        clip = decode_clip(s.path, d.height, d.width, d.fps, d.num_frames, d.min_frames)
+        clip = decode_clip(s.path, BucketSet.fixed(d.height, d.width, d.num_frames, d.min_frames), d.fps)
         latent = encode_latents(vae, frames_to_video(clip.frames)[None])
         (text,) = encode_text(tok, te, [s.caption])
         train_step(Batch(latent, pad_text_embedding(text, TEXT_TOKENS)[None]), step)

@@ -17,6 +17,7 @@ from conftest import ROOT, tiny_config
 from wanray.data.preprocess import Preprocessor, run_preprocess
 from wanray.data.shards import EMPTY_PROMPT_FILE, read_clips, read_empty_prompt, shard_paths
 from wanray.data.synthetic import SyntheticClip, render, write_dataset, write_mp4
+from wanray.buckets import BucketSet
 from wanray.data.video import decode_clip
 from wanray.schema import VERSION_KEY, ClipRow, pad_text_embedding
 
@@ -75,11 +76,12 @@ def test_shards_are_plain_pyarrow_with_schema_version(prep):
     out, _, _ = prep
     shard = shard_paths(out)[0]
     table = pq.read_table(shard)
-    assert table.schema.metadata[VERSION_KEY] == b"1"
+    assert table.schema.metadata[VERSION_KEY] == b"2"
     row = table.slice(0, 1).to_pylist()[0]
     assert row["latent_dtype"] == "float32" and row["latent_shape"][0] == 16
     assert len(row["latent"]) == 4 * int(np.prod(row["latent_shape"]))
     assert row["text_tokens"] == row["text_embedding_shape"][0] and row["height"] == 64
+    assert row["bucket"] == f"{row['height']}x{row['width']}x{row['num_frames']}" and row["source_height"] > 0
 
 
 def test_latents_and_text_embeddings_match_diffusers(prep, tiny_model):
@@ -91,7 +93,7 @@ def test_latents_and_text_embeddings_match_diffusers(prep, tiny_model):
     pipe = WanPipeline.from_pretrained(tiny_model)
     rows = [ClipRow.from_record(r) for r in read_clips(out).to_pylist()[:3]]
     for row in rows:
-        clip = decode_clip(row.source, cfg.height, cfg.width, cfg.fps, cfg.num_frames, cfg.min_frames)
+        clip = decode_clip(row.source, BucketSet.fixed(cfg.height, cfg.width, cfg.num_frames, cfg.min_frames), cfg.fps)
         video = torch.from_numpy(clip.frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
         with torch.no_grad():
             z = vae.encode(video).latent_dist.mode()

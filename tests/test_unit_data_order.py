@@ -82,3 +82,22 @@ def test_clips_of_a_rare_shape_are_not_always_the_ones_left_out():
 def test_too_few_clips_for_one_step_is_a_clear_error():
     with pytest.raises(RuntimeError, match="one step takes 8 .* too few clips"):
         steps(DataPlan(index_of([0] * 12), 2, 0, world=4, grad_accum=2), 0, count=1)
+
+
+def test_batches_scaled_by_tokens_and_each_step_knows_its_clips_and_bucket_mix():
+    # shape 0: 2 latent frames of 4x4 (8 tokens), shape 1: 1 frame of 4x4 (4 tokens), shape 2: 1 frame of 2x2 (1)
+    index = index_of([0] * 20 + [1] * 20 + [2] * 24)
+    index.shapes = [(16, 2, 8, 8), (16, 1, 8, 8), (16, 1, 4, 4)]
+    plan = DataPlan(index, 1, 0, world=2, grad_accum=2, scale_by_tokens=True)
+    assert plan.sizes.tolist() == [1, 2, 8]
+    assert plan.fingerprint() != DataPlan(index, 1, 0, world=2, grad_accum=2).fingerprint()
+    steps = list(itertools.islice(plan.steps(0, 0, rank=0), 6))
+    other = list(itertools.islice(plan.steps(0, 0, rank=1), 6))
+    for mine, theirs in zip(steps, other):
+        assert mine.samples == theirs.samples == sum(mine.shapes.values())
+        held = Counter()
+        for _, clips in mine.batches + theirs.batches:
+            (shape,) = set(index.shape[clips].tolist())
+            assert len(clips) <= plan.sizes[shape]
+            held[shape] += len(clips)
+        assert held == Counter(mine.shapes)

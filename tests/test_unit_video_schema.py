@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from wanray.data.synthetic import SyntheticClip, render, write_mp4
+from wanray.buckets import BucketSet
 from wanray.data.video import ClipRejected, decode_clip, longest_4n1, plan_clip, resize_crop, resize_crop_box
 from wanray.schema import decode_tensor, encode_tensor, pad_text_embedding
 
@@ -48,7 +49,7 @@ def test_decode_reads_the_planned_frames(tmp_path):
     clip = SyntheticClip("a.mp4", "x", 64, 64, 16, 40, "square", "white", "black", "left to right")
     frames = render(clip)
     write_mp4(tmp_path / "a.mp4", frames, 16)
-    out = decode_clip(str(tmp_path / "a.mp4"), 64, 64, 8, 9, 9)
+    out = decode_clip(str(tmp_path / "a.mp4"), BucketSet.fixed(64, 64, 9, 9), 8)
     assert out.frames.shape == (9, 64, 64, 3) and out.plan.indices == list(range(0, 18, 2))
     # the square moves right: its centre of mass in the decoded clip follows the source
     cols = np.arange(64)
@@ -60,8 +61,8 @@ def test_decode_reads_the_planned_frames(tmp_path):
 def test_decode_scales_larger_sources_like_a_resize_of_the_full_frames(tmp_path):
     clip = SyntheticClip("b.mp4", "x", 96, 160, 16, 20, "circle", "red", "navy", "top to bottom")
     write_mp4(tmp_path / "b.mp4", render(clip), 16)
-    out = decode_clip(str(tmp_path / "b.mp4"), 64, 64, 16, 9, 9)
-    full = decode_clip(str(tmp_path / "b.mp4"), 96, 160, 16, 9, 9)  # no scaling: the source size
+    out = decode_clip(str(tmp_path / "b.mp4"), BucketSet.fixed(64, 64, 9, 9), 16)
+    full = decode_clip(str(tmp_path / "b.mp4"), BucketSet.fixed(96, 160, 9, 9), 16)  # no scaling: the source size
     want = resize_crop(full.frames, 64, 64)
     assert out.frames.shape == want.shape == (9, 64, 64, 3)
     # decord's swscale and torch's antialiased bilinear differ by rounding and filter taps only
@@ -71,8 +72,8 @@ def test_decode_scales_larger_sources_like_a_resize_of_the_full_frames(tmp_path)
 def test_decoding_does_not_import_torch(tmp_path):
     clip = SyntheticClip("c.mp4", "x", 96, 160, 16, 20, "square", "white", "black", "left to right")
     write_mp4(tmp_path / "c.mp4", render(clip), 16)
-    code = ("import sys; from wanray.data.video import decode_clip; "
-            f"decode_clip({str(tmp_path / 'c.mp4')!r}, 64, 64, 16, 9, 9); print('torch' in sys.modules)")
+    code = ("import sys; from wanray.buckets import BucketSet; from wanray.data.video import decode_clip; "
+            f"decode_clip({str(tmp_path / 'c.mp4')!r}, BucketSet.fixed(64, 64, 9, 9), 16); print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"  # decode workers start without paying torch's import
 

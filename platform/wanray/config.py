@@ -16,6 +16,7 @@ from typing import Literal
 
 import yaml
 
+from wanray.buckets import BucketSet
 from wanray.errors import ConfigError
 
 
@@ -117,6 +118,12 @@ class DataConfig:
     """Shorter videos give the longest 4n+1 clip they hold, down to this; below it they are rejected."""
     fps: float = 16.0
     """Clips are resampled to this frame rate."""
+    buckets: list[str] = field(default_factory=list)
+    """Shapes "HEIGHTxWIDTHxFRAMES" clips may be stored at (see wanray.buckets); empty: height x width
+    with every 4n+1 frame count from min_frames to num_frames."""
+    bucket_budget: int = 0
+    """Tokens per sample (480x832x81 = 32,760): generate the buckets of aspect ratios 9:16 to 16:9 within
+    it, frame counts from num_frames down to min_frames. 0: off."""
 
 
 Device = Literal["cpu", "cuda", "npu"]
@@ -246,6 +253,9 @@ class TrainConfig:
     """Optimizer steps per expert."""
     batch_size: int = 1
     """Clips per worker per micro-batch (clips of one latent shape are batched together)."""
+    scale_batch_by_tokens: bool = False
+    """With buckets: a bucket's micro-batches hold batch_size x (tokens of the largest bucket / its
+    tokens) clips, so every micro-batch costs about the same (short clips and images go many at a time)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     lr: float = 1e-5
@@ -310,6 +320,9 @@ class Config:
             raise ConfigError("data.min_frames must not exceed data.num_frames")
         if d.height % 16 or d.width % 16:
             raise ConfigError(f"data.height and data.width must be multiples of 16, got {d.height}x{d.width}")
+        if d.bucket_budget < 0:
+            raise ConfigError(f"data.bucket_budget must be a token count >= 0, got {d.bucket_budget}")
+        BucketSet.from_config(d)  # a bucket list or budget that cannot work is a one-line error here
         if self.infer.flow_shift is not None and self.infer.flow_shift <= 0:
             raise ConfigError(f"infer.flow_shift must be positive, got {self.infer.flow_shift}")
         if not 1 <= self.infer.num_inference_steps <= self.infer.max_steps:

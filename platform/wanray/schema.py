@@ -16,7 +16,10 @@ from wanray.errors import DataError
 if TYPE_CHECKING:
     import torch  # imported where tensors are made: the decode and shard-writing workers never need it
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+"""2 added each clip's bucket and its source's size (1 had one fixed size)."""
+TRAINING_READS = ("1", "2")
+"""Versions training reads: it needs the tensors and their shapes, which both have."""
 VERSION_KEY = b"wanray.schema_version"
 
 # Stored dtype name -> the dtype its bytes travel as (numpy has no bfloat16: its bits go as int16).
@@ -61,6 +64,9 @@ CLIP_SCHEMA = pa.schema(
         pa.field("num_frames", pa.int32(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
         pa.field("width", pa.int32(), nullable=False),
+        pa.field("bucket", pa.string(), nullable=False),
+        pa.field("source_height", pa.int32(), nullable=False),
+        pa.field("source_width", pa.int32(), nullable=False),
         pa.field("clip_start", pa.int32(), nullable=False),
         *_tensor_fields("latent"),
         *_tensor_fields("text_embedding"),
@@ -74,6 +80,10 @@ EMPTY_PROMPT_SCHEMA = pa.schema([*_tensor_fields("text_embedding"), pa.field("te
                                 metadata={VERSION_KEY: SCHEMA_VERSION.encode()})
 
 
+META_COLUMNS = ("id", "source", "caption", "fps", "num_frames", "height", "width", "bucket", "source_height",
+                "source_width", "clip_start")
+
+
 @dataclass
 class ClipRow:
     """One training clip as stored: metadata plus its normalised latent and unpadded text embedding."""
@@ -85,6 +95,10 @@ class ClipRow:
     num_frames: int
     height: int
     width: int
+    bucket: str
+    """"HEIGHTxWIDTHxFRAMES" (wanray.buckets)."""
+    source_height: int
+    source_width: int
     clip_start: int
     latent: torch.Tensor
     """(16, latent_frames, height/8, width/8), normalised with the VAE's latents_mean/std."""
@@ -92,8 +106,7 @@ class ClipRow:
     """(text_tokens, text_dim): UMT5 output without padding."""
 
     def to_record(self) -> dict:
-        rec = {k: getattr(self, k) for k in ("id", "source", "caption", "fps", "num_frames", "height", "width",
-                                             "clip_start")}
+        rec = {k: getattr(self, k) for k in META_COLUMNS}
         for name in ("latent", "text_embedding"):
             rec[name], rec[f"{name}_shape"], rec[f"{name}_dtype"] = encode_tensor(getattr(self, name))
         rec["text_tokens"] = int(self.text_embedding.shape[0])
@@ -102,14 +115,16 @@ class ClipRow:
     @classmethod
     def from_record(cls, rec: dict) -> "ClipRow":
         tensors = {n: decode_tensor(rec[n], rec[f"{n}_shape"], rec[f"{n}_dtype"]) for n in ("latent", "text_embedding")}
-        meta = {k: rec[k] for k in ("id", "source", "caption", "fps", "num_frames", "height", "width", "clip_start")}
+        meta = {k: rec[k] for k in META_COLUMNS}
         return cls(**meta, **tensors)
 
 
-def check_version(schema: pa.Schema, where: str) -> None:
+def check_version(schema: pa.Schema, where: str, readable: tuple[str, ...] = (SCHEMA_VERSION,)) -> None:
     found = (schema.metadata or {}).get(VERSION_KEY)
-    if found != SCHEMA_VERSION.encode():
-        raise DataError(f"{where}: schema version {found!r}, this wanray reads {SCHEMA_VERSION!r}")
+    if found is None or found.decode() not in readable:
+        raise DataError(f"{where}: schema version {found.decode() if found else None!r}, this wanray reads "
+                        f"{' or '.join(readable)}" + ("" if readable == TRAINING_READS else
+                                                      ": preprocess the videos again into a new directory"))
 
 
 def pad_text_embedding(emb: torch.Tensor, length: int) -> torch.Tensor:

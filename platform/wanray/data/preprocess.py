@@ -26,12 +26,12 @@ import numpy as np
 import ray
 
 from wanray import models
+from wanray.buckets import BucketSet
 from wanray.config import Config
 from wanray.data.encode import LatentEncoder, TextEncoder
 from wanray.data.manifest import ClipSource, read_manifest
-from wanray.data.shards import (EMPTY_PROMPT_FILE, collect_rejects, record_reject,
-                                rejected_keys, write_shard,
-                                written_ids)
+from wanray.data.shards import (EMPTY_PROMPT_FILE, bucket_counts, collect_rejects, record_reject, rejected_keys,
+                                write_shard, written_ids)
 from wanray.data.video import decode_source
 from wanray.errors import ConfigError
 from wanray.io import write_json_atomic
@@ -187,6 +187,7 @@ class PreprocessRun:
         for r in self.manifest_rejects:
             record_reject(out, r)
         todo = [s for s in self.sources if s.id not in done and s.id not in rejected]
+        log(f"[preprocess] buckets: {BucketSet.from_config(self.cfg.data).describe()}")
         log(f"[preprocess] {len(self.sources)} clips in manifest, {len(self.manifest_rejects)} bad entries; "
             f"{len(self.sources) - len(todo)} already done, {len(todo)} to process")
         start, written, frames = time.perf_counter(), 0, 0
@@ -205,7 +206,8 @@ class PreprocessRun:
             "outcomes": {"written": written, "already_written": len(done & {s.id for s in self.sources}),
                          "rejected": len(records)},
             "rejects_by_reason": dict(Counter(r["reason"] for r in records)),
-            "rows_in_output": len(written_ids(out)), "seconds": round(elapsed, 3),
+            "rows_in_output": len(written_ids(out)), "clips_by_bucket": bucket_counts(out),
+            "seconds": round(elapsed, 3),
             "clips_per_second": round(written / elapsed, 3) if elapsed > 0 else None,
             "frames_per_second": round(frames / elapsed, 3) if elapsed > 0 else None,
             "rejected_this_run": len(rejected_keys(out) - rejected),
@@ -213,7 +215,8 @@ class PreprocessRun:
         write_json_atomic(summary, out / "summary.json")
         log(f"[preprocess] done: {written} written, {len(records)} rejected "
             f"({', '.join(f'{k}: {v}' for k, v in sorted(summary['rejects_by_reason'].items())) or 'none'}); "
-            f"{summary['rows_in_output']} clips in {out}")
+            f"{summary['rows_in_output']} clips in {out}; by bucket: "
+            f"{', '.join(f'{k}: {v}' for k, v in summary['clips_by_bucket'].items()) or 'none'}")
         return summary
 
     def _ensure_empty_prompt(self, encoders: Preprocessor | None) -> None:

@@ -6,7 +6,7 @@ out/
   empty_prompt.parquet  the empty-prompt text embedding
   rejects/<key>.json    one record per rejected input, written where it was rejected
   rejects.jsonl         all reject records, one JSON object per line (rebuilt every run)
-  summary.json          counts by outcome and reason, throughput
+  summary.json          counts by outcome, reject reason and bucket, throughput
   settings.json         the model and data settings the shards were made with
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 
 from wanray.data.manifest import Reject
 from wanray.io import atomic_path, write_json_atomic, write_text_atomic
-from wanray.schema import CLIP_SCHEMA, EMPTY_PROMPT_SCHEMA, check_version
+from wanray.schema import CLIP_SCHEMA, EMPTY_PROMPT_SCHEMA, TRAINING_READS, check_version
 
 SHARD_GLOB = "part-*.parquet"
 EMPTY_PROMPT_FILE = "empty_prompt.parquet"
@@ -53,6 +54,21 @@ def read_clips(out_dir) -> pa.Table:
     for p in paths:
         check_version(pq.read_schema(p), str(p))
     return pa.concat_tables([pq.read_table(p, schema=CLIP_SCHEMA) for p in paths])
+
+
+def bucket_counts(out_dir) -> dict[str, int]:
+    """Clips per bucket ("HxWxF") in the shards of a preprocess output directory, largest first
+    (shards of schema version 1 have no bucket column: their height, width and num_frames name it)."""
+    counts: Counter = Counter()
+    for p in shard_paths(out_dir):
+        schema = pq.read_schema(p)
+        check_version(schema, str(p), TRAINING_READS)
+        if "bucket" in schema.names:
+            counts.update(pq.read_table(p, columns=["bucket"]).column("bucket").to_pylist())
+        else:
+            t = pq.read_table(p, columns=["height", "width", "num_frames"]).to_pydict()
+            counts.update(f"{h}x{w}x{f}" for h, w, f in zip(t["height"], t["width"], t["num_frames"]))
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def reject_key(reject: Reject) -> str:
@@ -103,6 +119,6 @@ def read_empty_prompt(out_dir):
     from wanray.schema import decode_tensor
 
     path = Path(out_dir) / EMPTY_PROMPT_FILE
-    check_version(pq.read_schema(path), str(path))
+    check_version(pq.read_schema(path), str(path), TRAINING_READS)  # unchanged since version 1
     row = pq.read_table(path).to_pylist()[0]
     return decode_tensor(row["text_embedding"], row["text_embedding_shape"], row["text_embedding_dtype"])

@@ -1,11 +1,11 @@
 """Clip planning and decoding, and the decode stage built on them; no Ray, no torch (decode workers start light).
 
-A clip is the source video resampled to the preset fps, cut to the longest 4n+1 frame
-count it holds (at most data.num_frames, at least data.min_frames), then resized so it
-covers the target size and center-cropped to it. Only the frames the clip uses are
-decoded (decord `get_batch` on exactly those indices), and decord scales them while it
-converts them to RGB (ffmpeg's swscale): resizing 480x832 frames in Python afterwards
-costs several times the decode itself.
+A clip is the source video resampled to the preset fps, given the bucket (wanray.buckets) of
+the resolution nearest its aspect ratio and the longest frame count of it that the video holds,
+then resized so it covers that resolution and center-cropped to it. Only the frames the clip
+uses are decoded (decord `get_batch` on exactly those indices), and decord scales them while it
+converts them to RGB (ffmpeg's swscale): resizing 480x832 frames in Python afterwards costs
+several times the decode itself.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from wanray.buckets import Bucket, BucketSet
 from wanray.config import Config
 from wanray.data.manifest import ClipSource, Reject
 from wanray.data.shards import record_reject
@@ -45,24 +46,30 @@ def longest_4n1(available: int, most: int, least: int) -> int | None:
     return n if n >= least else None
 
 
-def plan_clip(src_fps: float, src_frames: int, fps: float, most: int, least: int,
-              cut_start: int = 0, cut_end: int = -1) -> ClipPlan:
-    """Source frame indices of a clip resampled from `src_fps` to `fps`.
-
-    Clip frame i shows source frame cut_start + floor(i * src_fps / fps): frames are
-    dropped when the source is faster and repeated when it is slower.
-    """
+def available_frames(src_fps: float, src_frames: int, fps: float, cut_start: int = 0, cut_end: int = -1) -> int:
+    """Frames a clip resampled from `src_fps` to `fps` can have (those whose source index is in the cut)."""
     if not src_fps or src_fps <= 0 or not math.isfinite(src_fps):
         raise ClipRejected("bad_frame_rate", f"source reports {src_fps} fps")
     end = src_frames if cut_end < 0 else min(cut_end, src_frames)
     if cut_start >= end:
         raise ClipRejected("too_short", f"cut starts at frame {cut_start}, video has {src_frames}")
-    step = src_fps / fps
-    available = (end - 1 - cut_start) // step + 1  # clip frames whose source index is < end
-    n = longest_4n1(int(available), most, least)
+    return int((end - 1 - cut_start) // (src_fps / fps) + 1)
+
+
+def plan_clip(src_fps: float, src_frames: int, fps: float, most: int, least: int,
+              cut_start: int = 0, cut_end: int = -1) -> ClipPlan:
+    """Source frame indices of a clip resampled from `src_fps` to `fps`, of the longest 4n+1 frame
+    count in [least, most] the video holds.
+
+    Clip frame i shows source frame cut_start + floor(i * src_fps / fps): frames are
+    dropped when the source is faster and repeated when it is slower.
+    """
+    available = available_frames(src_fps, src_frames, fps, cut_start, cut_end)
+    n = longest_4n1(available, most, least)
     if n is None:
-        raise ClipRejected("too_short", f"{src_frames} frames at {src_fps:g} fps give {int(available)} "
+        raise ClipRejected("too_short", f"{src_frames} frames at {src_fps:g} fps give {available} "
                                         f"at {fps:g} fps, need {least}")
+    step = src_fps / fps
     return ClipPlan([cut_start + int(i * step) for i in range(n)])
 
 
@@ -107,9 +114,12 @@ def _first_line(e: Exception) -> str:
 @dataclass(frozen=True)
 class DecodedClip:
     frames: np.ndarray
-    """(T, h, w, 3) uint8 at the target size."""
+    """(T, h, w, 3) uint8 at the bucket's size."""
     plan: ClipPlan
     src_fps: float
+    bucket: Bucket
+    source_size: tuple[int, int]
+    """(height, width) of the source video."""
 
 
 def frame_size(path: str) -> tuple[int, int]:
@@ -121,9 +131,8 @@ def frame_size(path: str) -> tuple[int, int]:
         return stream.codec_context.height, stream.codec_context.width
 
 
-def decode_clip(path: str, height: int, width: int, fps: float, most: int, least: int,
-                cut_start: int = 0, cut_end: int = -1) -> DecodedClip:
-    """Decode the clip of `path` (raises ClipRejected with a named reason)."""
+def decode_clip(path: str, buckets: BucketSet, fps: float, cut_start: int = 0, cut_end: int = -1) -> DecodedClip:
+    """Decode the clip of `path` into its bucket (raises ClipRejected with a named reason)."""
     import decord
 
     if not os.path.exists(path):
@@ -132,6 +141,7 @@ def decode_clip(path: str, height: int, width: int, fps: float, most: int, least
         raise ClipRejected("empty_file", path)
     try:
         src_h, src_w = frame_size(path)
+        height, width = buckets.resolution(src_h, src_w)
         rh, rw, _, _ = resize_crop_box(src_h, src_w, height, width)
         scale = {} if (rh, rw) == (src_h, src_w) else {"height": rh, "width": rw}
         reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1, **scale)
@@ -139,14 +149,20 @@ def decode_clip(path: str, height: int, width: int, fps: float, most: int, least
     except Exception as e:  # PyAV and decord raise with ffmpeg's message
         reason = "corrupt_video" if looks_like_video(path) else "not_a_video"
         raise ClipRejected(reason, _first_line(e)) from None
-    plan = plan_clip(src_fps, src_frames, fps, most, least, cut_start, cut_end)
+    available = available_frames(src_fps, src_frames, fps, cut_start, cut_end)
+    n = buckets.frames((height, width), available)
+    if n is None:
+        shortest = min(f for f in buckets.frames_by_resolution[(height, width)] if f > 1)
+        raise ClipRejected("too_short", f"{src_frames} frames at {src_fps:g} fps give {available} at {fps:g} fps, "
+                                        f"need {shortest}")
+    plan = plan_clip(src_fps, src_frames, fps, n, n, cut_start, cut_end)
     try:
         frames = reader.get_batch(plan.indices).asnumpy()
     except Exception as e:
         raise ClipRejected("decode_error", _first_line(e)) from None
     if frames.shape[0] != len(plan.indices) or frames.ndim != 4:
         raise ClipRejected("decode_error", f"got frames of shape {frames.shape} for {len(plan.indices)} indices")
-    return DecodedClip(resize_crop(frames, height, width), plan, src_fps)
+    return DecodedClip(resize_crop(frames, height, width), plan, src_fps, Bucket(height, width, n), (src_h, src_w))
 
 
 def decode_source(row: dict, cfg: Config, out_dir: str) -> list[dict]:
@@ -157,11 +173,13 @@ def decode_source(row: dict, cfg: Config, out_dir: str) -> list[dict]:
     src = ClipSource(**row)
     d = cfg.data
     try:
-        clip = decode_clip(src.path, d.height, d.width, d.fps, d.num_frames, d.min_frames, src.cut_start, src.cut_end)
+        clip = decode_clip(src.path, BucketSet.from_config(d), d.fps, src.cut_start, src.cut_end)
     except ClipRejected as e:
         record_reject(out_dir, Reject(src.path, e.reason, e.detail), key=src.id)
         return []
+    b = clip.bucket
     return [{"id": src.id, "source": src.path, "caption": src.caption, "fps": np.float32(d.fps),
-             "num_frames": np.int32(len(clip.plan.indices)), "height": np.int32(d.height),
-             "width": np.int32(d.width), "clip_start": np.int32(clip.plan.start), "frames": clip.frames,
-             "seq": np.int32(seq)}]
+             "num_frames": np.int32(b.frames), "height": np.int32(b.height), "width": np.int32(b.width),
+             "bucket": b.name, "source_height": np.int32(clip.source_size[0]),
+             "source_width": np.int32(clip.source_size[1]), "clip_start": np.int32(clip.plan.start),
+             "frames": clip.frames, "seq": np.int32(seq)}]

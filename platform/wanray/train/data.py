@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from wanray.data.shards import shard_paths
-from wanray.schema import check_version, decode_tensor, pad_text_embedding
+from wanray.schema import TRAINING_READS, check_version, decode_tensor, pad_text_embedding
 
 TENSOR_COLUMNS = ["id", "latent", "latent_shape", "latent_dtype", "text_embedding", "text_embedding_shape",
                   "text_embedding_dtype"]
@@ -46,6 +46,8 @@ class ClipIndex:
     """(N,) row within its row group."""
     shape: np.ndarray
     """(N,) id of the clip's latent shape: clips of one id can be stacked."""
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
+    """Latent shape (C, F, H, W) of each shape id: a bucket of the preprocessed data."""
 
     def __len__(self) -> int:
         return len(self.file)
@@ -59,13 +61,18 @@ class ClipIndex:
         files, rows, shapes = [str(p.resolve()) for p in paths], [], {}
         for f, path in enumerate(paths):
             pf = pq.ParquetFile(path)
-            check_version(pf.schema_arrow, str(path))
+            check_version(pf.schema_arrow, str(path), TRAINING_READS)
             column = iter(pf.read(columns=["latent_shape"]).column("latent_shape").to_pylist())
             for g in range(pf.num_row_groups):
                 for r in range(pf.metadata.row_group(g).num_rows):
                     rows.append((f, g, r, shapes.setdefault(tuple(next(column)), len(shapes))))
         table = np.array(rows, dtype=np.int64).reshape(-1, 4)
-        return cls(files, *(table[:, i].copy() for i in range(4)))
+        return cls(files, *(table[:, i].copy() for i in range(4)), shapes=list(shapes))
+
+    def tokens(self, shape_id: int) -> int:
+        """DiT tokens of one clip of that shape: F x H/2 x W/2 (patch 1x2x2)."""
+        _, f, h, w = self.shapes[shape_id]
+        return f * (h // 2) * (w // 2)
 
     def fingerprint(self) -> str:
         """Changes when shards are added, removed or rewritten (not when the directory moves)."""
@@ -94,17 +101,18 @@ class EpochBatches:
         return self.clips[self.starts[i]:self.ends[i]]
 
 
-def epoch_batches(index: ClipIndex, epoch: int, seed: int, batch_size: int) -> EpochBatches:
-    """Clips in seeded random order, cut into same-shape batches (a shape's last one may be smaller),
-    the batches themselves in seeded random order: which batches an epoch leaves out (see DataPlan)
-    changes from epoch to epoch, whatever their shape."""
+def epoch_batches(index: ClipIndex, epoch: int, seed: int, batch_size: int | np.ndarray) -> EpochBatches:
+    """Clips in seeded random order, cut into same-shape batches of batch_size (one number, or one per
+    shape id; a shape's last batch may be smaller), the batches themselves in seeded random order:
+    which batches an epoch leaves out (see DataPlan) changes from epoch to epoch, whatever their shape."""
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(index))
     order = order[np.argsort(index.shape[order], kind="stable")]  # grouped by shape, shuffled within
     shape = index.shape[order]
+    size = batch_size if np.isscalar(batch_size) else np.asarray(batch_size)[shape]
     new_shape = np.r_[True, shape[1:] != shape[:-1]]
     first_of_shape = np.flatnonzero(new_shape)[np.cumsum(new_shape) - 1]
-    new_batch = new_shape | ((np.arange(len(order)) - first_of_shape) % batch_size == 0)
+    new_batch = new_shape | ((np.arange(len(order)) - first_of_shape) % size == 0)
     starts = np.flatnonzero(new_batch)
     ends = np.r_[starts[1:], len(order)]
     shuffled = rng.permutation(len(starts))
@@ -120,27 +128,40 @@ class StepPlan:
     """Global batches of the epoch consumed before this step."""
     batches: list[tuple[int, np.ndarray]]
     """(global batch index, clip positions) per micro-batch of this rank."""
+    samples: int
+    """Clips in the step's global batches (all ranks): the loss is their mean."""
+    shapes: dict[int, int]
+    """Shape id -> clips of it in the step's global batches (the bucket mix)."""
 
 
 class DataPlan:
     """The global batch order of a run: what each rank trains on at each data position.
 
     An epoch's batches are cut to a multiple of G = workers x grad_accum so that every step takes
-    G of them; the few left out are others each epoch."""
+    G of them; the few left out are others each epoch. With `scale_by_tokens`, a shape's batches hold
+    batch_size x (tokens of the largest shape / its tokens) clips, so every batch costs about the same."""
 
-    def __init__(self, index: ClipIndex, batch_size: int, seed: int, world: int, grad_accum: int):
+    def __init__(self, index: ClipIndex, batch_size: int, seed: int, world: int, grad_accum: int,
+                 scale_by_tokens: bool = False):
         self.index, self.batch_size, self.seed = index, batch_size, seed
-        self.world, self.grad_accum = world, grad_accum
+        self.world, self.grad_accum, self.scale_by_tokens = world, grad_accum, scale_by_tokens
         self.per_step = world * grad_accum  # G: global batches per optimizer step
+        if scale_by_tokens:
+            tokens = np.array([index.tokens(i) for i in range(len(index.shapes))])
+            self.sizes = np.maximum(1, batch_size * tokens.max() // tokens)
+        else:
+            self.sizes = np.full(max(1, len(index.shapes)), batch_size)
 
     def fingerprint(self) -> str:
         """Changes with anything that changes which clips a data position means."""
-        return f"{self.index.fingerprint()}-s{self.seed}-b{self.batch_size}-g{self.per_step}"
+        scaled = "-t" if self.scale_by_tokens else ""
+        return f"{self.index.fingerprint()}-s{self.seed}-b{self.batch_size}{scaled}-g{self.per_step}"
 
     def steps(self, epoch: int, start: int, rank: int) -> Iterator[StepPlan]:
         """Rank `rank`'s steps from data position (epoch, start) on, forever (epoch after epoch)."""
         while True:
-            batches = epoch_batches(self.index, epoch, self.seed, self.batch_size)
+            batches = epoch_batches(self.index, epoch, self.seed, self.sizes if self.scale_by_tokens
+                                    else self.batch_size)
             usable = len(batches) - len(batches) % self.per_step
             if usable == 0:
                 raise RuntimeError(f"an epoch holds {len(batches)} batches of train.batch_size={self.batch_size}, "
@@ -148,7 +169,10 @@ class DataPlan:
                                    f"too few clips ({len(self.index)})")
             while start + self.per_step <= usable:
                 picks = [start + m * self.world + rank for m in range(self.grad_accum)]
-                yield StepPlan(epoch, start, [(i, batches[i]) for i in picks])
+                shapes = Counter()
+                for i in range(start, start + self.per_step):
+                    shapes[int(self.index.shape[batches[i][0]])] += len(batches[i])
+                yield StepPlan(epoch, start, [(i, batches[i]) for i in picks], sum(shapes.values()), dict(shapes))
                 start += self.per_step
             epoch, start = epoch + 1, 0
 
@@ -219,6 +243,10 @@ class StepData:
     epoch: int
     start: int
     batches: list[Batch]
+    samples: int = 0
+    """Clips in the step's global batches, all ranks together (StepPlan.samples)."""
+    shapes: dict[int, int] = field(default_factory=dict)
+    """StepPlan.shapes."""
 
 
 class ClipLoader:
@@ -243,8 +271,8 @@ class ClipLoader:
         def produce():
             try:
                 for step in steps:
-                    if not put(StepData(step.epoch, step.start, [reader.batch(clips, step.epoch, i, text_tokens)
-                                                                 for i, clips in step.batches])):
+                    batches = [reader.batch(clips, step.epoch, i, text_tokens) for i, clips in step.batches]
+                    if not put(StepData(step.epoch, step.start, batches, step.samples, step.shapes)):
                         return
             except BaseException as e:  # handed to the training thread, raised there
                 put(e)

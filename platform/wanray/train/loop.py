@@ -5,6 +5,7 @@ import json
 import math
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,12 +109,17 @@ def train_step(model, params: list, optimizer, lr_schedule, step: StepData, spec
     """One optimizer step over this rank's micro-batches: (summed loss, grad norm, the timesteps drawn)."""
     t = spec.cfg.train
     loss_sum, drawn = torch.zeros((), device=device), []
+    world = dist.get_world_size()
+    # The loss is the mean over every clip of the step, on all ranks: micro-batches of different
+    # buckets hold different numbers of clips, and FSDP2 averages the ranks' gradients.
+    samples = step.samples or world * sum(b.latents.shape[0] for b in step.batches)
     for micro, batch in enumerate(step.batches):
         # Full fine-tuning reduce-scatters every micro-batch: without it each rank would keep the
         # unsharded gradients (14.3B x 4 bytes = 57 GB in fp32). LoRA's are small: sync once per step.
         model.set_requires_gradient_sync(not t.lora.enabled or micro == len(step.batches) - 1)
         draw = draw_for(batch, spec)
-        loss = flow_loss(model, batch, draw, empty, spec, device) / len(step.batches)
+        weight = batch.latents.shape[0] * world / samples
+        loss = flow_loss(model, batch, draw, empty, spec, device) * weight
         loss.backward()
         loss_sum += loss.detach()
         drawn.append(draw.timesteps)
@@ -157,7 +163,7 @@ def train_loop(config: dict) -> None:
     model = build_model(spec, device, fresh=resume is None)
     params = trainable_parameters(model)
     optimizer, lr_schedule = build_optimizer(spec, params, device)
-    plan = DataPlan(spec.index, t.batch_size, t.seed, world, t.grad_accum)
+    plan = DataPlan(spec.index, t.batch_size, t.seed, world, t.grad_accum, t.scale_batch_by_tokens)
     progress = ckpt.Progress(data_fingerprint=plan.fingerprint())
     state = ckpt.app_state(model, optimizer, lr_schedule, progress, lora=t.lora.enabled)
     log = MetricsLog(spec, rank, world, acc)
@@ -210,6 +216,12 @@ class MetricsLog:
         self.say(f"{spec.contract.describe_range(spec.expert)} (boundary {spec.contract.boundary} from "
                  f"{spec.contract.boundary_source}); {len(spec.index)} clips, {world} workers")
 
+    def bucket_name(self, shape_id: int) -> str:
+        """"HEIGHTxWIDTHxFRAMES" of a latent shape, through the VAE's strides."""
+        _, f, h, w = self.spec.index.shapes[shape_id]
+        c = self.spec.contract
+        return f"{h * c.vae_scale_spatial}x{w * c.vae_scale_spatial}x{(f - 1) * c.vae_scale_temporal + 1}"
+
     def say(self, text: str) -> None:
         if self.rank == 0:
             print(f"[train:{self.spec.expert}] {text}", flush=True)
@@ -226,10 +238,14 @@ class MetricsLog:
         if self.reset:
             self.seconds = self.wait = self.samples = self.tokens = 0.0
             self.t_min, self.t_max = math.inf, -math.inf
+            self.buckets = Counter()
             self.reset = False
         self.seconds, self.wait = self.seconds + seconds, self.wait + wait
-        self.samples += sum(b.latents.shape[0] for b in step.batches)
-        self.tokens += sum(b.tokens for b in step.batches)
+        index = self.spec.index
+        for shape_id, clips in step.shapes.items():  # the whole step's, from the data plan: no communication
+            self.samples += clips
+            self.tokens += clips * index.tokens(shape_id)
+            self.buckets[self.bucket_name(shape_id)] += clips
         self.t_min = min(self.t_min, float(timesteps.min()))  # CPU tensors: no device sync
         self.t_max = max(self.t_max, float(timesteps.max()))
         t = self.spec.cfg.train
@@ -241,8 +257,9 @@ class MetricsLog:
         dist.all_reduce(vals)  # mean loss over ranks; grad_norm is already global (summed, divided below)
         loss_v, norm_v = (vals / self.world).tolist()  # the host sync of this logged step
         m = {"expert": self.spec.expert, "step": progress.step, "epoch": progress.epoch, "loss": loss_v,
-             "grad_norm": norm_v, "lr": lr, "samples_per_s": self.samples * self.world / self.seconds,
-             "tokens_per_s": self.tokens * self.world / self.seconds, "data_wait_fraction": self.wait / self.seconds,
+             "grad_norm": norm_v, "lr": lr, "samples_per_s": self.samples / self.seconds,
+             "tokens_per_s": self.tokens / self.seconds, "buckets": dict(sorted(self.buckets.items())),
+             "data_wait_fraction": self.wait / self.seconds,
              "timestep_range": self.range, "timesteps_seen": [self.t_min, self.t_max],
              "peak_memory_bytes": peak_memory_bytes(self.acc), "world_size": self.world}
         self.reset = True

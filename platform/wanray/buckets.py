@@ -1,0 +1,142 @@
+"""Aspect-ratio and duration buckets: which shape each clip is stored at.
+
+A bucket is a resolution (multiples of 16) and a frame count (4n+1, or 1 for a still image).
+Preprocessing gives each clip the resolution whose aspect ratio is nearest its own (so a
+portrait video stays portrait and the crop is as small as the set allows), then the longest
+frame count of that resolution the clip holds. Three ways to say which buckets there are:
+
+- nothing (the default): one resolution, data.height x data.width, and every 4n+1 frame count
+  from data.min_frames to data.num_frames (one fixed size when they are equal: the MindSpeed recipe);
+- data.buckets: an explicit list of "HxWxF" shapes;
+- data.bucket_budget: a token budget (480x832x81 = 21 x 30 x 52 = 32,760): for each aspect ratio of
+  ASPECT_RATIOS the largest resolution whose tokens per latent frame fit budget / latent frames of
+  data.num_frames, and frame counts from data.num_frames down to data.min_frames in steps of a quarter
+  of the latent frames; every bucket is at most the budget.
+
+Tokens of a bucket: latent frames ((F - 1) / 4 + 1) x height/16 x width/16 (VAE 8x, patch 2x2).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from wanray.errors import ConfigError
+
+ASPECT_RATIOS = ((9, 16), (2, 3), (3, 4), (1, 1), (4, 3), (3, 2), (16, 9))
+"""(height, width) proportions of the generated set: landscape 16:9 to portrait 9:16."""
+ASPECT_TOLERANCE = 1.05
+"""A generated resolution's aspect ratio is within 5% of its target."""
+
+
+@dataclass(frozen=True, order=True)
+class Bucket:
+    height: int
+    width: int
+    frames: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.height}x{self.width}x{self.frames}"
+
+    @property
+    def latent_frames(self) -> int:
+        return (self.frames - 1) // 4 + 1
+
+    @property
+    def tokens(self) -> int:
+        return self.latent_frames * (self.height // 16) * (self.width // 16)
+
+    @classmethod
+    def parse(cls, text: str, where: str = "data.buckets") -> Bucket:
+        try:
+            h, w, f = (int(v) for v in str(text).lower().split("x"))
+        except ValueError:
+            raise ConfigError(f"{where}: {text!r} is not HEIGHTxWIDTHxFRAMES (e.g. 480x832x81)") from None
+        if h <= 0 or w <= 0 or h % 16 or w % 16:
+            raise ConfigError(f"{where}: {text!r}: height and width must be positive multiples of 16")
+        if f < 1 or (f - 1) % 4:
+            raise ConfigError(f"{where}: {text!r}: frames must be 4n+1 (1 for still images)")
+        return cls(h, w, f)
+
+
+def _resolution(aspect_hw: tuple[int, int], patches: int) -> tuple[int, int]:
+    """The largest height x width (multiples of 16) of aspect h:w within 5% with at most `patches` 16x16 patches."""
+    ah, aw = aspect_hw
+    best = None
+    for h16 in range(1, patches + 1):
+        for w16 in {min(patches // h16, math.floor(h16 * aw / ah)), min(patches // h16, math.ceil(h16 * aw / ah))}:
+            if not 1 <= w16 <= patches // h16:
+                continue
+            err = abs(math.log((w16 / h16) / (aw / ah)))
+            if err <= math.log(ASPECT_TOLERANCE) and (best is None or (h16 * w16, -err) > (best[0] * best[1], -best[2])):
+                best = (h16, w16, err)
+    if best is None:
+        raise ConfigError(f"data.bucket_budget is too small for aspect ratio {ah}:{aw}")
+    return best[0] * 16, best[1] * 16
+
+
+def frame_counts(most: int, least: int) -> list[int]:
+    """Generated frame counts: from `most` down to `least` in steps of a quarter of the latent frames."""
+    top, bottom = (most - 1) // 4 + 1, (least - 1) // 4 + 1
+    step = max(1, top // 4)
+    latent = list(range(top, bottom - 1, -step))
+    if latent[-1] != bottom:
+        latent.append(bottom)
+    return [4 * (t - 1) + 1 for t in latent]
+
+
+@dataclass(frozen=True)
+class BucketSet:
+    """The buckets of a data config; `assign` places a clip."""
+
+    frames_by_resolution: dict[tuple[int, int], tuple[int, ...]]
+    """(height, width) -> its frame counts, descending."""
+
+    @classmethod
+    def from_config(cls, d) -> BucketSet:
+        """From data.* (see the module docstring); ConfigError for a set that cannot work."""
+        if d.buckets and d.bucket_budget:
+            raise ConfigError("give data.buckets or data.bucket_budget, not both")
+        if d.buckets:
+            buckets = [Bucket.parse(b) for b in d.buckets]
+        elif d.bucket_budget:
+            latent = (d.num_frames - 1) // 4 + 1
+            patches = d.bucket_budget // latent
+            counts = frame_counts(d.num_frames, d.min_frames)
+            buckets = [Bucket(*_resolution(a, patches), f) for a in ASPECT_RATIOS for f in counts]
+        else:
+            return cls.fixed(d.height, d.width, d.num_frames, d.min_frames)
+        return cls.of(buckets)
+
+    @classmethod
+    def fixed(cls, height: int, width: int, most: int, least: int) -> BucketSet:
+        """One resolution, every 4n+1 frame count from `least` to `most`."""
+        return cls.of([Bucket(height, width, f) for f in range(most, least - 1, -4)])
+
+    @classmethod
+    def of(cls, buckets: list[Bucket]) -> BucketSet:
+        table: dict[tuple[int, int], set[int]] = {}
+        for b in buckets:
+            table.setdefault((b.height, b.width), set()).add(b.frames)
+        return cls({r: tuple(sorted(f, reverse=True)) for r, f in sorted(table.items())})
+
+    @property
+    def buckets(self) -> list[Bucket]:
+        return [Bucket(h, w, f) for (h, w), counts in self.frames_by_resolution.items() for f in counts]
+
+    @property
+    def max_tokens(self) -> int:
+        return max(b.tokens for b in self.buckets)
+
+    def resolution(self, src_height: int, src_width: int) -> tuple[int, int]:
+        """The resolution whose aspect ratio is nearest the source's (log ratio; ties to the larger)."""
+        aspect = math.log(src_width / src_height)
+        return min(self.frames_by_resolution, key=lambda r: (abs(math.log(r[1] / r[0]) - aspect), -r[0] * r[1]))
+
+    def frames(self, resolution: tuple[int, int], available: int) -> int | None:
+        """The longest video frame count of `resolution` that `available` frames hold (None: too short).
+        A still image is always one frame, at the resolution of its aspect ratio."""
+        return next((f for f in self.frames_by_resolution[resolution] if 1 < f <= available), None)
+
+    def describe(self) -> str:
+        return ", ".join(f"{h}x{w} ({'/'.join(map(str, f))} frames)" for (h, w), f in self.frames_by_resolution.items())

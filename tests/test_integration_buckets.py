@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from conftest import ROOT, tiny_config
 from test_integration_train import assert_same_training_state, checkpoint_state, metrics
@@ -20,6 +21,7 @@ BUDGET = 240  # tokens: 17 frames (5 latent) of 48 patches of 16x16 pixels, e.g.
 # shorter than data.num_frames (17) but at least data.min_frames (9)
 SOURCES = [(72, 128, 24), (72, 128, 11), (128, 72, 12), (128, 72, 30), (96, 96, 14), (96, 96, 20),
            (96, 128, 20), (96, 128, 15), (160, 96, 18), (160, 96, 10), (120, 208, 17), (120, 208, 26)]
+IMAGES = {"portrait.png": (200, 112), "landscape.jpg": (90, 160), "square.webp": (100, 100)}
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,13 @@ def corpus(tmp_path_factory):
     write_mp4(root / short.name, render(short), 16)
     (root / "broken.mp4").write_bytes((root / "v00.mp4").read_bytes()[:2000])
     entries += [{"path": "short.mp4", "cap": "too short"}, {"path": "broken.mp4", "cap": "broken"}]
+    for name, (h, w) in IMAGES.items():  # still images: one frame of a rendered clip each
+        frame = render(SyntheticClip(name, "", h, w, 16, 2, "square", "yellow", "navy", "left to right"))[0]
+        Image.fromarray(frame).save(root / name)
+        entries.append({"image": name, "cap": f"a yellow square on a navy background, {name.split('.')[0]}"})
+    (root / "cut.png").write_bytes((root / "portrait.png").read_bytes()[:200])
+    (root / "text.jpg").write_text("not an image")
+    entries += [{"path": "cut.png", "cap": "a damaged image"}, {"path": "text.jpg", "cap": "text"}]
     manifest = root / "data.jsonl"
     manifest.write_text("".join(json.dumps(e) + "\n" for e in entries))
     return manifest
@@ -50,8 +59,9 @@ def bucketed(corpus, tiny_model, ray_cluster, tmp_path_factory):
 
 def test_every_source_lands_in_the_bucket_of_its_aspect_ratio_within_the_budget(bucketed):
     out, summary = bucketed
-    assert summary["outcomes"]["written"] == len(SOURCES)
-    assert summary["rejects_by_reason"] == {"too_short": 1, "corrupt_video": 1}
+    assert summary["outcomes"]["written"] == len(SOURCES) + len(IMAGES)
+    assert summary["rejects_by_reason"] == {"too_short": 1, "corrupt_video": 1, "corrupt_image": 1,
+                                            "not_an_image": 1}
     rows = read_clips(out).to_pylist()
     for r in rows:
         bucket = Bucket.parse(r["bucket"])
@@ -61,7 +71,11 @@ def test_every_source_lands_in_the_bucket_of_its_aspect_ratio_within_the_budget(
         source, stored = r["source_width"] / r["source_height"], r["width"] / r["height"]
         assert abs(stored / source - 1) <= 0.10, r["bucket"]
         assert (r["height"] > r["width"]) == (r["source_height"] > r["source_width"]), r["bucket"]
-        h, w, n = SOURCES[int(r["source"].rsplit("/v", 1)[1][:2])]
+        name = r["source"].rsplit("/", 1)[1]
+        if name in IMAGES:
+            assert IMAGES[name] == (r["source_height"], r["source_width"]) and r["num_frames"] == 1
+            continue
+        h, w, n = SOURCES[int(name[1:3])]
         assert (h, w) == (r["source_height"], r["source_width"])
         assert r["num_frames"] == max(f for f in (17, 13, 9) if f <= n)  # the longest bucket length it holds
     assert len({r["bucket"] for r in rows}) >= 6

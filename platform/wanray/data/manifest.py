@@ -20,7 +20,7 @@ from pathlib import Path
 
 from wanray.errors import ManifestError
 
-PATH_KEYS = ("path", "video")
+PATH_KEYS = ("path", "video", "image")
 CAPTION_KEYS = ("cap", "prompt", "caption", "text")
 
 

@@ -1,5 +1,6 @@
 """Clip planning and decoding, and the decode stage built on them; no Ray, no torch (decode workers start light).
 
+A still image (jpg, png, webp) is a one-frame clip at the resolution of its aspect ratio.
 A clip is the source video resampled to the preset fps, given the bucket (wanray.buckets) of
 the resolution nearest its aspect ratio and the longest frame count of it that the video holds,
 then resized so it covers that resolution and center-cropped to it. Only the frames the clip
@@ -165,6 +166,41 @@ def decode_clip(path: str, buckets: BucketSet, fps: float, cut_start: int = 0, c
     return DecodedClip(resize_crop(frames, height, width), plan, src_fps, Bucket(height, width, n), (src_h, src_w))
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+# PNG, JPEG and WebP signatures: a file with one that PIL cannot read is a damaged image.
+_IMAGE_MAGIC = ((0, b"\x89PNG"), (0, b"\xff\xd8\xff"), (8, b"WEBP"))
+
+
+def is_image(path: str) -> bool:
+    return path.lower().endswith(IMAGE_SUFFIXES)
+
+
+def decode_image(path: str, buckets: BucketSet) -> DecodedClip:
+    """A still image as a one-frame clip at the resolution of its aspect ratio (Wan trains on images
+    as 1-frame videos); raises ClipRejected with a named reason."""
+    from PIL import Image
+
+    if not os.path.exists(path):
+        raise ClipRejected("file_not_found", path)
+    if os.path.getsize(path) == 0:
+        raise ClipRejected("empty_file", path)
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")  # decodes the whole image: a truncated file fails here
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
+        with open(path, "rb") as f:
+            head = f.read(16)
+        damaged = any(head[o:o + len(m)] == m for o, m in _IMAGE_MAGIC)
+        raise ClipRejected("corrupt_image" if damaged else "not_an_image", _first_line(e)) from None
+    src_w, src_h = img.size
+    height, width = buckets.resolution(src_h, src_w)
+    rh, rw, top, left = resize_crop_box(src_h, src_w, height, width)
+    if (rh, rw) != (src_h, src_w):
+        img = img.resize((rw, rh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    frame = np.asarray(img.crop((left, top, left + width, top + height)), dtype=np.uint8)
+    return DecodedClip(frame[None], ClipPlan([0]), 0.0, Bucket(height, width, 1), (src_h, src_w))
+
+
 def decode_source(row: dict, cfg: Config, out_dir: str) -> list[dict]:
     """The decode stage (a Ray Data flat_map): a ClipSource row (plus `seq`, its place in the run, kept
     in the output) -> [clip row with frames], or [] after recording the reject in `out_dir`."""
@@ -172,8 +208,10 @@ def decode_source(row: dict, cfg: Config, out_dir: str) -> list[dict]:
     seq = row.pop("seq", 0)
     src = ClipSource(**row)
     d = cfg.data
+    buckets = BucketSet.from_config(d)
     try:
-        clip = decode_clip(src.path, BucketSet.from_config(d), d.fps, src.cut_start, src.cut_end)
+        clip = decode_image(src.path, buckets) if is_image(src.path) else \
+            decode_clip(src.path, buckets, d.fps, src.cut_start, src.cut_end)
     except ClipRejected as e:
         record_reject(out_dir, Reject(src.path, e.reason, e.detail), key=src.id)
         return []

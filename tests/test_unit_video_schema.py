@@ -93,3 +93,29 @@ def test_pad_text_embedding():
     e = torch.ones(3, 4)
     p = pad_text_embedding(e, 8)
     assert p.shape == (8, 4) and p[:3].eq(1).all() and p[3:].eq(0).all()
+
+
+def test_curation_rejects_low_resolution_short_and_static_clips_by_name(tmp_path):
+    """The optional data.min_* filters in the decode stage itself, each with its own reject reason."""
+    from conftest import tiny_config
+    from wanray.data.shards import collect_rejects
+    from wanray.data.video import decode_source
+
+    moving = render(SyntheticClip("m", "", 96, 160, 16, 20, "circle", "red", "gray", "left to right"))
+    write_mp4(tmp_path / "moving.mp4", moving, 16)
+    write_mp4(tmp_path / "static.mp4", np.repeat(moving[:1], 20, axis=0), 16)
+
+    def run(name, *sets):
+        out = tmp_path / f"out-{name}-{len(sets)}-{sets[0] if sets else ''}"
+        out.mkdir()
+        cfg = tiny_config(tmp_path / "no-model", *sets)
+        row = {"id": name, "path": str(tmp_path / f"{name}.mp4"), "caption": "c", "cut_start": 0, "cut_end": -1}
+        rows = decode_source(row, cfg, str(out))
+        return rows, [r["reason"] for r in collect_rejects(out)]
+
+    assert len(run("moving")[0]) == len(run("static")[0]) == 1  # off by default
+    assert run("moving", "data.min_motion=1")[0] and run("static", "data.min_motion=1")[1] == ["static_clip"]
+    assert run("moving", "data.min_resolution=100")[1] == ["below_min_resolution"]  # 96 pixels high
+    assert run("moving", "data.min_resolution=96")[0]
+    assert run("moving", "data.min_seconds=2")[1] == ["below_min_duration"]  # 20 frames at 16 fps: 1.25 s
+    assert run("moving", "data.min_seconds=1")[0]

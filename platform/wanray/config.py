@@ -124,6 +124,13 @@ class DataConfig:
     bucket_budget: int = 0
     """Tokens per sample (480x832x81 = 32,760): generate the buckets of aspect ratios 9:16 to 16:9 within
     it, frame counts from num_frames down to min_frames. 0: off."""
+    min_resolution: int = 0
+    """Curation: reject sources whose shorter side has fewer pixels (below_min_resolution). 0: off."""
+    min_seconds: float = 0.0
+    """Curation: reject videos shorter than this, within their cut (below_min_duration). 0: off."""
+    min_motion: float = 0.0
+    """Curation: reject clips whose mean absolute difference between consecutive frames, on the 0-255
+    scale of the stored frames, is below this (static_clip): slideshows, frozen frames. 0: off."""
 
 
 Device = Literal["cpu", "cuda", "npu"]
@@ -320,6 +327,8 @@ class Config:
             raise ConfigError("data.min_frames must not exceed data.num_frames")
         if d.height % 16 or d.width % 16:
             raise ConfigError(f"data.height and data.width must be multiples of 16, got {d.height}x{d.width}")
+        if d.min_resolution < 0 or d.min_seconds < 0 or d.min_motion < 0:
+            raise ConfigError("data.min_resolution, min_seconds and min_motion must be >= 0 (0 turns each off)")
         if d.bucket_budget < 0:
             raise ConfigError(f"data.bucket_budget must be a token count >= 0, got {d.bucket_budget}")
         BucketSet.from_config(d)  # a bucket list or budget that cannot work is a one-line error here

@@ -121,6 +121,8 @@ class DecodedClip:
     bucket: Bucket
     source_size: tuple[int, int]
     """(height, width) of the source video."""
+    source_seconds: float = 0.0
+    """Duration of the source within its cut (0 for an image)."""
 
 
 def frame_size(path: str) -> tuple[int, int]:
@@ -163,7 +165,9 @@ def decode_clip(path: str, buckets: BucketSet, fps: float, cut_start: int = 0, c
         raise ClipRejected("decode_error", _first_line(e)) from None
     if frames.shape[0] != len(plan.indices) or frames.ndim != 4:
         raise ClipRejected("decode_error", f"got frames of shape {frames.shape} for {len(plan.indices)} indices")
-    return DecodedClip(resize_crop(frames, height, width), plan, src_fps, Bucket(height, width, n), (src_h, src_w))
+    end = src_frames if cut_end < 0 else min(cut_end, src_frames)
+    return DecodedClip(resize_crop(frames, height, width), plan, src_fps, Bucket(height, width, n), (src_h, src_w),
+                       (end - cut_start) / src_fps)
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -201,6 +205,26 @@ def decode_image(path: str, buckets: BucketSet) -> DecodedClip:
     return DecodedClip(frame[None], ClipPlan([0]), 0.0, Bucket(height, width, 1), (src_h, src_w))
 
 
+def motion(frames: np.ndarray) -> float:
+    """Mean absolute difference between consecutive frames, 0-255 scale (0 for a single frame)."""
+    if len(frames) < 2:
+        return 0.0
+    return float(np.mean([np.abs(a.astype(np.int16) - b).mean() for a, b in zip(frames[1:], frames[:-1])]))
+
+
+def curate(clip: DecodedClip, d) -> None:
+    """The optional data.min_* filters (off at 0), each a named reject."""
+    if d.min_resolution and min(clip.source_size) < d.min_resolution:
+        raise ClipRejected("below_min_resolution", f"{clip.source_size[0]}x{clip.source_size[1]}, the shorter side "
+                                                   f"must be at least {d.min_resolution}")
+    if clip.bucket.frames == 1:  # an image: duration and motion do not apply
+        return
+    if d.min_seconds and clip.source_seconds < d.min_seconds:
+        raise ClipRejected("below_min_duration", f"{clip.source_seconds:.2f}s, need {d.min_seconds:g}s")
+    if d.min_motion and (m := motion(clip.frames)) < d.min_motion:
+        raise ClipRejected("static_clip", f"mean frame difference {m:.2f}, need {d.min_motion:g}")
+
+
 def decode_source(row: dict, cfg: Config, out_dir: str) -> list[dict]:
     """The decode stage (a Ray Data flat_map): a ClipSource row (plus `seq`, its place in the run, kept
     in the output) -> [clip row with frames], or [] after recording the reject in `out_dir`."""
@@ -212,6 +236,7 @@ def decode_source(row: dict, cfg: Config, out_dir: str) -> list[dict]:
     try:
         clip = decode_image(src.path, buckets) if is_image(src.path) else \
             decode_clip(src.path, buckets, d.fps, src.cut_start, src.cut_end)
+        curate(clip, d)
     except ClipRejected as e:
         record_reject(out_dir, Reject(src.path, e.reason, e.detail), key=src.id)
         return []

@@ -5,7 +5,8 @@
 
 Writes out/00000.mp4, 00001.mp4, ... (line order, blank lines skipped) and out/videos.jsonl.
 Size, steps, guidance scales, negative prompt and seed come from the config
-(data.height/width/num_frames, infer.*). Runs on the cluster in RAY_ADDRESS, else on a
+(data.height/width/num_frames, infer.*), or per line from a .jsonl prompts file
+({"prompt": ..., "height": ..., "width": ..., "num_frames": ..., "seed": ...}). Runs on the cluster in RAY_ADDRESS, else on a
 local Ray it starts.
 """
 import argparse
@@ -21,7 +22,7 @@ from wanray.runtime import connect_ray, fail
 def get_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
-    parser.add_argument("--prompts", help="text file, one prompt per line")
+    parser.add_argument("--prompts", help="text file, one prompt per line; or .jsonl, one request object per line")
     parser.add_argument("--out", help="output directory for the videos and videos.jsonl")
     parser.add_argument("--model", help="diffusers-format Wan2.2 directory to load (sets model.path)")
     parser.add_argument("--save-frames", action="store_true", help="also write each video's float frames as .npy")

@@ -21,8 +21,11 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_generate_writes_one_video_per_prompt_with_wanpipeline_frames(tiny_model, ray_cluster, tmp_path):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n")  # the blank line is skipped
+    """A JSONL prompts file: the first line takes the configured settings, the second its own size
+    (another bucket: portrait, 5 frames) and seed."""
+    prompts = tmp_path / "prompts.jsonl"
+    second = {"prompt": PROMPTS[1], "height": 64, "width": 32, "num_frames": 5, "seed": 3}
+    prompts.write_text(json.dumps({"prompt": PROMPTS[0]}) + "\n\n" + json.dumps(second) + "\n")  # blank: skipped
     out = tmp_path / "videos"
     sets = [a for o in OVERRIDES for a in ("--set", o)]
     run = _run("--config", str(ROOT / "configs" / "tiny.yaml"), "--model", str(tiny_model), *sets,
@@ -30,14 +33,15 @@ def test_generate_writes_one_video_per_prompt_with_wanpipeline_frames(tiny_model
     assert run.returncode == 0, run.stderr[-3000:]
     index = [json.loads(line) for line in (out / "videos.jsonl").read_text().splitlines()]
     assert [(r["index"], r["prompt"], r["video"], r["seed"]) for r in index] == [
-        (0, PROMPTS[0], "00000.mp4", 11), (1, PROMPTS[1], "00001.mp4", 11)]
+        (0, PROMPTS[0], "00000.mp4", 11), (1, PROMPTS[1], "00001.mp4", 3)]
     cfg = tiny_config(tiny_model, *OVERRIDES)
-    for i, prompt in enumerate(PROMPTS):
+    requests = [GenerateRequest(prompt=PROMPTS[0]), GenerateRequest(**second)]
+    for i, (request, shape) in enumerate(zip(requests, [(9, 64, 64, 3), (5, 64, 32, 3)])):
         with av.open(str(out / f"{i:05d}.mp4")) as container:
-            assert sum(1 for _ in container.decode(video=0)) == 9
+            assert sum(1 for _ in container.decode(video=0)) == shape[0]
         frames = np.load(out / f"{i:05d}.npy")
-        ref = wanpipeline_frames(tiny_model, resolve(GenerateRequest(prompt=prompt), cfg), TINY_BOUNDARY)
-        assert frames.shape == (9, 64, 64, 3) and np.abs(frames - ref).max() <= 1e-4
+        ref = wanpipeline_frames(tiny_model, resolve(request, cfg), TINY_BOUNDARY)
+        assert frames.shape == shape and np.abs(frames - ref).max() <= 1e-4
 
 
 def test_a_prompt_line_out_of_bounds_fails_before_any_work(tmp_path):

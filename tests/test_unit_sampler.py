@@ -147,3 +147,27 @@ def test_resident_copies_to_the_device_and_back_to_the_same_host_storage():
     assert {n: t.data_ptr() for n, t in [*model.named_parameters(), *model.named_buffers()]} == host
     with resident(model, torch.device("meta"), offload=False):  # not offloading: left where it is
         assert {t.device.type for t in model.parameters()} == {"cpu"}
+
+
+def test_a_jsonl_prompts_file_sets_each_videos_fields_and_names_the_bad_line(tiny_model, tmp_path):
+    from wanray.infer.batch import read_prompts
+
+    cfg = tiny_config(tiny_model)
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "a cat"}\n\n{"prompt": "a dog", "height": 32, "width": 48, "num_frames": 5, '
+                    '"seed": 4, "guidance_scale": 2.0}\n')
+    first, second = read_prompts(good, cfg)
+    assert (first.height, first.width, first.num_frames, first.seed) == (cfg.data.height, cfg.data.width,
+                                                                         cfg.data.num_frames, cfg.infer.seed)
+    assert (second.prompt, second.height, second.width, second.num_frames, second.seed, second.guidance_scale) == \
+        ("a dog", 32, 48, 5, 4, 2.0)
+    for line, message in (('{"prompt": "x", "fps": 8}', "fps: Extra inputs are not permitted"),
+                          ('{"prompt": "x", "height": 30}', "height must be a multiple of 16"),
+                          ('{"prompt": "x", "output": "frames"}', "all but output"),
+                          ('["x"]', "expected a JSON object"),
+                          ('{"prompt": "x"', "not JSON"),
+                          ('{"height": 64}', "prompt: Field required")):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"prompt": "fine"}\n' + line + "\n")
+        with pytest.raises(RequestError, match=f"^{bad} line 2: .*{message}"):
+            read_prompts(bad, cfg)

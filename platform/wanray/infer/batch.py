@@ -28,16 +28,37 @@ INDEX_FILE = "videos.jsonl"
 
 
 def read_prompts(path: str | os.PathLike, cfg: Config) -> list[GenerationParams]:
-    """One GenerationParams per non-blank line; RequestError names the first line out of bounds."""
+    """One GenerationParams per non-blank line; RequestError names the first line that is out of bounds.
+
+    A .jsonl file holds one JSON object per line: `prompt` and any of the REST API's fields
+    (`negative_prompt`, `height`, `width`, `num_frames`, `num_inference_steps`, `guidance_scale`,
+    `guidance_scale_2`, `seed`) for that video, e.g. a size of another bucket; any other file, one
+    prompt per line with the configured settings."""
+    from pydantic import ValidationError
+
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"prompts file not found: {p}")
+    jsonl = p.suffix.lower() == ".jsonl"
     params = []
     for number, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            params.append(resolve(GenerateRequest(prompt=line.strip()), cfg))
+            if jsonl:
+                fields = json.loads(line)
+                if not isinstance(fields, dict) or "output" in fields:
+                    raise RequestError("expected a JSON object of the REST API's fields (all but output)")
+                request = GenerateRequest.model_validate(fields)
+            else:
+                request = GenerateRequest(prompt=line.strip())
+            params.append(resolve(request, cfg))
+        except json.JSONDecodeError as e:
+            raise RequestError(f"{p} line {number}: not JSON: {e}") from None
+        except ValidationError as e:
+            where = lambda err: ".".join(map(str, err["loc"])) or "line"  # noqa: E731
+            raise RequestError(f"{p} line {number}: " + "; ".join(f"{where(err)}: {err['msg']}"
+                                                                  for err in e.errors())) from None
         except RequestError as e:
             raise RequestError(f"{p} line {number}: {e}") from None
     if not params:

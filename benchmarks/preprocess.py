@@ -12,6 +12,10 @@ Prints (Ray start-up and worker warm-up timed and stated apart, never inside a r
      runs of one Preprocessor (encoders loaded once, before its first run); with the fixed and
      per-clip cost each pair of sizes implies
  (d) peak memory (RSS summed over the driver and all Ray worker processes; RSS of the loop)
+ (e) buckets: pipeline clips/s on the mixed-shape synthetic set (16:10, 1:1, 16:9, 3:5 and 3:5.2
+     sources) stored in aspect-ratio buckets within the single size's token budget, against the same
+     set at the single size, runs alternated (--repeats each); and the share of each source's pixels
+     the stored clip keeps (area after the crop / area before), bucketed vs single-size
 """
 import argparse
 import json
@@ -145,6 +149,31 @@ def write_hd_videos(root: Path, count: int):
     return read_manifest(manifest)[0]
 
 
+def pixels_kept(out: Path) -> float:
+    """Mean over clips of the stored crop's share of its source's area (resize to cover, center crop)."""
+    from wanray.data.shards import read_clips
+
+    rows = read_clips(out).select(["height", "width", "source_height", "source_width"]).to_pylist()
+    shares = [(r["height"] / r["width"]) / (r["source_height"] / r["source_width"]) for r in rows]
+    return statistics.mean(min(x, 1 / x) for x in shares)  # cover-and-crop keeps the ratio of the aspect ratios
+
+
+def buckets_vs_single(cfg, manifest, work: Path, repeats: int) -> tuple[float, float, float, float]:
+    """(clips/s single-size, clips/s bucketed, pixels kept single-size, pixels kept bucketed)."""
+    d = cfg.data
+    budget = ((d.num_frames - 1) // 4 + 1) * (d.height // 16) * (d.width // 16)
+    bucketed = load_config(ROOT / "configs" / "tiny.yaml", [f"model.path={cfg.model.path}", f"data.height={d.height}",
+                                                           f"data.width={d.width}", f"data.num_frames={d.num_frames}",
+                                                           f"data.bucket_budget={budget}"])
+    times = {"single": [], "buckets": []}
+    for i in range(repeats):
+        for name, c in (("single", cfg), ("buckets", bucketed)):
+            t, n = pipeline(lambda m, o: run_preprocess(c, m, o, log=lambda _: None), manifest, work, f"{name}{i}")
+            times[name].append(n / t)
+    return (statistics.median(times["single"]), statistics.median(times["buckets"]),
+            pixels_kept(work / "out-single0"), pixels_kept(work / "out-buckets0"))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clips", type=int, default=256)
@@ -154,7 +183,9 @@ def main():
     ap.add_argument("--frames", type=int, default=17)
     ap.add_argument("--hd-clips", type=int, default=32, help="480x832 source videos for (b)")
     ap.add_argument("--hd-frames", type=int, default=81, help="clip frames cut from each of them in (b)")
+    ap.add_argument("--parts", default="abcde", help="which of (a)-(e) to measure, e.g. --parts e")
     args = ap.parse_args()
+    parts = set(args.parts)
     work = Path(tempfile.mkdtemp(prefix="wanray-bench-"))
     size = [f"data.height={args.size}", f"data.width={args.size}"]
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"model.path={work / 'model'}", *size,
@@ -164,12 +195,11 @@ def main():
     small = work / "big" / "small.json"  # the first --small clips of the same set
     small.write_text(json.dumps(json.loads((work / "big" / "data.json").read_text())[: args.small]))
     sources, _ = read_manifest(big)
-    hd = write_hd_videos(work / "hd", args.hd_clips)
     print(f"{args.clips} synthetic clips -> {args.size}x{args.size}x{args.frames}; torch threads {torch.get_num_threads()}")
 
-    with PeakRSS(ray_workers=False) as seq_mem:
-        t_seq = sequential(cfg, sources, model_path)
-
+    if "a" in parts or "d" in parts:
+        with PeakRSS(ray_workers=False) as seq_mem:
+            t_seq = sequential(cfg, sources, model_path)
     t0 = time.perf_counter()
     connect_ray(num_cpus=psutil.cpu_count(), include_dashboard=False)
     t_ray = time.perf_counter() - t0
@@ -178,37 +208,46 @@ def main():
     t0 = time.perf_counter()
     pipeline(one_shot, small, work, "warmup")
     t_warm = time.perf_counter() - t0
-    with PeakRSS(ray_workers=True) as pipe_mem:
-        one_shot_scaling = scaling(one_shot, small, big, work, "one-shot", args.repeats)
-    _, t_big, _, n_big = one_shot_scaling
-    t0 = time.perf_counter()
-    with Preprocessor(cfg, log=quiet) as pre:
-        t_load = time.perf_counter() - t0
+    print(f"ray start-up {t_ray:.1f}s, first pipeline run (worker warm-up) on {args.small} clips {t_warm:.1f}s "
+          "-- excluded below")
+    if parts & set("acd"):
+        with PeakRSS(ray_workers=True) as pipe_mem:
+            one_shot_scaling = scaling(one_shot, small, big, work, "one-shot", args.repeats)
+        _, t_big, _, n_big = one_shot_scaling
         t0 = time.perf_counter()
-        pipeline(pre.run, small, work, "preprocessor-warmup")  # its new task workers import the encode-stage code
-        t_pre_warm = time.perf_counter() - t0
-        session_scaling = scaling(pre.run, small, big, work, "preprocessor", args.repeats)
-    hd_cfg = load_config(ROOT / "configs" / "tiny.yaml", [*size, f"data.num_frames={args.hd_frames}"])
-    t0 = time.perf_counter()
-    decode_stage(hd_cfg, hd, work / "decode")  # its new task workers import the decode code once
-    t_dec_warm = time.perf_counter() - t0
-    t_dec, f_dec = decode_stage(hd_cfg, hd, work / "decode")
-    t_bare, f_bare = bare_decord(hd_cfg, hd)
-    assert n_big == args.clips and f_dec == f_bare
-    assert one_shot_scaling[2:] == session_scaling[2:] == (args.small, args.clips)
-
-    print(f"ray start-up {t_ray:.1f}s, first pipeline run (worker warm-up) on {args.small} clips {t_warm:.1f}s, "
-          f"Preprocessor encoders loading {t_load:.1f}s and its first run {t_pre_warm:.1f}s, "
-          f"first decode-stage run {t_dec_warm:.1f}s -- all excluded below")
-    print(f"(a) pipeline {n_big / t_big:.2f} clips/s vs sequential loop {args.clips / t_seq:.2f} clips/s: "
-          f"{t_seq / t_big:.2f}x (target >= 1.7x); Preprocessor runs {n_big / session_scaling[1]:.2f} clips/s")
-    print(f"(b) {args.hd_clips} videos 480x832 -> {args.size}x{args.size}x{args.hd_frames}: decode stage {f_dec / t_dec:.0f} frames/s vs bare decord get_batch {f_bare / t_bare:.0f} frames/s: "
-          f"{(f_dec / t_dec) / (f_bare / t_bare):.2f}x (target >= 0.85)")
-    print(f"(c) seconds per clip (median of {args.repeats} runs at {args.small} clips)")
-    print_scaling("Preprocessor runs, encoders loaded once", *session_scaling)
-    print_scaling("one-shot runs, encoder pools starting in each", *one_shot_scaling)
-    print(f"(d) peak RSS: pipeline {pipe_mem.peak / 2**20:.0f} MiB (driver + Ray workers), "
-          f"sequential loop {seq_mem.peak / 2**20:.0f} MiB")
+        with Preprocessor(cfg, log=quiet) as pre:
+            t_load = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            pipeline(pre.run, small, work, "preprocessor-warmup")  # its new task workers import the encode code
+            t_pre_warm = time.perf_counter() - t0
+            session_scaling = scaling(pre.run, small, big, work, "preprocessor", args.repeats)
+        assert n_big == args.clips and one_shot_scaling[2:] == session_scaling[2:] == (args.small, args.clips)
+        print(f"Preprocessor encoders loading {t_load:.1f}s and its first run {t_pre_warm:.1f}s -- excluded below")
+    if "a" in parts:
+        print(f"(a) pipeline {n_big / t_big:.2f} clips/s vs sequential loop {args.clips / t_seq:.2f} clips/s: "
+              f"{t_seq / t_big:.2f}x (target >= 1.7x); Preprocessor runs {n_big / session_scaling[1]:.2f} clips/s")
+    if "b" in parts:
+        hd = write_hd_videos(work / "hd", args.hd_clips)
+        hd_cfg = load_config(ROOT / "configs" / "tiny.yaml", [*size, f"data.num_frames={args.hd_frames}"])
+        decode_stage(hd_cfg, hd, work / "decode")  # its new task workers import the decode code once
+        t_dec, f_dec = decode_stage(hd_cfg, hd, work / "decode")
+        t_bare, f_bare = bare_decord(hd_cfg, hd)
+        assert f_dec == f_bare
+        print(f"(b) {args.hd_clips} videos 480x832 -> {args.size}x{args.size}x{args.hd_frames}: decode stage "
+              f"{f_dec / t_dec:.0f} frames/s vs bare decord get_batch {f_bare / t_bare:.0f} frames/s: "
+              f"{(f_dec / t_dec) / (f_bare / t_bare):.2f}x (target >= 0.85)")
+    if "c" in parts:
+        print(f"(c) seconds per clip (median of {args.repeats} runs at {args.small} clips)")
+        print_scaling("Preprocessor runs, encoders loaded once", *session_scaling)
+        print_scaling("one-shot runs, encoder pools starting in each", *one_shot_scaling)
+    if "d" in parts:
+        print(f"(d) peak RSS: pipeline {pipe_mem.peak / 2**20:.0f} MiB (driver + Ray workers), "
+              f"sequential loop {seq_mem.peak / 2**20:.0f} MiB")
+    if "e" in parts:
+        single, bucketed, kept_single, kept_buckets = buckets_vs_single(cfg, big, work, args.repeats)
+        print(f"(e) mixed shapes, {args.clips} clips: bucketed {bucketed:.2f} clips/s vs single-size {single:.2f} "
+              f"clips/s: {bucketed / single:.2f}x (target within 15%); source pixels kept: bucketed "
+              f"{kept_buckets:.1%}, single-size {kept_single:.1%}")
     ray.shutdown()
     shutil.rmtree(work, ignore_errors=True)
 

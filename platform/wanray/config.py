@@ -95,6 +95,9 @@ class ModelConfig:
     """If `path` holds no model, write the tiny random-init Wan2.2 there first."""
     tiny_seed: int = 0
     """Seed of the tiny checkpoint's random initialisation."""
+    tiny_kind: Literal["t2v-a14b", "i2v-a14b", "ti2v-5b"] = "t2v-a14b"
+    """Which Wan2.2 model create_tiny writes, at toy width (wanray.wan.KINDS): two experts and the
+    Wan2.1 VAE (T2V-A14B, I2V-A14B), or one transformer and the 48-channel Wan2.2 VAE (TI2V-5B)."""
     boundary: float | None = None
     """Expert switch as a fraction of 1000 train timesteps (high-noise expert for t >= boundary*1000).
     None: the model directory's boundary_ratio. A value that contradicts the directory is an error

@@ -19,7 +19,7 @@ import torch
 
 from wanray.errors import ConfigError, ModelDirError
 from wanray.io import atomic_path, write_text_atomic
-from wanray.wan import WanContract, contract_from
+from wanray.wan import KINDS, WanContract, contract_from
 
 EXPERT_SUBFOLDERS = {"high": "transformer", "low": "transformer_2"}
 REQUIRED_PARTS = ("model_index.json", "transformer", "transformer_2", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -42,8 +42,7 @@ def ensure_model(cfg_model) -> Path:
     writing the tiny checkpoint first when asked to."""
     p = Path(cfg_model.path).resolve()
     if cfg_model.create_tiny and not (p / "model_index.json").exists():
-        write_tiny_checkpoint(p, seed=cfg_model.tiny_seed,
-                              boundary=TINY_BOUNDARY if cfg_model.boundary is None else cfg_model.boundary)
+        write_tiny_checkpoint(p, seed=cfg_model.tiny_seed, boundary=cfg_model.boundary, kind=cfg_model.tiny_kind)
     return check_model_dir(p)
 
 
@@ -62,7 +61,8 @@ def read_contract(model_dir, model_cfg) -> WanContract:
     """The Wan2.2 contract of `model_dir` under the `model.*` settings (see wanray.wan)."""
     return contract_from(read_json(model_dir, "model_index.json"), read_json(model_dir, "vae/config.json"),
                          read_json(model_dir, "scheduler/scheduler_config.json"), model_cfg,
-                         where=str(Path(model_dir) / "vae" / "config.json"))
+                         where=str(Path(model_dir) / "vae" / "config.json"),
+                         transformer_config=read_json(model_dir, "transformer/config.json"))
 
 
 def write_boundary(model_dir, boundary: float) -> None:
@@ -266,11 +266,15 @@ def load_scheduler(path, flow_shift: float | None = None):
 TINY_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=24, in_channels=16,
                         out_channels=16, text_dim=32, freq_dim=32, ffn_dim=192, num_layers=2)
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
+TINY_WAN22_VAE = dict(base_dim=8, z_dim=48, in_channels=12, out_channels=12, is_residual=True, patch_size=2,
+                      dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
+                      scale_factor_spatial=16, scale_factor_temporal=4, latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+"""The Wan2.2 VAE's layout (TI2V-5B: 48 channels, 2x2 patchify then 8x: 16x spatial) at toy width."""
 TINY_UMT5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
                  relative_attention_max_distance=32, dropout_rate=0.0, feed_forward_proj="gated-gelu")
 
 
-TINY_BOUNDARY = 0.875  # T2V-A14B's
+TINY_BOUNDARY = KINDS["t2v-a14b"].boundary  # 0.875
 
 # The published config files of Wan-AI/Wan2.2-T2V-A14B-Diffusers (both experts share one; the VAE is
 # Wan2.1's): the real dimensions without the weights, for the memory plans and the device check.
@@ -301,7 +305,9 @@ def write_config_dir(path, transformer: dict = A14B_TRANSFORMER, vae: dict = A14
     the memory plans, which build the models on the meta device, and for the device check's random
     weights."""
     path = Path(path)
-    files = {"model_index.json": {"_class_name": "WanPipeline", "boundary_ratio": boundary},
+    index = {"_class_name": "WanPipeline", "boundary_ratio": boundary, "transformer": ["diffusers", "WanTransformer3DModel"],
+             "transformer_2": ["diffusers", "WanTransformer3DModel"]}
+    files = {"model_index.json": index,
              "transformer/config.json": transformer, "transformer_2/config.json": transformer,
              "vae/config.json": {"_class_name": "AutoencoderKLWan", **vae}, "text_encoder/config.json": text_encoder,
              "scheduler/scheduler_config.json": {"_class_name": "UniPCMultistepScheduler", **SCHEDULER_CONFIG}}
@@ -312,21 +318,29 @@ def write_config_dir(path, transformer: dict = A14B_TRANSFORMER, vae: dict = A14
     return path
 
 
-def write_tiny_checkpoint(path, seed: int = 0, boundary: float = TINY_BOUNDARY) -> Path:
-    """Write a randomly initialised tiny Wan2.2-T2V as a diffusers directory (atomically)."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+def write_tiny_checkpoint(path, seed: int = 0, boundary: float | None = None, kind: str = "t2v-a14b") -> Path:
+    """Write a randomly initialised tiny Wan2.2 model of `kind` (wanray.wan.KINDS) as a diffusers
+    directory (atomically); `boundary` None takes the kind's official one."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline, \
+        WanTransformer3DModel
     from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
+    spec = KINDS[kind]
     path = Path(path)
     torch.manual_seed(seed)
     tokenizer = ByT5Tokenizer()  # needs no vocabulary file, unlike the real UMT5 SentencePiece one
     text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **TINY_UMT5)).eval()
-    vae = AutoencoderKLWan(**TINY_VAE)
-    high = WanTransformer3DModel(**TINY_TRANSFORMER)
-    low = WanTransformer3DModel(**TINY_TRANSFORMER)
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
-                       scheduler=UniPCMultistepScheduler(**SCHEDULER_CONFIG),
-                       transformer=high, transformer_2=low, boundary_ratio=boundary)
+    vae = AutoencoderKLWan(**(TINY_VAE if spec.latent_channels == 16 else TINY_WAN22_VAE))
+    experts = [WanTransformer3DModel(**{**TINY_TRANSFORMER, "in_channels": spec.in_channels,
+                                        "out_channels": spec.latent_channels}) for _ in spec.experts]
+    parts = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                 scheduler=UniPCMultistepScheduler(**SCHEDULER_CONFIG), transformer=experts[0],
+                 transformer_2=experts[1] if len(experts) == 2 else None,
+                 boundary_ratio=(spec.boundary if boundary is None else boundary) if len(experts) == 2 else None)
+    if spec.pipeline == "WanImageToVideoPipeline":
+        pipe = WanImageToVideoPipeline(**parts, image_processor=None, image_encoder=None)
+    else:
+        pipe = WanPipeline(**parts, expand_timesteps=spec.expand_timesteps)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with atomic_path(path) as tmp:

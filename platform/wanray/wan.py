@@ -29,6 +29,55 @@ diffusers' Wan examples run it; latents are stored in preprocess.encoders.dtype.
 
 
 @dataclass(frozen=True)
+class ModelKind:
+    """Which Wan2.2 model a directory holds, read from its config files (kind_from), never assumed."""
+
+    name: str
+    title: str
+    experts: tuple[str, ...]
+    """The transformers it has: ("high", "low") = transformer/ and transformer_2/, or ("high",) alone."""
+    latent_channels: int
+    """The VAE's z_dim: 16 (Wan2.1 VAE), 48 (Wan2.2 VAE, 16x spatial compression)."""
+    in_channels: int
+    """What the transformer takes: the noisy latents, plus for I2V a 4-channel frame mask and the
+    16-channel first-frame condition (36)."""
+    image: str
+    """The first image: "none" (text to video), "required" (image to video), "optional" (both)."""
+    expand_timesteps: bool
+    """TI2V: per-token timesteps, the first latent frame (the image) kept clean at timestep 0."""
+    pipeline: str
+    """diffusers' pipeline class for it."""
+    boundary: float | None
+    """The official expert switch (wan/configs of Wan-Video/Wan2.2); None for one transformer."""
+
+
+KINDS = {k.name: k for k in (
+    ModelKind("t2v-a14b", "Wan2.2-T2V-A14B", ("high", "low"), 16, 16, "none", False, "WanPipeline", 0.875),
+    ModelKind("i2v-a14b", "Wan2.2-I2V-A14B", ("high", "low"), 16, 36, "required", False, "WanImageToVideoPipeline",
+              0.9),
+    ModelKind("ti2v-5b", "Wan2.2-TI2V-5B", ("high",), 48, 48, "optional", True, "WanPipeline", None),
+)}
+SUPPORTED_KINDS = ("t2v-a14b",)
+"""Kinds the preprocessing, training and serving code handles so far (I2V-A14B and TI2V-5B need the
+image condition and per-token timesteps that are not built yet)."""
+
+
+def kind_from(model_index: dict, transformer_config: dict, vae_config: dict, where: str) -> ModelKind:
+    """The kind a model directory's facts describe; a ConfigError names them when they fit none."""
+    two = model_index.get("transformer_2") not in (None, [None, None])
+    facts = (model_index.get("_class_name"), two, int(transformer_config.get("in_channels", 16)),
+             int(vae_config.get("z_dim", 16)), bool(model_index.get("expand_timesteps", False)))
+    for kind in KINDS.values():
+        if facts == (kind.pipeline, len(kind.experts) == 2, kind.in_channels, kind.latent_channels,
+                     kind.expand_timesteps):
+            return kind
+    pipeline, _, in_channels, z, expand = facts
+    raise ConfigError(f"{where}: {pipeline} with {'two transformers' if two else 'one transformer'}, transformer "
+                      f"in_channels {in_channels}, VAE z_dim {z}, expand_timesteps {expand} is none of the Wan2.2 "
+                      f"models wanray knows ({', '.join(k.title for k in KINDS.values())})")
+
+
+@dataclass(frozen=True)
 class WanContract:
     boundary: float
     """Expert switch as a fraction of num_train_timesteps."""
@@ -40,6 +89,13 @@ class WanContract:
     latents_mean: tuple[float, ...]
     latents_std: tuple[float, ...]
     text_tokens: int = TEXT_TOKENS
+    kind: ModelKind = KINDS["t2v-a14b"]
+
+    def check_supported(self, what: str) -> None:
+        """A one-line ConfigError when `what` (e.g. "training") does not handle this kind yet."""
+        if self.kind.name not in SUPPORTED_KINDS:
+            raise ConfigError(f"the model is {self.kind.title}: wanray's {what} handles "
+                              f"{', '.join(KINDS[k].title for k in SUPPORTED_KINDS)} only so far")
 
     @property
     def boundary_timestep(self) -> float:
@@ -111,11 +167,18 @@ def resolve_boundary(stored: float | None, configured: float | None, force: bool
 
 
 def contract_from(model_index: dict, vae_config: dict, scheduler_config: dict, model_cfg: ModelConfig,
-                  where: str = "the VAE config") -> WanContract:
-    """The contract of a Wan2.2 directory from its model_index.json, vae/config.json and
-    scheduler/scheduler_config.json (wanray.models.read_contract reads them) under `model.*`."""
-    boundary, source = resolve_boundary(model_index.get("boundary_ratio"), model_cfg.boundary,
-                                        model_cfg.force_boundary)
+                  where: str = "the VAE config", transformer_config: dict | None = None) -> WanContract:
+    """The contract of a Wan2.2 directory from its model_index.json, vae/config.json,
+    scheduler/scheduler_config.json and transformer/config.json (wanray.models.read_contract reads
+    them) under `model.*`. A one-transformer model (TI2V-5B) runs every step: boundary 0."""
+    kind = kind_from(model_index, transformer_config or {}, vae_config, "the model directory")
+    if len(kind.experts) == 1:
+        if model_cfg.boundary is not None:
+            raise ConfigError(f"model.boundary does not apply to {kind.title}: it has one transformer")
+        boundary, source = 0.0, f"{kind.title} has one transformer, which runs every step"
+    else:
+        boundary, source = resolve_boundary(model_index.get("boundary_ratio"), model_cfg.boundary,
+                                            model_cfg.force_boundary)
     z = vae_config.get("z_dim", 16)
     mean, std = vae_config.get("latents_mean"), vae_config.get("latents_std")
     if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == z):
@@ -124,4 +187,4 @@ def contract_from(model_index: dict, vae_config: dict, scheduler_config: dict, m
                        num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
                        vae_scale_temporal=int(vae_config.get("scale_factor_temporal", 4)),
                        vae_scale_spatial=int(vae_config.get("scale_factor_spatial", 8)),
-                       latents_mean=tuple(map(float, mean)), latents_std=tuple(map(float, std)))
+                       latents_mean=tuple(map(float, mean)), latents_std=tuple(map(float, std)), kind=kind)

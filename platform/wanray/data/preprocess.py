@@ -177,6 +177,7 @@ class PreprocessRun:
         out = Path(out_dir).resolve()
         out.mkdir(parents=True, exist_ok=True)
         model_path = str(models.ensure_model(cfg.model))
+        models.read_contract(model_path, cfg.model).check_supported("preprocessing")
         _check_settings(cfg, out)
         return cls(cfg, str(Path(manifest).resolve()), out, model_path, sources, manifest_rejects)
 

@@ -116,7 +116,9 @@ class StageSpec:
     def _make(cls, model_dir, cfg: Config, stages: StageResources, offload: bool = False) -> StageSpec:
         attention = {e: attention_backend(cfg.model.attention_backend, getattr(stages, e).device,
                                           getattr(stages, e).dtype, training=False) for e in EXPERTS}
-        return cls(str(model_dir), models.read_contract(model_dir, cfg.model), stages, cfg.infer.flow_shift,
+        contract = models.read_contract(model_dir, cfg.model)
+        contract.check_supported("sampler")
+        return cls(str(model_dir), contract, stages, cfg.infer.flow_shift,
                    cfg.infer.torch_threads, attention, offload)
 
     def load_device(self, device: torch.device) -> torch.device:

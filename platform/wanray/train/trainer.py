@@ -58,6 +58,7 @@ def make_trainer(cfg: Config, expert: str, data_dir, run_dir, index: ClipIndex |
         raise ConfigError("train.init_dcp holds plain expert weights; with train.lora.enabled load from safetensors")
     model_path = str(models.ensure_model(cfg.model))
     contract = models.read_contract(model_path, cfg.model)
+    contract.check_supported("training")
     attention = attention_backend(cfg.model.attention_backend, t.worker.device, t.worker.dtype, training=True)
     index = index or ClipIndex.from_dir(data_dir)
     expert_dir = Path(run_dir).resolve() / expert
@@ -146,6 +147,7 @@ def export_run(cfg: Config, run_dir, out_dir, log=print) -> Path:
     """The latest checkpoint of each expert trained in run_dir, in a copy of model.path (see
     checkpoint.export_diffusers), with the boundary they trained with in its model_index.json."""
     model_path = models.ensure_model(cfg.model)
+    models.read_contract(model_path, cfg.model).check_supported("export")
     trained = {e: latest_checkpoint(run_dir, e) for e in EXPERTS if (Path(run_dir) / e).is_dir()}
     if not trained:
         raise FileNotFoundError(f"no trained expert (high/ or low/) in {run_dir}")

@@ -46,12 +46,16 @@ def test_stages_that_do_not_handle_a_kind_yet_refuse_it_in_one_line(tiny_kinds):
     from wanray.infer.sampler import StageSpec
 
     for name, path in tiny_kinds.items():
-        if name in SUPPORTED_KINDS:
+        if name in SUPPORTED_KINDS["sampler"]:
             StageSpec.for_serving(path, tiny_config(path))
             continue
         with pytest.raises(ConfigError, match=f"^the model is {KINDS[name].title}: wanray's sampler handles "
                                               "Wan2.2-T2V-A14B only so far$"):
             StageSpec.for_serving(path, tiny_config(path))
+    contract = models.read_contract(tiny_kinds["ti2v-5b"], ModelConfig())
+    for what in ("preprocessing", "training", "export"):
+        with pytest.raises(ConfigError, match=f"wanray's {what} handles Wan2.2-T2V-A14B, Wan2.2-I2V-A14B only"):
+            contract.check_supported(what)
 
 
 def test_directories_that_are_no_known_kind_and_boundaries_that_do_not_apply(tiny_kinds, tmp_path):

@@ -19,7 +19,7 @@ import torch
 
 from wanray.errors import ConfigError, ModelDirError
 from wanray.io import atomic_path, write_text_atomic
-from wanray.wan import KINDS, WanContract, contract_from
+from wanray.wan import KINDS, WanContract, contract_from, kind_from
 
 EXPERT_SUBFOLDERS = {"high": "transformer", "low": "transformer_2"}
 REQUIRED_PARTS = ("model_index.json", "transformer", "transformer_2", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -63,6 +63,12 @@ def read_contract(model_dir, model_cfg) -> WanContract:
                          read_json(model_dir, "scheduler/scheduler_config.json"), model_cfg,
                          where=str(Path(model_dir) / "vae" / "config.json"),
                          transformer_config=read_json(model_dir, "transformer/config.json"))
+
+
+def read_kind(model_dir):
+    """Which Wan2.2 model `model_dir` holds (wanray.wan.KINDS), from its config files."""
+    return kind_from(read_json(model_dir, "model_index.json"), read_json(model_dir, "transformer/config.json"),
+                     read_json(model_dir, "vae/config.json"), str(model_dir))
 
 
 def write_boundary(model_dir, boundary: float) -> None:

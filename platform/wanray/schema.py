@@ -49,10 +49,10 @@ def decode_tensor(data: bytes, shape, dtype: str) -> torch.Tensor:
     return flat.view(getattr(torch, dtype)).reshape([int(s) for s in shape])
 
 
-def _tensor_fields(name: str) -> list[pa.Field]:
-    return [pa.field(name, pa.binary(), nullable=False),
-            pa.field(f"{name}_shape", pa.list_(pa.int32()), nullable=False),
-            pa.field(f"{name}_dtype", pa.string(), nullable=False)]
+def _tensor_fields(name: str, nullable: bool = False) -> list[pa.Field]:
+    return [pa.field(name, pa.binary(), nullable=nullable),
+            pa.field(f"{name}_shape", pa.list_(pa.int32()), nullable=nullable),
+            pa.field(f"{name}_dtype", pa.string(), nullable=nullable)]
 
 
 CLIP_SCHEMA = pa.schema(
@@ -71,6 +71,9 @@ CLIP_SCHEMA = pa.schema(
         *_tensor_fields("latent"),
         *_tensor_fields("text_embedding"),
         pa.field("text_tokens", pa.int32(), nullable=False),
+        # image-to-video models (I2V-A14B): the normalised VAE latent of the clip's first frame followed
+        # by zero frames, as WanImageToVideoPipeline conditions on it; null for text-to-video models
+        *_tensor_fields("condition", nullable=True),
     ],
     metadata={VERSION_KEY: SCHEMA_VERSION.encode()},
 )
@@ -104,17 +107,22 @@ class ClipRow:
     """(16, latent_frames, height/8, width/8), normalised with the VAE's latents_mean/std."""
     text_embedding: torch.Tensor
     """(text_tokens, text_dim): UMT5 output without padding."""
+    condition: torch.Tensor | None = None
+    """Image-to-video models: like `latent`, the first frame's latent then zero frames' (else None)."""
 
     def to_record(self) -> dict:
         rec = {k: getattr(self, k) for k in META_COLUMNS}
-        for name in ("latent", "text_embedding"):
-            rec[name], rec[f"{name}_shape"], rec[f"{name}_dtype"] = encode_tensor(getattr(self, name))
+        for name in ("latent", "text_embedding", "condition"):
+            value = getattr(self, name)
+            rec[name], rec[f"{name}_shape"], rec[f"{name}_dtype"] = (None, None, None) if value is None else \
+                encode_tensor(value)
         rec["text_tokens"] = int(self.text_embedding.shape[0])
         return rec
 
     @classmethod
     def from_record(cls, rec: dict) -> "ClipRow":
-        tensors = {n: decode_tensor(rec[n], rec[f"{n}_shape"], rec[f"{n}_dtype"]) for n in ("latent", "text_embedding")}
+        tensors = {n: decode_tensor(rec[n], rec[f"{n}_shape"], rec[f"{n}_dtype"])
+                   for n in ("latent", "text_embedding", "condition") if rec.get(n) is not None}
         meta = {k: rec[k] for k in META_COLUMNS}
         return cls(**meta, **tensors)
 

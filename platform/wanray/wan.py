@@ -57,9 +57,10 @@ KINDS = {k.name: k for k in (
               0.9),
     ModelKind("ti2v-5b", "Wan2.2-TI2V-5B", ("high",), 48, 48, "optional", True, "WanPipeline", None),
 )}
-SUPPORTED_KINDS = ("t2v-a14b",)
-"""Kinds the preprocessing, training and serving code handles so far (I2V-A14B and TI2V-5B need the
-image condition and per-token timesteps that are not built yet)."""
+SUPPORTED_KINDS = {"preprocessing": ("t2v-a14b", "i2v-a14b"), "training": ("t2v-a14b", "i2v-a14b"),
+                   "export": ("t2v-a14b", "i2v-a14b"), "sampler": ("t2v-a14b",)}
+"""Kinds each part of wanray handles so far: the sampler takes no first image yet, and TI2V-5B's
+per-token timesteps are not built."""
 
 
 def kind_from(model_index: dict, transformer_config: dict, vae_config: dict, where: str) -> ModelKind:
@@ -92,10 +93,10 @@ class WanContract:
     kind: ModelKind = KINDS["t2v-a14b"]
 
     def check_supported(self, what: str) -> None:
-        """A one-line ConfigError when `what` (e.g. "training") does not handle this kind yet."""
-        if self.kind.name not in SUPPORTED_KINDS:
+        """A one-line ConfigError when `what` (a key of SUPPORTED_KINDS) does not handle this kind yet."""
+        if self.kind.name not in SUPPORTED_KINDS[what]:
             raise ConfigError(f"the model is {self.kind.title}: wanray's {what} handles "
-                              f"{', '.join(KINDS[k].title for k in SUPPORTED_KINDS)} only so far")
+                              f"{', '.join(KINDS[k].title for k in SUPPORTED_KINDS[what])} only so far")
 
     @property
     def boundary_timestep(self) -> float:
@@ -148,6 +149,17 @@ def denormalize_latents(latents, latents_mean, latents_std):
     """The inverse, in WanPipeline's exact expression (latents / (1 / std) + mean), before VAE decode."""
     mean, std = _stats(latents, latents_mean, latents_std)
     return latents / (1.0 / std) + mean
+
+
+def first_frame_mask(latent_shape: tuple[int, ...], temporal_scale: int = 4):
+    """I2V-A14B's mask channels, as diffusers' WanImageToVideoPipeline.prepare_latents builds them:
+    (B, temporal_scale, F, H, W), ones on the first latent frame (the given image), zeros elsewhere."""
+    import torch
+
+    b, _, f, h, w = latent_shape
+    mask = torch.zeros(b, temporal_scale, f, h, w)
+    mask[:, :, 0] = 1.0
+    return mask
 
 
 def resolve_boundary(stored: float | None, configured: float | None, force: bool) -> tuple[float, str]:

@@ -27,7 +27,8 @@ def _columns(tensors: list[torch.Tensor], name: str) -> dict[str, np.ndarray]:
 
 
 class LatentEncoder:
-    """Ray Data actor: `frames` (T, H, W, 3) uint8 -> `latent` bytes, shape and dtype columns.
+    """Ray Data actor: `frames` (T, H, W, 3) uint8 -> `latent` bytes, shape and dtype columns; for an
+    image-to-video model also the `condition` columns (the first frame then zero frames, encoded).
 
     The VAE encodes in float32 (wan.VAE_DTYPE); latents are stored in `dtype`."""
 
@@ -35,18 +36,27 @@ class LatentEncoder:
         self.device = accelerator(device).torch_device()
         self.vae = models.load_vae(model_path, torch_dtype(VAE_DTYPE), self.device)
         self.dtype = torch_dtype(dtype)
+        self.condition = models.read_kind(model_path).image == "required"
 
     def __call__(self, batch: dict) -> dict:
         frames = list(batch.pop("frames"))
         latents: list[torch.Tensor | None] = [None] * len(frames)
+        conditions: list[torch.Tensor | None] = [None] * len(frames)
         by_shape = defaultdict(list)  # clips of one shape go through the VAE together
         for i, f in enumerate(frames):
             by_shape[f.shape].append(i)
         for idx in by_shape.values():
-            z = encode_latents(self.vae, torch.stack([frames_to_video(frames[i]) for i in idx]))
-            for i, zi in zip(idx, z.to(self.dtype).cpu()):
+            videos = torch.stack([frames_to_video(frames[i]) for i in idx])
+            for i, zi in zip(idx, encode_latents(self.vae, videos).to(self.dtype).cpu()):
                 latents[i] = zi
-        return {**batch, **_columns(latents, "latent")}
+            if self.condition:  # WanImageToVideoPipeline.prepare_latents: the image, then zeros ([-1, 1] scale)
+                first = torch.cat([videos[:, :, :1], torch.zeros_like(videos[:, :, 1:])], dim=2)
+                for i, ci in zip(idx, encode_latents(self.vae, first).to(self.dtype).cpu()):
+                    conditions[i] = ci
+        columns = _columns(latents, "latent")
+        if self.condition:
+            columns.update(_columns(conditions, "condition"))
+        return {**batch, **columns}
 
 
 class TextEncoder:

@@ -98,8 +98,12 @@ def collect_rejects(out_dir) -> list[dict]:
 
 def write_shard(batch: dict, out_dir: str) -> dict:
     """Ray Data map_batches function: one batch of clip rows becomes one Parquet shard."""
-    columns = {f.name: [list(map(int, v)) for v in batch[f.name]] if f.name.endswith("_shape") else list(batch[f.name])
-               for f in CLIP_SCHEMA}
+    rows = len(batch["id"])
+    columns = {}
+    for f in CLIP_SCHEMA:
+        values = list(batch[f.name]) if f.name in batch else [None] * rows  # nullable columns a model has not
+        columns[f.name] = [None if v is None else list(map(int, v)) for v in values] if f.name.endswith("_shape") \
+            else values
     name = f"part-{uuid.uuid4().hex}.parquet"
     write_table_atomic(pa.Table.from_pydict(columns, schema=CLIP_SCHEMA), Path(out_dir) / name, row_group_size=1)
     return {"shard": [name], "rows": [len(batch["id"])], "frames": [int(sum(batch["num_frames"]))]}

@@ -30,6 +30,7 @@ import torch
 from wanray.data.shards import shard_paths
 from wanray.schema import TRAINING_READS, check_version, decode_tensor, pad_text_embedding
 
+CONDITION_COLUMNS = ["condition", "condition_shape", "condition_dtype"]
 TENSOR_COLUMNS = ["id", "latent", "latent_shape", "latent_dtype", "text_embedding", "text_embedding_shape",
                   "text_embedding_dtype"]
 
@@ -48,6 +49,8 @@ class ClipIndex:
     """(N,) id of the clip's latent shape: clips of one id can be stacked."""
     shapes: list[tuple[int, ...]] = field(default_factory=list)
     """Latent shape (C, F, H, W) of each shape id: a bucket of the preprocessed data."""
+    conditioned: bool = False
+    """Every clip has an image-to-video first-frame condition (preprocessed with an I2V model)."""
 
     def __len__(self) -> int:
         return len(self.file)
@@ -58,16 +61,18 @@ class ClipIndex:
         paths = shard_paths(data_dir)
         if not paths:
             raise FileNotFoundError(f"no preprocessed clips (part-*.parquet) in {data_dir}")
-        files, rows, shapes = [str(p.resolve()) for p in paths], [], {}
+        files, rows, shapes, conditioned = [str(p.resolve()) for p in paths], [], {}, True
         for f, path in enumerate(paths):
             pf = pq.ParquetFile(path)
             check_version(pf.schema_arrow, str(path), TRAINING_READS)
             column = iter(pf.read(columns=["latent_shape"]).column("latent_shape").to_pylist())
+            conditioned = conditioned and "condition_shape" in pf.schema_arrow.names and \
+                pf.read(columns=["condition_shape"]).column("condition_shape").null_count == 0
             for g in range(pf.num_row_groups):
                 for r in range(pf.metadata.row_group(g).num_rows):
                     rows.append((f, g, r, shapes.setdefault(tuple(next(column)), len(shapes))))
         table = np.array(rows, dtype=np.int64).reshape(-1, 4)
-        return cls(files, *(table[:, i].copy() for i in range(4)), shapes=list(shapes))
+        return cls(files, *(table[:, i].copy() for i in range(4)), shapes=list(shapes), conditioned=conditioned)
 
     def tokens(self, shape_id: int) -> int:
         """DiT tokens of one clip of that shape: F x H/2 x W/2 (patch 1x2x2)."""
@@ -187,6 +192,8 @@ class Batch:
     epoch: int = 0
     index: int = 0
     """Global batch index within the epoch (seeds the batch's noise)."""
+    condition: torch.Tensor | None = None
+    """(B, 16, F, H, W) image-to-video first-frame condition latents, stored dtype (None for T2V)."""
 
     @property
     def tokens(self) -> int:
@@ -195,7 +202,7 @@ class Batch:
         return b * f * (h // 2) * (w // 2)
 
 
-Clip = tuple[str, torch.Tensor, torch.Tensor]  # (id, latent, unpadded text embedding)
+Clip = tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]  # (id, latent, unpadded text, I2V condition)
 
 
 class ClipReader:
@@ -222,11 +229,14 @@ class ClipReader:
         if clip in self.cache:
             return self.cache[clip]
         ix = self.index
-        table = self._file(int(ix.file[clip])).read_row_group(int(ix.row_group[clip]), columns=TENSOR_COLUMNS)
+        columns = TENSOR_COLUMNS + (CONDITION_COLUMNS if ix.conditioned else [])
+        table = self._file(int(ix.file[clip])).read_row_group(int(ix.row_group[clip]), columns=columns)
         row = table.slice(int(ix.row[clip]), 1).to_pylist()[0]
         out = (row["id"], decode_tensor(row["latent"], row["latent_shape"], row["latent_dtype"]),
-               decode_tensor(row["text_embedding"], row["text_embedding_shape"], row["text_embedding_dtype"]))
-        size = out[1].nbytes + out[2].nbytes
+               decode_tensor(row["text_embedding"], row["text_embedding_shape"], row["text_embedding_dtype"]),
+               decode_tensor(row["condition"], row["condition_shape"], row["condition_dtype"]) if ix.conditioned
+               else None)
+        size = out[1].nbytes + out[2].nbytes + (out[3].nbytes if out[3] is not None else 0)
         if self.cached + size <= self.cache_bytes:
             self.cache[clip], self.cached = out, self.cached + size
         return out
@@ -235,7 +245,8 @@ class ClipReader:
         read = [self.read(int(c)) for c in clips]
         return Batch(torch.stack([c[1] for c in read]), torch.stack([pad_text_embedding(c[2], text_tokens)
                                                                      for c in read]),
-                     [c[0] for c in read], epoch, index)
+                     [c[0] for c in read], epoch, index,
+                     torch.stack([c[3] for c in read]) if self.index.conditioned else None)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from wanray.train.data import Batch, ClipIndex, ClipLoader, ClipReader, DataPlan
 from wanray.train.flow import FlowDraw, batch_seed, draw_flow, noisy_latents
 from wanray.train.parallel import (apply_fsdp, build_on_meta, init_lora, load_expert_shards, materialize,
                                    shard_stats, trainable_parameters)
-from wanray.wan import WanContract
+from wanray.wan import WanContract, first_frame_mask
 
 STEP_FILE = "wanray_step.json"
 
@@ -99,6 +99,9 @@ def flow_loss(model, batch: Batch, draw: FlowDraw, empty: torch.Tensor, spec: Lo
     x0, text = batch.latents.float(), batch.text.float()
     text[draw.drop_caption] = empty
     xt, target = noisy_latents(x0, draw.noise, draw.timesteps, spec.contract.num_train_timesteps)
+    if spec.contract.kind.image == "required":  # image to video: mask and first-frame channels, as its sampler
+        mask = first_frame_mask(x0.shape, spec.contract.vae_scale_temporal)
+        xt = torch.cat([xt, mask, batch.condition.float()], dim=1)
     pred = model(hidden_states=xt.to(device, compute), timestep=draw.timesteps.to(device),
                  encoder_hidden_states=text.to(device, compute), return_dict=False)[0]
     return F.mse_loss(pred.float(), target.to(device))

@@ -13,7 +13,7 @@ from pathlib import Path
 from wanray import models
 from wanray.config import Config, attention_backend
 from wanray.data.shards import read_empty_prompt
-from wanray.errors import ConfigError
+from wanray.errors import ConfigError, DataError
 from wanray.io import write_json_atomic
 from wanray.devices import accelerator
 from wanray.train import checkpoint as ckpt
@@ -61,6 +61,9 @@ def make_trainer(cfg: Config, expert: str, data_dir, run_dir, index: ClipIndex |
     contract.check_supported("training")
     attention = attention_backend(cfg.model.attention_backend, t.worker.device, t.worker.dtype, training=True)
     index = index or ClipIndex.from_dir(data_dir)
+    if contract.kind.image == "required" and not index.conditioned:
+        raise DataError(f"{data_dir} holds no first-frame condition for {contract.kind.title}: preprocess the videos "
+                        "with this model (model.path) into a new directory")
     expert_dir = Path(run_dir).resolve() / expert
     if list(expert_dir.glob(f"*/{STEP_FILE}")):  # a resume: fail here, not in every worker
         ckpt.check_resumable(latest_checkpoint(run_dir, expert))

@@ -1,0 +1,76 @@
+"""Wan2.2-I2V-A14B (tiny) through preprocessing, training and export on a real local Ray: the stored
+first-frame condition is diffusers' own, the experts train on it, the export loads in
+WanImageToVideoPipeline."""
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import tiny_config
+from test_integration_train import metrics
+from wanray import models
+from wanray.buckets import BucketSet
+from wanray.data.preprocess import run_preprocess
+from wanray.data.shards import read_clips, shard_paths
+from wanray.data.video import decode_clip
+from wanray.errors import DataError
+from wanray.schema import ClipRow
+from wanray.train.trainer import export_run, make_trainer, train_experts
+from wanray.wan import first_frame_mask
+
+
+@pytest.fixture(scope="module")
+def i2v_model(tmp_path_factory):
+    return models.write_tiny_checkpoint(tmp_path_factory.mktemp("i2v") / "tiny-i2v", kind="i2v-a14b")
+
+
+@pytest.fixture(scope="module")
+def i2v_prep(i2v_model, synthetic, ray_cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("i2v_prep")
+    run_preprocess(tiny_config(i2v_model), str(synthetic), str(out), log=lambda _: None)
+    return out
+
+
+def test_the_stored_condition_is_the_one_wan_image_to_video_pipeline_builds(i2v_model, i2v_prep):
+    from diffusers import WanImageToVideoPipeline
+
+    pipe = WanImageToVideoPipeline.from_pretrained(i2v_model)
+    d = tiny_config(i2v_model).data
+    for rec in read_clips(i2v_prep).to_pylist()[:2]:
+        row = ClipRow.from_record(rec)
+        clip = decode_clip(row.source, BucketSet.from_config(d), d.fps)
+        image = torch.from_numpy(clip.frames[0]).permute(2, 0, 1)[None].float() / 127.5 - 1  # what preprocess() gives
+        _, condition = pipe.prepare_latents(image, 1, 16, row.height, row.width, row.num_frames, torch.float32,
+                                            torch.device("cpu"))
+        assert row.condition is not None and row.condition.shape == row.latent.shape
+        torch.testing.assert_close(row.condition, condition[0, 4:], atol=1e-5, rtol=1e-5)
+        assert torch.equal(first_frame_mask(condition.shape)[:, :, :], condition[:, :4])
+
+
+def test_i2v_experts_train_on_the_condition_and_export_to_wan_image_to_video(i2v_model, i2v_prep, tmp_path):
+    from diffusers import WanImageToVideoPipeline
+
+    run = tmp_path / "run"
+    cfg = tiny_config(i2v_model, "train.workers=1", "train.steps=30", "train.checkpoint_every=30", "train.lr=3e-3",
+                      "train.log_every=1", "train.caption_dropout=0.0")
+    train_experts(cfg, "high", i2v_prep, run, log=lambda _: None)
+    losses = [m["loss"] for m in metrics(run)]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    out = export_run(cfg, run, tmp_path / "export", log=lambda _: None)
+    pipe = WanImageToVideoPipeline.from_pretrained(out)
+    base = WanImageToVideoPipeline.from_pretrained(i2v_model)
+    assert pipe.transformer.config.in_channels == 36 and pipe.config.boundary_ratio == 0.9
+    assert not torch.equal(pipe.transformer.proj_out.weight, base.transformer.proj_out.weight)  # trained
+    assert torch.equal(pipe.transformer_2.proj_out.weight, base.transformer_2.proj_out.weight)  # not trained
+
+
+def test_data_without_the_condition_is_refused_before_any_worker_starts(i2v_model, i2v_prep, tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for p in shard_paths(i2v_prep):
+        pq.write_table(pq.read_table(p).drop_columns(["condition", "condition_shape", "condition_dtype"]),
+                       plain / p.name, row_group_size=1)
+    shutil.copy(i2v_prep / "empty_prompt.parquet", plain)
+    with pytest.raises(DataError, match="holds no first-frame condition for Wan2.2-I2V-A14B"):
+        make_trainer(tiny_config(i2v_model), "high", plain, tmp_path / "run")

@@ -6,7 +6,8 @@
 Writes out/00000.mp4, 00001.mp4, ... (line order, blank lines skipped) and out/videos.jsonl.
 Size, steps, guidance scales, negative prompt and seed come from the config
 (data.height/width/num_frames, infer.*), or per line from a .jsonl prompts file
-({"prompt": ..., "height": ..., "width": ..., "num_frames": ..., "seed": ...}). Runs on the cluster in RAY_ADDRESS, else on a
+({"prompt": ..., "height": ..., "width": ..., "num_frames": ..., "seed": ..., and for an image-to-video
+model "image": the first frame's path}). Runs on the cluster in RAY_ADDRESS, else on a
 local Ray it starts.
 """
 import argparse
@@ -15,7 +16,7 @@ import sys
 from wanray.config import add_config_args, load_config
 from wanray.infer.batch import generate_videos, read_prompts
 from wanray.infer.plan import print_plan
-from wanray.models import ensure_model
+from wanray.models import ensure_model, read_kind
 from wanray.runtime import connect_ray, fail
 
 
@@ -39,8 +40,8 @@ def main(args):
     cfg = load_config(args.config, overrides)
     if args.plan:
         sys.exit(0 if print_plan(cfg, "batch") else 1)
-    params = read_prompts(args.prompts, cfg)
     model_dir = ensure_model(cfg.model)
+    params = read_prompts(args.prompts, cfg, read_kind(model_dir))  # an image only for an image-to-video model
     connect_ray()
     generate_videos(cfg, str(model_dir), params, args.out, args.save_frames)
 

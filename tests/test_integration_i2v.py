@@ -74,3 +74,36 @@ def test_data_without_the_condition_is_refused_before_any_worker_starts(i2v_mode
     shutil.copy(i2v_prep / "empty_prompt.parquet", plain)
     with pytest.raises(DataError, match="holds no first-frame condition for Wan2.2-I2V-A14B"):
         make_trainer(tiny_config(i2v_model), "high", plain, tmp_path / "run")
+
+
+def test_generate_renders_image_to_video_from_a_jsonl_of_images_with_wan_image_to_video_frames(
+        i2v_model, ray_cluster, tmp_path):
+    import base64
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from conftest import ROOT
+    from wanray.data.synthetic import SyntheticClip, render
+    from wanray.infer.api import GenerateRequest, resolve
+    from wanray.infer.reference import wanpipeline_frames
+    from wanray.wan import KINDS
+
+    frame = render(SyntheticClip("x", "", 64, 64, 16, 2, "square", "blue", "olive", "top to bottom"))[0]
+    Image.fromarray(frame).save(tmp_path / "first.jpg")
+    line = {"prompt": "a blue square moving down", "image": "first.jpg", "num_frames": 5, "seed": 2}
+    (tmp_path / "prompts.jsonl").write_text(json.dumps(line) + "\n")
+    out = tmp_path / "videos"
+    run = subprocess.run([sys.executable, str(ROOT / "pipelines" / "generate.py"), "--config",
+                          str(ROOT / "configs" / "tiny.yaml"), "--model", str(i2v_model), "--prompts",
+                          str(tmp_path / "prompts.jsonl"), "--out", str(out), "--save-frames"],
+                         capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-3000:]
+    frames = np.load(out / "00000.npy")
+    request = GenerateRequest(**{**line, "image": base64.b64encode((tmp_path / "first.jpg").read_bytes()).decode()})
+    params = resolve(request, tiny_config(i2v_model), KINDS["i2v-a14b"])
+    ref = wanpipeline_frames(i2v_model, params, 0.9)
+    assert frames.shape == (5, 64, 64, 3) and np.abs(frames - ref).max() <= 1e-4

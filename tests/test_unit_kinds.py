@@ -46,12 +46,14 @@ def test_stages_that_do_not_handle_a_kind_yet_refuse_it_in_one_line(tiny_kinds):
     from wanray.infer.sampler import StageSpec
 
     for name, path in tiny_kinds.items():
-        if name in SUPPORTED_KINDS["sampler"]:
-            StageSpec.for_serving(path, tiny_config(path))
-            continue
-        with pytest.raises(ConfigError, match=f"^the model is {KINDS[name].title}: wanray's sampler handles "
-                                              "Wan2.2-T2V-A14B only so far$"):
-            StageSpec.for_serving(path, tiny_config(path))
+        for what, make in (("serving", StageSpec.for_serving), ("sampler", StageSpec.for_batch)):
+            if name in SUPPORTED_KINDS[what]:
+                make(path, tiny_config(path))
+                continue
+            handled = ", ".join(KINDS[k].title for k in SUPPORTED_KINDS[what])
+            with pytest.raises(ConfigError, match=f"^the model is {KINDS[name].title}: wanray's {what} handles "
+                                                  f"{handled} only so far$"):
+                make(path, tiny_config(path))
     contract = models.read_contract(tiny_kinds["ti2v-5b"], ModelConfig())
     for what in ("preprocessing", "training", "export"):
         with pytest.raises(ConfigError, match=f"wanray's {what} handles Wan2.2-T2V-A14B, Wan2.2-I2V-A14B only"):
@@ -75,3 +77,69 @@ def test_presets_and_the_tiny_kind_setting_name_every_kind():
     assert (i2v.infer.flow_shift, i2v.infer.guidance_scale, i2v.infer.guidance_scale_2) == (5.0, 3.5, 3.5)
     assert (ti2v.data.height, ti2v.data.width, ti2v.data.num_frames, ti2v.data.fps) == (704, 1280, 121, 24.0)
     assert (ti2v.infer.flow_shift, ti2v.infer.num_inference_steps, ti2v.infer.guidance_scale) == (5.0, 50, 5.0)
+
+
+def test_the_sampler_gives_wan_image_to_video_pipelines_frames_for_an_image(tiny_kinds, tmp_path):
+    """Image to video through the four stages (condition from the VAE stage, then both experts) equals
+    diffusers' WanImageToVideoPipeline with the same weights, image, prompts and seed, including the
+    switch at the I2V boundary 0.9."""
+    import base64
+    import io
+
+    from wanray.data.synthetic import SyntheticClip, render
+    from wanray.infer.reference import wanpipeline_frames
+    from wanray.infer.sampler import GenerationParams, Sampler, StageSpec
+
+    path = tiny_kinds["i2v-a14b"]
+    frame = render(SyntheticClip("x", "", 80, 48, 16, 2, "circle", "red", "gray", "left to right"))[0]
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format="PNG")  # 80x48: resized to 64x48 as diffusers resizes it
+    params = GenerationParams(prompt="a red circle", negative_prompt="blurry", height=64, width=48, num_frames=9,
+                              num_inference_steps=8, guidance_scale=3.5, guidance_scale_2=3.5, seed=5,
+                              image=base64.b64encode(buffer.getvalue()).decode())
+    spec = StageSpec.for_batch(path, tiny_config(path))
+    ours = Sampler(spec)(params)
+    ref = wanpipeline_frames(path, params, spec.contract.boundary)
+    assert ours.shape == (9, 64, 48, 3) and np.abs(ours - ref).max() <= 1e-4
+    other = Sampler(spec)(GenerationParams(**{**params.__dict__, "image": base64.b64encode(
+        _png(np.full((80, 48, 3), 30, np.uint8))).decode()}))
+    assert np.abs(other - ours).max() > 1e-3  # the image reaches the frames
+
+
+def _png(array) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_requests_and_prompt_files_carry_an_image_only_where_the_model_takes_one(tiny_kinds, tmp_path):
+    import base64
+
+    from wanray.errors import RequestError
+    from wanray.infer.api import GenerateRequest, resolve
+    from wanray.infer.batch import read_prompts
+
+    cfg, t2v, i2v = tiny_config(tiny_kinds["t2v-a14b"]), KINDS["t2v-a14b"], KINDS["i2v-a14b"]
+    png = base64.b64encode(_png(np.zeros((16, 16, 3), np.uint8))).decode()
+    assert resolve(GenerateRequest(prompt="x", image=png), cfg, i2v).image == png
+    for request, kind, message in ((GenerateRequest(prompt="x", image=png), t2v, "Wan2.2-T2V-A14B takes no image"),
+                                   (GenerateRequest(prompt="x"), i2v, "Wan2.2-I2V-A14B needs an image"),
+                                   (GenerateRequest(prompt="x", image="not base64!"), i2v, "not a base64-encoded"),
+                                   (GenerateRequest(prompt="x", image=base64.b64encode(b"text").decode()), i2v,
+                                    "not a base64-encoded PNG, JPEG or WebP")):
+        with pytest.raises(RequestError, match=message):
+            resolve(request, cfg, kind)
+    with pytest.raises(RequestError, match="at most 10 are served"):
+        resolve(GenerateRequest(prompt="x", image=png), tiny_config(tiny_kinds["t2v-a14b"], "infer.max_image_bytes=10"),
+                i2v)
+
+    (tmp_path / "first.png").write_bytes(_png(np.zeros((16, 16, 3), np.uint8)))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a", "image": "first.png"}\n{"prompt": "b", "image": "missing.png"}\n')
+    with pytest.raises(RequestError, match="line 2: image file not found"):
+        read_prompts(prompts, cfg, i2v)
+    prompts.write_text('{"prompt": "a", "image": "first.png"}\n')
+    (params,) = read_prompts(prompts, cfg, i2v)
+    assert base64.b64decode(params.image) == (tmp_path / "first.png").read_bytes()

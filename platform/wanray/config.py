@@ -232,6 +232,8 @@ class InferConfig:
     """Largest frame count a request may ask for (4n+1)."""
     max_steps: int = 100
     """Most denoising steps a request may ask for."""
+    max_image_bytes: int = 20 * 2**20
+    """Largest first image (image-to-video models) a request may carry."""
     max_prompt_chars: int = 2000
     """Longest prompt or negative prompt, in characters (UMT5 keeps 512 tokens of it)."""
     batch_actors: int = 1

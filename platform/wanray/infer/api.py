@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from wanray.config import Config
 from wanray.errors import RequestError
-from wanray.infer.sampler import GenerationParams
+from wanray.infer.sampler import GenerationParams, decode_image
+from wanray.wan import KINDS, ModelKind
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ class GenerateRequest(BaseModel):
     guidance_scale: float | None = Field(None, allow_inf_nan=False)
     guidance_scale_2: float | None = Field(None, allow_inf_nan=False)
     seed: int | None = None
+    image: str | None = None
+    """Image-to-video models: the first frame, a PNG, JPEG or WebP file in base64."""
     output: OutputFormat = "mp4"
     """mp4 (H.264), or frames: the float32 (frames, height, width, 3) array in [0, 1] as .npy."""
 
@@ -58,8 +61,9 @@ def _check_prompt(name: str, text: str, max_chars: int, required: bool) -> None:
     _check(len(text) <= max_chars, f"{name} has {len(text)} characters, at most {max_chars} are served")
 
 
-def resolve(req: GenerateRequest, cfg: Config) -> GenerationParams:
-    """The request with the configured defaults filled in; RequestError names the first bound it breaks."""
+def resolve(req: GenerateRequest, cfg: Config, kind: ModelKind = KINDS["t2v-a14b"]) -> GenerationParams:
+    """The request with the configured defaults filled in for a model of `kind`; RequestError names the
+    first bound it breaks (an image given to a text-to-video model, or none to an image-to-video one)."""
     inf, data = cfg.infer, cfg.data
     pick = lambda value, default: default if value is None else value  # noqa: E731
     p = GenerationParams(
@@ -68,7 +72,14 @@ def resolve(req: GenerateRequest, cfg: Config) -> GenerationParams:
         num_frames=pick(req.num_frames, data.num_frames),
         num_inference_steps=pick(req.num_inference_steps, inf.num_inference_steps),
         guidance_scale=pick(req.guidance_scale, inf.guidance_scale),
-        guidance_scale_2=pick(req.guidance_scale_2, inf.guidance_scale_2), seed=pick(req.seed, inf.seed))
+        guidance_scale_2=pick(req.guidance_scale_2, inf.guidance_scale_2), seed=pick(req.seed, inf.seed),
+        image=req.image)
+    _check(req.image is None or kind.image != "none", f"{kind.title} takes no image: leave image out")
+    _check(req.image is not None or kind.image != "required", f"{kind.title} needs an image: the video's first frame")
+    if req.image is not None:
+        _check(len(req.image) * 3 // 4 <= inf.max_image_bytes,
+               f"image has about {len(req.image) * 3 // 4} bytes, at most {inf.max_image_bytes} are served")
+        decode_image(req.image)  # a RequestError when it is no image
     _check_prompt("prompt", p.prompt, inf.max_prompt_chars, required=True)
     _check_prompt("negative_prompt", p.negative_prompt, inf.max_prompt_chars, required=False)
     for name, value, most in (("height", p.height, inf.max_height), ("width", p.width, inf.max_width)):

@@ -21,18 +21,20 @@ from wanray.config import Config
 from wanray.errors import RequestError
 from wanray.infer.api import GenerateRequest, resolve
 from wanray.infer.sampler import GenerationParams, Sampler, StageSpec
+from wanray.wan import KINDS, ModelKind
 from wanray.infer.video import mp4_bytes
 from wanray.io import write_bytes_atomic
 
 INDEX_FILE = "videos.jsonl"
 
 
-def read_prompts(path: str | os.PathLike, cfg: Config) -> list[GenerationParams]:
+def read_prompts(path: str | os.PathLike, cfg: Config, kind: ModelKind = KINDS["t2v-a14b"]) -> list[GenerationParams]:
     """One GenerationParams per non-blank line; RequestError names the first line that is out of bounds.
 
     A .jsonl file holds one JSON object per line: `prompt` and any of the REST API's fields
     (`negative_prompt`, `height`, `width`, `num_frames`, `num_inference_steps`, `guidance_scale`,
-    `guidance_scale_2`, `seed`) for that video, e.g. a size of another bucket; any other file, one
+    `guidance_scale_2`, `seed`) for that video, e.g. a size of another bucket, and for an image-to-video
+    model `image`, the path of its first frame (relative to the prompts file); any other file, one
     prompt per line with the configured settings."""
     from pydantic import ValidationError
 
@@ -49,10 +51,12 @@ def read_prompts(path: str | os.PathLike, cfg: Config) -> list[GenerationParams]
                 fields = json.loads(line)
                 if not isinstance(fields, dict) or "output" in fields:
                     raise RequestError("expected a JSON object of the REST API's fields (all but output)")
+                if isinstance(fields.get("image"), str):
+                    fields["image"] = _image_file(p.parent / fields["image"])
                 request = GenerateRequest.model_validate(fields)
             else:
                 request = GenerateRequest(prompt=line.strip())
-            params.append(resolve(request, cfg))
+            params.append(resolve(request, cfg, kind))
         except json.JSONDecodeError as e:
             raise RequestError(f"{p} line {number}: not JSON: {e}") from None
         except ValidationError as e:
@@ -64,6 +68,14 @@ def read_prompts(path: str | os.PathLike, cfg: Config) -> list[GenerationParams]
     if not params:
         raise RequestError(f"{p} holds no prompt (one prompt per line)")
     return params
+
+
+def _image_file(path: Path) -> str:
+    import base64
+
+    if not path.is_file():
+        raise RequestError(f"image file not found: {path}")
+    return base64.b64encode(path.read_bytes()).decode()
 
 
 class VideoWriter:

@@ -25,7 +25,24 @@ from wanray.config import Config, StageResources, attention_backend
 from wanray.encoding import encode_text
 from wanray.devices import accelerator, apply_attention_backend, torch_dtype
 from wanray.schema import pad_text_embedding
-from wanray.wan import EXPERTS, VAE_DTYPE, WanContract
+from wanray.wan import EXPERTS, VAE_DTYPE, WanContract, first_frame_mask
+
+
+def decode_image(data: str):
+    """A base64-encoded image file (GenerationParams.image) as an RGB PIL image; RequestError if it is none."""
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image
+
+    from wanray.errors import RequestError
+
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as img:
+            return img.convert("RGB")
+    except (binascii.Error, ValueError, OSError, SyntaxError) as e:  # PIL: UnidentifiedImageError is an OSError
+        raise RequestError(f"image is not a base64-encoded PNG, JPEG or WebP file: {str(e).splitlines()[0][:120]}")
 
 # UniPC state that set_timesteps and step keep on the compute device: timesteps, and the multistep
 # history (last solver_order model outputs, their timesteps, the last sample). sigmas stay on the CPU.
@@ -47,6 +64,8 @@ class GenerationParams:
     guidance_scale_2: float
     """Low-noise expert's guidance."""
     seed: int
+    image: str | None = None
+    """Image-to-video models: the first frame, an image file's bytes (PNG, JPEG, WebP) in base64."""
 
     @property
     def guided(self) -> bool:
@@ -72,6 +91,9 @@ class DenoiseState:
     """The request's own scheduler: its timesteps and multistep history (model outputs, last sample)."""
     step: int
     """Index of the next timestep to run."""
+    condition: torch.Tensor | None = None
+    """Image-to-video: (1, 4 + 16, F, H, W) first-frame mask and condition latents, concatenated to the
+    latents at every step, as WanImageToVideoPipeline does."""
 
     def to(self, device: torch.device) -> "DenoiseState":
         """Move the latents and the scheduler's per-request tensors (the rest stays on the CPU, as in diffusers)."""
@@ -81,6 +103,8 @@ class DenoiseState:
         for name in SCHEDULER_DEVICE_STATE:
             setattr(self.scheduler, name, move(getattr(self.scheduler, name)))
         self.latents = self.latents.to(device)
+        if self.condition is not None:
+            self.condition = self.condition.to(device)
         return self
 
 
@@ -103,21 +127,24 @@ class StageSpec:
     def for_serving(cls, model_dir, cfg: Config) -> StageSpec:
         """Each stage on its own infer.stages.* resources. A boundary contradicting the directory or an
         attention backend that cannot run on a stage is a ConfigError, raised here in the driver."""
-        return cls._make(model_dir, cfg, cfg.infer.stages)
+        spec = cls._make(model_dir, cfg, cfg.infer.stages)
+        spec.contract.check_supported("serving")
+        return spec
 
     @classmethod
     def for_batch(cls, model_dir, cfg: Config) -> StageSpec:
         """Every stage in one batch-generation actor, on infer.batch; with infer.batch_offload only the
         running stage's model is on the device."""
         b = cfg.infer.batch
-        return cls._make(model_dir, cfg, StageResources(text=b, high=b, low=b, vae=b), cfg.infer.batch_offload)
+        spec = cls._make(model_dir, cfg, StageResources(text=b, high=b, low=b, vae=b), cfg.infer.batch_offload)
+        spec.contract.check_supported("sampler")
+        return spec
 
     @classmethod
     def _make(cls, model_dir, cfg: Config, stages: StageResources, offload: bool = False) -> StageSpec:
         attention = {e: attention_backend(cfg.model.attention_backend, getattr(stages, e).device,
                                           getattr(stages, e).dtype, training=False) for e in EXPERTS}
         contract = models.read_contract(model_dir, cfg.model)
-        contract.check_supported("sampler")
         return cls(str(model_dir), contract, stages, cfg.infer.flow_shift,
                    cfg.infer.torch_threads, attention, offload)
 
@@ -219,25 +246,27 @@ class ExpertStage:
         apply_attention_backend(self.expert, spec.attention[expert])
         self.scheduler = models.load_scheduler(spec.model_dir, spec.flow_shift)
 
-    def initial_state(self, params: GenerationParams) -> DenoiseState:
-        """Seeded noise and a fresh scheduler, exactly as WanPipeline.prepare_latents / set_timesteps."""
+    def initial_state(self, params: GenerationParams, condition: torch.Tensor | None = None) -> DenoiseState:
+        """Seeded noise and a fresh scheduler, exactly as WanPipeline.prepare_latents / set_timesteps
+        (the noise has the latents' channels, not the transformer's input channels)."""
         from diffusers.utils.torch_utils import randn_tensor
 
         scheduler = copy.deepcopy(self.scheduler)
         scheduler.set_timesteps(params.num_inference_steps, device=self.device)
         scheduler.set_begin_index(0)
-        shape = self.contract.latent_shape(self.expert.config.in_channels, params.num_frames, params.height,
+        shape = self.contract.latent_shape(self.contract.kind.latent_channels, params.num_frames, params.height,
                                            params.width)
         generator = torch.Generator("cpu").manual_seed(params.seed)  # noise drawn on the CPU, then moved
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-        return DenoiseState(latents, scheduler, 0)
+        return DenoiseState(latents, scheduler, 0, None if condition is None else condition.to(self.device))
 
-    def denoise(self, params: GenerationParams, text: TextEmbeddings,
-                state: DenoiseState | None = None) -> DenoiseState:
-        """Run this expert's steps: the high-noise stage starts from noise, the low-noise one from `state`."""
+    def denoise(self, params: GenerationParams, text: TextEmbeddings, state: DenoiseState | None = None,
+                condition: torch.Tensor | None = None) -> DenoiseState:
+        """Run this expert's steps: the high-noise stage starts from noise (and, for image to video, the
+        first-frame `condition` from VideoDecoder.condition), the low-noise one from `state`."""
         if (state is None) != (self.expert_name == "high"):
             raise ValueError("the high-noise stage starts from noise; the low-noise stage continues its state")
-        state = self.initial_state(params) if state is None else state.to(self.device)
+        state = self.initial_state(params, condition) if state is None else state.to(self.device)
         timesteps = state.scheduler.timesteps
         # Timesteps descend, so the high-noise expert owns the first k of them, k = #(t >= boundary).
         high_steps = int(self.contract.uses_high_expert(timesteps).sum())  # host sync, once per request
@@ -255,7 +284,8 @@ class ExpertStage:
         latents, scheduler = state.latents, state.scheduler
         for i in range(state.step, stop):
             t = scheduler.timesteps[i]
-            latent_input, timestep = latents.to(dtype), t.expand(latents.shape[0])
+            latent_input = latents if state.condition is None else torch.cat([latents, state.condition], dim=1)
+            latent_input, timestep = latent_input.to(dtype), t.expand(latents.shape[0])
             noise = self.expert(hidden_states=latent_input, timestep=timestep, encoder_hidden_states=prompt,
                                 return_dict=False)[0]
             if negative is not None:
@@ -263,7 +293,7 @@ class ExpertStage:
                                      encoder_hidden_states=negative, return_dict=False)[0]
                 noise = uncond + scale * (noise - uncond)
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
-        return DenoiseState(latents, scheduler, max(stop, state.step))
+        return DenoiseState(latents, scheduler, max(stop, state.step), state.condition)
 
 
 class VideoDecoder:
@@ -278,6 +308,18 @@ class VideoDecoder:
         self.vae = vae if vae is not None else spec.hosted(
             models.load_vae(spec.model_dir, torch_dtype(VAE_DTYPE), spec.load_device(self.device)), self.device)
         self.video_processor = VideoProcessor(vae_scale_factor=spec.contract.vae_scale_spatial)
+
+    @torch.no_grad()
+    def condition(self, params: GenerationParams) -> torch.Tensor:
+        """Image to video: (1, 4 + 16, F, H, W) float32 on the CPU, the first-frame mask and the normalised
+        latent of [the image, zero frames], as WanImageToVideoPipeline.prepare_latents builds them."""
+        image = self.video_processor.preprocess(decode_image(params.image), height=params.height, width=params.width)
+        video = torch.cat([image[:, :, None], image.new_zeros(1, 3, params.num_frames - 1, params.height,
+                                                               params.width)], dim=2)
+        with resident(self.vae, self.device, self.offload):
+            z = self.vae.encode(video.to(self.device, self.vae.dtype)).latent_dist.mode()
+        latent = self.contract.normalize(z.float()).cpu()
+        return torch.cat([first_frame_mask(latent.shape, self.contract.vae_scale_temporal), latent], dim=1)
 
     @torch.no_grad()
     def decode(self, state: DenoiseState) -> np.ndarray:
@@ -298,6 +340,7 @@ class Sampler:
 
     def __call__(self, params: GenerationParams) -> np.ndarray:
         text = self.prompt_encoder.encode(params)
-        state = self.high.denoise(params, text)
+        condition = None if params.image is None else self.decoder.condition(params)
+        state = self.high.denoise(params, text, condition=condition)
         state = self.low.denoise(params, text, state)
         return self.decoder.decode(state)

@@ -84,7 +84,6 @@ def test_the_sampler_gives_wan_image_to_video_pipelines_frames_for_an_image(tiny
     diffusers' WanImageToVideoPipeline with the same weights, image, prompts and seed, including the
     switch at the I2V boundary 0.9."""
     import base64
-    import io
 
     from wanray.data.synthetic import SyntheticClip, render
     from wanray.infer.reference import wanpipeline_frames
@@ -92,11 +91,9 @@ def test_the_sampler_gives_wan_image_to_video_pipelines_frames_for_an_image(tiny
 
     path = tiny_kinds["i2v-a14b"]
     frame = render(SyntheticClip("x", "", 80, 48, 16, 2, "circle", "red", "gray", "left to right"))[0]
-    buffer = io.BytesIO()
-    Image.fromarray(frame).save(buffer, format="PNG")  # 80x48: resized to 64x48 as diffusers resizes it
     params = GenerationParams(prompt="a red circle", negative_prompt="blurry", height=64, width=48, num_frames=9,
                               num_inference_steps=8, guidance_scale=3.5, guidance_scale_2=3.5, seed=5,
-                              image=base64.b64encode(buffer.getvalue()).decode())
+                              image=base64.b64encode(_png(frame)).decode())  # 80x48, resized as diffusers does
     spec = StageSpec.for_batch(path, tiny_config(path))
     ours = Sampler(spec)(params)
     ref = wanpipeline_frames(path, params, spec.contract.boundary)

@@ -16,7 +16,7 @@ import sys
 from wanray.config import add_config_args, load_config
 from wanray.infer.batch import generate_videos, read_prompts
 from wanray.infer.plan import print_plan
-from wanray.models import ensure_model, read_kind
+from wanray.models import ensure_model, expected_kind
 from wanray.runtime import connect_ray, fail
 
 
@@ -40,8 +40,8 @@ def main(args):
     cfg = load_config(args.config, overrides)
     if args.plan:
         sys.exit(0 if print_plan(cfg, "batch") else 1)
+    params = read_prompts(args.prompts, cfg, expected_kind(cfg.model))  # images only for an image-to-video model
     model_dir = ensure_model(cfg.model)
-    params = read_prompts(args.prompts, cfg, read_kind(model_dir))  # an image only for an image-to-video model
     connect_ray()
     generate_videos(cfg, str(model_dir), params, args.out, args.save_frames)
 

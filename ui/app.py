@@ -6,6 +6,7 @@ REST API would refuse is refused here with the same message.
 """
 from __future__ import annotations
 
+import base64
 import tempfile
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 from wanray.config import Config
 from wanray.errors import RequestError
 from wanray.infer.api import Generate, GenerateRequest, resolve
+from wanray.models import read_kind
 
 MAX_GUIDANCE = 20.0  # slider range; the REST API takes any finite scale >= 0
 
@@ -27,14 +29,16 @@ def _request_error(e: Exception) -> gr.Error:
 
 def build_ui(generate: Generate, cfg: Config, model_dir: str) -> gr.Blocks:
     inf, data = cfg.infer, cfg.data
+    kind = read_kind(model_dir)
 
     async def run(prompt, negative_prompt, seed, steps, guidance_scale, guidance_scale_2, height, width, num_frames,
-                  progress=gr.Progress()):
+                  image=None, progress=gr.Progress()):
         try:
             params = resolve(GenerateRequest(
                 prompt=prompt, negative_prompt=negative_prompt, seed=seed, num_inference_steps=steps,
                 guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2, height=height, width=width,
-                num_frames=num_frames), cfg)
+                num_frames=num_frames, image=base64.b64encode(Path(image).read_bytes()).decode() if image else None),
+                cfg, kind)
         except (RequestError, ValidationError) as e:
             raise _request_error(e) from None
         progress(0.0, desc="encoding prompt")
@@ -46,11 +50,13 @@ def build_ui(generate: Generate, cfg: Config, model_dir: str) -> gr.Blocks:
 
     with gr.Blocks(title="wanray", delete_cache=(3600, 3600)) as page:
         experts = inf.stages.high
-        gr.Markdown(f"# wanray: Wan2.2 text-to-video\nModel directory: `{model_dir}` "
+        gr.Markdown(f"# wanray: {kind.title}\nModel directory: `{model_dir}` "
                     f"({experts.device}, {experts.dtype}); two stages: high-noise expert, then low-noise expert.")
         with gr.Row():
             with gr.Column():
                 prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red circle moving left to right")
+                # image-to-video models: the first frame (resized to the requested size)
+                image = gr.Image(label="First frame", type="filepath") if kind.image != "none" else None
                 negative = gr.Textbox(label="Negative prompt", value=inf.negative_prompt, lines=2)
                 with gr.Row():
                     height = gr.Slider(16, inf.max_height, value=data.height, step=16, label="Height")
@@ -66,6 +72,6 @@ def build_ui(generate: Generate, cfg: Config, model_dir: str) -> gr.Blocks:
                                            label="Guidance, low-noise expert")
                 button = gr.Button("Generate", variant="primary")
             video = gr.Video(label="Video", autoplay=True)
-        button.click(run, inputs=[prompt, negative, seed, steps, guidance, guidance_2, height, width, frames],
-                     outputs=video, api_name="generate")
+        inputs = [prompt, negative, seed, steps, guidance, guidance_2, height, width, frames]
+        button.click(run, inputs=inputs + ([image] if image is not None else []), outputs=video, api_name="generate")
     return page

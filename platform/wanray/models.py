@@ -71,6 +71,13 @@ def read_kind(model_dir):
                      read_json(model_dir, "vae/config.json"), str(model_dir))
 
 
+def expected_kind(cfg_model):
+    """The kind model.path holds, or the one create_tiny will write there: known before any model is written."""
+    if cfg_model.create_tiny and not (Path(cfg_model.path) / "model_index.json").exists():
+        return KINDS[cfg_model.tiny_kind]
+    return read_kind(check_model_dir(cfg_model.path))
+
+
 def write_boundary(model_dir, boundary: float) -> None:
     """Record the boundary the experts of `model_dir` were trained with in its model_index.json."""
     index = read_json(model_dir, "model_index.json")
@@ -327,8 +334,7 @@ def write_config_dir(path, transformer: dict = A14B_TRANSFORMER, vae: dict = A14
 def write_tiny_checkpoint(path, seed: int = 0, boundary: float | None = None, kind: str = "t2v-a14b") -> Path:
     """Write a randomly initialised tiny Wan2.2 model of `kind` (wanray.wan.KINDS) as a diffusers
     directory (atomically); `boundary` None takes the kind's official one."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline, \
-        WanTransformer3DModel
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
     spec = KINDS[kind]
@@ -344,6 +350,8 @@ def write_tiny_checkpoint(path, seed: int = 0, boundary: float | None = None, ki
                  transformer_2=experts[1] if len(experts) == 2 else None,
                  boundary_ratio=(spec.boundary if boundary is None else boundary) if len(experts) == 2 else None)
     if spec.pipeline == "WanImageToVideoPipeline":
+        from diffusers import WanImageToVideoPipeline  # imported only here: transformers warns about its CLIP parts
+
         pipe = WanImageToVideoPipeline(**parts, image_processor=None, image_encoder=None)
     else:
         pipe = WanPipeline(**parts, expand_timesteps=spec.expand_timesteps)

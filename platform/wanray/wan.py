@@ -59,9 +59,8 @@ KINDS = {k.name: k for k in (
 )}
 SUPPORTED_KINDS = {"preprocessing": ("t2v-a14b", "i2v-a14b"), "training": ("t2v-a14b", "i2v-a14b"),
                    "export": ("t2v-a14b", "i2v-a14b"), "sampler": ("t2v-a14b", "i2v-a14b"),
-                   "serving": ("t2v-a14b",)}
-"""Kinds each part of wanray handles so far: Serve, its REST API and UI take no first image yet, and
-TI2V-5B's per-token timesteps are not built."""
+                   "serving": ("t2v-a14b", "i2v-a14b")}
+"""Kinds each part of wanray handles so far: TI2V-5B's per-token timesteps are not built."""
 
 
 def kind_from(model_index: dict, transformer_config: dict, vae_config: dict, where: str) -> ModelKind:

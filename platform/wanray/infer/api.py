@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from wanray import models
 from wanray.config import Config
 from wanray.errors import RequestError
 from wanray.infer.sampler import GenerationParams, decode_image
@@ -113,7 +114,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
 
 def build_api(generate: Generate, cfg: Config, model_dir: str) -> FastAPI:
     """The FastAPI app of the ingress; `generate` moves one request through the stages."""
-    app = FastAPI(title="wanray", description=f"Wan2.2 text-to-video from {model_dir}")
+    kind = models.read_kind(model_dir)
+    app = FastAPI(title="wanray", description=f"{kind.title} from {model_dir}")
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -124,12 +126,13 @@ def build_api(generate: Generate, cfg: Config, model_dir: str) -> FastAPI:
     async def health() -> dict:
         stages = {name: {"device": res.device, "dtype": res.dtype} for name, res in vars(cfg.infer.stages).items()}
         experts = cfg.infer.stages.high  # device and dtype at the top: the high-noise expert's
-        return {"status": "ok", "model": model_dir, "device": experts.device, "dtype": experts.dtype, "stages": stages}
+        return {"status": "ok", "model": model_dir, "kind": kind.name, "image": kind.image, "device": experts.device,
+                "dtype": experts.dtype, "stages": stages}
 
     @app.post("/v1/generate", responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}})
     async def generate_video(req: GenerateRequest) -> Response:
         try:
-            params = resolve(req, cfg)
+            params = resolve(req, cfg, kind)
         except RequestError as e:
             return JSONResponse({"detail": str(e)}, status_code=422)
         try:

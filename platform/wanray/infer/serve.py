@@ -2,7 +2,8 @@
 
     HTTP ─► proxy ─► Ingress (FastAPI: /v1/generate, /v1/health; Gradio at /ui)
                        │ text  = text_encoder: encode(params)
-                       │ high  = high_noise_expert: denoise(params, text)        each stage: its own
+                       │ (cond = vae_decoder: condition(params), image-to-video only)
+                       │ high  = high_noise_expert: denoise(params, text, cond)  each stage: its own
                        │ low   = low_noise_expert: denoise(params, text, high)   replica, device and
                        └ video = vae_decoder: render(low)                        one request at a time
 
@@ -73,7 +74,9 @@ class Ingress:
 
     async def generate(self, params: GenerationParams, output: OutputFormat, on_stage: OnStage | None) -> bytes:
         text = self.text_encoder.run.remote(PromptEncoder.encode, params)
-        high = self.high.run.remote(ExpertStage.denoise, params, text)
+        # image to video: the VAE stage encodes the first image while the text encoder runs
+        condition = None if params.image is None else self.vae.run.remote(VideoDecoder.condition, params)
+        high = self.high.run.remote(ExpertStage.denoise, params, text, None, condition)
         low = self.low.run.remote(ExpertStage.denoise, params, text, high)
         video = self.vae.run.remote(VideoStage.render, low, output, self.cfg.data.fps)
         if on_stage is not None:  # the UI's progress: wait on each stage (this fetches its result here)

@@ -17,6 +17,14 @@ def frames_to_video(frames: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
+def encode_first_frame(vae, first: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(B, 3, H, W) first frames in [-1, 1] -> normalised latents of [the frame, num_frames - 1 zero
+    frames]: the image-to-video condition, as WanImageToVideoPipeline.prepare_latents builds it."""
+    b, c, h, w = first.shape
+    return encode_latents(vae, torch.cat([first[:, :, None], first.new_zeros(b, c, num_frames - 1, h, w)], dim=2))
+
+
+@torch.no_grad()
 def encode_latents(vae, videos: torch.Tensor) -> torch.Tensor:
     """(B, 3, T, H, W) in [-1, 1] -> normalised latents (B, 16, (T-1)/4+1, H/8, W/8): the posterior
     mode, normalised as the Wan2.2 contract says (wan.normalize_latents)."""

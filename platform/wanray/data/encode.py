@@ -14,7 +14,7 @@ import torch
 from wanray import models
 from wanray.data.shards import EMPTY_PROMPT_FILE, write_empty_prompt
 from wanray.devices import accelerator, torch_dtype
-from wanray.encoding import encode_latents, encode_text, frames_to_video
+from wanray.encoding import encode_first_frame, encode_latents, encode_text, frames_to_video
 from wanray.schema import encode_tensor
 from wanray.wan import VAE_DTYPE
 
@@ -49,9 +49,9 @@ class LatentEncoder:
             videos = torch.stack([frames_to_video(frames[i]) for i in idx])
             for i, zi in zip(idx, encode_latents(self.vae, videos).to(self.dtype).cpu()):
                 latents[i] = zi
-            if self.condition:  # WanImageToVideoPipeline.prepare_latents: the image, then zeros ([-1, 1] scale)
-                first = torch.cat([videos[:, :, :1], torch.zeros_like(videos[:, :, 1:])], dim=2)
-                for i, ci in zip(idx, encode_latents(self.vae, first).to(self.dtype).cpu()):
+            if self.condition:
+                first = encode_first_frame(self.vae, videos[:, :, 0], videos.shape[2])
+                for i, ci in zip(idx, first.to(self.dtype).cpu()):
                     conditions[i] = ci
         columns = _columns(latents, "latent")
         if self.condition:

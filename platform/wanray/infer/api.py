@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from wanray import models
 from wanray.config import Config
 from wanray.errors import RequestError
-from wanray.infer.sampler import GenerationParams, decode_image
+from wanray.infer.sampler import GenerationParams, image_from_base64
 from wanray.wan import KINDS, ModelKind
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def resolve(req: GenerateRequest, cfg: Config, kind: ModelKind = KINDS["t2v-a14b
     if req.image is not None:
         _check(len(req.image) * 3 // 4 <= inf.max_image_bytes,
                f"image has about {len(req.image) * 3 // 4} bytes, at most {inf.max_image_bytes} are served")
-        decode_image(req.image)  # a RequestError when it is no image
+        image_from_base64(req.image)  # a RequestError when it is no image
     _check_prompt("prompt", p.prompt, inf.max_prompt_chars, required=True)
     _check_prompt("negative_prompt", p.negative_prompt, inf.max_prompt_chars, required=False)
     for name, value, most in (("height", p.height, inf.max_height), ("width", p.width, inf.max_width)):

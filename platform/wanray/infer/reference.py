@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from wanray import models
-from wanray.infer.sampler import GenerationParams, decode_image
+from wanray.infer.sampler import GenerationParams, image_from_base64
 
 
 def wanpipeline_frames(model_dir, params: GenerationParams, boundary: float,
@@ -19,7 +19,7 @@ def wanpipeline_frames(model_dir, params: GenerationParams, boundary: float,
                  vae=models.load_vae(model_dir), scheduler=models.load_scheduler(model_dir, flow_shift),
                  transformer=models.load_expert(model_dir, "high"), transformer_2=models.load_expert(model_dir, "low"),
                  boundary_ratio=boundary)
-    image = {} if params.image is None else {"image": decode_image(params.image)}
+    image = {} if params.image is None else {"image": image_from_base64(params.image)}
     pipe = WanImageToVideoPipeline(**parts) if image else WanPipeline(**parts)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(prompt=params.prompt, negative_prompt=params.negative_prompt, height=params.height,

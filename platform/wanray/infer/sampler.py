@@ -22,13 +22,13 @@ import torch
 
 from wanray import models
 from wanray.config import Config, StageResources, attention_backend
-from wanray.encoding import encode_text
+from wanray.encoding import encode_first_frame, encode_text
 from wanray.devices import accelerator, apply_attention_backend, torch_dtype
 from wanray.schema import pad_text_embedding
 from wanray.wan import EXPERTS, VAE_DTYPE, WanContract, first_frame_mask
 
 
-def decode_image(data: str):
+def image_from_base64(data: str):
     """A base64-encoded image file (GenerationParams.image) as an RGB PIL image; RequestError if it is none."""
     import base64
     import binascii
@@ -144,8 +144,7 @@ class StageSpec:
     def _make(cls, model_dir, cfg: Config, stages: StageResources, offload: bool = False) -> StageSpec:
         attention = {e: attention_backend(cfg.model.attention_backend, getattr(stages, e).device,
                                           getattr(stages, e).dtype, training=False) for e in EXPERTS}
-        contract = models.read_contract(model_dir, cfg.model)
-        return cls(str(model_dir), contract, stages, cfg.infer.flow_shift,
+        return cls(str(model_dir), models.read_contract(model_dir, cfg.model), stages, cfg.infer.flow_shift,
                    cfg.infer.torch_threads, attention, offload)
 
     def load_device(self, device: torch.device) -> torch.device:
@@ -313,12 +312,10 @@ class VideoDecoder:
     def condition(self, params: GenerationParams) -> torch.Tensor:
         """Image to video: (1, 4 + 16, F, H, W) float32 on the CPU, the first-frame mask and the normalised
         latent of [the image, zero frames], as WanImageToVideoPipeline.prepare_latents builds them."""
-        image = self.video_processor.preprocess(decode_image(params.image), height=params.height, width=params.width)
-        video = torch.cat([image[:, :, None], image.new_zeros(1, 3, params.num_frames - 1, params.height,
-                                                               params.width)], dim=2)
+        image = self.video_processor.preprocess(image_from_base64(params.image), height=params.height,
+                                                width=params.width)
         with resident(self.vae, self.device, self.offload):
-            z = self.vae.encode(video.to(self.device, self.vae.dtype)).latent_dist.mode()
-        latent = self.contract.normalize(z.float()).cpu()
+            latent = encode_first_frame(self.vae, image, params.num_frames).float().cpu()
         return torch.cat([first_frame_mask(latent.shape, self.contract.vae_scale_temporal), latent], dim=1)
 
     @torch.no_grad()

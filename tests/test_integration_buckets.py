@@ -67,7 +67,7 @@ def test_every_source_lands_in_the_bucket_of_its_aspect_ratio_within_the_budget(
         bucket = Bucket.parse(r["bucket"])
         assert (bucket.height, bucket.width, bucket.frames) == (r["height"], r["width"], r["num_frames"])
         assert r["latent_shape"] == [16, bucket.latent_frames, r["height"] // 8, r["width"] // 8]
-        assert bucket.tokens <= BUDGET
+        assert bucket.tokens() <= BUDGET
         source, stored = r["source_width"] / r["source_height"], r["width"] / r["height"]
         assert abs(stored / source - 1) <= 0.10, r["bucket"]
         assert (r["height"] > r["width"]) == (r["source_height"] > r["source_width"]), r["bucket"]

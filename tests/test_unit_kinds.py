@@ -1,6 +1,6 @@
 """The Wan2.2 family: each model kind read from its directory's config files, tiny checkpoints of
-each that diffusers' own pipelines run, the presets, and a clear refusal where wanray's stages do
-not handle a kind yet."""
+each that diffusers' own pipelines run, the presets, the sampler against diffusers' pipeline of each
+image model, and requests that carry an image only where the model takes one."""
 import json
 import typing
 
@@ -13,7 +13,7 @@ from conftest import ROOT, tiny_config
 from wanray import models
 from wanray.config import ModelConfig, load_config
 from wanray.errors import ConfigError
-from wanray.wan import KINDS, SUPPORTED_KINDS
+from wanray.wan import KINDS
 
 
 @pytest.fixture(scope="module")
@@ -40,24 +40,6 @@ def test_each_tiny_kind_is_read_back_as_itself_and_runs_in_its_diffusers_pipelin
             args["image"] = Image.fromarray(np.full((64, 64, 3), 128, np.uint8))
         frames = pipe(**args).frames[0]
         assert frames.shape == (5, 64, 64, 3) and np.isfinite(frames).all(), name
-
-
-def test_stages_that_do_not_handle_a_kind_yet_refuse_it_in_one_line(tiny_kinds):
-    from wanray.infer.sampler import StageSpec
-
-    for name, path in tiny_kinds.items():
-        for what, make in (("serving", StageSpec.for_serving), ("sampler", StageSpec.for_batch)):
-            if name in SUPPORTED_KINDS[what]:
-                make(path, tiny_config(path))
-                continue
-            handled = ", ".join(KINDS[k].title for k in SUPPORTED_KINDS[what])
-            with pytest.raises(ConfigError, match=f"^the model is {KINDS[name].title}: wanray's {what} handles "
-                                                  f"{handled} only so far$"):
-                make(path, tiny_config(path))
-    contract = models.read_contract(tiny_kinds["ti2v-5b"], ModelConfig())
-    for what in ("preprocessing", "training", "export"):
-        with pytest.raises(ConfigError, match=f"wanray's {what} handles Wan2.2-T2V-A14B, Wan2.2-I2V-A14B only"):
-            contract.check_supported(what)
 
 
 def test_directories_that_are_no_known_kind_and_boundaries_that_do_not_apply(tiny_kinds, tmp_path):
@@ -103,6 +85,38 @@ def test_the_sampler_gives_wan_image_to_video_pipelines_frames_for_an_image(tiny
     assert np.abs(other - ours).max() > 1e-3  # the image reaches the frames
 
 
+def photo(name: str = "cheetah1.jpg") -> str:
+    """A real photograph as base64 (one of the images gradio, a dependency, ships)."""
+    import base64
+
+    from gradio.media import get_image
+
+    with open(get_image(name), "rb") as f:
+        return base64.b64encode(f.read()).decode()
+
+
+def test_ti2v_sampler_gives_diffusers_frames_with_and_without_a_first_image(tiny_kinds):
+    """TI2V-5B: one transformer for every step, per-token timesteps, the 16x VAE. Text only equals
+    WanPipeline(expand_timesteps=True); with a photograph as the first image it equals
+    WanImageToVideoPipeline(expand_timesteps=True), whose first latent frame stays the image's."""
+    from wanray.infer.reference import wanpipeline_frames
+    from wanray.infer.sampler import GenerationParams, Sampler, StageSpec
+
+    path = tiny_kinds["ti2v-5b"]
+    spec = StageSpec.for_batch(path, tiny_config(path))
+    sampler = Sampler(spec)
+    assert sampler.low is None
+    text = GenerationParams(prompt="a cheetah running", negative_prompt="blurry", height=64, width=96, num_frames=9,
+                            num_inference_steps=6, guidance_scale=5.0, guidance_scale_2=5.0, seed=4)
+    image = GenerationParams(**{**text.__dict__, "image": photo()})
+    frames = {}
+    for name, params in (("text", text), ("image", image)):
+        frames[name] = sampler(params)
+        ref = wanpipeline_frames(path, params)
+        assert frames[name].shape == (9, 64, 96, 3) and np.abs(frames[name] - ref).max() <= 1e-4, name
+    assert np.abs(frames["image"] - frames["text"]).max() > 1e-3  # the image reaches the frames
+
+
 def _png(array) -> bytes:
     import io
 
@@ -121,6 +135,9 @@ def test_requests_and_prompt_files_carry_an_image_only_where_the_model_takes_one
     cfg, t2v, i2v = tiny_config(tiny_kinds["t2v-a14b"]), KINDS["t2v-a14b"], KINDS["i2v-a14b"]
     png = base64.b64encode(_png(np.zeros((16, 16, 3), np.uint8))).decode()
     assert resolve(GenerateRequest(prompt="x", image=png), cfg, i2v).image == png
+    ti2v = KINDS["ti2v-5b"]  # the image is optional
+    assert resolve(GenerateRequest(prompt="x", image=png), cfg, ti2v).image == png
+    assert resolve(GenerateRequest(prompt="x"), cfg, ti2v).image is None
     for request, kind, message in ((GenerateRequest(prompt="x", image=png), t2v, "Wan2.2-T2V-A14B takes no image"),
                                    (GenerateRequest(prompt="x"), i2v, "Wan2.2-I2V-A14B needs an image"),
                                    (GenerateRequest(prompt="x", image="not base64!"), i2v, "not a base64-encoded"),

@@ -24,7 +24,8 @@ def test_the_step_loss_is_the_mean_over_its_clips_whatever_the_micro_batch_sizes
     # each micro-batch's own mean loss is (its clip count + 1) x p: 3 for 2 clips, 2 for 1 clip
     monkeypatch.setattr(loop, "flow_loss", lambda model, batch, *_: model.p * (batch.latents.shape[0] + 1))
     monkeypatch.setattr(loop, "draw_for", lambda batch, spec: FlowDraw(torch.zeros(batch.latents.shape[0]),
-                                                                       torch.zeros(1), torch.zeros(1, dtype=bool)))
+                                                                       torch.zeros(1), torch.zeros(1, dtype=bool),
+                                                                       torch.zeros(1, dtype=bool)))
     spec = SimpleNamespace(cfg=tiny_config(tmp_path, "train.clip_grad=0"))
     model = Toy()
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
@@ -39,3 +40,35 @@ def test_the_step_loss_is_the_mean_over_its_clips_whatever_the_micro_batch_sizes
         dist.destroy_process_group()
     assert abs(float(loss) - (3 * 2 + 2 * 1) / 3) < 1e-6  # not (3 + 2) / 2, the mean of the micro-batch means
     assert abs(float(model.p) - (1 - 8 / 3)) < 1e-6  # and the gradient is that mean's
+
+
+def test_ti2v_clips_trained_as_image_to_video_keep_their_first_frame_clean_at_timestep_0_and_out_of_the_loss(tmp_path):
+    """As WanImageToVideoPipeline(expand_timesteps=True) samples a given image: x_t's first latent frame is
+    the clean latent, its tokens get timestep 0 (the others t), and the loss covers the noised frames only."""
+    from wanray.config import ModelConfig
+    from wanray.models import read_contract, write_tiny_checkpoint
+    from wanray.train.flow import draw_flow
+
+    contract = read_contract(write_tiny_checkpoint(tmp_path / "ti2v", kind="ti2v-5b"), ModelConfig())
+    seen = {}
+
+    def model(hidden_states, timestep, encoder_hidden_states, return_dict):
+        seen.update(x=hidden_states, t=timestep)
+        return (torch.zeros_like(hidden_states),)
+
+    x0 = torch.randn(2, 48, 3, 4, 6)  # (F=3) x (4/2) x (6/2) = 18 tokens per clip
+    draw = draw_flow(tuple(x0.shape), "high", contract, 5.0, 0.0, seed=3)
+    draw.first_frame = torch.tensor([True, False])
+    spec = SimpleNamespace(cfg=tiny_config(tmp_path), contract=contract)
+    loss = loop.flow_loss(model, Batch(x0, torch.zeros(2, 4, 32)), draw, torch.zeros(4, 32), spec, torch.device("cpu"))
+    s = (draw.timesteps / 1000).view(-1, 1, 1, 1, 1)
+    xt, target = (1 - s) * x0 + s * draw.noise, draw.noise - x0
+    assert torch.equal(seen["x"][0, :, 0], x0[0, :, 0]) and torch.allclose(seen["x"][0, :, 1:], xt[0, :, 1:])
+    assert torch.allclose(seen["x"][1], xt[1])  # the other clip trains text to video
+    assert seen["t"].shape == (2, 18) and torch.equal(seen["t"][0, :6], torch.zeros(6))
+    assert torch.equal(seen["t"][0, 6:], draw.timesteps[0].expand(12)) and torch.equal(seen["t"][1], draw.timesteps[1].expand(18))
+    expected = ((target[0, :, 1:] ** 2).mean() + (target[1] ** 2).mean()) / 2
+    assert torch.allclose(loss, expected)
+    # the draw decides which clips: train.image_condition 1 and 0 give all and none
+    assert draw_flow(tuple(x0.shape), "high", contract, 5.0, 0.0, 3, image_condition=1.0).first_frame.all()
+    assert not draw_flow(tuple(x0.shape), "high", contract, 5.0, 0.0, 3, image_condition=0.0).first_frame.any()

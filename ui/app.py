@@ -50,26 +50,31 @@ def build_ui(generate: Generate, cfg: Config, model_dir: str) -> gr.Blocks:
 
     with gr.Blocks(title="wanray", delete_cache=(3600, 3600)) as page:
         experts = inf.stages.high
+        stages = "one transformer for every step" if kind.one_transformer else \
+            "two stages: high-noise expert, then low-noise expert"
+        first = {"required": " Give the first frame.", "optional": " A first frame is optional."}.get(kind.image, "")
         gr.Markdown(f"# wanray: {kind.title}\nModel directory: `{model_dir}` "
-                    f"({experts.device}, {experts.dtype}); two stages: high-noise expert, then low-noise expert.")
+                    f"({experts.device}, {experts.dtype}); {stages}.{first}")
         with gr.Row():
             with gr.Column():
                 prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red circle moving left to right")
                 # image-to-video models: the first frame (resized to the requested size)
-                image = gr.Image(label="First frame", type="filepath") if kind.image != "none" else None
+                image = gr.Image(label="First frame" + (" (optional)" if kind.image == "optional" else ""),
+                                 type="filepath") if kind.image != "none" else None
                 negative = gr.Textbox(label="Negative prompt", value=inf.negative_prompt, lines=2)
                 with gr.Row():
-                    height = gr.Slider(16, inf.max_height, value=data.height, step=16, label="Height")
-                    width = gr.Slider(16, inf.max_width, value=data.width, step=16, label="Width")
+                    m = kind.size_multiple
+                    height = gr.Slider(m, inf.max_height, value=data.height, step=m, label="Height")
+                    width = gr.Slider(m, inf.max_width, value=data.width, step=m, label="Width")
                     frames = gr.Slider(1, inf.max_frames, value=data.num_frames, step=4, label="Frames (4n+1)")
                 with gr.Row():
                     steps = gr.Slider(1, inf.max_steps, value=inf.num_inference_steps, step=1, label="Steps")
                     seed = gr.Number(value=inf.seed, precision=0, minimum=0, label="Seed")
                 with gr.Row():
                     guidance = gr.Slider(0, MAX_GUIDANCE, value=inf.guidance_scale, step=0.5,
-                                         label="Guidance, high-noise expert")
+                                         label="Guidance" if kind.one_transformer else "Guidance, high-noise expert")
                     guidance_2 = gr.Slider(0, MAX_GUIDANCE, value=inf.guidance_scale_2, step=0.5,
-                                           label="Guidance, low-noise expert")
+                                           label="Guidance, low-noise expert", visible=not kind.one_transformer)
                 button = gr.Button("Generate", variant="primary")
             video = gr.Video(label="Video", autoplay=True)
         inputs = [prompt, negative, seed, steps, guidance, guidance_2, height, width, frames]

@@ -1,6 +1,7 @@
 """Aspect-ratio and duration buckets: which shape each clip is stored at.
 
-A bucket is a resolution (multiples of 16) and a frame count (4n+1, or 1 for a still image).
+A bucket is a resolution (multiples of the model's size multiple: 16 pixels per DiT token side for
+the A14B models, 32 for TI2V-5B's 16x VAE) and a frame count (4n+1, or 1 for a still image).
 Preprocessing gives each clip the resolution whose aspect ratio is nearest its own (so a
 portrait video stays portrait and the crop is as small as the set allows), then the longest
 frame count of that resolution the clip holds. Three ways to say which buckets there are:
@@ -13,7 +14,8 @@ frame count of that resolution the clip holds. Three ways to say which buckets t
   data.num_frames, and frame counts from data.num_frames down to data.min_frames in steps of a quarter
   of the latent frames; every bucket is at most the budget.
 
-Tokens of a bucket: latent frames ((F - 1) / 4 + 1) x height/16 x width/16 (VAE 8x, patch 2x2).
+Tokens of a bucket: latent frames ((F - 1) / 4 + 1) x height/m x width/m, m the size multiple (VAE 8x
+and patch 2x2: 16; TI2V-5B's VAE 16x: 32).
 """
 from __future__ import annotations
 
@@ -42,25 +44,26 @@ class Bucket:
     def latent_frames(self) -> int:
         return (self.frames - 1) // 4 + 1
 
-    @property
-    def tokens(self) -> int:
-        return self.latent_frames * (self.height // 16) * (self.width // 16)
+    def tokens(self, multiple: int = 16) -> int:
+        """DiT tokens of a clip of this shape, `multiple` pixels per token side."""
+        return self.latent_frames * (self.height // multiple) * (self.width // multiple)
 
     @classmethod
-    def parse(cls, text: str, where: str = "data.buckets") -> Bucket:
+    def parse(cls, text: str, where: str = "data.buckets", multiple: int = 16) -> Bucket:
         try:
             h, w, f = (int(v) for v in str(text).lower().split("x"))
         except ValueError:
             raise ConfigError(f"{where}: {text!r} is not HEIGHTxWIDTHxFRAMES (e.g. 480x832x81)") from None
-        if h <= 0 or w <= 0 or h % 16 or w % 16:
-            raise ConfigError(f"{where}: {text!r}: height and width must be positive multiples of 16")
+        if h <= 0 or w <= 0 or h % multiple or w % multiple:
+            raise ConfigError(f"{where}: {text!r}: height and width must be positive multiples of {multiple}")
         if f < 1 or (f - 1) % 4:
             raise ConfigError(f"{where}: {text!r}: frames must be 4n+1 (1 for still images)")
         return cls(h, w, f)
 
 
-def _resolution(aspect_hw: tuple[int, int], patches: int) -> tuple[int, int]:
-    """The largest height x width (multiples of 16) of aspect h:w within 5% with at most `patches` 16x16 patches."""
+def _resolution(aspect_hw: tuple[int, int], patches: int, multiple: int) -> tuple[int, int]:
+    """The largest height x width (multiples of `multiple`) of aspect h:w within 5% with at most
+    `patches` tokens of multiple x multiple pixels."""
     ah, aw = aspect_hw
     best = None
     for h16 in range(1, patches + 1):
@@ -72,7 +75,7 @@ def _resolution(aspect_hw: tuple[int, int], patches: int) -> tuple[int, int]:
                 best = (h16, w16, err)
     if best is None:
         raise ConfigError(f"data.bucket_budget is too small for aspect ratio {ah}:{aw}")
-    return best[0] * 16, best[1] * 16
+    return best[0] * multiple, best[1] * multiple
 
 
 def frame_counts(most: int, least: int) -> list[int]:
@@ -91,34 +94,40 @@ class BucketSet:
 
     frames_by_resolution: dict[tuple[int, int], tuple[int, ...]]
     """(height, width) -> its frame counts, descending."""
+    multiple: int = 16
+    """Pixels per DiT token side of the model the clips are for (wanray.wan.ModelKind.size_multiple)."""
 
     @classmethod
-    def from_config(cls, d) -> BucketSet:
-        """From data.* (see the module docstring); ConfigError for a set that cannot work."""
+    def from_config(cls, d, multiple: int = 16) -> BucketSet:
+        """From data.* for a model of size multiple `multiple` (see the module docstring); ConfigError
+        for a set that cannot work."""
         if d.buckets and d.bucket_budget:
             raise ConfigError("give data.buckets or data.bucket_budget, not both")
         if d.buckets:
-            buckets = [Bucket.parse(b) for b in d.buckets]
+            buckets = [Bucket.parse(b, multiple=multiple) for b in d.buckets]
         elif d.bucket_budget:
             latent = (d.num_frames - 1) // 4 + 1
             patches = d.bucket_budget // latent
             counts = frame_counts(d.num_frames, d.min_frames)
-            buckets = [Bucket(*_resolution(a, patches), f) for a in ASPECT_RATIOS for f in counts]
+            buckets = [Bucket(*_resolution(a, patches, multiple), f) for a in ASPECT_RATIOS for f in counts]
         else:
-            return cls.fixed(d.height, d.width, d.num_frames, d.min_frames)
-        return cls.of(buckets)
+            if d.height % multiple or d.width % multiple:
+                raise ConfigError(f"data.height and data.width must be multiples of {multiple} for this model, "
+                                  f"got {d.height}x{d.width}")
+            return cls.fixed(d.height, d.width, d.num_frames, d.min_frames, multiple)
+        return cls.of(buckets, multiple)
 
     @classmethod
-    def fixed(cls, height: int, width: int, most: int, least: int) -> BucketSet:
+    def fixed(cls, height: int, width: int, most: int, least: int, multiple: int = 16) -> BucketSet:
         """One resolution, every 4n+1 frame count from `least` to `most`."""
-        return cls.of([Bucket(height, width, f) for f in range(most, least - 1, -4)])
+        return cls.of([Bucket(height, width, f) for f in range(most, least - 1, -4)], multiple)
 
     @classmethod
-    def of(cls, buckets: list[Bucket]) -> BucketSet:
+    def of(cls, buckets: list[Bucket], multiple: int = 16) -> BucketSet:
         table: dict[tuple[int, int], set[int]] = {}
         for b in buckets:
             table.setdefault((b.height, b.width), set()).add(b.frames)
-        return cls({r: tuple(sorted(f, reverse=True)) for r, f in sorted(table.items())})
+        return cls({r: tuple(sorted(f, reverse=True)) for r, f in sorted(table.items())}, multiple)
 
     @property
     def buckets(self) -> list[Bucket]:
@@ -126,7 +135,7 @@ class BucketSet:
 
     @property
     def max_tokens(self) -> int:
-        return max(b.tokens for b in self.buckets)
+        return max(b.tokens(self.multiple) for b in self.buckets)
 
     def resolution(self, src_height: int, src_width: int) -> tuple[int, int]:
         """The resolution whose aspect ratio is nearest the source's (log ratio; ties to the larger)."""

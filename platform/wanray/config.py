@@ -288,6 +288,10 @@ class TrainConfig:
     """Shift of the training timestep schedule (DiffSynth / MindSpeed: 5)."""
     caption_dropout: float = 0.1
     """Probability of training a clip on the empty-prompt embedding (for guidance)."""
+    image_condition: float = 1.0
+    """TI2V-5B only: probability of training a clip as image to video (its first latent frame clean, at
+    timestep 0 and out of the loss, as the sampler treats a given image); the others train as text to
+    video. 1.0 is MindSpeed-MM's ti2v recipe, 0.0 its t2v one."""
     seed: int = 0
     """Seed of the data order and of each batch's noise, timesteps and caption dropout (with epoch and batch)."""
     workers: int = 1
@@ -345,6 +349,8 @@ class Config:
         t = self.train
         if t.steps < 1 or t.workers < 1 or t.batch_size < 1 or t.grad_accum < 1 or t.checkpoint_every < 1:
             raise ConfigError("train.steps, workers, batch_size, grad_accum and checkpoint_every must be >= 1")
+        if not 0.0 <= t.image_condition <= 1.0:
+            raise ConfigError(f"train.image_condition must lie in [0, 1], got {t.image_condition}")
         if not 0.0 <= t.caption_dropout < 1.0 or t.timestep_shift <= 0:
             raise ConfigError("train.caption_dropout must lie in [0, 1) and train.timestep_shift be positive")
         if self.model.boundary is not None and not 0.0 < self.model.boundary < 1.0:

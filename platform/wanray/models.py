@@ -19,10 +19,11 @@ import torch
 
 from wanray.errors import ConfigError, ModelDirError
 from wanray.io import atomic_path, write_text_atomic
-from wanray.wan import KINDS, WanContract, contract_from, kind_from
+from wanray.wan import KINDS, WanContract, contract_from, has_second_transformer, kind_from
 
 EXPERT_SUBFOLDERS = {"high": "transformer", "low": "transformer_2"}
-REQUIRED_PARTS = ("model_index.json", "transformer", "transformer_2", "vae", "text_encoder", "tokenizer", "scheduler")
+REQUIRED_PARTS = ("model_index.json", "transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+"""What every Wan2.2 directory has; transformer_2 too where model_index.json names one (the A14B models)."""
 
 # Wan2.2-T2V-A14B's diffusers scheduler: UniPC on flow sigmas. diffusers ships
 # flow_shift 3.0; the official T2V sampler uses 12.0 (inference config can override).
@@ -32,6 +33,8 @@ SCHEDULER_CONFIG = dict(prediction_type="flow_prediction", use_flow_sigmas=True,
 def check_model_dir(path: str | os.PathLike) -> Path:
     p = Path(path)
     missing = [part for part in REQUIRED_PARTS if not (p / part).exists()]
+    if not missing and has_second_transformer(read_json(p, "model_index.json")) and not (p / "transformer_2").exists():
+        missing.append("transformer_2")
     if missing:
         raise ModelDirError(f"{p} is not a diffusers-format Wan2.2 directory (missing: {', '.join(missing)})")
     return p
@@ -86,9 +89,13 @@ def write_boundary(model_dir, boundary: float) -> None:
 
 
 def expert_config(model_dir, expert: str) -> dict:
-    """The expert's transformer config (its dimensions), without its weights."""
+    """The expert's transformer config (its dimensions), without its weights; a ConfigError for the
+    low-noise expert of a one-transformer model."""
     from diffusers import WanTransformer3DModel
 
+    if expert == "low" and not has_second_transformer(read_json(model_dir, "model_index.json")):
+        raise ConfigError(f"{model_dir} holds one transformer ({read_kind(model_dir).title}): it has no low-noise "
+                          "expert; name the high one")
     return WanTransformer3DModel.load_config(model_dir, subfolder=EXPERT_SUBFOLDERS[expert], local_files_only=True)
 
 

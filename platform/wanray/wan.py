@@ -49,23 +49,30 @@ class ModelKind:
     """diffusers' pipeline class for it."""
     boundary: float | None
     """The official expert switch (wan/configs of Wan-Video/Wan2.2); None for one transformer."""
+    size_multiple: int
+    """Pixels per DiT token side (VAE stride x patch 2): heights and widths are multiples of it."""
+
+    @property
+    def one_transformer(self) -> bool:
+        return len(self.experts) == 1
 
 
 KINDS = {k.name: k for k in (
-    ModelKind("t2v-a14b", "Wan2.2-T2V-A14B", ("high", "low"), 16, 16, "none", False, "WanPipeline", 0.875),
+    ModelKind("t2v-a14b", "Wan2.2-T2V-A14B", ("high", "low"), 16, 16, "none", False, "WanPipeline", 0.875, 16),
     ModelKind("i2v-a14b", "Wan2.2-I2V-A14B", ("high", "low"), 16, 36, "required", False, "WanImageToVideoPipeline",
-              0.9),
-    ModelKind("ti2v-5b", "Wan2.2-TI2V-5B", ("high",), 48, 48, "optional", True, "WanPipeline", None),
+              0.9, 16),
+    ModelKind("ti2v-5b", "Wan2.2-TI2V-5B", ("high",), 48, 48, "optional", True, "WanPipeline", None, 32),
 )}
-SUPPORTED_KINDS = {"preprocessing": ("t2v-a14b", "i2v-a14b"), "training": ("t2v-a14b", "i2v-a14b"),
-                   "export": ("t2v-a14b", "i2v-a14b"), "sampler": ("t2v-a14b", "i2v-a14b"),
-                   "serving": ("t2v-a14b", "i2v-a14b")}
-"""Kinds each part of wanray handles so far: TI2V-5B's per-token timesteps are not built."""
+
+
+def has_second_transformer(model_index: dict) -> bool:
+    """model_index.json names a transformer_2 (diffusers writes [null, null] for none)."""
+    return model_index.get("transformer_2") not in (None, [None, None])
 
 
 def kind_from(model_index: dict, transformer_config: dict, vae_config: dict, where: str) -> ModelKind:
     """The kind a model directory's facts describe; a ConfigError names them when they fit none."""
-    two = model_index.get("transformer_2") not in (None, [None, None])
+    two = has_second_transformer(model_index)
     facts = (model_index.get("_class_name"), two, int(transformer_config.get("in_channels", 16)),
              int(vae_config.get("z_dim", 16)), bool(model_index.get("expand_timesteps", False)))
     for kind in KINDS.values():
@@ -91,12 +98,6 @@ class WanContract:
     latents_std: tuple[float, ...]
     text_tokens: int = TEXT_TOKENS
     kind: ModelKind = KINDS["t2v-a14b"]
-
-    def check_supported(self, what: str) -> None:
-        """A one-line ConfigError when `what` (a key of SUPPORTED_KINDS) does not handle this kind yet."""
-        if self.kind.name not in SUPPORTED_KINDS[what]:
-            raise ConfigError(f"the model is {self.kind.title}: wanray's {what} handles "
-                              f"{', '.join(KINDS[k].title for k in SUPPORTED_KINDS[what])} only so far")
 
     @property
     def boundary_timestep(self) -> float:
@@ -160,6 +161,23 @@ def first_frame_mask(latent_shape: tuple[int, ...], temporal_scale: int = 4):
     mask = torch.zeros(b, temporal_scale, f, h, w)
     mask[:, :, 0] = 1.0
     return mask
+
+
+def clean_frame_mask(latent_shape: tuple[int, ...], first_frame):
+    """TI2V-5B's frame mask, as diffusers' WanPipeline / WanImageToVideoPipeline(expand_timesteps=True)
+    build it: (B, 1, F, H, W) float32 ones, zeros on the first latent frame of the clips `first_frame`
+    (a (B,) bool tensor, or a bool for all) flags: those keep their clean first frame."""
+    import torch
+
+    mask = torch.ones(latent_shape[0], 1, *latent_shape[2:])
+    mask[torch.as_tensor(first_frame).expand(latent_shape[0]), :, 0] = 0.0  # a plain bool would index a new dim
+    return mask
+
+
+def token_timesteps(mask, t):
+    """Per-token timesteps (B, F x H/2 x W/2) of TI2V-5B: each patch's mask value x its clip's t ((B,) or
+    a scalar), so a clean first frame's tokens are at timestep 0."""
+    return (mask[:, 0, :, ::2, ::2] * t.reshape(-1, 1, 1, 1)).flatten(1)
 
 
 def resolve_boundary(stored: float | None, configured: float | None, force: bool) -> tuple[float, str]:

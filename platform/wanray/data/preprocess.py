@@ -84,17 +84,19 @@ def decode_blocks(todo: list[ClipSource], cfg: Config) -> int:
     return max(1, -(-len(todo) // cfg.preprocess.clips_per_decode_task))  # one decode task per block
 
 
-def decode_dataset(todo: list[ClipSource], cfg: Config, out_dir: str) -> ray.data.Dataset:
-    """The decode stage: clip rows with their frames, rejects recorded in out_dir as they happen."""
+def decode_dataset(todo: list[ClipSource], cfg: Config, out_dir: str, multiple: int = 16) -> ray.data.Dataset:
+    """The decode stage: clip rows with their frames (sizes multiples of `multiple`, the model's
+    pixels per token side), rejects recorded in out_dir as they happen."""
     items = [{**dataclasses.asdict(s), "seq": i} for i, s in enumerate(todo)]
     ds = ray.data.from_items(items, override_num_blocks=decode_blocks(todo, cfg))
-    return ds.flat_map(decode_source, fn_kwargs={"cfg": cfg, "out_dir": out_dir}, num_cpus=cfg.preprocess.decode_cpus)
+    return ds.flat_map(decode_source, fn_kwargs={"cfg": cfg, "out_dir": out_dir, "multiple": multiple},
+                       num_cpus=cfg.preprocess.decode_cpus)
 
 
 def build_dataset(todo: list[ClipSource], cfg: Config, model_path: str, out_dir: str,
                   encoders: Preprocessor | None = None) -> ray.data.Dataset:
     p, enc, blocks = cfg.preprocess, cfg.preprocess.encoders, decode_blocks(todo, cfg)
-    ds = decode_dataset(todo, cfg, out_dir)
+    ds = decode_dataset(todo, cfg, out_dir, models.read_kind(model_path).size_multiple)
     vae = _encode_stage(LatentEncoder, encoders and encoders.vae, p.vae_actors, p.vae_batch_size,
                         {"model_path": model_path, "device": enc.device, "dtype": enc.dtype}, enc.ray_options(),
                         blocks)
@@ -177,7 +179,8 @@ class PreprocessRun:
         out = Path(out_dir).resolve()
         out.mkdir(parents=True, exist_ok=True)
         model_path = str(models.ensure_model(cfg.model))
-        models.read_contract(model_path, cfg.model).check_supported("preprocessing")
+        kind = models.read_contract(model_path, cfg.model).kind
+        BucketSet.from_config(cfg.data, kind.size_multiple)  # sizes the model cannot take fail here
         _check_settings(cfg, out)
         return cls(cfg, str(Path(manifest).resolve()), out, model_path, sources, manifest_rejects)
 
@@ -188,7 +191,8 @@ class PreprocessRun:
         for r in self.manifest_rejects:
             record_reject(out, r)
         todo = [s for s in self.sources if s.id not in done and s.id not in rejected]
-        log(f"[preprocess] buckets: {BucketSet.from_config(self.cfg.data).describe()}")
+        multiple = models.read_kind(self.model_path).size_multiple
+        log(f"[preprocess] buckets: {BucketSet.from_config(self.cfg.data, multiple).describe()}")
         log(f"[preprocess] {len(self.sources)} clips in manifest, {len(self.manifest_rejects)} bad entries; "
             f"{len(self.sources) - len(todo)} already done, {len(todo)} to process")
         start, written, frames = time.perf_counter(), 0, 0

@@ -225,14 +225,15 @@ def curate(clip: DecodedClip, d) -> None:
         raise ClipRejected("static_clip", f"mean frame difference {m:.2f}, need {d.min_motion:g}")
 
 
-def decode_source(row: dict, cfg: Config, out_dir: str) -> list[dict]:
+def decode_source(row: dict, cfg: Config, out_dir: str, multiple: int = 16) -> list[dict]:
     """The decode stage (a Ray Data flat_map): a ClipSource row (plus `seq`, its place in the run, kept
-    in the output) -> [clip row with frames], or [] after recording the reject in `out_dir`."""
+    in the output) -> [clip row with frames], or [] after recording the reject in `out_dir`. `multiple`:
+    the model's pixels per token side (wanray.buckets)."""
     row = dict(row)
     seq = row.pop("seq", 0)
     src = ClipSource(**row)
     d = cfg.data
-    buckets = BucketSet.from_config(d)
+    buckets = BucketSet.from_config(d, multiple)
     try:
         clip = decode_image(src.path, buckets) if is_image(src.path) else \
             decode_clip(src.path, buckets, d.fps, src.cut_start, src.cut_end)

@@ -84,8 +84,9 @@ def resolve(req: GenerateRequest, cfg: Config, kind: ModelKind = KINDS["t2v-a14b
     _check_prompt("prompt", p.prompt, inf.max_prompt_chars, required=True)
     _check_prompt("negative_prompt", p.negative_prompt, inf.max_prompt_chars, required=False)
     for name, value, most in (("height", p.height, inf.max_height), ("width", p.width, inf.max_width)):
-        _check(value % 16 == 0, f"{name} must be a multiple of 16, got {value}")
-        _check(16 <= value <= most, f"{name} must lie in [16, {most}], got {value}")
+        m = kind.size_multiple
+        _check(value % m == 0, f"{name} must be a multiple of {m} for {kind.title}, got {value}")
+        _check(m <= value <= most, f"{name} must lie in [{m}, {most}], got {value}")
     _check(p.num_frames % 4 == 1, f"num_frames must be 4n+1 (1, 5, ..., 81), got {p.num_frames}")
     _check(1 <= p.num_frames <= inf.max_frames, f"num_frames must lie in [1, {inf.max_frames}], got {p.num_frames}")
     _check(1 <= p.num_inference_steps <= inf.max_steps,
@@ -124,7 +125,8 @@ def build_api(generate: Generate, cfg: Config, model_dir: str) -> FastAPI:
 
     @app.get("/v1/health")
     async def health() -> dict:
-        stages = {name: {"device": res.device, "dtype": res.dtype} for name, res in vars(cfg.infer.stages).items()}
+        stages = {name: {"device": res.device, "dtype": res.dtype} for name, res in vars(cfg.infer.stages).items()
+                  if name != "low" or not kind.one_transformer}
         experts = cfg.infer.stages.high  # device and dtype at the top: the high-noise expert's
         return {"status": "ok", "model": model_dir, "kind": kind.name, "image": kind.image, "device": experts.device,
                 "dtype": experts.dtype, "stages": stages}

@@ -181,7 +181,7 @@ def plan_inference(cfg: Config, model_dir, use: str) -> InferencePlan:
     else:
         raise ValueError(f"use must be 'serve' or 'batch', got {use!r}")
     stages = {}
-    for s in STAGES:
+    for s in ("text", *contract.kind.experts, "vae"):  # TI2V-5B: no low-noise stage
         dtype = VAE_DTYPE if s == "vae" else resources[s].dtype
         attention = attention_backend(cfg.model.attention_backend, resources[s].device, dtype, training=False) \
             if s in EXPERTS else "native"

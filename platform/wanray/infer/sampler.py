@@ -22,10 +22,10 @@ import torch
 
 from wanray import models
 from wanray.config import Config, StageResources, attention_backend
-from wanray.encoding import encode_first_frame, encode_text
+from wanray.encoding import encode_first_frame, encode_latents, encode_text
 from wanray.devices import accelerator, apply_attention_backend, torch_dtype
 from wanray.schema import pad_text_embedding
-from wanray.wan import EXPERTS, VAE_DTYPE, WanContract, first_frame_mask
+from wanray.wan import EXPERTS, VAE_DTYPE, WanContract, clean_frame_mask, first_frame_mask, token_timesteps
 
 
 def image_from_base64(data: str):
@@ -92,8 +92,9 @@ class DenoiseState:
     step: int
     """Index of the next timestep to run."""
     condition: torch.Tensor | None = None
-    """Image-to-video: (1, 4 + 16, F, H, W) first-frame mask and condition latents, concatenated to the
-    latents at every step, as WanImageToVideoPipeline does."""
+    """The first image, as VideoDecoder.condition gives it: I2V-A14B's (1, 4 + 16, F, H, W) mask and
+    condition latents, concatenated to the latents at every step; TI2V-5B's (1, 48, 1, H, W) image
+    latent, which stands in for the first latent frame (WanImageToVideoPipeline does both)."""
 
     def to(self, device: torch.device) -> "DenoiseState":
         """Move the latents and the scheduler's per-request tensors (the rest stays on the CPU, as in diffusers)."""
@@ -127,18 +128,14 @@ class StageSpec:
     def for_serving(cls, model_dir, cfg: Config) -> StageSpec:
         """Each stage on its own infer.stages.* resources. A boundary contradicting the directory or an
         attention backend that cannot run on a stage is a ConfigError, raised here in the driver."""
-        spec = cls._make(model_dir, cfg, cfg.infer.stages)
-        spec.contract.check_supported("serving")
-        return spec
+        return cls._make(model_dir, cfg, cfg.infer.stages)
 
     @classmethod
     def for_batch(cls, model_dir, cfg: Config) -> StageSpec:
         """Every stage in one batch-generation actor, on infer.batch; with infer.batch_offload only the
         running stage's model is on the device."""
         b = cfg.infer.batch
-        spec = cls._make(model_dir, cfg, StageResources(text=b, high=b, low=b, vae=b), cfg.infer.batch_offload)
-        spec.contract.check_supported("sampler")
-        return spec
+        return cls._make(model_dir, cfg, StageResources(text=b, high=b, low=b, vae=b), cfg.infer.batch_offload)
 
     @classmethod
     def _make(cls, model_dir, cfg: Config, stages: StageResources, offload: bool = False) -> StageSpec:
@@ -211,6 +208,14 @@ def resident(module: torch.nn.Module, device: torch.device, offload: bool):
             table[name] = t
 
 
+def frame_mask(state: DenoiseState, contract: WanContract) -> torch.Tensor | None:
+    """TI2V-5B's (1, 1, F, H, W) frame mask for a request (zeros on the first frame when an image is
+    given), on the latents' device; None for the A14B models."""
+    if not contract.kind.expand_timesteps:
+        return None
+    return clean_frame_mask(tuple(state.latents.shape), state.condition is not None).to(state.latents.device)
+
+
 class PromptEncoder:
     """Stage 1: prompt and negative prompt -> padded UMT5 embeddings."""
 
@@ -281,10 +286,16 @@ class ExpertStage:
         prompt = text.prompt.to(self.device, dtype)
         negative = None if text.negative is None else text.negative.to(self.device, dtype)
         latents, scheduler = state.latents, state.scheduler
+        mask = frame_mask(state, self.contract)
         for i in range(state.step, stop):
             t = scheduler.timesteps[i]
-            latent_input = latents if state.condition is None else torch.cat([latents, state.condition], dim=1)
-            latent_input, timestep = latent_input.to(dtype), t.expand(latents.shape[0])
+            if mask is not None:  # TI2V: per-token timesteps, the given image's frame clean at 0
+                latent_input = latents if state.condition is None else (1 - mask) * state.condition + mask * latents
+                timestep = token_timesteps(mask, t).expand(latents.shape[0], -1)
+            else:
+                latent_input = latents if state.condition is None else torch.cat([latents, state.condition], dim=1)
+                timestep = t.expand(latents.shape[0])
+            latent_input = latent_input.to(dtype)
             noise = self.expert(hidden_states=latent_input, timestep=timestep, encoder_hidden_states=prompt,
                                 return_dict=False)[0]
             if negative is not None:
@@ -310,34 +321,42 @@ class VideoDecoder:
 
     @torch.no_grad()
     def condition(self, params: GenerationParams) -> torch.Tensor:
-        """Image to video: (1, 4 + 16, F, H, W) float32 on the CPU, the first-frame mask and the normalised
-        latent of [the image, zero frames], as WanImageToVideoPipeline.prepare_latents builds them."""
+        """The first image, float32 on the CPU, as WanImageToVideoPipeline.prepare_latents builds it: for
+        I2V-A14B (1, 4 + 16, F, H, W), the first-frame mask and the normalised latent of [the image, zero
+        frames]; for TI2V-5B (1, 48, 1, H, W), the image's normalised latent."""
         image = self.video_processor.preprocess(image_from_base64(params.image), height=params.height,
                                                 width=params.width)
         with resident(self.vae, self.device, self.offload):
+            if self.contract.kind.expand_timesteps:
+                return encode_latents(self.vae, image[:, :, None]).float().cpu()
             latent = encode_first_frame(self.vae, image, params.num_frames).float().cpu()
         return torch.cat([first_frame_mask(latent.shape, self.contract.vae_scale_temporal), latent], dim=1)
 
     @torch.no_grad()
     def decode(self, state: DenoiseState) -> np.ndarray:
-        latents = self.contract.denormalize(state.latents.to(self.device, self.vae.dtype))
+        latents = state.latents
+        if (mask := frame_mask(state, self.contract)) is not None and state.condition is not None:
+            latents = (1 - mask) * state.condition + mask * latents  # the image's frame, as diffusers decodes it
+        latents = self.contract.denormalize(latents.to(self.device, self.vae.dtype))
         with resident(self.vae, self.device, self.offload):
             video = self.vae.decode(latents, return_dict=False)[0]
         return self.video_processor.postprocess_video(video, output_type="np")[0]
 
 
 class Sampler:
-    """All four stages in one process: batch generation, and the baseline Serve is measured against."""
+    """All stages in one process: batch generation, and the baseline Serve is measured against. A
+    one-transformer model (TI2V-5B) has no low-noise stage: its transformer runs every step."""
 
     def __init__(self, spec: StageSpec):
         self.prompt_encoder = PromptEncoder(spec)
         self.high = ExpertStage(spec, "high")
-        self.low = ExpertStage(spec, "low")
+        self.low = None if spec.contract.kind.one_transformer else ExpertStage(spec, "low")
         self.decoder = VideoDecoder(spec)
 
     def __call__(self, params: GenerationParams) -> np.ndarray:
         text = self.prompt_encoder.encode(params)
         condition = None if params.image is None else self.decoder.condition(params)
         state = self.high.denoise(params, text, condition=condition)
-        state = self.low.denoise(params, text, state)
+        if self.low is not None:
+            state = self.low.denoise(params, text, state)
         return self.decoder.decode(state)

@@ -7,6 +7,9 @@
                        │ low   = low_noise_expert: denoise(params, text, high)   replica, device and
                        └ video = vae_decoder: render(low)                        one request at a time
 
+A one-transformer model (TI2V-5B) has no low-noise stage: its transformer, deployed as the
+high-noise stage, runs every step and hands its state to the VAE stage.
+
 The ingress chains the calls without waiting on them: Serve holds each call until its
 inputs exist, then hands the object refs straight to the next stage's replica, so the
 latents and scheduler state go stage to stage through the object store, not through
@@ -32,6 +35,7 @@ APP_NAME = "wanray"
 UI_PATH = "/ui"
 # Stages of a request as the UI's progress bar shows them: (fraction done after it, what finished).
 PROGRESS = ((0.05, "prompt encoded"), (0.55, "high-noise expert done"), (0.9, "low-noise expert done"))
+ONE_TRANSFORMER = ((0.05, "prompt encoded"), (0.9, "transformer done"))
 STAGE_QUEUE = 32  # requests a stage replica holds (one running, the rest waiting); more wait in Serve's router
 BuildUI = Callable[[Generate, Config, str], object]
 """(generate, config, model directory) -> a gradio.Blocks page, e.g. ui/app.py's build_ui."""
@@ -77,10 +81,11 @@ class Ingress:
         # image to video: the VAE stage encodes the first image while the text encoder runs
         condition = None if params.image is None else self.vae.run.remote(VideoDecoder.condition, params)
         high = self.high.run.remote(ExpertStage.denoise, params, text, None, condition)
-        low = self.low.run.remote(ExpertStage.denoise, params, text, high)
+        low = high if self.low is None else self.low.run.remote(ExpertStage.denoise, params, text, high)
         video = self.vae.run.remote(VideoStage.render, low, output, self.cfg.data.fps)
         if on_stage is not None:  # the UI's progress: wait on each stage (this fetches its result here)
-            for (fraction, what), response in zip(PROGRESS, (text, high, low)):
+            stages = zip(PROGRESS, (text, high, low)) if self.low is not None else zip(ONE_TRANSFORMER, (text, high))
+            for (fraction, what), response in stages:
                 await response
                 on_stage(fraction, what)
         return await video
@@ -112,7 +117,8 @@ def build_app(cfg: Config, model_dir: str, ui: BuildUI | None = None):
     stages = cfg.infer.stages
     text = stage("text_encoder", stages.text).bind(PromptEncoder, spec)
     high = stage("high_noise_expert", stages.high).bind(ExpertStage, spec, "high")
-    low = stage("low_noise_expert", stages.low).bind(ExpertStage, spec, "low")
+    low = None if spec.contract.kind.one_transformer else stage("low_noise_expert", stages.low).bind(
+        ExpertStage, spec, "low")
     vae = stage("vae_decoder", stages.vae).bind(VideoStage, spec)
     ingress = Ingress.options(ray_actor_options={"num_cpus": cfg.infer.ingress_cpus})
     return ingress.bind(text, high, low, vae, cfg, str(model_dir), ui)

@@ -154,7 +154,7 @@ def expert_state_groups(model_path, expert: str, checkpoint_dir, lora=None) -> I
             yield merge_lora({**frozen, **trained}, scale)
 
 
-def export_diffusers(model_path, out_dir, experts: dict[str, Path], boundary: float, lora=None,
+def export_diffusers(model_path, out_dir, experts: dict[str, Path], boundary: float | None, lora=None,
                      max_shard_bytes: int = 5 * 10**9) -> Path:
     """Copy the base directory to out_dir with each trained expert's weights in place.
 
@@ -163,7 +163,7 @@ def export_diffusers(model_path, out_dir, experts: dict[str, Path], boundary: fl
     holds one shard and one block, not the 57 GB fp32 expert.
 
     experts maps "high" / "low" to a DCP checkpoint directory; `boundary` (the one they were
-    trained with) goes into model_index.json. The result is loadable by
+    trained with; None for a one-transformer model) goes into model_index.json. The result is loadable by
     `WanPipeline.from_pretrained(out_dir)`. LoRA runs also get `<subfolder>/lora/` with the adapter
     written by diffusers' own `save_lora_weights`, its rank and alpha in the file's metadata, so
     `load_lora_weights` (with `load_into_transformer_2=True` for the low-noise expert) applies it
@@ -174,7 +174,8 @@ def export_diffusers(model_path, out_dir, experts: dict[str, Path], boundary: fl
     src, out = models.check_model_dir(model_path), Path(out_dir)
     with atomic_path(out, replace_dir=True) as tmp:
         models.copy_model_dir(src, tmp, without_weights_of=list(experts))
-        models.write_boundary(tmp, boundary)
+        if boundary is not None:
+            models.write_boundary(tmp, boundary)
         for expert, ckpt in experts.items():
             shards, adapter = models.WeightShards(tmp, expert, max_shard_bytes), {}
             for weights, group_adapter in expert_state_groups(src, expert, ckpt, lora):

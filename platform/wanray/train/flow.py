@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from wanray.wan import WanContract
+from wanray.wan import WanContract, clean_frame_mask, token_timesteps
 
 
 def shift_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
@@ -58,6 +58,8 @@ class FlowDraw:
     """Like the latents, float32."""
     drop_caption: torch.Tensor
     """(B,) bool: train these clips on the empty-prompt embedding."""
+    first_frame: torch.Tensor
+    """(B,) bool: TI2V-5B trains these clips as image to video (first latent frame clean)."""
 
 
 def batch_seed(seed: int, epoch: int, index: int) -> int:
@@ -68,9 +70,20 @@ def batch_seed(seed: int, epoch: int, index: int) -> int:
 
 
 def draw_flow(latent_shape: tuple[int, ...], expert: str, contract: WanContract, shift: float,
-              caption_dropout: float, seed: int) -> FlowDraw:
+              caption_dropout: float, seed: int, image_condition: float = 0.0) -> FlowDraw:
     gen = torch.Generator().manual_seed(seed)
     b = latent_shape[0]
     drop = torch.rand(b, generator=gen) < caption_dropout
     timesteps = sample_timesteps(b, expert, contract, shift, gen)
-    return FlowDraw(timesteps, torch.randn(latent_shape, generator=gen), drop)
+    noise = torch.randn(latent_shape, generator=gen)
+    first_frame = torch.rand(b, generator=gen) < (image_condition if contract.kind.expand_timesteps else 0.0)
+    return FlowDraw(timesteps, noise, drop, first_frame)
+
+
+def keep_first_frame(xt: torch.Tensor, x0: torch.Tensor, timesteps: torch.Tensor, first_frame: torch.Tensor):
+    """TI2V-5B's image conditioning, as WanImageToVideoPipeline(expand_timesteps=True) samples it: for
+    the clips flagged in `first_frame` (B,), the first latent frame of x_t is the clean x0 and its tokens
+    get timestep 0. Returns (x_t, per-token timesteps (B, F x H/2 x W/2), frame mask (B, 1, F, H, W):
+    0 on the clean frames, which the loss leaves out)."""
+    mask = clean_frame_mask(tuple(xt.shape), first_frame).to(xt.device, xt.dtype)
+    return (1 - mask) * x0 + mask * xt, token_timesteps(mask, timesteps.to(mask.dtype)), mask

@@ -19,7 +19,7 @@ from wanray.devices import accelerator, torch_dtype
 from wanray.schema import pad_text_embedding
 from wanray.train import checkpoint as ckpt
 from wanray.train.data import Batch, ClipIndex, ClipLoader, ClipReader, DataPlan, StepData
-from wanray.train.flow import FlowDraw, batch_seed, draw_flow, noisy_latents
+from wanray.train.flow import FlowDraw, batch_seed, draw_flow, keep_first_frame, noisy_latents
 from wanray.train.parallel import (apply_fsdp, build_on_meta, init_lora, load_expert_shards, materialize,
                                    shard_stats, trainable_parameters)
 from wanray.wan import WanContract, first_frame_mask
@@ -87,7 +87,7 @@ def build_optimizer(spec: LoopSpec, params: list, device: torch.device):
 def draw_for(batch: Batch, spec: LoopSpec) -> FlowDraw:
     t = spec.cfg.train
     return draw_flow(tuple(batch.latents.shape), spec.expert, spec.contract, t.timestep_shift, t.caption_dropout,
-                     batch_seed(t.seed, batch.epoch, batch.index))
+                     batch_seed(t.seed, batch.epoch, batch.index), t.image_condition)
 
 
 def flow_loss(model, batch: Batch, draw: FlowDraw, empty: torch.Tensor, spec: LoopSpec, device: torch.device):
@@ -99,12 +99,20 @@ def flow_loss(model, batch: Batch, draw: FlowDraw, empty: torch.Tensor, spec: Lo
     x0, text = batch.latents.float(), batch.text.float()
     text[draw.drop_caption] = empty
     xt, target = noisy_latents(x0, draw.noise, draw.timesteps, spec.contract.num_train_timesteps)
+    timesteps, kept = draw.timesteps, None
     if spec.contract.kind.image == "required":  # image to video: mask and first-frame channels, as its sampler
         mask = first_frame_mask(x0.shape, spec.contract.vae_scale_temporal)
         xt = torch.cat([xt, mask, batch.condition.float()], dim=1)
-    pred = model(hidden_states=xt.to(device, compute), timestep=draw.timesteps.to(device),
+    elif spec.contract.kind.expand_timesteps:  # TI2V: per-token timesteps, some clips' first frame clean
+        xt, timesteps, kept = keep_first_frame(xt, x0, timesteps, draw.first_frame)
+    pred = model(hidden_states=xt.to(device, compute), timestep=timesteps.to(device),
                  encoder_hidden_states=text.to(device, compute), return_dict=False)[0]
-    return F.mse_loss(pred.float(), target.to(device))
+    if kept is None or not draw.first_frame.any():
+        return F.mse_loss(pred.float(), target.to(device))
+    # the mean over each clip's noised elements, then over clips: a clean first frame is not learned
+    kept = kept.to(device).expand_as(target)
+    per_clip = ((pred.float() - target.to(device)) ** 2 * kept).flatten(1).sum(1) / kept.flatten(1).sum(1)
+    return per_clip.mean()
 
 
 def train_step(model, params: list, optimizer, lr_schedule, step: StepData, spec: LoopSpec, empty: torch.Tensor,

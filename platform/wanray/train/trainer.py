@@ -19,7 +19,7 @@ from wanray.devices import accelerator
 from wanray.train import checkpoint as ckpt
 from wanray.train.data import ClipIndex
 from wanray.train.loop import STEP_FILE, LoopSpec, train_loop
-from wanray.wan import EXPERTS, WanContract
+from wanray.wan import EXPERTS, ModelKind, WanContract
 
 RUN_FILE = "wanray_run.json"
 
@@ -58,9 +58,13 @@ def make_trainer(cfg: Config, expert: str, data_dir, run_dir, index: ClipIndex |
         raise ConfigError("train.init_dcp holds plain expert weights; with train.lora.enabled load from safetensors")
     model_path = str(models.ensure_model(cfg.model))
     contract = models.read_contract(model_path, cfg.model)
-    contract.check_supported("training")
     attention = attention_backend(cfg.model.attention_backend, t.worker.device, t.worker.dtype, training=True)
     index = index or ClipIndex.from_dir(data_dir)
+    channels = {shape[0] for shape in index.shapes}
+    if channels != {contract.kind.latent_channels}:
+        raise DataError(f"{data_dir} holds {'/'.join(map(str, sorted(channels)))}-channel latents; {contract.kind.title}'s "
+                        f"VAE makes {contract.kind.latent_channels}: preprocess the videos with this model (model.path) "
+                        "into a new directory")
     if contract.kind.image == "required" and not index.conditioned:
         raise DataError(f"{data_dir} holds no first-frame condition for {contract.kind.title}: preprocess the videos "
                         "with this model (model.path) into a new directory")
@@ -101,18 +105,23 @@ def room_for_both(cfg: Config) -> bool:
     return all(total.get(k, 0) >= v for k, v in need.items())
 
 
-def selected(expert: str) -> tuple[str, ...]:
-    """The experts `high`, `low` or `both` names."""
-    experts = EXPERTS if expert == "both" else (expert,)
-    if any(e not in EXPERTS for e in experts):
+def selected(expert: str, kind: ModelKind) -> tuple[str, ...]:
+    """The experts `high`, `low` or `both` names for a model of `kind`; for a one-transformer model
+    (TI2V-5B) `high` and `both` mean its transformer, `low` is an error."""
+    if expert not in (*EXPERTS, "both"):
         raise ConfigError(f"--expert must be high, low or both, got {expert!r}")
-    return experts
+    if kind.one_transformer:
+        if expert == "low":
+            raise ConfigError(f"{kind.title} has one transformer, no low-noise expert: train it with --expert high "
+                              "(or both, the default)")
+        return kind.experts
+    return EXPERTS if expert == "both" else (expert,)
 
 
 def train_experts(cfg: Config, expert: str, data_dir, run_dir, log=print) -> dict:
     """Train `high`, `low` or `both` on the connected Ray (at once when the cluster has room for both worker
     groups, else one after the other)."""
-    experts = selected(expert)
+    experts = selected(expert, models.expected_kind(cfg.model))
     index = ClipIndex.from_dir(data_dir)  # read once, sent to every worker of both experts
     if (per_group := index.rows_per_row_group()) > 1:
         log(f"[train] warning: the shards in {data_dir} hold up to {per_group} clips per Parquet row "
@@ -150,17 +159,19 @@ def export_run(cfg: Config, run_dir, out_dir, log=print) -> Path:
     """The latest checkpoint of each expert trained in run_dir, in a copy of model.path (see
     checkpoint.export_diffusers), with the boundary they trained with in its model_index.json."""
     model_path = models.ensure_model(cfg.model)
-    models.read_contract(model_path, cfg.model).check_supported("export")
-    trained = {e: latest_checkpoint(run_dir, e) for e in EXPERTS if (Path(run_dir) / e).is_dir()}
+    contract = models.read_contract(model_path, cfg.model)
+    trained = {e: latest_checkpoint(run_dir, e) for e in contract.kind.experts if (Path(run_dir) / e).is_dir()}
     if not trained:
-        raise FileNotFoundError(f"no trained expert (high/ or low/) in {run_dir}")
-    boundary = trained_boundary(run_dir, trained)
-    if boundary is None:
-        boundary = models.read_contract(model_path, cfg.model).boundary
+        raise FileNotFoundError(f"no trained {'/ or '.join(contract.kind.experts)}/ in {run_dir}")
+    boundary = None
+    if not contract.kind.one_transformer:
+        boundary = trained_boundary(run_dir, trained)
+        boundary = contract.boundary if boundary is None else boundary
     for e, checkpoint in trained.items():
         log(f"[export] {e}-noise expert from {checkpoint}")
     out = ckpt.export_diffusers(model_path, out_dir, trained, boundary, cfg.train.lora)
-    log(f"[export] wrote {out} (boundary {boundary}; load with WanPipeline.from_pretrained)")
+    log(f"[export] wrote {out} ({'' if boundary is None else f'boundary {boundary}; '}load with "
+        f"{contract.kind.pipeline}.from_pretrained)")
     return out
 
 
@@ -173,7 +184,7 @@ def print_plans(cfg: Config, expert: str, log=print) -> bool:
     activations = measure_activations(w.dtype, attention_backend(cfg.model.attention_backend, w.device, w.dtype,
                                                                  training=True))
     fits = True
-    for e in selected(expert):
+    for e in selected(expert, models.read_kind(model_path)):
         plan = plan_training(cfg, model_path, e, activations)
         for line in plan.lines():
             log(f"[plan] {line}")

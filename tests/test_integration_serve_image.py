@@ -60,11 +60,14 @@ def test_served_frames_equal_diffusers_pipelines_with_a_photograph_as_the_first_
     assert (health["kind"], health["image"]) == (kind, models.read_kind(model).image)
     assert ("low" in health["stages"]) == (kind == "i2v-a14b")
     body = BODY[kind]
-    for image in [photo("tower.jpg")] + ([None] if kind == "ti2v-5b" else []):  # TI2V: also from text alone
-        r = _post(url, {**body, "image": image, "output": "frames"})
+    # I2V: also with a last frame; TI2V: also from text alone
+    images = [{"image": photo("tower.jpg")}, {"image": photo("tower.jpg"), "last_image": photo("lion.jpg")}] \
+        if kind == "i2v-a14b" else [{"image": photo("tower.jpg")}, {}]
+    for image in images:
+        r = _post(url, {**body, **image, "output": "frames"})
         assert r.status_code == 200, r.text
         frames = np.load(io.BytesIO(r.content))
-        ref = wanpipeline_frames(model, GenerationParams(**body, image=image))
+        ref = wanpipeline_frames(model, GenerationParams(**body, **image))
         assert frames.shape == (body["num_frames"], body["height"], body["width"], 3)
         assert np.abs(frames - ref).max() <= 1e-4
 

@@ -83,6 +83,23 @@ def test_the_sampler_gives_wan_image_to_video_pipelines_frames_for_an_image(tiny
     other = Sampler(spec)(GenerationParams(**{**params.__dict__, "image": base64.b64encode(
         _png(np.full((80, 48, 3), 30, np.uint8))).decode()}))
     assert np.abs(other - ours).max() > 1e-3  # the image reaches the frames
+    both = GenerationParams(**{**params.__dict__, "last_image": photo("lion.jpg")})  # and a last frame
+    ours_last = Sampler(spec)(both)
+    assert np.abs(ours_last - wanpipeline_frames(path, both, spec.contract.boundary)).max() <= 1e-4
+    assert np.abs(ours_last - ours).max() > 1e-3
+
+
+def test_the_last_frame_mask_is_the_one_wan_image_to_video_pipeline_builds(tiny_kinds):
+    from diffusers import WanImageToVideoPipeline
+
+    from wanray.wan import first_frame_mask
+
+    pipe = WanImageToVideoPipeline.from_pretrained(tiny_kinds["i2v-a14b"])
+    image = torch.zeros(1, 3, 32, 32)
+    for last in (None, image):
+        _, condition = pipe.prepare_latents(image, 1, 16, 32, 32, 13, torch.float32, torch.device("cpu"),
+                                            last_image=last)
+        assert torch.equal(first_frame_mask(condition.shape, last=last is not None), condition[:, :4])
 
 
 def photo(name: str = "cheetah1.jpg") -> str:
@@ -138,6 +155,14 @@ def test_requests_and_prompt_files_carry_an_image_only_where_the_model_takes_one
     ti2v = KINDS["ti2v-5b"]  # the image is optional
     assert resolve(GenerateRequest(prompt="x", image=png), cfg, ti2v).image == png
     assert resolve(GenerateRequest(prompt="x"), cfg, ti2v).image is None
+    assert resolve(GenerateRequest(prompt="x", image=png, last_image=png), cfg, i2v).last_image == png
+    for request, kind, message in ((GenerateRequest(prompt="x", image=png, last_image=png), ti2v,
+                                    "Wan2.2-TI2V-5B takes no last_image"),
+                                   (GenerateRequest(prompt="x", last_image=png), ti2v, "takes no last_image"),
+                                   (GenerateRequest(prompt="x", image=png, last_image="@@"), i2v,
+                                    "last_image is not a base64-encoded")):
+        with pytest.raises(RequestError, match=message):
+            resolve(request, cfg, kind)
     for request, kind, message in ((GenerateRequest(prompt="x", image=png), t2v, "Wan2.2-T2V-A14B takes no image"),
                                    (GenerateRequest(prompt="x"), i2v, "Wan2.2-I2V-A14B needs an image"),
                                    (GenerateRequest(prompt="x", image="not base64!"), i2v, "not a base64-encoded"),
@@ -154,6 +179,8 @@ def test_requests_and_prompt_files_carry_an_image_only_where_the_model_takes_one
     prompts.write_text('{"prompt": "a", "image": "first.png"}\n{"prompt": "b", "image": "missing.png"}\n')
     with pytest.raises(RequestError, match="line 2: image file not found"):
         read_prompts(prompts, cfg, i2v)
-    prompts.write_text('{"prompt": "a", "image": "first.png"}\n')
-    (params,) = read_prompts(prompts, cfg, i2v)
-    assert base64.b64decode(params.image) == (tmp_path / "first.png").read_bytes()
+    prompts.write_text('{"prompt": "a", "image": "first.png"}\n{"prompt": "b", "image": "first.png", "last_image": "last.png"}\n')
+    (tmp_path / "last.png").write_bytes(_png(np.ones((16, 16, 3), np.uint8)))
+    first, both = read_prompts(prompts, cfg, i2v)
+    assert base64.b64decode(first.image) == (tmp_path / "first.png").read_bytes() and first.last_image is None
+    assert base64.b64decode(both.last_image) == (tmp_path / "last.png").read_bytes()

@@ -32,13 +32,13 @@ def build_ui(generate: Generate, cfg: Config, model_dir: str) -> gr.Blocks:
     kind = read_kind(model_dir)
 
     async def run(prompt, negative_prompt, seed, steps, guidance_scale, guidance_scale_2, height, width, num_frames,
-                  image=None, progress=gr.Progress()):
+                  image=None, last_image=None, progress=gr.Progress()):
+        encode = lambda path: base64.b64encode(Path(path).read_bytes()).decode() if path else None  # noqa: E731
         try:
             params = resolve(GenerateRequest(
                 prompt=prompt, negative_prompt=negative_prompt, seed=seed, num_inference_steps=steps,
                 guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2, height=height, width=width,
-                num_frames=num_frames, image=base64.b64encode(Path(image).read_bytes()).decode() if image else None),
-                cfg, kind)
+                num_frames=num_frames, image=encode(image), last_image=encode(last_image)), cfg, kind)
         except (RequestError, ValidationError) as e:
             raise _request_error(e) from None
         progress(0.0, desc="encoding prompt")
@@ -59,8 +59,12 @@ def build_ui(generate: Generate, cfg: Config, model_dir: str) -> gr.Blocks:
             with gr.Column():
                 prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red circle moving left to right")
                 # image-to-video models: the first frame (resized to the requested size)
-                image = gr.Image(label="First frame" + (" (optional)" if kind.image == "optional" else ""),
-                                 type="filepath") if kind.image != "none" else None
+                images = []
+                if kind.image != "none":
+                    images.append(gr.Image(label="First frame" + (" (optional)" if kind.image == "optional" else ""),
+                                           type="filepath"))
+                if kind.takes_last_image:
+                    images.append(gr.Image(label="Last frame (optional)", type="filepath"))
                 negative = gr.Textbox(label="Negative prompt", value=inf.negative_prompt, lines=2)
                 with gr.Row():
                     m = kind.size_multiple
@@ -78,5 +82,5 @@ def build_ui(generate: Generate, cfg: Config, model_dir: str) -> gr.Blocks:
                 button = gr.Button("Generate", variant="primary")
             video = gr.Video(label="Video", autoplay=True)
         inputs = [prompt, negative, seed, steps, guidance, guidance_2, height, width, frames]
-        button.click(run, inputs=inputs + ([image] if image is not None else []), outputs=video, api_name="generate")
+        button.click(run, inputs=inputs + images, outputs=video, api_name="generate")
     return page

@@ -17,11 +17,14 @@ def frames_to_video(frames: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_first_frame(vae, first: torch.Tensor, num_frames: int) -> torch.Tensor:
+def encode_first_frame(vae, first: torch.Tensor, num_frames: int, last: torch.Tensor | None = None) -> torch.Tensor:
     """(B, 3, H, W) first frames in [-1, 1] -> normalised latents of [the frame, num_frames - 1 zero
-    frames]: the image-to-video condition, as WanImageToVideoPipeline.prepare_latents builds it."""
+    frames] (with `last` frames: [first, num_frames - 2 zero frames, last]): the image-to-video
+    condition, as WanImageToVideoPipeline.prepare_latents builds it."""
     b, c, h, w = first.shape
-    return encode_latents(vae, torch.cat([first[:, :, None], first.new_zeros(b, c, num_frames - 1, h, w)], dim=2))
+    ends = [first[:, :, None]] + ([] if last is None else [last[:, :, None]])
+    zeros = first.new_zeros(b, c, num_frames - len(ends), h, w)
+    return encode_latents(vae, torch.cat([ends[0], zeros, *ends[1:]], dim=2))
 
 
 @torch.no_grad()

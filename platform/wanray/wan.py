@@ -56,6 +56,12 @@ class ModelKind:
     def one_transformer(self) -> bool:
         return len(self.experts) == 1
 
+    @property
+    def takes_last_image(self) -> bool:
+        """A last frame besides the first (diffusers' `last_image`): I2V-A14B's mask and condition
+        carry one; TI2V-5B's expand_timesteps path has no place for it."""
+        return self.image == "required"
+
 
 KINDS = {k.name: k for k in (
     ModelKind("t2v-a14b", "Wan2.2-T2V-A14B", ("high", "low"), 16, 16, "none", False, "WanPipeline", 0.875, 16),
@@ -152,14 +158,18 @@ def denormalize_latents(latents, latents_mean, latents_std):
     return latents / (1.0 / std) + mean
 
 
-def first_frame_mask(latent_shape: tuple[int, ...], temporal_scale: int = 4):
+def first_frame_mask(latent_shape: tuple[int, ...], temporal_scale: int = 4, last: bool = False):
     """I2V-A14B's mask channels, as diffusers' WanImageToVideoPipeline.prepare_latents builds them:
-    (B, temporal_scale, F, H, W), ones on the first latent frame (the given image), zeros elsewhere."""
+    (B, temporal_scale, F, H, W), ones on the first latent frame (the given image), zeros elsewhere;
+    with a `last` image also one on the video's last frame, the last channel of the last latent frame
+    (the mask is per video frame, the first repeated temporal_scale times, folded into channels)."""
     import torch
 
     b, _, f, h, w = latent_shape
     mask = torch.zeros(b, temporal_scale, f, h, w)
     mask[:, :, 0] = 1.0
+    if last:
+        mask[:, -1, -1] = 1.0
     return mask
 
 

@@ -48,6 +48,8 @@ class GenerateRequest(BaseModel):
     seed: int | None = None
     image: str | None = None
     """Image-to-video models: the first frame, a PNG, JPEG or WebP file in base64."""
+    last_image: str | None = None
+    """I2V-A14B: also the last frame, likewise."""
     output: OutputFormat = "mp4"
     """mp4 (H.264), or frames: the float32 (frames, height, width, 3) array in [0, 1] as .npy."""
 
@@ -74,13 +76,16 @@ def resolve(req: GenerateRequest, cfg: Config, kind: ModelKind = KINDS["t2v-a14b
         num_inference_steps=pick(req.num_inference_steps, inf.num_inference_steps),
         guidance_scale=pick(req.guidance_scale, inf.guidance_scale),
         guidance_scale_2=pick(req.guidance_scale_2, inf.guidance_scale_2), seed=pick(req.seed, inf.seed),
-        image=req.image)
+        image=req.image, last_image=req.last_image)
     _check(req.image is None or kind.image != "none", f"{kind.title} takes no image: leave image out")
     _check(req.image is not None or kind.image != "required", f"{kind.title} needs an image: the video's first frame")
-    if req.image is not None:
-        _check(len(req.image) * 3 // 4 <= inf.max_image_bytes,
-               f"image has about {len(req.image) * 3 // 4} bytes, at most {inf.max_image_bytes} are served")
-        image_from_base64(req.image)  # a RequestError when it is no image
+    _check(req.last_image is None or kind.takes_last_image, f"{kind.title} takes no last_image: leave it out")
+    _check(req.last_image is None or req.image is not None, "last_image needs image, the first frame")
+    for name, data in (("image", req.image), ("last_image", req.last_image)):
+        if data is not None:
+            _check(len(data) * 3 // 4 <= inf.max_image_bytes,
+                   f"{name} has about {len(data) * 3 // 4} bytes, at most {inf.max_image_bytes} are served")
+            image_from_base64(data, name)  # a RequestError when it is no image
     _check_prompt("prompt", p.prompt, inf.max_prompt_chars, required=True)
     _check_prompt("negative_prompt", p.negative_prompt, inf.max_prompt_chars, required=False)
     for name, value, most in (("height", p.height, inf.max_height), ("width", p.width, inf.max_width)):

@@ -34,7 +34,8 @@ def read_prompts(path: str | os.PathLike, cfg: Config, kind: ModelKind = KINDS["
     A .jsonl file holds one JSON object per line: `prompt` and any of the REST API's fields
     (`negative_prompt`, `height`, `width`, `num_frames`, `num_inference_steps`, `guidance_scale`,
     `guidance_scale_2`, `seed`) for that video, e.g. a size of another bucket, and for an image-to-video
-    model `image`, the path of its first frame (relative to the prompts file); any other file, one
+    model `image`, the path of its first frame (relative to the prompts file), and for I2V-A14B
+    `last_image`, of its last frame; any other file, one
     prompt per line with the configured settings."""
     from pydantic import ValidationError
 
@@ -51,8 +52,9 @@ def read_prompts(path: str | os.PathLike, cfg: Config, kind: ModelKind = KINDS["
                 fields = json.loads(line)
                 if not isinstance(fields, dict) or "output" in fields:
                     raise RequestError("expected a JSON object of the REST API's fields (all but output)")
-                if isinstance(fields.get("image"), str):
-                    fields["image"] = _image_file(p.parent / fields["image"])
+                for name in ("image", "last_image"):
+                    if isinstance(fields.get(name), str):
+                        fields[name] = _image_file(p.parent / fields[name])
                 request = GenerateRequest.model_validate(fields)
             else:
                 request = GenerateRequest(prompt=line.strip())

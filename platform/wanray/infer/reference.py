@@ -27,6 +27,8 @@ def wanpipeline_frames(model_dir, params: GenerationParams, boundary: float | No
                  transformer_2=models.load_expert(model_dir, "low") if two else None,
                  boundary_ratio=boundary if two else None, expand_timesteps=kind.expand_timesteps)
     image = {} if params.image is None else {"image": image_from_base64(params.image)}
+    if params.last_image is not None:
+        image["last_image"] = image_from_base64(params.last_image)
     pipe = WanImageToVideoPipeline(**parts) if image else WanPipeline(**parts)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(prompt=params.prompt, negative_prompt=params.negative_prompt, height=params.height,

@@ -28,8 +28,9 @@ from wanray.schema import pad_text_embedding
 from wanray.wan import EXPERTS, VAE_DTYPE, WanContract, clean_frame_mask, first_frame_mask, token_timesteps
 
 
-def image_from_base64(data: str):
-    """A base64-encoded image file (GenerationParams.image) as an RGB PIL image; RequestError if it is none."""
+def image_from_base64(data: str, name: str = "image"):
+    """A base64-encoded image file (GenerationParams.image) as an RGB PIL image; RequestError, naming the
+    field `name`, if it is none."""
     import base64
     import binascii
     import io
@@ -42,7 +43,7 @@ def image_from_base64(data: str):
         with Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as img:
             return img.convert("RGB")
     except (binascii.Error, ValueError, OSError, SyntaxError) as e:  # PIL: UnidentifiedImageError is an OSError
-        raise RequestError(f"image is not a base64-encoded PNG, JPEG or WebP file: {str(e).splitlines()[0][:120]}")
+        raise RequestError(f"{name} is not a base64-encoded PNG, JPEG or WebP file: {str(e).splitlines()[0][:120]}")
 
 # UniPC state that set_timesteps and step keep on the compute device: timesteps, and the multistep
 # history (last solver_order model outputs, their timesteps, the last sample). sigmas stay on the CPU.
@@ -66,6 +67,8 @@ class GenerationParams:
     seed: int
     image: str | None = None
     """Image-to-video models: the first frame, an image file's bytes (PNG, JPEG, WebP) in base64."""
+    last_image: str | None = None
+    """I2V-A14B: the last frame too, likewise (diffusers' last_image)."""
 
     @property
     def guided(self) -> bool:
@@ -322,15 +325,17 @@ class VideoDecoder:
     @torch.no_grad()
     def condition(self, params: GenerationParams) -> torch.Tensor:
         """The first image, float32 on the CPU, as WanImageToVideoPipeline.prepare_latents builds it: for
-        I2V-A14B (1, 4 + 16, F, H, W), the first-frame mask and the normalised latent of [the image, zero
-        frames]; for TI2V-5B (1, 48, 1, H, W), the image's normalised latent."""
-        image = self.video_processor.preprocess(image_from_base64(params.image), height=params.height,
-                                                width=params.width)
+        I2V-A14B (1, 4 + 16, F, H, W), the frame mask and the normalised latent of [the image, zero
+        frames] (or [image, zero frames, last image]); for TI2V-5B (1, 48, 1, H, W), the image's
+        normalised latent."""
+        image, last = (None if data is None else self.video_processor.preprocess(
+            image_from_base64(data), height=params.height, width=params.width) for data in (params.image, params.last_image))
         with resident(self.vae, self.device, self.offload):
             if self.contract.kind.expand_timesteps:
                 return encode_latents(self.vae, image[:, :, None]).float().cpu()
-            latent = encode_first_frame(self.vae, image, params.num_frames).float().cpu()
-        return torch.cat([first_frame_mask(latent.shape, self.contract.vae_scale_temporal), latent], dim=1)
+            latent = encode_first_frame(self.vae, image, params.num_frames, last).float().cpu()
+        mask = first_frame_mask(latent.shape, self.contract.vae_scale_temporal, last=last is not None)
+        return torch.cat([mask, latent], dim=1)
 
     @torch.no_grad()
     def decode(self, state: DenoiseState) -> np.ndarray:

@@ -7,7 +7,7 @@ PACKAGE = ROOT / "platform" / "wanray"
 # Bottom to top. Drivers (pipelines/), the UI (ui/), benchmarks and tests sit above them all.
 FLOORS = [
     ("errors", "io", "buckets", "config", "schema", "devices", "wan"),
-    ("models", "runtime", "encoding"),
+    ("models", "runtime", "encoding", "context_parallel"),
     ("data",),
     ("train",),
     ("infer",),

@@ -260,6 +260,20 @@ class LoraConfig:
 
 
 @dataclass
+class ContextParallel:
+    ulysses: int = 1
+    """Ulysses degree: ranks exchange sequence shards for head shards around each attention (all-to-all);
+    must divide the attention heads (40 for A14B, 24 for TI2V-5B)."""
+    ring: int = 1
+    """Ring degree: key/value chunks travel around the ranks, no head constraint."""
+
+    @property
+    def degree(self) -> int:
+        """Ranks that share one sample: ulysses x ring."""
+        return self.ulysses * self.ring
+
+
+@dataclass
 class TrainConfig:
     steps: int = 5000
     """Optimizer steps per expert."""
@@ -318,6 +332,9 @@ class TrainConfig:
     cache_bytes: int = 2 * 1024**3
     """Keep a worker's decoded clips in memory across epochs when they fit in this many bytes (0: always stream)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    context_parallel: ContextParallel = field(default_factory=ContextParallel)
+    """Split each sample's tokens over ulysses x ring ranks (wanray.context_parallel); the workers form
+    workers / (ulysses x ring) data-parallel groups."""
 
 
 @dataclass
@@ -349,6 +366,12 @@ class Config:
         t = self.train
         if t.steps < 1 or t.workers < 1 or t.batch_size < 1 or t.grad_accum < 1 or t.checkpoint_every < 1:
             raise ConfigError("train.steps, workers, batch_size, grad_accum and checkpoint_every must be >= 1")
+        cp = t.context_parallel
+        if cp.ulysses < 1 or cp.ring < 1:
+            raise ConfigError(f"train.context_parallel.ulysses and .ring must be >= 1, got {cp.ulysses}, {cp.ring}")
+        if t.workers % cp.degree:
+            raise ConfigError(f"train.context_parallel: ulysses x ring = {cp.degree} must divide train.workers "
+                              f"({t.workers})")
         if not 0.0 <= t.image_condition <= 1.0:
             raise ConfigError(f"train.image_condition must lie in [0, 1], got {t.image_condition}")
         if not 0.0 <= t.caption_dropout < 1.0 or t.timestep_shift <= 0:

@@ -130,6 +130,12 @@ class WanContract:
         return (1, channels, (num_frames - 1) // self.vae_scale_temporal + 1,
                 height // self.vae_scale_spatial, width // self.vae_scale_spatial)
 
+    def bucket_name(self, latent_shape: tuple[int, ...]) -> str:
+        """"HEIGHTxWIDTHxFRAMES" of a (C, F, H, W) latent shape, through the VAE's strides."""
+        _, f, h, w = latent_shape
+        s = self.vae_scale_spatial
+        return f"{h * s}x{w * s}x{(f - 1) * self.vae_scale_temporal + 1}"
+
     def normalize(self, z):
         return normalize_latents(z, self.latents_mean, self.latents_std)
 

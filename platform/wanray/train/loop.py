@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from collections import Counter
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from wanray import context_parallel
 from wanray.config import Config
 from wanray.devices import accelerator, torch_dtype
 from wanray.schema import pad_text_embedding
@@ -43,7 +45,7 @@ class LoopSpec:
     empty_prompt: torch.Tensor
     """Unpadded empty-prompt embedding (caption dropout)."""
     run_dir: str
-    """Where rank 0 appends metrics.jsonl and every rank its data_order/ record."""
+    """Where rank 0 appends metrics.jsonl and every data-parallel rank its data_order/ record."""
 
 
 def lr_lambda(cfg: Config):
@@ -60,11 +62,19 @@ def lr_lambda(cfg: Config):
 
 
 def build_model(spec: LoopSpec, device: torch.device, fresh: bool):
-    """Meta -> FSDP2 shards -> local storage -> weights. A resumed run (fresh=False) gets its trained
-    tensors from the checkpoint; LoRA's frozen base, which its checkpoints leave out, is loaded here
-    either way, and a fresh LoRA run initialises its adapters."""
+    """Meta -> context parallelism -> FSDP2 shards -> local storage -> weights. A resumed run
+    (fresh=False) gets its trained tensors from the checkpoint; LoRA's frozen base, which its
+    checkpoints leave out, is loaded here either way, and a fresh LoRA run initialises its adapters.
+
+    With context parallelism FSDP2 still shards over every rank, the context-parallel ones included:
+    parameters, gradients and optimizer state do not grow with the sequence, so the widest sharding
+    holds the least per rank (torchtitan's dp_shard x cp). Its gradient mean over all ranks is
+    the sample mean because a group's ranks each hold part of a sample's gradient (see train_step)."""
     t = spec.cfg.train
     model = build_on_meta(spec.model_path, spec.expert, t.lora, spec.attention)
+    cp = t.context_parallel
+    if cp.degree > 1:
+        context_parallel.enable(model, cp.ulysses, cp.ring, context_parallel.mesh(device, cp.ulysses, cp.ring), device)
     apply_fsdp(model, device, t.worker.dtype, t.reduce_dtype, t.activation_checkpointing)
     materialize(model, device)
     if fresh or t.lora.enabled:
@@ -120,10 +130,12 @@ def train_step(model, params: list, optimizer, lr_schedule, step: StepData, spec
     """One optimizer step over this rank's micro-batches: (summed loss, grad norm, the timesteps drawn)."""
     t = spec.cfg.train
     loss_sum, drawn = torch.zeros((), device=device), []
-    world = dist.get_world_size()
+    world, group = dist.get_world_size(), t.context_parallel.degree
     # The loss is the mean over every clip of the step, on all ranks: micro-batches of different
-    # buckets hold different numbers of clips, and FSDP2 averages the ranks' gradients.
-    samples = step.samples or world * sum(b.latents.shape[0] for b in step.batches)
+    # buckets hold different numbers of clips, and FSDP2 averages the ranks' gradients. The ranks of a
+    # context-parallel group see the same clips and their gradients sum to the clips' (each holds its
+    # shard's part), so the weight is the same; the loss they report is the clips' `group` times.
+    samples = step.samples or world // group * sum(b.latents.shape[0] for b in step.batches)
     for micro, batch in enumerate(step.batches):
         # Full fine-tuning reduce-scatters every micro-batch: without it each rank would keep the
         # unsharded gradients (14.3B x 4 bytes = 57 GB in fp32). LoRA's are small: sync once per step.
@@ -132,7 +144,7 @@ def train_step(model, params: list, optimizer, lr_schedule, step: StepData, spec
         weight = batch.latents.shape[0] * world / samples
         loss = flow_loss(model, batch, draw, empty, spec, device) * weight
         loss.backward()
-        loss_sum += loss.detach()
+        loss_sum += loss.detach() / group
         drawn.append(draw.timesteps)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad if t.clip_grad > 0 else float("inf"))
     optimizer.step()
@@ -174,7 +186,8 @@ def train_loop(config: dict) -> None:
     model = build_model(spec, device, fresh=resume is None)
     params = trainable_parameters(model)
     optimizer, lr_schedule = build_optimizer(spec, params, device)
-    plan = DataPlan(spec.index, t.batch_size, t.seed, world, t.grad_accum, t.scale_batch_by_tokens)
+    group = t.context_parallel.degree  # the ranks of a context-parallel group read the same clips
+    plan = DataPlan(spec.index, t.batch_size, t.seed, world // group, t.grad_accum, t.scale_batch_by_tokens)
     progress = ckpt.Progress(data_fingerprint=plan.fingerprint())
     state = ckpt.app_state(model, optimizer, lr_schedule, progress, lora=t.lora.enabled)
     log = MetricsLog(spec, rank, world, acc)
@@ -183,13 +196,13 @@ def train_loop(config: dict) -> None:
             ckpt.load(state, d)
         log.resumed(progress, order_changed=progress.data_fingerprint != plan.fingerprint())
         progress.data_fingerprint = plan.fingerprint()
-    loader = ClipLoader(plan, ClipReader(spec.index, t.cache_bytes), progress.epoch, progress.batches_in_epoch, rank,
-                        spec.contract.text_tokens)
+    loader = ClipLoader(plan, ClipReader(spec.index, t.cache_bytes), progress.epoch, progress.batches_in_epoch,
+                        rank // group, spec.contract.text_tokens)
     empty = pad_text_embedding(spec.empty_prompt.float(), spec.contract.text_tokens)
-    order = data_order_path(spec.run_dir, rank)
+    order = data_order_path(spec.run_dir, rank // group)  # one record per data-parallel rank: its group's first
     order.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with order.open("a") as order_log:
+        with (order.open("a") if rank % group == 0 else open(os.devnull, "w")) as order_log:
             while progress.step < t.steps:
                 step_start = time.perf_counter()
                 step = loader.next()
@@ -227,12 +240,6 @@ class MetricsLog:
         self.say(f"{spec.contract.describe_range(spec.expert)} (boundary {spec.contract.boundary} from "
                  f"{spec.contract.boundary_source}); {len(spec.index)} clips, {world} workers")
 
-    def bucket_name(self, shape_id: int) -> str:
-        """"HEIGHTxWIDTHxFRAMES" of a latent shape, through the VAE's strides."""
-        _, f, h, w = self.spec.index.shapes[shape_id]
-        c = self.spec.contract
-        return f"{h * c.vae_scale_spatial}x{w * c.vae_scale_spatial}x{(f - 1) * c.vae_scale_temporal + 1}"
-
     def say(self, text: str) -> None:
         if self.rank == 0:
             print(f"[train:{self.spec.expert}] {text}", flush=True)
@@ -256,7 +263,7 @@ class MetricsLog:
         for shape_id, clips in step.shapes.items():  # the whole step's, from the data plan: no communication
             self.samples += clips
             self.tokens += clips * index.tokens(shape_id)
-            self.buckets[self.bucket_name(shape_id)] += clips
+            self.buckets[self.spec.contract.bucket_name(index.shapes[shape_id])] += clips
         self.t_min = min(self.t_min, float(timesteps.min()))  # CPU tensors: no device sync
         self.t_max = max(self.t_max, float(timesteps.max()))
         t = self.spec.cfg.train

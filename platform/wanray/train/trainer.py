@@ -10,7 +10,7 @@ import json
 import threading
 from pathlib import Path
 
-from wanray import models
+from wanray import context_parallel, models
 from wanray.config import Config, attention_backend
 from wanray.data.shards import read_empty_prompt
 from wanray.errors import ConfigError, DataError
@@ -59,7 +59,12 @@ def make_trainer(cfg: Config, expert: str, data_dir, run_dir, index: ClipIndex |
     model_path = str(models.ensure_model(cfg.model))
     contract = models.read_contract(model_path, cfg.model)
     attention = attention_backend(cfg.model.attention_backend, t.worker.device, t.worker.dtype, training=True)
+    cp = t.context_parallel
+    if cp.degree > 1 and cfg.model.attention_backend is None and attention not in context_parallel.CONTEXT_PARALLEL_BACKENDS:
+        attention = "native"  # the NPU default, torch_npu's fused kernel, has no context-parallel backward in diffusers
     index = index or ClipIndex.from_dir(data_dir)
+    context_parallel.check(cp.ulysses, cp.ring, models.expert_config(model_path, expert)["num_attention_heads"],
+                           {contract.bucket_name(s): index.tokens(i) for i, s in enumerate(index.shapes)}, attention)
     channels = {shape[0] for shape in index.shapes}
     if channels != {contract.kind.latent_channels}:
         raise DataError(f"{data_dir} holds {'/'.join(map(str, sorted(channels)))}-channel latents; {contract.kind.title}'s "

@@ -1,0 +1,97 @@
+"""Context parallelism in training on a real local Ray, gloo on CPU: a sample's tokens split over 2 or 4
+ranks give the loss, gradient norm and updated weights of the unsplit run; a 2x2 (data x context) run
+resumes at another layout; configurations that cannot work fail in one line before any worker starts."""
+import pytest
+import torch
+
+from conftest import tiny_config
+from test_integration_train import FAST, checkpoint_state, metrics
+from wanray import context_parallel
+from wanray.errors import ConfigError
+from wanray.train.trainer import latest_checkpoint, make_trainer, train_experts
+
+
+@pytest.fixture(scope="module")
+def cp_prep(tmp_path_factory, tiny_model, synthetic, ray_cluster):
+    from wanray.data.preprocess import run_preprocess
+
+    out = tmp_path_factory.mktemp("cp_prep")
+    run_preprocess(tiny_config(tiny_model), str(synthetic), str(out), log=lambda _: None)
+    return out
+
+
+def _train(tiny_model, prep, run, *sets):
+    train_experts(tiny_config(tiny_model, *FAST, "train.lr=3e-3", *sets), "high", prep, run, log=lambda _: None)
+    return metrics(run)
+
+
+@pytest.fixture(scope="module")
+def unsplit(tiny_model, cp_prep, tmp_path_factory):
+    """One worker, whole samples: 2 steps."""
+    run = tmp_path_factory.mktemp("cp_unsplit")
+    return run, _train(tiny_model, cp_prep, run, "train.workers=1", "train.steps=2")
+
+
+@pytest.mark.parametrize("ulysses,ring", [(2, 1), (1, 2)], ids=["ulysses2", "ring2"])
+def test_a_split_sample_trains_as_the_whole_one(tiny_model, cp_prep, unsplit, tmp_path, ulysses, ring):
+    base_run, base = unsplit
+    run = tmp_path / "run"
+    split = _train(tiny_model, cp_prep, run, "train.workers=2", "train.steps=2",
+                   f"train.context_parallel.ulysses={ulysses}", f"train.context_parallel.ring={ring}")
+    assert [m["world_size"] for m in split] == [2, 2]
+    for a, b in zip(base, split):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["samples_per_s"] > 0 and a["buckets"] == b["buckets"]
+    assert_same_gradients(checkpoint_state(latest_checkpoint(base_run, "high"), tmp_path),
+                          checkpoint_state(latest_checkpoint(run, "high"), tmp_path))
+
+
+def assert_same_gradients(a: dict, b: dict) -> None:
+    """AdamW's moments (linear and quadratic in the gradients) agree to 1e-4 of each tensor's largest
+    value, and the weights to 1e-4 (1/30 of one lr=3e-3 step): Adam divides each moment by its root
+    square, so a near-zero moment turns fp32 reduction-order noise into a visible update."""
+    for key, tol in (("optim", None), ("model", 1e-4)):
+        ta, tb = (flatten(state[key]) for state in (a, b))
+        assert set(ta) == set(tb) and ta
+        for name, x in ta.items():
+            scale = float(x.abs().max()) if tol is None else 1.0
+            assert float((x.float() - tb[name].float()).abs().max()) <= (tol or 1e-4) * max(scale, 1e-12), name
+
+
+def flatten(tree, prefix="") -> dict:
+    if torch.is_tensor(tree):
+        return {prefix: tree}
+    return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}.{key}").items()} \
+        if isinstance(tree, dict) else {}
+
+
+def test_two_by_two_resumes_at_another_layout_where_the_straight_run_ends(tiny_model, cp_prep, tmp_path):
+    """4 workers as 2 data-parallel groups of ulysses 2 for 3 steps, then 2 plain workers (the same 2
+    data-parallel ranks, so the same batches) for 3 more: the weights and optimizer state of 6 straight
+    steps on 2 workers."""
+    common = ["train.checkpoint_every=3", "train.batch_size=1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _train(tiny_model, cp_prep, straight, *common, "train.workers=2", "train.steps=6")
+    first = _train(tiny_model, cp_prep, resumed, *common, "train.workers=4", "train.steps=3",
+                   "train.context_parallel.ulysses=2")
+    assert [m["world_size"] for m in first] == [4, 4, 4]
+    after = _train(tiny_model, cp_prep, resumed, *common, "train.workers=2", "train.steps=6")
+    assert [m["step"] for m in after] == [1, 2, 3, 4, 5, 6]
+    a = checkpoint_state(latest_checkpoint(straight, "high"), tmp_path)
+    b = checkpoint_state(latest_checkpoint(resumed, "high"), tmp_path)
+    assert b["train"]["step"] == 6
+    assert_same_gradients(a, b)
+
+
+def test_layouts_that_cannot_work_fail_in_one_line_before_any_worker(tiny_model, cp_prep, tmp_path):
+    with pytest.raises(ConfigError, match=r"ulysses x ring = 4 must divide train.workers \(2\)"):
+        tiny_config(tiny_model, "train.workers=2", "train.context_parallel.ulysses=4")
+    with pytest.raises(ConfigError, match="ulysses = 8 must divide the transformer's 4 attention heads"):
+        make_trainer(tiny_config(tiny_model, "train.workers=8", "train.context_parallel.ulysses=8"), "high", cp_prep,
+                     tmp_path / "run")
+    with pytest.raises(ConfigError, match="ulysses x ring = 32 must divide every sample's tokens; bucket 64x64x"):
+        make_trainer(tiny_config(tiny_model, "train.workers=32", "train.context_parallel.ring=32"), "high", cp_prep,
+                     tmp_path / "run")
+    with pytest.raises(ConfigError, match="attention backend 'flex' has no context-parallel backward"):
+        context_parallel.check(2, 1, 40, {"480x832x81": 32760}, "flex")
+    context_parallel.check(8, 1, 40, {"480x832x81": 32760}, "native")  # A14B: 40 heads, 32,760 tokens

@@ -1,6 +1,6 @@
 """Training throughput, measured side by side in one run on the same model and clips.
 
-    python benchmarks/train.py [--clips 64] [--size 128] [--steps 80]
+    python benchmarks/train.py [--clips 64] [--size 128] [--steps 80] [--parts 1234]
 
 Prints:
  (1) data-wait fraction at steady state of a Ray Train run (2 workers, first 20% of steps
@@ -8,9 +8,13 @@ Prints:
  (2) step time training from the precomputed Parquet over step time encoding the same clips
      online (decode + VAE + UMT5 every step), same process, same model and train step
  (3) per-rank memory with 1 and with 2 workers (parameters + optimizer state; peak RSS)
+ (4) per-rank memory of one forward + backward against sequence length, with context parallelism
+     (Ulysses) over 1, 2 and 4 gloo ranks on CPU: the bytes autograd saves for backward, and the peak
+     of live tensors (wanray.infer.plan.LiveBytes: gradients and communication buffers included)
 """
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -87,13 +91,70 @@ def step_times(cfg, data: Path, sources, model_path: str, steps: int) -> tuple[f
     return t_parquet, (time.perf_counter() - start) / steps
 
 
+CP_EXPERT = dict(patch_size=(1, 2, 2), num_attention_heads=8, attention_head_dim=32, in_channels=16, out_channels=16,
+                 text_dim=64, freq_dim=64, ffn_dim=512, num_layers=2)
+"""A small Wan transformer (dim 256, 8 heads) whose activations dominate its weights at these lengths."""
+
+
+def cp_rank_memory(rank: int, world: int, port: int, frames: int, out: str) -> None:
+    """One rank of a Ulysses group of `world`: forward + backward of one 32x32-latent sample of `frames`
+    latent frames (256 tokens each); writes (saved bytes, peak live bytes) for rank 0."""
+    import torch.distributed as dist
+    from diffusers import WanTransformer3DModel
+
+    from wanray import context_parallel
+    from wanray.infer.plan import LiveBytes
+    from wanray.train.plan import _saved_bytes
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**CP_EXPERT)
+    cpu = torch.device("cpu")
+    if world > 1:
+        context_parallel.enable(model, world, 1, context_parallel.mesh(cpu, world, 1), cpu)
+    inputs = {"hidden_states": torch.randn(1, 16, frames, 32, 32), "timestep": torch.tensor([500.0]),
+              "encoder_hidden_states": torch.randn(1, 64, 64)}
+    saved = _saved_bytes(model, inputs)
+    tracker = LiveBytes([*model.parameters(), *model.buffers(), *inputs.values()])
+    with tracker:
+        model(**inputs, return_dict=False)[0].pow(2).mean().backward()
+    if rank == 0:
+        Path(out).write_text(json.dumps([saved, tracker.peak]))
+    dist.destroy_process_group()
+
+
+def context_parallel_memory(work: Path) -> None:
+    import torch.multiprocessing as mp
+
+    from wanray.runtime import free_port
+
+    base = {}
+    for frames in (4, 8, 16):
+        row = []
+        for degree in (1, 2, 4):
+            out = work / f"cp-{frames}-{degree}.json"
+            mp.spawn(cp_rank_memory, args=(degree, free_port(), frames, str(out)), nprocs=degree)
+            saved, peak = json.loads(out.read_text())
+            base.setdefault(frames, (saved, peak))
+            row.append(f"Ulysses {degree}: saved {saved / 2**20:6.1f} MiB ({saved / base[frames][0]:.2f}x), "
+                       f"peak {peak / 2**20:6.1f} MiB ({peak / base[frames][1]:.2f}x)")
+        print(f"(4) {frames * 256:>5} tokens per sample, per rank: " + "; ".join(row))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clips", type=int, default=64)
     ap.add_argument("--size", type=int, default=128, help="clip height and width")
     ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--parts", default="1234", help="which measurements to run: digits of 1-4 (1-3 share one Ray run)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="wanray-train-bench-"))
+    if "4" in args.parts:
+        context_parallel_memory(work)
+    if not set(args.parts) & set("123"):
+        shutil.rmtree(work, ignore_errors=True)
+        return
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [
         f"model.path={work / 'model'}", f"data.height={args.size}", f"data.width={args.size}",
         f"train.steps={args.steps}", "train.log_every=1", f"train.checkpoint_every={args.steps}"])

@@ -82,3 +82,17 @@ def test_train_plan_cli_prints_the_verdict_and_exits_by_it(a14b_configs):
     fits, too_big = run(), run("train.workers=8")
     assert fits.returncode == 0 and "14,288,491,584 parameters" in fits.stdout and "fits:" in fits.stdout
     assert too_big.returncode == 1 and "DOES NOT FIT" in too_big.stdout
+
+
+def test_context_parallel_splits_a_720p_samples_activations_over_its_group(a14b_configs, activations):
+    """720x1280x81 (75,600 tokens) on 16 ranks: Ulysses 2 and 4 keep 1/2 and 1/4 of the activations per
+    rank (less the small per-block constant), the parameter shards stay those of 16 ranks."""
+    sets = ["train.workers=16", "data.height=720", "data.width=1280"]
+    plans = {n: plan_training(preset(a14b_configs, *sets, f"train.context_parallel.ulysses={n}"), a14b_configs, "high",
+                              activations) for n in (1, 2, 4)}
+    assert plans[1].tokens == plans[4].tokens == 75_600
+    for n in (2, 4):
+        assert plans[n].param_bytes == plans[1].param_bytes
+        assert abs(plans[n].activation_bytes * n / plans[1].activation_bytes - 1) < 0.02
+    assert "75,600 tokens, 18,900 per rank (context parallel over 4)" in "\n".join(plans[4].lines())
+    assert plans[4].total_bytes < plans[1].total_bytes

@@ -134,10 +134,13 @@ class TrainingPlan:
     micro-batches holds."""
     lora: bool
     tokens: int
+    """Of the micro-batch, before any context-parallel split."""
     activation_bytes: int
     activation_bytes_without_checkpointing: int
     device_bytes: int
     activation_checkpointing: bool
+    context_parallel: int = 1
+    """Ranks that share each sample (ulysses x ring): each keeps the activations of its 1/N of the tokens."""
 
     @property
     def total_bytes(self) -> int:
@@ -155,14 +158,17 @@ class TrainingPlan:
                    if self.fits else
                    f"DOES NOT FIT: {g(self.total_bytes)} of {g(self.device_bytes)} "
                    f"({self.total_bytes / self.device_bytes:.0%}; at most {HEADROOM:.0%}): add ranks"
-                   f"{'' if self.activation_checkpointing else ', turn on activation checkpointing'}, or train LoRA")
+                   f"{'' if self.activation_checkpointing else ', turn on activation checkpointing'}, split samples "
+                   "(train.context_parallel), or train LoRA")
+        split = "" if self.context_parallel == 1 else \
+            f", {self.tokens // self.context_parallel:,} per rank (context parallel over {self.context_parallel})"
         return [
             f"{self.expert}-noise expert: {self.parameters:,} parameters ({self.trainable:,} trained), "
             f"{self.block_parameters:,} per block, {self.root_parameters:,} outside the blocks; {self.world} ranks",
             f"per rank: parameters (fp32 shard) {g(self.param_bytes)}, gradients {g(self.grad_bytes)}, "
             f"AdamW moments {g(self.optimizer_bytes)}, gathered bf16 parameters {g(self.gathered_bytes)}, "
             f"gradient buffers {g(self.grad_buffer_bytes)}",
-            f"activations for {self.tokens:,} tokens: {g(self.activation_bytes)} "
+            f"activations for {self.tokens:,} tokens{split}: {g(self.activation_bytes)} "
             f"(activation checkpointing {'on' if self.activation_checkpointing else 'off'}; "
             f"{g(self.activation_bytes_without_checkpointing)} without it)",
             (f"LoRA syncs gradients once per step: its unsharded adapter gradients take {g(self.unsharded_grad_bytes)}"
@@ -212,11 +218,14 @@ def plan_training(cfg: Config, model_path, expert: str, activations: ActivationM
                                                                                          d.width)
     pt, ph, pw = config["patch_size"]
     tokens = t.batch_size * (frames // pt) * (height // ph) * (width // pw)  # 21 x 30 x 52 = 32,760 per clip
+    # A context-parallel rank keeps its shard's activations: Ulysses' attention holds all tokens of 1/U of
+    # the heads, the same bytes; ring's one key/value chunk at a time.
+    rank_tokens = tokens // t.context_parallel.degree
     act = activations or measure_activations(t.worker.dtype)
-    one_block = ActivationModel.bytes(act.block, tokens, dim, ffn)
-    rest = ActivationModel.bytes(act.rest, tokens, dim, ffn)
+    one_block = ActivationModel.bytes(act.block, rank_tokens, dim, ffn)
+    rest = ActivationModel.bytes(act.rest, rank_tokens, dim, ffn)
     # with checkpointing: every block keeps its inputs, and backward recomputes one block at a time
-    checkpointed = layers * ActivationModel.bytes(act.checkpointed, tokens, dim, ffn) + one_block + rest
+    checkpointed = layers * ActivationModel.bytes(act.checkpointed, rank_tokens, dim, ffn) + one_block + rest
     lora = t.lora.enabled
     grad_buffers = reduce * trainable if lora else (compute + reduce) * block
     return TrainingPlan(
@@ -226,4 +235,5 @@ def plan_training(cfg: Config, model_path, expert: str, activations: ActivationM
         grad_buffer_bytes=grad_buffers, unsharded_grad_bytes=reduce * trainable, lora=lora,
         tokens=tokens, activation_bytes=int(checkpointed if t.activation_checkpointing else layers * one_block + rest),
         activation_bytes_without_checkpointing=int(layers * one_block + rest),
-        device_bytes=int(t.device_memory_gb * GB), activation_checkpointing=t.activation_checkpointing)
+        device_bytes=int(t.device_memory_gb * GB), activation_checkpointing=t.activation_checkpointing,
+        context_parallel=t.context_parallel.degree)

@@ -95,3 +95,47 @@ def test_layouts_that_cannot_work_fail_in_one_line_before_any_worker(tiny_model,
     with pytest.raises(ConfigError, match="attention backend 'flex' has no context-parallel backward"):
         context_parallel.check(2, 1, 40, {"480x832x81": 32760}, "flex")
     context_parallel.check(8, 1, 40, {"480x832x81": 32760}, "native")  # A14B: 40 heads, 32,760 tokens
+    context_parallel.check(2, 1, 40, {}, "_native_npu", training=False)  # serving may use the NPU kernel
+    from wanray.infer.sampler import StageSpec
+
+    with pytest.raises(ConfigError, match="infer.high_devices: ulysses = 3 must divide the transformer's 4 attention"):
+        StageSpec.for_serving(tiny_model, tiny_config(tiny_model, "infer.high_devices=3"))
+
+
+def test_serve_runs_each_expert_over_two_devices_with_the_single_device_frames(tiny_model, ray_cluster):
+    """infer.high_devices=2, low_devices=2: each expert stage is one replica holding 2 ranks in a placement
+    group (Ulysses over 2 gloo ranks); the served frames equal diffusers' (the single-device sampler's)."""
+    import io
+    import json
+
+    import numpy as np
+    import requests
+    from ray import serve
+
+    from wanray.infer.reference import wanpipeline_frames
+    from wanray.infer.sampler import GenerationParams
+    from wanray.infer.serve import APP_NAME, start
+    from wanray.runtime import free_port
+
+    cfg = tiny_config(tiny_model, f"infer.port={free_port()}", "infer.high_devices=2", "infer.low_devices=2")
+    url = start(cfg, str(tiny_model))
+    try:
+        health = requests.get(f"{url}/v1/health", timeout=30).json()
+        assert health["stages"]["high"]["devices"] == health["stages"]["low"]["devices"] == 2
+        from ray._private.state import actors  # the GCS's table: the state API needs the dashboard
+
+        helpers = [a for a in actors().values() if a["ActorClassName"].endswith("ExpertRank") and a["State"] == "ALIVE"]
+        assert len(helpers) == 2  # rank 1 of each expert stage, beside its replica (rank 0)
+        body = dict(prompt="a red circle moving left", negative_prompt="blurry", height=64, width=64, num_frames=9,
+                    num_inference_steps=6, guidance_scale=4.0, guidance_scale_2=3.0, seed=7)
+        r = requests.post(f"{url}/v1/generate", data=json.dumps({**body, "output": "frames"}), timeout=300,
+                          headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text
+        frames = np.load(io.BytesIO(r.content))
+        ref = wanpipeline_frames(tiny_model, GenerationParams(**body))
+        assert frames.shape == (9, 64, 64, 3) and np.abs(frames - ref).max() <= 1e-4
+        odd = requests.post(f"{url}/v1/generate", json={**body, "num_frames": 1, "height": 48, "width": 48}, timeout=60)
+        assert odd.status_code == 422 and "9 tokens, which the 2 devices of an expert stage" in odd.json()["detail"]
+    finally:
+        serve.delete(APP_NAME)
+        serve.shutdown()

@@ -73,6 +73,8 @@ def test_offload_decides_whether_a_batch_actor_fits_and_serving_plans_the_larges
     assert (serve.frames, serve.height, serve.width) == (81, 1280, 1280)
     assert serve.stages["high"].working_bytes > 3 * offload.stages["high"].working_bytes  # 134,400 tokens, not 32,760
     assert set(serve.devices()) == {"text", "high", "low", "vae"}
+    split = plan_inference(preset(a14b, "infer.high_devices=4"), a14b, "serve").stages["high"]
+    assert split.devices == 4 and split.total_bytes == split.weight_bytes + serve.stages["high"].working_bytes // 4
 
 
 def test_plan_flags_of_serve_and_generate_print_the_verdict_and_exit_by_it(a14b):

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from wanray.config import Config
 from wanray.errors import RequestError
-from wanray.infer.api import Generate, GenerateRequest, resolve
+from wanray.infer.api import Generate, GenerateRequest, resolve, served_split
 from wanray.models import read_kind
 
 MAX_GUIDANCE = 20.0  # slider range; the REST API takes any finite scale >= 0
@@ -38,7 +38,7 @@ def build_ui(generate: Generate, cfg: Config, model_dir: str) -> gr.Blocks:
             params = resolve(GenerateRequest(
                 prompt=prompt, negative_prompt=negative_prompt, seed=seed, num_inference_steps=steps,
                 guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2, height=height, width=width,
-                num_frames=num_frames, image=encode(image), last_image=encode(last_image)), cfg, kind)
+                num_frames=num_frames, image=encode(image), last_image=encode(last_image)), cfg, kind, served_split(cfg))
         except (RequestError, ValidationError) as e:
             raise _request_error(e) from None
         progress(0.0, desc="encoding prompt")

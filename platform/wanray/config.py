@@ -162,6 +162,14 @@ class Resources:
             options["resources"] = {"NPU": self.accelerators}
         return options
 
+    def bundle(self) -> dict:
+        """These resources as a placement group bundle."""
+        options = self.ray_options()
+        bundle = {"CPU": options["num_cpus"], **options.get("resources", {})}
+        if "num_gpus" in options:
+            bundle["GPU"] = options["num_gpus"]
+        return {k: v for k, v in bundle.items() if v}
+
 
 @dataclass
 class PreprocessConfig:
@@ -201,6 +209,11 @@ class StageResources:
 class InferConfig:
     stages: StageResources = field(default_factory=StageResources)
     """Resources of each serving stage."""
+    high_devices: int = 1
+    """Devices of the served high-noise expert stage: above 1, one replica holds that many ranks (a placement
+    group of infer.stages.high each) and runs the expert with Ulysses context parallelism over them."""
+    low_devices: int = 1
+    """Likewise for the low-noise expert stage."""
     batch: Resources = field(default_factory=Resources)
     """Resources of each batch-generation actor (generate.py), which runs all four stages."""
     flow_shift: float | None = None
@@ -358,6 +371,9 @@ class Config:
         if d.bucket_budget < 0:
             raise ConfigError(f"data.bucket_budget must be a token count >= 0, got {d.bucket_budget}")
         BucketSet.from_config(d)  # a bucket list or budget that cannot work is a one-line error here
+        if self.infer.high_devices < 1 or self.infer.low_devices < 1:
+            raise ConfigError(f"infer.high_devices and infer.low_devices must be >= 1, got {self.infer.high_devices}, "
+                              f"{self.infer.low_devices}")
         if self.infer.flow_shift is not None and self.infer.flow_shift <= 0:
             raise ConfigError(f"infer.flow_shift must be positive, got {self.infer.flow_shift}")
         if not 1 <= self.infer.num_inference_steps <= self.infer.max_steps:

@@ -28,14 +28,14 @@ import torch.distributed as dist
 
 from wanray.errors import ConfigError
 
-RING_KERNEL_BACKENDS = ("_native_cudnn", "_native_flash", "flash", "_flash_3")
-"""Backends whose kernels return the log-sum-exp ring attention merges chunks by."""
-CONTEXT_PARALLEL_BACKENDS = ("native", *RING_KERNEL_BACKENDS)
-"""Backends diffusers runs context-parallel in training (with a backward); `_native_npu` has none."""
+CONTEXT_PARALLEL_BACKENDS = ("native", "_native_cudnn", "_native_flash", "flash", "_flash_3", "_native_npu", "sage")
+"""The attention backends diffusers runs context-parallel (its `supports_context_parallel`)."""
+NO_BACKWARD = ("_native_npu", "sage")
+"""Of those, the ones whose context-parallel op has no backward in diffusers: inference only."""
 
 
 def check(ulysses: int, ring: int, heads: int, token_counts: dict[str, int], attention: str,
-          where: str = "train.context_parallel") -> None:
+          where: str = "train.context_parallel", training: bool = True) -> None:
     """A configuration that cannot work is a one-line ConfigError naming the constraint, before any worker
     starts. token_counts: tokens per sample of each bucket (name -> count)."""
     degree = ulysses * ring
@@ -48,9 +48,11 @@ def check(ulysses: int, ring: int, heads: int, token_counts: dict[str, int], att
         if tokens % degree:
             raise ConfigError(f"{where}: ulysses x ring = {degree} must divide every sample's tokens; bucket {name} "
                               f"has {tokens}")
-    if attention not in CONTEXT_PARALLEL_BACKENDS:
-        raise ConfigError(f"{where}: attention backend {attention!r} has no context-parallel backward in diffusers; "
-                          f"set model.attention_backend to one of {', '.join(CONTEXT_PARALLEL_BACKENDS)}")
+    usable = [b for b in CONTEXT_PARALLEL_BACKENDS if not (training and b in NO_BACKWARD)]
+    if attention not in usable:
+        raise ConfigError(f"{where}: attention backend {attention!r} has no context-parallel "
+                          f"{'backward' if training else 'support'} in diffusers; set model.attention_backend to one "
+                          f"of {', '.join(usable)}")
 
 
 def mesh(device: torch.device, ulysses: int, ring: int):

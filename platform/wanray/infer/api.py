@@ -64,9 +64,15 @@ def _check_prompt(name: str, text: str, max_chars: int, required: bool) -> None:
     _check(len(text) <= max_chars, f"{name} has {len(text)} characters, at most {max_chars} are served")
 
 
-def resolve(req: GenerateRequest, cfg: Config, kind: ModelKind = KINDS["t2v-a14b"]) -> GenerationParams:
+def served_split(cfg: Config) -> int:
+    """What every served request's tokens must divide: the device counts of the expert stages."""
+    return math.lcm(cfg.infer.high_devices, cfg.infer.low_devices)
+
+
+def resolve(req: GenerateRequest, cfg: Config, kind: ModelKind = KINDS["t2v-a14b"], split: int = 1) -> GenerationParams:
     """The request with the configured defaults filled in for a model of `kind`; RequestError names the
-    first bound it breaks (an image given to a text-to-video model, or none to an image-to-video one)."""
+    first bound it breaks (an image given to a text-to-video model, or none to an image-to-video one, or
+    a size whose tokens the `split` devices of an expert stage cannot share evenly)."""
     inf, data = cfg.infer, cfg.data
     pick = lambda value, default: default if value is None else value  # noqa: E731
     p = GenerationParams(
@@ -94,6 +100,9 @@ def resolve(req: GenerateRequest, cfg: Config, kind: ModelKind = KINDS["t2v-a14b
         _check(m <= value <= most, f"{name} must lie in [{m}, {most}], got {value}")
     _check(p.num_frames % 4 == 1, f"num_frames must be 4n+1 (1, 5, ..., 81), got {p.num_frames}")
     _check(1 <= p.num_frames <= inf.max_frames, f"num_frames must lie in [1, {inf.max_frames}], got {p.num_frames}")
+    tokens = ((p.num_frames - 1) // 4 + 1) * (p.height // kind.size_multiple) * (p.width // kind.size_multiple)
+    _check(tokens % split == 0, f"{p.num_frames}x{p.height}x{p.width} is {tokens} tokens, which the {split} devices "
+                                "of an expert stage cannot share evenly: pick another size")
     _check(1 <= p.num_inference_steps <= inf.max_steps,
            f"num_inference_steps must lie in [1, {inf.max_steps}], got {p.num_inference_steps}")
     for name in ("guidance_scale", "guidance_scale_2"):
@@ -130,8 +139,9 @@ def build_api(generate: Generate, cfg: Config, model_dir: str) -> FastAPI:
 
     @app.get("/v1/health")
     async def health() -> dict:
-        stages = {name: {"device": res.device, "dtype": res.dtype} for name, res in vars(cfg.infer.stages).items()
-                  if name != "low" or not kind.one_transformer}
+        stages = {name: {"device": res.device, "dtype": res.dtype,
+                         "devices": getattr(cfg.infer, f"{name}_devices", 1)}
+                  for name, res in vars(cfg.infer.stages).items() if name != "low" or not kind.one_transformer}
         experts = cfg.infer.stages.high  # device and dtype at the top: the high-noise expert's
         return {"status": "ok", "model": model_dir, "kind": kind.name, "image": kind.image, "device": experts.device,
                 "dtype": experts.dtype, "stages": stages}
@@ -139,7 +149,7 @@ def build_api(generate: Generate, cfg: Config, model_dir: str) -> FastAPI:
     @app.post("/v1/generate", responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}})
     async def generate_video(req: GenerateRequest) -> Response:
         try:
-            params = resolve(req, cfg, kind)
+            params = resolve(req, cfg, kind, served_split(cfg))
         except RequestError as e:
             return JSONResponse({"detail": str(e)}, status_code=422)
         try:

@@ -12,6 +12,8 @@ peaked 3.85 GB above its weights; this plan says 3.74 GB.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import weakref
 from dataclasses import dataclass
 
@@ -72,11 +74,15 @@ class StagePlan:
     dtype: str
     weight_bytes: int
     working_bytes: int
-    """Peak of the tensors one call of the stage allocates, above its weights."""
+    """Peak of the tensors one call of the stage allocates, above its weights (on one device)."""
+    devices: int = 1
+    """Devices the stage's tokens are split over (infer.{high,low}_devices: Ulysses); each holds the whole
+    model and 1/devices of the working set, which is per token."""
 
     @property
     def total_bytes(self) -> int:
-        return self.weight_bytes + self.working_bytes
+        """On each of the stage's devices."""
+        return self.weight_bytes + self.working_bytes // self.devices
 
 
 def _peak(call, *existing: torch.nn.Module | torch.Tensor) -> int:
@@ -151,8 +157,9 @@ class InferencePlan:
         out = [f"{'Serve' if self.use == 'serve' else 'batch generation'} at {self.frames}x{self.height}x{self.width}"
                f" (frames x height x width){'' if self.use == 'serve' else ', infer.batch_offload ' + ('on' if self.offload else 'off')}"]
         for s, p in self.stages.items():
-            out.append(f"{STAGE_NAMES[s]} ({p.dtype}): weights {g(p.weight_bytes)}, working set {g(p.working_bytes)}, "
-                       f"total {g(p.total_bytes)}")
+            split = f" split over {p.devices} devices" if p.devices > 1 else ""
+            out.append(f"{STAGE_NAMES[s]} ({p.dtype}): weights {g(p.weight_bytes)}, working set {g(p.working_bytes)}"
+                       f"{split}, total {g(p.total_bytes)}{' per device' if split else ''}")
         for device, n in self.devices().items():
             if self.use == "batch":
                 what = ("the largest stage's model and working set: the others wait in host memory" if self.offload
@@ -186,6 +193,8 @@ def plan_inference(cfg: Config, model_dir, use: str) -> InferencePlan:
         attention = attention_backend(cfg.model.attention_backend, resources[s].device, dtype, training=False) \
             if s in EXPERTS else "native"
         stages[s] = plan_stage(model_dir, s, dtype, contract, frames, height, width, attention)
+        if use == "serve" and s in EXPERTS:
+            stages[s] = dataclasses.replace(stages[s], devices=getattr(i, f"{s}_devices"))
     return InferencePlan(use, frames, height, width, stages, use == "batch" and i.batch_offload,
                          int(i.device_memory_gb * GB))
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from wanray import models
+from wanray import context_parallel, models
 from wanray.config import Config, StageResources, attention_backend
 from wanray.encoding import encode_first_frame, encode_latents, encode_text
 from wanray.devices import accelerator, apply_attention_backend, torch_dtype
@@ -126,12 +127,22 @@ class StageSpec:
     """diffusers attention backend per expert."""
     offload: bool = False
     """Each stage's model waits in host memory and is on its device only while the stage runs (batch actors)."""
+    devices: dict[str, int] = field(default_factory=lambda: {e: 1 for e in EXPERTS})
+    """Devices of each expert stage: above 1 it runs context-parallel (Ulysses) over that many ranks
+    (wanray.infer.group), each ExpertStage one rank of the process group."""
 
     @classmethod
     def for_serving(cls, model_dir, cfg: Config) -> StageSpec:
-        """Each stage on its own infer.stages.* resources. A boundary contradicting the directory or an
-        attention backend that cannot run on a stage is a ConfigError, raised here in the driver."""
-        return cls._make(model_dir, cfg, cfg.infer.stages)
+        """Each stage on its own infer.stages.* resources, the experts on infer.{high,low}_devices each. A
+        boundary contradicting the directory, an attention backend that cannot run on a stage, or a device
+        count the heads cannot be split over is a ConfigError, raised here in the driver."""
+        spec = cls._make(model_dir, cfg, cfg.infer.stages)
+        devices = {"high": cfg.infer.high_devices, "low": cfg.infer.low_devices}
+        for e in spec.contract.kind.experts:
+            heads = models.expert_config(model_dir, e)["num_attention_heads"]
+            context_parallel.check(devices[e], 1, heads, {}, spec.attention[e], where=f"infer.{e}_devices",
+                                   training=False)
+        return dataclasses.replace(spec, devices=devices)
 
     @classmethod
     def for_batch(cls, model_dir, cfg: Config) -> StageSpec:
@@ -251,6 +262,8 @@ class ExpertStage:
         self.expert = model if model is not None else spec.hosted(
             models.load_expert(spec.model_dir, expert, spec.dtype(expert), spec.load_device(self.device)), self.device)
         apply_attention_backend(self.expert, spec.attention[expert])
+        if (ranks := spec.devices[expert]) > 1:  # one rank of a group (wanray.infer.group)
+            context_parallel.enable(self.expert, ranks, 1, context_parallel.mesh(self.device, ranks, 1), self.device)
         self.scheduler = models.load_scheduler(spec.model_dir, spec.flow_shift)
 
     def initial_state(self, params: GenerationParams, condition: torch.Tensor | None = None) -> DenoiseState:

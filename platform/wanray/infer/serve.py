@@ -28,6 +28,7 @@ from ray import serve
 
 from wanray.config import Config, Resources
 from wanray.infer.api import Generate, OnStage, OutputFormat, build_api
+from wanray.infer.group import ExpertGroup
 from wanray.infer.sampler import ExpertStage, GenerationParams, PromptEncoder, StageSpec, VideoDecoder
 from wanray.infer.video import mp4_bytes, npy_bytes
 
@@ -61,9 +62,9 @@ class QueuedStage:
         self.stage = stage_cls(*args)
         self.runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix=stage_cls.__name__)
 
-    async def run(self, method: Callable, *args):
-        """`method(stage, *args)`, e.g. run(ExpertStage.denoise, params, text), after the calls before it."""
-        call = functools.partial(method, self.stage, *args)
+    async def run(self, method: str, *args):
+        """`stage.method(*args)`, e.g. run("denoise", params, text), after the calls before it."""
+        call = functools.partial(getattr(self.stage, method), *args)
         return await asyncio.get_running_loop().run_in_executor(self.runner, call)
 
 
@@ -77,12 +78,12 @@ class Ingress:
         self.cfg, self.model_dir, self.ui = cfg, model_dir, ui
 
     async def generate(self, params: GenerationParams, output: OutputFormat, on_stage: OnStage | None) -> bytes:
-        text = self.text_encoder.run.remote(PromptEncoder.encode, params)
+        text = self.text_encoder.run.remote("encode", params)
         # image to video: the VAE stage encodes the first image while the text encoder runs
-        condition = None if params.image is None else self.vae.run.remote(VideoDecoder.condition, params)
-        high = self.high.run.remote(ExpertStage.denoise, params, text, None, condition)
-        low = high if self.low is None else self.low.run.remote(ExpertStage.denoise, params, text, high)
-        video = self.vae.run.remote(VideoStage.render, low, output, self.cfg.data.fps)
+        condition = None if params.image is None else self.vae.run.remote("condition", params)
+        high = self.high.run.remote("denoise", params, text, None, condition)
+        low = high if self.low is None else self.low.run.remote("denoise", params, text, high)
+        video = self.vae.run.remote("render", low, output, self.cfg.data.fps)
         if on_stage is not None:  # the UI's progress: wait on each stage (this fetches its result here)
             stages = zip(PROGRESS, (text, high, low)) if self.low is not None else zip(ONE_TRANSFORMER, (text, high))
             for (fraction, what), response in stages:
@@ -110,15 +111,19 @@ def build_app(cfg: Config, model_dir: str, ui: BuildUI | None = None):
     model_dir = str(Path(model_dir).resolve())  # replicas may run elsewhere: never a path relative to here
     spec = StageSpec.for_serving(model_dir, cfg)  # a contradicting boundary fails here, not in a replica
 
-    def stage(name: str, resources: Resources):
+    def stage(name: str, resources: Resources, devices: int = 1):
+        group = {"placement_group_bundles": [resources.bundle()] * devices} if devices > 1 else {}
         return serve.deployment(QueuedStage, name=name, max_ongoing_requests=STAGE_QUEUE,
-                                ray_actor_options=resources.ray_options())
+                                ray_actor_options=resources.ray_options(), **group)
+
+    def expert(name: str, e: str):  # on several devices: one replica holding a group of ranks
+        n = spec.devices[e]
+        return stage(name, getattr(cfg.infer.stages, e), n).bind(ExpertGroup if n > 1 else ExpertStage, spec, e)
 
     stages = cfg.infer.stages
     text = stage("text_encoder", stages.text).bind(PromptEncoder, spec)
-    high = stage("high_noise_expert", stages.high).bind(ExpertStage, spec, "high")
-    low = None if spec.contract.kind.one_transformer else stage("low_noise_expert", stages.low).bind(
-        ExpertStage, spec, "low")
+    high = expert("high_noise_expert", "high")
+    low = None if spec.contract.kind.one_transformer else expert("low_noise_expert", "low")
     vae = stage("vae_decoder", stages.vae).bind(VideoStage, spec)
     ingress = Ingress.options(ray_actor_options={"num_cpus": cfg.infer.ingress_cpus})
     return ingress.bind(text, high, low, vae, cfg, str(model_dir), ui)

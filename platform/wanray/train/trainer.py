@@ -60,7 +60,7 @@ def make_trainer(cfg: Config, expert: str, data_dir, run_dir, index: ClipIndex |
     contract = models.read_contract(model_path, cfg.model)
     attention = attention_backend(cfg.model.attention_backend, t.worker.device, t.worker.dtype, training=True)
     cp = t.context_parallel
-    if cp.degree > 1 and cfg.model.attention_backend is None and attention not in context_parallel.CONTEXT_PARALLEL_BACKENDS:
+    if cp.degree > 1 and cfg.model.attention_backend is None and attention in context_parallel.NO_BACKWARD:
         attention = "native"  # the NPU default, torch_npu's fused kernel, has no context-parallel backward in diffusers
     index = index or ClipIndex.from_dir(data_dir)
     context_parallel.check(cp.ulysses, cp.ring, models.expert_config(model_path, expert)["num_attention_heads"],

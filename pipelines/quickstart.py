@@ -9,6 +9,7 @@ Uses configs/tiny.yaml (a tiny random-init Wan2.2 written on first use) and a lo
 instance (or the cluster in RAY_ADDRESS); prints where every artifact is.
 """
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from wanray.data.preprocess import run_preprocess
 from wanray.data.synthetic import write_dataset
 from wanray.infer.api import GenerateRequest, resolve
 from wanray.infer.batch import generate_videos
+from wanray.infer.validation import Validation
 from wanray.models import ensure_model
 from wanray.runtime import connect_ray, fail
 from wanray.train.trainer import export_run, train_experts
@@ -33,6 +35,9 @@ def get_args():
 
 def main(args):
     cfg = load_config(args.config, args.overrides)
+    if not cfg.train.validation.every:  # show validation videos at every checkpoint, of the quickstart's prompt
+        v = dataclasses.replace(cfg.train.validation, every=cfg.train.checkpoint_every, prompts=[args.prompt])
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, validation=v))
     out = Path(args.out).resolve()
     model = ensure_model(cfg.model)
     print(f"[quickstart] 1/5 writing {args.clips} synthetic captioned clips", flush=True)
@@ -41,7 +46,8 @@ def main(args):
     print("[quickstart] 2/5 preprocessing on Ray Data", flush=True)
     run_preprocess(cfg, str(manifest), str(out / "preprocessed"))
     print(f"[quickstart] 3/5 training both experts for {cfg.train.steps} steps on Ray Train", flush=True)
-    train_experts(cfg, "both", out / "preprocessed", out / "run")
+    validation = Validation(cfg, model) if cfg.train.validation.every else None
+    train_experts(cfg, "both", out / "preprocessed", out / "run", validation=validation)
     print("[quickstart] 4/5 exporting to a diffusers-format directory", flush=True)
     exported = export_run(cfg, out / "run", out / "exported")
     print("[quickstart] 5/5 two-stage generation with the fine-tuned experts", flush=True)
@@ -50,6 +56,7 @@ def main(args):
     print("[quickstart] artifacts:")
     for name, path in [("base model", model), ("videos", manifest), ("parquet", out / "preprocessed"),
                        ("checkpoints", out / "run"), ("metrics", out / "run" / "high" / "metrics.jsonl"),
+                       ("validation", out / "run" / "high" / "validation"),
                        ("exported", exported), ("video", out / "generated" / video["video"])]:
         print(f"  {name:<12}{path}")
 

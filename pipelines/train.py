@@ -15,6 +15,8 @@ import argparse
 import sys
 
 from wanray.config import add_config_args, load_config
+from wanray.infer.validation import Validation
+from wanray.models import ensure_model
 from wanray.runtime import connect_ray, fail
 from wanray.train.trainer import print_plans, train_experts
 
@@ -38,7 +40,8 @@ def main(args):
         fits = print_plans(cfg, args.expert)
         sys.exit(0 if fits else 1)
     connect_ray()
-    train_experts(cfg, args.expert, args.data, args.out)
+    validation = Validation(cfg, ensure_model(cfg.model)) if cfg.train.validation.every else None
+    train_experts(cfg, args.expert, args.data, args.out, validation=validation)
 
 
 if __name__ == "__main__":

@@ -287,6 +287,29 @@ class ContextParallel:
 
 
 @dataclass
+class ValidationConfig:
+    every: int = 0
+    """Render validation videos every N steps, from the checkpoint of that step (a multiple of
+    train.checkpoint_every); 0 turns validation off."""
+    prompts: list[str] = field(default_factory=list)
+    """The prompts, the same at every validation so the videos compare across steps."""
+    prompts_file: str = ""
+    """Or a file of them, one per line (added after `prompts`)."""
+    num_inference_steps: int = 20
+    guidance_scale: float = 4.0
+    guidance_scale_2: float = 3.0
+    seed: int = 0
+    height: int = 0
+    """0: data.height."""
+    width: int = 0
+    """0: data.width."""
+    num_frames: int = 0
+    """0: data.num_frames."""
+    worker: Resources = field(default_factory=Resources)
+    """The validation actor's resources (its own device: training never waits for it)."""
+
+
+@dataclass
 class TrainConfig:
     steps: int = 5000
     """Optimizer steps per expert."""
@@ -345,6 +368,8 @@ class TrainConfig:
     cache_bytes: int = 2 * 1024**3
     """Keep a worker's decoded clips in memory across epochs when they fit in this many bytes (0: always stream)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    """Videos rendered beside the training workers from the latest checkpoint (wanray.train.validation)."""
     context_parallel: ContextParallel = field(default_factory=ContextParallel)
     """Split each sample's tokens over ulysses x ring ranks (wanray.context_parallel); the workers form
     workers / (ulysses x ring) data-parallel groups."""
@@ -388,6 +413,13 @@ class Config:
         if t.workers % cp.degree:
             raise ConfigError(f"train.context_parallel: ulysses x ring = {cp.degree} must divide train.workers "
                               f"({t.workers})")
+        v = t.validation
+        if v.every < 0 or (v.every and v.every % t.checkpoint_every):
+            raise ConfigError(f"train.validation.every ({v.every}) must be 0 (off) or a multiple of "
+                              f"train.checkpoint_every ({t.checkpoint_every}): validation renders a checkpoint")
+        if v.every and not (v.prompts or v.prompts_file):
+            raise ConfigError("train.validation.every is set but there are no prompts: set train.validation.prompts "
+                              "or train.validation.prompts_file")
         if not 0.0 <= t.image_condition <= 1.0:
             raise ConfigError(f"train.image_condition must lie in [0, 1], got {t.image_condition}")
         if not 0.0 <= t.caption_dropout < 1.0 or t.timestep_shift <= 0:

@@ -152,6 +152,12 @@ class StageSpec:
         return cls._make(model_dir, cfg, StageResources(text=b, high=b, low=b, vae=b), cfg.infer.batch_offload)
 
     @classmethod
+    def for_validation(cls, model_dir, cfg: Config) -> StageSpec:
+        """Every stage in one validation actor (wanray.infer.validation), on train.validation.worker."""
+        v = cfg.train.validation.worker
+        return cls._make(model_dir, cfg, StageResources(text=v, high=v, low=v, vae=v))
+
+    @classmethod
     def _make(cls, model_dir, cfg: Config, stages: StageResources, offload: bool = False) -> StageSpec:
         attention = {e: attention_backend(cfg.model.attention_backend, getattr(stages, e).device,
                                           getattr(stages, e).dtype, training=False) for e in EXPERTS}

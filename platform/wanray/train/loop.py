@@ -46,6 +46,9 @@ class LoopSpec:
     """Unpadded empty-prompt embedding (caption dropout)."""
     run_dir: str
     """Where rank 0 appends metrics.jsonl and every data-parallel rank its data_order/ record."""
+    validator: object = None
+    """The validation actor (wanray.infer.validation.Validator) rank 0 tells of each validation step's
+    checkpoint once it is reported; None: no validation."""
 
 
 def lr_lambda(cfg: Config):
@@ -224,6 +227,8 @@ def train_loop(config: dict) -> None:
                 # controller's next poll (every 2 s), which costs more than a small step.
                 if progress.step % t.checkpoint_every == 0 or progress.step == t.steps:
                     save_checkpoint(state, progress, metrics or {"step": progress.step}, rank)
+                    if spec.validator is not None and rank == 0 and progress.step % t.validation.every == 0:
+                        spec.validator.submit.remote(progress.step)  # returns at once: training goes on
     finally:
         loader.close()
 
@@ -274,7 +279,7 @@ class MetricsLog:
         vals = torch.stack([loss.float(), grad_norm.float().to(loss.device)])
         dist.all_reduce(vals)  # mean loss over ranks; grad_norm is already global (summed, divided below)
         loss_v, norm_v = (vals / self.world).tolist()  # the host sync of this logged step
-        m = {"expert": self.spec.expert, "step": progress.step, "epoch": progress.epoch, "loss": loss_v,
+        m = {"expert": self.spec.expert, "step": progress.step, "time": time.time(), "epoch": progress.epoch, "loss": loss_v,
              "grad_norm": norm_v, "lr": lr, "samples_per_s": self.samples / self.seconds,
              "tokens_per_s": self.tokens / self.seconds, "buckets": dict(sorted(self.buckets.items())),
              "data_wait_fraction": self.wait / self.seconds,

@@ -49,7 +49,7 @@ def record_run(cfg: Config, expert: str, contract: WanContract, index: ClipIndex
     write_json_atomic(record, path)
 
 
-def make_trainer(cfg: Config, expert: str, data_dir, run_dir, index: ClipIndex | None = None):
+def make_trainer(cfg: Config, expert: str, data_dir, run_dir, index: ClipIndex | None = None, validator=None):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -78,7 +78,7 @@ def make_trainer(cfg: Config, expert: str, data_dir, run_dir, index: ClipIndex |
         ckpt.check_resumable(latest_checkpoint(run_dir, expert))
     record_run(cfg, expert, contract, index, attention, expert_dir)
     spec = LoopSpec(cfg, expert, model_path, contract, index, attention, read_empty_prompt(data_dir),
-                    str(expert_dir))
+                    str(expert_dir), validator)
     return TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec},
@@ -123,32 +123,50 @@ def selected(expert: str, kind: ModelKind) -> tuple[str, ...]:
     return EXPERTS if expert == "both" else (expert,)
 
 
-def train_experts(cfg: Config, expert: str, data_dir, run_dir, log=print) -> dict:
+def train_experts(cfg: Config, expert: str, data_dir, run_dir, log=print, validation=None) -> dict:
     """Train `high`, `low` or `both` on the connected Ray (at once when the cluster has room for both worker
-    groups, else one after the other)."""
+    groups, else one after the other). `validation` (wanray.infer.validation.Validation, which the
+    drivers make when train.validation.every is set) renders validation videos beside each expert's workers."""
     experts = selected(expert, models.expected_kind(cfg.model))
+    if cfg.train.validation.every and validation is None:
+        raise ConfigError("train.validation.every is set: pass a Validation (pipelines/train.py makes one)")
     index = ClipIndex.from_dir(data_dir)  # read once, sent to every worker of both experts
     if (per_group := index.rows_per_row_group()) > 1:
         log(f"[train] warning: the shards in {data_dir} hold up to {per_group} clips per Parquet row "
             "group (written by an earlier wanray): every clip read decodes its whole row group. Preprocess into a "
             "new directory for one row group per clip")
-    trainers = {e: make_trainer(cfg, e, data_dir, run_dir, index) for e in experts}
+    validators = {e: validation.start(e, run_dir) for e in experts} if validation is not None else {}
+    try:
+        trainers = {e: make_trainer(cfg, e, data_dir, run_dir, index, validators.get(e)) for e in experts}
+        results = fit(cfg, trainers, log)
+        for e in experts:
+            if results.get(e) is None or results[e].error:
+                raise RuntimeError(f"training the {e}-noise expert failed: "
+                                   f"{getattr(results.get(e), 'error', 'no result')}")
+            log(f"[train] {e}-noise expert: latest checkpoint {latest_checkpoint(run_dir, e)}")
+        while validators:  # the last validation may still be rendering
+            validation.finish(validators.popitem()[1], log)
+    finally:
+        for v in validators.values():
+            validation.stop(v)
+    return results
+
+
+def fit(cfg: Config, trainers: dict, log=print) -> dict:
+    """Run the experts' trainers: at once when the cluster has room for both worker groups, else in turn."""
     results: dict = {}
-    if len(experts) == 2 and room_for_both(cfg):
+    if len(trainers) == 2 and room_for_both(cfg):
         log("[train] training both experts at once")
-        threads = [threading.Thread(target=lambda e=e: results.__setitem__(e, trainers[e].fit())) for e in experts]
+        threads = [threading.Thread(target=lambda e=e, t=t: results.__setitem__(e, t.fit()))
+                   for e, t in trainers.items()]
         for th in threads:
             th.start()
         for th in threads:
             th.join()
     else:
-        for e in experts:
+        for e, t in trainers.items():
             log(f"[train] training the {e}-noise expert")
-            results[e] = trainers[e].fit()
-    for e in experts:
-        if results.get(e) is None or results[e].error:
-            raise RuntimeError(f"training the {e}-noise expert failed: {getattr(results.get(e), 'error', 'no result')}")
-        log(f"[train] {e}-noise expert: latest checkpoint {latest_checkpoint(run_dir, e)}")
+            results[e] = t.fit()
     return results
 
 

@@ -1,0 +1,178 @@
+"""Validation videos while training: one actor per trained expert, beside the workers, renders the
+validation prompts two-stage from each checkpoint the workers report.
+
+    rank 0, once step N's checkpoint is reported ──submit(N)──► Validator actor (train.validation.worker)
+      (a call that returns at once: the workers never          one render at a time; when it falls
+       wait for it)                                              behind, only the newest step waits
+                                                                 ▼
+        runs/<run>/<expert>/validation/step_<N>/00.mp4 ...  prompts.json;  validations.jsonl
+
+Each render loads the trained expert from step N's checkpoint and the other expert from its own
+latest checkpoint when it is being trained too, else the base weights: the videos show what the
+run would export at that step. Prompts, seed and size are the same at every step, so the videos
+compare across steps.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+from wanray import models
+from wanray.config import Config
+from wanray.errors import ConfigError, RequestError
+from wanray.infer.api import GenerateRequest, resolve
+from wanray.infer.sampler import GenerationParams, Sampler, StageSpec
+from wanray.infer.video import mp4_bytes
+from wanray.io import write_bytes_atomic, write_json_atomic
+
+RECORD_FILE = "validations.jsonl"
+
+
+def validation_prompts(cfg: Config, model_dir) -> list[GenerationParams]:
+    """train.validation's prompts as resolved requests (a bad size or prompt fails here, in the driver)."""
+    v, d = cfg.train.validation, cfg.data
+    texts = list(v.prompts)
+    if v.prompts_file:
+        path = Path(v.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"train.validation.prompts_file not found: {path}")
+        texts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kind = models.read_kind(model_dir)
+    try:
+        return [resolve(GenerateRequest(prompt=text, num_inference_steps=v.num_inference_steps,
+                                        guidance_scale=v.guidance_scale, guidance_scale_2=v.guidance_scale_2,
+                                        seed=v.seed, height=v.height or d.height, width=v.width or d.width,
+                                        num_frames=v.num_frames or d.num_frames), cfg, kind) for text in texts]
+    except RequestError as e:
+        raise ConfigError(f"train.validation: {e}") from None
+
+
+def checkpoint_of(run_dir, expert: str, step: int) -> Path | None:
+    from wanray.train.loop import STEP_FILE
+
+    for p in Path(run_dir, expert).glob(f"*/{STEP_FILE}"):
+        if json.loads(p.read_text())["step"] == step:
+            return p.parent
+    return None
+
+
+class Validator:
+    """The actor: renders in a thread of its own, so `submit` returns at once."""
+
+    def __init__(self, spec: StageSpec, prompts: list[GenerationParams], expert: str, run_dir: str, fps: float,
+                 lora=None):
+        self.sampler = Sampler(spec)
+        self.prompts, self.expert, self.run_dir, self.fps, self.lora = prompts, expert, Path(run_dir), fps, lora
+        self.model_dir = spec.model_dir
+        self.loaded: dict[str, Path] = {}
+        self.pending: int | None = None
+        self.busy = False
+        self.records: list[dict] = []
+        self.changed = threading.Condition()
+        threading.Thread(target=self._serve, daemon=True, name="validation").start()
+
+    def submit(self, step: int) -> None:
+        """Render step `step` when the current render ends (a newer step replaces a waiting one)."""
+        with self.changed:
+            self.pending = step if self.pending is None else max(self.pending, step)
+            self.changed.notify_all()
+
+    def drain(self) -> list[dict]:
+        """Wait for the waiting and running renders; the records of every render so far."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.pending is None and not self.busy)
+            return list(self.records)
+
+    def _serve(self) -> None:
+        while True:
+            with self.changed:
+                self.changed.wait_for(lambda: self.pending is not None)
+                step, self.pending, self.busy = self.pending, None, True
+            try:
+                record = self._render(step)
+            except Exception as e:  # a failed render is recorded; training goes on
+                record = {"step": step, "error": f"{type(e).__name__}: {e}"}
+            records = self.run_dir / self.expert / "validation" / RECORD_FILE
+            records.parent.mkdir(parents=True, exist_ok=True)
+            with records.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            with self.changed:
+                self.records.append(record)
+                self.busy = False
+                self.changed.notify_all()
+
+    def _load(self, expert: str, checkpoint: Path) -> None:
+        from wanray.train.checkpoint import expert_state_groups
+
+        if self.loaded.get(expert) == checkpoint:
+            return
+        stage = self.sampler.high if expert == "high" else self.sampler.low
+        for weights, _ in expert_state_groups(self.model_dir, expert, checkpoint, self.lora):
+            missing = set(weights) - set(stage.expert.state_dict())
+            if missing:
+                raise KeyError(f"checkpoint tensors the expert does not have: {sorted(missing)[:3]}")
+            stage.expert.load_state_dict(weights, strict=False)
+        self.loaded[expert] = checkpoint
+
+    def _render(self, step: int) -> dict:
+        from wanray.train.trainer import latest_checkpoint
+
+        start = time.time()
+        checkpoint = checkpoint_of(self.run_dir, self.expert, step)
+        if checkpoint is None:
+            raise FileNotFoundError(f"no checkpoint of step {step} in {self.run_dir / self.expert}")
+        self._load(self.expert, checkpoint)
+        for other in ("high", "low"):
+            if other != self.expert and getattr(self.sampler, other) is not None and (self.run_dir / other).is_dir():
+                try:
+                    self._load(other, latest_checkpoint(self.run_dir, other))
+                except FileNotFoundError:
+                    pass  # the other expert has no checkpoint yet: its base weights
+        out = self.run_dir / self.expert / "validation" / f"step_{step}"
+        out.mkdir(parents=True, exist_ok=True)
+        videos = []
+        for i, params in enumerate(self.prompts):
+            path = out / f"{i:02d}.mp4"
+            write_bytes_atomic(path, mp4_bytes(self.sampler(params), self.fps))
+            videos.append(path.name)
+        write_json_atomic([p.prompt for p in self.prompts], out / "prompts.json")
+        return {"step": step, "checkpoint": str(checkpoint), "videos": [str(out / v) for v in videos],
+                "other": {e: str(c) for e, c in self.loaded.items() if e != self.expert},
+                "started": start, "seconds": round(time.time() - start, 3)}
+
+
+class Validation:
+    """The driver's side: one Validator per trained expert (train_experts' `validation`), waited for at the end."""
+
+    def __init__(self, cfg: Config, model_dir):
+        self.cfg, self.model_dir = cfg, str(model_dir)
+        self.prompts = validation_prompts(cfg, model_dir)
+        self.spec = StageSpec.for_validation(self.model_dir, cfg)
+
+    def start(self, expert: str, run_dir):
+        import ray
+
+        actor = ray.remote(Validator).options(**self.cfg.train.validation.worker.ray_options())
+        return actor.remote(self.spec, self.prompts, expert, str(Path(run_dir).resolve()), self.cfg.data.fps,
+                            self.cfg.train.lora)
+
+    @staticmethod
+    def finish(actor, log=print) -> list[dict]:
+        import ray
+
+        records = ray.get(actor.drain.remote())
+        for r in records:
+            log(f"[validate] step {r['step']}: " + (r["error"] if "error" in r else
+                                                    f"{len(r['videos'])} video{'s' * (len(r['videos']) != 1)} in "
+                                                    f"{Path(r['videos'][0]).parent} "
+                                                    f"({r['seconds']:.1f} s)"))
+        Validation.stop(actor)
+        return records
+
+    @staticmethod
+    def stop(actor) -> None:
+        import ray
+
+        ray.kill(actor)

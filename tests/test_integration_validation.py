@@ -1,0 +1,56 @@
+"""Validation videos while training, on a real local Ray: an actor beside the workers renders the
+validation prompts from each validation step's checkpoint, and the workers do not wait for it."""
+import json
+
+import av
+import pytest
+
+from conftest import tiny_config
+from test_integration_train import FAST, metrics
+from wanray.errors import ConfigError
+from wanray.infer.validation import RECORD_FILE, Validation
+from wanray.train.trainer import train_experts
+
+
+@pytest.fixture(scope="module")
+def val_prep(tmp_path_factory, tiny_model, synthetic, ray_cluster):
+    from wanray.data.preprocess import run_preprocess
+
+    out = tmp_path_factory.mktemp("val_prep")
+    run_preprocess(tiny_config(tiny_model), str(synthetic), str(out), log=lambda _: None)
+    return out
+
+
+def test_validation_videos_of_every_checkpoint_step_land_beside_training(tiny_model, val_prep, tmp_path):
+    cfg = tiny_config(tiny_model, *FAST, "train.workers=1", "train.steps=10", "train.checkpoint_every=5",
+                      "train.validation.every=5", "train.validation.prompts=[a red circle, a blue square]",
+                      "train.validation.num_frames=9", "train.validation.num_inference_steps=3")
+    run = tmp_path / "run"
+    lines = []
+    train_experts(cfg, "high", val_prep, run, log=lines.append, validation=Validation(cfg, tiny_model))
+    records = [json.loads(line) for line in (run / "high" / "validation" / RECORD_FILE).read_text().splitlines()]
+    assert [r["step"] for r in records] == [5, 10] and not any("error" in r for r in records)
+    for step in (5, 10):
+        out = run / "high" / "validation" / f"step_{step}"
+        assert json.loads((out / "prompts.json").read_text()) == ["a red circle", "a blue square"]
+        for name in ("00.mp4", "01.mp4"):
+            with av.open(str(out / name)) as container:
+                assert sum(1 for _ in container.decode(video=0)) == 9
+    assert any("[validate] step 10: 2 videos" in line for line in lines)
+    # the render of step 5 took longer than the training step after it: the workers did not wait for it
+    times = {m["step"]: m["time"] for m in metrics(run)}
+    assert times[6] - times[5] < records[0]["seconds"], (times, records[0])
+    assert records[0]["started"] < times[10]  # it rendered while training went on
+
+
+def test_validation_settings_that_cannot_work_fail_before_training(tiny_model, val_prep, tmp_path):
+    with pytest.raises(ConfigError, match=r"train.validation.every \(3\) must be 0 \(off\) or a multiple of"):
+        tiny_config(tiny_model, "train.validation.every=3", "train.validation.prompts=[x]")
+    with pytest.raises(ConfigError, match="there are no prompts"):
+        tiny_config(tiny_model, "train.validation.every=10")
+    cfg = tiny_config(tiny_model, "train.validation.every=10", "train.validation.prompts=[x]")
+    with pytest.raises(ConfigError, match="pass a Validation"):
+        train_experts(cfg, "high", val_prep, tmp_path / "run", log=lambda _: None)
+    with pytest.raises(ConfigError, match="train.validation: height must be a multiple of 16"):
+        Validation(tiny_config(tiny_model, "train.validation.every=10", "train.validation.prompts=[x]",
+                               "train.validation.height=40"), tiny_model)

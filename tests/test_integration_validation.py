@@ -1,5 +1,6 @@
 """Validation videos while training, on a real local Ray: an actor beside the workers renders the
 validation prompts from each validation step's checkpoint, and the workers do not wait for it."""
+import io
 import json
 
 import av
@@ -41,6 +42,20 @@ def test_validation_videos_of_every_checkpoint_step_land_beside_training(tiny_mo
     times = {m["step"]: m["time"] for m in metrics(run)}
     assert times[6] - times[5] < records[0]["seconds"], (times, records[0])
     assert records[0]["started"] < times[10]  # it rendered while training went on
+
+    # the tracker: every logged loss, the config, and each validation video (an animated GIF) at its step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "high" / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    losses = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert losses == pytest.approx({m["step"]: m["loss"] for m in metrics(run)})
+    assert [e.step for e in events.Images("validation/01")] == [5, 10]
+    gif = events.Images("validation/00")[0]
+    assert gif.encoded_image_string[:6] == b"GIF89a" and (gif.height, gif.width) == (64, 64)
+    from PIL import Image
+
+    assert Image.open(io.BytesIO(gif.encoded_image_string)).n_frames == 9
+    assert {"config/text_summary", "validation/prompts/text_summary"} <= set(events.Tags()["tensors"])
 
 
 def test_validation_settings_that_cannot_work_fail_before_training(tiny_model, val_prep, tmp_path):

@@ -368,6 +368,9 @@ class TrainConfig:
     cache_bytes: int = 2 * 1024**3
     """Keep a worker's decoded clips in memory across epochs when they fit in this many bytes (0: always stream)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    tracker: Literal["tensorboard", "none"] = "tensorboard"
+    """Where scalars, the config and validation videos go besides metrics.jsonl: TensorBoard event files in
+    <run>/<expert>/tensorboard/ (wanray.train.tracking), or nowhere."""
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     """Videos rendered beside the training workers from the latest checkpoint (wanray.train.validation)."""
     context_parallel: ContextParallel = field(default_factory=ContextParallel)

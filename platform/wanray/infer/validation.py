@@ -26,6 +26,7 @@ from wanray.infer.api import GenerateRequest, resolve
 from wanray.infer.sampler import GenerationParams, Sampler, StageSpec
 from wanray.infer.video import mp4_bytes
 from wanray.io import write_bytes_atomic, write_json_atomic
+from wanray.train.tracking import Tracker
 
 RECORD_FILE = "validations.jsonl"
 
@@ -62,11 +63,13 @@ class Validator:
     """The actor: renders in a thread of its own, so `submit` returns at once."""
 
     def __init__(self, spec: StageSpec, prompts: list[GenerationParams], expert: str, run_dir: str, fps: float,
-                 lora=None):
+                 lora=None, tracker: str = "none"):
         self.sampler = Sampler(spec)
         self.prompts, self.expert, self.run_dir, self.fps, self.lora = prompts, expert, Path(run_dir), fps, lora
         self.model_dir = spec.model_dir
         self.loaded: dict[str, Path] = {}
+        self.tracker = Tracker(tracker, self.run_dir / expert, "validation")
+        self.tracker.text("validation/prompts", "\n".join(f"{i:02d}: {p.prompt}" for i, p in enumerate(prompts)))
         self.pending: int | None = None
         self.busy = False
         self.records: list[dict] = []
@@ -134,8 +137,9 @@ class Validator:
         out.mkdir(parents=True, exist_ok=True)
         videos = []
         for i, params in enumerate(self.prompts):
-            path = out / f"{i:02d}.mp4"
-            write_bytes_atomic(path, mp4_bytes(self.sampler(params), self.fps))
+            path, frames = out / f"{i:02d}.mp4", self.sampler(params)
+            write_bytes_atomic(path, mp4_bytes(frames, self.fps))
+            self.tracker.video(f"validation/{i:02d}", frames, step, self.fps)
             videos.append(path.name)
         write_json_atomic([p.prompt for p in self.prompts], out / "prompts.json")
         return {"step": step, "checkpoint": str(checkpoint), "videos": [str(out / v) for v in videos],
@@ -156,7 +160,7 @@ class Validation:
 
         actor = ray.remote(Validator).options(**self.cfg.train.validation.worker.ray_options())
         return actor.remote(self.spec, self.prompts, expert, str(Path(run_dir).resolve()), self.cfg.data.fps,
-                            self.cfg.train.lora)
+                            self.cfg.train.lora, self.cfg.train.tracker)
 
     @staticmethod
     def finish(actor, log=print) -> list[dict]:

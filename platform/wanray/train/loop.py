@@ -1,6 +1,7 @@
 """The per-worker training loop Ray Train runs on every rank of one expert's worker group."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import psutil
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import yaml
 
 from wanray import context_parallel
 from wanray.config import Config
@@ -21,6 +23,7 @@ from wanray.devices import accelerator, torch_dtype
 from wanray.schema import pad_text_embedding
 from wanray.train import checkpoint as ckpt
 from wanray.train.data import Batch, ClipIndex, ClipLoader, ClipReader, DataPlan, StepData
+from wanray.train.tracking import Tracker
 from wanray.train.flow import FlowDraw, batch_seed, draw_flow, keep_first_frame, noisy_latents
 from wanray.train.parallel import (apply_fsdp, build_on_meta, init_lora, load_expert_shards, materialize,
                                    shard_stats, trainable_parameters)
@@ -231,6 +234,7 @@ def train_loop(config: dict) -> None:
                         spec.validator.submit.remote(progress.step)  # returns at once: training goes on
     finally:
         loader.close()
+        log.tracker.close()
 
 
 class MetricsLog:
@@ -242,6 +246,8 @@ class MetricsLog:
         self.range = list(spec.contract.timestep_range(spec.expert))
         self.reset = True
         self.started = None
+        self.tracker = Tracker(spec.cfg.train.tracker if rank == 0 else "none", spec.run_dir, "train")
+        self.tracker.text("config", "```\n" + yaml.safe_dump(dataclasses.asdict(spec.cfg), sort_keys=False) + "```")
         self.say(f"{spec.contract.describe_range(spec.expert)} (boundary {spec.contract.boundary} from "
                  f"{spec.contract.boundary_source}); {len(spec.index)} clips, {world} workers")
 
@@ -296,12 +302,13 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(m) + "\n")
+        self.tracker.scalars(m)
         if self.started is None:
             self.started = (time.perf_counter(), step)
         t0, s0 = self.started
         rate = (step - s0) / (time.perf_counter() - t0) if step > s0 else 0.0
-        eta = (self.spec.cfg.train.steps - step) / rate if rate else float("nan")
+        eta = f"{(self.spec.cfg.train.steps - step) / rate:.0f}s" if rate else "-"
         print(f"[train:{m['expert']}] step {step}/{self.spec.cfg.train.steps} loss {m['loss']:.4f} "
               f"grad_norm {m['grad_norm']:.3f} lr {m['lr']:.2e} {m['samples_per_s']:.2f} samples/s "
               f"data-wait {m['data_wait_fraction']:.1%} t {m['timesteps_seen'][0]:.0f}-{m['timesteps_seen'][1]:.0f} "
-              f"ETA {eta:.0f}s", flush=True)
+              f"ETA {eta}", flush=True)

@@ -42,7 +42,7 @@ def main(args):
         sys.exit(0 if print_plan(cfg, "batch") else 1)
     params = read_prompts(args.prompts, cfg, expected_kind(cfg.model))  # images only for an image-to-video model
     model_dir = ensure_model(cfg.model)
-    connect_ray()
+    connect_ray(verbose=args.verbose)
     generate_videos(cfg, str(model_dir), params, args.out, args.save_frames)
 
 

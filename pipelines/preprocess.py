@@ -24,7 +24,7 @@ def get_args():
 def main(args):
     cfg = load_config(args.config, args.overrides)
     run = PreprocessRun.prepare(cfg, args.data, args.out)  # bad input fails here, before joining Ray
-    connect_ray()
+    connect_ray(verbose=args.verbose)
     run.execute()
 
 

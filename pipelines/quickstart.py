@@ -42,7 +42,7 @@ def main(args):
     model = ensure_model(cfg.model)
     print(f"[quickstart] 1/5 writing {args.clips} synthetic captioned clips", flush=True)
     manifest = write_dataset(out / "videos", count=args.clips)
-    connect_ray()
+    connect_ray(verbose=args.verbose)
     print("[quickstart] 2/5 preprocessing on Ray Data", flush=True)
     run_preprocess(cfg, str(manifest), str(out / "preprocessed"))
     print(f"[quickstart] 3/5 training both experts for {cfg.train.steps} steps on Ray Train", flush=True)

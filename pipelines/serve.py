@@ -50,7 +50,7 @@ def main(args):
         sys.path.insert(0, str(ROOT))  # the page is ui/app.py of this checkout
         from ui.app import build_ui as ui
     # py_modules ships ui/ to every node; Serve deployments inherit the job's runtime_env.
-    ray = connect_ray(runtime_env={"py_modules": [str(UI_DIR)]})
+    ray = connect_ray(args.verbose, runtime_env={"py_modules": [str(UI_DIR)]})
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` cleans up like Ctrl-C, also mid-start
     try:
         print(f"starting the deployments for {model_dir} (text encoder, high-noise expert, low-noise expert, VAE)",

@@ -39,7 +39,7 @@ def main(args):
     if args.plan:
         fits = print_plans(cfg, args.expert)
         sys.exit(0 if fits else 1)
-    connect_ray()
+    connect_ray(verbose=args.verbose)
     validation = Validation(cfg, ensure_model(cfg.model)) if cfg.train.validation.every else None
     train_experts(cfg, args.expert, args.data, args.out, validation=validation)
 

@@ -40,10 +40,14 @@ def ray_cluster():
     """
     import ray
 
+    from wanray.runtime import connect_ray
+
     # Ray Train V2's controller polls its workers every 2 s and registers a reported checkpoint only
     # then; the tiny model's steps take 0.1 s, so the kill-and-resume test wants it sooner.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    ray.init(num_cpus=2, num_gpus=2, resources={"NPU": 2}, include_dashboard=False, _node_ip_address="127.0.0.1")
+    # the drivers' settings (connect_ray), with Ray's own lines shown in the test output
+    connect_ray(verbose=True, num_cpus=2, num_gpus=2, resources={"NPU": 2}, include_dashboard=False,
+                _node_ip_address="127.0.0.1")
     address = ray.get_runtime_context().gcs_address
     os.environ["RAY_ADDRESS"] = address
     yield address

@@ -1,6 +1,7 @@
 """Preprocessing on a real local Ray: parity with diffusers, rejects, resume after a kill, loaded encoders shared by runs."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -212,7 +213,7 @@ def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, ray_cluster):
 
 
 def test_local_ray_keeps_idle_workers_for_the_next_run(tmp_path):
-    """A local instance started by connect_ray keeps 8 idle workers on 2 CPUs (Ray alone keeps 2),
+    """A local instance started by connect_ray keeps its idle workers on 2 CPUs (Ray alone keeps 2),
     so the fractional-CPU tasks of the next run start no new worker processes."""
     code = """
 import os, time, ray
@@ -230,4 +231,7 @@ print("workers", len(first), "reused", len(first & second))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_num_workers_soft_limit")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180,
                          cwd=tmp_path)
-    assert "workers 8 reused 8" in out.stdout, out.stdout[-1000:] + out.stderr[-2000:]
+    found = re.search(r"workers (\d+) reused (\d+)", out.stdout)
+    assert found, out.stdout[-1000:] + out.stderr[-2000:]
+    workers, reused = map(int, found.groups())
+    assert reused == workers > 2, out.stdout  # every worker kept, more than the 2 Ray alone keeps

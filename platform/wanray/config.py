@@ -531,6 +531,7 @@ def add_config_args(parser: argparse.ArgumentParser, default: str = "configs/tin
     parser.add_argument("--config", default=default, help=f"YAML preset (default {default})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set data.fps=24 (repeatable)")
+    parser.add_argument("--verbose", action="store_true", help="also print Ray's own log lines and worker output")
 
 
 def to_dict(cfg: Config) -> dict:

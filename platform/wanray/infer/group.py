@@ -19,18 +19,25 @@ from wanray.devices import accelerator
 from wanray.infer.sampler import DenoiseState, ExpertStage, GenerationParams, StageSpec, TextEmbeddings
 
 
-def _join(spec: StageSpec, expert: str, rank: int, world: int, address: str) -> None:
+def _join(spec: StageSpec, expert: str, rank: int, world: int, store) -> None:
     import torch.distributed as dist
 
     backend = accelerator(getattr(spec.stages, expert).device).dist_backend
-    dist.init_process_group(backend, init_method=address, rank=rank, world_size=world)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+
+
+def _store(host: str, port: int, world: int, master: bool):
+    """The group's rendezvous: rank 0 hosts a TCPStore on a port the OS picks (port 0), the others join it."""
+    from torch.distributed import TCPStore
+
+    return TCPStore(host, port, world, master, wait_for_workers=False) if master else TCPStore(host, port, world, False)
 
 
 class ExpertRank:
     """Rank 1 .. N-1 of a multi-device expert stage (a Ray actor in the replica's placement group)."""
 
-    def __init__(self, spec: StageSpec, expert: str, rank: int, world: int, address: str):
-        _join(spec, expert, rank, world, address)
+    def __init__(self, spec: StageSpec, expert: str, rank: int, world: int, host: str, port: int):
+        _join(spec, expert, rank, world, _store(host, port, world, master=False))
         self.stage = ExpertStage(spec, expert)
 
     def denoise(self, params: GenerationParams, text: TextEmbeddings, state: DenoiseState | None,
@@ -47,16 +54,15 @@ class ExpertGroup:
         from ray.util import get_current_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from wanray.runtime import free_port
-
         world = spec.devices[expert]
-        address = f"tcp://{ray.util.get_node_ip_address()}:{free_port()}"
+        host = ray.util.get_node_ip_address()
+        store = _store(host, 0, world, master=True)
         group = get_current_placement_group()
         options = getattr(spec.stages, expert).ray_options()
         self.ranks = [ray.remote(ExpertRank).options(
             **options, scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=r))
-            .remote(spec, expert, r, world, address) for r in range(1, world)]
-        _join(spec, expert, 0, world, address)  # returns once every rank has joined
+            .remote(spec, expert, r, world, host, store.port) for r in range(1, world)]
+        _join(spec, expert, 0, world, store)  # returns once every rank has joined
         self.stage = ExpertStage(spec, expert)
         ray.get([r.__ray_ready__.remote() for r in self.ranks])  # a rank that failed to start fails here
 

@@ -30,6 +30,8 @@ from wanray.train.parallel import (apply_fsdp, build_on_meta, init_lora, load_ex
 from wanray.wan import WanContract, first_frame_mask
 
 STEP_FILE = "wanray_step.json"
+CONSOLE_FILE = "console.log"
+"""Per expert run directory: rank 0's progress lines, which the driver prints as they come."""
 
 
 @dataclass
@@ -252,8 +254,11 @@ class MetricsLog:
                  f"{spec.contract.boundary_source}); {len(spec.index)} clips, {world} workers")
 
     def say(self, text: str) -> None:
+        """Rank 0 appends a line to the expert's console file, which the driver prints (see trainer.fit):
+        worker output itself reaches the terminal only with --verbose."""
         if self.rank == 0:
-            print(f"[train:{self.spec.expert}] {text}", flush=True)
+            with (Path(self.spec.run_dir) / CONSOLE_FILE).open("a") as f:
+                f.write(f"[train:{self.spec.expert}] {text}\n")
 
     def resumed(self, progress: ckpt.Progress, order_changed: bool) -> None:
         self.say(f"resumed at step {progress.step} (epoch {progress.epoch}, {progress.batches_in_epoch} "
@@ -308,7 +313,7 @@ class MetricsLog:
         t0, s0 = self.started
         rate = (step - s0) / (time.perf_counter() - t0) if step > s0 else 0.0
         eta = f"{(self.spec.cfg.train.steps - step) / rate:.0f}s" if rate else "-"
-        print(f"[train:{m['expert']}] step {step}/{self.spec.cfg.train.steps} loss {m['loss']:.4f} "
-              f"grad_norm {m['grad_norm']:.3f} lr {m['lr']:.2e} {m['samples_per_s']:.2f} samples/s "
-              f"data-wait {m['data_wait_fraction']:.1%} t {m['timesteps_seen'][0]:.0f}-{m['timesteps_seen'][1]:.0f} "
-              f"ETA {eta}", flush=True)
+        self.say(f"step {step}/{self.spec.cfg.train.steps} loss {m['loss']:.4f} "
+                 f"grad_norm {m['grad_norm']:.3f} lr {m['lr']:.2e} {m['samples_per_s']:.2f} samples/s "
+                 f"data-wait {m['data_wait_fraction']:.1%} t {m['timesteps_seen'][0]:.0f}-{m['timesteps_seen'][1]:.0f} "
+                 f"ETA {eta}")

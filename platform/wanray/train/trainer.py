@@ -18,7 +18,7 @@ from wanray.io import write_json_atomic
 from wanray.devices import accelerator
 from wanray.train import checkpoint as ckpt
 from wanray.train.data import ClipIndex
-from wanray.train.loop import STEP_FILE, LoopSpec, train_loop
+from wanray.train.loop import CONSOLE_FILE, STEP_FILE, LoopSpec, train_loop
 from wanray.wan import EXPERTS, ModelKind, WanContract
 
 RUN_FILE = "wanray_run.json"
@@ -138,7 +138,8 @@ def train_experts(cfg: Config, expert: str, data_dir, run_dir, log=print, valida
     validators = {e: validation.start(e, run_dir) for e in experts} if validation is not None else {}
     try:
         trainers = {e: make_trainer(cfg, e, data_dir, run_dir, index, validators.get(e)) for e in experts}
-        results = fit(cfg, trainers, log)
+        with Follow([Path(run_dir) / e / CONSOLE_FILE for e in experts], log):
+            results = fit(cfg, trainers, log)
         for e in experts:
             if results.get(e) is None or results[e].error:
                 raise RuntimeError(f"training the {e}-noise expert failed: "
@@ -150,6 +151,42 @@ def train_experts(cfg: Config, expert: str, data_dir, run_dir, log=print, valida
         for v in validators.values():
             validation.stop(v)
     return results
+
+
+class Follow:
+    """Print the lines appended to `paths` (the workers' console files) while the block runs, as `tail -f`
+    would, from where each file ends at the start (a resumed run's old lines are not printed again)."""
+
+    def __init__(self, paths: list[Path], log=print, interval: float = 0.5):
+        self.log, self.interval = log, interval
+        self.offsets = {p: p.stat().st_size if p.exists() else 0 for p in paths}
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="console")
+
+    def __enter__(self) -> "Follow":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        while not self.done.wait(self.interval):
+            self._print_new()
+        self._print_new()
+
+    def _print_new(self) -> None:
+        for path, offset in self.offsets.items():
+            if not path.exists():
+                continue
+            with path.open("rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            complete = chunk[:chunk.rfind(b"\n") + 1]  # a line still being written waits for the next poll
+            self.offsets[path] = offset + len(complete)
+            for line in complete.decode().splitlines():
+                self.log(line)
 
 
 def fit(cfg: Config, trainers: dict, log=print) -> dict:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from wanray.config import add_config_args, load_config
+from wanray.infer.api import exposure_warning, serving_token
 from wanray.infer.plan import print_plan
 from wanray.infer.serve import APP_NAME, UI_PATH, start
 from wanray.models import ensure_model
@@ -57,6 +58,8 @@ def main(args):
               flush=True)
         url = start(cfg, str(model_dir), ui)
         print(f"wanray is serving {model_dir} at {url}", flush=True)
+        if (warning := exposure_warning(cfg, serving_token(cfg))) is not None:
+            print(warning, file=sys.stderr, flush=True)
         print(f"  REST API: POST {url}/v1/generate, GET {url}/v1/health", flush=True)
         if ui is not None:
             print(f"  UI:       {url}{UI_PATH}/", flush=True)

@@ -237,6 +237,9 @@ class InferConfig:
     """Address the Serve HTTP proxy binds; 0.0.0.0 exposes it to the network."""
     port: int = 8000
     """Port of the Serve HTTP proxy."""
+    api_token: str = ""
+    """Bearer token that /v1/* and the UI require (wanray.infer.api.serving_token); empty: the
+    WANRAY_API_TOKEN environment variable of the driver, and with neither, none."""
     max_height: int = 1280
     """Largest height a request may ask for (pixels)."""
     max_width: int = 1280

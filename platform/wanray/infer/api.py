@@ -6,11 +6,13 @@ the server down. `resolve` is also what the Gradio UI validates with.
 """
 from __future__ import annotations
 
+import hmac
 import logging
 import math
+import os
 from typing import Awaitable, Callable, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -62,6 +64,29 @@ def _check(ok: bool, message: str) -> None:
 def _check_prompt(name: str, text: str, max_chars: int, required: bool) -> None:
     _check(not required or text.strip() != "", f"{name} must not be empty")
     _check(len(text) <= max_chars, f"{name} has {len(text)} characters, at most {max_chars} are served")
+
+
+TOKEN_ENV = "WANRAY_API_TOKEN"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serving_token(cfg: Config) -> str:
+    """The token serving requires: infer.api_token, else $WANRAY_API_TOKEN (read in the driver), else none."""
+    return cfg.infer.api_token or os.environ.get(TOKEN_ENV, "")
+
+
+def exposure_warning(cfg: Config, token: str) -> str | None:
+    """A warning when the server binds beyond loopback with no token."""
+    if token or cfg.infer.host in LOOPBACK:
+        return None
+    return (f"warning: serving on {cfg.infer.host} without a token: anyone who can reach port {cfg.infer.port} can "
+            f"generate; set infer.api_token or {TOKEN_ENV}")
+
+
+def token_matches(header: str, token: str) -> bool:
+    """An `Authorization: Bearer <token>` header against the token, in constant time."""
+    scheme, _, given = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
 def served_split(cfg: Config) -> int:
@@ -127,10 +152,17 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     return 422, "; ".join(parts)
 
 
-def build_api(generate: Generate, cfg: Config, model_dir: str) -> FastAPI:
-    """The FastAPI app of the ingress; `generate` moves one request through the stages."""
+def build_api(generate: Generate, cfg: Config, model_dir: str, token: str = "") -> FastAPI:
+    """The FastAPI app of the ingress; `generate` moves one request through the stages. With a
+    `token`, every /v1 route answers 401 unless the request carries it as a bearer token."""
     kind = models.read_kind(model_dir)
-    app = FastAPI(title="wanray", description=f"{kind.title} from {model_dir}")
+
+    async def authorized(request: Request) -> None:
+        if token and not token_matches(request.headers.get("authorization", ""), token):
+            raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <infer.api_token>)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    app = FastAPI(title="wanray", description=f"{kind.title} from {model_dir}", dependencies=[Depends(authorized)])
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:

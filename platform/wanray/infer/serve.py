@@ -27,7 +27,7 @@ from typing import Callable
 from ray import serve
 
 from wanray.config import Config, Resources
-from wanray.infer.api import Generate, OnStage, OutputFormat, build_api
+from wanray.infer.api import Generate, OnStage, OutputFormat, build_api, serving_token, token_matches
 from wanray.infer.group import ExpertGroup
 from wanray.infer.sampler import ExpertStage, GenerationParams, PromptEncoder, StageSpec, VideoDecoder
 from wanray.infer.video import mp4_bytes, npy_bytes
@@ -73,9 +73,9 @@ class QueuedStage:
 class Ingress:
     """HTTP entry point: validates requests, moves each through the four stages, serves the UI."""
 
-    def __init__(self, text_encoder, high, low, vae, cfg: Config, model_dir: str, ui: BuildUI | None):
+    def __init__(self, text_encoder, high, low, vae, cfg: Config, model_dir: str, ui: BuildUI | None, token: str = ""):
         self.text_encoder, self.high, self.low, self.vae = text_encoder, high, low, vae
-        self.cfg, self.model_dir, self.ui = cfg, model_dir, ui
+        self.cfg, self.model_dir, self.ui, self.token = cfg, model_dir, ui, token
 
     async def generate(self, params: GenerationParams, output: OutputFormat, on_stage: OnStage | None) -> bytes:
         text = self.text_encoder.run.remote("encode", params)
@@ -92,13 +92,17 @@ class Ingress:
         return await video
 
     def __serve_build_asgi_app__(self):
-        app = build_api(self.generate, self.cfg, self.model_dir)
+        app = build_api(self.generate, self.cfg, self.model_dir, self.token)
         if self.ui is None:
             return app
         import gradio as gr
 
+        login = {}
+        if self.token:  # the page asks for the token as its password (any user name)
+            login = dict(auth=lambda _user, password: token_matches(f"Bearer {password}", self.token),
+                         auth_message="wanray: enter the server's API token as the password (any user name)")
         return gr.mount_gradio_app(app, self.ui(self.generate, self.cfg, self.model_dir), path=UI_PATH,
-                                   ssr_mode=False)
+                                   ssr_mode=False, **login)
 
 
 def build_app(cfg: Config, model_dir: str, ui: BuildUI | None = None):
@@ -126,7 +130,7 @@ def build_app(cfg: Config, model_dir: str, ui: BuildUI | None = None):
     low = None if spec.contract.kind.one_transformer else expert("low_noise_expert", "low")
     vae = stage("vae_decoder", stages.vae).bind(VideoStage, spec)
     ingress = Ingress.options(ray_actor_options={"num_cpus": cfg.infer.ingress_cpus})
-    return ingress.bind(text, high, low, vae, cfg, str(model_dir), ui)
+    return ingress.bind(text, high, low, vae, cfg, str(model_dir), ui, serving_token(cfg))
 
 
 def start(cfg: Config, model_dir: str, ui: BuildUI | None = None) -> str:

@@ -338,6 +338,19 @@ def write_config_dir(path, transformer: dict = A14B_TRANSFORMER, vae: dict = A14
     return path
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers' "Writing model shards" bar (the UMT5 text encoder's save) off while the tiny model is
+    written: one shard, instant."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.enable_progress_bar()
+
+
 def write_tiny_checkpoint(path, seed: int = 0, boundary: float | None = None, kind: str = "t2v-a14b") -> Path:
     """Write a randomly initialised tiny Wan2.2 model of `kind` (wanray.wan.KINDS) as a diffusers
     directory (atomically); `boundary` None takes the kind's official one."""
@@ -364,7 +377,7 @@ def write_tiny_checkpoint(path, seed: int = 0, boundary: float | None = None, ki
         pipe = WanPipeline(**parts, expand_timesteps=spec.expand_timesteps)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path) as tmp, _no_progress_bars():
             pipe.save_pretrained(tmp, safe_serialization=True)
     except OSError as e:
         if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):

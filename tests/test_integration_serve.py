@@ -105,6 +105,32 @@ def test_bad_request_gets_4xx_with_reason_and_server_keeps_serving(server, body,
     assert after.status_code == 200 and after.content[4:8] == b"ftyp"
 
 
+def test_each_generate_request_has_an_id_in_its_response_and_one_log_line(server):
+    import glob
+    import time
+
+    import ray
+
+    url, _ = server
+    small = {"prompt": "a tiny red circle", "height": 32, "width": 32, "num_frames": 1, "num_inference_steps": 1,
+             "output": "frames"}
+    echoed = requests.post(f"{url}/v1/generate", json=small, headers={"X-Request-Id": "client-42"}, timeout=120)
+    fresh = requests.post(f"{url}/v1/generate", json=small, timeout=120)
+    refused = requests.post(f"{url}/v1/generate", json={**small, "height": 30}, timeout=60)
+    assert (echoed.status_code, fresh.status_code, refused.status_code) == (200, 200, 422)
+    assert echoed.headers["X-Request-Id"] == "client-42" and fresh.headers["X-Request-Id"] not in ("", "client-42")
+    logs = ray._private.worker._global_node.get_logs_dir_path()
+    deadline, text = time.time() + 30, ""
+    while time.time() < deadline and refused.headers["X-Request-Id"] not in text:
+        time.sleep(0.5)
+        text = "".join(open(p).read() for p in glob.glob(f"{logs}/serve/replica_wanray_Ingress_*.log"))
+    lines = {rid: [line for line in text.splitlines() if rid in line and "generate: prompt" in line]
+             for rid in ("client-42", fresh.headers["X-Request-Id"], refused.headers["X-Request-Id"])}
+    assert all(len(found) == 1 for found in lines.values()), lines
+    assert "generate: prompt 17 chars, 1x32x32, 1 steps, " in lines["client-42"][0] and "status 200" in lines["client-42"][0]
+    assert "not resolved" in lines[refused.headers["X-Request-Id"]][0] and "status 422" in lines[refused.headers["X-Request-Id"]][0]
+
+
 def test_gradio_client_generates_a_video_through_the_ui(server):
     from gradio_client import Client
     from gradio_client.exceptions import AppError

@@ -10,6 +10,7 @@ import hmac
 import logging
 import math
 import os
+import time
 from typing import Awaitable, Callable, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -23,7 +24,7 @@ from wanray.errors import RequestError
 from wanray.infer.sampler import GenerationParams, image_from_base64
 from wanray.wan import KINDS, ModelKind
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("ray.serve")  # the ingress replica's log (logs/serve/replica_wanray_Ingress_*.log)
 
 OutputFormat = Literal["mp4", "frames"]
 MEDIA_TYPES = {"mp4": "video/mp4", "frames": "application/x-npy"}
@@ -152,6 +153,17 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     return 422, "; ".join(parts)
 
 
+def _logged(response: Response, req: GenerateRequest, params: GenerationParams | None, start: float) -> Response:
+    """The response, after one line in the ingress replica's log: prompt length, size, steps, seconds,
+    outcome. Serve prefixes it with the request's id, which it also returns as X-Request-Id (a client's
+    own X-Request-Id is kept)."""
+    size = f"{params.num_frames}x{params.height}x{params.width}, {params.num_inference_steps} steps" if params \
+        else "not resolved"
+    logger.info("generate: prompt %d chars, %s, %.2f s, status %d", len(req.prompt), size,
+                time.perf_counter() - start, response.status_code)
+    return response
+
+
 def build_api(generate: Generate, cfg: Config, model_dir: str, token: str = "") -> FastAPI:
     """The FastAPI app of the ingress; `generate` moves one request through the stages. With a
     `token`, every /v1 route answers 401 unless the request carries it as a bearer token."""
@@ -180,15 +192,17 @@ def build_api(generate: Generate, cfg: Config, model_dir: str, token: str = "") 
 
     @app.post("/v1/generate", responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}})
     async def generate_video(req: GenerateRequest) -> Response:
+        start = time.perf_counter()
         try:
             params = resolve(req, cfg, kind, served_split(cfg))
         except RequestError as e:
-            return JSONResponse({"detail": str(e)}, status_code=422)
+            return _logged(JSONResponse({"detail": str(e)}, status_code=422), req, None, start)
         try:
             data = await generate(params, req.output, None)
         except Exception as e:  # a failed generation answers this request only; the server keeps serving
             logger.exception("generation failed")
-            return JSONResponse({"detail": f"generation failed: {type(e).__name__}: {e}"}, status_code=500)
-        return Response(data, media_type=MEDIA_TYPES[req.output])
+            return _logged(JSONResponse({"detail": f"generation failed: {type(e).__name__}: {e}"}, status_code=500),
+                           req, params, start)
+        return _logged(Response(data, media_type=MEDIA_TYPES[req.output]), req, params, start)
 
     return app

@@ -50,15 +50,6 @@ def validation_prompts(cfg: Config, model_dir) -> list[GenerationParams]:
         raise ConfigError(f"train.validation: {e}") from None
 
 
-def checkpoint_of(run_dir, expert: str, step: int) -> Path | None:
-    from wanray.train.loop import STEP_FILE
-
-    for p in Path(run_dir, expert).glob(f"*/{STEP_FILE}"):
-        if json.loads(p.read_text())["step"] == step:
-            return p.parent
-    return None
-
-
 class Validator:
     """The actor: renders in a thread of its own, so `submit` returns at once."""
 
@@ -120,10 +111,10 @@ class Validator:
         self.loaded[expert] = checkpoint
 
     def _render(self, step: int) -> dict:
-        from wanray.train.trainer import latest_checkpoint
+        from wanray.train.trainer import checkpoints, latest_checkpoint
 
         start = time.time()
-        checkpoint = checkpoint_of(self.run_dir, self.expert, step)
+        checkpoint = checkpoints(self.run_dir, self.expert).get(step)
         if checkpoint is None:
             raise FileNotFoundError(f"no checkpoint of step {step} in {self.run_dir / self.expert}")
         self._load(self.expert, checkpoint)

@@ -207,12 +207,17 @@ def fit(cfg: Config, trainers: dict, log=print) -> dict:
     return results
 
 
+def checkpoints(run_dir, expert: str) -> dict[int, Path]:
+    """Step -> checkpoint directory of every checkpoint under run_dir/<expert>/."""
+    return {json.loads(p.read_text())["step"]: p.parent for p in Path(run_dir, expert).glob(f"*/{STEP_FILE}")}
+
+
 def latest_checkpoint(run_dir, expert: str) -> Path:
     """The checkpoint directory with the highest step under run_dir/<expert>/."""
-    found = [(json.loads(p.read_text())["step"], p.parent) for p in Path(run_dir, expert).glob(f"*/{STEP_FILE}")]
+    found = checkpoints(run_dir, expert)
     if not found:
         raise FileNotFoundError(f"no checkpoint of the {expert}-noise expert in {Path(run_dir) / expert}")
-    return max(found)[1]
+    return found[max(found)]
 
 
 def export_run(cfg: Config, run_dir, out_dir, log=print) -> Path:

@@ -75,6 +75,9 @@ def test_offload_decides_whether_a_batch_actor_fits_and_serving_plans_the_larges
     assert set(serve.devices()) == {"text", "high", "low", "vae"}
     split = plan_inference(preset(a14b, "infer.high_devices=4"), a14b, "serve").stages["high"]
     assert split.devices == 4 and split.total_bytes == split.weight_bytes + serve.stages["high"].working_bytes // 4
+    batch = plan_inference(preset(a14b, "infer.batch_devices=2"), a14b, "batch")  # both experts over 2 devices
+    assert batch.stages["high"].devices == batch.stages["low"].devices == 2 and batch.stages["vae"].devices == 1
+    assert batch.stages["high"].total_bytes == offload.stages["high"].weight_bytes + offload.stages["high"].working_bytes // 2
 
 
 def test_plan_flags_of_serve_and_generate_print_the_verdict_and_exit_by_it(a14b):

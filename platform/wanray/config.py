@@ -216,6 +216,9 @@ class InferConfig:
     """Likewise for the low-noise expert stage."""
     batch: Resources = field(default_factory=Resources)
     """Resources of each batch-generation actor (generate.py), which runs all four stages."""
+    batch_devices: int = 1
+    """Devices of each batch actor: above 1, the actor (rank 0: text encoder, VAE, experts) starts that many
+    minus one ranks of infer.batch each on its node, and both experts run with Ulysses over all of them."""
     flow_shift: float | None = None
     """Sampling shift of the scheduler's flow sigmas; None keeps the model directory's own value
     (diffusers ships 3.0, the official Wan2.2 T2V sampler uses 12.0)."""
@@ -402,9 +405,9 @@ class Config:
         if d.bucket_budget < 0:
             raise ConfigError(f"data.bucket_budget must be a token count >= 0, got {d.bucket_budget}")
         BucketSet.from_config(d)  # a bucket list or budget that cannot work is a one-line error here
-        if self.infer.high_devices < 1 or self.infer.low_devices < 1:
-            raise ConfigError(f"infer.high_devices and infer.low_devices must be >= 1, got {self.infer.high_devices}, "
-                              f"{self.infer.low_devices}")
+        if min(self.infer.high_devices, self.infer.low_devices, self.infer.batch_devices) < 1:
+            raise ConfigError("infer.high_devices, low_devices and batch_devices must be >= 1, got "
+                              f"{self.infer.high_devices}, {self.infer.low_devices}, {self.infer.batch_devices}")
         if self.infer.flow_shift is not None and self.infer.flow_shift <= 0:
             raise ConfigError(f"infer.flow_shift must be positive, got {self.infer.flow_shift}")
         if not 1 <= self.infer.num_inference_steps <= self.infer.max_steps:

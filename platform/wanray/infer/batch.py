@@ -20,6 +20,7 @@ import numpy as np
 from wanray.config import Config
 from wanray.errors import RequestError
 from wanray.infer.api import GenerateRequest, resolve
+from wanray.infer.group import batch_group
 from wanray.infer.sampler import GenerationParams, Sampler, StageSpec
 from wanray.wan import KINDS, ModelKind
 from wanray.infer.video import mp4_bytes
@@ -58,7 +59,7 @@ def read_prompts(path: str | os.PathLike, cfg: Config, kind: ModelKind = KINDS["
                 request = GenerateRequest.model_validate(fields)
             else:
                 request = GenerateRequest(prompt=line.strip())
-            params.append(resolve(request, cfg, kind))
+            params.append(resolve(request, cfg, kind, cfg.infer.batch_devices))
         except json.JSONDecodeError as e:
             raise RequestError(f"{p} line {number}: not JSON: {e}") from None
         except ValidationError as e:
@@ -81,10 +82,16 @@ def _image_file(path: Path) -> str:
 
 
 class VideoWriter:
-    """Ray Data actor: rows (index, GenerationParams as JSON) -> videos on disk; rows (index, video, seconds) out."""
+    """Ray Data actor: rows (index, GenerationParams as JSON) -> videos on disk; rows (index, video, seconds) out.
+    With spec.devices above 1 it is rank 0 of its experts' group, the other ranks actors of `rank_options`
+    on its node (wanray.infer.group)."""
 
-    def __init__(self, spec: StageSpec, fps: float, out_dir: str, save_frames: bool):
-        self.sampler = Sampler(spec)
+    def __init__(self, spec: StageSpec, fps: float, out_dir: str, save_frames: bool, rank_options: dict):
+        experts = None
+        if (world := spec.devices["high"]) > 1:
+            group = batch_group(spec, spec.contract.kind.experts, world, rank_options)
+            experts = {e: group.expert(e) for e in spec.contract.kind.experts}
+        self.sampler = Sampler(spec, experts)
         self.out_dir, self.fps, self.save_frames = Path(out_dir), fps, save_frames
 
     def __call__(self, batch: dict) -> dict:
@@ -104,8 +111,8 @@ class VideoWriter:
 
 def generate_videos(cfg: Config, model_dir: str, params: list[GenerationParams], out_dir: str | os.PathLike,
                     save_frames: bool = False) -> list[dict]:
-    """Generate every video on `cfg.infer.batch_actors` actors of the connected Ray; return (and write) the
-    index, in prompt order."""
+    """Generate every video on `cfg.infer.batch_actors` actors of the connected Ray (each over
+    infer.batch_devices devices); return (and write) the index, in prompt order."""
     import ray
 
     out = Path(out_dir)
@@ -115,7 +122,8 @@ def generate_videos(cfg: Config, model_dir: str, params: list[GenerationParams],
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         VideoWriter, batch_size=1, compute=ray.data.ActorPoolStrategy(size=inf.batch_actors), batch_format="numpy",
         fn_constructor_kwargs=dict(spec=StageSpec.for_batch(Path(model_dir).resolve(), cfg), fps=cfg.data.fps,
-                                   out_dir=str(out.resolve()), save_frames=save_frames),
+                                   out_dir=str(out.resolve()), save_frames=save_frames,
+                                   rank_options=inf.batch.ray_options()),
         **inf.batch.ray_options())
     done = []
     for row in ds.iter_rows():

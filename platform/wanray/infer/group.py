@@ -1,22 +1,31 @@
-"""An expert stage over several devices: Ulysses context parallelism inside one Serve replica.
+"""Experts over several devices: Ulysses context parallelism inside one Serve replica or batch actor.
 
-    Serve replica (rank 0, placement group bundle 0) ──► ExpertRank actors 1 .. N-1 (bundles 1 .. N-1)
-        denoise(params, text, state) ─── the same call on every rank, in lockstep ───┐
-        each rank: the whole expert, 1/N of every sample's tokens (diffusers' _cp_plan),  │
-        the same scheduler steps on the same gathered model output                       │
-        ◄── rank 0's DenoiseState goes on to the next stage ◄────────────────────────────┘
+    this process (rank 0: the Serve replica or the batch actor) ──► ExpertRank actors 1 .. N-1
+        denoise(expert, params, text, state) ─── the same call on every rank, in lockstep ───┐
+        each rank: the whole expert, 1/N of every sample's tokens (diffusers' _cp_plan),      │
+        the same scheduler steps on the same gathered model output                           │
+        ◄── rank 0's DenoiseState goes on to the next stage ◄────────────────────────────────┘
 
-The ranks form one process group (gloo on CPU, nccl on CUDA, hccl on NPU) over the placement
-group Serve reserves for the replica (`placement_group_bundles`), so the N devices of a stage are
-scheduled together. Everything else about the stage (its queue, the hand-off of DenoiseState to
-the next stage) is unchanged: the group is one ExpertStage to the rest of the application.
+The ranks form one process group (gloo on CPU, nccl on CUDA, hccl on NPU). Where the other ranks
+run: a Serve expert stage's replica has a placement group of N bundles (`placement_group_bundles`),
+so the N devices are reserved together and ranks 1 .. N-1 take bundles 1 .. N-1; a batch actor
+comes from a Ray Data actor pool, which reserves one device per actor, so its ranks are placed on
+the actor's own node (a node-affinity requirement: the collectives stay on the node's fabric) and
+the actor waits for them at most RANKS_TIMEOUT_S. Everything else about a stage (its queue, the
+hand-off of DenoiseState to the next stage) is unchanged: a group is one ExpertStage to the rest.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
 from wanray.devices import accelerator
+from wanray.errors import ConfigError
 from wanray.infer.sampler import DenoiseState, ExpertStage, GenerationParams, StageSpec, TextEmbeddings
+
+RANKS_TIMEOUT_S = 600.0
+"""How long a batch actor waits for its other ranks to be placed and load their experts."""
 
 
 def _join(spec: StageSpec, expert: str, rank: int, world: int, store) -> None:
@@ -34,43 +43,80 @@ def _store(host: str, port: int, world: int, master: bool):
 
 
 class ExpertRank:
-    """Rank 1 .. N-1 of a multi-device expert stage (a Ray actor in the replica's placement group)."""
+    """Rank 1 .. N-1 of a group (a Ray actor): the same experts as rank 0, on its own device."""
 
-    def __init__(self, spec: StageSpec, expert: str, rank: int, world: int, host: str, port: int):
-        _join(spec, expert, rank, world, _store(host, port, world, master=False))
-        self.stage = ExpertStage(spec, expert)
+    def start(self, spec: StageSpec, experts: tuple[str, ...], rank: int, world: int, host: str, port: int) -> None:
+        """Join rank 0's group and load the experts (not in __init__: rank 0 first waits for every rank to
+        be placed, and joining blocks until all have joined)."""
+        _join(spec, experts[0], rank, world, _store(host, port, world, master=False))
+        self.stages = {e: ExpertStage(spec, e) for e in experts}
 
-    def denoise(self, params: GenerationParams, text: TextEmbeddings, state: DenoiseState | None,
+    def denoise(self, expert: str, params: GenerationParams, text: TextEmbeddings, state: DenoiseState | None,
                 condition: torch.Tensor | None) -> None:
-        self.stage.denoise(params, text, state, condition)  # rank 0 returns the state
+        self.stages[expert].denoise(params, text, state, condition)  # rank 0 returns the state
 
 
-class ExpertGroup:
-    """Stage 2 or 3 over spec.devices[expert] devices: this process is rank 0 (the Serve replica), the
-    others are ExpertRank actors placed in the replica's placement group bundles 1 .. N-1."""
+class RankGroup:
+    """`experts` over `world` ranks: this process is rank 0, ranks 1 .. N-1 are ExpertRank actors
+    started with `placement(rank)`'s Ray options (resources and scheduling strategy)."""
 
-    def __init__(self, spec: StageSpec, expert: str):
+    def __init__(self, spec: StageSpec, experts: tuple[str, ...], world: int, placement: Callable[[int], dict],
+                 timeout_s: float | None = None):
         import ray
-        from ray.util import get_current_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        world = spec.devices[expert]
         host = ray.util.get_node_ip_address()
         store = _store(host, 0, world, master=True)
-        group = get_current_placement_group()
-        options = getattr(spec.stages, expert).ray_options()
-        self.ranks = [ray.remote(ExpertRank).options(
-            **options, scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=r))
-            .remote(spec, expert, r, world, host, store.port) for r in range(1, world)]
-        _join(spec, expert, 0, world, store)  # returns once every rank has joined
-        self.stage = ExpertStage(spec, expert)
-        ray.get([r.__ray_ready__.remote() for r in self.ranks])  # a rank that failed to start fails here
+        self.ranks = [ray.remote(ExpertRank).options(**placement(r)).remote() for r in range(1, world)]
+        if timeout_s is not None:  # the ranks may never be placed (no free device on the node): say so
+            placed, _ = ray.wait([r.__ray_ready__.remote() for r in self.ranks], num_returns=len(self.ranks),
+                                 timeout=timeout_s)
+            if len(placed) < len(self.ranks):
+                for r in self.ranks:
+                    ray.kill(r)
+                raise ConfigError(f"{len(self.ranks) - len(placed)} of the {world - 1} other ranks of a {world}-device "
+                                  f"group were not placed within {timeout_s:.0f} s: each needs the resources of "
+                                  "rank 0 free on its node")
+        started = [r.start.remote(spec, experts, i, world, host, store.port) for i, r in enumerate(self.ranks, 1)]
+        _join(spec, experts[0], 0, world, store)  # returns once every rank has joined
+        self.stages = {e: ExpertStage(spec, e) for e in experts}
+        ray.get(started)  # a rank that failed to load fails here
+
+    def expert(self, name: str) -> "GroupExpert":
+        return GroupExpert(self, name)
+
+
+class GroupExpert:
+    """One expert of a RankGroup, called like an ExpertStage: every rank runs the request in lockstep."""
+
+    def __init__(self, group: RankGroup, name: str):
+        self.group, self.name = group, name
 
     def denoise(self, params: GenerationParams, text: TextEmbeddings, state: DenoiseState | None = None,
                 condition: torch.Tensor | None = None) -> DenoiseState:
         import ray
 
-        others = [r.denoise.remote(params, text, state, condition) for r in self.ranks]
-        out = self.stage.denoise(params, text, state, condition)
+        others = [r.denoise.remote(self.name, params, text, state, condition) for r in self.group.ranks]
+        out = self.group.stages[self.name].denoise(params, text, state, condition)
         ray.get(others)
         return out
+
+
+def ExpertGroup(spec: StageSpec, expert: str) -> GroupExpert:
+    """A Serve expert stage over spec.devices[expert] devices, in the replica's placement group."""
+    from ray.util import get_current_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    pg, options = get_current_placement_group(), getattr(spec.stages, expert).ray_options()
+    placement = lambda r: {**options, "scheduling_strategy": PlacementGroupSchedulingStrategy(  # noqa: E731
+        pg, placement_group_bundle_index=r)}
+    return RankGroup(spec, (expert,), spec.devices[expert], placement).expert(expert)
+
+
+def batch_group(spec: StageSpec, experts: tuple[str, ...], world: int, options: dict) -> RankGroup:
+    """A batch actor's experts over `world` devices: its other ranks on its own node, `options` each."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    placement = lambda r: {**options, "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}  # noqa: E731
+    return RankGroup(spec, experts, world, placement, RANKS_TIMEOUT_S)

@@ -76,8 +76,8 @@ class StagePlan:
     working_bytes: int
     """Peak of the tensors one call of the stage allocates, above its weights (on one device)."""
     devices: int = 1
-    """Devices the stage's tokens are split over (infer.{high,low}_devices: Ulysses); each holds the whole
-    model and 1/devices of the working set, which is per token."""
+    """Devices the stage's tokens are split over (infer.{high,low}_devices or infer.batch_devices: Ulysses);
+    each holds the whole model and 1/devices of the working set, which is per token."""
 
     @property
     def total_bytes(self) -> int:
@@ -146,7 +146,7 @@ class InferencePlan:
         if self.offload:
             return {"batch actor": max(p.total_bytes for p in self.stages.values())}
         weights = sum(p.weight_bytes for p in self.stages.values())
-        return {"batch actor": weights + max(p.working_bytes for p in self.stages.values())}
+        return {"batch actor": weights + max(p.working_bytes // p.devices for p in self.stages.values())}
 
     @property
     def fits(self) -> bool:
@@ -193,8 +193,9 @@ def plan_inference(cfg: Config, model_dir, use: str) -> InferencePlan:
         attention = attention_backend(cfg.model.attention_backend, resources[s].device, dtype, training=False) \
             if s in EXPERTS else "native"
         stages[s] = plan_stage(model_dir, s, dtype, contract, frames, height, width, attention)
-        if use == "serve" and s in EXPERTS:
-            stages[s] = dataclasses.replace(stages[s], devices=getattr(i, f"{s}_devices"))
+        if s in EXPERTS:
+            devices = getattr(i, f"{s}_devices") if use == "serve" else i.batch_devices
+            stages[s] = dataclasses.replace(stages[s], devices=devices)
     return InferencePlan(use, frames, height, width, stages, use == "batch" and i.batch_offload,
                          int(i.device_memory_gb * GB))
 

@@ -137,19 +137,22 @@ class StageSpec:
         boundary contradicting the directory, an attention backend that cannot run on a stage, or a device
         count the heads cannot be split over is a ConfigError, raised here in the driver."""
         spec = cls._make(model_dir, cfg, cfg.infer.stages)
-        devices = {"high": cfg.infer.high_devices, "low": cfg.infer.low_devices}
-        for e in spec.contract.kind.experts:
-            heads = models.expert_config(model_dir, e)["num_attention_heads"]
-            context_parallel.check(devices[e], 1, heads, {}, spec.attention[e], where=f"infer.{e}_devices",
-                                   training=False)
-        return dataclasses.replace(spec, devices=devices)
+        return spec._split({"high": cfg.infer.high_devices, "low": cfg.infer.low_devices}, "infer.{}_devices")
 
     @classmethod
     def for_batch(cls, model_dir, cfg: Config) -> StageSpec:
         """Every stage in one batch-generation actor, on infer.batch; with infer.batch_offload only the
-        running stage's model is on the device."""
-        b = cfg.infer.batch
-        return cls._make(model_dir, cfg, StageResources(text=b, high=b, low=b, vae=b), cfg.infer.batch_offload)
+        running stage's model is on the device; with infer.batch_devices > 1 both experts span that many."""
+        b, n = cfg.infer.batch, cfg.infer.batch_devices
+        spec = cls._make(model_dir, cfg, StageResources(text=b, high=b, low=b, vae=b), cfg.infer.batch_offload)
+        return spec._split({"high": n, "low": n}, "infer.batch_devices")
+
+    def _split(self, devices: dict[str, int], where: str) -> StageSpec:
+        """These experts over `devices` each: heads the degree cannot split are a ConfigError naming `where`."""
+        for e in self.contract.kind.experts:
+            heads = models.expert_config(self.model_dir, e)["num_attention_heads"]
+            context_parallel.check(devices[e], 1, heads, {}, self.attention[e], where=where.format(e), training=False)
+        return dataclasses.replace(self, devices=devices)
 
     @classmethod
     def for_validation(cls, model_dir, cfg: Config) -> StageSpec:
@@ -371,10 +374,12 @@ class Sampler:
     """All stages in one process: batch generation, and the baseline Serve is measured against. A
     one-transformer model (TI2V-5B) has no low-noise stage: its transformer runs every step."""
 
-    def __init__(self, spec: StageSpec):
+    def __init__(self, spec: StageSpec, experts: dict | None = None):
+        """experts: the expert stages already built (a batch actor's multi-device group,
+        wanray.infer.group); None builds them here, on this process's device."""
         self.prompt_encoder = PromptEncoder(spec)
-        self.high = ExpertStage(spec, "high")
-        self.low = None if spec.contract.kind.one_transformer else ExpertStage(spec, "low")
+        experts = experts or {e: ExpertStage(spec, e) for e in spec.contract.kind.experts}
+        self.high, self.low = experts["high"], experts.get("low")  # TI2V-5B: no low-noise expert
         self.decoder = VideoDecoder(spec)
 
     def __call__(self, params: GenerationParams) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The Gradio page: prompt in, video out, mounted on the Serve ingress at /ui.
+"""The Gradio page, mounted on the Serve ingress at /ui: Generate (prompt in, video out), and the
+Runs and Data pages of ui/pages.py.
 
 `build_ui` gets the ingress's `generate` (the same path as POST /v1/generate) and the
 config, so the page's defaults and slider ranges are the served ones and a request the
@@ -15,8 +16,9 @@ from pydantic import ValidationError
 
 from wanray.config import Config
 from wanray.errors import RequestError
-from wanray.infer.api import Generate, GenerateRequest, resolve, served_split
+from wanray.infer.api import Busy, Generate, GenerateRequest, cause, resolve, served_split
 from wanray.models import read_kind
+from ui.pages import Preview, data_page, runs_page
 
 MAX_GUIDANCE = 20.0  # slider range; the REST API takes any finite scale >= 0
 
@@ -27,7 +29,8 @@ def _request_error(e: Exception) -> gr.Error:
     return gr.Error(str(e))
 
 
-def build_ui(generate: Generate, cfg: Config, model_dir: str) -> gr.Blocks:
+def build_ui(generate: Generate, cfg: Config, model_dir: str, preview: Preview | None = None) -> gr.Blocks:
+    """The page: Generate (through `generate`), Runs and Data (ui.pages; `preview` decodes a stored latent)."""
     inf, data = cfg.infer, cfg.data
     kind = read_kind(model_dir)
 
@@ -42,7 +45,12 @@ def build_ui(generate: Generate, cfg: Config, model_dir: str) -> gr.Blocks:
         except (RequestError, ValidationError) as e:
             raise _request_error(e) from None
         progress(0.0, desc="encoding prompt")
-        video = await generate(params, "mp4", lambda fraction, what: progress(fraction, desc=what))
+        try:
+            video = (await generate(params, "mp4", lambda fraction, what: progress(fraction, desc=what))).data
+        except Exception as e:  # a full pipeline or a timed-out queue: the REST API's 503, as a message
+            if isinstance(cause(e), Busy):
+                raise gr.Error(str(cause(e)), print_exception=False) from None
+            raise
         with tempfile.TemporaryDirectory(prefix="wanray-ui-") as tmp:
             path = Path(tmp) / f"wanray-seed{params.seed}.mp4"
             path.write_bytes(video)
@@ -55,32 +63,48 @@ def build_ui(generate: Generate, cfg: Config, model_dir: str) -> gr.Blocks:
         first = {"required": " Give the first frame.", "optional": " A first frame is optional."}.get(kind.image, "")
         gr.Markdown(f"# wanray: {kind.title}\nModel directory: `{model_dir}` "
                     f"({experts.device}, {experts.dtype}); {stages}.{first}")
-        with gr.Row():
-            with gr.Column():
-                prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red circle moving left to right")
-                # image-to-video models: the first frame (resized to the requested size)
-                images = []
-                if kind.image != "none":
-                    images.append(gr.Image(label="First frame" + (" (optional)" if kind.image == "optional" else ""),
-                                           type="filepath"))
-                if kind.takes_last_image:
-                    images.append(gr.Image(label="Last frame (optional)", type="filepath"))
-                negative = gr.Textbox(label="Negative prompt", value=inf.negative_prompt, lines=2)
+        with gr.Tabs() as tabs:
+            with gr.Tab("Generate", id="generate"):
                 with gr.Row():
-                    m = kind.size_multiple
-                    height = gr.Slider(m, inf.max_height, value=data.height, step=m, label="Height")
-                    width = gr.Slider(m, inf.max_width, value=data.width, step=m, label="Width")
-                    frames = gr.Slider(1, inf.max_frames, value=data.num_frames, step=4, label="Frames (4n+1)")
-                with gr.Row():
-                    steps = gr.Slider(1, inf.max_steps, value=inf.num_inference_steps, step=1, label="Steps")
-                    seed = gr.Number(value=inf.seed, precision=0, minimum=0, label="Seed")
-                with gr.Row():
-                    guidance = gr.Slider(0, MAX_GUIDANCE, value=inf.guidance_scale, step=0.5,
-                                         label="Guidance" if kind.one_transformer else "Guidance, high-noise expert")
-                    guidance_2 = gr.Slider(0, MAX_GUIDANCE, value=inf.guidance_scale_2, step=0.5,
-                                           label="Guidance, low-noise expert", visible=not kind.one_transformer)
-                button = gr.Button("Generate", variant="primary")
-            video = gr.Video(label="Video", autoplay=True)
-        inputs = [prompt, negative, seed, steps, guidance, guidance_2, height, width, frames]
-        button.click(run, inputs=inputs + images, outputs=video, api_name="generate")
+                    with gr.Column():
+                        prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red circle moving left to right")
+                        # image-to-video models: the first frame (resized to the requested size)
+                        images = []
+                        if kind.image != "none":
+                            optional = " (optional)" if kind.image == "optional" else ""
+                            images.append(gr.Image(label="First frame" + optional, type="filepath"))
+                        if kind.takes_last_image:
+                            images.append(gr.Image(label="Last frame (optional)", type="filepath"))
+                        negative = gr.Textbox(label="Negative prompt", value=inf.negative_prompt, lines=2)
+                        with gr.Row():
+                            m = kind.size_multiple
+                            height = gr.Slider(m, inf.max_height, value=data.height, step=m, label="Height")
+                            width = gr.Slider(m, inf.max_width, value=data.width, step=m, label="Width")
+                            frames = gr.Slider(1, inf.max_frames, value=data.num_frames, step=4, label="Frames (4n+1)")
+                        with gr.Row():
+                            steps = gr.Slider(1, inf.max_steps, value=inf.num_inference_steps, step=1, label="Steps")
+                            seed = gr.Number(value=inf.seed, precision=0, minimum=0, label="Seed")
+                        with gr.Row():
+                            guidance = gr.Slider(0, MAX_GUIDANCE, value=inf.guidance_scale, step=0.5,
+                                                 label="Guidance" if kind.one_transformer else
+                                                 "Guidance, high-noise expert")
+                            guidance_2 = gr.Slider(0, MAX_GUIDANCE, value=inf.guidance_scale_2, step=0.5,
+                                                   label="Guidance, low-noise expert", visible=not kind.one_transformer)
+                        with gr.Row():
+                            button = gr.Button("Generate", variant="primary", scale=3)
+                            stop = gr.Button("Stop", variant="stop", scale=1)
+                    video = gr.Video(label="Video", autoplay=True)
+                inputs = [prompt, negative, seed, steps, guidance, guidance_2, height, width, frames]
+                generating = button.click(run, inputs=inputs + images, outputs=video, api_name="generate")
+                # the request leaves its stage queue, or its expert stops at the next step
+                stop.click(None, cancels=[generating])
+            run_picker = runs_page(cfg)
+            data_picker = data_page(cfg, kind, preview)
+
+        def open_linked(request: gr.Request):  # /ui/?run=<path> or ?data=<path>: that page, that directory
+            q = request.query_params
+            tab = "runs" if q.get("run") else "data" if q.get("data") else "generate"
+            return gr.Tabs(selected=tab), q.get("run") or None, q.get("data") or None
+
+        page.load(open_linked, None, [tabs, run_picker, data_picker])
     return page

@@ -214,6 +214,11 @@ class InferConfig:
     group of infer.stages.high each) and runs the expert with Ulysses context parallelism over them."""
     low_devices: int = 1
     """Likewise for the low-noise expert stage."""
+    max_queued: int = 8
+    """The Serve application holds max_queued + 1 requests at most (each stage runs one at a time, and a burst
+    may wait at one stage); one more gets 503 with Retry-After at once, so no stage's queue is longer."""
+    queue_timeout_s: float = 600.0
+    """A request that has waited this long in a stage's queue is dropped with 503 before the stage runs it."""
     batch: Resources = field(default_factory=Resources)
     """Resources of each batch-generation actor (generate.py), which runs all four stages."""
     batch_devices: int = 1
@@ -385,12 +390,22 @@ class TrainConfig:
 
 
 @dataclass
+class UIConfig:
+    runs_roots: list[str] = field(default_factory=lambda: ["runs", "outputs"])
+    """Directories the UI's Runs page lists training runs under (relative: to the serve.py driver's working
+    directory); nothing outside them is read. On a cluster they must be readable from the ingress's node."""
+    data_roots: list[str] = field(default_factory=lambda: ["data", "outputs"])
+    """Directories the UI's Data page lists preprocessed directories under, likewise."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ui: UIConfig = field(default_factory=UIConfig)
 
     def validate(self) -> "Config":
         d = self.data
@@ -405,6 +420,9 @@ class Config:
         if d.bucket_budget < 0:
             raise ConfigError(f"data.bucket_budget must be a token count >= 0, got {d.bucket_budget}")
         BucketSet.from_config(d)  # a bucket list or budget that cannot work is a one-line error here
+        if self.infer.max_queued < 0 or self.infer.queue_timeout_s <= 0:
+            raise ConfigError(f"infer.max_queued must be >= 0 and infer.queue_timeout_s > 0, got "
+                              f"{self.infer.max_queued}, {self.infer.queue_timeout_s}")
         if min(self.infer.high_devices, self.infer.low_devices, self.infer.batch_devices) < 1:
             raise ConfigError("infer.high_devices, low_devices and batch_devices must be >= 1, got "
                               f"{self.infer.high_devices}, {self.infer.low_devices}, {self.infer.batch_devices}")

@@ -6,11 +6,13 @@ the server down. `resolve` is also what the Gradio UI validates with.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import Awaitable, Callable, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -21,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from wanray import models
 from wanray.config import Config
 from wanray.errors import RequestError
-from wanray.infer.sampler import GenerationParams, image_from_base64
+from wanray.infer.sampler import Cancelled, GenerationParams, image_from_base64
 from wanray.wan import KINDS, ModelKind
 
 logger = logging.getLogger("ray.serve")  # the ingress replica's log (logs/serve/replica_wanray_Ingress_*.log)
@@ -32,7 +34,33 @@ MAX_SEED = 2**63 - 1
 
 OnStage = Callable[[float, str], None]
 """Progress callback: (fraction done, what just finished)."""
-Generate = Callable[[GenerationParams, OutputFormat, "OnStage | None"], Awaitable[bytes]]
+Generate = Callable[[GenerationParams, OutputFormat, "OnStage | None"], Awaitable["Generated"]]
+Queues = Callable[[], Awaitable[dict]]
+"""The serving application's queues now: {"waiting": ..., "capacity": ..., "stages": {stage: {...}}}."""
+
+
+@dataclass
+class Generated:
+    data: bytes
+    """The video (mp4) or frames (.npy)."""
+    seconds: dict[str, float]
+    """Seconds each stage ran the request, by stage."""
+
+
+class Busy(Exception):
+    """The application cannot take (or keep) the request now: 503 with Retry-After."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def __reduce__(self):  # raised in a stage replica, re-raised in the ingress
+        return Busy, (str(self), self.retry_after)
+
+
+def cause(e: BaseException) -> BaseException:
+    """The exception a stage replica raised, from the RayTaskError that carries it to the ingress."""
+    return getattr(e, "cause", None) or e
 
 
 class GenerateRequest(BaseModel):
@@ -153,20 +181,24 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     return 422, "; ".join(parts)
 
 
-def _logged(response: Response, req: GenerateRequest, params: GenerationParams | None, start: float) -> Response:
-    """The response, after one line in the ingress replica's log: prompt length, size, steps, seconds,
-    outcome. Serve prefixes it with the request's id, which it also returns as X-Request-Id (a client's
-    own X-Request-Id is kept)."""
+def _logged(response: Response | None, req: GenerateRequest, params: GenerationParams | None, start: float,
+            stages: dict[str, float] | None = None, outcome: str = "") -> Response | None:
+    """The response, after one line in the ingress replica's log: prompt length, size, steps, seconds (in
+    all, and per stage when it ran), outcome. Serve prefixes it with the request's id, which it also returns
+    as X-Request-Id (a client's own X-Request-Id is kept)."""
     size = f"{params.num_frames}x{params.height}x{params.width}, {params.num_inference_steps} steps" if params \
         else "not resolved"
-    logger.info("generate: prompt %d chars, %s, %.2f s, status %d", len(req.prompt), size,
-                time.perf_counter() - start, response.status_code)
+    per_stage = f" ({', '.join(f'{k} {v:.2f}' for k, v in stages.items())})" if stages else ""
+    logger.info("generate: prompt %d chars, %s, %.2f s%s, %s", len(req.prompt), size, time.perf_counter() - start,
+                per_stage, outcome or f"status {response.status_code}")
     return response
 
 
-def build_api(generate: Generate, cfg: Config, model_dir: str, token: str = "") -> FastAPI:
-    """The FastAPI app of the ingress; `generate` moves one request through the stages. With a
-    `token`, every /v1 route answers 401 unless the request carries it as a bearer token."""
+def build_api(generate: Generate, cfg: Config, model_dir: str, token: str = "", queues: Queues | None = None,
+              count: Callable[[str, float], None] = lambda outcome, seconds: None) -> FastAPI:
+    """The FastAPI app of the ingress; `generate` moves one request through the stages, `queues` reports
+    their depths in /v1/health, `count(outcome, seconds)` records each /v1/generate. With a `token`, every
+    /v1 route answers 401 unless the request carries it as a bearer token."""
     kind = models.read_kind(model_dir)
 
     async def authorized(request: Request) -> None:
@@ -187,22 +219,43 @@ def build_api(generate: Generate, cfg: Config, model_dir: str, token: str = "") 
                          "devices": getattr(cfg.infer, f"{name}_devices", 1)}
                   for name, res in vars(cfg.infer.stages).items() if name != "low" or not kind.one_transformer}
         experts = cfg.infer.stages.high  # device and dtype at the top: the high-noise expert's
-        return {"status": "ok", "model": model_dir, "kind": kind.name, "image": kind.image, "device": experts.device,
-                "dtype": experts.dtype, "stages": stages}
+        out = {"status": "ok", "model": model_dir, "kind": kind.name, "image": kind.image, "device": experts.device,
+               "dtype": experts.dtype, "stages": stages}
+        if queues is not None:
+            now = await queues()
+            for name, depth in now.pop("stages").items():
+                stages[name].update(depth)
+            out["queue"] = now
+        return out
 
     @app.post("/v1/generate", responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}})
     async def generate_video(req: GenerateRequest) -> Response:
         start = time.perf_counter()
+
+        def answer(outcome: str, response: Response | None, stages: dict | None = None, note: str = ""):
+            count(outcome, time.perf_counter() - start)
+            return _logged(response, req, params, start, stages, note)
+
+        params = None
         try:
             params = resolve(req, cfg, kind, served_split(cfg))
         except RequestError as e:
-            return _logged(JSONResponse({"detail": str(e)}, status_code=422), req, None, start)
+            return answer("invalid", JSONResponse({"detail": str(e)}, status_code=422))
         try:
-            data = await generate(params, req.output, None)
+            out = await generate(params, req.output, None)
+        except asyncio.CancelledError:  # the client went away: the stages drop or stop the request
+            answer("cancelled", None, note="cancelled: the client disconnected")
+            raise
         except Exception as e:  # a failed generation answers this request only; the server keeps serving
+            e = cause(e)
+            if isinstance(e, Busy):
+                return answer("busy", JSONResponse({"detail": str(e)}, status_code=503,
+                                                   headers={"Retry-After": str(e.retry_after)}))
+            if isinstance(e, Cancelled):
+                return answer("cancelled", JSONResponse({"detail": str(e)}, status_code=503))
             logger.exception("generation failed")
-            return _logged(JSONResponse({"detail": f"generation failed: {type(e).__name__}: {e}"}, status_code=500),
-                           req, params, start)
-        return _logged(Response(data, media_type=MEDIA_TYPES[req.output]), req, params, start)
+            return answer("failed", JSONResponse({"detail": f"generation failed: {type(e).__name__}: {e}"},
+                                                 status_code=500))
+        return answer("ok", Response(out.data, media_type=MEDIA_TYPES[req.output]), out.seconds)
 
     return app

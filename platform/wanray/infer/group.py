@@ -22,7 +22,7 @@ import torch
 
 from wanray.devices import accelerator
 from wanray.errors import ConfigError
-from wanray.infer.sampler import DenoiseState, ExpertStage, GenerationParams, StageSpec, TextEmbeddings
+from wanray.infer.sampler import Cancelled, DenoiseState, ExpertStage, GenerationParams, StageSpec, TextEmbeddings
 
 RANKS_TIMEOUT_S = 600.0
 """How long a batch actor waits for its other ranks to be placed and load their experts."""
@@ -91,12 +91,24 @@ class GroupExpert:
     def __init__(self, group: RankGroup, name: str):
         self.group, self.name = group, name
 
+    @property
+    def should_stop(self):
+        return self.group.stages[self.name].should_stop
+
+    @should_stop.setter
+    def should_stop(self, stop) -> None:  # rank 0 decides; every rank stops at the same step (ExpertStage._stopping)
+        self.group.stages[self.name].should_stop = stop
+
     def denoise(self, params: GenerationParams, text: TextEmbeddings, state: DenoiseState | None = None,
                 condition: torch.Tensor | None = None) -> DenoiseState:
         import ray
 
         others = [r.denoise.remote(self.name, params, text, state, condition) for r in self.group.ranks]
-        out = self.group.stages[self.name].denoise(params, text, state, condition)
+        try:
+            out = self.group.stages[self.name].denoise(params, text, state, condition)
+        except Cancelled:  # the other ranks stopped at the same step: their Cancelled is this one's
+            ray.wait(others, num_returns=len(others))
+            raise
         ray.get(others)
         return out
 

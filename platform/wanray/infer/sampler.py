@@ -29,6 +29,10 @@ from wanray.schema import pad_text_embedding
 from wanray.wan import EXPERTS, VAE_DTYPE, WanContract, clean_frame_mask, first_frame_mask, token_timesteps
 
 
+class Cancelled(Exception):
+    """The request was cancelled (its client went away) while an expert stage ran it: it stopped at a step."""
+
+
 def image_from_base64(data: str, name: str = "image"):
     """A base64-encoded image file (GenerationParams.image) as an RGB PIL image; RequestError, naming the
     field `name`, if it is none."""
@@ -274,6 +278,21 @@ class ExpertStage:
         if (ranks := spec.devices[expert]) > 1:  # one rank of a group (wanray.infer.group)
             context_parallel.enable(self.expert, ranks, 1, context_parallel.mesh(self.device, ranks, 1), self.device)
         self.scheduler = models.load_scheduler(spec.model_dir, spec.flow_shift)
+        self.ranks = spec.devices[expert]
+        self.should_stop = lambda: False
+        """Asked before every denoising step (Serve's stage sets it per request): True stops the request."""
+
+    def _stopping(self) -> bool:
+        """should_stop(), agreed by every rank of a group: one all-reduce of a flag per step (the other ranks'
+        collectives would wait forever for a rank that stopped alone); a host sync, tiny beside a step."""
+        stop = self.should_stop()
+        if self.ranks == 1:
+            return stop
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(stop)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def initial_state(self, params: GenerationParams, condition: torch.Tensor | None = None) -> DenoiseState:
         """Seeded noise and a fresh scheduler, exactly as WanPipeline.prepare_latents / set_timesteps
@@ -313,6 +332,8 @@ class ExpertStage:
         latents, scheduler = state.latents, state.scheduler
         mask = frame_mask(state, self.contract)
         for i in range(state.step, stop):
+            if self._stopping():
+                raise Cancelled(f"cancelled before step {i + 1} of {len(scheduler.timesteps)}")
             t = scheduler.timesteps[i]
             if mask is not None:  # TI2V: per-token timesteps, the given image's frame clean at 0
                 latent_input = latents if state.condition is None else (1 - mask) * state.condition + mask * latents

@@ -19,17 +19,23 @@ so while request 1 is in the low-noise stage request 2 already runs in the high-
 from __future__ import annotations
 
 import asyncio
-import functools
+import math
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
 from ray import serve
 
 from wanray.config import Config, Resources
-from wanray.infer.api import Generate, OnStage, OutputFormat, build_api, serving_token, token_matches
+from wanray.infer.api import (Busy, Generate, Generated, OnStage, OutputFormat, build_api, serving_token,
+                              token_matches)
 from wanray.infer.group import ExpertGroup
-from wanray.infer.sampler import ExpertStage, GenerationParams, PromptEncoder, StageSpec, VideoDecoder
+from wanray.infer.browse import absolute_roots
+from wanray.infer.sampler import Cancelled, DenoiseState, ExpertStage, GenerationParams, PromptEncoder, StageSpec, VideoDecoder
 from wanray.infer.video import mp4_bytes, npy_bytes
 
 APP_NAME = "wanray"
@@ -37,9 +43,11 @@ UI_PATH = "/ui"
 # Stages of a request as the UI's progress bar shows them: (fraction done after it, what finished).
 PROGRESS = ((0.05, "prompt encoded"), (0.55, "high-noise expert done"), (0.9, "low-noise expert done"))
 ONE_TRANSFORMER = ((0.05, "prompt encoded"), (0.9, "transformer done"))
-STAGE_QUEUE = 32  # requests a stage replica holds (one running, the rest waiting); more wait in Serve's router
-BuildUI = Callable[[Generate, Config, str], object]
-"""(generate, config, model directory) -> a gradio.Blocks page, e.g. ui/app.py's build_ui."""
+SECONDS_BUCKETS = [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000]
+"""Latency histogram bounds, seconds: a tiny model's request to a 720P A14B one."""
+BuildUI = Callable[[Generate, Config, str, Callable], object]
+"""(generate, config, model directory, preview) -> a gradio.Blocks page, e.g. ui/app.py's build_ui; preview
+decodes a stored clip latent (the Data page) on the VAE stage."""
 
 
 class VideoStage(VideoDecoder):
@@ -50,22 +58,112 @@ class VideoStage(VideoDecoder):
         return mp4_bytes(frames, fps) if output == "mp4" else npy_bytes(frames)
 
 
+@dataclass
+class Timed:
+    """A stage's result on its way to the next stage, with the seconds each stage so far ran the request."""
+
+    value: object
+    seconds: dict[str, float]
+
+
 class QueuedStage:
     """The deployment around one sampler stage: calls run one at a time, in arrival order, on one thread.
 
     The queue lives here, in the replica, rather than in Serve's router: a router whose replicas
     are all busy polls them again with a back-off of up to 0.5 s, during which the device would
     idle. Queued here, the next request starts the moment one ends, its inputs already fetched.
+    A call that waited longer than infer.queue_timeout_s is dropped (Busy) when its turn comes; a
+    cancelled call (its client went away) is dropped if still queued, else stopped at its next step.
     """
 
-    def __init__(self, stage_cls: type, *args):
-        self.stage = stage_cls(*args)
-        self.runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix=stage_cls.__name__)
+    def __init__(self, name: str, timeout_s: float, stage_cls, *args):
+        from ray.serve.metrics import Gauge, Histogram
 
-    async def run(self, method: str, *args):
-        """`stage.method(*args)`, e.g. run("denoise", params, text), after the calls before it."""
-        call = functools.partial(getattr(self.stage, method), *args)
-        return await asyncio.get_running_loop().run_in_executor(self.runner, call)
+        self.name, self.timeout_s = name, timeout_s
+        self.stage = stage_cls(*args)
+        self.runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.lock = threading.Lock()
+        self.waiting, self.running = 0, 0
+        self.depth_gauge = Gauge("wanray_stage_queue_depth", "Requests waiting in a stage replica's queue",
+                                 tag_keys=("stage",))
+        self.depth_gauge.set_default_tags({"stage": name})
+        self.seconds = Histogram("wanray_stage_seconds", "Seconds a stage replica ran a request",
+                                 boundaries=SECONDS_BUCKETS, tag_keys=("stage",))
+        self.seconds.set_default_tags({"stage": name})
+        self.depth_gauge.set(0)
+
+    def _count(self, waiting: int = 0, running: int = 0) -> None:
+        with self.lock:
+            self.waiting += waiting
+            self.running += running
+            self.depth_gauge.set(self.waiting)
+
+    async def depth(self) -> dict:
+        """This replica's queue: requests waiting, and running (0 or 1)."""
+        return {"waiting": self.waiting, "running": self.running}
+
+    async def run(self, method: str, *args) -> Timed:
+        """`stage.method(*args)`, e.g. run("denoise", params, text), after the calls before it; a Timed
+        argument (an earlier stage's result) is passed as its value."""
+        seconds = {k: v for a in args if isinstance(a, Timed) for k, v in a.seconds.items()}
+        values = [a.value if isinstance(a, Timed) else a for a in args]
+        stop, queued = threading.Event(), time.monotonic()
+
+        def work():
+            self._count(waiting=-1, running=1)
+            try:
+                if stop.is_set():
+                    raise Cancelled("cancelled while queued")
+                self.stage.should_stop = stop.is_set  # an expert stage asks it before every step
+                start = time.monotonic()
+                result = getattr(self.stage, method)(*values)
+                ran = time.monotonic() - start
+                self.seconds.observe(ran)
+                return Timed(result, {**seconds, self.name: round(ran, 3)})
+            finally:
+                self._count(running=-1)
+
+        self._count(waiting=1)
+        call = self.runner.submit(work)
+        result = asyncio.wrap_future(call)
+        try:
+            done, _ = await asyncio.wait({result}, timeout=self.timeout_s)
+            if not done and call.cancel():  # still queued after infer.queue_timeout_s: it never runs
+                self._count(waiting=-1)
+                raise Busy(f"waited {time.monotonic() - queued:.0f} s in the {self.name} queue (infer.queue_timeout_s "
+                           f"{self.timeout_s:g}): try again later", retry_after=max(1, round(self.timeout_s / 10)))
+            return await result  # running by now: it finishes
+        except asyncio.CancelledError:  # Serve cancels the call when the request's client disconnects
+            stop.set()
+            if call.cancel():  # still queued: it never runs
+                self._count(waiting=-1)
+            raise
+
+
+class Admission:
+    """The ingress's bound on requests in the pipeline: infer.max_queued + 1. A request's call reaches a
+    stage when its inputs exist, so all of them may wait at one stage (the first, in a burst) beside the
+    one it runs: no stage's queue is longer than infer.max_queued."""
+
+    def __init__(self, max_queued: int):
+        self.capacity, self.admitted = max_queued + 1, 0
+        self.request_seconds: list[float] = []
+
+    def enter(self) -> None:
+        if self.admitted >= self.capacity:
+            raise Busy(f"{self.admitted} requests are in the pipeline, its capacity (infer.max_queued + 1): "
+                       "try again later", self.retry_after())
+        self.admitted += 1
+
+    def leave(self, seconds: dict[str, float] | None = None) -> None:
+        self.admitted -= 1
+        if seconds:  # the slowest stage sets the pace at which places free up
+            self.request_seconds = (self.request_seconds + [max(seconds.values())])[-16:]
+
+    def retry_after(self) -> int:
+        """Seconds until a place is likely free: the recent pace of the slowest stage (1 before any request)."""
+        recent = self.request_seconds
+        return max(1, math.ceil(sum(recent) / len(recent))) if recent else 1
 
 
 @serve.deployment(max_ongoing_requests=64)
@@ -74,25 +172,65 @@ class Ingress:
     """HTTP entry point: validates requests, moves each through the four stages, serves the UI."""
 
     def __init__(self, text_encoder, high, low, vae, cfg: Config, model_dir: str, ui: BuildUI | None, token: str = ""):
+        from ray.serve.metrics import Counter, Histogram
+
         self.text_encoder, self.high, self.low, self.vae = text_encoder, high, low, vae
         self.cfg, self.model_dir, self.ui, self.token = cfg, model_dir, ui, token
+        self.stages = {"text": text_encoder, "high": high, "low": low, "vae": vae}
+        self.stages = {k: v for k, v in self.stages.items() if v is not None}
+        self.admission = Admission(cfg.infer.max_queued)
+        self.requests = Counter("wanray_requests_total", "/v1/generate requests by outcome", tag_keys=("outcome",))
+        self.latency = Histogram("wanray_request_seconds", "Seconds from request to response, by outcome",
+                                 boundaries=SECONDS_BUCKETS, tag_keys=("outcome",))
 
-    async def generate(self, params: GenerationParams, output: OutputFormat, on_stage: OnStage | None) -> bytes:
-        text = self.text_encoder.run.remote("encode", params)
-        # image to video: the VAE stage encodes the first image while the text encoder runs
-        condition = None if params.image is None else self.vae.run.remote("condition", params)
-        high = self.high.run.remote("denoise", params, text, None, condition)
-        low = high if self.low is None else self.low.run.remote("denoise", params, text, high)
-        video = self.vae.run.remote("render", low, output, self.cfg.data.fps)
-        if on_stage is not None:  # the UI's progress: wait on each stage (this fetches its result here)
-            stages = zip(PROGRESS, (text, high, low)) if self.low is not None else zip(ONE_TRANSFORMER, (text, high))
-            for (fraction, what), response in stages:
-                await response
-                on_stage(fraction, what)
-        return await video
+    def count(self, outcome: str, seconds: float) -> None:
+        self.requests.inc(tags={"outcome": outcome})
+        self.latency.observe(seconds, tags={"outcome": outcome})
+
+    async def queues(self) -> dict:
+        async def depth(handle):
+            try:
+                return await asyncio.wait_for(handle.depth.remote(), timeout=5)
+            except Exception as e:  # noqa: BLE001 - a stage that cannot answer is reported, not raised
+                return {"error": f"{type(e).__name__}"}
+
+        depths = await asyncio.gather(*(depth(h) for h in self.stages.values()))
+        return {"in_pipeline": self.admission.admitted, "capacity": self.admission.capacity,
+                "stages": dict(zip(self.stages, depths))}
+
+    async def generate(self, params: GenerationParams, output: OutputFormat, on_stage: OnStage | None) -> Generated:
+        self.admission.enter()  # Busy (503) when the pipeline is full
+        calls, seconds = [], None
+        try:
+            text = self.text_encoder.run.remote("encode", params)
+            # image to video: the VAE stage encodes the first image while the text encoder runs
+            condition = None if params.image is None else self.vae.run.remote("condition", params)
+            high = self.high.run.remote("denoise", params, text, None, condition)
+            low = high if self.low is None else self.low.run.remote("denoise", params, text, high)
+            video = self.vae.run.remote("render", low, output, self.cfg.data.fps)
+            calls = [c for c in (text, condition, high, low, video) if c is not None]
+            if on_stage is not None:  # the UI's progress: wait on each stage (this fetches its result here)
+                stages = zip(PROGRESS, (text, high, low)) if self.low is not None else zip(ONE_TRANSFORMER, (text, high))
+                for (fraction, what), response in stages:
+                    await response
+                    on_stage(fraction, what)
+            done = await video
+            seconds = done.seconds
+            return Generated(done.value, seconds)
+        except asyncio.CancelledError:  # the client went away (or the UI's Stop): free its places
+            for c in calls:
+                c.cancel()
+            raise
+        finally:
+            self.admission.leave(seconds)
+
+    async def preview(self, latent: torch.Tensor) -> bytes:
+        """A preprocessed clip's stored latent (C, latent frames, h, w), normalised, as the VAE stage's mp4."""
+        state = DenoiseState(latent[None].float(), None, 0)
+        return (await self.vae.run.remote("render", state, "mp4", self.cfg.data.fps)).value
 
     def __serve_build_asgi_app__(self):
-        app = build_api(self.generate, self.cfg, self.model_dir, self.token)
+        app = build_api(self.generate, self.cfg, self.model_dir, self.token, self.queues, self.count)
         if self.ui is None:
             return app
         import gradio as gr
@@ -101,7 +239,7 @@ class Ingress:
         if self.token:  # the page asks for the token as its password (any user name)
             login = dict(auth=lambda _user, password: token_matches(f"Bearer {password}", self.token),
                          auth_message="wanray: enter the server's API token as the password (any user name)")
-        return gr.mount_gradio_app(app, self.ui(self.generate, self.cfg, self.model_dir), path=UI_PATH,
+        return gr.mount_gradio_app(app, self.ui(self.generate, self.cfg, self.model_dir, self.preview), path=UI_PATH,
                                    ssr_mode=False, **login)
 
 
@@ -113,22 +251,29 @@ def build_app(cfg: Config, model_dir: str, ui: BuildUI | None = None):
     `runtime_env={"py_modules": [".../ui"]}`, which the deployments inherit.
     """
     model_dir = str(Path(model_dir).resolve())  # replicas may run elsewhere: never a path relative to here
+    cfg = absolute_roots(cfg)  # the UI's roots likewise
     spec = StageSpec.for_serving(model_dir, cfg)  # a contradicting boundary fails here, not in a replica
+
+    # a stage replica takes every admitted request (Admission) and its health calls: none waits in the router
+    ongoing = cfg.infer.max_queued + 1 + 8
 
     def stage(name: str, resources: Resources, devices: int = 1):
         group = {"placement_group_bundles": [resources.bundle()] * devices} if devices > 1 else {}
-        return serve.deployment(QueuedStage, name=name, max_ongoing_requests=STAGE_QUEUE,
+        return serve.deployment(QueuedStage, name=name, max_ongoing_requests=ongoing,
                                 ray_actor_options=resources.ray_options(), **group)
+
+    def bind(deployment, short: str, *args):
+        return deployment.bind(short, cfg.infer.queue_timeout_s, *args)
 
     def expert(name: str, e: str):  # on several devices: one replica holding a group of ranks
         n = spec.devices[e]
-        return stage(name, getattr(cfg.infer.stages, e), n).bind(ExpertGroup if n > 1 else ExpertStage, spec, e)
+        return bind(stage(name, getattr(cfg.infer.stages, e), n), e, ExpertGroup if n > 1 else ExpertStage, spec, e)
 
     stages = cfg.infer.stages
-    text = stage("text_encoder", stages.text).bind(PromptEncoder, spec)
+    text = bind(stage("text_encoder", stages.text), "text", PromptEncoder, spec)
     high = expert("high_noise_expert", "high")
     low = None if spec.contract.kind.one_transformer else expert("low_noise_expert", "low")
-    vae = stage("vae_decoder", stages.vae).bind(VideoStage, spec)
+    vae = bind(stage("vae_decoder", stages.vae), "vae", VideoStage, spec)
     ingress = Ingress.options(ray_actor_options={"num_cpus": cfg.infer.ingress_cpus})
     return ingress.bind(text, high, low, vae, cfg, str(model_dir), ui, serving_token(cfg))
 

@@ -1,20 +1,23 @@
 """Driver side of training: one Ray Train TorchTrainer per expert.
 
 Each expert's run directory (`--out/<expert>/`) holds Ray Train's checkpoints, metrics.jsonl,
-data_order/ (the clips of every step, per rank) and RUN_FILE: the boundary and timestep range
-the expert trains on, which export writes into the exported model_index.json.
+data_order/ (the clips of every step, per rank), CONFIG_FILE and RUN_FILE: the boundary and timestep
+range the expert trains on, which export writes into the exported model_index.json.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from pathlib import Path
+
+import yaml
 
 from wanray import context_parallel, models
 from wanray.config import Config, attention_backend
 from wanray.data.shards import read_empty_prompt
 from wanray.errors import ConfigError, DataError
-from wanray.io import write_json_atomic
+from wanray.io import write_json_atomic, write_text_atomic
 from wanray.devices import accelerator
 from wanray.train import checkpoint as ckpt
 from wanray.train.data import ClipIndex
@@ -22,6 +25,8 @@ from wanray.train.loop import CONSOLE_FILE, STEP_FILE, LoopSpec, train_loop
 from wanray.wan import EXPERTS, ModelKind, WanContract
 
 RUN_FILE = "wanray_run.json"
+CONFIG_FILE = "config.yaml"
+"""The resolved config of the expert's latest start, beside RUN_FILE (the UI's Runs page shows it)."""
 
 
 def worker_resources(cfg: Config) -> dict:
@@ -47,6 +52,7 @@ def record_run(cfg: Config, expert: str, contract: WanContract, index: ClipIndex
                               f"this run would use {contract.boundary}: use a new --out directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(record, path)
+    write_text_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
 
 def make_trainer(cfg: Config, expert: str, data_dir, run_dir, index: ClipIndex | None = None, validator=None):

@@ -1,0 +1,180 @@
+"""What the UI's Runs and Data pages read: training runs and preprocessed directories under configured roots.
+
+    ui.runs_roots ─► runs: directories whose <expert>/ holds RUN_FILE ─► metrics.jsonl, config.yaml,
+                                                                        validation/validations.jsonl + videos
+    ui.data_roots ─► preprocessed directories (summary.json) ─► summary, rejects.jsonl, a page of clips,
+                                                                 one clip's stored latent (previewed by the VAE)
+
+Every path comes from a browser, so each is resolved (symlinks followed) and must lie inside one of
+the resolved roots; a path outside them, or a file that resolves outside them, is a RequestError.
+Listings look a few directories deep (MAX_DEPTH) and skip checkpoints, so a large root stays cheap.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+from wanray.config import Config
+from wanray.data.shards import shard_paths
+from wanray.errors import RequestError
+from wanray.infer.validation import RECORD_FILE
+from wanray.schema import decode_tensor
+from wanray.train.trainer import CONFIG_FILE, RUN_FILE
+from wanray.wan import EXPERTS
+
+MAX_DEPTH = 3
+"""Directories below a root a run or preprocessed directory may sit at (root/a/b/c)."""
+SUMMARY_FILE, REJECTS_FILE = "summary.json", "rejects.jsonl"
+CLIP_COLUMNS = ["id", "caption", "bucket", "num_frames", "height", "width", "source", "latent_shape"]
+SKIP = ("checkpoint_", "data_order", "tensorboard", "validation", "videos")
+
+
+class Roots:
+    """The directories a page may read under; every path it is given is checked against them."""
+
+    def __init__(self, roots: list[str], setting: str):
+        self.roots = [Path(r).resolve() for r in roots]
+        self.setting = setting
+
+    def check(self, path: str | os.PathLike) -> Path:
+        """`path` resolved; a RequestError when it resolves outside every root (a `..` or a symlink out)."""
+        resolved = Path(path).resolve()
+        if not any(resolved == r or resolved.is_relative_to(r) for r in self.roots):
+            raise RequestError(f"{path} is outside {self.setting} ({', '.join(map(str, self.roots))})")
+        return resolved
+
+    def find(self, is_match) -> list[str]:
+        """Directories under the roots (at most MAX_DEPTH deep, symlinks not followed) that `is_match`."""
+        found = []
+        for root in self.roots:
+            for top, dirs, _ in os.walk(root):
+                here = Path(top)
+                depth = len(here.relative_to(root).parts)
+                if depth and is_match(here):
+                    found.append(str(here))
+                    dirs.clear()
+                elif depth >= MAX_DEPTH:
+                    dirs.clear()
+                else:
+                    dirs[:] = sorted(d for d in dirs if not d.startswith(SKIP))
+        return sorted(found)
+
+
+def _records(path: Path) -> list[dict]:
+    """A .jsonl file's records; a line cut short (the writer is mid-append) is left for the next read."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+@dataclass
+class RunView:
+    """One training run directory (train.py --out): an <expert>/ per trained expert."""
+
+    roots: Roots
+    path: Path
+
+    @classmethod
+    def open(cls, roots: Roots, path: str) -> "RunView":
+        run = roots.check(path)
+        if not any((run / e / RUN_FILE).is_file() for e in EXPERTS):
+            raise RequestError(f"{path} is not a training run (no <expert>/{RUN_FILE})")
+        return cls(roots, run)
+
+    @property
+    def experts(self) -> list[str]:
+        return [e for e in EXPERTS if (self.path / e / RUN_FILE).is_file()]
+
+    def metrics(self) -> list[dict]:
+        """Every logged step of every expert (metrics.jsonl), each with its expert."""
+        return [{**r, "expert": e} for e in self.experts for r in _records(self.path / e / "metrics.jsonl")]
+
+    def config(self) -> str:
+        """Each expert's resolved config (config.yaml), under a heading per expert."""
+        parts = []
+        for e in self.experts:
+            f = self.path / e / CONFIG_FILE
+            text = self.roots.check(f).read_text() if f.is_file() else "(none recorded)\n"
+            parts.append(f"# {e}-noise expert\n{text}")
+        return "\n".join(parts)
+
+    def validations(self) -> list[tuple[str, int, list[tuple[Path, str]]]]:
+        """(expert, step, [(video, prompt), ...]) of every rendered validation, by step then expert."""
+        out = []
+        for e in self.experts:
+            for record in _records(self.path / e / "validation" / RECORD_FILE):
+                videos = [self.roots.check(v) for v in record["videos"]]
+                prompts_file = videos[0].parent / "prompts.json" if videos else None
+                prompts = json.loads(prompts_file.read_text()) if prompts_file and prompts_file.is_file() else []
+                prompts += [""] * (len(videos) - len(prompts))
+                out.append((e, int(record["step"]), list(zip(videos, prompts))))
+        return sorted(out, key=lambda v: (v[1], EXPERTS.index(v[0])))
+
+
+@dataclass
+class DataView:
+    """One preprocessed directory (preprocess.py --out)."""
+
+    roots: Roots
+    path: Path
+
+    @classmethod
+    def open(cls, roots: Roots, path: str) -> "DataView":
+        data = roots.check(path)
+        if not (data / SUMMARY_FILE).is_file():
+            raise RequestError(f"{path} is not a preprocessed directory (no {SUMMARY_FILE})")
+        return cls(roots, data)
+
+    def summary(self) -> dict:
+        return json.loads(self.roots.check(self.path / SUMMARY_FILE).read_text())
+
+    def rejects(self) -> list[dict]:
+        return _records(self.roots.check(self.path / REJECTS_FILE)) if (self.path / REJECTS_FILE).exists() else []
+
+    def _shards(self) -> list[Path]:
+        return [self.roots.check(p) for p in shard_paths(self.path)]
+
+    def clips(self, page: int, per_page: int) -> tuple[list[dict], int]:
+        """Page `page` (from 0) of the clips' metadata, in shard order; and the number of clips."""
+        rows = []
+        for p in self._shards():
+            rows += pq.read_table(p, columns=CLIP_COLUMNS).to_pylist()
+        return rows[page * per_page:(page + 1) * per_page], len(rows)
+
+    def latent(self, clip_id: str) -> torch.Tensor:
+        """The stored (normalised) latent of clip `clip_id`: (C, latent frames, H/8, W/8)."""
+        for p in self._shards():
+            table = pq.read_table(p, columns=["id", "latent", "latent_shape", "latent_dtype"],
+                                  filters=[("id", "=", clip_id)])
+            if table.num_rows:
+                row = table.slice(0, 1).to_pylist()[0]
+                return decode_tensor(row["latent"], row["latent_shape"], row["latent_dtype"])
+        raise RequestError(f"no clip {clip_id!r} in {self.path}")
+
+
+def list_runs(roots: Roots) -> list[str]:
+    return roots.find(lambda d: any((d / e / RUN_FILE).is_file() for e in EXPERTS))
+
+
+def list_datasets(roots: Roots) -> list[str]:
+    return roots.find(lambda d: (d / SUMMARY_FILE).is_file())
+
+
+def absolute_roots(cfg: Config) -> Config:
+    """cfg with ui.runs_roots and ui.data_roots absolute (relative ones: to this process's working directory)."""
+    ui = cfg.ui
+    absolute = lambda roots: [str(Path(r).resolve()) for r in roots]  # noqa: E731
+    return dataclasses.replace(cfg, ui=dataclasses.replace(ui, runs_roots=absolute(ui.runs_roots),
+                                                           data_roots=absolute(ui.data_roots)))

@@ -1,0 +1,144 @@
+"""Serving under real traffic on a real Serve: a bounded pipeline (503 + Retry-After when full, never 500),
+queue timeouts, cancellation of a request whose client hung up, queue depths in /v1/health, Prometheus
+metrics. Loopback only; every client call is bounded in time."""
+import io
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import tiny_config
+from wanray.runtime import free_port
+
+MAX_QUEUED = 5
+CAPACITY = MAX_QUEUED + 1  # requests in the pipeline at most
+BODY = dict(prompt="a red circle moving left to right", height=64, width=48, num_frames=9, num_inference_steps=6,
+            seed=3, output="frames")
+LONG = dict(BODY, num_frames=33, num_inference_steps=1500)  # seconds of high-noise steps on the CPU
+
+
+@pytest.fixture(scope="module")
+def traffic_server(tiny_model, ray_cluster):
+    from ray import serve
+
+    from wanray.infer.serve import APP_NAME, start
+
+    cfg = tiny_config(tiny_model, f"infer.port={free_port()}", f"infer.max_queued={MAX_QUEUED}",
+                      "infer.queue_timeout_s=4", "infer.max_steps=5000")
+    url = start(cfg, str(tiny_model))
+    yield url
+    serve.delete(APP_NAME)
+    serve.shutdown()
+
+
+def _post(url: str, body: dict, timeout: float = 120) -> requests.Response:
+    return requests.post(f"{url}/v1/generate", data=json.dumps(body), headers={"content-type": "application/json"},
+                         timeout=timeout)
+
+
+def _idle(url: str, timeout: float = 60) -> dict:
+    """The health report once no request is in the pipeline."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        health = requests.get(f"{url}/v1/health", timeout=10).json()
+        if health["queue"]["in_pipeline"] == 0 and all(s["running"] == 0 for s in health["stages"].values()):
+            return health
+        time.sleep(0.2)
+    raise AssertionError(f"the pipeline did not drain: {health}")
+
+
+def test_a_burst_at_four_times_capacity_gets_200_or_503_and_health_answers_throughout(traffic_server):
+    url = traffic_server
+    alone = np.load(io.BytesIO(_post(url, BODY).content))
+    health = _idle(url)
+    assert health["queue"]["capacity"] == CAPACITY and set(health["stages"]) == {"text", "high", "low", "vae"}
+    assert all(s["waiting"] == 0 for s in health["stages"].values())
+
+    answers, stop = [], threading.Event()
+
+    def watch():  # /v1/health while the burst is served: every answer 200 within its 5 s timeout
+        while not stop.is_set():
+            r = requests.get(f"{url}/v1/health", timeout=5)
+            answers.append((r.status_code, r.json()["queue"]["in_pipeline"],
+                            max(s["waiting"] for s in r.json()["stages"].values())))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(4 * CAPACITY) as pool:
+            burst = list(pool.map(lambda _: _post(url, BODY, timeout=120), range(4 * CAPACITY)))
+    finally:
+        stop.set()
+        watcher.join(timeout=30)
+    statuses = [r.status_code for r in burst]
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= CAPACITY and 503 in statuses, statuses
+    for r in burst:
+        if r.status_code == 503:
+            assert int(r.headers["Retry-After"]) >= 1 and "try again later" in r.json()["detail"]
+        else:  # served under load: the frames of the same request served alone
+            assert np.array_equal(np.load(io.BytesIO(r.content)), alone)
+    assert answers and all(status == 200 for status, _, _ in answers)
+    assert max(n for _, n, _ in answers) <= CAPACITY and max(w for _, _, w in answers) <= MAX_QUEUED
+    _idle(url)
+
+
+def test_a_request_waiting_past_the_queue_timeout_is_dropped_with_503(traffic_server):
+    url = traffic_server
+    with ThreadPoolExecutor(2) as pool:
+        long = pool.submit(_post, url, LONG)
+        time.sleep(1.0)  # the long one holds the low-noise stage well past infer.queue_timeout_s (4 s)
+        start = time.monotonic()
+        late = _post(url, BODY)
+        waited = time.monotonic() - start
+        assert late.status_code == 503 and "infer.queue_timeout_s" in late.json()["detail"], late.text
+        assert waited < 4 + 3.0 and not long.done()  # dropped at its timeout, not when its turn came
+        assert int(late.headers["Retry-After"]) >= 1
+        assert long.result().status_code == 200
+    _idle(url)
+
+
+def test_a_client_that_hangs_up_frees_the_stage_at_the_next_step(traffic_server):
+    """A long request is cancelled when its client disconnects: the high-noise stage stops at its next
+    step, so a request sent then is served in about its own time, not after the long one's."""
+    url = traffic_server
+    start = time.monotonic()
+    assert _post(url, BODY).status_code == 200
+    alone = time.monotonic() - start
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        _post(url, LONG, timeout=2.0)  # the client gives up (and closes its connection) 2 s in
+    start = time.monotonic()
+    after = _post(url, BODY)
+    waited = time.monotonic() - start
+    assert after.status_code == 200
+    # 1,500 steps of 33 frames take far longer than this: the stage did not finish the long request first
+    assert waited < alone + 3.0, (waited, alone)
+    _idle(url)
+
+
+def test_prometheus_metrics_count_outcomes_and_time_stages(traffic_server, ray_cluster):
+    """Ray Serve's metrics exporter on the node's metrics port: requests by outcome, stage latency
+    histograms, queue depth gauges (all scraped from http://<node>:<metrics_export_port>/metrics)."""
+    import ray
+
+    url = traffic_server
+    assert _post(url, BODY).status_code == 200
+    assert _post(url, dict(BODY, num_frames=6)).status_code == 422
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:  # the exporter publishes every few seconds
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if 'outcome="invalid"' in text and "wanray_stage_seconds_bucket" in text:
+            break
+        time.sleep(2)
+    lines = [line for line in text.splitlines() if line.startswith("ray_wanray_")]
+    assert any(line.startswith("ray_wanray_requests_total{") and 'outcome="ok"' in line for line in lines), lines
+    assert any('outcome="invalid"' in line for line in lines)
+    for stage in ("text", "high", "low", "vae"):
+        assert any(line.startswith("ray_wanray_stage_seconds_count{") and f'stage="{stage}"' in line
+                   for line in lines), stage
+        assert any(line.startswith("ray_wanray_stage_queue_depth{") and f'stage="{stage}"' in line for line in lines)

@@ -1,0 +1,155 @@
+"""The UI's Runs and Data pages (tabs beside Generate): training runs and preprocessed data under the
+configured roots (ui.runs_roots, ui.data_roots), read through wanray.infer.browse.
+
+A page can be opened on one run or directory by its address: /ui/?run=<path> or /ui/?data=<path>.
+Files are copied into this process's own temporary directory before Gradio serves them, so Gradio
+never serves a path from the roots itself (the roots check is the only gate).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import gradio as gr
+import pandas as pd
+import torch
+
+from wanray.config import Config
+from wanray.errors import RequestError
+from wanray.infer.browse import DataView, Roots, RunView, list_datasets, list_runs
+from wanray.wan import ModelKind
+
+CURVES = (("loss", "Loss"), ("grad_norm", "Gradient norm"), ("lr", "Learning rate"), ("samples_per_s", "Samples/s"))
+REFRESH_S = 10.0  # the Runs page reads the run again this often, while the run is going
+CLIPS_PER_PAGE = 20
+MAX_COLUMNS = 6  # validation steps side by side; more wrap onto the next row
+Preview = Callable[[torch.Tensor], Awaitable[bytes]]
+"""A stored latent (C, latent frames, h, w) -> the mp4 the VAE stage decodes from it."""
+_SERVED = Path(tempfile.mkdtemp(prefix="wanray-ui-files-"))
+
+
+def _served_copy(path: Path, suffix: str = "") -> str:
+    """A copy of `path` (already checked against the roots) in this process's temporary directory."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}:{stat.st_mtime_ns}:{stat.st_size}".encode()).hexdigest()[:16]
+    copy = _SERVED / f"{key}{suffix or path.suffix}"
+    if not copy.exists():
+        shutil.copyfile(path, copy)
+    return str(copy)
+
+
+def _shown(fn):
+    """`fn` (sync or async) with a RequestError (a path outside the roots, a missing clip) as the page's
+    one-line error, not a server traceback."""
+    if inspect.iscoroutinefunction(fn):
+        async def call(*args):
+            try:
+                return await fn(*args)
+            except RequestError as e:
+                raise gr.Error(str(e), print_exception=False) from None
+    else:
+        def call(*args):
+            try:
+                return fn(*args)
+            except RequestError as e:
+                raise gr.Error(str(e), print_exception=False) from None
+    return functools.wraps(fn)(call)
+
+
+def runs_page(cfg: Config) -> gr.Dropdown:
+    """The Runs tab; returns its run picker (the address's ?run= sets it)."""
+    roots = Roots(cfg.ui.runs_roots, "ui.runs_roots")
+    with gr.Tab("Runs", id="runs"):
+        with gr.Row():
+            run = gr.Dropdown(list_runs(roots), value=None, label="Run", allow_custom_value=True, scale=4)
+            rescan = gr.Button("Rescan roots", scale=1)
+        plots = []
+        for pair in (CURVES[:2], CURVES[2:]):
+            with gr.Row():
+                plots += [gr.LinePlot(x="step", y=key, color="expert", title=title, height=260) for key, title in pair]
+        gallery = gr.Gallery(label="Validation videos: a row per expert and prompt, its steps side by side (the same "
+                                   "prompts and seed at every step)", columns=2, height=360, object_fit="contain")
+        config = gr.Code(label="Config used (config.yaml of each expert)", language="yaml")
+
+    @_shown
+    def show(path):
+        if not path:
+            return [pd.DataFrame(columns=["step", k, "expert"]) for k, _ in CURVES] + [[], ""]
+        view = RunView.open(roots, path)
+        metrics = pd.DataFrame(view.metrics())
+        curves = [metrics[["step", k, "expert"]].dropna() if k in metrics else
+                  pd.DataFrame(columns=["step", k, "expert"]) for k, _ in CURVES]
+        validations = view.validations()  # a row per expert and prompt, its steps side by side
+        cells = sorted(((expert, i, step), video, prompt) for expert, step, videos in validations
+                       for i, (video, prompt) in enumerate(videos))
+        items = [(_served_copy(video), f"step {step} · {expert} · {prompt[:60]}") for (expert, _, step), video, prompt
+                 in cells]
+        steps = len({step for _, step, _ in validations})
+        return curves + [gr.Gallery(value=items, columns=max(1, min(steps, MAX_COLUMNS))), view.config()]
+
+    outputs = plots + [gallery, config]
+    run.change(show, run, outputs, api_name="show_run")
+    gr.Timer(REFRESH_S).tick(show, run, outputs, api_name=False, show_progress="hidden")
+    rescan.click(lambda: gr.Dropdown(choices=list_runs(roots)), None, run, api_name="rescan_runs")
+    return run
+
+
+def data_page(cfg: Config, kind: ModelKind, preview: Preview | None) -> gr.Dropdown:
+    """The Data tab; returns its directory picker (the address's ?data= sets it)."""
+    roots = Roots(cfg.ui.data_roots, "ui.data_roots")
+    with gr.Tab("Data", id="data"):
+        with gr.Row():
+            data = gr.Dropdown(list_datasets(roots), value=None, label="Preprocessed directory",
+                               allow_custom_value=True, scale=4)
+            rescan = gr.Button("Rescan roots", scale=1)
+        summary = gr.Markdown()
+        rejects = gr.Dataframe(label="Rejects", headers=["input", "reason", "detail"], interactive=False)
+        with gr.Row():
+            page = gr.Number(0, precision=0, minimum=0, label=f"Page ({CLIPS_PER_PAGE} clips each)")
+            clip = gr.Dropdown([], label="Clip to preview (its id)", allow_custom_value=True, scale=3)
+            show_clip = gr.Button("Decode its latent with the VAE", variant="primary")
+        clips = gr.Dataframe(label="Clips", interactive=False)
+        video = gr.Video(label="Preview (decoded from the stored latent)", autoplay=True)
+
+    @_shown
+    def show(path, number):
+        if not path:
+            return "", None, None, gr.Dropdown(choices=[])
+        view = DataView.open(roots, path)
+        s = view.summary()
+        rows, total = view.clips(int(number or 0), CLIPS_PER_PAGE)
+        reasons = ", ".join(f"{r}: {n}" for r, n in s.get("rejects_by_reason", {}).items()) or "none"
+        buckets = ", ".join(f"{b}: {n}" for b, n in s.get("clips_by_bucket", {}).items())
+        text = (f"**{s.get('rows_in_output', total)} clips** from {s.get('clips_in_manifest', '?')} in the manifest "
+                f"(`{s.get('manifest', '?')}`); rejected: {reasons}.  \nBuckets: {buckets}.  \n"
+                f"Throughput of the last run: {s.get('clips_per_second', 0):.2f} clips/s, "
+                f"{s.get('frames_per_second', 0):.1f} frames/s over {s.get('seconds', 0):.1f} s.")
+        table = pd.DataFrame([{**r, "latent_shape": "x".join(map(str, r["latent_shape"]))} for r in rows])
+        ids = [r["id"] for r in rows]
+        return text, pd.DataFrame(view.rejects(), columns=["input", "reason", "detail"]), table, \
+            gr.Dropdown(choices=ids, value=ids[0] if ids else None)
+
+    @_shown
+    async def decode(path, clip_id):
+        if preview is None:
+            raise RequestError("previews need the served VAE stage")
+        if not (path and clip_id):
+            raise RequestError("pick a preprocessed directory and a clip")
+        latent = DataView.open(roots, path).latent(clip_id)
+        if latent.shape[0] != kind.latent_channels:
+            raise RequestError(f"clip {clip_id} has {latent.shape[0]}-channel latents; the served {kind.title} "
+                               f"VAE takes {kind.latent_channels}")
+        out = _SERVED / f"preview-{hashlib.sha256(f'{path}:{clip_id}'.encode()).hexdigest()[:16]}.mp4"
+        out.write_bytes(await preview(latent))
+        return str(out)
+
+    data.change(show, [data, page], [summary, rejects, clips, clip], api_name="show_data")
+    page.change(show, [data, page], [summary, rejects, clips, clip], api_name=False)
+    show_clip.click(decode, [data, clip], video, api_name="preview")
+    rescan.click(lambda: gr.Dropdown(choices=list_datasets(roots)), None, data, api_name="rescan_data")
+    return data

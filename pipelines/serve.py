@@ -72,6 +72,29 @@ def main(args):
         ray.shutdown()
 
 
+APP_ARGS = ("config", "set", "ui")
+
+
+def app(args: dict):
+    """The application for a RayService's serveConfigV2 (deploy/kuberay/rayservice.yaml): `import_path:
+    pipelines.serve:app` with args `config` (a path, relative to this checkout), `set` (key=value
+    overrides) and `ui` (default true). Serve calls it in the cluster; the API token comes from
+    WANRAY_API_TOKEN there (or infer.api_token)."""
+    from wanray.errors import ConfigError
+    from wanray.infer.serve import build_app
+
+    if unknown := sorted(set(args) - set(APP_ARGS)):
+        raise ConfigError(f"unknown application args {unknown}; pipelines.serve:app takes {list(APP_ARGS)}")
+    if "config" not in args:
+        raise ConfigError("pipelines.serve:app needs args.config (a config file, e.g. configs/t2v_a14b.yaml)")
+    cfg = load_config(ROOT / args["config"], [str(s) for s in args.get("set", [])])
+    ui = None
+    if args.get("ui", True):
+        sys.path.insert(0, str(ROOT))
+        from ui.app import build_ui as ui
+    return build_app(cfg, str(ensure_model(cfg.model)), ui)
+
+
 if __name__ == "__main__":
     with fail(sys.argv[0]):
         main(get_args())

@@ -192,6 +192,16 @@ class PreprocessConfig:
 
 
 @dataclass
+class StageReplicas:
+    """A count per Serve stage."""
+
+    text: int = 1
+    high: int = 1
+    low: int = 1
+    vae: int = 1
+
+
+@dataclass
 class StageResources:
     """The four Serve deployments of a served model, each its own process and device."""
 
@@ -214,9 +224,14 @@ class InferConfig:
     group of infer.stages.high each) and runs the expert with Ulysses context parallelism over them."""
     low_devices: int = 1
     """Likewise for the low-noise expert stage."""
+    replicas: StageReplicas = field(default_factory=StageReplicas)
+    """Replicas of each Serve stage, each on its own device(s): 2 everywhere serves two pipelined model copies;
+    Serve's router spreads the calls over a stage's replicas."""
+    max_replicas: StageReplicas = field(default_factory=lambda: StageReplicas(0, 0, 0, 0))
+    """Above a stage's replicas: Ray Serve autoscales it between the two on its ongoing requests; 0 keeps it fixed."""
     max_queued: int = 8
-    """The Serve application holds max_queued + 1 requests at most (each stage runs one at a time, and a burst
-    may wait at one stage); one more gets 503 with Retry-After at once, so no stage's queue is longer."""
+    """The Serve application holds (max_queued + 1) x the fewest replicas of a stage requests at most (a stage
+    replica runs one at a time, and a burst may wait at one stage); one more gets 503 with Retry-After at once."""
     queue_timeout_s: float = 600.0
     """A request that has waited this long in a stage's queue is dropped with 503 before the stage runs it."""
     batch: Resources = field(default_factory=Resources)
@@ -420,6 +435,11 @@ class Config:
         if d.bucket_budget < 0:
             raise ConfigError(f"data.bucket_budget must be a token count >= 0, got {d.bucket_budget}")
         BucketSet.from_config(d)  # a bucket list or budget that cannot work is a one-line error here
+        for stage, n in vars(self.infer.replicas).items():
+            top = getattr(self.infer.max_replicas, stage)
+            if n < 1 or (top and top < n):
+                raise ConfigError(f"infer.replicas.{stage} must be >= 1 and infer.max_replicas.{stage} 0 or >= it, "
+                                  f"got {n} and {top}")
         if self.infer.max_queued < 0 or self.infer.queue_timeout_s <= 0:
             raise ConfigError(f"infer.max_queued must be >= 0 and infer.queue_timeout_s > 0, got "
                               f"{self.infer.max_queued}, {self.infer.queue_timeout_s}")

@@ -216,7 +216,8 @@ def build_api(generate: Generate, cfg: Config, model_dir: str, token: str = "", 
     @app.get("/v1/health")
     async def health() -> dict:
         stages = {name: {"device": res.device, "dtype": res.dtype,
-                         "devices": getattr(cfg.infer, f"{name}_devices", 1)}
+                         "devices": getattr(cfg.infer, f"{name}_devices", 1),
+                         "replicas": getattr(cfg.infer.replicas, name)}
                   for name, res in vars(cfg.infer.stages).items() if name != "low" or not kind.one_transformer}
         experts = cfg.infer.stages.high  # device and dtype at the top: the high-noise expert's
         out = {"status": "ok", "model": model_dir, "kind": kind.name, "image": kind.image, "device": experts.device,

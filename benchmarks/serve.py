@@ -7,6 +7,10 @@ each ratio are timed in turns, so that other load on the machine hits both alike
  (a) single-request latency through Serve (HTTP -> ingress -> 4 stage replicas -> mp4) over the
      same sampler in this process (encode, both experts, decode, mp4), both at 1 torch thread
  (b) throughput of --requests concurrent requests over the same requests sent one after another
+ (c) throughput of --requests concurrent requests with 2 replicas of every stage (1 torch thread each)
+     over 1 replica of every stage (2 torch threads each): the same CPU budget, redeployed in turns
+ (d) one request in-process with classifier-free guidance as one batch-2 forward (infer.batched_guidance)
+     over two forwards, and the largest difference of their frames
 
 The model is the tiny checkpoint with its two experts widened (dim 384, 8 layers), so that,
 as in the real Wan2.2, the denoising stages dominate a request and not the VAE. Overlap can
@@ -129,7 +133,7 @@ def measure(cfg, model: Path, params: GenerationParams, args) -> dict:
     started = time.perf_counter()
     # Ray runs workers at niceness 15; the in-process baseline runs at 0. Same priority for both.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    connect_ray(num_cpus=2, include_dashboard=False)
+    connect_ray(num_cpus=4, include_dashboard=False)  # logical: 2 replicas of 4 stages fit; the cores are the same
     url = start(cfg, str(model))
     out["startup"] = time.perf_counter() - started
     body = {"prompt": params.prompt, "negative_prompt": params.negative_prompt, "height": params.height,
@@ -147,9 +151,47 @@ def measure(cfg, model: Path, params: GenerationParams, args) -> dict:
         out["sequential"], out["concurrent"] = interleaved(lambda: [one(s) for s in seeds],
                                                            lambda: list(pool.map(one, seeds)), 2, warm_up=False)
     out["foreign_cpus"] = foreign.cpus
+    out["one_replica"], out["two_replicas"] = replica_throughput(cfg, model, body, seeds, url)
     serve.shutdown()
     ray.shutdown()
+    batched = Sampler(StageSpec.for_serving(model, load_config(ROOT / "configs" / "tiny.yaml", [
+        f"model.path={model}", f"infer.flow_shift={cfg.infer.flow_shift}", "infer.batched_guidance=true"])))
+    frames = {}
+
+    def run(name, s):
+        frames[name] = s(params)
+
+    out["two_forwards"], out["batched"] = interleaved(lambda: run("two", sampler), lambda: run("batched", batched),
+                                                      args.repeats)
+    out["batched_difference"] = float(abs(frames["two"] - frames["batched"]).max())
     return out
+
+
+def replica_throughput(cfg, model: Path, body: dict, seeds: list[int], url: str, rounds: int = 2) -> tuple:
+    """Median seconds of len(seeds) concurrent requests with 1 replica per stage at 2 torch threads, and
+    with 2 replicas per stage at 1 thread; each deployed in turn (deployment time not counted)."""
+    from ray import serve
+
+    from wanray.infer.serve import APP_NAME, build_app
+
+    layouts = [["infer.torch_threads=2"], [f"infer.replicas.{s}=2" for s in ("text", "high", "low", "vae")]]
+    times: tuple[list, list] = ([], [])
+    for _ in range(rounds):
+        for layout, out in zip(layouts, times):
+            sets = [f"model.path={model}", f"infer.flow_shift={cfg.infer.flow_shift}", "infer.torch_threads=1",
+                    f"infer.num_inference_steps={cfg.infer.num_inference_steps}", *layout]
+            serve.run(build_app(load_config(ROOT / "configs" / "tiny.yaml", sets), str(model)), name=APP_NAME,
+                      route_prefix="/")
+
+            def one(seed):
+                requests.post(f"{url}/v1/generate", json={**body, "seed": seed}, timeout=600).raise_for_status()
+
+            one(0)  # warm-up: every replica loaded
+            with concurrent.futures.ThreadPoolExecutor(len(seeds)) as pool:
+                start = time.perf_counter()
+                list(pool.map(one, seeds))
+                out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def main(args):
@@ -175,6 +217,10 @@ def main(args):
     print(f"(b) {n} requests: one after another {m['sequential']:.2f} s, concurrent {m['concurrent']:.2f} s "
           f"-> throughput {m['sequential'] / m['concurrent']:.2f}x "
           f"(target >= 1.5x; perfect overlap of these stages would give {overlap_bound(stages, n):.2f}x)")
+    print(f"(c) {n} concurrent requests, same CPU budget: 1 replica per stage (2 threads) {m['one_replica']:.2f} s, "
+          f"2 replicas per stage (1 thread) {m['two_replicas']:.2f} s -> {m['one_replica'] / m['two_replicas']:.2f}x")
+    print(f"(d) batched guidance: two forwards {m['two_forwards']:.3f} s, one batch-2 forward {m['batched']:.3f} s "
+          f"-> {m['two_forwards'] / m['batched']:.2f}x; frames differ by at most {m['batched_difference']:.1e}")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,8 @@ def test_offload_decides_whether_a_batch_actor_fits_and_serving_plans_the_larges
     assert set(serve.devices()) == {"text", "high", "low", "vae"}
     split = plan_inference(preset(a14b, "infer.high_devices=4"), a14b, "serve").stages["high"]
     assert split.devices == 4 and split.total_bytes == split.weight_bytes + serve.stages["high"].working_bytes // 4
+    batched = plan_inference(preset(a14b, "infer.batched_guidance=true"), a14b, "batch").stages["high"]
+    assert 1.5 * offload.stages["high"].working_bytes < batched.working_bytes  # cond and uncond at once
     batch = plan_inference(preset(a14b, "infer.batch_devices=2"), a14b, "batch")  # both experts over 2 devices
     assert batch.stages["high"].devices == batch.stages["low"].devices == 2 and batch.stages["vae"].devices == 1
     assert batch.stages["high"].total_bytes == offload.stages["high"].weight_bytes + offload.stages["high"].working_bytes // 2

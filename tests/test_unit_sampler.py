@@ -31,6 +31,20 @@ def test_sampler_frames_equal_wanpipeline(tiny_model, flow_shift, guidance):
     assert np.abs(ours - ref).max() <= 1e-4
 
 
+def test_batched_guidance_runs_one_forward_per_step_with_the_frames_of_two(tiny_model):
+    """infer.batched_guidance: cond and uncond as one batch-2 forward; frames equal diffusers' (two forwards)."""
+    calls = []
+    spec = StageSpec.for_batch(tiny_model, tiny_config(tiny_model, "infer.batched_guidance=true"))
+    sampler = Sampler(spec)
+    for stage in (sampler.high, sampler.low):
+        stage.expert.register_forward_hook(lambda _m, _a, kwargs, out: calls.append(kwargs["hidden_states"].shape[0]),
+                                           with_kwargs=True)
+    ours = sampler(PARAMS)
+    assert calls == [2] * PARAMS.num_inference_steps  # one forward of batch 2 per step
+    ref = wanpipeline_frames(tiny_model, PARAMS, spec.contract.boundary)
+    assert np.abs(ours - ref).max() <= 1e-4
+
+
 def test_each_setting_changes_the_video(tiny_model):
     """Parity is only worth something if seed, guidance of either expert and shift all reach the frames."""
     cfg = tiny_config(tiny_model)

@@ -229,6 +229,10 @@ class InferConfig:
     Serve's router spreads the calls over a stage's replicas."""
     max_replicas: StageReplicas = field(default_factory=lambda: StageReplicas(0, 0, 0, 0))
     """Above a stage's replicas: Ray Serve autoscales it between the two on its ongoing requests; 0 keeps it fixed."""
+    batched_guidance: bool = False
+    """Run classifier-free guidance's conditional and unconditional passes as one forward of batch 2 (serving,
+    batch generation, validation): fewer, larger kernels for twice an expert step's activations; --plan
+    counts them."""
     max_queued: int = 8
     """The Serve application holds (max_queued + 1) x the fewest replicas of a stage requests at most (a stage
     replica runs one at a time, and a burst may wait at one stage); one more gets 503 with Retry-After at once."""

@@ -94,7 +94,7 @@ def _peak(call, *existing: torch.nn.Module | torch.Tensor) -> int:
 
 
 def plan_stage(model_dir, stage: str, dtype: str, contract: WanContract, frames: int, height: int, width: int,
-               attention: str = "native") -> StagePlan:
+               attention: str = "native", batched_guidance: bool = False) -> StagePlan:
     """Weights and working set of one stage at frames x height x width (built on fake tensors)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -113,8 +113,12 @@ def plan_stage(model_dir, stage: str, dtype: str, contract: WanContract, frames:
 
             def guided_step():  # as ExpertStage._steps: conditional, unconditional, combined
                 x, t = latents.to(compute), torch.tensor([500.0])
-                cond = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
-                uncond = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+                if batched_guidance:
+                    cond, uncond = model(hidden_states=torch.cat([x, x]), timestep=torch.cat([t, t]),
+                                         encoder_hidden_states=torch.cat([text, text]), return_dict=False)[0].chunk(2)
+                else:
+                    cond = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+                    uncond = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
                 return uncond + 4.0 * (cond - uncond)
 
             working = _peak(guided_step, model, latents, text)
@@ -192,7 +196,7 @@ def plan_inference(cfg: Config, model_dir, use: str) -> InferencePlan:
         dtype = VAE_DTYPE if s == "vae" else resources[s].dtype
         attention = attention_backend(cfg.model.attention_backend, resources[s].device, dtype, training=False) \
             if s in EXPERTS else "native"
-        stages[s] = plan_stage(model_dir, s, dtype, contract, frames, height, width, attention)
+        stages[s] = plan_stage(model_dir, s, dtype, contract, frames, height, width, attention, i.batched_guidance)
         if s in EXPERTS:
             devices = getattr(i, f"{s}_devices") if use == "serve" else i.batch_devices
             stages[s] = dataclasses.replace(stages[s], devices=devices)

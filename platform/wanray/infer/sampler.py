@@ -131,6 +131,8 @@ class StageSpec:
     """diffusers attention backend per expert."""
     offload: bool = False
     """Each stage's model waits in host memory and is on its device only while the stage runs (batch actors)."""
+    batched_guidance: bool = False
+    """Classifier-free guidance as one forward of the conditional and unconditional inputs together."""
     devices: dict[str, int] = field(default_factory=lambda: {e: 1 for e in EXPERTS})
     """Devices of each expert stage: above 1 it runs context-parallel (Ulysses) over that many ranks
     (wanray.infer.group), each ExpertStage one rank of the process group."""
@@ -169,7 +171,7 @@ class StageSpec:
         attention = {e: attention_backend(cfg.model.attention_backend, getattr(stages, e).device,
                                           getattr(stages, e).dtype, training=False) for e in EXPERTS}
         return cls(str(model_dir), models.read_contract(model_dir, cfg.model), stages, cfg.infer.flow_shift,
-                   cfg.infer.torch_threads, attention, offload)
+                   cfg.infer.torch_threads, attention, offload, cfg.infer.batched_guidance)
 
     def load_device(self, device: torch.device) -> torch.device:
         """Where a stage loads its model: host memory when offloading, else its device."""
@@ -279,6 +281,7 @@ class ExpertStage:
             context_parallel.enable(self.expert, ranks, 1, context_parallel.mesh(self.device, ranks, 1), self.device)
         self.scheduler = models.load_scheduler(spec.model_dir, spec.flow_shift)
         self.ranks = spec.devices[expert]
+        self.batched_guidance = spec.batched_guidance
         self.should_stop = lambda: False
         """Asked before every denoising step (Serve's stage sets it per request): True stops the request."""
 
@@ -342,12 +345,18 @@ class ExpertStage:
                 latent_input = latents if state.condition is None else torch.cat([latents, state.condition], dim=1)
                 timestep = t.expand(latents.shape[0])
             latent_input = latent_input.to(dtype)
-            noise = self.expert(hidden_states=latent_input, timestep=timestep, encoder_hidden_states=prompt,
-                                return_dict=False)[0]
-            if negative is not None:
-                uncond = self.expert(hidden_states=latent_input, timestep=timestep,
-                                     encoder_hidden_states=negative, return_dict=False)[0]
+            if negative is not None and self.batched_guidance:  # one forward of batch 2: twice the activations
+                both = self.expert(hidden_states=torch.cat([latent_input] * 2), timestep=torch.cat([timestep] * 2),
+                                   encoder_hidden_states=torch.cat([prompt, negative]), return_dict=False)[0]
+                noise, uncond = both.chunk(2)
                 noise = uncond + scale * (noise - uncond)
+            else:
+                noise = self.expert(hidden_states=latent_input, timestep=timestep, encoder_hidden_states=prompt,
+                                    return_dict=False)[0]
+                if negative is not None:
+                    uncond = self.expert(hidden_states=latent_input, timestep=timestep,
+                                         encoder_hidden_states=negative, return_dict=False)[0]
+                    noise = uncond + scale * (noise - uncond)
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
         return DenoiseState(latents, scheduler, max(stop, state.step), state.condition)
 

@@ -11,6 +11,8 @@ each ratio are timed in turns, so that other load on the machine hits both alike
      over 1 replica of every stage (2 torch threads each): the same CPU budget, redeployed in turns
  (d) one request in-process with classifier-free guidance as one batch-2 forward (infer.batched_guidance)
      over two forwards, and the largest difference of their frames
+ (e) one request in-process with diffusers' first-block cache (infer.first_block_cache = --cache) over
+     none, and the cached frames' PSNR and SSIM against the uncached ones (same seed)
 
 The model is the tiny checkpoint with its two experts widened (dim 384, 8 layers), so that,
 as in the real Wan2.2, the denoising stages dominate a request and not the VAE. Overlap can
@@ -20,6 +22,7 @@ splits 26/14).
 """
 import argparse
 import concurrent.futures
+import math
 import os
 import statistics
 import tempfile
@@ -96,6 +99,7 @@ def get_args():
     parser.add_argument("--frames", type=int, default=17)
     parser.add_argument("--requests", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="timed pairs for the latency figures (median)")
+    parser.add_argument("--cache", type=float, default=0.1, help="first-block cache threshold for (e)")
     return parser.parse_args()
 
 
@@ -154,8 +158,11 @@ def measure(cfg, model: Path, params: GenerationParams, args) -> dict:
     out["one_replica"], out["two_replicas"] = replica_throughput(cfg, model, body, seeds, url)
     serve.shutdown()
     ray.shutdown()
-    batched = Sampler(StageSpec.for_serving(model, load_config(ROOT / "configs" / "tiny.yaml", [
-        f"model.path={model}", f"infer.flow_shift={cfg.infer.flow_shift}", "infer.batched_guidance=true"])))
+    def variant(setting: str) -> Sampler:
+        return Sampler(StageSpec.for_serving(model, load_config(ROOT / "configs" / "tiny.yaml", [
+            f"model.path={model}", f"infer.flow_shift={cfg.infer.flow_shift}", setting])))
+
+    batched, cached = variant("infer.batched_guidance=true"), variant(f"infer.first_block_cache={args.cache}")
     frames = {}
 
     def run(name, s):
@@ -164,7 +171,26 @@ def measure(cfg, model: Path, params: GenerationParams, args) -> dict:
     out["two_forwards"], out["batched"] = interleaved(lambda: run("two", sampler), lambda: run("batched", batched),
                                                       args.repeats)
     out["batched_difference"] = float(abs(frames["two"] - frames["batched"]).max())
+    out["uncached"], out["cached"] = interleaved(lambda: run("two", sampler), lambda: run("cached", cached),
+                                                 args.repeats)
+    out["psnr"], out["ssim"] = psnr(frames["cached"], frames["two"]), ssim(frames["cached"], frames["two"])
     return out
+
+
+def psnr(a, b) -> float:
+    """dB of frames in [0, 1] against reference frames b."""
+    mse = float(((a - b) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def ssim(a, b, window: int = 7) -> float:
+    """Mean SSIM of (F, H, W, 3) frames in [0, 1] (uniform window, Wang et al.'s constants), per channel."""
+    x, y = (torch.from_numpy(v).permute(0, 3, 1, 2).double() for v in (a, b))
+    mean = lambda t: torch.nn.functional.avg_pool2d(t, window, 1)  # noqa: E731
+    mx, my = mean(x), mean(y)
+    vx, vy, cov = mean(x * x) - mx ** 2, mean(y * y) - my ** 2, mean(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    return float((((2 * mx * my + c1) * (2 * cov + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))).mean())
 
 
 def replica_throughput(cfg, model: Path, body: dict, seeds: list[int], url: str, rounds: int = 2) -> tuple:
@@ -221,6 +247,9 @@ def main(args):
           f"2 replicas per stage (1 thread) {m['two_replicas']:.2f} s -> {m['one_replica'] / m['two_replicas']:.2f}x")
     print(f"(d) batched guidance: two forwards {m['two_forwards']:.3f} s, one batch-2 forward {m['batched']:.3f} s "
           f"-> {m['two_forwards'] / m['batched']:.2f}x; frames differ by at most {m['batched_difference']:.1e}")
+    print(f"(e) first-block cache {args.cache}: uncached {m['uncached']:.3f} s, cached {m['cached']:.3f} s -> "
+          f"{m['uncached'] / m['cached']:.2f}x; cached frames vs uncached: PSNR {m['psnr']:.1f} dB, "
+          f"SSIM {m['ssim']:.4f}")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,23 @@ def test_batched_guidance_runs_one_forward_per_step_with_the_frames_of_two(tiny_
     assert np.abs(ours - ref).max() <= 1e-4
 
 
+def test_first_block_cache_gives_diffusers_cached_frames_and_skips_work(tiny_model):
+    """infer.first_block_cache: the frames of WanPipeline with the same cache on its transformers, not the
+    uncached ones (steps were skipped), and a second request starts from a clean cache (same frames again)."""
+    spec = StageSpec.for_batch(tiny_model, tiny_config(tiny_model, "infer.first_block_cache=0.2"))
+    sampler = Sampler(spec)
+    ours = sampler(PARAMS)
+    ref = wanpipeline_frames(tiny_model, PARAMS, spec.contract.boundary, first_block_cache=0.2)
+    assert np.abs(ours - ref).max() <= 1e-4
+    uncached = wanpipeline_frames(tiny_model, PARAMS, spec.contract.boundary)
+    assert np.abs(ours - uncached).max() > 1e-3
+    assert np.array_equal(sampler(PARAMS), ours)
+    from wanray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="first_block_cache needs single-device expert stages"):
+        tiny_config(tiny_model, "infer.first_block_cache=0.2", "infer.high_devices=2")
+
+
 def test_each_setting_changes_the_video(tiny_model):
     """Parity is only worth something if seed, guidance of either expert and shift all reach the frames."""
     cfg = tiny_config(tiny_model)

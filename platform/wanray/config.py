@@ -233,6 +233,10 @@ class InferConfig:
     """Run classifier-free guidance's conditional and unconditional passes as one forward of batch 2 (serving,
     batch generation, validation): fewer, larger kernels for twice an expert step's activations; --plan
     counts them."""
+    first_block_cache: float = 0.0
+    """Step caching through diffusers' first-block cache in every expert stage: a step whose first transformer
+    block's output changed by less than this (relative) reuses the previous step's remaining blocks; 0 is off.
+    It trades quality for speed (benchmarks/serve.py measures both); not with multi-device expert stages."""
     max_queued: int = 8
     """The Serve application holds (max_queued + 1) x the fewest replicas of a stage requests at most (a stage
     replica runs one at a time, and a burst may wait at one stage); one more gets 503 with Retry-After at once."""
@@ -444,6 +448,12 @@ class Config:
             if n < 1 or (top and top < n):
                 raise ConfigError(f"infer.replicas.{stage} must be >= 1 and infer.max_replicas.{stage} 0 or >= it, "
                                   f"got {n} and {top}")
+        if self.infer.first_block_cache < 0:
+            raise ConfigError(f"infer.first_block_cache must be >= 0 (0 is off), got {self.infer.first_block_cache}")
+        if self.infer.first_block_cache and max(self.infer.high_devices, self.infer.low_devices,
+                                                self.infer.batch_devices) > 1:
+            raise ConfigError("infer.first_block_cache needs single-device expert stages: each rank would decide on "
+                              "its own shard of the tokens whether to skip, and the ranks' collectives would part")
         if self.infer.max_queued < 0 or self.infer.queue_timeout_s <= 0:
             raise ConfigError(f"infer.max_queued must be >= 0 and infer.queue_timeout_s > 0, got "
                               f"{self.infer.max_queued}, {self.infer.queue_timeout_s}")

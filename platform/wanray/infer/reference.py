@@ -10,11 +10,11 @@ from wanray.infer.sampler import GenerationParams, image_from_base64
 
 
 def wanpipeline_frames(model_dir, params: GenerationParams, boundary: float | None = None,
-                       flow_shift: float | None = None) -> np.ndarray:
+                       flow_shift: float | None = None, first_block_cache: float = 0.0) -> np.ndarray:
     """(F, H, W, 3) float32 frames of diffusers' pipeline for the model's kind, fp32 on CPU:
     `WanPipeline(transformer, transformer_2, boundary_ratio)`, or WanImageToVideoPipeline when
     params.image is set; TI2V-5B's with its one transformer and expand_timesteps. `boundary` None
-    takes the directory's."""
+    takes the directory's; `first_block_cache` > 0 enables diffusers' first-block cache on the transformers."""
     from diffusers import WanImageToVideoPipeline, WanPipeline
 
     kind = models.read_kind(model_dir)
@@ -31,6 +31,12 @@ def wanpipeline_frames(model_dir, params: GenerationParams, boundary: float | No
         image["last_image"] = image_from_base64(params.last_image)
     pipe = WanImageToVideoPipeline(**parts) if image else WanPipeline(**parts)
     pipe.set_progress_bar_config(disable=True)
+    if first_block_cache:
+        from diffusers import FirstBlockCacheConfig
+
+        for transformer in (pipe.transformer, pipe.transformer_2):
+            if transformer is not None:
+                transformer.enable_cache(FirstBlockCacheConfig(threshold=first_block_cache))
     out = pipe(prompt=params.prompt, negative_prompt=params.negative_prompt, height=params.height,
                width=params.width, num_frames=params.num_frames, num_inference_steps=params.num_inference_steps,
                guidance_scale=params.guidance_scale, guidance_scale_2=params.guidance_scale_2 if two else None,

@@ -133,6 +133,8 @@ class StageSpec:
     """Each stage's model waits in host memory and is on its device only while the stage runs (batch actors)."""
     batched_guidance: bool = False
     """Classifier-free guidance as one forward of the conditional and unconditional inputs together."""
+    first_block_cache: float = 0.0
+    """diffusers' first-block cache threshold in the expert stages (0: off)."""
     devices: dict[str, int] = field(default_factory=lambda: {e: 1 for e in EXPERTS})
     """Devices of each expert stage: above 1 it runs context-parallel (Ulysses) over that many ranks
     (wanray.infer.group), each ExpertStage one rank of the process group."""
@@ -171,7 +173,8 @@ class StageSpec:
         attention = {e: attention_backend(cfg.model.attention_backend, getattr(stages, e).device,
                                           getattr(stages, e).dtype, training=False) for e in EXPERTS}
         return cls(str(model_dir), models.read_contract(model_dir, cfg.model), stages, cfg.infer.flow_shift,
-                   cfg.infer.torch_threads, attention, offload, cfg.infer.batched_guidance)
+                   cfg.infer.torch_threads, attention, offload, cfg.infer.batched_guidance,
+                   cfg.infer.first_block_cache)
 
     def load_device(self, device: torch.device) -> torch.device:
         """Where a stage loads its model: host memory when offloading, else its device."""
@@ -282,6 +285,11 @@ class ExpertStage:
         self.scheduler = models.load_scheduler(spec.model_dir, spec.flow_shift)
         self.ranks = spec.devices[expert]
         self.batched_guidance = spec.batched_guidance
+        self.cached = spec.first_block_cache > 0
+        if self.cached:
+            from diffusers import FirstBlockCacheConfig
+
+            self.expert.enable_cache(FirstBlockCacheConfig(threshold=spec.first_block_cache))
         self.should_stop = lambda: False
         """Asked before every denoising step (Serve's stage sets it per request): True stops the request."""
 
@@ -334,6 +342,8 @@ class ExpertStage:
         negative = None if text.negative is None else text.negative.to(self.device, dtype)
         latents, scheduler = state.latents, state.scheduler
         mask = frame_mask(state, self.contract)
+        if self.cached:  # each request starts with full steps: no residual from the previous one
+            self.expert._reset_stateful_cache()
         for i in range(state.step, stop):
             if self._stopping():
                 raise Cancelled(f"cancelled before step {i + 1} of {len(scheduler.timesteps)}")
@@ -346,19 +356,26 @@ class ExpertStage:
                 timestep = t.expand(latents.shape[0])
             latent_input = latent_input.to(dtype)
             if negative is not None and self.batched_guidance:  # one forward of batch 2: twice the activations
-                both = self.expert(hidden_states=torch.cat([latent_input] * 2), timestep=torch.cat([timestep] * 2),
-                                   encoder_hidden_states=torch.cat([prompt, negative]), return_dict=False)[0]
+                both = self._forward("both", i, torch.cat([latent_input] * 2), torch.cat([timestep] * 2),
+                                     torch.cat([prompt, negative]))
                 noise, uncond = both.chunk(2)
                 noise = uncond + scale * (noise - uncond)
             else:
-                noise = self.expert(hidden_states=latent_input, timestep=timestep, encoder_hidden_states=prompt,
-                                    return_dict=False)[0]
+                noise = self._forward("cond", i, latent_input, timestep, prompt)
                 if negative is not None:
-                    uncond = self.expert(hidden_states=latent_input, timestep=timestep,
-                                         encoder_hidden_states=negative, return_dict=False)[0]
+                    uncond = self._forward("uncond", i, latent_input, timestep, negative)
                     noise = uncond + scale * (noise - uncond)
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
         return DenoiseState(latents, scheduler, max(stop, state.step), state.condition)
+
+
+    def _forward(self, name: str, step: int, latents, timestep, text) -> torch.Tensor:
+        """The expert's noise prediction; with the first-block cache, under the call's own cache context (the
+        conditional and unconditional passes keep separate residuals, as in WanPipeline)."""
+        context = self.expert.cache_context(name, step_index=step) if self.cached else contextlib.nullcontext()
+        with context:
+            return self.expert(hidden_states=latents, timestep=timestep, encoder_hidden_states=text,
+                               return_dict=False)[0]
 
 
 class VideoDecoder:

@@ -92,11 +92,9 @@ def test_a_request_waiting_past_the_queue_timeout_is_dropped_with_503(traffic_se
     with ThreadPoolExecutor(2) as pool:
         long = pool.submit(_post, url, LONG)
         time.sleep(1.0)  # the long one holds the low-noise stage well past infer.queue_timeout_s (4 s)
-        start = time.monotonic()
         late = _post(url, BODY)
-        waited = time.monotonic() - start
         assert late.status_code == 503 and "infer.queue_timeout_s" in late.json()["detail"], late.text
-        assert waited < 4 + 3.0 and not long.done()  # dropped at its timeout, not when its turn came
+        assert not long.done()  # dropped at its timeout, while the long one still ran: not when its turn came
         assert int(late.headers["Retry-After"]) >= 1
         assert long.result().status_code == 200
     _idle(url)

@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 from ray import serve
+from ray.serve.config import BackpressureConfig
 
 from wanray.config import Config
 from wanray.infer.api import (Busy, Generate, Generated, OnStage, OutputFormat, build_api, serving_token,
@@ -167,7 +168,9 @@ class Admission:
         return max(1, math.ceil(sum(recent) / len(recent))) if recent else 1
 
 
-@serve.deployment(max_ongoing_requests=64)
+# Connections beyond these (the UI's and health calls too) get Serve's own 503 from the proxy, not an unbounded wait.
+@serve.deployment(max_ongoing_requests=64, max_queued_requests=64,
+                  backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1))
 @serve.ingress()
 class Ingress:
     """HTTP entry point: validates requests, moves each through the four stages, serves the UI."""

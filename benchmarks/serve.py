@@ -11,8 +11,8 @@ each ratio are timed in turns, so that other load on the machine hits both alike
      over 1 replica of every stage (2 torch threads each): the same CPU budget, redeployed in turns
  (d) one request in-process with classifier-free guidance as one batch-2 forward (infer.batched_guidance)
      over two forwards, and the largest difference of their frames
- (e) one request in-process with diffusers' first-block cache (infer.first_block_cache = --cache) over
-     none, and the cached frames' PSNR and SSIM against the uncached ones (same seed)
+ (e) one request in-process with diffusers' first-block cache (infer.first_block_cache, each of --cache)
+     over none, and the cached frames' PSNR and SSIM against the uncached ones (same seed)
 
 The model is the tiny checkpoint with its two experts widened (dim 384, 8 layers), so that,
 as in the real Wan2.2, the denoising stages dominate a request and not the VAE. Overlap can
@@ -99,7 +99,8 @@ def get_args():
     parser.add_argument("--frames", type=int, default=17)
     parser.add_argument("--requests", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="timed pairs for the latency figures (median)")
-    parser.add_argument("--cache", type=float, default=0.1, help="first-block cache threshold for (e)")
+    parser.add_argument("--cache", type=float, nargs="+", default=[0.1, 0.3, 0.6],
+                        help="first-block cache thresholds for (e)")
     return parser.parse_args()
 
 
@@ -162,7 +163,7 @@ def measure(cfg, model: Path, params: GenerationParams, args) -> dict:
         return Sampler(StageSpec.for_serving(model, load_config(ROOT / "configs" / "tiny.yaml", [
             f"model.path={model}", f"infer.flow_shift={cfg.infer.flow_shift}", setting])))
 
-    batched, cached = variant("infer.batched_guidance=true"), variant(f"infer.first_block_cache={args.cache}")
+    batched = variant("infer.batched_guidance=true")
     frames = {}
 
     def run(name, s):
@@ -171,9 +172,12 @@ def measure(cfg, model: Path, params: GenerationParams, args) -> dict:
     out["two_forwards"], out["batched"] = interleaved(lambda: run("two", sampler), lambda: run("batched", batched),
                                                       args.repeats)
     out["batched_difference"] = float(abs(frames["two"] - frames["batched"]).max())
-    out["uncached"], out["cached"] = interleaved(lambda: run("two", sampler), lambda: run("cached", cached),
-                                                 args.repeats)
-    out["psnr"], out["ssim"] = psnr(frames["cached"], frames["two"]), ssim(frames["cached"], frames["two"])
+    out["cache"] = {}
+    for threshold in args.cache:
+        cached = variant(f"infer.first_block_cache={threshold}")
+        uncached_s, cached_s = interleaved(lambda: run("two", sampler), lambda: run("cached", cached), args.repeats)
+        out["cache"][threshold] = (uncached_s, cached_s, psnr(frames["cached"], frames["two"]),
+                                   ssim(frames["cached"], frames["two"]))
     return out
 
 
@@ -247,9 +251,9 @@ def main(args):
           f"2 replicas per stage (1 thread) {m['two_replicas']:.2f} s -> {m['one_replica'] / m['two_replicas']:.2f}x")
     print(f"(d) batched guidance: two forwards {m['two_forwards']:.3f} s, one batch-2 forward {m['batched']:.3f} s "
           f"-> {m['two_forwards'] / m['batched']:.2f}x; frames differ by at most {m['batched_difference']:.1e}")
-    print(f"(e) first-block cache {args.cache}: uncached {m['uncached']:.3f} s, cached {m['cached']:.3f} s -> "
-          f"{m['uncached'] / m['cached']:.2f}x; cached frames vs uncached: PSNR {m['psnr']:.1f} dB, "
-          f"SSIM {m['ssim']:.4f}")
+    for threshold, (uncached_s, cached_s, db, similarity) in m["cache"].items():
+        print(f"(e) first-block cache {threshold}: uncached {uncached_s:.3f} s, cached {cached_s:.3f} s -> "
+              f"{uncached_s / cached_s:.2f}x; cached frames vs uncached: PSNR {db:.1f} dB, SSIM {similarity:.4f}")
 
 
 if __name__ == "__main__":

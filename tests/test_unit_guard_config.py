@@ -5,7 +5,8 @@ import sys
 import pytest
 
 from conftest import ROOT
-from wanray.config import Resources, load_config, parse_override
+from wanray.config import load_config, parse_override
+from wanray.sections import Resources
 from wanray.errors import ConfigError
 from wanray.devices import accelerator
 

@@ -6,7 +6,7 @@ from conftest import ROOT
 PACKAGE = ROOT / "platform" / "wanray"
 # Bottom to top. Drivers (pipelines/), the UI (ui/), benchmarks and tests sit above them all.
 FLOORS = [
-    ("errors", "io", "buckets", "config", "schema", "devices", "wan"),
+    ("errors", "io", "buckets", "sections", "config", "schema", "devices", "wan"),
     ("models", "runtime", "encoding", "context_parallel"),
     ("data",),
     ("train",),

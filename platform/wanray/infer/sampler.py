@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from wanray import context_parallel, models
-from wanray.config import Config, StageResources, attention_backend
+from wanray.config import Config, attention_backend
+from wanray.sections import StageResources
 from wanray.encoding import encode_first_frame, encode_latents, encode_text
 from wanray.devices import accelerator, apply_attention_backend, torch_dtype
 from wanray.schema import pad_text_embedding

@@ -115,11 +115,12 @@ def test_data_page_shows_summary_rejects_clips_and_a_preview_decoded_from_a_late
         client.predict(prep, "nope", api_name="/preview")
 
 
-def _screenshot(url: str, out):
+def _screenshot(url: str, out, *wait_for: str, text: tuple[str, ...] = ()):
     from PIL import Image
 
+    waits = [a for w in wait_for for a in ("--wait-for", w)] + [a for t in text for a in ("--wait-for-text", t)]
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshot.py"), "--url", url, "--out", str(out),
-                          "--height", "1400"], capture_output=True, text=True, timeout=240)
+                          "--height", "1400", *waits], capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr
     return np.asarray(Image.open(out).convert("RGB"), dtype=np.int32)
 
@@ -138,9 +139,13 @@ def _colours(image: np.ndarray) -> int:
 def test_screenshots_of_both_pages_show_the_curves_and_the_videos(roots, ui_server, tmp_path):
     """Opened by address on the fine-tune and on the preprocessed directory, against the Generate page."""
     root, _ = roots
-    generate = _screenshot(f"{ui_server}/ui/", tmp_path / "generate.png")
-    runs = _screenshot(f"{ui_server}/ui/?run={root / 'runs' / 'ft'}", tmp_path / "runs.png")
-    data = _screenshot(f"{ui_server}/ui/?data={root / 'data' / 'prep'}", tmp_path / "data.png")
+    generate = _screenshot(f"{ui_server}/ui/", tmp_path / "generate.png", "button=3")
+    # once the four plots are drawn and the two validation videos are in the gallery
+    runs = _screenshot(f"{ui_server}/ui/?run={root / 'runs' / 'ft'}", tmp_path / "runs.png",
+                       ".vega-embed canvas, .vega-embed svg=4", "video=2")
+    # once the summary, the rejects and the clips are shown
+    data = _screenshot(f"{ui_server}/ui/?data={root / 'data' / 'prep'}", tmp_path / "data.png",
+                       text=("4 clips", "corrupt_video", "64x64x17"))
     print("screenshots:", tmp_path)
     assert _curve_pixels(generate) < 50 and _curve_pixels(runs) > 1000  # four curves drawn
     assert _colours(runs) > 5 * _colours(generate)  # the validation videos' frames

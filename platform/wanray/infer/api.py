@@ -36,7 +36,8 @@ OnStage = Callable[[float, str], None]
 """Progress callback: (fraction done, what just finished)."""
 Generate = Callable[[GenerationParams, OutputFormat, "OnStage | None"], Awaitable["Generated"]]
 Queues = Callable[[], Awaitable[dict]]
-"""The serving application's queues now: {"waiting": ..., "capacity": ..., "stages": {stage: {...}}}."""
+"""The serving application's queues now: {"in_pipeline": n, "capacity": n, "stages": {stage: {"waiting": n,
+"running": n}}}."""
 
 
 @dataclass

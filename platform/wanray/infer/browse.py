@@ -89,13 +89,13 @@ class RunView:
     @classmethod
     def open(cls, roots: Roots, path: str) -> "RunView":
         run = roots.check(path)
-        if not any((run / e / RUN_FILE).is_file() for e in EXPERTS):
+        if not _is_run(run):
             raise RequestError(f"{path} is not a training run (no <expert>/{RUN_FILE})")
         return cls(roots, run)
 
     @property
     def experts(self) -> list[str]:
-        return [e for e in EXPERTS if (self.path / e / RUN_FILE).is_file()]
+        return _trained_experts(self.path)
 
     def metrics(self) -> list[dict]:
         """Every logged step of every expert (metrics.jsonl), each with its expert."""
@@ -133,7 +133,7 @@ class DataView:
     @classmethod
     def open(cls, roots: Roots, path: str) -> "DataView":
         data = roots.check(path)
-        if not (data / SUMMARY_FILE).is_file():
+        if not _is_data(data):
             raise RequestError(f"{path} is not a preprocessed directory (no {SUMMARY_FILE})")
         return cls(roots, data)
 
@@ -141,7 +141,7 @@ class DataView:
         return json.loads(self.roots.check(self.path / SUMMARY_FILE).read_text())
 
     def rejects(self) -> list[dict]:
-        return _records(self.roots.check(self.path / REJECTS_FILE)) if (self.path / REJECTS_FILE).exists() else []
+        return _records(self.roots.check(self.path / REJECTS_FILE))
 
     def _shards(self) -> list[Path]:
         return [self.roots.check(p) for p in shard_paths(self.path)]
@@ -164,12 +164,24 @@ class DataView:
         raise RequestError(f"no clip {clip_id!r} in {self.path}")
 
 
+def _trained_experts(d: Path) -> list[str]:
+    return [e for e in EXPERTS if (d / e / RUN_FILE).is_file()]
+
+
+def _is_run(d: Path) -> bool:
+    return bool(_trained_experts(d))
+
+
+def _is_data(d: Path) -> bool:
+    return (d / SUMMARY_FILE).is_file()
+
+
 def list_runs(roots: Roots) -> list[str]:
-    return roots.find(lambda d: any((d / e / RUN_FILE).is_file() for e in EXPERTS))
+    return roots.find(_is_run)
 
 
 def list_datasets(roots: Roots) -> list[str]:
-    return roots.find(lambda d: (d / SUMMARY_FILE).is_file())
+    return roots.find(_is_data)
 
 
 def absolute_roots(cfg: Config) -> Config:

@@ -357,15 +357,13 @@ class ExpertStage:
                 timestep = t.expand(latents.shape[0])
             latent_input = latent_input.to(dtype)
             if negative is not None and self.batched_guidance:  # one forward of batch 2: twice the activations
-                both = self._forward("both", i, torch.cat([latent_input] * 2), torch.cat([timestep] * 2),
-                                     torch.cat([prompt, negative]))
-                noise, uncond = both.chunk(2)
-                noise = uncond + scale * (noise - uncond)
+                noise, uncond = self._forward("both", i, torch.cat([latent_input] * 2), torch.cat([timestep] * 2),
+                                              torch.cat([prompt, negative])).chunk(2)
             else:
                 noise = self._forward("cond", i, latent_input, timestep, prompt)
-                if negative is not None:
-                    uncond = self._forward("uncond", i, latent_input, timestep, negative)
-                    noise = uncond + scale * (noise - uncond)
+                uncond = None if negative is None else self._forward("uncond", i, latent_input, timestep, negative)
+            if uncond is not None:
+                noise = uncond + scale * (noise - uncond)
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
         return DenoiseState(latents, scheduler, max(stop, state.step), state.condition)
 

@@ -36,7 +36,8 @@ from wanray.infer.api import (Busy, Generate, Generated, OnStage, OutputFormat, 
                               token_matches)
 from wanray.infer.group import ExpertGroup
 from wanray.infer.browse import absolute_roots
-from wanray.infer.sampler import Cancelled, DenoiseState, ExpertStage, GenerationParams, PromptEncoder, StageSpec, VideoDecoder
+from wanray.infer.sampler import (Cancelled, DenoiseState, ExpertStage, GenerationParams, PromptEncoder, StageSpec,
+                                  VideoDecoder)
 from wanray.infer.video import mp4_bytes, npy_bytes
 
 APP_NAME = "wanray"
@@ -73,8 +74,8 @@ class QueuedStage:
     The queue lives here, in the replica, rather than in Serve's router: a router whose replicas
     are all busy polls them again with a back-off of up to 0.5 s, during which the device would
     idle. Queued here, the next request starts the moment one ends, its inputs already fetched.
-    A call that waited longer than infer.queue_timeout_s is dropped (Busy) when its turn comes; a
-    cancelled call (its client went away) is dropped if still queued, else stopped at its next step.
+    A call still queued after infer.queue_timeout_s is dropped then (Busy, never run); a cancelled call
+    (its client went away) is dropped if still queued, else stopped at its next step.
     """
 
     def __init__(self, name: str, timeout_s: float, stage_cls, *args):
@@ -180,8 +181,8 @@ class Ingress:
 
         self.text_encoder, self.high, self.low, self.vae = text_encoder, high, low, vae
         self.cfg, self.model_dir, self.ui, self.token = cfg, model_dir, ui, token
-        self.stages = {"text": text_encoder, "high": high, "low": low, "vae": vae}
-        self.stages = {k: v for k, v in self.stages.items() if v is not None}
+        self.stages = {k: v for k, v in (("text", text_encoder), ("high", high), ("low", low), ("vae", vae))
+                       if v is not None}  # TI2V-5B: no low-noise stage
         self.admission = Admission(cfg.infer.max_queued, min(getattr(cfg.infer.replicas, s) for s in self.stages))
         self.requests = Counter("wanray_requests_total", "/v1/generate requests by outcome", tag_keys=("outcome",))
         self.latency = Histogram("wanray_request_seconds", "Seconds from request to response, by outcome",

@@ -16,7 +16,8 @@ def cp_prep(tmp_path_factory, tiny_model, synthetic, ray_cluster):
     from wanray.data.preprocess import run_preprocess
 
     out = tmp_path_factory.mktemp("cp_prep")
-    run_preprocess(tiny_config(tiny_model), str(synthetic), str(out), log=lambda _: None)
+    # 9 frames: 3 latent frames of 4 x 4 patches, 48 tokens, which 2, 3 and 4 ranks can share
+    run_preprocess(tiny_config(tiny_model, "data.num_frames=9"), str(synthetic), str(out), log=lambda _: None)
     return out
 
 
@@ -32,13 +33,15 @@ def unsplit(tiny_model, cp_prep, tmp_path_factory):
     return run, _train(tiny_model, cp_prep, run, "train.workers=1", "train.steps=2")
 
 
-@pytest.mark.parametrize("ulysses,ring", [(2, 1), (1, 2)], ids=["ulysses2", "ring2"])
+@pytest.mark.parametrize("ulysses,ring", [(2, 1), (1, 2), (1, 3)], ids=["ulysses2", "ring2", "ring3"])
 def test_a_split_sample_trains_as_the_whole_one(tiny_model, cp_prep, unsplit, tmp_path, ulysses, ring):
+    """Ring 3 trained on wrong key/value gradients with diffusers 0.42.1's own ring backward."""
     base_run, base = unsplit
     run = tmp_path / "run"
-    split = _train(tiny_model, cp_prep, run, "train.workers=2", "train.steps=2",
+    workers = ulysses * ring
+    split = _train(tiny_model, cp_prep, run, f"train.workers={workers}", "train.steps=2",
                    f"train.context_parallel.ulysses={ulysses}", f"train.context_parallel.ring={ring}")
-    assert [m["world_size"] for m in split] == [2, 2]
+    assert [m["world_size"] for m in split] == [workers, workers]
     for a, b in zip(base, split):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
         assert b["samples_per_s"] > 0 and a["buckets"] == b["buckets"]
@@ -47,15 +50,19 @@ def test_a_split_sample_trains_as_the_whole_one(tiny_model, cp_prep, unsplit, tm
 
 
 def assert_same_gradients(a: dict, b: dict) -> None:
-    """AdamW's moments (linear and quadratic in the gradients) agree to 1e-4 of each tensor's largest
-    value, and the weights to 1e-4 (1/30 of one lr=3e-3 step): Adam divides each moment by its root
-    square, so a near-zero moment turns fp32 reduction-order noise into a visible update."""
+    """AdamW's moments agree to 1e-4 of each tensor's largest value in gradient units (the second moment,
+    quadratic in the gradients, through its square root), and the weights to 1e-4 (1/30 of one lr=3e-3
+    step): Adam divides each moment by its root square, so a near-zero moment turns fp32 reduction-order
+    noise into a visible update."""
     for key, tol in (("optim", None), ("model", 1e-4)):
         ta, tb = (flatten(state[key]) for state in (a, b))
         assert set(ta) == set(tb) and ta
         for name, x in ta.items():
+            y = tb[name]
+            if name.endswith("exp_avg_sq"):
+                x, y = x.sqrt(), y.sqrt()
             scale = float(x.abs().max()) if tol is None else 1.0
-            assert float((x.float() - tb[name].float()).abs().max()) <= (tol or 1e-4) * max(scale, 1e-12), name
+            assert float((x.float() - y.float()).abs().max()) <= (tol or 1e-4) * max(scale, 1e-12), name
 
 
 def flatten(tree, prefix="") -> dict:

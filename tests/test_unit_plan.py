@@ -96,3 +96,25 @@ def test_context_parallel_splits_a_720p_samples_activations_over_its_group(a14b_
         assert abs(plans[n].activation_bytes * n / plans[1].activation_bytes - 1) < 0.02
     assert "75,600 tokens, 18,900 per rank (context parallel over 4)" in "\n".join(plans[4].lines())
     assert plans[4].total_bytes < plans[1].total_bytes
+
+
+def test_ring_attention_counts_its_gathered_keys_values_and_gradient_buffers(a14b_configs, activations):
+    """The T2V preset (32,760 tokens, bf16 on NPUs) on 16 ranks with ring 2: one attention call's backward holds
+    every rank's keys and values (2 x 32,760 x 5,120 bf16 = 0.67 GB) and float32 gradient buffers; the plan adds
+    it to the total and says so. On the native backend elsewhere (a GPU here) the tiled op's tiles come on top;
+    untiled, that op alone would have needed 42.9 GB per score tensor."""
+    from wanray import ring_attention
+
+    sets = ["train.workers=16", "train.context_parallel.ring=2"]
+    plain = plan_training(preset(a14b_configs, "train.workers=16", "train.context_parallel.ulysses=2"), a14b_configs,
+                          "high", activations)
+    npu = plan_training(preset(a14b_configs, *sets), a14b_configs, "high", activations)
+    assert plain.ring_bytes == 0 and npu.ring == 2
+    assert npu.ring_bytes == ring_attention.ring_working_bytes(1, 32_760, 40, 128, 1, 2, 2, tiled=False)
+    assert 2 * 32_760 * 5_120 * 2 < npu.ring_bytes < 6e9
+    assert npu.total_bytes == npu.param_bytes + npu.grad_bytes + npu.optimizer_bytes + npu.gathered_bytes \
+        + npu.grad_buffer_bytes + npu.activation_bytes + npu.ring_bytes
+    assert any(line.startswith("ring attention over 2 ranks: ") for line in npu.lines())
+    gpu = plan_training(preset(a14b_configs, *sets, "train.worker.device=cuda"), a14b_configs, "high", activations)
+    assert gpu.ring_bytes == npu.ring_bytes + ring_attention.tiled_working_bytes((1, 16_380, 40, 128),
+                                                                                (1, 16_380, 40, 128))

@@ -15,23 +15,45 @@ What wanray adds, and why:
 - `enable`: diffusers' `enable_parallelism` takes the device as `rank % accelerator count`,
   which divides by zero on a CPU-only worker and names the wrong device under Ray (each worker
   sees only its own); the mesh and device come from the caller instead.
-- `_lse_forward` / `_lse_backward`: ring attention needs each chunk's log-sum-exp, which torch's
-  SDPA (diffusers' "native" backend, the default on CPU and the one that trains on NPU) does not
-  return. These compute it exactly with plain matmuls, materialising one (S/C) x (S/C) score block
-  per head at a time: right for CPU runs and tests; on CUDA, `_native_cudnn` / `_native_flash`
-  return it from their kernels and diffusers uses them directly.
+- ring attention goes through wanray.ring_attention: a corrected backward (diffusers 0.42.1 sends
+  key/value gradients the wrong way round a ring of 3 or more) and the log-sum-exp op the native
+  backend lacks, tiled.
+- the backends that can run context-parallel are those diffusers registers as such, read from its
+  registry, so a backend it lists but does not register (0.42.1's `_flash_3`) fails here in one line
+  rather than in every worker.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+from wanray import ring_attention
 from wanray.errors import ConfigError
 
-CONTEXT_PARALLEL_BACKENDS = ("native", "_native_cudnn", "_native_flash", "flash", "_flash_3", "_native_npu", "sage")
-"""The attention backends diffusers runs context-parallel (its `supports_context_parallel`)."""
-NO_BACKWARD = ("_native_npu", "sage")
-"""Of those, the ones whose context-parallel op has no backward in diffusers: inference only."""
+NO_BACKWARD = ("_native_npu", "sage", "sage_hub")
+"""Context-parallel backends whose diffusers op raises NotImplementedError in backward (0.42.1): inference only."""
+
+
+def context_parallel_backends() -> tuple[str, ...]:
+    """The attention backends diffusers runs context-parallel: those registered with
+    `supports_context_parallel=True` in its dispatcher."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    return tuple(sorted(_AttentionBackendRegistry._supports_context_parallel))
+
+
+def training_backend(cfg) -> str:
+    """The attention backend the training workers run: model.attention_backend's choice for the worker device
+    (wanray.config.attention_backend), except that with context parallelism the NPU default, torch_npu's fused
+    kernel whose diffusers op has no context-parallel backward, becomes native, whose ring op wanray runs on
+    that same kernel (wanray.ring_attention)."""
+    from wanray.config import attention_backend
+
+    worker = cfg.train.worker
+    attention = attention_backend(cfg.model.attention_backend, worker.device, worker.dtype, training=True)
+    if cfg.train.context_parallel.degree > 1 and cfg.model.attention_backend is None and attention in NO_BACKWARD:
+        return "native"
+    return attention
 
 
 def check(ulysses: int, ring: int, heads: int, token_counts: dict[str, int], attention: str,
@@ -48,7 +70,9 @@ def check(ulysses: int, ring: int, heads: int, token_counts: dict[str, int], att
         if tokens % degree:
             raise ConfigError(f"{where}: ulysses x ring = {degree} must divide every sample's tokens; bucket {name} "
                               f"has {tokens}")
-    usable = [b for b in CONTEXT_PARALLEL_BACKENDS if not (training and b in NO_BACKWARD)]
+    if training:
+        ring_attention.check_version(ring, where)
+    usable = [b for b in context_parallel_backends() if not (training and b in NO_BACKWARD)]
     if attention not in usable:
         raise ConfigError(f"{where}: attention backend {attention!r} has no context-parallel "
                           f"{'backward' if training else 'support'} in diffusers; set model.attention_backend to one "
@@ -77,54 +101,6 @@ def enable(model, ulysses: int, ring: int, device_mesh, device: torch.device) ->
         return config
 
     if ring > 1:
-        _native_ring_support()
+        ring_attention.install()
     model._resolve_parallel_config = resolve
     model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring, mesh=device_mesh))
-
-
-def _lse_forward(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                 enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None, _sdpa=None):
-    """diffusers' native forward op, plus an exact log-sum-exp when asked (model layout: q, k, v
-    (B, S, H, D), lse (B, S, H))."""
-    if not return_lse:
-        return _sdpa(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, False,
-                     _save_ctx=_save_ctx, _parallel_config=_parallel_config)
-    if attn_mask is not None or dropout_p or is_causal or enable_gqa:
-        raise ValueError("wanray's ring attention op takes no mask, dropout, causal masking or GQA")
-    q, k, v = (x.transpose(1, 2).float() for x in (query, key, value))  # (B, H, S, D)
-    scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    lse = torch.logsumexp(scores, dim=-1)
-    out = (torch.exp(scores - lse[..., None]) @ v).transpose(1, 2).to(query.dtype)
-    if _save_ctx:
-        ctx.save_for_backward(query, key, value)
-        ctx.scale = scale
-    return out, lse.transpose(1, 2)
-
-
-def _lse_backward(ctx, grad_out, *args, query=None, key=None, value=None, out=None, lse=None, _sdpa_backward=None,
-                  **kwargs):
-    """Ring's backward for one key/value chunk from the merged output and log-sum-exp (the flash
-    attention backward: P = exp(S - lse), dV = P^T dO, dS = P (dO V^T - rowsum(dO o O)))."""
-    if key is None:  # not ring: diffusers' own recompute through SDPA
-        return _sdpa_backward(ctx, grad_out, *args, **kwargs)
-    q, k, v, o, do = (x.transpose(1, 2).float() for x in (query, key, value, out, grad_out))
-    scale = q.shape[-1] ** -0.5 if ctx.scale is None else ctx.scale
-    p = torch.exp(q @ k.transpose(-1, -2) * scale - lse.transpose(1, 2).float()[..., None])
-    grad_v = p.transpose(-1, -2) @ do
-    ds = p * (do @ v.transpose(-1, -2) - (do * o).sum(-1, keepdim=True))
-    grad_q, grad_k = ds @ k * scale, ds.transpose(-1, -2) @ q * scale
-    return tuple(g.transpose(1, 2).to(query.dtype) for g in (grad_q, grad_k, grad_v))
-
-
-def _native_ring_support() -> None:
-    """Give diffusers' native backend the log-sum-exp ring attention needs (once per process)."""
-    import functools
-
-    from diffusers.models import attention_dispatch as ad
-
-    if getattr(ad._native_attention_forward_op, "wanray_lse", False):
-        return
-    forward = functools.partial(_lse_forward, _sdpa=ad._native_attention_forward_op)
-    backward = functools.partial(_lse_backward, _sdpa_backward=ad._native_attention_backward_op)
-    forward.wanray_lse = backward.wanray_lse = True
-    ad._native_attention_forward_op, ad._native_attention_backward_op = forward, backward

@@ -18,7 +18,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
 from wanray import models
@@ -35,7 +35,8 @@ class LiveBytes(TorchDispatchMode):
     """Peak bytes of the tensor storages created while active and still alive (fake ones count their
     size): what a caching allocator must hold at once, less its rounding and fragmentation. The
     storages of `existing` (weights, inputs) are not counted, nor are views of them (a transposed
-    weight)."""
+    weight), nor wrapper tensors that own no storage (a collective's pending result, whose tensor
+    is counted where the collective creates it)."""
 
     def __init__(self, existing=()):
         super().__init__()
@@ -52,7 +53,7 @@ class LiveBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and not is_traceable_wrapper_subclass(t):
                 storage = t.untyped_storage()
                 key = id(storage)
                 if key not in self._refs:

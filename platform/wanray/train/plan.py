@@ -141,11 +141,15 @@ class TrainingPlan:
     activation_checkpointing: bool
     context_parallel: int = 1
     """Ranks that share each sample (ulysses x ring): each keeps the activations of its 1/N of the tokens."""
+    ring: int = 1
+    ring_bytes: int = 0
+    """Ring attention's working set at its peak (one attention call's backward, wanray.ring_attention): the
+    all-gathered keys and values, gradient buffers, score tiles; 0 without ring."""
 
     @property
     def total_bytes(self) -> int:
         return (self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.gathered_bytes
-                + self.grad_buffer_bytes + self.activation_bytes)
+                + self.grad_buffer_bytes + self.activation_bytes + self.ring_bytes)
 
     @property
     def fits(self) -> bool:
@@ -171,6 +175,8 @@ class TrainingPlan:
             f"activations for {self.tokens:,} tokens{split}: {g(self.activation_bytes)} "
             f"(activation checkpointing {'on' if self.activation_checkpointing else 'off'}; "
             f"{g(self.activation_bytes_without_checkpointing)} without it)",
+            *([f"ring attention over {self.ring} ranks: {g(self.ring_bytes)} at its peak, one attention call at a time "
+               "(every rank's keys and values gathered, gradient buffers, the chunk op's workspace)"] if self.ring > 1 else []),
             (f"LoRA syncs gradients once per step: its unsharded adapter gradients take {g(self.unsharded_grad_bytes)}"
              if self.lora else
              f"gradient accumulation reduce-scatters every micro-batch, keeping gradients sharded; skipping the sync "
@@ -199,7 +205,8 @@ def _rank0_shard_numel(model, world: int) -> tuple[int, int]:
 
 def plan_training(cfg: Config, model_path, expert: str, activations: ActivationModel | None = None) -> TrainingPlan:
     """Rank 0's memory when training `expert` of `model_path` (its config.json only) under `cfg`."""
-    from wanray import models
+    from wanray import context_parallel, models, ring_attention
+    from wanray.context_parallel import training_backend
     from wanray.train.parallel import build_on_meta
 
     t, d = cfg.train, cfg.data
@@ -219,13 +226,22 @@ def plan_training(cfg: Config, model_path, expert: str, activations: ActivationM
     pt, ph, pw = config["patch_size"]
     tokens = t.batch_size * (frames // pt) * (height // ph) * (width // pw)  # 21 x 30 x 52 = 32,760 per clip
     # A context-parallel rank keeps its shard's activations: Ulysses' attention holds all tokens of 1/U of
-    # the heads, the same bytes; ring's one key/value chunk at a time.
+    # the heads, the same bytes. Ring attention saves its own chunk too, but each call gathers every
+    # rank's keys and values and, in backward, float32 gradient buffers: ring_bytes, counted once.
     rank_tokens = tokens // t.context_parallel.degree
     act = activations or measure_activations(t.worker.dtype)
     one_block = ActivationModel.bytes(act.block, rank_tokens, dim, ffn)
     rest = ActivationModel.bytes(act.rest, rank_tokens, dim, ffn)
     # with checkpointing: every block keeps its inputs, and backward recomputes one block at a time
     checkpointed = layers * ActivationModel.bytes(act.checkpointed, rank_tokens, dim, ffn) + one_block + rest
+    cp = t.context_parallel
+    heads = config["num_attention_heads"]
+    context_parallel.check(cp.ulysses, cp.ring, heads, {f"{d.height}x{d.width}x{d.num_frames}": tokens // t.batch_size},
+                           training_backend(cfg))
+    half_npu = t.worker.device == "npu" and t.worker.dtype != "float32"  # torch_npu's fused op, not the tiles
+    ring_bytes = 0 if cp.ring == 1 else ring_attention.ring_working_bytes(
+        t.batch_size, tokens // t.batch_size, heads, config["attention_head_dim"], cp.ulysses, cp.ring, compute,
+        tiled=training_backend(cfg) == "native" and not half_npu)
     lora = t.lora.enabled
     grad_buffers = reduce * trainable if lora else (compute + reduce) * block
     return TrainingPlan(
@@ -236,4 +252,4 @@ def plan_training(cfg: Config, model_path, expert: str, activations: ActivationM
         tokens=tokens, activation_bytes=int(checkpointed if t.activation_checkpointing else layers * one_block + rest),
         activation_bytes_without_checkpointing=int(layers * one_block + rest),
         device_bytes=int(t.device_memory_gb * GB), activation_checkpointing=t.activation_checkpointing,
-        context_parallel=t.context_parallel.degree)
+        context_parallel=cp.degree, ring=cp.ring, ring_bytes=ring_bytes)

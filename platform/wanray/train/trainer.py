@@ -14,9 +14,9 @@ from pathlib import Path
 import yaml
 
 from wanray import context_parallel, models
-from wanray.config import Config, attention_backend
+from wanray.config import Config
 from wanray.data.shards import read_empty_prompt
-from wanray.errors import ConfigError, DataError
+from wanray.errors import USER_ERRORS, ConfigError, DataError
 from wanray.io import write_json_atomic, write_text_atomic
 from wanray.devices import accelerator
 from wanray.train import checkpoint as ckpt
@@ -64,10 +64,8 @@ def make_trainer(cfg: Config, expert: str, data_dir, run_dir, index: ClipIndex |
         raise ConfigError("train.init_dcp holds plain expert weights; with train.lora.enabled load from safetensors")
     model_path = str(models.ensure_model(cfg.model))
     contract = models.read_contract(model_path, cfg.model)
-    attention = attention_backend(cfg.model.attention_backend, t.worker.device, t.worker.dtype, training=True)
+    attention = context_parallel.training_backend(cfg)
     cp = t.context_parallel
-    if cp.degree > 1 and cfg.model.attention_backend is None and attention in context_parallel.NO_BACKWARD:
-        attention = "native"  # the NPU default, torch_npu's fused kernel, has no context-parallel backward in diffusers
     index = index or ClipIndex.from_dir(data_dir)
     context_parallel.check(cp.ulysses, cp.ring, models.expert_config(model_path, expert)["num_attention_heads"],
                            {contract.bucket_name(s): index.tokens(i) for i, s in enumerate(index.shapes)}, attention)
@@ -251,9 +249,7 @@ def print_plans(cfg: Config, expert: str, log=print) -> bool:
     from wanray.train.plan import measure_activations, plan_training
 
     model_path = models.check_model_dir(cfg.model.path)
-    w = cfg.train.worker
-    activations = measure_activations(w.dtype, attention_backend(cfg.model.attention_backend, w.device, w.dtype,
-                                                                 training=True))
+    activations = measure_activations(cfg.train.worker.dtype, context_parallel.training_backend(cfg))
     fits = True
     for e in selected(expert, models.read_kind(model_path)):
         plan = plan_training(cfg, model_path, e, activations)

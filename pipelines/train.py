@@ -9,12 +9,14 @@ the boundary. Starting the same command again resumes from the latest checkpoint
     python pipelines/train.py --config configs/t2v_a14b.yaml --plan [--set train.workers=8]
 
 prints each expert's memory per rank against train.device_memory_gb instead (no weights, no
-accelerator, no Ray: the model directory's config files only); exit status 1 when it does not fit.
+accelerator, no Ray: the model directory's config files only), and with train.validation.every set
+the validation actor's; exit status 1 when one does not fit.
 """
 import argparse
 import sys
 
 from wanray.config import add_config_args, load_config
+from wanray.infer.plan import print_plan
 from wanray.infer.validation import Validation
 from wanray.models import ensure_model
 from wanray.runtime import connect_ray, fail
@@ -38,6 +40,8 @@ def main(args):
     cfg = load_config(args.config, args.overrides)
     if args.plan:
         fits = print_plans(cfg, args.expert)
+        if cfg.train.validation.every:
+            fits = print_plan(cfg, "validation") and fits
         sys.exit(0 if fits else 1)
     connect_ray(verbose=args.verbose)
     validation = Validation(cfg, ensure_model(cfg.model)) if cfg.train.validation.every else None

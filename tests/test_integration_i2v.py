@@ -1,6 +1,7 @@
 """Wan2.2-I2V-A14B (tiny) through preprocessing, training and export on a real local Ray: the stored
 first-frame condition is diffusers' own, the experts train on it, the export loads in
 WanImageToVideoPipeline."""
+import json
 import shutil
 
 import pyarrow.parquet as pq
@@ -51,10 +52,32 @@ def test_the_stored_condition_is_the_one_wan_image_to_video_pipeline_builds(i2v_
 def test_i2v_experts_train_on_the_condition_and_export_to_wan_image_to_video(i2v_model, i2v_prep, tmp_path):
     from diffusers import WanImageToVideoPipeline
 
+    from PIL import Image
+
+    from wanray.data.synthetic import SyntheticClip, render
+    from wanray.errors import ConfigError
+    from wanray.infer.validation import RECORD_FILE, Validation
+
     run = tmp_path / "run"
+    frame = render(SyntheticClip("x", "", 64, 64, 16, 2, "circle", "red", "gray", "left to right"))[0]
+    Image.fromarray(frame).save(tmp_path / "first.png")
+    # validation with a first frame per prompt, offloaded as the A14B presets have it
+    validating = ["train.validation.every=30", "train.validation.prompts=[a red circle]",
+                  f"train.validation.images=[{tmp_path / 'first.png'}]", "train.validation.num_frames=5",
+                  "train.validation.num_inference_steps=2", "train.validation.offload=true"]
     cfg = tiny_config(i2v_model, "train.workers=1", "train.steps=30", "train.checkpoint_every=30", "train.lr=3e-3",
-                      "train.log_every=1", "train.caption_dropout=0.0")
-    train_experts(cfg, "high", i2v_prep, run, log=lambda _: None)
+                      "train.log_every=1", "train.caption_dropout=0.0", *validating)
+    with pytest.raises(ConfigError, match="train.validation: Wan2.2-I2V-A14B needs an image"):
+        Validation(tiny_config(i2v_model, *validating[:2]), i2v_model)
+    with pytest.raises(ConfigError, match="train.validation.images holds 1 images for 2 prompts"):
+        Validation(tiny_config(i2v_model, *validating, "train.validation.prompts=[a, b]"), i2v_model)
+    train_experts(cfg, "high", i2v_prep, run, log=lambda _: None, validation=Validation(cfg, i2v_model))
+    (record,) = [json.loads(line) for line in (run / "high" / "validation" / RECORD_FILE).read_text().splitlines()]
+    assert record["step"] == 30 and "error" not in record
+    import av
+
+    with av.open(record["videos"][0]) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 5
     losses = [m["loss"] for m in metrics(run)]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
     out = export_run(cfg, run, tmp_path / "export", log=lambda _: None)

@@ -94,3 +94,27 @@ def test_plan_flags_of_serve_and_generate_print_the_verdict_and_exit_by_it(a14b)
     assert batch.returncode == 0 and "batch actor: 32.38 GB" in batch.stdout, batch.stdout + batch.stderr
     assert resident.returncode == 1 and "DOES NOT FIT" in resident.stdout and "turn on infer.batch_offload" in \
         resident.stdout
+
+
+def test_validation_of_the_a14b_models_fits_a_64_gb_device_only_offloaded(a14b):
+    """UMT5-XXL and both 14B experts resident need ~77 GB at 480P; offloaded, the validation actor holds one
+    stage at a time. `train.py --plan` says so and exits 1 on the resident one."""
+    sets = ["train.validation.every=500", "train.validation.prompts=[a cat]"]
+    resident = plan_inference(preset(a14b, *sets, "train.validation.offload=false"), a14b, "validation")
+    offloaded = plan_inference(preset(a14b, *sets), a14b, "validation")  # the preset offloads
+    assert (resident.frames, resident.height, resident.width) == (81, 480, 832)
+    assert resident.device_bytes == 64e9 and not resident.fits
+    assert resident.devices()["validation actor"] > 69e9
+    assert offloaded.fits and offloaded.devices()["validation actor"] == max(p.total_bytes
+                                                                             for p in offloaded.stages.values())
+
+    def plan(*more):
+        cmd = [sys.executable, str(ROOT / "pipelines" / "train.py"), "--config", str(ROOT / "configs" / "t2v_a14b.yaml"),
+               "--plan", "--expert", "high", "--set", f"model.path={a14b}", "--set", "train.workers=16"]
+        return subprocess.run(cmd + [a for s in (*sets, *more) for a in ("--set", s)], capture_output=True, text=True,
+                              timeout=300)
+
+    too_big, fits = plan("train.validation.offload=false"), plan()
+    assert too_big.returncode == 1 and "validation actor: " in too_big.stdout
+    assert "DOES NOT FIT" in too_big.stdout and "turn on train.validation.offload" in too_big.stdout
+    assert fits.returncode == 0 and "train.validation.offload on" in fits.stdout

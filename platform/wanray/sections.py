@@ -197,7 +197,12 @@ class ValidationConfig:
     prompts: list[str] = field(default_factory=list)
     """The prompts, the same at every validation so the videos compare across steps."""
     prompts_file: str = ""
-    """Or a file of them, one per line (added after `prompts`)."""
+    """Or a file of them (added after `prompts`): one per line, or a .jsonl of generate.py's prompt lines
+    (any of the REST API's fields; `image` a path relative to the file): the way to give each its own
+    size, seed or first frame."""
+    images: list[str] = field(default_factory=list)
+    """Image-to-video models (I2V-A14B, TI2V-5B): the first frame of each prompt of `prompts` and of a plain
+    prompts_file, one image path per prompt in order (a .jsonl names its own)."""
     num_inference_steps: int = 20
     guidance_scale: float = 4.0
     guidance_scale_2: float = 3.0
@@ -210,6 +215,10 @@ class ValidationConfig:
     """0: data.num_frames."""
     worker: Resources = field(default_factory=Resources)
     """The validation actor's resources (its own device: training never waits for it)."""
+    offload: bool = False
+    """Keep the text encoder, experts and VAE in host memory and put each on the device only while it runs,
+    as infer.batch_offload: two A14B experts with UMT5-XXL are ~69 GB resident. `train.py --plan` says
+    whether the validation actor fits train.device_memory_gb either way."""
 
 
 @dataclass

@@ -29,7 +29,8 @@ from wanray.io import write_bytes_atomic
 INDEX_FILE = "videos.jsonl"
 
 
-def read_prompts(path: str | os.PathLike, cfg: Config, kind: ModelKind = KINDS["t2v-a14b"]) -> list[GenerationParams]:
+def read_prompts(path: str | os.PathLike, cfg: Config, kind: ModelKind = KINDS["t2v-a14b"],
+                 split: int | None = None) -> list[GenerationParams]:
     """One GenerationParams per non-blank line; RequestError names the first line that is out of bounds.
 
     A .jsonl file holds one JSON object per line: `prompt` and any of the REST API's fields
@@ -37,7 +38,8 @@ def read_prompts(path: str | os.PathLike, cfg: Config, kind: ModelKind = KINDS["
     `guidance_scale_2`, `seed`) for that video, e.g. a size of another bucket, and for an image-to-video
     model `image`, the path of its first frame (relative to the prompts file), and for I2V-A14B
     `last_image`, of its last frame; any other file, one
-    prompt per line with the configured settings."""
+    prompt per line with the configured settings. split: the devices an expert's tokens are shared over
+    (infer.batch_devices when None)."""
     from pydantic import ValidationError
 
     p = Path(path)
@@ -55,11 +57,11 @@ def read_prompts(path: str | os.PathLike, cfg: Config, kind: ModelKind = KINDS["
                     raise RequestError("expected a JSON object of the REST API's fields (all but output)")
                 for name in ("image", "last_image"):
                     if isinstance(fields.get(name), str):
-                        fields[name] = _image_file(p.parent / fields[name])
+                        fields[name] = image_file(p.parent / fields[name])
                 request = GenerateRequest.model_validate(fields)
             else:
                 request = GenerateRequest(prompt=line.strip())
-            params.append(resolve(request, cfg, kind, cfg.infer.batch_devices))
+            params.append(resolve(request, cfg, kind, cfg.infer.batch_devices if split is None else split))
         except json.JSONDecodeError as e:
             raise RequestError(f"{p} line {number}: not JSON: {e}") from None
         except ValidationError as e:
@@ -73,7 +75,8 @@ def read_prompts(path: str | os.PathLike, cfg: Config, kind: ModelKind = KINDS["
     return params
 
 
-def _image_file(path: Path) -> str:
+def image_file(path: Path) -> str:
+    """An image file's bytes in base64, as GenerationParams.image holds them."""
     import base64
 
     if not path.is_file():

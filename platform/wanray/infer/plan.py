@@ -136,7 +136,7 @@ def plan_stage(model_dir, stage: str, dtype: str, contract: WanContract, frames:
 @dataclass
 class InferencePlan:
     use: str
-    """"serve" (each stage on its own device) or "batch" (one actor holds all four)."""
+    """"serve" (each stage on its own device), "batch" or "validation" (one actor holds all four)."""
     frames: int
     height: int
     width: int
@@ -148,10 +148,11 @@ class InferencePlan:
         """Peak bytes of each device: one per stage when serving; one per batch actor."""
         if self.use == "serve":
             return {s: p.total_bytes for s, p in self.stages.items()}
+        actor = f"{self.use} actor"
         if self.offload:
-            return {"batch actor": max(p.total_bytes for p in self.stages.values())}
+            return {actor: max(p.total_bytes for p in self.stages.values())}
         weights = sum(p.weight_bytes for p in self.stages.values())
-        return {"batch actor": weights + max(p.working_bytes // p.devices for p in self.stages.values())}
+        return {actor: weights + max(p.working_bytes // p.devices for p in self.stages.values())}
 
     @property
     def fits(self) -> bool:
@@ -159,39 +160,46 @@ class InferencePlan:
 
     def lines(self) -> list[str]:
         g = lambda n: f"{n / GB:.2f} GB"  # noqa: E731
-        out = [f"{'Serve' if self.use == 'serve' else 'batch generation'} at {self.frames}x{self.height}x{self.width}"
-               f" (frames x height x width){'' if self.use == 'serve' else ', infer.batch_offload ' + ('on' if self.offload else 'off')}"]
+        title, offload_key = {"serve": ("Serve", None), "batch": ("batch generation", "infer.batch_offload"),
+                              "validation": ("validation while training", "train.validation.offload")}[self.use]
+        out = [f"{title} at {self.frames}x{self.height}x{self.width} (frames x height x width)"
+               + (f", {offload_key} {'on' if self.offload else 'off'}" if offload_key else "")]
         for s, p in self.stages.items():
             split = f" split over {p.devices} devices" if p.devices > 1 else ""
             out.append(f"{STAGE_NAMES[s]} ({p.dtype}): weights {g(p.weight_bytes)}, working set {g(p.working_bytes)}"
                        f"{split}, total {g(p.total_bytes)}{' per device' if split else ''}")
         for device, n in self.devices().items():
-            if self.use == "batch":
+            if offload_key:
                 what = ("the largest stage's model and working set: the others wait in host memory" if self.offload
                         else "all four models and the largest working set")
             else:
                 what = f"the {STAGE_NAMES[device]}'s device"
             verdict = (f"fits ({n / self.device_bytes:.0%} of {g(self.device_bytes)})" if n <= HEADROOM * self.device_bytes
                        else f"DOES NOT FIT ({n / self.device_bytes:.0%} of {g(self.device_bytes)}; at most "
-                            f"{HEADROOM:.0%})" + (": turn on infer.batch_offload" if self.use == "batch" and not
-                                                  self.offload else ""))
+                            f"{HEADROOM:.0%})" + (f": turn on {offload_key}" if offload_key and not self.offload
+                                                  else ""))
             out.append(f"{device}: {g(n)}, {what}: {verdict}")
         return out
 
 
 def plan_inference(cfg: Config, model_dir, use: str) -> InferencePlan:
-    """The device memory of serving `model_dir` under cfg (at the largest request infer.max_* admits)
-    or of batch generation (at data.*, the size generate.py renders)."""
-    i, d = cfg.infer, cfg.data
+    """The device memory of serving `model_dir` under cfg (at the largest request infer.max_* admits),
+    of batch generation (at data.*, the size generate.py renders) or of the validation actor while
+    training (at train.validation's size, against train.device_memory_gb)."""
+    i, d, v = cfg.infer, cfg.data, cfg.train.validation
     contract = models.read_contract(model_dir, cfg.model)
+    offload, device_gb = False, i.device_memory_gb
     if use == "serve":
         frames, height, width = i.max_frames, i.max_height, i.max_width
         resources = {s: getattr(i.stages, s) for s in STAGES}
     elif use == "batch":
         frames, height, width = d.num_frames, d.height, d.width
-        resources = {s: i.batch for s in STAGES}
+        resources, offload = {s: i.batch for s in STAGES}, i.batch_offload
+    elif use == "validation":
+        frames, height, width = v.num_frames or d.num_frames, v.height or d.height, v.width or d.width
+        resources, offload, device_gb = {s: v.worker for s in STAGES}, v.offload, cfg.train.device_memory_gb
     else:
-        raise ValueError(f"use must be 'serve' or 'batch', got {use!r}")
+        raise ValueError(f"use must be 'serve', 'batch' or 'validation', got {use!r}")
     stages = {}
     for s in ("text", *contract.kind.experts, "vae"):  # TI2V-5B: no low-noise stage
         dtype = VAE_DTYPE if s == "vae" else resources[s].dtype
@@ -199,14 +207,13 @@ def plan_inference(cfg: Config, model_dir, use: str) -> InferencePlan:
             if s in EXPERTS else "native"
         stages[s] = plan_stage(model_dir, s, dtype, contract, frames, height, width, attention, i.batched_guidance)
         if s in EXPERTS:
-            devices = getattr(i, f"{s}_devices") if use == "serve" else i.batch_devices
+            devices = {"serve": getattr(i, f"{s}_devices"), "batch": i.batch_devices, "validation": 1}[use]
             stages[s] = dataclasses.replace(stages[s], devices=devices)
-    return InferencePlan(use, frames, height, width, stages, use == "batch" and i.batch_offload,
-                         int(i.device_memory_gb * GB))
+    return InferencePlan(use, frames, height, width, stages, offload, int(device_gb * GB))
 
 
 def print_plan(cfg: Config, use: str, log=print) -> bool:
-    """Print the inference memory plan of cfg.model.path (`serve` or `batch`); True when it fits."""
+    """Print the inference memory plan of cfg.model.path (`serve`, `batch` or `validation`); True when it fits."""
     plan = plan_inference(cfg, models.check_model_dir(cfg.model.path), use)
     for line in plan.lines():
         log(f"[plan] {line}")

@@ -165,9 +165,11 @@ class StageSpec:
 
     @classmethod
     def for_validation(cls, model_dir, cfg: Config) -> StageSpec:
-        """Every stage in one validation actor (wanray.infer.validation), on train.validation.worker."""
-        v = cfg.train.validation.worker
-        return cls._make(model_dir, cfg, StageResources(text=v, high=v, low=v, vae=v))
+        """Every stage in one validation actor (wanray.infer.validation), on train.validation.worker; with
+        train.validation.offload only the running stage's model is on the device."""
+        v = cfg.train.validation
+        return cls._make(model_dir, cfg, StageResources(text=v.worker, high=v.worker, low=v.worker, vae=v.worker),
+                         v.offload)
 
     @classmethod
     def _make(cls, model_dir, cfg: Config, stages: StageResources, offload: bool = False) -> StageSpec:

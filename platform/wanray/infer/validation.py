@@ -14,6 +14,7 @@ compare across steps.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -23,6 +24,7 @@ from wanray import models
 from wanray.config import Config
 from wanray.errors import ConfigError, RequestError
 from wanray.infer.api import GenerateRequest, resolve
+from wanray.infer.batch import image_file, read_prompts
 from wanray.infer.sampler import GenerationParams, Sampler, StageSpec
 from wanray.infer.video import mp4_bytes
 from wanray.io import write_bytes_atomic, write_json_atomic
@@ -32,20 +34,32 @@ RECORD_FILE = "validations.jsonl"
 
 
 def validation_prompts(cfg: Config, model_dir) -> list[GenerationParams]:
-    """train.validation's prompts as resolved requests (a bad size or prompt fails here, in the driver)."""
+    """train.validation's prompts as resolved requests, the validation settings their defaults: `prompts`
+    and a plain prompts_file with train.validation.images as their first frames, then a .jsonl
+    prompts_file's lines. A bad size, prompt or image fails here, in the driver."""
     v, d = cfg.train.validation, cfg.data
-    texts = list(v.prompts)
-    if v.prompts_file:
-        path = Path(v.prompts_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"train.validation.prompts_file not found: {path}")
-        texts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    defaults = dataclasses.replace(
+        cfg, data=dataclasses.replace(d, height=v.height or d.height, width=v.width or d.width,
+                                      num_frames=v.num_frames or d.num_frames),
+        infer=dataclasses.replace(cfg.infer, num_inference_steps=v.num_inference_steps, seed=v.seed,
+                                  guidance_scale=v.guidance_scale, guidance_scale_2=v.guidance_scale_2))
     kind = models.read_kind(model_dir)
+    texts, lines = list(v.prompts), []
     try:
-        return [resolve(GenerateRequest(prompt=text, num_inference_steps=v.num_inference_steps,
-                                        guidance_scale=v.guidance_scale, guidance_scale_2=v.guidance_scale_2,
-                                        seed=v.seed, height=v.height or d.height, width=v.width or d.width,
-                                        num_frames=v.num_frames or d.num_frames), cfg, kind) for text in texts]
+        if v.prompts_file:
+            path = Path(v.prompts_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"train.validation.prompts_file not found: {path}")
+            if path.suffix.lower() == ".jsonl":
+                lines = read_prompts(path, defaults, kind, split=1)
+            else:
+                texts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if v.images and len(v.images) != len(texts):
+            raise ConfigError(f"train.validation.images holds {len(v.images)} images for {len(texts)} prompts "
+                              "(train.validation.prompts and a plain prompts_file): give one per prompt")
+        images = [image_file(Path(path)) for path in v.images] or [None] * len(texts)
+        return [resolve(GenerateRequest(prompt=text, image=image), defaults, kind)
+                for text, image in zip(texts, images)] + lines
     except RequestError as e:
         raise ConfigError(f"train.validation: {e}") from None
 

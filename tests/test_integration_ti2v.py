@@ -9,6 +9,7 @@ from wanray import models
 from wanray.data.preprocess import run_preprocess
 from wanray.data.shards import read_clips
 from wanray.errors import ConfigError, DataError
+from wanray.infer.validation import RECORD_FILE, Validation
 from wanray.schema import ClipRow
 from wanray.train.checkpoint import diffusers_to_dcp
 from wanray.train.trainer import export_run, make_trainer, selected, train_experts
@@ -69,6 +70,50 @@ def test_ti2v_trains_its_one_transformer_and_exports_to_wan_pipeline(ti2v_model,
     assert models.read_kind(out) == KINDS["ti2v-5b"]
     assert not torch.equal(pipe.transformer.proj_out.weight, base.transformer.proj_out.weight)  # trained
     WanImageToVideoPipeline.from_pretrained(out)  # the same directory serves image to video
+
+
+def test_stills_among_videos_train_with_finite_loss_when_every_clip_is_drawn_image_conditioned(
+        ti2v_model, synthetic, tmp_path):
+    """train.image_condition=1.0 (the TI2V preset's): a still has one latent frame, which as the clean condition
+    would leave an empty loss mask (0/0) and write NaN into the weights. Stills are never image-conditioned."""
+    import json
+    import math
+
+    from PIL import Image
+
+    from test_integration_train import clip_counts
+    from wanray.data.synthetic import SyntheticClip, render
+
+    entries = [{"path": str(synthetic.parent / e["path"]), "cap": e["cap"]}
+               for e in json.loads((synthetic.parent / "data.json").read_text())]
+    for name in ("still-a.png", "still-b.png"):
+        frame = render(SyntheticClip(name, "", 64, 64, 16, 2, "square", "yellow", "navy", "left to right"))[0]
+        Image.fromarray(frame).save(tmp_path / name)
+        entries.append({"image": name, "cap": "a yellow square on a navy background"})
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    prep = tmp_path / "prep"
+    run_preprocess(tiny_config(ti2v_model), str(tmp_path / "data.jsonl"), str(prep), log=lambda _: None)
+    rows = [ClipRow.from_record(r) for r in read_clips(prep).to_pylist()]
+    stills = {r.id for r in rows if r.num_frames == 1}
+    assert len(stills) == 2 and len(rows) == 10
+    run = tmp_path / "run"
+    # validation from a .jsonl of generate.py's lines: one from a first frame, one from text alone
+    lines = [{"prompt": "a yellow square", "image": "still-a.png", "num_frames": 5}, {"prompt": "a red circle"}]
+    (tmp_path / "validation.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    cfg = tiny_config(ti2v_model, "train.workers=1", f"train.steps={len(rows)}", f"train.checkpoint_every={len(rows)}",
+                      "train.log_every=1", "train.image_condition=1.0", f"train.validation.every={len(rows)}",
+                      f"train.validation.prompts_file={tmp_path / 'validation.jsonl'}",
+                      "train.validation.num_inference_steps=2")
+    train_experts(cfg, "high", prep, run, log=lambda _: None, validation=Validation(cfg, ti2v_model))
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in metrics(run))
+    assert stills <= set(clip_counts(run))  # both stills were trained on
+    (record,) = [json.loads(line) for line in (run / "high" / "validation" / RECORD_FILE).read_text().splitlines()]
+    assert "error" not in record and len(record["videos"]) == 2
+    import av
+
+    for video, frames in zip(record["videos"], (5, cfg.data.num_frames)):
+        with av.open(video) as container:
+            assert sum(1 for _ in container.decode(video=0)) == frames
 
 
 def test_the_low_expert_of_a_one_transformer_model_and_data_of_another_vae_are_refused(

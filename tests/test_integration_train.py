@@ -134,6 +134,44 @@ def test_loss_halves_on_one_clip_and_export_carries_the_boundary_it_trained_with
     assert (videos[0] - videos[1]).abs().max() > 1e-3
 
 
+def test_a_non_finite_loss_stops_the_run_naming_its_step_and_clip_before_the_weights_change(prep, tiny_model,
+                                                                                             tmp_path):
+    """Four clips on 2 workers, the one rank 1 draws at step 2 with a NaN in its latent: step 2 raises on every rank,
+    naming that clip (gathered from the rank that read it); step 1's checkpoint stays the last, and finite."""
+    import itertools
+
+    import numpy as np
+    import pyarrow as pa
+
+    from wanray.errors import NonFiniteLoss
+    from wanray.train.data import ClipIndex, DataPlan
+
+    table = pq.read_table(shard_paths(prep)[0]).slice(0, 4)
+    data = tmp_path / "data"
+    data.mkdir()
+    pq.write_table(table, data / "part-0.parquet", row_group_size=1)
+    shutil.copy(prep / EMPTY_PROMPT_FILE, data / EMPTY_PROMPT_FILE)
+    cfg = tiny_config(tiny_model, *FAST, "train.workers=2", "train.steps=2", "train.checkpoint_every=1",
+                      "train.max_failures=0")
+    plan = DataPlan(ClipIndex.from_dir(data), 1, cfg.train.seed, 2, 1, False)
+    (_, (position,)), = next(itertools.islice(plan.steps(0, 0, 1), 1, None)).batches  # rank 1, step 2
+    rows = table.to_pylist()
+    latent = np.frombuffer(rows[position]["latent"], dtype=rows[position]["latent_dtype"]).copy()
+    latent[0] = np.nan
+    rows[position]["latent"] = latent.tobytes()
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), data / "part-0.parquet", row_group_size=1)
+    run, bad = tmp_path / "run", rows[position]["id"]
+    with pytest.raises(NonFiniteLoss, match=rf"^step 2: the loss is not finite \(gradient norm nan\); clips: {bad}\. "
+                                            "Stopped before the optimizer step, so the weights are step 1's") as failed:
+        train_experts(cfg, "high", data, run, log=lambda _: None)
+    assert failed.value.clips == [bad]
+    assert "error: step 2: the loss is not finite" in (run / "high" / "console.log").read_text()
+    assert [m["step"] for m in metrics(run)] == [1]
+    assert json.loads((latest_checkpoint(run, "high") / "wanray_step.json").read_text())["step"] == 1
+    weights = checkpoint_state(latest_checkpoint(run, "high"), tmp_path)["model"]
+    assert weights and all(torch.isfinite(w).all() for w in weights.values() if torch.is_tensor(w))
+
+
 @contextmanager
 def one_rank_process_group():
     import torch.distributed as dist

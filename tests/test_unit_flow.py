@@ -82,3 +82,16 @@ def test_a_checkpoint_without_the_data_position_is_refused_before_training(tmp_p
     dcp.save({"train": {"step": 3, "epoch": 0, "batches_in_epoch": 2, "data_fingerprint": "x"}},
              checkpoint_id=str(tmp_path / "new"), no_dist=True)
     check_resumable(tmp_path / "new")
+
+
+def test_a_clip_of_one_latent_frame_is_never_drawn_image_conditioned():
+    """TI2V-5B at train.image_condition=1.0: videos always are, stills (one latent frame) never, or their loss
+    mask would be empty (0/0)."""
+    import dataclasses
+
+    from wanray.wan import KINDS
+
+    ti2v = dataclasses.replace(contract(0.875), kind=KINDS["ti2v-5b"])
+    for seed in range(5):
+        assert draw_flow((3, 48, 5, 4, 4), "high", ti2v, 5.0, 0.0, seed, 1.0).first_frame.all()
+        assert not draw_flow((3, 48, 1, 4, 4), "high", ti2v, 5.0, 0.0, seed, 1.0).first_frame.any()

@@ -20,6 +20,18 @@ class DataError(ValueError):
     a checkpoint without the data position of the seeded order)."""
 
 
+class NonFiniteLoss(DataError):
+    """A training step whose loss or gradients are not finite (a corrupt latent, an empty loss mask, a
+    diverging learning rate): stopped before the optimizer wrote them into the weights."""
+
+    def __init__(self, message: str, clips: list[str] = (), step_clips: list[str] = ()):
+        super().__init__(message)
+        self.clips = list(clips)
+        """The clips whose micro-batch loss is not finite."""
+        self.step_clips = list(step_clips)
+        """Every clip of the step (the suspects when no micro-batch loss is itself non-finite)."""
+
+
 class RequestError(ValueError):
     """A generation request the platform will not run (out of the configured bounds, malformed);
     the server sends the message back to the client as is."""

@@ -77,6 +77,9 @@ def draw_flow(latent_shape: tuple[int, ...], expert: str, contract: WanContract,
     timesteps = sample_timesteps(b, expert, contract, shift, gen)
     noise = torch.randn(latent_shape, generator=gen)
     first_frame = torch.rand(b, generator=gen) < (image_condition if contract.kind.expand_timesteps else 0.0)
+    # A clip of one latent frame (a still image) is never image-conditioned: its one frame would be the clean
+    # condition, leaving nothing to learn and a loss of 0/0.
+    first_frame &= latent_shape[2] > 1
     return FlowDraw(timesteps, noise, drop, first_frame)
 
 

@@ -20,6 +20,7 @@ import yaml
 from wanray import context_parallel
 from wanray.config import Config
 from wanray.devices import accelerator, torch_dtype
+from wanray.errors import NonFiniteLoss
 from wanray.schema import pad_text_embedding
 from wanray.train import checkpoint as ckpt
 from wanray.train.data import Batch, ClipIndex, ClipLoader, ClipReader, DataPlan, StepData
@@ -137,7 +138,7 @@ def train_step(model, params: list, optimizer, lr_schedule, step: StepData, spec
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches: (summed loss, grad norm, the timesteps drawn)."""
     t = spec.cfg.train
-    loss_sum, drawn = torch.zeros((), device=device), []
+    loss_sum, drawn, losses = torch.zeros((), device=device), [], []
     world, group = dist.get_world_size(), t.context_parallel.degree
     # The loss is the mean over every clip of the step, on all ranks: micro-batches of different
     # buckets hold different numbers of clips, and FSDP2 averages the ranks' gradients. The ranks of a
@@ -153,8 +154,16 @@ def train_step(model, params: list, optimizer, lr_schedule, step: StepData, spec
         loss = flow_loss(model, batch, draw, empty, spec, device) * weight
         loss.backward()
         loss_sum += loss.detach() / group
+        losses.append(loss.detach())
         drawn.append(draw.timesteps)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad if t.clip_grad > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, reduced over the ranks here (a scalar all-reduce)
+        grad_norm = grad_norm.full_tensor()
+    # A host sync every step, deliberately: AdamW would write a non-finite gradient into every weight, and
+    # clipping does not stop NaN. The norm is global, so every rank stops at the same step.
+    if not torch.isfinite(grad_norm):
+        bad = [i for b, loss in zip(step.batches, losses) if not torch.isfinite(loss) for i in b.ids]
+        raise NonFiniteLoss(f"gradient norm {float(grad_norm)}", bad, [i for b in step.batches for i in b.ids])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     lr_schedule.step()
@@ -215,8 +224,11 @@ def train_loop(config: dict) -> None:
                 step_start = time.perf_counter()
                 step = loader.next()
                 wait = time.perf_counter() - step_start
-                loss, grad_norm, timesteps = train_step(model, params, optimizer, lr_schedule, step, spec, empty,
-                                                        device)
+                try:
+                    loss, grad_norm, timesteps = train_step(model, params, optimizer, lr_schedule, step, spec, empty,
+                                                            device)
+                except NonFiniteLoss as e:
+                    raise non_finite(e, progress.step + 1, log) from None
                 progress.step += 1
                 progress.epoch, progress.batches_in_epoch = step.epoch, step.start + plan.per_step
                 order_log.write(json.dumps({"step": progress.step, "epoch": step.epoch,
@@ -237,6 +249,20 @@ def train_loop(config: dict) -> None:
     finally:
         loader.close()
         log.tracker.close()
+
+
+def non_finite(error: NonFiniteLoss, step: int, log: "MetricsLog") -> NonFiniteLoss:
+    """The error every rank raises at the step whose gradients are not finite (all reach it together: the
+    norm is global), naming the step's suspect clips of every data-parallel rank; rank 0 also prints it."""
+    found: list = [None] * dist.get_world_size()
+    dist.all_gather_object(found, (error.clips, error.step_clips))
+    bad = {c for clips, _ in found for c in clips}
+    suspects = sorted(bad or {c for _, clips in found for c in clips})
+    message = (f"step {step}: the loss is not finite ({error}); clips: {', '.join(suspects)}. Stopped before the "
+               f"optimizer step, so the weights are step {step - 1}'s; each rank's clips of every step are in "
+               f"{Path(log.spec.run_dir) / 'data_order'}. Check those clips' latents, or lower train.lr")
+    log.say(f"error: {message}")
+    return NonFiniteLoss(message, suspects)
 
 
 class MetricsLog:
@@ -285,8 +311,6 @@ class MetricsLog:
         t = self.spec.cfg.train
         if progress.step % t.log_every and progress.step != t.steps:
             return None
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
         vals = torch.stack([loss.float(), grad_norm.float().to(loss.device)])
         dist.all_reduce(vals)  # mean loss over ranks; grad_norm is already global (summed, divided below)
         loss_v, norm_v = (vals / self.world).tolist()  # the host sync of this logged step

@@ -143,7 +143,10 @@ def train_experts(cfg: Config, expert: str, data_dir, run_dir, log=print, valida
     try:
         trainers = {e: make_trainer(cfg, e, data_dir, run_dir, index, validators.get(e)) for e in experts}
         with Follow([Path(run_dir) / e / CONSOLE_FILE for e in experts], log):
-            results = fit(cfg, trainers, log)
+            try:
+                results = fit(cfg, trainers, log)
+            except Exception as e:
+                raise worker_user_error(e) or e from None
         for e in experts:
             if results.get(e) is None or results[e].error:
                 raise RuntimeError(f"training the {e}-noise expert failed: "
@@ -191,6 +194,19 @@ class Follow:
             self.offsets[path] = offset + len(complete)
             for line in complete.decode().splitlines():
                 self.log(line)
+
+
+def worker_user_error(error: Exception) -> Exception | None:
+    """The error a worker raised because of what the user gave it (wanray.errors: a non-finite loss from a
+    corrupt clip), out of Ray Train's WorkerGroupError, so the driver reports it in one line; else None."""
+    from ray.train import WorkerGroupError
+
+    if isinstance(error, WorkerGroupError):
+        for failure in error.worker_failures.values():
+            cause = getattr(failure, "cause", failure)  # a RayTaskError carries the worker's own exception
+            if isinstance(cause, USER_ERRORS):
+                return cause
+    return None
 
 
 def fit(cfg: Config, trainers: dict, log=print) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 from wanray.config import add_config_args, load_config
 from wanray.infer.api import exposure_warning, serving_token
 from wanray.infer.plan import print_plan
-from wanray.infer.serve import APP_NAME, UI_PATH, start
+from wanray.infer.serve import UI_PATH, remove_app, start
 from wanray.models import ensure_model
 from wanray.runtime import connect_ray, fail
 
@@ -66,9 +66,7 @@ def main(args):
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        from ray import serve
-
-        serve.delete(APP_NAME)
+        remove_app()
         ray.shutdown()
 
 

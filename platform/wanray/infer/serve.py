@@ -288,3 +288,19 @@ def start(cfg: Config, model_dir: str, ui: BuildUI | None = None) -> str:
     serve.start(http_options={"host": cfg.infer.host, "port": cfg.infer.port})
     serve.run(build_app(cfg, model_dir, ui), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{cfg.infer.host}:{cfg.infer.port}"
+
+
+def remove_app() -> None:
+    """Remove the application from the connected Ray, whatever signal arrives meanwhile: SIGINT and SIGTERM
+    are ignored from here on, since a KeyboardInterrupt inside the removal would end the driver half done
+    (by SIGINT, return code -2). A start interrupted before Serve's controller existed has nothing to remove."""
+    import signal
+
+    from ray.serve.exceptions import RayServeException
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        serve.delete(APP_NAME)
+    except RayServeException:  # "There is no Serve instance running on this Ray cluster"
+        pass

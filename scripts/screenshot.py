@@ -8,9 +8,11 @@ Drives the system's Chromium (Debian: `apt-get install -y chromium`) through Pla
 no browser download). The page is a JavaScript app that fetches its data after it loads, so the shot
 is taken once every --wait-for SELECTOR=N holds (at least N elements match the CSS selector; N
 defaults to 1), the page shows every --wait-for-text TEXT and the network has been idle, not after
-a fixed time.
+a fixed time. --texts SELECTOR (repeatable) also writes the text of every visible element matching it
+to OUT with the suffix .json ({selector: [text, ...]}): what a test reads off the page.
 """
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -31,9 +33,9 @@ def find_browser() -> str:
 
 
 def screenshot(url: str, out: Path, width: int = 1280, height: int = 900, wait_for: tuple[str, ...] = (),
-               wait_for_text: tuple[str, ...] = (), timeout_s: float = 120) -> Path:
+               wait_for_text: tuple[str, ...] = (), timeout_s: float = 120, texts: tuple[str, ...] = ()) -> Path:
     """Write a PNG of `url` as a `width`x`height` window once every `wait_for` "SELECTOR=N" holds and the
-    page shows every `wait_for_text`."""
+    page shows every `wait_for_text`; with `texts`, the visible elements' texts per selector beside it."""
     from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import sync_playwright
 
@@ -54,6 +56,10 @@ def screenshot(url: str, out: Path, width: int = 1280, height: int = 900, wait_f
             page.wait_for_load_state("networkidle", timeout=timeout_s * 1000)
             page.wait_for_timeout(1000)  # the plots' and videos' last paint
             page.screenshot(path=str(out))
+            if texts:
+                found = {sel: page.eval_on_selector_all(sel, "els => els.filter(e => e.getClientRects().length)"
+                                                             ".map(e => e.textContent.trim())") for sel in texts}
+                out.with_suffix(".json").write_text(json.dumps(found, indent=1))
         except PlaywrightError as e:
             raise RuntimeError(f"screenshot of {url} failed: {str(e).splitlines()[0]}") from None
         finally:
@@ -71,10 +77,12 @@ def main():
                         help="wait until at least N elements match the CSS selector (repeatable)")
     parser.add_argument("--wait-for-text", action="append", default=[], metavar="TEXT",
                         help="wait until the page shows TEXT (repeatable)")
+    parser.add_argument("--texts", action="append", default=[], metavar="SELECTOR",
+                        help="also write the visible matching elements' texts to OUT.json (repeatable)")
     args = parser.parse_args()
     try:
         print(screenshot(args.url, Path(args.out), args.width, args.height, tuple(args.wait_for),
-                         tuple(args.wait_for_text)))
+                         tuple(args.wait_for_text), texts=tuple(args.texts)))
     except (FileNotFoundError, RuntimeError) as e:
         print(f"screenshot.py: error: {e}", file=sys.stderr)
         sys.exit(2)

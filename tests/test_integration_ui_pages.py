@@ -73,9 +73,11 @@ def test_runs_page_shows_curves_validation_videos_and_config_and_refuses_paths_o
     assert client.predict(api_name="/rescan_runs")["choices"] == [[run, run]]  # the link out is not listed
     loss, grad_norm, lr, speed, gallery, config = client.predict(run, api_name="/show_run")
     metrics = [json.loads(line) for line in (root / "runs" / "ft" / "high" / "metrics.jsonl").read_text().splitlines()]
-    assert loss["columns"] == ["step", "loss", "expert"]
-    assert loss["data"] == [[m["step"], pytest.approx(m["loss"]), "high"] for m in metrics]
-    assert len(grad_norm["data"]) == len(lr["data"]) == len(speed["data"]) == 10
+    assert loss["value"]["columns"] == ["step", "loss", "expert"]
+    assert loss["value"]["data"] == [[m["step"], pytest.approx(m["loss"]), "high"] for m in metrics]
+    assert len(grad_norm["value"]["data"]) == len(lr["value"]["data"]) == len(speed["value"]["data"]) == 10
+    # the step axis spans the run's 10 planned steps widened to 20, so its ticks fall on whole steps
+    assert loss["x_lim"] == grad_norm["x_lim"] == [0, 20]
     videos = gallery["value"]
     assert [item["caption"].split(" · ")[:2] for item in videos] == [["step 5", "high"], ["step 10", "high"]]
     for item in videos:  # the videos themselves, as rendered at those steps
@@ -115,14 +117,20 @@ def test_data_page_shows_summary_rejects_clips_and_a_preview_decoded_from_a_late
         client.predict(prep, "nope", api_name="/preview")
 
 
+TABS = 'button[role="tab"]'
+X_TICKS = '.vega-embed g.role-axis[aria-label^="X-axis"] .role-axis-label text'
+
+
 def _screenshot(url: str, out, *wait_for: str, text: tuple[str, ...] = ()):
+    """The page as an RGB array, and the visible tab buttons' and plot x-axis labels' texts."""
     from PIL import Image
 
     waits = [a for w in wait_for for a in ("--wait-for", w)] + [a for t in text for a in ("--wait-for-text", t)]
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshot.py"), "--url", url, "--out", str(out),
-                          "--height", "1400", *waits], capture_output=True, text=True, timeout=240)
+                          "--height", "1400", *waits, "--texts", TABS, "--texts", X_TICKS], capture_output=True,
+                         text=True, timeout=240)
     assert run.returncode == 0, run.stderr
-    return np.asarray(Image.open(out).convert("RGB"), dtype=np.int32)
+    return np.asarray(Image.open(out).convert("RGB"), dtype=np.int32), json.loads(out.with_suffix(".json").read_text())
 
 
 def _curve_pixels(image: np.ndarray) -> int:
@@ -139,14 +147,18 @@ def _colours(image: np.ndarray) -> int:
 def test_screenshots_of_both_pages_show_the_curves_and_the_videos(roots, ui_server, tmp_path):
     """Opened by address on the fine-tune and on the preprocessed directory, against the Generate page."""
     root, _ = roots
-    generate = _screenshot(f"{ui_server}/ui/", tmp_path / "generate.png", "button=3")
+    generate, _ = _screenshot(f"{ui_server}/ui/", tmp_path / "generate.png", "button=3")
     # once the four plots are drawn and the two validation videos are in the gallery
-    runs = _screenshot(f"{ui_server}/ui/?run={root / 'runs' / 'ft'}", tmp_path / "runs.png",
-                       ".vega-embed canvas, .vega-embed svg=4", "video=2")
+    runs, on_runs = _screenshot(f"{ui_server}/ui/?run={root / 'runs' / 'ft'}", tmp_path / "runs.png",
+                                ".vega-embed canvas, .vega-embed svg=4", "video=2")
     # once the summary, the rejects and the clips are shown
-    data = _screenshot(f"{ui_server}/ui/?data={root / 'data' / 'prep'}", tmp_path / "data.png",
-                       text=("4 clips", "corrupt_video", "64x64x17"))
+    data, on_data = _screenshot(f"{ui_server}/ui/?data={root / 'data' / 'prep'}", tmp_path / "data.png",
+                                text=("4 clips", "corrupt_video", "64x64x17"))
     print("screenshots:", tmp_path)
+    # each tab once (the menu overflow drew the selected last tab twice); steps labelled as whole steps
+    assert on_runs[TABS] == on_data[TABS] == ["Generate", "Runs", "Data"]
+    ticks = on_runs[X_TICKS]
+    assert len(ticks) >= 4 * 3 and all(t.replace(",", "").isdigit() for t in ticks), ticks
     assert _curve_pixels(generate) < 50 and _curve_pixels(runs) > 1000  # four curves drawn
     assert _colours(runs) > 5 * _colours(generate)  # the validation videos' frames
     assert np.abs(data - generate).mean() > 5 and np.abs(data - runs).mean() > 5  # a page of its own

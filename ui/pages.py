@@ -26,6 +26,10 @@ from wanray.wan import ModelKind
 
 CURVES = (("loss", "Loss"), ("grad_norm", "Gradient norm"), ("lr", "Learning rate"), ("samples_per_s", "Samples/s"))
 REFRESH_S = 10.0  # the Runs page reads the run again this often, while the run is going
+MIN_STEP_AXIS = 20
+"""The curves' step axis spans at least this many steps (0 to the run's train.steps, or more). Vega puts a tick
+about every 40 pixels, so a short span (10 steps on a 500-pixel plot) would be labelled 1.5, 2.5, ...; over 20
+steps the ticks fall on whole steps on plots up to ~1,100 pixels wide (a 2,400-pixel window)."""
 CLIPS_PER_PAGE = 20
 MAX_COLUMNS = 6  # validation steps side by side; more wrap onto the next row
 Preview = Callable[[torch.Tensor], Awaitable[bytes]]
@@ -71,10 +75,14 @@ def runs_page(cfg: Config) -> gr.Dropdown:
         plots = []
         for pair in (CURVES[:2], CURVES[2:]):
             with gr.Row():
-                plots += [gr.LinePlot(x="step", y=key, color="expert", title=title, height=260) for key, title in pair]
+                plots += [gr.LinePlot(x="step", y=key, color="expert", title=title, height=260, x_axis_format="d")
+                          for key, title in pair]
         gallery = gr.Gallery(label="Validation videos: a row per expert and prompt, its steps side by side (the same "
                                    "prompts and seed at every step)", columns=2, height=360, object_fit="contain")
         config = gr.Code(label="Config used (config.yaml of each expert)", language="yaml")
+        # inside the tab: a Timer made after it would be a child of the Tabs, whose tab bar then drew the
+        # next tab (Data) twice
+        refresh = gr.Timer(REFRESH_S)
 
     @_shown
     def show(path):
@@ -82,8 +90,9 @@ def runs_page(cfg: Config) -> gr.Dropdown:
             return [pd.DataFrame(columns=["step", k, "expert"]) for k, _ in CURVES] + [[], ""]
         view = RunView.open(roots, path)
         metrics = pd.DataFrame(view.metrics())
-        curves = [metrics[["step", k, "expert"]].dropna() if k in metrics else
-                  pd.DataFrame(columns=["step", k, "expert"]) for k, _ in CURVES]
+        axis = [0, max(view.planned_steps(), int(metrics["step"].max()) if "step" in metrics else 0, MIN_STEP_AXIS)]
+        curves = [gr.LinePlot(metrics[["step", k, "expert"]].dropna() if k in metrics else
+                              pd.DataFrame(columns=["step", k, "expert"]), x_lim=axis) for k, _ in CURVES]
         validations = view.validations()  # a row per expert and prompt, its steps side by side
         cells = sorted(((expert, i, step), video, prompt) for expert, step, videos in validations
                        for i, (video, prompt) in enumerate(videos))
@@ -94,7 +103,7 @@ def runs_page(cfg: Config) -> gr.Dropdown:
 
     outputs = plots + [gallery, config]
     run.change(show, run, outputs, api_name="show_run")
-    gr.Timer(REFRESH_S).tick(show, run, outputs, api_name=False, show_progress="hidden")
+    refresh.tick(show, run, outputs, api_name=False, show_progress="hidden")
     rescan.click(lambda: gr.Dropdown(choices=list_runs(roots)), None, run, api_name="rescan_runs")
     return run
 

@@ -110,6 +110,18 @@ class RunView:
             parts.append(f"# {e}-noise expert\n{text}")
         return "\n".join(parts)
 
+    def planned_steps(self) -> int:
+        """The most train.steps any expert's config.yaml plans (0 where none is recorded)."""
+        import yaml
+
+        planned = [0]
+        for e in self.experts:
+            f = self.path / e / CONFIG_FILE
+            if f.is_file():
+                config = yaml.safe_load(self.roots.check(f).read_text()) or {}
+                planned.append(int((config.get("train") or {}).get("steps") or 0))
+        return max(planned)
+
     def validations(self) -> list[tuple[str, int, list[tuple[Path, str]]]]:
         """(expert, step, [(video, prompt), ...]) of every rendered validation, by step then expert."""
         out = []

@@ -28,6 +28,7 @@ embedder; per sample: the time embedder with q = 256 frequencies; then attention
 Training model FLOPs = 3 x forward (NeMo's and MFU's convention); with activation checkpointing the
 blocks' forward runs again, so the hardware does 4 x forward: both rates are printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,15 @@ TB = 1e12
 GB = 1e9
 REAL_CLIP = dict(frames=81, height=480, width=832)
 TINY_CLIP = dict(frames=9, height=64, width=64)
-TINY_EXPERT = {**models.A14B_TRANSFORMER, "attention_head_dim": 24, "num_attention_heads": 4, "ffn_dim": 192,
-               "text_dim": 32, "freq_dim": 32, "num_layers": 2}
+TINY_EXPERT = {
+    **models.A14B_TRANSFORMER,
+    "attention_head_dim": 24,
+    "num_attention_heads": 4,
+    "ffn_dim": 192,
+    "text_dim": 32,
+    "freq_dim": 32,
+    "num_layers": 2,
+}
 TINY_VAE = {**models.A14B_VAE, **models.TINY_VAE}
 
 # Anchors: published figures on one H100 of the same work.
@@ -125,10 +133,19 @@ def free_port() -> int:
 def config_for(model_dir: Path, kind: str, clip: dict, layers: int):
     """The A14B preset, pointed at the config-only directory, on one rank of `kind`."""
     stages = [f"infer.stages.{s}.device={kind}" for s in ("text", "high", "low", "vae")]
-    return load_config(ROOT / "configs" / "t2v_a14b.yaml", [
-        f"model.path={model_dir}", "train.workers=1", f"train.worker.device={kind}",
-        f"data.num_frames={clip['frames']}", f"data.min_frames={clip['frames']}",
-        f"data.height={clip['height']}", f"data.width={clip['width']}", *stages])
+    return load_config(
+        ROOT / "configs" / "t2v_a14b.yaml",
+        [
+            f"model.path={model_dir}",
+            "train.workers=1",
+            f"train.worker.device={kind}",
+            f"data.num_frames={clip['frames']}",
+            f"data.min_frames={clip['frames']}",
+            f"data.height={clip['height']}",
+            f"data.width={clip['width']}",
+            *stages,
+        ],
+    )
 
 
 def random_expert(config: dict, dtype: torch.dtype, device: torch.device, seed: int = 1):
@@ -160,9 +177,16 @@ def check_training(root: Path, kind: str, clip: dict, expert_config: dict, layer
     try:
         contract = models.read_contract(model_dir, cfg.model)
         text_dim = expert_config["text_dim"]
-        spec = LoopSpec(cfg=cfg, expert="high", model_path=str(model_dir), contract=contract, index=None,
-                        attention=attention_backend(cfg.model.attention_backend, kind, t.worker.dtype, training=True),
-                        empty_prompt=torch.zeros(8, text_dim), run_dir=str(root))
+        spec = LoopSpec(
+            cfg=cfg,
+            expert="high",
+            model_path=str(model_dir),
+            contract=contract,
+            index=None,
+            attention=attention_backend(cfg.model.attention_backend, kind, t.worker.dtype, training=True),
+            empty_prompt=torch.zeros(8, text_dim),
+            run_dir=str(root),
+        )
         reset_peak(device)
         model = build_model(spec, device, fresh=False)  # as a resumed run: no weights loaded, random ones instead
         torch.manual_seed(0)
@@ -175,8 +199,13 @@ def check_training(root: Path, kind: str, clip: dict, expert_config: dict, layer
         stored = torch.bfloat16  # preprocess.encoders.dtype of the preset
 
         def step(i: int) -> torch.Tensor:
-            batch = Batch(torch.randn(shape).to(stored), torch.randn(1, contract.text_tokens, text_dim).to(stored),
-                          ids=[f"random-{i}"], epoch=0, index=i)
+            batch = Batch(
+                torch.randn(shape).to(stored),
+                torch.randn(1, contract.text_tokens, text_dim).to(stored),
+                ids=[f"random-{i}"],
+                epoch=0,
+                index=i,
+            )
             empty = torch.zeros(contract.text_tokens, text_dim)
             loss, _, _ = train_step(model, params, optimizer, schedule, StepData(0, i, [batch]), spec, empty, device)
             return loss
@@ -184,7 +213,7 @@ def check_training(root: Path, kind: str, clip: dict, expert_config: dict, layer
         warm, loss = timed(lambda: step(0), device)
         times = []
         for i in range(1, steps + 1):
-            seconds, loss = timed(lambda: step(i), device)
+            seconds, loss = timed(lambda i=i: step(i), device)
             times.append(seconds)
         loss = float(loss)
         peak = peak_gb(device)
@@ -194,11 +223,21 @@ def check_training(root: Path, kind: str, clip: dict, expert_config: dict, layer
     tokens = batch_tokens(shape, expert_config)
     flops = expert_forward_flops({**expert_config, "num_layers": layers}, tokens, contract.text_tokens)
     full_layers = expert_config["num_layers"]
-    return {"blocks": layers, "of_blocks": full_layers, "tokens": tokens, "first_step_s": warm, "step_s": seconds,
-            "full_expert_step_s": seconds * full_layers / layers, "tokens_per_s": tokens / seconds,
-            "model_tflops": 3 * flops / seconds / TB, "hardware_tflops": 4 * flops / seconds / TB,
-            "loss": loss, "peak_gb": peak, "plan_gb": plan.total_bytes / GB,
-            "plan_activation_gb": plan.activation_bytes / GB}
+    return {
+        "blocks": layers,
+        "of_blocks": full_layers,
+        "tokens": tokens,
+        "first_step_s": warm,
+        "step_s": seconds,
+        "full_expert_step_s": seconds * full_layers / layers,
+        "tokens_per_s": tokens / seconds,
+        "model_tflops": 3 * flops / seconds / TB,
+        "hardware_tflops": 4 * flops / seconds / TB,
+        "loss": loss,
+        "peak_gb": peak,
+        "plan_gb": plan.total_bytes / GB,
+        "plan_activation_gb": plan.activation_bytes / GB,
+    }
 
 
 def batch_tokens(latent_shape, expert_config: dict) -> int:
@@ -217,22 +256,39 @@ def check_denoise(root: Path, kind: str, clip: dict, expert_config: dict, other_
     model_dir = models.write_config_dir(root / "full", expert_config)
     cfg = config_for(model_dir, kind, clip, expert_config["num_layers"])
     spec = StageSpec.for_serving(model_dir, cfg)
-    plan = plan_stage(model_dir, "high", cfg.infer.stages.high.dtype, spec.contract, clip["frames"], clip["height"],
-                      clip["width"], spec.attention["high"])
+    plan = plan_stage(
+        model_dir,
+        "high",
+        cfg.infer.stages.high.dtype,
+        spec.contract,
+        clip["frames"],
+        clip["height"],
+        clip["width"],
+        spec.attention["high"],
+    )
     device = spec.device("high")
     stage = ExpertStage(spec, "high", model=random_expert(expert_config, spec.dtype("high"), device))
     weights = sum(t.numel() * t.element_size() for t in [*stage.expert.parameters(), *stage.expert.buffers()])
     free(device)
     reset_peak(device)  # the denoising peak, not the random initialisation's
     text_dim = expert_config["text_dim"]
-    text = TextEmbeddings(torch.randn(1, spec.contract.text_tokens, text_dim).to(spec.dtype("text")),
-                          torch.randn(1, spec.contract.text_tokens, text_dim).to(spec.dtype("text")))
+    text = TextEmbeddings(
+        torch.randn(1, spec.contract.text_tokens, text_dim).to(spec.dtype("text")),
+        torch.randn(1, spec.contract.text_tokens, text_dim).to(spec.dtype("text")),
+    )
 
     def params(steps: int) -> GenerationParams:
-        return GenerationParams(prompt="", negative_prompt="", height=clip["height"], width=clip["width"],
-                                num_frames=clip["frames"], num_inference_steps=steps,
-                                guidance_scale=cfg.infer.guidance_scale, guidance_scale_2=cfg.infer.guidance_scale_2,
-                                seed=0)
+        return GenerationParams(
+            prompt="",
+            negative_prompt="",
+            height=clip["height"],
+            width=clip["width"],
+            num_frames=clip["frames"],
+            num_inference_steps=steps,
+            guidance_scale=cfg.infer.guidance_scale,
+            guidance_scale_2=cfg.infer.guidance_scale_2,
+            seed=0,
+        )
 
     warm, _ = timed(lambda: stage.denoise(params(1), text), device)  # one step: t = 1000
     # 3 steps at flow_shift 12: t = 1000, 960, 857, so the high-noise stage runs the first two
@@ -246,7 +302,7 @@ def check_denoise(root: Path, kind: str, clip: dict, expert_config: dict, other_
             timed(lambda: stage.denoise(params(1), text), device)
             other, _ = timed(lambda: stage.denoise(params(3), text), device)
             by_backend[backend] = other / steps
-        except Exception as e:  # noqa: BLE001  a backend this machine lacks is a finding, not a failure
+        except Exception as e:
             by_backend[backend] = f"{type(e).__name__}: {e}"
     # infer.batch_offload: the expert waits in pinned host memory and comes to the device for its stage
     module_to_host, _ = timed(lambda: stage.expert.to("cpu"), device)  # what offloading did before
@@ -256,12 +312,22 @@ def check_denoise(root: Path, kind: str, clip: dict, expert_config: dict, other_
     to_host, _ = timed(lambda: onload.__exit__(None, None, None), device)
     tokens = batch_tokens(state.latents.shape, expert_config)
     flops = 2 * expert_forward_flops(expert_config, tokens, spec.contract.text_tokens)
-    return {"tokens": tokens, "first_step_s": warm, "steps": steps, "step_s": seconds / steps,
-            "tflops": flops / (seconds / steps) / TB, "weights_gb": weights / GB, "peak_gb": peak,
-            "plan_gb": plan.total_bytes / GB,
-            "offload_to_device_s": to_device, "offload_to_host_s": to_host, "pin_s": pin,
-            "module_to_host_s": module_to_host, "step_s_by_attention_backend": by_backend,
-            "finite": bool(torch.isfinite(state.latents).all())}
+    return {
+        "tokens": tokens,
+        "first_step_s": warm,
+        "steps": steps,
+        "step_s": seconds / steps,
+        "tflops": flops / (seconds / steps) / TB,
+        "weights_gb": weights / GB,
+        "peak_gb": peak,
+        "plan_gb": plan.total_bytes / GB,
+        "offload_to_device_s": to_device,
+        "offload_to_host_s": to_host,
+        "pin_s": pin,
+        "module_to_host_s": module_to_host,
+        "step_s_by_attention_backend": by_backend,
+        "finite": bool(torch.isfinite(state.latents).all()),
+    }
 
 
 def check_vae(root: Path, kind: str, clip: dict, vae_config: dict) -> dict:
@@ -280,8 +346,14 @@ def check_vae(root: Path, kind: str, clip: dict, vae_config: dict) -> dict:
     warm, _ = timed(lambda: decoder.decode(DenoiseState(torch.randn(1, shape[1], 2, 8, 8), None, 0)), device)
     seconds, frames = timed(lambda: decoder.decode(DenoiseState(torch.randn(shape), None, 0)), device)
     peak = peak_gb(device)
-    return {"latent_frames": shape[2], "frames": list(frames.shape), "warmup_s": warm, "decode_s": seconds,
-            "peak_gb": peak, "plan_gb": plan.total_bytes / GB}
+    return {
+        "latent_frames": shape[2],
+        "frames": list(frames.shape),
+        "warmup_s": warm,
+        "decode_s": seconds,
+        "peak_gb": peak,
+        "plan_gb": plan.total_bytes / GB,
+    }
 
 
 def detect_kind() -> str:
@@ -320,8 +392,9 @@ def report(r: dict) -> list[str]:
         f"peak {mem(d['peak_gb'])} (the inference plan says {d['plan_gb']:.1f} GB)",
         f"    anchor: {ANCHORS['denoise']}",
         "    by attention backend (s/step): "
-        + ", ".join(f"{b} {v:.2f}" if isinstance(v, float) else f"{b} {v}" for b, v in
-                    d["step_s_by_attention_backend"].items()),
+        + ", ".join(
+            f"{b} {v:.2f}" if isinstance(v, float) else f"{b} {v}" for b, v in d["step_s_by_attention_backend"].items()
+        ),
         f"    batch offload of that expert ({d['weights_gb']:.1f} GB; once per expert and video): "
         f"{d['offload_to_device_s']:.1f} s from pinned host memory to the device, {d['offload_to_host_s']:.2f} s "
         f"back (the host copy is kept); Module.to to the host took {d['module_to_host_s']:.1f} s",
@@ -335,15 +408,24 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny dimensions on the CPU (what CI runs)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "npu"), default="auto")
-    p.add_argument("--train-layers", type=int, default=None,
-                   help="blocks of the trained expert (default 10 of 40; all of the tiny one's)")
+    p.add_argument(
+        "--train-layers",
+        type=int,
+        default=None,
+        help="blocks of the trained expert (default 10 of 40; all of the tiny one's)",
+    )
     p.add_argument("--train-steps", type=int, default=2, help="timed training steps after one warm-up")
-    p.add_argument("--only", choices=("train", "denoise", "vae"), action="append",
-                   help="run only these checks (repeatable)")
+    p.add_argument(
+        "--only", choices=("train", "denoise", "vae"), action="append", help="run only these checks (repeatable)"
+    )
     p.add_argument("--json", type=Path, help="also write the figures here")
-    p.add_argument("--denoise-backends", type=lambda v: [b for b in v.split(",") if b], default=None,
-                   help="comma-separated attention backends to time the denoise step with besides the preset's "
-                        "(default on CUDA: _native_cudnn,_native_flash)")
+    p.add_argument(
+        "--denoise-backends",
+        type=lambda v: [b for b in v.split(",") if b],
+        default=None,
+        help="comma-separated attention backends to time the denoise step with besides the preset's "
+        "(default on CUDA: _native_cudnn,_native_flash)",
+    )
     args = p.parse_args(argv)
     kind = detect_kind() if args.device == "auto" else args.device
     if args.denoise_backends is None:
@@ -358,17 +440,24 @@ def main(argv=None) -> int:
     clip = TINY_CLIP if args.tiny else REAL_CLIP
     layers = args.train_layers or (expert["num_layers"] if args.tiny else 10)
     checks = set(args.only or ("train", "denoise", "vae"))
-    results = {"device": describe(kind), "torch": torch.__version__, "diffusers": diffusers.__version__,
-               "date": time.strftime("%Y-%m-%d"), "tiny": args.tiny}
-    runs = {"train": lambda root: check_training(root, kind, clip, expert, layers, args.train_steps),
-            "denoise": lambda root: check_denoise(root, kind, clip, expert, args.denoise_backends),
-            "vae": lambda root: check_vae(root, kind, clip, vae)}
+    results = {
+        "device": describe(kind),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "tiny": args.tiny,
+    }
+    runs = {
+        "train": lambda root: check_training(root, kind, clip, expert, layers, args.train_steps),
+        "denoise": lambda root: check_denoise(root, kind, clip, expert, args.denoise_backends),
+        "vae": lambda root: check_vae(root, kind, clip, vae),
+    }
     failed = []
     with tempfile.TemporaryDirectory(prefix="wanray-device-check-") as tmp:
         for name in (n for n in runs if n in checks):
             try:  # one failing check must not cost the others' figures (device time is scarce)
                 results[name] = runs[name](Path(tmp))
-            except Exception as e:  # noqa: BLE001  reported, and the exit status says so
+            except Exception as e:
                 traceback.print_exc()
                 results[name] = {"error": f"{type(e).__name__}: {e}"}
                 failed.append(name)

@@ -17,10 +17,12 @@ Prints (Ray start-up and worker warm-up timed and stated apart, never inside a r
      set at the single size, runs alternated (--repeats each); and the share of each source's pixels
      the stored clip keeps (area after the crop / area before), bucketed vs single-size
 """
+
 import argparse
+import contextlib
 import json
-import statistics
 import shutil
+import statistics
 import tempfile
 import threading
 import time
@@ -31,13 +33,13 @@ import ray
 import torch
 
 from wanray import models
+from wanray.buckets import BucketSet
 from wanray.config import load_config
-from wanray.encoding import encode_latents, encode_text, frames_to_video
 from wanray.data.manifest import read_manifest
 from wanray.data.preprocess import Preprocessor, decode_dataset, run_preprocess
 from wanray.data.synthetic import make_clips, render, write_dataset
-from wanray.buckets import BucketSet
 from wanray.data.video import decode_clip, plan_clip
+from wanray.encoding import encode_latents, encode_text, frames_to_video
 from wanray.io import write_mp4
 from wanray.runtime import connect_ray
 
@@ -56,16 +58,15 @@ class PeakRSS:
             procs += [p for p in psutil.process_iter(["cmdline"]) if any("ray::" in c for c in p.info["cmdline"] or [])]
         total = 0
         for p in procs:
-            try:
+            with contextlib.suppress(psutil.Error):
                 total += p.memory_info().rss
-            except psutil.Error:
-                pass
         return total
 
     def __enter__(self):
         def loop():
             while not self._stop.wait(0.1):
                 self.peak = max(self.peak, self._sample())
+
         self._thread = threading.Thread(target=loop, daemon=True)
         self._thread.start()
         return self
@@ -106,8 +107,10 @@ def scaling(run, small, big, work: Path, name: str, repeats: int) -> tuple[float
 def print_scaling(label: str, t_small: float, t_big: float, n_small: int, n_big: int) -> None:
     s_small, s_big = t_small / n_small, t_big / n_big
     marginal = (t_big - t_small) / (n_big - n_small)  # the two runs as a line: time = fixed + clips * marginal
-    print(f"    {label}: {s_small:.3f} at {n_small} clips, {s_big:.3f} at {n_big} clips: {s_small / s_big:.2f}x "
-          f"(target within 15%), i.e. {t_small - n_small * marginal:.1f}s fixed per run + {marginal:.3f}s per clip")
+    print(
+        f"    {label}: {s_small:.3f} at {n_small} clips, {s_big:.3f} at {n_big} clips: {s_small / s_big:.2f}x "
+        f"(target within 15%), i.e. {t_small - n_small * marginal:.1f}s fixed per run + {marginal:.3f}s per clip"
+    )
 
 
 def count_frames(batch: dict) -> dict:
@@ -119,8 +122,10 @@ def decode_stage(cfg, sources, work: Path) -> tuple[float, int]:
     start = time.perf_counter()
     ds = decode_dataset(sources, cfg, str(work))
     # summed on the driver: Dataset.sum() would add a shuffle stage that starts its own actors
-    frames = sum(r["frames"] for r in ds.map_batches(count_frames, batch_size=None,
-                                                     num_cpus=cfg.preprocess.decode_cpus).iter_rows())
+    frames = sum(
+        r["frames"]
+        for r in ds.map_batches(count_frames, batch_size=None, num_cpus=cfg.preprocess.decode_cpus).iter_rows()
+    )
     return time.perf_counter() - start, frames
 
 
@@ -162,16 +167,27 @@ def buckets_vs_single(cfg, manifest, work: Path, repeats: int) -> tuple[float, f
     """(clips/s single-size, clips/s bucketed, pixels kept single-size, pixels kept bucketed)."""
     d = cfg.data
     budget = ((d.num_frames - 1) // 4 + 1) * (d.height // 16) * (d.width // 16)
-    bucketed = load_config(ROOT / "configs" / "tiny.yaml", [f"model.path={cfg.model.path}", f"data.height={d.height}",
-                                                           f"data.width={d.width}", f"data.num_frames={d.num_frames}",
-                                                           f"data.bucket_budget={budget}"])
+    bucketed = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [
+            f"model.path={cfg.model.path}",
+            f"data.height={d.height}",
+            f"data.width={d.width}",
+            f"data.num_frames={d.num_frames}",
+            f"data.bucket_budget={budget}",
+        ],
+    )
     times = {"single": [], "buckets": []}
     for i in range(repeats):
         for name, c in (("single", cfg), ("buckets", bucketed)):
-            t, n = pipeline(lambda m, o: run_preprocess(c, m, o, log=lambda _: None), manifest, work, f"{name}{i}")
+            t, n = pipeline(lambda m, o, c=c: run_preprocess(c, m, o, log=lambda _: None), manifest, work, f"{name}{i}")
             times[name].append(n / t)
-    return (statistics.median(times["single"]), statistics.median(times["buckets"]),
-            pixels_kept(work / "out-single0"), pixels_kept(work / "out-buckets0"))
+    return (
+        statistics.median(times["single"]),
+        statistics.median(times["buckets"]),
+        pixels_kept(work / "out-single0"),
+        pixels_kept(work / "out-buckets0"),
+    )
 
 
 def main():
@@ -188,14 +204,18 @@ def main():
     parts = set(args.parts)
     work = Path(tempfile.mkdtemp(prefix="wanray-bench-"))
     size = [f"data.height={args.size}", f"data.width={args.size}"]
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"model.path={work / 'model'}", *size,
-                                                       f"data.num_frames={args.frames}"])
+    cfg = load_config(
+        ROOT / "configs" / "tiny.yaml", [f"model.path={work / 'model'}", *size, f"data.num_frames={args.frames}"]
+    )
     model_path = str(models.ensure_model(cfg.model))
     big = write_dataset(work / "big", count=args.clips, seed=0)
     small = work / "big" / "small.json"  # the first --small clips of the same set
     small.write_text(json.dumps(json.loads((work / "big" / "data.json").read_text())[: args.small]))
     sources, _ = read_manifest(big)
-    print(f"{args.clips} synthetic clips -> {args.size}x{args.size}x{args.frames}; torch threads {torch.get_num_threads()}")
+    print(
+        f"{args.clips} synthetic clips -> {args.size}x{args.size}x{args.frames}; "
+        f"torch threads {torch.get_num_threads()}"
+    )
 
     if "a" in parts or "d" in parts:
         with PeakRSS(ray_workers=False) as seq_mem:
@@ -208,8 +228,10 @@ def main():
     t0 = time.perf_counter()
     pipeline(one_shot, small, work, "warmup")
     t_warm = time.perf_counter() - t0
-    print(f"ray start-up {t_ray:.1f}s, first pipeline run (worker warm-up) on {args.small} clips {t_warm:.1f}s "
-          "-- excluded below")
+    print(
+        f"ray start-up {t_ray:.1f}s, first pipeline run (worker warm-up) on {args.small} clips {t_warm:.1f}s "
+        "-- excluded below"
+    )
     if parts & set("acd"):
         with PeakRSS(ray_workers=True) as pipe_mem:
             one_shot_scaling = scaling(one_shot, small, big, work, "one-shot", args.repeats)
@@ -224,8 +246,10 @@ def main():
         assert n_big == args.clips and one_shot_scaling[2:] == session_scaling[2:] == (args.small, args.clips)
         print(f"Preprocessor encoders loading {t_load:.1f}s and its first run {t_pre_warm:.1f}s -- excluded below")
     if "a" in parts:
-        print(f"(a) pipeline {n_big / t_big:.2f} clips/s vs sequential loop {args.clips / t_seq:.2f} clips/s: "
-              f"{t_seq / t_big:.2f}x (target >= 1.7x); Preprocessor runs {n_big / session_scaling[1]:.2f} clips/s")
+        print(
+            f"(a) pipeline {n_big / t_big:.2f} clips/s vs sequential loop {args.clips / t_seq:.2f} clips/s: "
+            f"{t_seq / t_big:.2f}x (target >= 1.7x); Preprocessor runs {n_big / session_scaling[1]:.2f} clips/s"
+        )
     if "b" in parts:
         hd = write_hd_videos(work / "hd", args.hd_clips)
         hd_cfg = load_config(ROOT / "configs" / "tiny.yaml", [*size, f"data.num_frames={args.hd_frames}"])
@@ -233,21 +257,27 @@ def main():
         t_dec, f_dec = decode_stage(hd_cfg, hd, work / "decode")
         t_bare, f_bare = bare_decord(hd_cfg, hd)
         assert f_dec == f_bare
-        print(f"(b) {args.hd_clips} videos 480x832 -> {args.size}x{args.size}x{args.hd_frames}: decode stage "
-              f"{f_dec / t_dec:.0f} frames/s vs bare decord get_batch {f_bare / t_bare:.0f} frames/s: "
-              f"{(f_dec / t_dec) / (f_bare / t_bare):.2f}x (target >= 0.85)")
+        print(
+            f"(b) {args.hd_clips} videos 480x832 -> {args.size}x{args.size}x{args.hd_frames}: decode stage "
+            f"{f_dec / t_dec:.0f} frames/s vs bare decord get_batch {f_bare / t_bare:.0f} frames/s: "
+            f"{(f_dec / t_dec) / (f_bare / t_bare):.2f}x (target >= 0.85)"
+        )
     if "c" in parts:
         print(f"(c) seconds per clip (median of {args.repeats} runs at {args.small} clips)")
         print_scaling("Preprocessor runs, encoders loaded once", *session_scaling)
         print_scaling("one-shot runs, encoder pools starting in each", *one_shot_scaling)
     if "d" in parts:
-        print(f"(d) peak RSS: pipeline {pipe_mem.peak / 2**20:.0f} MiB (driver + Ray workers), "
-              f"sequential loop {seq_mem.peak / 2**20:.0f} MiB")
+        print(
+            f"(d) peak RSS: pipeline {pipe_mem.peak / 2**20:.0f} MiB (driver + Ray workers), "
+            f"sequential loop {seq_mem.peak / 2**20:.0f} MiB"
+        )
     if "e" in parts:
         single, bucketed, kept_single, kept_buckets = buckets_vs_single(cfg, big, work, args.repeats)
-        print(f"(e) mixed shapes, {args.clips} clips: bucketed {bucketed:.2f} clips/s vs single-size {single:.2f} "
-              f"clips/s: {bucketed / single:.2f}x (target within 15%); source pixels kept: bucketed "
-              f"{kept_buckets:.1%}, single-size {kept_single:.1%}")
+        print(
+            f"(e) mixed shapes, {args.clips} clips: bucketed {bucketed:.2f} clips/s vs single-size {single:.2f} "
+            f"clips/s: {bucketed / single:.2f}x (target within 15%); source pixels kept: bucketed "
+            f"{kept_buckets:.1%}, single-size {kept_single:.1%}"
+        )
     ray.shutdown()
     shutil.rmtree(work, ignore_errors=True)
 

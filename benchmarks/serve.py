@@ -20,8 +20,10 @@ only hide the shorter expert stage behind the longer one: the printed high/low s
 bounds the gain (flow shift 6.0 at 20 steps splits 10/10; the official T2V 12.0 at 40 steps
 splits 26/14).
 """
+
 import argparse
 import concurrent.futures
+import contextlib
 import math
 import os
 import statistics
@@ -63,10 +65,8 @@ class ForeignCpu:
         system = t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
         own = 0.0
         for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
-            try:
+            with contextlib.suppress(psutil.Error):
                 own += sum(proc.cpu_times()[:2])
-            except psutil.Error:
-                pass
         return system, own
 
     def __enter__(self):
@@ -99,8 +99,9 @@ def get_args():
     parser.add_argument("--frames", type=int, default=17)
     parser.add_argument("--requests", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="timed pairs for the latency figures (median)")
-    parser.add_argument("--cache", type=float, nargs="+", default=[0.1, 0.3, 0.6],
-                        help="first-block cache thresholds for (e)")
+    parser.add_argument(
+        "--cache", type=float, nargs="+", default=[0.1, 0.3, 0.6], help="first-block cache thresholds for (e)"
+    )
     return parser.parse_args()
 
 
@@ -141,8 +142,14 @@ def measure(cfg, model: Path, params: GenerationParams, args) -> dict:
     connect_ray(num_cpus=4, include_dashboard=False)  # logical: 2 replicas of 4 stages fit; the cores are the same
     url = start(cfg, str(model))
     out["startup"] = time.perf_counter() - started
-    body = {"prompt": params.prompt, "negative_prompt": params.negative_prompt, "height": params.height,
-            "width": params.width, "num_frames": params.num_frames, "num_inference_steps": params.num_inference_steps}
+    body = {
+        "prompt": params.prompt,
+        "negative_prompt": params.negative_prompt,
+        "height": params.height,
+        "width": params.width,
+        "num_frames": params.num_frames,
+        "num_inference_steps": params.num_inference_steps,
+    }
 
     def one(seed: int = 0) -> bytes:
         r = requests.post(f"{url}/v1/generate", json={**body, "seed": seed}, timeout=600)
@@ -151,17 +158,27 @@ def measure(cfg, model: Path, params: GenerationParams, args) -> dict:
 
     seeds = list(range(1, args.requests + 1))
     with ForeignCpu() as foreign, concurrent.futures.ThreadPoolExecutor(args.requests) as pool:
-        out["in_process"], out["single"] = interleaved(lambda: mp4_bytes(sampler(params), cfg.data.fps), one,
-                                                       args.repeats)
-        out["sequential"], out["concurrent"] = interleaved(lambda: [one(s) for s in seeds],
-                                                           lambda: list(pool.map(one, seeds)), 2, warm_up=False)
+        out["in_process"], out["single"] = interleaved(
+            lambda: mp4_bytes(sampler(params), cfg.data.fps), one, args.repeats
+        )
+        out["sequential"], out["concurrent"] = interleaved(
+            lambda: [one(s) for s in seeds], lambda: list(pool.map(one, seeds)), 2, warm_up=False
+        )
     out["foreign_cpus"] = foreign.cpus
     out["one_replica"], out["two_replicas"] = replica_throughput(cfg, model, body, seeds, url)
     serve.shutdown()
     ray.shutdown()
+
     def variant(setting: str) -> Sampler:
-        return Sampler(StageSpec.for_serving(model, load_config(ROOT / "configs" / "tiny.yaml", [
-            f"model.path={model}", f"infer.flow_shift={cfg.infer.flow_shift}", setting])))
+        return Sampler(
+            StageSpec.for_serving(
+                model,
+                load_config(
+                    ROOT / "configs" / "tiny.yaml",
+                    [f"model.path={model}", f"infer.flow_shift={cfg.infer.flow_shift}", setting],
+                ),
+            )
+        )
 
     batched = variant("infer.batched_guidance=true")
     frames = {}
@@ -169,15 +186,22 @@ def measure(cfg, model: Path, params: GenerationParams, args) -> dict:
     def run(name, s):
         frames[name] = s(params)
 
-    out["two_forwards"], out["batched"] = interleaved(lambda: run("two", sampler), lambda: run("batched", batched),
-                                                      args.repeats)
+    out["two_forwards"], out["batched"] = interleaved(
+        lambda: run("two", sampler), lambda: run("batched", batched), args.repeats
+    )
     out["batched_difference"] = float(abs(frames["two"] - frames["batched"]).max())
     out["cache"] = {}
     for threshold in args.cache:
         cached = variant(f"infer.first_block_cache={threshold}")
-        uncached_s, cached_s = interleaved(lambda: run("two", sampler), lambda: run("cached", cached), args.repeats)
-        out["cache"][threshold] = (uncached_s, cached_s, psnr(frames["cached"], frames["two"]),
-                                   ssim(frames["cached"], frames["two"]))
+        uncached_s, cached_s = interleaved(
+            lambda: run("two", sampler), lambda cached=cached: run("cached", cached), args.repeats
+        )
+        out["cache"][threshold] = (
+            uncached_s,
+            cached_s,
+            psnr(frames["cached"], frames["two"]),
+            ssim(frames["cached"], frames["two"]),
+        )
     return out
 
 
@@ -192,9 +216,9 @@ def ssim(a, b, window: int = 7) -> float:
     x, y = (torch.from_numpy(v).permute(0, 3, 1, 2).double() for v in (a, b))
     mean = lambda t: torch.nn.functional.avg_pool2d(t, window, 1)  # noqa: E731
     mx, my = mean(x), mean(y)
-    vx, vy, cov = mean(x * x) - mx ** 2, mean(y * y) - my ** 2, mean(x * y) - mx * my
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    return float((((2 * mx * my + c1) * (2 * cov + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))).mean())
+    vx, vy, cov = mean(x * x) - mx**2, mean(y * y) - my**2, mean(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    return float((((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))).mean())
 
 
 def replica_throughput(cfg, model: Path, body: dict, seeds: list[int], url: str, rounds: int = 2) -> tuple:
@@ -208,10 +232,18 @@ def replica_throughput(cfg, model: Path, body: dict, seeds: list[int], url: str,
     times: tuple[list, list] = ([], [])
     for _ in range(rounds):
         for layout, out in zip(layouts, times):
-            sets = [f"model.path={model}", f"infer.flow_shift={cfg.infer.flow_shift}", "infer.torch_threads=1",
-                    f"infer.num_inference_steps={cfg.infer.num_inference_steps}", *layout]
-            serve.run(build_app(load_config(ROOT / "configs" / "tiny.yaml", sets), str(model)), name=APP_NAME,
-                      route_prefix="/")
+            sets = [
+                f"model.path={model}",
+                f"infer.flow_shift={cfg.infer.flow_shift}",
+                "infer.torch_threads=1",
+                f"infer.num_inference_steps={cfg.infer.num_inference_steps}",
+                *layout,
+            ]
+            serve.run(
+                build_app(load_config(ROOT / "configs" / "tiny.yaml", sets), str(model)),
+                name=APP_NAME,
+                route_prefix="/",
+            )
 
             def one(seed):
                 requests.post(f"{url}/v1/generate", json={**body, "seed": seed}, timeout=600).raise_for_status()
@@ -227,33 +259,55 @@ def replica_throughput(cfg, model: Path, body: dict, seeds: list[int], url: str,
 def main(args):
     tmp = tempfile.TemporaryDirectory(prefix="wanray-bench-")
     model = write_bench_checkpoint(Path(tmp.name) / "bench-wan2.2")
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
-        f"model.path={model}", f"infer.flow_shift={args.flow_shift}", f"infer.num_inference_steps={args.steps}",
-        "infer.torch_threads=1", f"infer.port={free_port()}"])
-    params = GenerationParams("a red circle moving left to right", "blurry", args.size, args.size, args.frames,
-                              args.steps, 4.0, 3.0, 0)
+    cfg = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [
+            f"model.path={model}",
+            f"infer.flow_shift={args.flow_shift}",
+            f"infer.num_inference_steps={args.steps}",
+            "infer.torch_threads=1",
+            f"infer.port={free_port()}",
+        ],
+    )
+    params = GenerationParams(
+        "a red circle moving left to right", "blurry", args.size, args.size, args.frames, args.steps, 4.0, 3.0, 0
+    )
     m = measure(cfg, model, params, args)
     tmp.cleanup()
 
     n, stages = args.requests, m["stages"]
     high = stages["high_steps"]
-    print(f"\nrequest: {args.size}x{args.size}, {args.frames} frames, {args.steps} steps (high-noise {high} / "
-          f"low-noise {args.steps - high}, flow shift {args.flow_shift}), guidance 4.0/3.0, 1 torch thread")
+    print(
+        f"\nrequest: {args.size}x{args.size}, {args.frames} frames, {args.steps} steps (high-noise {high} / "
+        f"low-noise {args.steps - high}, flow shift {args.flow_shift}), guidance 4.0/3.0, 1 torch thread"
+    )
     print("stages in-process: " + ", ".join(f"{k} {stages[k]:.3f} s" for k in ("text", "high", "low", "vae")))
-    print(f"Ray + Serve start-up (not in any ratio): {m['startup']:.1f} s; other processes on the machine "
-          f"kept {m['foreign_cpus']:.2f} of {os.cpu_count()} CPUs busy during the measurements")
-    print(f"(a) single request: in-process {m['in_process']:.3f} s, through Serve {m['single']:.3f} s "
-          f"-> {m['single'] / m['in_process']:.3f}x (target <= 1.10x)")
-    print(f"(b) {n} requests: one after another {m['sequential']:.2f} s, concurrent {m['concurrent']:.2f} s "
-          f"-> throughput {m['sequential'] / m['concurrent']:.2f}x "
-          f"(target >= 1.5x; perfect overlap of these stages would give {overlap_bound(stages, n):.2f}x)")
-    print(f"(c) {n} concurrent requests, same CPU budget: 1 replica per stage (2 threads) {m['one_replica']:.2f} s, "
-          f"2 replicas per stage (1 thread) {m['two_replicas']:.2f} s -> {m['one_replica'] / m['two_replicas']:.2f}x")
-    print(f"(d) batched guidance: two forwards {m['two_forwards']:.3f} s, one batch-2 forward {m['batched']:.3f} s "
-          f"-> {m['two_forwards'] / m['batched']:.2f}x; frames differ by at most {m['batched_difference']:.1e}")
+    print(
+        f"Ray + Serve start-up (not in any ratio): {m['startup']:.1f} s; other processes on the machine "
+        f"kept {m['foreign_cpus']:.2f} of {os.cpu_count()} CPUs busy during the measurements"
+    )
+    print(
+        f"(a) single request: in-process {m['in_process']:.3f} s, through Serve {m['single']:.3f} s "
+        f"-> {m['single'] / m['in_process']:.3f}x (target <= 1.10x)"
+    )
+    print(
+        f"(b) {n} requests: one after another {m['sequential']:.2f} s, concurrent {m['concurrent']:.2f} s "
+        f"-> throughput {m['sequential'] / m['concurrent']:.2f}x "
+        f"(target >= 1.5x; perfect overlap of these stages would give {overlap_bound(stages, n):.2f}x)"
+    )
+    print(
+        f"(c) {n} concurrent requests, same CPU budget: 1 replica per stage (2 threads) {m['one_replica']:.2f} s, "
+        f"2 replicas per stage (1 thread) {m['two_replicas']:.2f} s -> {m['one_replica'] / m['two_replicas']:.2f}x"
+    )
+    print(
+        f"(d) batched guidance: two forwards {m['two_forwards']:.3f} s, one batch-2 forward {m['batched']:.3f} s "
+        f"-> {m['two_forwards'] / m['batched']:.2f}x; frames differ by at most {m['batched_difference']:.1e}"
+    )
     for threshold, (uncached_s, cached_s, db, similarity) in m["cache"].items():
-        print(f"(e) first-block cache {threshold}: uncached {uncached_s:.3f} s, cached {cached_s:.3f} s -> "
-              f"{uncached_s / cached_s:.2f}x; cached frames vs uncached: PSNR {db:.1f} dB, SSIM {similarity:.4f}")
+        print(
+            f"(e) first-block cache {threshold}: uncached {uncached_s:.3f} s, cached {cached_s:.3f} s -> "
+            f"{uncached_s / cached_s:.2f}x; cached frames vs uncached: PSNR {db:.1f} dB, SSIM {similarity:.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Prints:
      (Ulysses) over 1, 2 and 4 gloo ranks on CPU: the bytes autograd saves for backward, and the peak
      of live tensors (wanray.infer.plan.LiveBytes: gradients and communication buffers included)
 """
+
 import argparse
 import json
 import os
@@ -25,16 +26,16 @@ import ray
 import torch
 
 from wanray import models
+from wanray.buckets import BucketSet
 from wanray.config import load_config
-from wanray.encoding import encode_latents, encode_text, frames_to_video
 from wanray.data.manifest import read_manifest
 from wanray.data.preprocess import run_preprocess
 from wanray.data.shards import read_empty_prompt, shard_paths
 from wanray.data.synthetic import write_dataset
-from wanray.buckets import BucketSet
 from wanray.data.video import decode_clip
-from wanray.schema import ClipRow, pad_text_embedding
+from wanray.encoding import encode_latents, encode_text, frames_to_video
 from wanray.runtime import connect_ray
+from wanray.schema import ClipRow, pad_text_embedding
 from wanray.train.data import Batch, ClipIndex
 from wanray.train.loop import LoopSpec, draw_for, flow_loss
 from wanray.train.trainer import train_experts
@@ -53,7 +54,7 @@ def ray_run(cfg, data, out: Path, **sets) -> list[dict]:
 
 
 def steady(metrics: list[dict], key: str) -> float:
-    tail = metrics[len(metrics) // 5:]
+    tail = metrics[len(metrics) // 5 :]
     return sum(m[key] for m in tail) / len(tail)
 
 
@@ -62,8 +63,16 @@ def step_times(cfg, data: Path, sources, model_path: str, steps: int) -> tuple[f
     d = cfg.data
     model = models.load_expert(model_path, "high").train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    spec = LoopSpec(cfg, "high", model_path, models.read_contract(model_path, cfg.model), ClipIndex.from_dir(data),
-                    "native", read_empty_prompt(data), "")
+    spec = LoopSpec(
+        cfg,
+        "high",
+        model_path,
+        models.read_contract(model_path, cfg.model),
+        ClipIndex.from_dir(data),
+        "native",
+        read_empty_prompt(data),
+        "",
+    )
     empty = pad_text_embedding(spec.empty_prompt, TEXT_TOKENS)
 
     def train_step(batch, step):
@@ -91,8 +100,17 @@ def step_times(cfg, data: Path, sources, model_path: str, steps: int) -> tuple[f
     return t_parquet, (time.perf_counter() - start) / steps
 
 
-CP_EXPERT = dict(patch_size=(1, 2, 2), num_attention_heads=8, attention_head_dim=32, in_channels=16, out_channels=16,
-                 text_dim=64, freq_dim=64, ffn_dim=512, num_layers=2)
+CP_EXPERT = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=8,
+    attention_head_dim=32,
+    in_channels=16,
+    out_channels=16,
+    text_dim=64,
+    freq_dim=64,
+    ffn_dim=512,
+    num_layers=2,
+)
 """A small Wan transformer (dim 256, 8 heads) whose activations dominate its weights at these lengths."""
 
 
@@ -113,8 +131,11 @@ def cp_rank_memory(rank: int, world: int, port: int, frames: int, out: str) -> N
     cpu = torch.device("cpu")
     if world > 1:
         context_parallel.enable(model, world, 1, context_parallel.mesh(cpu, world, 1), cpu)
-    inputs = {"hidden_states": torch.randn(1, 16, frames, 32, 32), "timestep": torch.tensor([500.0]),
-              "encoder_hidden_states": torch.randn(1, 64, 64)}
+    inputs = {
+        "hidden_states": torch.randn(1, 16, frames, 32, 32),
+        "timestep": torch.tensor([500.0]),
+        "encoder_hidden_states": torch.randn(1, 64, 64),
+    }
     saved = _saved_bytes(model, inputs)
     tracker = LiveBytes([*model.parameters(), *model.buffers(), *inputs.values()])
     with tracker:
@@ -137,8 +158,10 @@ def context_parallel_memory(work: Path) -> None:
             mp.spawn(cp_rank_memory, args=(degree, free_port(), frames, str(out)), nprocs=degree)
             saved, peak = json.loads(out.read_text())
             base.setdefault(frames, (saved, peak))
-            row.append(f"Ulysses {degree}: saved {saved / 2**20:6.1f} MiB ({saved / base[frames][0]:.2f}x), "
-                       f"peak {peak / 2**20:6.1f} MiB ({peak / base[frames][1]:.2f}x)")
+            row.append(
+                f"Ulysses {degree}: saved {saved / 2**20:6.1f} MiB ({saved / base[frames][0]:.2f}x), "
+                f"peak {peak / 2**20:6.1f} MiB ({peak / base[frames][1]:.2f}x)"
+            )
         print(f"(4) {frames * 256:>5} tokens per sample, per rank: " + "; ".join(row))
 
 
@@ -155,32 +178,48 @@ def main():
     if not set(args.parts) & set("123"):
         shutil.rmtree(work, ignore_errors=True)
         return
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
-        f"model.path={work / 'model'}", f"data.height={args.size}", f"data.width={args.size}",
-        f"train.steps={args.steps}", "train.log_every=1", f"train.checkpoint_every={args.steps}"])
+    cfg = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [
+            f"model.path={work / 'model'}",
+            f"data.height={args.size}",
+            f"data.width={args.size}",
+            f"train.steps={args.steps}",
+            "train.log_every=1",
+            f"train.checkpoint_every={args.steps}",
+        ],
+    )
     model_path = str(models.ensure_model(cfg.model))
     manifest = write_dataset(work / "videos", count=args.clips)
     connect_ray(num_cpus=2, include_dashboard=False)
     t0 = time.perf_counter()
     run_preprocess(cfg, str(manifest), str(work / "prep"), log=lambda _: None)
-    print(f"{args.clips} clips {args.size}x{args.size}x{cfg.data.num_frames}, preprocessed in "
-          f"{time.perf_counter() - t0:.1f}s (Ray start-up and preprocessing excluded below)")
+    print(
+        f"{args.clips} clips {args.size}x{args.size}x{cfg.data.num_frames}, preprocessed in "
+        f"{time.perf_counter() - t0:.1f}s (Ray start-up and preprocessing excluded below)"
+    )
 
     streamed = ray_run(cfg, work / "prep", work / "run-stream", workers=2, cache_bytes=0)
     cached = ray_run(cfg, work / "prep", work / "run-cache", workers=2)
     one = ray_run(cfg, work / "prep", work / "run-one", workers=1)
-    print(f"(1) steady-state data-wait fraction, 2 workers: {steady(streamed, 'data_wait_fraction'):.1%} streaming "
-          f"Parquet every epoch, {steady(cached, 'data_wait_fraction'):.1%} with the epoch cache (target <= 5%); "
-          f"{steady(cached, 'samples_per_s'):.1f} samples/s")
+    print(
+        f"(1) steady-state data-wait fraction, 2 workers: {steady(streamed, 'data_wait_fraction'):.1%} streaming "
+        f"Parquet every epoch, {steady(cached, 'data_wait_fraction'):.1%} with the epoch cache (target <= 5%); "
+        f"{steady(cached, 'samples_per_s'):.1f} samples/s"
+    )
 
     sources, _ = read_manifest(manifest)
     t_parquet, t_online = step_times(cfg, work / "prep", sources, model_path, min(args.steps, 40))
-    print(f"(2) step time: {t_parquet * 1e3:.1f} ms from Parquet vs {t_online * 1e3:.1f} ms encoding online: "
-          f"{t_parquet / t_online:.3f}x the time ({t_online / t_parquet:.1f}x faster)")
+    print(
+        f"(2) step time: {t_parquet * 1e3:.1f} ms from Parquet vs {t_online * 1e3:.1f} ms encoding online: "
+        f"{t_parquet / t_online:.3f}x the time ({t_online / t_parquet:.1f}x faster)"
+    )
     for name, m in (("1 worker ", one), ("2 workers", cached)):
         last = m[-1]
-        print(f"(3) {name}: rank-0 parameters + optimizer {(last['param_bytes'] + last['optimizer_bytes']) / 2**20:.2f} "
-              f"MiB (sharded over {last['params_sharded_over']}), peak RSS {last['peak_memory_bytes'] / 2**20:.0f} MiB")
+        print(
+            f"(3) {name}: rank-0 parameters + optimizer {(last['param_bytes'] + last['optimizer_bytes']) / 2**20:.2f} "
+            f"MiB (sharded over {last['params_sharded_over']}), peak RSS {last['peak_memory_bytes'] / 2**20:.0f} MiB"
+        )
     ray.shutdown()
     shutil.rmtree(work, ignore_errors=True)
 

@@ -7,6 +7,7 @@ Each bucket is HEIGHTxWIDTHxFRAMES with its DiT tokens per sample (see wanray.bu
 model kind of --kind (16 pixels per token side for the A14B models, 32 for TI2V-5B): by default the
 config's model (model.path, or model.tiny_kind when the tiny model is to be written).
 """
+
 import argparse
 import sys
 
@@ -50,7 +51,9 @@ def get_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--data", help="preprocess output directory: print its clips per bucket")
-    parser.add_argument("--kind", choices=sorted(KINDS), help="count tokens for this model kind (default: the config's)")
+    parser.add_argument(
+        "--kind", choices=sorted(KINDS), help="count tokens for this model kind (default: the config's)"
+    )
     return parser.parse_args()
 
 

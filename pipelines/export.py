@@ -5,9 +5,10 @@
 
 The first form copies model.path to --out with the latest checkpoint of each expert
 trained in --run in place (safetensors; LoRA runs also write the adapter) and the boundary
-they trained with in model_index.json; the result loads with `WanPipeline.from_pretrained`. The second writes one expert of model.path as
-a DCP directory for sharded loading in training (--set train.init_dcp=...).
+they trained with in model_index.json; the result loads with `WanPipeline.from_pretrained`. The
+second writes one expert of model.path as a DCP directory for sharded loading in training (--set train.init_dcp=...).
 """
+
 import argparse
 import sys
 
@@ -33,7 +34,8 @@ def main(args):
     cfg = load_config(args.config, args.overrides)
     model_path = models.ensure_model(cfg.model)
     if args.to_dcp:
-        print(f"[export] {args.to_dcp}-noise expert of {model_path} -> DCP {diffusers_to_dcp(model_path, args.to_dcp, args.out)}")
+        out = diffusers_to_dcp(model_path, args.to_dcp, args.out)
+        print(f"[export] {args.to_dcp}-noise expert of {model_path} -> DCP {out}")
         return
     if not args.run:
         raise ConfigError("give --run RUN_DIR to export, or --to-dcp EXPERT to convert")

@@ -10,6 +10,7 @@ Size, steps, guidance scales, negative prompt and seed come from the config
 model "image": the first frame's path}). Runs on the cluster in RAY_ADDRESS, else on a
 local Ray it starts.
 """
+
 import argparse
 import sys
 
@@ -27,8 +28,9 @@ def get_args():
     parser.add_argument("--out", help="output directory for the videos and videos.jsonl")
     parser.add_argument("--model", help="diffusers-format Wan2.2 directory to load (sets model.path)")
     parser.add_argument("--save-frames", action="store_true", help="also write each video's float frames as .npy")
-    parser.add_argument("--plan", action="store_true",
-                        help="print a batch actor's device memory at data.* instead of generating")
+    parser.add_argument(
+        "--plan", action="store_true", help="print a batch actor's device memory at data.* instead of generating"
+    )
     args = parser.parse_args()
     if not args.plan and not (args.prompts and args.out):
         parser.error("--prompts and --out are required (or --plan)")

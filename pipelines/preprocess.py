@@ -5,6 +5,7 @@
 Runs on the cluster in RAY_ADDRESS, else on a local Ray it starts. Re-running on the
 same --out resumes: clips already written (or rejected) are skipped.
 """
+
 import argparse
 import sys
 

@@ -8,6 +8,7 @@
 Uses configs/tiny.yaml (a tiny random-init Wan2.2 written on first use) and a local Ray
 instance (or the cluster in RAY_ADDRESS); prints where every artifact is.
 """
+
 import argparse
 import dataclasses
 import sys
@@ -51,13 +52,20 @@ def main(args):
     print("[quickstart] 4/5 exporting to a diffusers-format directory", flush=True)
     exported = export_run(cfg, out / "run", out / "exported")
     print("[quickstart] 5/5 two-stage generation with the fine-tuned experts", flush=True)
-    (video,) = generate_videos(cfg, str(exported), [resolve(GenerateRequest(prompt=args.prompt), cfg)],
-                               out / "generated")
+    (video,) = generate_videos(
+        cfg, str(exported), [resolve(GenerateRequest(prompt=args.prompt), cfg)], out / "generated"
+    )
     print("[quickstart] artifacts:")
-    for name, path in [("base model", model), ("videos", manifest), ("parquet", out / "preprocessed"),
-                       ("checkpoints", out / "run"), ("metrics", out / "run" / "high" / "metrics.jsonl"),
-                       ("validation", out / "run" / "high" / "validation"),
-                       ("exported", exported), ("video", out / "generated" / video["video"])]:
+    for name, path in [
+        ("base model", model),
+        ("videos", manifest),
+        ("parquet", out / "preprocessed"),
+        ("checkpoints", out / "run"),
+        ("metrics", out / "run" / "high" / "metrics.jsonl"),
+        ("validation", out / "run" / "high" / "validation"),
+        ("exported", exported),
+        ("video", out / "generated" / video["video"]),
+    ]:
         print(f"  {name:<12}{path}")
 
 

@@ -7,6 +7,7 @@ Runs on the cluster in RAY_ADDRESS, else on a local Ray it starts; prints the UR
 serves until interrupted (Ctrl-C or SIGTERM removes the application). Binds infer.host
 (127.0.0.1 unless told otherwise).
 """
+
 import argparse
 import signal
 import sys
@@ -31,8 +32,11 @@ def get_args():
     parser.add_argument("--host", help="address to bind (sets infer.host; 0.0.0.0 exposes it)")
     parser.add_argument("--port", type=int, help="port to bind (sets infer.port)")
     parser.add_argument("--no-ui", action="store_true", help="serve the REST API only")
-    parser.add_argument("--plan", action="store_true",
-                        help="print each stage device's memory at the largest request (infer.max_*) instead of serving")
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print each stage device's memory at the largest request (infer.max_*) instead of serving",
+    )
     return parser.parse_args()
 
 
@@ -46,16 +50,15 @@ def main(args):
     if args.plan:
         sys.exit(0 if print_plan(cfg, "serve") else 1)
     model_dir = ensure_model(cfg.model)
-    ui = None
-    if not args.no_ui:
-        sys.path.insert(0, str(ROOT))  # the page is ui/app.py of this checkout
-        from ui.app import build_ui as ui
+    ui = None if args.no_ui else page()
     # py_modules ships ui/ to every node; Serve deployments inherit the job's runtime_env.
     ray = connect_ray(args.verbose, runtime_env={"py_modules": [str(UI_DIR)]})
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` cleans up like Ctrl-C, also mid-start
     try:
-        print(f"starting the deployments for {model_dir} (text encoder, high-noise expert, low-noise expert, VAE)",
-              flush=True)
+        print(
+            f"starting the deployments for {model_dir} (text encoder, high-noise expert, low-noise expert, VAE)",
+            flush=True,
+        )
         url = start(cfg, str(model_dir), ui)
         print(f"wanray is serving {model_dir} at {url}", flush=True)
         if (warning := exposure_warning(cfg, serving_token(cfg))) is not None:
@@ -68,6 +71,14 @@ def main(args):
     except KeyboardInterrupt:
         remove_app()
         ray.shutdown()
+
+
+def page():
+    """The UI: ui/app.py of this checkout (py_modules ships ui/ to every node)."""
+    sys.path.insert(0, str(ROOT))
+    from ui.app import build_ui
+
+    return build_ui
 
 
 APP_ARGS = ("config", "set", "ui")
@@ -86,10 +97,7 @@ def app(args: dict):
     if "config" not in args:
         raise ConfigError("pipelines.serve:app needs args.config (a config file, e.g. configs/t2v_a14b.yaml)")
     cfg = load_config(ROOT / args["config"], [str(s) for s in args.get("set", [])])
-    ui = None
-    if args.get("ui", True):
-        sys.path.insert(0, str(ROOT))
-        from ui.app import build_ui as ui
+    ui = page() if args.get("ui", True) else None
     return build_app(cfg, str(ensure_model(cfg.model)), ui)
 
 

@@ -12,6 +12,7 @@ prints each expert's memory per rank against train.device_memory_gb instead (no 
 accelerator, no Ray: the model directory's config files only), and with train.validation.every set
 the validation actor's; exit status 1 when one does not fit.
 """
+
 import argparse
 import sys
 

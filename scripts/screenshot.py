@@ -11,6 +11,7 @@ defaults to 1), the page shows every --wait-for-text TEXT and the network has be
 a fixed time. --texts SELECTOR (repeatable) also writes the text of every visible element matching it
 to OUT with the suffix .json ({selector: [text, ...]}): what a test reads off the page.
 """
+
 import argparse
 import json
 import shutil
@@ -19,8 +20,15 @@ from pathlib import Path
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 # Quiet and offline: no background connections, which a closed network refuses many at a time.
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run", "--hide-scrollbars"]
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--hide-scrollbars",
+]
 
 
 def find_browser() -> str:
@@ -28,12 +36,21 @@ def find_browser() -> str:
         path = shutil.which(name)
         if path:
             return path
-    raise FileNotFoundError(f"no headless browser found (looked for {', '.join(BROWSERS)}); "
-                            "install one: apt-get install -y chromium")
+    raise FileNotFoundError(
+        f"no headless browser found (looked for {', '.join(BROWSERS)}); install one: apt-get install -y chromium"
+    )
 
 
-def screenshot(url: str, out: Path, width: int = 1280, height: int = 900, wait_for: tuple[str, ...] = (),
-               wait_for_text: tuple[str, ...] = (), timeout_s: float = 120, texts: tuple[str, ...] = ()) -> Path:
+def screenshot(
+    url: str,
+    out: Path,
+    width: int = 1280,
+    height: int = 900,
+    wait_for: tuple[str, ...] = (),
+    wait_for_text: tuple[str, ...] = (),
+    timeout_s: float = 120,
+    texts: tuple[str, ...] = (),
+) -> Path:
     """Write a PNG of `url` as a `width`x`height` window once every `wait_for` "SELECTOR=N" holds and the
     page shows every `wait_for_text`; with `texts`, the visible elements' texts per selector beside it."""
     from playwright.sync_api import Error as PlaywrightError
@@ -49,16 +66,23 @@ def screenshot(url: str, out: Path, width: int = 1280, height: int = 900, wait_f
             page.goto(url, wait_until="load", timeout=timeout_s * 1000)
             for condition in wait_for:
                 selector, _, count = condition.rpartition("=") if "=" in condition else (condition, "", "1")
-                page.wait_for_function("([s, n]) => document.querySelectorAll(s).length >= n", arg=[selector, int(count)],
-                                       timeout=timeout_s * 1000)
+                page.wait_for_function(
+                    "([s, n]) => document.querySelectorAll(s).length >= n",
+                    arg=[selector, int(count)],
+                    timeout=timeout_s * 1000,
+                )
             for text in wait_for_text:
                 page.wait_for_function("t => document.body.innerText.includes(t)", arg=text, timeout=timeout_s * 1000)
             page.wait_for_load_state("networkidle", timeout=timeout_s * 1000)
             page.wait_for_timeout(1000)  # the plots' and videos' last paint
             page.screenshot(path=str(out))
             if texts:
-                found = {sel: page.eval_on_selector_all(sel, "els => els.filter(e => e.getClientRects().length)"
-                                                             ".map(e => e.textContent.trim())") for sel in texts}
+                found = {
+                    sel: page.eval_on_selector_all(
+                        sel, "els => els.filter(e => e.getClientRects().length).map(e => e.textContent.trim())"
+                    )
+                    for sel in texts
+                }
                 out.with_suffix(".json").write_text(json.dumps(found, indent=1))
         except PlaywrightError as e:
             raise RuntimeError(f"screenshot of {url} failed: {str(e).splitlines()[0]}") from None
@@ -73,16 +97,40 @@ def main():
     parser.add_argument("--out", default="ui.png", help="PNG file to write")
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--height", type=int, default=900)
-    parser.add_argument("--wait-for", action="append", default=[], metavar="SELECTOR=N",
-                        help="wait until at least N elements match the CSS selector (repeatable)")
-    parser.add_argument("--wait-for-text", action="append", default=[], metavar="TEXT",
-                        help="wait until the page shows TEXT (repeatable)")
-    parser.add_argument("--texts", action="append", default=[], metavar="SELECTOR",
-                        help="also write the visible matching elements' texts to OUT.json (repeatable)")
+    parser.add_argument(
+        "--wait-for",
+        action="append",
+        default=[],
+        metavar="SELECTOR=N",
+        help="wait until at least N elements match the CSS selector (repeatable)",
+    )
+    parser.add_argument(
+        "--wait-for-text",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="wait until the page shows TEXT (repeatable)",
+    )
+    parser.add_argument(
+        "--texts",
+        action="append",
+        default=[],
+        metavar="SELECTOR",
+        help="also write the visible matching elements' texts to OUT.json (repeatable)",
+    )
     args = parser.parse_args()
     try:
-        print(screenshot(args.url, Path(args.out), args.width, args.height, tuple(args.wait_for),
-                         tuple(args.wait_for_text), texts=tuple(args.texts)))
+        print(
+            screenshot(
+                args.url,
+                Path(args.out),
+                args.width,
+                args.height,
+                tuple(args.wait_for),
+                tuple(args.wait_for_text),
+                texts=tuple(args.texts),
+            )
+        )
     except (FileNotFoundError, RuntimeError) as e:
         print(f"screenshot.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny Wan2.2 checkpoint, synthetic videos, a real local Ray cluster."""
+
 from __future__ import annotations
 
 import os
@@ -7,6 +8,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """tests/test_integration_*.py start Ray, Ray Train or Serve, or run a pipeline: marked `integration`, so
+    `pytest -m "not integration"` runs the fast unit tests alone."""
+    for item in items:
+        if item.path.name.startswith("test_integration_"):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")
@@ -46,8 +55,14 @@ def ray_cluster():
     # then; the tiny model's steps take 0.1 s, so the kill-and-resume test wants it sooner.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     # the drivers' settings (connect_ray), with Ray's own lines shown in the test output
-    connect_ray(verbose=True, num_cpus=2, num_gpus=2, resources={"NPU": 2}, include_dashboard=False,
-                _node_ip_address="127.0.0.1")
+    connect_ray(
+        verbose=True,
+        num_cpus=2,
+        num_gpus=2,
+        resources={"NPU": 2},
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+    )
     address = ray.get_runtime_context().gcs_address
     os.environ["RAY_ADDRESS"] = address
     yield address

@@ -1,14 +1,15 @@
 """Aspect-ratio and duration buckets, end to end on a real local Ray: a mixed corpus of portrait,
 square and landscape mp4s of several lengths -> bucketed Parquet -> training on 2 workers."""
+
 import json
 import subprocess
 import sys
 
 import pytest
-from PIL import Image
-
 from conftest import ROOT, tiny_config
+from PIL import Image
 from test_integration_train import assert_same_training_state, checkpoint_state, metrics
+
 from wanray.buckets import Bucket
 from wanray.data.preprocess import run_preprocess
 from wanray.data.shards import read_clips
@@ -19,8 +20,20 @@ from wanray.train.trainer import latest_checkpoint, train_experts
 BUDGET = 240  # tokens: 17 frames (5 latent) of 48 patches of 16x16 pixels, e.g. 96x128
 # (height, width, frames at 16 fps): 16:9, 9:16, 1:1, 4:3, 3:5 and 4:7 sources, two of each, some
 # shorter than data.num_frames (17) but at least data.min_frames (9)
-SOURCES = [(72, 128, 24), (72, 128, 11), (128, 72, 12), (128, 72, 30), (96, 96, 14), (96, 96, 20),
-           (96, 128, 20), (96, 128, 15), (160, 96, 18), (160, 96, 10), (120, 208, 17), (120, 208, 26)]
+SOURCES = [
+    (72, 128, 24),
+    (72, 128, 11),
+    (128, 72, 12),
+    (128, 72, 30),
+    (96, 96, 14),
+    (96, 96, 20),
+    (96, 128, 20),
+    (96, 128, 15),
+    (160, 96, 18),
+    (160, 96, 10),
+    (120, 208, 17),
+    (120, 208, 26),
+]
 IMAGES = {"portrait.png": (200, 112), "landscape.jpg": (90, 160), "square.webp": (100, 100)}
 
 
@@ -30,8 +43,18 @@ def corpus(tmp_path_factory):
     entries = []
     for i, (h, w, n) in enumerate(SOURCES):
         motion = ("left to right", "top to bottom", "right to left", "bottom to top")[i % 4]
-        clip = SyntheticClip(f"v{i:02d}.mp4", f"a {'red' if i % 2 else 'blue'} circle moving {motion}", h, w, 16, n,
-                             "circle", "red" if i % 2 else "blue", "gray", motion)
+        clip = SyntheticClip(
+            f"v{i:02d}.mp4",
+            f"a {'red' if i % 2 else 'blue'} circle moving {motion}",
+            h,
+            w,
+            16,
+            n,
+            "circle",
+            "red" if i % 2 else "blue",
+            "gray",
+            motion,
+        )
         write_mp4(root / clip.name, render(clip), 16)
         entries.append({"path": clip.name, "cap": clip.caption})
     short = SyntheticClip("short.mp4", "too short", 64, 64, 16, 6, "square", "green", "black", "left to right")
@@ -60,8 +83,7 @@ def bucketed(corpus, tiny_model, ray_cluster, tmp_path_factory):
 def test_every_source_lands_in_the_bucket_of_its_aspect_ratio_within_the_budget(bucketed):
     out, summary = bucketed
     assert summary["outcomes"]["written"] == len(SOURCES) + len(IMAGES)
-    assert summary["rejects_by_reason"] == {"too_short": 1, "corrupt_video": 1, "corrupt_image": 1,
-                                            "not_an_image": 1}
+    assert summary["rejects_by_reason"] == {"too_short": 1, "corrupt_video": 1, "corrupt_image": 1, "not_an_image": 1}
     rows = read_clips(out).to_pylist()
     for r in rows:
         bucket = Bucket.parse(r["bucket"])
@@ -82,16 +104,28 @@ def test_every_source_lands_in_the_bucket_of_its_aspect_ratio_within_the_budget(
     assert sum(summary["clips_by_bucket"].values()) == len(rows)
     assert summary["clips_by_bucket"]["144x80x9"] == 2  # the 12-frame 9:16 and 10-frame 3:5 sources: 9, not 13
 
-    histogram = subprocess.run([sys.executable, str(ROOT / "pipelines" / "buckets.py"), "--data", str(out)],
-                               capture_output=True, text=True, timeout=120)
+    histogram = subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / "buckets.py"), "--data", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert histogram.returncode == 0 and "144x80x9" in histogram.stdout and f"{len(rows):>7}" in histogram.stdout
 
 
 def test_training_on_buckets_batches_one_bucket_per_micro_batch_and_resumes_exactly(bucketed, tiny_model, tmp_path):
     out, _ = bucketed
     bucket_of = {r["id"]: r["bucket"] for r in read_clips(out).select(["id", "bucket"]).to_pylist()}
-    sets = [f"data.bucket_budget={BUDGET}", "train.workers=2", "train.batch_size=2", "train.log_every=1",
-            "train.caption_dropout=0.0", "train.lr=3e-3", "train.checkpoint_every=12", "train.steps=24"]
+    sets = [
+        f"data.bucket_budget={BUDGET}",
+        "train.workers=2",
+        "train.batch_size=2",
+        "train.log_every=1",
+        "train.caption_dropout=0.0",
+        "train.lr=3e-3",
+        "train.checkpoint_every=12",
+        "train.steps=24",
+    ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_experts(tiny_config(tiny_model, *sets), "high", out, straight, log=lambda _: None)
     m = metrics(straight)
@@ -123,8 +157,9 @@ def test_training_reads_version_1_shards_and_refuses_unknown_versions(bucketed, 
     old = table.drop_columns(["bucket", "source_height", "source_width"])
     for version, d in (("1", tmp_path / "v1"), ("0", tmp_path / "v0")):
         d.mkdir()
-        pq.write_table(old.replace_schema_metadata({VERSION_KEY: version.encode()}), d / "part-0.parquet",
-                       row_group_size=1)
+        pq.write_table(
+            old.replace_schema_metadata({VERSION_KEY: version.encode()}), d / "part-0.parquet", row_group_size=1
+        )
     index = ClipIndex.from_dir(tmp_path / "v1")
     assert len(index) == len(table) and index.shapes
     assert sum(bucket_counts(tmp_path / "v1").values()) == len(table)

@@ -1,5 +1,6 @@
 """The console a person reads: the quickstart prints wanray's own lines, each once, and none of Ray's
 unless --verbose."""
+
 import re
 import subprocess
 import sys
@@ -12,8 +13,9 @@ RAY = re.compile(r"INFO|WARNING|\(raylet\)|pid=|\.cc:\d+|\.py:\d+ --")
 
 
 def _run(script: str, *args: str) -> list[str]:
-    run = subprocess.run([sys.executable, str(ROOT / "pipelines" / script), *args], capture_output=True, text=True,
-                         timeout=600)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / script), *args], capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
 
@@ -22,8 +24,13 @@ def test_the_quickstart_prints_its_own_lines_once_and_no_ray_lines(tiny_model, r
     lines = _run("quickstart.py", "--out", str(tmp_path / "qs"), "--clips", "8", "--set", f"model.path={tiny_model}")
     assert [line for line in lines if not OURS.match(line)] == []
     assert [line for line, n in Counter(lines).items() if n > 1] == []
-    for expected in ("[quickstart] 5/5", "[train:high] step 20/20", "[train:low] step 20/20", "[validate] step 20:",
-                     "[preprocess] done:"):
+    for expected in (
+        "[quickstart] 5/5",
+        "[train:high] step 20/20",
+        "[train:low] step 20/20",
+        "[validate] step 20:",
+        "[preprocess] done:",
+    ):
         assert any(line.startswith(expected) for line in lines), expected
 
 

@@ -1,11 +1,12 @@
 """Context parallelism in training on a real local Ray, gloo on CPU: a sample's tokens split over 2 or 4
 ranks give the loss, gradient norm and updated weights of the unsplit run; a 2x2 (data x context) run
 resumes at another layout; configurations that cannot work fail in one line before any worker starts."""
+
 import pytest
 import torch
-
 from conftest import tiny_config
 from test_integration_train import FAST, checkpoint_state, metrics
+
 from wanray import context_parallel
 from wanray.errors import ConfigError
 from wanray.train.trainer import latest_checkpoint, make_trainer, train_experts
@@ -39,14 +40,25 @@ def test_a_split_sample_trains_as_the_whole_one(tiny_model, cp_prep, unsplit, tm
     base_run, base = unsplit
     run = tmp_path / "run"
     workers = ulysses * ring
-    split = _train(tiny_model, cp_prep, run, f"train.workers={workers}", "train.steps=2",
-                   f"train.context_parallel.ulysses={ulysses}", f"train.context_parallel.ring={ring}")
+    split = _train(
+        tiny_model,
+        cp_prep,
+        run,
+        f"train.workers={workers}",
+        "train.steps=2",
+        f"train.context_parallel.ulysses={ulysses}",
+        f"train.context_parallel.ring={ring}",
+    )
     assert [m["world_size"] for m in split] == [workers, workers]
     for a, b in zip(base, split):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(
+            a["grad_norm"], rel=1e-4
+        )
         assert b["samples_per_s"] > 0 and a["buckets"] == b["buckets"]
-    assert_same_gradients(checkpoint_state(latest_checkpoint(base_run, "high"), tmp_path),
-                          checkpoint_state(latest_checkpoint(run, "high"), tmp_path))
+    assert_same_gradients(
+        checkpoint_state(latest_checkpoint(base_run, "high"), tmp_path),
+        checkpoint_state(latest_checkpoint(run, "high"), tmp_path),
+    )
 
 
 def assert_same_gradients(a: dict, b: dict) -> None:
@@ -68,8 +80,11 @@ def assert_same_gradients(a: dict, b: dict) -> None:
 def flatten(tree, prefix="") -> dict:
     if torch.is_tensor(tree):
         return {prefix: tree}
-    return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}.{key}").items()} \
-        if isinstance(tree, dict) else {}
+    return (
+        {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}.{key}").items()}
+        if isinstance(tree, dict)
+        else {}
+    )
 
 
 def test_two_by_two_resumes_at_another_layout_where_the_straight_run_ends(tiny_model, cp_prep, tmp_path):
@@ -79,8 +94,9 @@ def test_two_by_two_resumes_at_another_layout_where_the_straight_run_ends(tiny_m
     common = ["train.checkpoint_every=3", "train.batch_size=1"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     _train(tiny_model, cp_prep, straight, *common, "train.workers=2", "train.steps=6")
-    first = _train(tiny_model, cp_prep, resumed, *common, "train.workers=4", "train.steps=3",
-                   "train.context_parallel.ulysses=2")
+    first = _train(
+        tiny_model, cp_prep, resumed, *common, "train.workers=4", "train.steps=3", "train.context_parallel.ulysses=2"
+    )
     assert [m["world_size"] for m in first] == [4, 4, 4]
     after = _train(tiny_model, cp_prep, resumed, *common, "train.workers=2", "train.steps=6")
     assert [m["step"] for m in after] == [1, 2, 3, 4, 5, 6]
@@ -94,11 +110,19 @@ def test_layouts_that_cannot_work_fail_in_one_line_before_any_worker(tiny_model,
     with pytest.raises(ConfigError, match=r"ulysses x ring = 4 must divide train.workers \(2\)"):
         tiny_config(tiny_model, "train.workers=2", "train.context_parallel.ulysses=4")
     with pytest.raises(ConfigError, match="ulysses = 8 must divide the transformer's 4 attention heads"):
-        make_trainer(tiny_config(tiny_model, "train.workers=8", "train.context_parallel.ulysses=8"), "high", cp_prep,
-                     tmp_path / "run")
+        make_trainer(
+            tiny_config(tiny_model, "train.workers=8", "train.context_parallel.ulysses=8"),
+            "high",
+            cp_prep,
+            tmp_path / "run",
+        )
     with pytest.raises(ConfigError, match="ulysses x ring = 32 must divide every sample's tokens; bucket 64x64x"):
-        make_trainer(tiny_config(tiny_model, "train.workers=32", "train.context_parallel.ring=32"), "high", cp_prep,
-                     tmp_path / "run")
+        make_trainer(
+            tiny_config(tiny_model, "train.workers=32", "train.context_parallel.ring=32"),
+            "high",
+            cp_prep,
+            tmp_path / "run",
+        )
     with pytest.raises(ConfigError, match="attention backend 'flex' has no context-parallel backward"):
         context_parallel.check(2, 1, 40, {"480x832x81": 32760}, "flex")
     context_parallel.check(8, 1, 40, {"480x832x81": 32760}, "native")  # A14B: 40 heads, 32,760 tokens
@@ -133,10 +157,23 @@ def test_serve_runs_each_expert_over_two_devices_with_the_single_device_frames(t
 
         helpers = [a for a in actors().values() if a["ActorClassName"].endswith("ExpertRank") and a["State"] == "ALIVE"]
         assert len(helpers) == 2  # rank 1 of each expert stage, beside its replica (rank 0)
-        body = dict(prompt="a red circle moving left", negative_prompt="blurry", height=64, width=64, num_frames=9,
-                    num_inference_steps=6, guidance_scale=4.0, guidance_scale_2=3.0, seed=7)
-        r = requests.post(f"{url}/v1/generate", data=json.dumps({**body, "output": "frames"}), timeout=300,
-                          headers={"content-type": "application/json"})
+        body = dict(
+            prompt="a red circle moving left",
+            negative_prompt="blurry",
+            height=64,
+            width=64,
+            num_frames=9,
+            num_inference_steps=6,
+            guidance_scale=4.0,
+            guidance_scale_2=3.0,
+            seed=7,
+        )
+        r = requests.post(
+            f"{url}/v1/generate",
+            data=json.dumps({**body, "output": "frames"}),
+            timeout=300,
+            headers={"content-type": "application/json"},
+        )
         assert r.status_code == 200, r.text
         frames = np.load(io.BytesIO(r.content))
         ref = wanpipeline_frames(tiny_model, GenerationParams(**body))
@@ -148,8 +185,9 @@ def test_serve_runs_each_expert_over_two_devices_with_the_single_device_frames(t
         serve.shutdown()
 
 
-def test_a_batch_actor_runs_both_experts_over_two_devices_with_the_single_device_frames(tiny_model, ray_cluster,
-                                                                                       tmp_path):
+def test_a_batch_actor_runs_both_experts_over_two_devices_with_the_single_device_frames(
+    tiny_model, ray_cluster, tmp_path
+):
     """infer.batch_devices=2: the Ray Data batch actor is rank 0 and starts rank 1 on its node; both experts
     run with Ulysses over the 2 gloo ranks and the video's frames equal diffusers' (<= 1e-4). A prompt whose
     tokens the 2 devices cannot share evenly is refused with its line before any actor starts."""
@@ -159,8 +197,14 @@ def test_a_batch_actor_runs_both_experts_over_two_devices_with_the_single_device
     from wanray.infer.batch import generate_videos, read_prompts
     from wanray.infer.reference import wanpipeline_frames
 
-    cfg = tiny_config(tiny_model, "infer.batch_devices=2", "data.num_frames=9", "infer.num_inference_steps=6",
-                      "infer.negative_prompt=blurry", "infer.seed=5")
+    cfg = tiny_config(
+        tiny_model,
+        "infer.batch_devices=2",
+        "data.num_frames=9",
+        "infer.num_inference_steps=6",
+        "infer.negative_prompt=blurry",
+        "infer.seed=5",
+    )
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "a red circle moving left"}\n{"prompt": "a blue square", "guidance_scale": 1.0}\n')
     params = read_prompts(prompts, cfg)

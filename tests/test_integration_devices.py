@@ -1,7 +1,8 @@
 """The device Ray assigns, as Ray really sets it: fake GPUs and NPUs declared on the test cluster."""
+
 import os
 
-from wanray.devices import VISIBLE_DEVICES_ENV, ray_assigned_ids, assigned_device_index
+from wanray.devices import VISIBLE_DEVICES_ENV, assigned_device_index, ray_assigned_ids
 
 
 def test_ray_actors_each_see_their_own_device_at_index_0(ray_cluster):

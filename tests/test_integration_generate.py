@@ -1,12 +1,13 @@
 """Batch generation (pipelines/generate.py) on Ray Data: one video per prompt line, WanPipeline's frames."""
+
 import json
 import subprocess
 import sys
 
 import av
 import numpy as np
-
 from conftest import ROOT, tiny_config
+
 from wanray.infer.api import GenerateRequest, resolve
 from wanray.infer.reference import wanpipeline_frames
 from wanray.models import TINY_BOUNDARY
@@ -16,8 +17,13 @@ OVERRIDES = ["data.num_frames=9", "infer.negative_prompt=blurry, static", "infer
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "pipelines" / "generate.py"), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=400)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / "generate.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
 
 
 def test_generate_writes_one_video_per_prompt_with_wanpipeline_frames(tiny_model, ray_cluster, tmp_path):
@@ -28,12 +34,24 @@ def test_generate_writes_one_video_per_prompt_with_wanpipeline_frames(tiny_model
     prompts.write_text(json.dumps({"prompt": PROMPTS[0]}) + "\n\n" + json.dumps(second) + "\n")  # blank: skipped
     out = tmp_path / "videos"
     sets = [a for o in OVERRIDES for a in ("--set", o)]
-    run = _run("--config", str(ROOT / "configs" / "tiny.yaml"), "--model", str(tiny_model), *sets,
-               "--prompts", str(prompts), "--out", str(out), "--save-frames")
+    run = _run(
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        "--model",
+        str(tiny_model),
+        *sets,
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--save-frames",
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     index = [json.loads(line) for line in (out / "videos.jsonl").read_text().splitlines()]
     assert [(r["index"], r["prompt"], r["video"], r["seed"]) for r in index] == [
-        (0, PROMPTS[0], "00000.mp4", 11), (1, PROMPTS[1], "00001.mp4", 3)]
+        (0, PROMPTS[0], "00000.mp4", 11),
+        (1, PROMPTS[1], "00001.mp4", 3),
+    ]
     cfg = tiny_config(tiny_model, *OVERRIDES)
     requests = [GenerateRequest(prompt=PROMPTS[0]), GenerateRequest(**second)]
     for i, (request, shape) in enumerate(zip(requests, [(9, 64, 64, 3), (5, 64, 32, 3)])):

@@ -1,15 +1,16 @@
 """Wan2.2-I2V-A14B (tiny) through preprocessing, training and export on a real local Ray: the stored
 first-frame condition is diffusers' own, the experts train on it, the export loads in
 WanImageToVideoPipeline."""
+
 import json
 import shutil
 
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import tiny_config
 from test_integration_train import metrics
+
 from wanray import models
 from wanray.buckets import BucketSet
 from wanray.data.preprocess import run_preprocess
@@ -42,8 +43,9 @@ def test_the_stored_condition_is_the_one_wan_image_to_video_pipeline_builds(i2v_
         row = ClipRow.from_record(rec)
         clip = decode_clip(row.source, BucketSet.from_config(d), d.fps)
         image = torch.from_numpy(clip.frames[0]).permute(2, 0, 1)[None].float() / 127.5 - 1  # what preprocess() gives
-        _, condition = pipe.prepare_latents(image, 1, 16, row.height, row.width, row.num_frames, torch.float32,
-                                            torch.device("cpu"))
+        _, condition = pipe.prepare_latents(
+            image, 1, 16, row.height, row.width, row.num_frames, torch.float32, torch.device("cpu")
+        )
         assert row.condition is not None and row.condition.shape == row.latent.shape
         torch.testing.assert_close(row.condition, condition[0, 4:], atol=1e-5, rtol=1e-5)
         assert torch.equal(first_frame_mask(condition.shape)[:, :, :], condition[:, :4])
@@ -51,7 +53,6 @@ def test_the_stored_condition_is_the_one_wan_image_to_video_pipeline_builds(i2v_
 
 def test_i2v_experts_train_on_the_condition_and_export_to_wan_image_to_video(i2v_model, i2v_prep, tmp_path):
     from diffusers import WanImageToVideoPipeline
-
     from PIL import Image
 
     from wanray.data.synthetic import SyntheticClip, render
@@ -62,11 +63,24 @@ def test_i2v_experts_train_on_the_condition_and_export_to_wan_image_to_video(i2v
     frame = render(SyntheticClip("x", "", 64, 64, 16, 2, "circle", "red", "gray", "left to right"))[0]
     Image.fromarray(frame).save(tmp_path / "first.png")
     # validation with a first frame per prompt, offloaded as the A14B presets have it
-    validating = ["train.validation.every=30", "train.validation.prompts=[a red circle]",
-                  f"train.validation.images=[{tmp_path / 'first.png'}]", "train.validation.num_frames=5",
-                  "train.validation.num_inference_steps=2", "train.validation.offload=true"]
-    cfg = tiny_config(i2v_model, "train.workers=1", "train.steps=30", "train.checkpoint_every=30", "train.lr=3e-3",
-                      "train.log_every=1", "train.caption_dropout=0.0", *validating)
+    validating = [
+        "train.validation.every=30",
+        "train.validation.prompts=[a red circle]",
+        f"train.validation.images=[{tmp_path / 'first.png'}]",
+        "train.validation.num_frames=5",
+        "train.validation.num_inference_steps=2",
+        "train.validation.offload=true",
+    ]
+    cfg = tiny_config(
+        i2v_model,
+        "train.workers=1",
+        "train.steps=30",
+        "train.checkpoint_every=30",
+        "train.lr=3e-3",
+        "train.log_every=1",
+        "train.caption_dropout=0.0",
+        *validating,
+    )
     with pytest.raises(ConfigError, match="train.validation: Wan2.2-I2V-A14B needs an image"):
         Validation(tiny_config(i2v_model, *validating[:2]), i2v_model)
     with pytest.raises(ConfigError, match="train.validation.images holds 1 images for 2 prompts"):
@@ -92,24 +106,28 @@ def test_data_without_the_condition_is_refused_before_any_worker_starts(i2v_mode
     plain = tmp_path / "plain"
     plain.mkdir()
     for p in shard_paths(i2v_prep):
-        pq.write_table(pq.read_table(p).drop_columns(["condition", "condition_shape", "condition_dtype"]),
-                       plain / p.name, row_group_size=1)
+        pq.write_table(
+            pq.read_table(p).drop_columns(["condition", "condition_shape", "condition_dtype"]),
+            plain / p.name,
+            row_group_size=1,
+        )
     shutil.copy(i2v_prep / "empty_prompt.parquet", plain)
     with pytest.raises(DataError, match="holds no first-frame condition for Wan2.2-I2V-A14B"):
         make_trainer(tiny_config(i2v_model), "high", plain, tmp_path / "run")
 
 
 def test_generate_renders_image_to_video_from_a_jsonl_of_images_with_wan_image_to_video_frames(
-        i2v_model, ray_cluster, tmp_path):
+    i2v_model, ray_cluster, tmp_path
+):
     import base64
     import json
     import subprocess
     import sys
 
     import numpy as np
+    from conftest import ROOT
     from PIL import Image
 
-    from conftest import ROOT
     from wanray.data.synthetic import SyntheticClip, render
     from wanray.infer.api import GenerateRequest, resolve
     from wanray.infer.reference import wanpipeline_frames
@@ -120,10 +138,24 @@ def test_generate_renders_image_to_video_from_a_jsonl_of_images_with_wan_image_t
     line = {"prompt": "a blue square moving down", "image": "first.jpg", "num_frames": 5, "seed": 2}
     (tmp_path / "prompts.jsonl").write_text(json.dumps(line) + "\n")
     out = tmp_path / "videos"
-    run = subprocess.run([sys.executable, str(ROOT / "pipelines" / "generate.py"), "--config",
-                          str(ROOT / "configs" / "tiny.yaml"), "--model", str(i2v_model), "--prompts",
-                          str(tmp_path / "prompts.jsonl"), "--out", str(out), "--save-frames"],
-                         capture_output=True, text=True, timeout=400)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "pipelines" / "generate.py"),
+            "--config",
+            str(ROOT / "configs" / "tiny.yaml"),
+            "--model",
+            str(i2v_model),
+            "--prompts",
+            str(tmp_path / "prompts.jsonl"),
+            "--out",
+            str(out),
+            "--save-frames",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     frames = np.load(out / "00000.npy")
     request = GenerateRequest(**{**line, "image": base64.b64encode((tmp_path / "first.jpg").read_bytes()).decode()})

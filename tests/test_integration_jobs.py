@@ -1,4 +1,5 @@
 """`ray job submit` of preprocess, train and generate to a cluster started with `ray start --head`."""
+
 import json
 import os
 import re
@@ -7,10 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
-
 from conftest import ROOT
+
 from wanray.runtime import free_port
 
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
@@ -18,27 +18,55 @@ RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """`ray start --head` with the job server; stopped by killing only this cluster's processes.
+    """`ray start --head --block` with the job server; stopped by terminating that command.
 
     Every port is picked free: another Ray on this machine already holds the default agent ports.
     """
     temp = str(tmp_path_factory.mktemp("rayhead"))
     port, dash = free_port(), free_port()
     # nodes run `python` from the environment Ray was started in, like an activated venv on a cluster
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     env.pop("RAY_ADDRESS", None)
-    log = open(Path(temp) / "ray-start.log", "w")
-    subprocess.run(RAY + ["start", "--head", f"--port={port}", "--num-cpus=2", f"--temp-dir={temp}",
-                          "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                          f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={free_port()}",
-                          f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-                          f"--metrics-export-port={free_port()}", "--disable-usage-stats"], check=True, env=env,
-                   stdout=log, stderr=subprocess.STDOUT, timeout=180)  # a pipe would close under the agent
-    yield f"http://127.0.0.1:{dash}"
-    for p in psutil.process_iter(["cmdline"]):
-        if temp in " ".join(p.info["cmdline"] or []):
-            p.kill()
+    log_path = Path(temp) / "ray-start.log"
+    # --block: this process owns the cluster; terminating it stops every process it started (Ray's reaper),
+    # so the fixture never has to find them by name. A pipe would close under the agent: a file.
+    with log_path.open("w") as log:
+        head = subprocess.Popen(
+            RAY
+            + [
+                "start",
+                "--head",
+                "--block",
+                f"--port={port}",
+                "--num-cpus=2",
+                f"--temp-dir={temp}",
+                "--node-ip-address=127.0.0.1",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--dashboard-agent-grpc-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}",
+                f"--metrics-export-port={free_port()}",
+                "--disable-usage-stats",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.time() + 180
+        while "Ray runtime started" not in log_path.read_text():
+            assert head.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        head.terminate()
+        head.wait(timeout=120)
 
 
 def submit(address: str, args: list[str], timeout: float = 600) -> str:
@@ -47,8 +75,20 @@ def submit(address: str, args: list[str], timeout: float = 600) -> str:
 
     runtime_env = json.dumps({"env_vars": {"PYTHONPATH": "platform", "RAY_USAGE_STATS_ENABLED": "0"}})
     env = {**os.environ, "RAY_AUTH_MODE": "token"}  # the client sends the cluster's token (~/.ray/auth_token)
-    cmd = RAY + ["job", "submit", "--address", address, "--working-dir", str(ROOT), "--runtime-env-json", runtime_env,
-                 "--no-wait", "--", "python", *args]
+    cmd = RAY + [
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(ROOT),
+        "--runtime-env-json",
+        runtime_env,
+        "--no-wait",
+        "--",
+        "python",
+        *args,
+    ]
     for _ in range(60):  # a fresh head's job agent takes a few seconds to come up
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
         if "No available agent" not in out.stderr:
@@ -72,12 +112,38 @@ def test_preprocess_train_generate_as_ray_jobs(head, tiny_model, synthetic, tmp_
     common = ["--config", "configs/tiny.yaml", "--set", f"model.path={tiny_model}"]
     logs = submit(head, ["pipelines/preprocess.py", *common, "--data", str(synthetic), "--out", str(tmp_path / "prep")])
     assert "[preprocess] done: 8 written" in logs
-    logs = submit(head, ["pipelines/train.py", *common, "--data", str(tmp_path / "prep"), "--expert", "low",
-                         "--out", str(tmp_path / "run"), "--set", "train.steps=4", "--set", "train.log_every=2"])
+    logs = submit(
+        head,
+        [
+            "pipelines/train.py",
+            *common,
+            "--data",
+            str(tmp_path / "prep"),
+            "--expert",
+            "low",
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            "train.steps=4",
+            "--set",
+            "train.log_every=2",
+        ],
+    )
     assert "[train:low] step 4/4" in logs and "low-noise expert: latest checkpoint" in logs
     (tmp_path / "prompts.txt").write_text("a red circle\n\na blue square moving up\n")
-    logs = submit(head, ["pipelines/generate.py", *common, "--prompts", str(tmp_path / "prompts.txt"),
-                         "--out", str(tmp_path / "videos"), "--set", "infer.num_inference_steps=2"])
+    logs = submit(
+        head,
+        [
+            "pipelines/generate.py",
+            *common,
+            "--prompts",
+            str(tmp_path / "prompts.txt"),
+            "--out",
+            str(tmp_path / "videos"),
+            "--set",
+            "infer.num_inference_steps=2",
+        ],
+    )
     videos = sorted(p.name for p in (tmp_path / "videos").glob("*.mp4"))
     assert videos == ["00000.mp4", "00001.mp4"], logs[-2000:]
     assert all((tmp_path / "videos" / v).stat().st_size > 0 for v in videos)

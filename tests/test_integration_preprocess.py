@@ -1,4 +1,6 @@
-"""Preprocessing on a real local Ray: parity with diffusers, rejects, resume after a kill, loaded encoders shared by runs."""
+"""Preprocessing on a real local Ray: parity with diffusers, rejects, resume after a kill, loaded encoders shared by
+runs."""
+
 import json
 import os
 import re
@@ -13,12 +15,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import ROOT, tiny_config
+
+from wanray.buckets import BucketSet
 from wanray.data.preprocess import Preprocessor, run_preprocess
 from wanray.data.shards import EMPTY_PROMPT_FILE, read_clips, read_empty_prompt, shard_paths
 from wanray.data.synthetic import SyntheticClip, render, write_dataset, write_mp4
-from wanray.buckets import BucketSet
 from wanray.data.video import decode_clip
 from wanray.schema import VERSION_KEY, ClipRow, pad_text_embedding
 
@@ -29,18 +31,21 @@ def _bad_inputs(root: Path, good: list[dict]) -> list[str]:
     data = Path(good[0]["path"]).read_bytes()
     (root / "truncated.mp4").write_bytes(data[: len(data) // 2])
     (root / "notvideo.mp4").write_text("this is a text file, not a video\n" * 20)
-    write_mp4(root / "short.mp4", render(SyntheticClip("s", "", 64, 64, 16, 3, "circle", "red", "gray",
-                                                        "left to right")), 16)
+    write_mp4(
+        root / "short.mp4", render(SyntheticClip("s", "", 64, 64, 16, 3, "circle", "red", "gray", "left to right")), 16
+    )
     lines = [json.dumps(g) for g in good]
-    lines += [json.dumps({"path": "missing.mp4", "cap": "gone"}),
-              json.dumps({"path": "zero.mp4", "cap": "zero bytes"}),
-              json.dumps({"path": "truncated.mp4", "cap": "cut off"}),
-              json.dumps({"path": "notvideo.mp4", "cap": "text"}),
-              json.dumps({"path": "short.mp4", "cap": "three frames"}),
-              json.dumps({"path": good[0]["path"]}),
-              json.dumps({"path": good[1]["path"], "cap": ""}),
-              json.dumps({"path": good[2]["path"], "cap": {"en": "dict"}}),
-              '{"path": "x.mp4", "cap": "broken line"']
+    lines += [
+        json.dumps({"path": "missing.mp4", "cap": "gone"}),
+        json.dumps({"path": "zero.mp4", "cap": "zero bytes"}),
+        json.dumps({"path": "truncated.mp4", "cap": "cut off"}),
+        json.dumps({"path": "notvideo.mp4", "cap": "text"}),
+        json.dumps({"path": "short.mp4", "cap": "three frames"}),
+        json.dumps({"path": good[0]["path"]}),
+        json.dumps({"path": good[1]["path"], "cap": ""}),
+        json.dumps({"path": good[2]["path"], "cap": {"en": "dict"}}),
+        '{"path": "x.mp4", "cap": "broken line"',
+    ]
     return lines
 
 
@@ -62,13 +67,25 @@ def test_every_good_clip_written_and_every_bad_input_named(prep):
     assert sorted(table.column("caption").to_pylist()) == sorted(g["cap"] for g in good)
     assert summary["outcomes"]["written"] == len(good)
     assert summary["rejects_by_reason"] == {
-        "file_not_found": 1, "empty_file": 1, "corrupt_video": 1, "not_a_video": 1, "too_short": 1,
-        "missing_caption": 1, "empty_caption": 1, "caption_not_string": 1, "malformed_json_line": 1}
+        "file_not_found": 1,
+        "empty_file": 1,
+        "corrupt_video": 1,
+        "not_a_video": 1,
+        "too_short": 1,
+        "missing_caption": 1,
+        "empty_caption": 1,
+        "caption_not_string": 1,
+        "malformed_json_line": 1,
+    }
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     by_reason = {r["reason"]: r["input"] for r in rejects}
-    for reason, name in (("file_not_found", "missing.mp4"), ("empty_file", "zero.mp4"),
-                         ("corrupt_video", "truncated.mp4"), ("not_a_video", "notvideo.mp4"),
-                         ("too_short", "short.mp4")):
+    for reason, name in (
+        ("file_not_found", "missing.mp4"),
+        ("empty_file", "zero.mp4"),
+        ("corrupt_video", "truncated.mp4"),
+        ("not_a_video", "notvideo.mp4"),
+        ("too_short", "short.mp4"),
+    ):
         assert by_reason[reason].endswith(name), (reason, by_reason[reason])
     assert json.loads((out / "summary.json").read_text())["rows_in_output"] == len(good)
 
@@ -164,7 +181,10 @@ def test_encode_on_spreads_a_block_over_the_actors_in_turn(ray_cluster):
             return {**batch, "actor": np.array([self.name] * len(batch["seq"]), dtype=object)}
 
     actors = [Tagger.remote("a"), Tagger.remote("b"), Tagger.remote("c")]
-    batch = {"seq": np.arange(6, 13, dtype=np.int32), "caption": np.array([f"c{i}" for i in range(6, 13)], dtype=object)}
+    batch = {
+        "seq": np.arange(6, 13, dtype=np.int32),
+        "caption": np.array([f"c{i}" for i in range(6, 13)], dtype=object),
+    }
     out = encode_on(batch, actors, batch_size=2)
     # rows 6..12 in batches [6,7] [8,9] [10,11] [12]; the first is the run's 4th batch (6 // 2 = 3)
     assert out["seq"].tolist() == list(range(6, 13)) and out["caption"].tolist() == batch["caption"].tolist()
@@ -177,10 +197,26 @@ def test_killed_run_resumes_to_exactly_one_row_per_clip(tmp_path, tiny_model, ra
     manifest = write_dataset(tmp_path / "videos", count=24, seed=7)
     out = tmp_path / "out"
     # small batches everywhere, so shards land one by one while the run goes on
-    settings = ["preprocess.rows_per_shard=2", "preprocess.vae_batch_size=1", "preprocess.text_batch_size=1",
-                "preprocess.vae_actors=1", "data.height=128", "data.width=128"]
-    cmd = [sys.executable, str(ROOT / "pipelines" / "preprocess.py"), "--config", str(ROOT / "configs/tiny.yaml"),
-           "--data", str(manifest), "--out", str(out), "--set", f"model.path={tiny_model}"]
+    settings = [
+        "preprocess.rows_per_shard=2",
+        "preprocess.vae_batch_size=1",
+        "preprocess.text_batch_size=1",
+        "preprocess.vae_actors=1",
+        "data.height=128",
+        "data.width=128",
+    ]
+    cmd = [
+        sys.executable,
+        str(ROOT / "pipelines" / "preprocess.py"),
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--data",
+        str(manifest),
+        "--out",
+        str(out),
+        "--set",
+        f"model.path={tiny_model}",
+    ]
     cmd += [a for s in settings for a in ("--set", s)]
     log = (tmp_path / "run.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -205,8 +241,10 @@ def test_killed_run_resumes_to_exactly_one_row_per_clip(tmp_path, tiny_model, ra
 
 def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, ray_cluster):
     base = [sys.executable, str(ROOT / "pipelines" / "preprocess.py"), "--out", str(tmp_path / "o")]
-    for extra, needle in [(["--data", str(tmp_path / "nope.txt")], "manifest not found"),
-                          (["--data", "x.txt", "--set", "data.fpz=2"], "unknown config key 'data.fpz'")]:
+    for extra, needle in [
+        (["--data", str(tmp_path / "nope.txt")], "manifest not found"),
+        (["--data", "x.txt", "--set", "data.fpz=2"], "unknown config key 'data.fpz'"),
+    ]:
         r = subprocess.run(base + extra, capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 2
         assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -229,8 +267,9 @@ second = set(ray.get([pid.remote() for _ in range(8)]))
 print("workers", len(first), "reused", len(first & second))
 """
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_num_workers_soft_limit")}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180,
-                         cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path
+    )
     found = re.search(r"workers (\d+) reused (\d+)", out.stdout)
     assert found, out.stdout[-1000:] + out.stderr[-2000:]
     workers, reused = map(int, found.groups())

@@ -1,5 +1,6 @@
 """Safe defaults: loopback binding, Ray token auth on, safetensors-only weights, no paths from requests;
 and cluster.yaml passes Ray's own cluster-config validation."""
+
 import copy
 import os
 import re
@@ -9,8 +10,8 @@ import sys
 import pytest
 import torch
 import yaml
-
 from conftest import ROOT
+
 from wanray.config import Config, load_config
 
 SOURCES = [p for d in ("platform", "pipelines", "ui", "benchmarks", "scripts") for p in (ROOT / d).rglob("*.py")]
@@ -44,8 +45,10 @@ def test_weights_load_from_safetensors_only(tiny_model, tmp_path):
     pickled = tmp_path / "pickled"
     (pickled / "transformer").mkdir(parents=True)
     (pickled / "transformer" / "config.json").write_text((tiny_model / "transformer" / "config.json").read_text())
-    torch.save(models.load_expert(tiny_model, "high").state_dict(), pickled / "transformer" / "diffusion_pytorch_model.bin")
-    with pytest.raises(Exception):
+    torch.save(
+        models.load_expert(tiny_model, "high").state_dict(), pickled / "transformer" / "diffusion_pytorch_model.bin"
+    )
+    with pytest.raises(OSError, match="no file named diffusion_pytorch_model.safetensors"):
         models.load_expert(pickled, "high")
     for path in SOURCES:
         for line in path.read_text().splitlines():
@@ -75,5 +78,7 @@ def test_cluster_yaml_passes_rays_validation():
     assert "[npu]" in " ".join(raw["setup_commands"]) and "set_env.sh" in " ".join(raw["setup_commands"])
     broken = copy.deepcopy(raw)
     broken["max_worker"] = broken.pop("max_workers")
-    with pytest.raises(Exception):
+    from jsonschema import ValidationError
+
+    with pytest.raises(ValidationError, match="'max_worker' was unexpected"):
         validate_config(prepare_config(broken))

@@ -1,24 +1,35 @@
 """The Serve application on a real local Ray: REST API, parity, bad requests, Gradio UI, screenshot."""
+
 import io
 import json
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 import requests
-
 from conftest import ROOT, tiny_config
+
 from ui.app import build_ui
 from wanray.infer.reference import wanpipeline_frames
 from wanray.infer.sampler import GenerationParams
 from wanray.models import TINY_BOUNDARY
 from wanray.runtime import free_port
 
-BODY = dict(prompt="a red circle moving left to right", negative_prompt="blurry, static", height=64, width=48,
-            num_frames=9, num_inference_steps=8, guidance_scale=4.0, guidance_scale_2=3.0, seed=7)
+BODY = dict(
+    prompt="a red circle moving left to right",
+    negative_prompt="blurry, static",
+    height=64,
+    width=48,
+    num_frames=9,
+    num_inference_steps=8,
+    guidance_scale=4.0,
+    guidance_scale_2=3.0,
+    seed=7,
+)
 CHEAP = dict(prompt="a dot", height=16, width=16, num_frames=1, num_inference_steps=1)
 
 
@@ -38,8 +49,9 @@ def server(tiny_model, ray_cluster):
 
 def _generate(url: str, body, **kw) -> requests.Response:
     data = body if isinstance(body, (str, bytes)) else json.dumps(body)
-    return requests.post(f"{url}/v1/generate", data=data, headers={"content-type": "application/json"},
-                         timeout=300, **kw)
+    return requests.post(
+        f"{url}/v1/generate", data=data, headers={"content-type": "application/json"}, timeout=300, **kw
+    )
 
 
 def test_health_names_the_model(server, tiny_model):
@@ -78,25 +90,28 @@ def test_concurrent_requests_each_get_their_own_video(server):
     assert not np.array_equal(alone[0], alone[1])
 
 
-@pytest.mark.parametrize("body, status, message", [
-    ('{"prompt": "a cat", ', 400, "request body is not valid JSON"),
-    ("not json at all", 400, "request body is not valid JSON"),
-    ({"prompt": ""}, 422, "prompt must not be empty"),
-    ({"negative_prompt": "x"}, 422, "prompt: Field required"),
-    ({"prompt": "x" * 2001}, 422, "at most 2000 are served"),
-    ({"prompt": "a cat", "height": 60}, 422, "height must be a multiple of 16"),
-    ({"prompt": "a cat", "width": 512}, 422, "width must lie in [16, 256]"),
-    ({"prompt": "a cat", "num_frames": 16}, 422, "num_frames must be 4n+1"),
-    ({"prompt": "a cat", "num_frames": 37}, 422, "num_frames must lie in [1, 33]"),
-    ({"prompt": "a cat", "num_inference_steps": 0}, 422, "num_inference_steps must lie in [1, 50]"),
-    ({"prompt": "a cat", "num_inference_steps": 51}, 422, "num_inference_steps must lie in [1, 50]"),
-    ({"prompt": "a cat", "guidance_scale": -2}, 422, "guidance_scale must be a finite number >= 0"),
-    ({"prompt": "a cat", "seed": -5}, 422, "seed must lie in"),
-    ({"prompt": "a cat", "height": "tall"}, 422, "height: Input should be a valid integer"),
-    ({"prompt": "a cat", "steps": 4}, 422, "steps: Extra inputs are not permitted"),
-    ({"prompt": "a cat", "output": "gif"}, 422, "output: Input should be 'mp4' or 'frames'"),
-    ([1, 2], 422, "valid dictionary"),
-])
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ('{"prompt": "a cat", ', 400, "request body is not valid JSON"),
+        ("not json at all", 400, "request body is not valid JSON"),
+        ({"prompt": ""}, 422, "prompt must not be empty"),
+        ({"negative_prompt": "x"}, 422, "prompt: Field required"),
+        ({"prompt": "x" * 2001}, 422, "at most 2000 are served"),
+        ({"prompt": "a cat", "height": 60}, 422, "height must be a multiple of 16"),
+        ({"prompt": "a cat", "width": 512}, 422, "width must lie in [16, 256]"),
+        ({"prompt": "a cat", "num_frames": 16}, 422, "num_frames must be 4n+1"),
+        ({"prompt": "a cat", "num_frames": 37}, 422, "num_frames must lie in [1, 33]"),
+        ({"prompt": "a cat", "num_inference_steps": 0}, 422, "num_inference_steps must lie in [1, 50]"),
+        ({"prompt": "a cat", "num_inference_steps": 51}, 422, "num_inference_steps must lie in [1, 50]"),
+        ({"prompt": "a cat", "guidance_scale": -2}, 422, "guidance_scale must be a finite number >= 0"),
+        ({"prompt": "a cat", "seed": -5}, 422, "seed must lie in"),
+        ({"prompt": "a cat", "height": "tall"}, 422, "height: Input should be a valid integer"),
+        ({"prompt": "a cat", "steps": 4}, 422, "steps: Extra inputs are not permitted"),
+        ({"prompt": "a cat", "output": "gif"}, 422, "output: Input should be 'mp4' or 'frames'"),
+        ([1, 2], 422, "valid dictionary"),
+    ],
+)
 def test_bad_request_gets_4xx_with_reason_and_server_keeps_serving(server, body, status, message):
     url, _ = server
     r = _generate(url, body)
@@ -112,8 +127,14 @@ def test_each_generate_request_has_an_id_in_its_response_and_one_log_line(server
     import ray
 
     url, _ = server
-    small = {"prompt": "a tiny red circle", "height": 32, "width": 32, "num_frames": 1, "num_inference_steps": 1,
-             "output": "frames"}
+    small = {
+        "prompt": "a tiny red circle",
+        "height": 32,
+        "width": 32,
+        "num_frames": 1,
+        "num_inference_steps": 1,
+        "output": "frames",
+    }
     echoed = requests.post(f"{url}/v1/generate", json=small, headers={"X-Request-Id": "client-42"}, timeout=120)
     fresh = requests.post(f"{url}/v1/generate", json=small, timeout=120)
     refused = requests.post(f"{url}/v1/generate", json={**small, "height": 30}, timeout=60)
@@ -123,12 +144,20 @@ def test_each_generate_request_has_an_id_in_its_response_and_one_log_line(server
     deadline, text = time.time() + 30, ""
     while time.time() < deadline and refused.headers["X-Request-Id"] not in text:
         time.sleep(0.5)
-        text = "".join(open(p).read() for p in glob.glob(f"{logs}/serve/replica_wanray_Ingress_*.log"))
-    lines = {rid: [line for line in text.splitlines() if rid in line and "generate: prompt" in line]
-             for rid in ("client-42", fresh.headers["X-Request-Id"], refused.headers["X-Request-Id"])}
+        text = "".join(Path(p).read_text() for p in glob.glob(f"{logs}/serve/replica_wanray_Ingress_*.log"))
+    lines = {
+        rid: [line for line in text.splitlines() if rid in line and "generate: prompt" in line]
+        for rid in ("client-42", fresh.headers["X-Request-Id"], refused.headers["X-Request-Id"])
+    }
     assert all(len(found) == 1 for found in lines.values()), lines
-    assert "generate: prompt 17 chars, 1x32x32, 1 steps, " in lines["client-42"][0] and "status 200" in lines["client-42"][0]
-    assert "not resolved" in lines[refused.headers["X-Request-Id"]][0] and "status 422" in lines[refused.headers["X-Request-Id"]][0]
+    assert (
+        "generate: prompt 17 chars, 1x32x32, 1 steps, " in lines["client-42"][0]
+        and "status 200" in lines["client-42"][0]
+    )
+    assert (
+        "not resolved" in lines[refused.headers["X-Request-Id"]][0]
+        and "status 422" in lines[refused.headers["X-Request-Id"]][0]
+    )
 
 
 def test_gradio_client_generates_a_video_through_the_ui(server):
@@ -150,8 +179,12 @@ def test_gradio_client_generates_a_video_through_the_ui(server):
 def test_screenshot_script_captures_the_ui(server, tmp_path):
     url, _ = server
     out = tmp_path / "ui.png"
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshot.py"), "--url", f"{url}/ui/",
-                          "--out", str(out)], capture_output=True, text=True, timeout=240)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "screenshot.py"), "--url", f"{url}/ui/", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert run.returncode == 0, run.stderr
     from PIL import Image
 

@@ -1,16 +1,23 @@
 """A served model behind a token, on a real local Ray: /v1/* and the UI refuse a missing or wrong token and
 accept the right one; binding beyond loopback without one is a warning."""
+
 import pytest
 import requests
-
 from conftest import tiny_config
+
 from ui.app import build_ui
 from wanray.infer.api import exposure_warning, serving_token, token_matches
 from wanray.runtime import free_port
 
 TOKEN = "s3cret-token"
-BODY = {"prompt": "a red circle", "height": 32, "width": 32, "num_frames": 1, "num_inference_steps": 1,
-        "output": "frames"}
+BODY = {
+    "prompt": "a red circle",
+    "height": 32,
+    "width": 32,
+    "num_frames": 1,
+    "num_inference_steps": 1,
+    "output": "frames",
+}
 
 
 @pytest.fixture(scope="module")
@@ -19,15 +26,18 @@ def server(tiny_model, ray_cluster):
 
     from wanray.infer.serve import APP_NAME, start
 
-    url = start(tiny_config(tiny_model, f"infer.port={free_port()}", f"infer.api_token={TOKEN}"), str(tiny_model),
-                build_ui)
+    url = start(
+        tiny_config(tiny_model, f"infer.port={free_port()}", f"infer.api_token={TOKEN}"), str(tiny_model), build_ui
+    )
     yield url
     serve.delete(APP_NAME)
     serve.shutdown()
 
 
-@pytest.mark.parametrize("header,status", [(None, 401), ("Bearer wrong", 401), (f"Basic {TOKEN}", 401),
-                                           (f"Bearer {TOKEN}x", 401), (f"Bearer {TOKEN}", 200)])
+@pytest.mark.parametrize(
+    "header,status",
+    [(None, 401), ("Bearer wrong", 401), (f"Basic {TOKEN}", 401), (f"Bearer {TOKEN}x", 401), (f"Bearer {TOKEN}", 200)],
+)
 def test_the_rest_api_takes_the_bearer_token_only(server, header, status):
     headers = {} if header is None else {"Authorization": header}
     health = requests.get(f"{server}/v1/health", headers=headers, timeout=30)
@@ -41,10 +51,11 @@ def test_the_rest_api_takes_the_bearer_token_only(server, header, status):
 
 def test_the_ui_asks_for_the_token(server):
     from gradio_client import Client
+    from gradio_client.exceptions import AuthenticationError
 
-    with pytest.raises(Exception):
+    with pytest.raises(AuthenticationError, match="credentials were not provided"):
         Client(f"{server}/ui/", verbose=False)  # the page's API is behind the login
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="Could not login to"):  # Gradio's login answers 400, not 401
         Client(f"{server}/ui/", auth=("me", "wrong"), verbose=False)
     client = Client(f"{server}/ui/", auth=("me", TOKEN), verbose=False)
     assert client.predict("a red circle", "", 1, 1, 1.0, 1.0, 32, 32, 1, api_name="/generate")

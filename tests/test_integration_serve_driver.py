@@ -1,5 +1,6 @@
 """pipelines/serve.py as a user runs it: it hands ui/app.py to the Serve app, and SIGTERM, even
 while the deployments are starting, removes the application and exits cleanly."""
+
 import signal
 import subprocess
 import sys
@@ -7,14 +8,18 @@ import time
 
 import pytest
 import requests
-
 from conftest import ROOT
+
 from wanray.runtime import free_port
 
 
 def serve_driver(tiny_model, port, log):
-    return subprocess.Popen([sys.executable, str(ROOT / "pipelines" / "serve.py"), "--model", str(tiny_model),
-                             "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "pipelines" / "serve.py"), "--model", str(tiny_model), "--port", str(port)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 @pytest.fixture

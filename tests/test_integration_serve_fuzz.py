@@ -1,15 +1,17 @@
 """An OpenAPI-driven fuzz run (schemathesis) of /v1/generate and /v1/health on a real Serve: whatever a
 client sends, no 5xx and no server error in the ingress's log. The served bounds are tiny so that every
 request the fuzzer gets accepted costs a fraction of a second; the example count is bounded."""
+
 import glob
 import os
 import time
+from pathlib import Path
 
 import pytest
 import schemathesis
+from conftest import tiny_config
 from hypothesis import HealthCheck, settings
 
-from conftest import tiny_config
 from wanray.runtime import free_port
 
 EXAMPLES = 40
@@ -21,9 +23,16 @@ def fuzz_server(tiny_model, ray_cluster):
 
     from wanray.infer.serve import APP_NAME, start
 
-    cfg = tiny_config(tiny_model, f"infer.port={free_port()}", "infer.max_height=32", "infer.max_width=32",
-                      "infer.max_frames=5", "infer.max_steps=2", "infer.num_inference_steps=2",
-                      "infer.max_prompt_chars=200")
+    cfg = tiny_config(
+        tiny_model,
+        f"infer.port={free_port()}",
+        "infer.max_height=32",
+        "infer.max_width=32",
+        "infer.max_frames=5",
+        "infer.max_steps=2",
+        "infer.num_inference_steps=2",
+        "infer.max_prompt_chars=200",
+    )
     started = time.time()
     url = start(cfg, str(tiny_model))
     yield url, started
@@ -52,7 +61,7 @@ def test_no_request_the_schema_admits_gets_a_server_error(fuzz_server):
             @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
             def call(case):
                 response = case.call(base_url=url, timeout=60)
-                codes.append(response.status_code)
+                codes.append(response.status_code)  # noqa: B023  (called within this iteration)
                 assert response.status_code < 500, (case.body, response.status_code, response.text[:300])
 
             call()
@@ -71,6 +80,6 @@ def test_the_fuzzed_server_logged_no_error(fuzz_server):
     _, started = fuzz_server
     logs = ray._private.worker._global_node.get_logs_dir_path()
     mine = [p for p in glob.glob(f"{logs}/serve/replica_wanray_Ingress_*.log") if os.path.getmtime(p) >= started]
-    text = "".join(open(p).read() for p in mine)
+    text = "".join(Path(p).read_text() for p in mine)
     assert "generate: prompt" in text  # the fuzz run's requests were logged here
     assert "generation failed" not in text and "Traceback" not in text and " ERROR " not in text

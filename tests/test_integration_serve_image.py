@@ -1,6 +1,7 @@
 """Serving the image models (tiny Wan2.2-I2V-A14B and TI2V-5B) on a real local Ray: the REST API and
 the UI take a first image (a photograph and a rendered frame), and the served frames equal diffusers'
 pipelines' (WanImageToVideoPipeline; WanPipeline for TI2V-5B without an image)."""
+
 import base64
 import io
 import json
@@ -9,10 +10,10 @@ import av
 import numpy as np
 import pytest
 import requests
-from PIL import Image
-
 from conftest import tiny_config
+from PIL import Image
 from test_unit_kinds import photo
+
 from ui.app import build_ui
 from wanray import models
 from wanray.data.synthetic import SyntheticClip, render
@@ -20,17 +21,38 @@ from wanray.infer.reference import wanpipeline_frames
 from wanray.infer.sampler import GenerationParams
 from wanray.runtime import free_port
 
-BODY = {"i2v-a14b": dict(prompt="a green circle moving up", negative_prompt="blurry", height=48, width=64,
-                         num_frames=5, num_inference_steps=6, guidance_scale=3.5, guidance_scale_2=3.5, seed=9),
-        "ti2v-5b": dict(prompt="a cheetah", negative_prompt="blurry", height=64, width=96, num_frames=9,
-                        num_inference_steps=5, guidance_scale=5.0, guidance_scale_2=5.0, seed=3)}
+BODY = {
+    "i2v-a14b": dict(
+        prompt="a green circle moving up",
+        negative_prompt="blurry",
+        height=48,
+        width=64,
+        num_frames=5,
+        num_inference_steps=6,
+        guidance_scale=3.5,
+        guidance_scale_2=3.5,
+        seed=9,
+    ),
+    "ti2v-5b": dict(
+        prompt="a cheetah",
+        negative_prompt="blurry",
+        height=64,
+        width=96,
+        num_frames=9,
+        num_inference_steps=5,
+        guidance_scale=5.0,
+        guidance_scale_2=5.0,
+        seed=3,
+    ),
+}
 
 
 @pytest.fixture(scope="module")
 def image_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("image") / "first.png"
-    Image.fromarray(render(SyntheticClip("x", "", 60, 80, 16, 2, "circle", "green", "black", "bottom to top"))[0]) \
-        .save(path)
+    Image.fromarray(render(SyntheticClip("x", "", 60, 80, 16, 2, "circle", "green", "black", "bottom to top"))[0]).save(
+        path
+    )
     return path
 
 
@@ -50,8 +72,9 @@ def server(request, ray_cluster, tmp_path_factory):
 
 
 def _post(url, body):
-    return requests.post(f"{url}/v1/generate", data=json.dumps(body), headers={"content-type": "application/json"},
-                         timeout=300)
+    return requests.post(
+        f"{url}/v1/generate", data=json.dumps(body), headers={"content-type": "application/json"}, timeout=300
+    )
 
 
 def test_served_frames_equal_diffusers_pipelines_with_a_photograph_as_the_first_image(server):
@@ -61,8 +84,11 @@ def test_served_frames_equal_diffusers_pipelines_with_a_photograph_as_the_first_
     assert ("low" in health["stages"]) == (kind == "i2v-a14b")
     body = BODY[kind]
     # I2V: also with a last frame; TI2V: also from text alone
-    images = [{"image": photo("tower.jpg")}, {"image": photo("tower.jpg"), "last_image": photo("lion.jpg")}] \
-        if kind == "i2v-a14b" else [{"image": photo("tower.jpg")}, {}]
+    images = (
+        [{"image": photo("tower.jpg")}, {"image": photo("tower.jpg"), "last_image": photo("lion.jpg")}]
+        if kind == "i2v-a14b"
+        else [{"image": photo("tower.jpg")}, {}]
+    )
     for image in images:
         r = _post(url, {**body, **image, "output": "frames"})
         assert r.status_code == 200, r.text
@@ -89,8 +115,9 @@ def test_the_ui_takes_the_first_frame(server, image_file):
 
     url, _, _ = server
     client = Client(f"{url}/ui/", verbose=False)
-    video = client.predict("a green circle", "", 1, 2, 3.5, 3.5, 32, 32, 5, handle_file(str(image_file)),
-                           api_name="/generate")
+    video = client.predict(
+        "a green circle", "", 1, 2, 3.5, 3.5, 32, 32, 5, handle_file(str(image_file)), api_name="/generate"
+    )
     path = video["video"] if isinstance(video, dict) else video
     with av.open(path) as container:
         assert sum(1 for _ in container.decode(video=0)) == 5

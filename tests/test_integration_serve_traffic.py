@@ -1,6 +1,7 @@
 """Serving under real traffic on a real Serve: a bounded pipeline (503 + Retry-After when full, never 500),
 queue timeouts, cancellation of a request whose client hung up, queue depths in /v1/health, Prometheus
 metrics. Loopback only; every client call is bounded in time."""
+
 import io
 import json
 import threading
@@ -10,14 +11,21 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
-
 from conftest import tiny_config
+
 from wanray.runtime import free_port
 
 MAX_QUEUED = 5
 CAPACITY = MAX_QUEUED + 1  # requests in the pipeline at most
-BODY = dict(prompt="a red circle moving left to right", height=64, width=48, num_frames=9, num_inference_steps=6,
-            seed=3, output="frames")
+BODY = dict(
+    prompt="a red circle moving left to right",
+    height=64,
+    width=48,
+    num_frames=9,
+    num_inference_steps=6,
+    seed=3,
+    output="frames",
+)
 LONG = dict(BODY, num_frames=33, num_inference_steps=1500)  # seconds of high-noise steps on the CPU
 
 
@@ -27,8 +35,13 @@ def traffic_server(tiny_model, ray_cluster):
 
     from wanray.infer.serve import APP_NAME, start
 
-    cfg = tiny_config(tiny_model, f"infer.port={free_port()}", f"infer.max_queued={MAX_QUEUED}",
-                      "infer.queue_timeout_s=4", "infer.max_steps=5000")
+    cfg = tiny_config(
+        tiny_model,
+        f"infer.port={free_port()}",
+        f"infer.max_queued={MAX_QUEUED}",
+        "infer.queue_timeout_s=4",
+        "infer.max_steps=5000",
+    )
     url = start(cfg, str(tiny_model))
     yield url
     serve.delete(APP_NAME)
@@ -36,8 +49,9 @@ def traffic_server(tiny_model, ray_cluster):
 
 
 def _post(url: str, body: dict, timeout: float = 120) -> requests.Response:
-    return requests.post(f"{url}/v1/generate", data=json.dumps(body), headers={"content-type": "application/json"},
-                         timeout=timeout)
+    return requests.post(
+        f"{url}/v1/generate", data=json.dumps(body), headers={"content-type": "application/json"}, timeout=timeout
+    )
 
 
 def _idle(url: str, timeout: float = 60) -> dict:
@@ -63,8 +77,13 @@ def test_a_burst_at_four_times_capacity_gets_200_or_503_and_health_answers_throu
     def watch():  # /v1/health while the burst is served: every answer 200 within its 5 s timeout
         while not stop.is_set():
             r = requests.get(f"{url}/v1/health", timeout=5)
-            answers.append((r.status_code, r.json()["queue"]["in_pipeline"],
-                            max(s["waiting"] for s in r.json()["stages"].values())))
+            answers.append(
+                (
+                    r.status_code,
+                    r.json()["queue"]["in_pipeline"],
+                    max(s["waiting"] for s in r.json()["stages"].values()),
+                )
+            )
             time.sleep(0.05)
 
     watcher = threading.Thread(target=watch)
@@ -137,6 +156,7 @@ def test_prometheus_metrics_count_outcomes_and_time_stages(traffic_server, ray_c
     assert any(line.startswith("ray_wanray_requests_total{") and 'outcome="ok"' in line for line in lines), lines
     assert any('outcome="invalid"' in line for line in lines)
     for stage in ("text", "high", "low", "vae"):
-        assert any(line.startswith("ray_wanray_stage_seconds_count{") and f'stage="{stage}"' in line
-                   for line in lines), stage
+        assert any(
+            line.startswith("ray_wanray_stage_seconds_count{") and f'stage="{stage}"' in line for line in lines
+        ), stage
         assert any(line.startswith("ray_wanray_stage_queue_depth{") and f'stage="{stage}"' in line for line in lines)

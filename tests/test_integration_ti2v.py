@@ -1,10 +1,11 @@
 """Wan2.2-TI2V-5B (tiny: one transformer, the 48-channel Wan2.2 VAE with 16x spatial compression)
 through preprocessing, training and export on a real local Ray."""
+
 import pytest
 import torch
-
 from conftest import tiny_config
 from test_integration_train import metrics
+
 from wanray import models
 from wanray.data.preprocess import run_preprocess
 from wanray.data.shards import read_clips
@@ -37,8 +38,8 @@ def test_ti2v_clips_are_48_channel_latents_at_16x_with_no_stored_condition(ti2v_
         assert r.latent.shape == (48, (r.num_frames - 1) // 4 + 1, r.height // 16, r.width // 16)
     vae = AutoencoderKLWan.from_pretrained(ti2v_model, subfolder="vae")
     # the first latent frame is the first video frame's own latent (causal VAE): what the sampler keeps clean
-    from wanray.data.video import decode_clip
     from wanray.buckets import BucketSet
+    from wanray.data.video import decode_clip
     from wanray.encoding import encode_latents, frames_to_video
 
     d = tiny_config(ti2v_model).data
@@ -49,16 +50,25 @@ def test_ti2v_clips_are_48_channel_latents_at_16x_with_no_stored_condition(ti2v_
 
 def test_sizes_the_16x_vae_cannot_take_are_refused_before_any_decoding(ti2v_model, synthetic, tmp_path):
     with pytest.raises(ConfigError, match="multiples of 32 for this model, got 48x64"):
-        run_preprocess(tiny_config(ti2v_model, "data.height=48"), str(synthetic), str(tmp_path / "out"),
-                       log=lambda _: None)
+        run_preprocess(
+            tiny_config(ti2v_model, "data.height=48"), str(synthetic), str(tmp_path / "out"), log=lambda _: None
+        )
 
 
 def test_ti2v_trains_its_one_transformer_and_exports_to_wan_pipeline(ti2v_model, ti2v_prep, tmp_path):
     from diffusers import WanImageToVideoPipeline, WanPipeline
 
     run = tmp_path / "run"
-    cfg = tiny_config(ti2v_model, "train.workers=1", "train.steps=30", "train.checkpoint_every=30", "train.lr=3e-3",
-                      "train.log_every=1", "train.caption_dropout=0.0", "train.image_condition=0.5")
+    cfg = tiny_config(
+        ti2v_model,
+        "train.workers=1",
+        "train.steps=30",
+        "train.checkpoint_every=30",
+        "train.lr=3e-3",
+        "train.log_every=1",
+        "train.caption_dropout=0.0",
+        "train.image_condition=0.5",
+    )
     train_experts(cfg, "both", ti2v_prep, run, log=lambda _: None)
     assert not (run / "low").exists()
     losses = [m["loss"] for m in metrics(run)]
@@ -73,19 +83,22 @@ def test_ti2v_trains_its_one_transformer_and_exports_to_wan_pipeline(ti2v_model,
 
 
 def test_stills_among_videos_train_with_finite_loss_when_every_clip_is_drawn_image_conditioned(
-        ti2v_model, synthetic, tmp_path):
+    ti2v_model, synthetic, tmp_path
+):
     """train.image_condition=1.0 (the TI2V preset's): a still has one latent frame, which as the clean condition
     would leave an empty loss mask (0/0) and write NaN into the weights. Stills are never image-conditioned."""
     import json
     import math
 
     from PIL import Image
-
     from test_integration_train import clip_counts
+
     from wanray.data.synthetic import SyntheticClip, render
 
-    entries = [{"path": str(synthetic.parent / e["path"]), "cap": e["cap"]}
-               for e in json.loads((synthetic.parent / "data.json").read_text())]
+    entries = [
+        {"path": str(synthetic.parent / e["path"]), "cap": e["cap"]}
+        for e in json.loads((synthetic.parent / "data.json").read_text())
+    ]
     for name in ("still-a.png", "still-b.png"):
         frame = render(SyntheticClip(name, "", 64, 64, 16, 2, "square", "yellow", "navy", "left to right"))[0]
         Image.fromarray(frame).save(tmp_path / name)
@@ -100,10 +113,17 @@ def test_stills_among_videos_train_with_finite_loss_when_every_clip_is_drawn_ima
     # validation from a .jsonl of generate.py's lines: one from a first frame, one from text alone
     lines = [{"prompt": "a yellow square", "image": "still-a.png", "num_frames": 5}, {"prompt": "a red circle"}]
     (tmp_path / "validation.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    cfg = tiny_config(ti2v_model, "train.workers=1", f"train.steps={len(rows)}", f"train.checkpoint_every={len(rows)}",
-                      "train.log_every=1", "train.image_condition=1.0", f"train.validation.every={len(rows)}",
-                      f"train.validation.prompts_file={tmp_path / 'validation.jsonl'}",
-                      "train.validation.num_inference_steps=2")
+    cfg = tiny_config(
+        ti2v_model,
+        "train.workers=1",
+        f"train.steps={len(rows)}",
+        f"train.checkpoint_every={len(rows)}",
+        "train.log_every=1",
+        "train.image_condition=1.0",
+        f"train.validation.every={len(rows)}",
+        f"train.validation.prompts_file={tmp_path / 'validation.jsonl'}",
+        "train.validation.num_inference_steps=2",
+    )
     train_experts(cfg, "high", prep, run, log=lambda _: None, validation=Validation(cfg, ti2v_model))
     assert all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in metrics(run))
     assert stills <= set(clip_counts(run))  # both stills were trained on
@@ -117,7 +137,8 @@ def test_stills_among_videos_train_with_finite_loss_when_every_clip_is_drawn_ima
 
 
 def test_the_low_expert_of_a_one_transformer_model_and_data_of_another_vae_are_refused(
-        ti2v_model, tiny_model, ti2v_prep, tmp_path):
+    ti2v_model, tiny_model, ti2v_prep, tmp_path
+):
     ti2v = KINDS["ti2v-5b"]
     assert selected("both", ti2v) == selected("high", ti2v) == ("high",)
     with pytest.raises(ConfigError, match="Wan2.2-TI2V-5B has one transformer, no low-noise expert"):
@@ -128,8 +149,7 @@ def test_the_low_expert_of_a_one_transformer_model_and_data_of_another_vae_are_r
         make_trainer(tiny_config(tiny_model), "high", ti2v_prep, tmp_path / "run")
 
 
-def test_generate_renders_ti2v_from_text_and_from_a_photograph_with_diffusers_frames(ti2v_model, ray_cluster,
-                                                                                     tmp_path):
+def test_generate_renders_ti2v_from_text_and_from_a_photograph_with_diffusers_frames(ti2v_model, ray_cluster, tmp_path):
     """One JSONL, a line with a first image (a photograph) and one without: each video equals diffusers'
     pipeline for it (WanImageToVideoPipeline / WanPipeline with expand_timesteps)."""
     import base64
@@ -139,25 +159,44 @@ def test_generate_renders_ti2v_from_text_and_from_a_photograph_with_diffusers_fr
     import sys
 
     import numpy as np
+    from conftest import ROOT
     from gradio.media import get_image
 
-    from conftest import ROOT
     from wanray.infer.api import GenerateRequest, resolve
     from wanray.infer.reference import wanpipeline_frames
 
     shutil.copy(get_image("lion.jpg"), tmp_path / "lion.jpg")
-    lines = [{"prompt": "a lion looking around", "image": "lion.jpg", "num_frames": 5, "width": 96, "seed": 2},
-             {"prompt": "a lion walking", "num_frames": 5, "seed": 3}]
+    lines = [
+        {"prompt": "a lion looking around", "image": "lion.jpg", "num_frames": 5, "width": 96, "seed": 2},
+        {"prompt": "a lion walking", "num_frames": 5, "seed": 3},
+    ]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = tmp_path / "videos"
-    run = subprocess.run([sys.executable, str(ROOT / "pipelines" / "generate.py"), "--config",
-                          str(ROOT / "configs" / "tiny.yaml"), "--model", str(ti2v_model), "--prompts",
-                          str(tmp_path / "prompts.jsonl"), "--out", str(out), "--save-frames"],
-                         capture_output=True, text=True, timeout=400)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "pipelines" / "generate.py"),
+            "--config",
+            str(ROOT / "configs" / "tiny.yaml"),
+            "--model",
+            str(ti2v_model),
+            "--prompts",
+            str(tmp_path / "prompts.jsonl"),
+            "--out",
+            str(out),
+            "--save-frames",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     for i, line in enumerate(lines):
         frames = np.load(out / f"{i:05d}.npy")
         if "image" in line:
             line = {**line, "image": base64.b64encode((tmp_path / "lion.jpg").read_bytes()).decode()}
         params = resolve(GenerateRequest(**line), tiny_config(ti2v_model), KINDS["ti2v-5b"])
-        assert frames.shape == (5, 64, params.width, 3) and np.abs(frames - wanpipeline_frames(ti2v_model, params)).max() <= 1e-4
+        assert (
+            frames.shape == (5, 64, params.width, 3)
+            and np.abs(frames - wanpipeline_frames(ti2v_model, params)).max() <= 1e-4
+        )

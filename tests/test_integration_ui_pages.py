@@ -1,6 +1,7 @@
 """The UI's Runs and Data pages on a real Serve: a fine-tune with validation videos and a preprocessed
 directory with rejects, read through gradio_client and photographed by headless Chromium; paths outside
 the configured roots (`..`, a symlink out, an absolute path elsewhere) are refused."""
+
 import json
 import os
 import subprocess
@@ -9,15 +10,22 @@ import sys
 import av
 import numpy as np
 import pytest
-
 from conftest import ROOT, tiny_config
 from test_integration_train import FAST
+
 from ui.app import build_ui
 from wanray.runtime import free_port
 
-SETS = (*FAST, "train.workers=1", "train.steps=10", "train.checkpoint_every=5", "train.validation.every=5",
-        "train.validation.prompts=[a red circle moving right]", "train.validation.num_frames=9",
-        "train.validation.num_inference_steps=3")
+SETS = (
+    *FAST,
+    "train.workers=1",
+    "train.steps=10",
+    "train.checkpoint_every=5",
+    "train.validation.every=5",
+    "train.validation.prompts=[a red circle moving right]",
+    "train.validation.num_frames=9",
+    "train.validation.num_inference_steps=3",
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +45,14 @@ def roots(tmp_path_factory, tiny_model, ray_cluster):
     (videos / "data.json").write_text(json.dumps(annotation))
     cfg = tiny_config(tiny_model, *SETS)
     run_preprocess(cfg, str(videos / "data.txt"), str(root / "data" / "prep"), log=lambda _: None)
-    train_experts(cfg, "high", root / "data" / "prep", root / "runs" / "ft", log=lambda _: None,
-                  validation=Validation(cfg, tiny_model))
+    train_experts(
+        cfg,
+        "high",
+        root / "data" / "prep",
+        root / "runs" / "ft",
+        log=lambda _: None,
+        validation=Validation(cfg, tiny_model),
+    )
     outside = tmp_path_factory.mktemp("outside")
     train_dir = root / "runs" / "ft" / "high"
     (outside / "ft" / "high").mkdir(parents=True)
@@ -55,8 +69,9 @@ def ui_server(roots, tiny_model):
     from wanray.infer.serve import APP_NAME, start
 
     root, _ = roots
-    cfg = tiny_config(tiny_model, f"infer.port={free_port()}", f"ui.runs_roots=[{root / 'runs'}]",
-                      f"ui.data_roots=[{root / 'data'}]")
+    cfg = tiny_config(
+        tiny_model, f"infer.port={free_port()}", f"ui.runs_roots=[{root / 'runs'}]", f"ui.data_roots=[{root / 'data'}]"
+    )
     url = start(cfg, str(tiny_model), build_ui)
     yield url
     serve.delete(APP_NAME)
@@ -126,9 +141,26 @@ def _screenshot(url: str, out, *wait_for: str, text: tuple[str, ...] = ()):
     from PIL import Image
 
     waits = [a for w in wait_for for a in ("--wait-for", w)] + [a for t in text for a in ("--wait-for-text", t)]
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshot.py"), "--url", url, "--out", str(out),
-                          "--height", "1400", *waits, "--texts", TABS, "--texts", X_TICKS], capture_output=True,
-                         text=True, timeout=240)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "screenshot.py"),
+            "--url",
+            url,
+            "--out",
+            str(out),
+            "--height",
+            "1400",
+            *waits,
+            "--texts",
+            TABS,
+            "--texts",
+            X_TICKS,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert run.returncode == 0, run.stderr
     return np.asarray(Image.open(out).convert("RGB"), dtype=np.int32), json.loads(out.with_suffix(".json").read_text())
 
@@ -149,11 +181,18 @@ def test_screenshots_of_both_pages_show_the_curves_and_the_videos(roots, ui_serv
     root, _ = roots
     generate, _ = _screenshot(f"{ui_server}/ui/", tmp_path / "generate.png", "button=3")
     # once the four plots are drawn and the two validation videos are in the gallery
-    runs, on_runs = _screenshot(f"{ui_server}/ui/?run={root / 'runs' / 'ft'}", tmp_path / "runs.png",
-                                ".vega-embed canvas, .vega-embed svg=4", "video=2")
+    runs, on_runs = _screenshot(
+        f"{ui_server}/ui/?run={root / 'runs' / 'ft'}",
+        tmp_path / "runs.png",
+        ".vega-embed canvas, .vega-embed svg=4",
+        "video=2",
+    )
     # once the summary, the rejects and the clips are shown
-    data, on_data = _screenshot(f"{ui_server}/ui/?data={root / 'data' / 'prep'}", tmp_path / "data.png",
-                                text=("4 clips", "corrupt_video", "64x64x17"))
+    data, on_data = _screenshot(
+        f"{ui_server}/ui/?data={root / 'data' / 'prep'}",
+        tmp_path / "data.png",
+        text=("4 clips", "corrupt_video", "64x64x17"),
+    )
     print("screenshots:", tmp_path)
     # each tab once (the menu overflow drew the selected last tab twice); steps labelled as whole steps
     assert on_runs[TABS] == on_data[TABS] == ["Generate", "Runs", "Data"]

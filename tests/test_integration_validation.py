@@ -1,13 +1,14 @@
 """Validation videos while training, on a real local Ray: an actor beside the workers renders the
 validation prompts from each validation step's checkpoint, and the workers do not wait for it."""
+
 import io
 import json
 
 import av
 import pytest
-
 from conftest import tiny_config
 from test_integration_train import FAST, metrics
+
 from wanray.errors import ConfigError
 from wanray.infer.validation import RECORD_FILE, Validation
 from wanray.train.trainer import train_experts
@@ -23,9 +24,17 @@ def val_prep(tmp_path_factory, tiny_model, synthetic, ray_cluster):
 
 
 def test_validation_videos_of_every_checkpoint_step_land_beside_training(tiny_model, val_prep, tmp_path):
-    cfg = tiny_config(tiny_model, *FAST, "train.workers=1", "train.steps=10", "train.checkpoint_every=5",
-                      "train.validation.every=5", "train.validation.prompts=[a red circle, a blue square]",
-                      "train.validation.num_frames=9", "train.validation.num_inference_steps=3")
+    cfg = tiny_config(
+        tiny_model,
+        *FAST,
+        "train.workers=1",
+        "train.steps=10",
+        "train.checkpoint_every=5",
+        "train.validation.every=5",
+        "train.validation.prompts=[a red circle, a blue square]",
+        "train.validation.num_frames=9",
+        "train.validation.num_inference_steps=3",
+    )
     run = tmp_path / "run"
     lines = []
     train_experts(cfg, "high", val_prep, run, log=lines.append, validation=Validation(cfg, tiny_model))
@@ -67,5 +76,9 @@ def test_validation_settings_that_cannot_work_fail_before_training(tiny_model, v
     with pytest.raises(ConfigError, match="pass a Validation"):
         train_experts(cfg, "high", val_prep, tmp_path / "run", log=lambda _: None)
     with pytest.raises(ConfigError, match="train.validation: height must be a multiple of 16"):
-        Validation(tiny_config(tiny_model, "train.validation.every=10", "train.validation.prompts=[x]",
-                               "train.validation.height=40"), tiny_model)
+        Validation(
+            tiny_config(
+                tiny_model, "train.validation.every=10", "train.validation.prompts=[x]", "train.validation.height=40"
+            ),
+            tiny_model,
+        )

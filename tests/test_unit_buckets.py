@@ -1,7 +1,8 @@
 """Bucket sets from data.*: the generated standard set, explicit lists, and bad settings."""
-import pytest
 
+import pytest
 from conftest import ROOT
+
 from wanray.buckets import ASPECT_RATIOS, Bucket, BucketSet
 from wanray.config import load_config
 from wanray.errors import ConfigError
@@ -20,8 +21,9 @@ def test_a_budget_gives_every_aspect_ratio_within_it_and_the_recipe_among_them()
     assert all(b.tokens() <= 32760 for b in buckets.buckets)
     resolutions = list(buckets.frames_by_resolution)
     assert len(resolutions) == len(ASPECT_RATIOS) and (480, 832) in resolutions and (832, 480) in resolutions
-    for (h, w), (ah, aw) in zip(sorted(resolutions, key=lambda r: r[1] / r[0]),
-                                sorted(ASPECT_RATIOS, key=lambda a: a[1] / a[0])):
+    for (h, w), (ah, aw) in zip(
+        sorted(resolutions, key=lambda r: r[1] / r[0]), sorted(ASPECT_RATIOS, key=lambda a: a[1] / a[0])
+    ):
         assert abs((w / h) / (aw / ah) - 1) <= 0.05
         assert buckets.frames_by_resolution[(h, w)] == (81, 61, 41, 21)
     assert buckets.resolution(1080, 1920) == (480, 832) and buckets.resolution(1920, 1080) == (832, 480)
@@ -32,11 +34,13 @@ def test_a_budget_gives_every_aspect_ratio_within_it_and_the_recipe_among_them()
 def test_an_explicit_list_and_what_cannot_work():
     buckets = BucketSet.from_config(data("data.buckets=[480x832x81, 480x832x41, 832x480x81]"))
     assert buckets.frames_by_resolution == {(480, 832): (81, 41), (832, 480): (81,)}
-    for sets, message in ((["data.buckets=[480x830x81]"], "multiples of 16"),
-                          (["data.buckets=[480x832x80]"], r"4n\+1"),
-                          (["data.buckets=[480by832]"], "HEIGHTxWIDTHxFRAMES"),
-                          (["data.buckets=[480x832x81]", "data.bucket_budget=32760"], "not both"),
-                          (["data.bucket_budget=21"], "too small"),
-                          (["data.bucket_budget=-1"], ">= 0")):
+    for sets, message in (
+        (["data.buckets=[480x830x81]"], "multiples of 16"),
+        (["data.buckets=[480x832x80]"], r"4n\+1"),
+        (["data.buckets=[480by832]"], "HEIGHTxWIDTHxFRAMES"),
+        (["data.buckets=[480x832x81]", "data.bucket_budget=32760"], "not both"),
+        (["data.bucket_budget=21"], "too small"),
+        (["data.bucket_budget=-1"], ">= 0"),
+    ):
         with pytest.raises(ConfigError, match=message):
             data(*sets)

@@ -1,28 +1,32 @@
 """The Wan2.2 contract (boundary source, switch rule), the device Ray assigned, the attention backend."""
+
 import json
 import shutil
 
 import pytest
 import torch
-
 from conftest import ROOT, tiny_config
+
 from wanray.config import ModelConfig, attention_backend, load_config
-from wanray.errors import ConfigError
 from wanray.devices import apply_attention_backend, assigned_device_index
+from wanray.errors import ConfigError
 from wanray.models import read_contract
 from wanray.wan import resolve_boundary
 
 
-@pytest.mark.parametrize("kind, env, assigned, index", [
-    ("cuda", {}, [], 0),                                                  # not a Ray worker with a device
-    ("npu", {"ASCEND_RT_VISIBLE_DEVICES": "3"}, ["3"], 0),                # Ray isolates each worker's NPU
-    ("cuda", {"CUDA_VISIBLE_DEVICES": "5"}, ["5"], 0),
-    ("cuda", {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, ["2"], 2),              # Ray Train shares a node's GPU ids
-    ("cuda", {"CUDA_VISIBLE_DEVICES": "2,3"}, ["2"], 0),
-    ("npu", {"ASCEND_RT_VISIBLE_DEVICES": "4,5,6,7"}, ["6", "7"], 2),     # two devices: the first one
-    ("npu", {}, ["6"], 6),                                                # RAY_EXPERIMENTAL_NOSET_*: ids are indices
-    ("cpu", {"CUDA_VISIBLE_DEVICES": "1"}, [], 0),
-])
+@pytest.mark.parametrize(
+    "kind, env, assigned, index",
+    [
+        ("cuda", {}, [], 0),  # not a Ray worker with a device
+        ("npu", {"ASCEND_RT_VISIBLE_DEVICES": "3"}, ["3"], 0),  # Ray isolates each worker's NPU
+        ("cuda", {"CUDA_VISIBLE_DEVICES": "5"}, ["5"], 0),
+        ("cuda", {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, ["2"], 2),  # Ray Train shares a node's GPU ids
+        ("cuda", {"CUDA_VISIBLE_DEVICES": "2,3"}, ["2"], 0),
+        ("npu", {"ASCEND_RT_VISIBLE_DEVICES": "4,5,6,7"}, ["6", "7"], 2),  # two devices: the first one
+        ("npu", {}, ["6"], 6),  # RAY_EXPERIMENTAL_NOSET_*: ids are indices
+        ("cpu", {"CUDA_VISIBLE_DEVICES": "1"}, [], 0),
+    ],
+)
 def test_device_is_the_assigned_ones_place_among_the_visible(kind, env, assigned, index):
     assert assigned_device_index(kind, env, assigned) == index
 
@@ -68,17 +72,20 @@ def test_removed_and_bad_model_keys_are_one_line_errors(tiny_model):
         load_config(ROOT / "configs" / "tiny.yaml", ["model.attention_backend=fast"])
 
 
-@pytest.mark.parametrize("configured, device, dtype, training, expect", [
-    (None, "npu", "bfloat16", True, "_native_npu"),
-    (None, "npu", "float32", False, "native"),       # torch_npu's fused kernel takes half precision only
-    (None, "cuda", "bfloat16", True, "native"),
-    (None, "cpu", "float32", True, "native"),
-    ("flash", "cuda", "bfloat16", True, "flash"),
-    ("sage", "cuda", "bfloat16", False, "sage"),
-    ("_native_npu", "cpu", "bfloat16", True, "runs on npu only, but training runs on cpu"),
-    ("flash", "cuda", "float32", False, "takes bfloat16 or float16 only, but inference computes in float32"),
-    ("sage", "cuda", "bfloat16", True, "has no backward pass"),
-])
+@pytest.mark.parametrize(
+    "configured, device, dtype, training, expect",
+    [
+        (None, "npu", "bfloat16", True, "_native_npu"),
+        (None, "npu", "float32", False, "native"),  # torch_npu's fused kernel takes half precision only
+        (None, "cuda", "bfloat16", True, "native"),
+        (None, "cpu", "float32", True, "native"),
+        ("flash", "cuda", "bfloat16", True, "flash"),
+        ("sage", "cuda", "bfloat16", False, "sage"),
+        ("_native_npu", "cpu", "bfloat16", True, "runs on npu only, but training runs on cpu"),
+        ("flash", "cuda", "float32", False, "takes bfloat16 or float16 only, but inference computes in float32"),
+        ("sage", "cuda", "bfloat16", True, "has no backward pass"),
+    ],
+)
 def test_attention_backend_per_stage(configured, device, dtype, training, expect):
     if expect.startswith(("_", "native", "flash", "sage")):
         assert attention_backend(configured, device, dtype, training) == expect

@@ -1,4 +1,5 @@
 """The seeded global data order: epochs, same-shape batches, ranks and resume positions."""
+
 import itertools
 from collections import Counter
 
@@ -10,8 +11,9 @@ from wanray.train.data import ClipIndex, DataPlan, epoch_batches
 
 def index_of(shapes: list[int]) -> ClipIndex:
     n = len(shapes)
-    return ClipIndex(["part-0.parquet"], np.zeros(n, dtype=np.int64), np.arange(n), np.zeros(n, dtype=np.int64),
-                     np.array(shapes))
+    return ClipIndex(
+        ["part-0.parquet"], np.zeros(n, dtype=np.int64), np.arange(n), np.zeros(n, dtype=np.int64), np.array(shapes)
+    )
 
 
 MIXED = index_of([0] * 50 + [1] * 13 + [2] * 3)
@@ -49,8 +51,9 @@ def test_a_step_is_the_next_G_global_batches_shared_among_the_ranks():
         by_rank = [[i for i, _ in two[r][k].batches] for r in (0, 1)]
         assert not set(by_rank[0]) & set(by_rank[1])
         assert sorted(by_rank[0] + by_rank[1]) == [i for i, _ in one[k].batches]
-        assert [c.tolist() for _, c in sorted(two[0][k].batches + two[1][k].batches, key=lambda b: b[0])] == \
-            [c.tolist() for _, c in one[k].batches]
+        assert [c.tolist() for _, c in sorted(two[0][k].batches + two[1][k].batches, key=lambda b: b[0])] == [
+            c.tolist() for _, c in one[k].batches
+        ]
     # 18 batches per epoch, 4 per step: 4 steps, then the next epoch starts at batch 0
     assert [(s.epoch, s.start) for s in one[:6]] == [(0, 0), (0, 4), (0, 8), (0, 12), (1, 0), (1, 4)]
 
@@ -61,8 +64,9 @@ def test_resuming_at_a_data_position_continues_the_same_sequence():
     for k in (3, 9, 17):  # mid-epoch and right at an epoch's end
         position = (straight[k].epoch, straight[k].start)
         resumed = steps(plan, 1, *position, count=30 - k)
-        assert [(s.epoch, s.start, [c.tolist() for _, c in s.batches]) for s in resumed] == \
-            [(s.epoch, s.start, [c.tolist() for _, c in s.batches]) for s in straight[k:]]
+        assert [(s.epoch, s.start, [c.tolist() for _, c in s.batches]) for s in resumed] == [
+            (s.epoch, s.start, [c.tolist() for _, c in s.batches]) for s in straight[k:]
+        ]
     end = straight[8]  # the last step of epoch 0 (18 batches, 2 per step)
     assert (end.epoch, end.start) == (0, 16) and (straight[9].epoch, straight[9].start) == (1, 0)
     assert (steps(plan, 1, 0, 18, 1)[0].epoch, steps(plan, 1, 0, 18, 1)[0].start) == (1, 0)

@@ -1,6 +1,7 @@
 """deploy/: the KubeRay manifests validate against the vendored KubeRay v1.7.0 CRD schemas (strictly: a field
 the schema does not know is an error, as `kubectl apply --validate=strict` would say), their entrypoints name
 real pipeline flags, the RayService's application builds, and hadolint passes the Dockerfile."""
+
 import gzip
 import shlex
 import shutil
@@ -11,7 +12,6 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-
 from conftest import ROOT
 
 KUBERAY = ROOT / "deploy" / "kuberay"
@@ -24,8 +24,11 @@ def _strict(schema):
     (Kubernetes itself prunes them silently, so a misspelt field would simply vanish)."""
     if isinstance(schema, dict):
         out = {k: _strict(v) for k, v in schema.items()}
-        if "properties" in out and "additionalProperties" not in out \
-                and not out.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            "properties" in out
+            and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+        ):
             out["additionalProperties"] = False
         return out
     if isinstance(schema, list):
@@ -73,14 +76,18 @@ def test_a_misspelt_field_or_a_wrong_type_fails_validation():
 
 
 def _flags(script: str) -> set[str]:
-    run = subprocess.run([sys.executable, str(ROOT / "pipelines" / script), "--help"], capture_output=True,
-                         text=True, timeout=120, cwd=ROOT)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert run.returncode == 0, run.stderr
     return {word.rstrip(",") for word in run.stdout.split() if word.startswith("--")}
 
 
-@pytest.mark.parametrize("manifest", [p for p in MANIFESTS if p.name.startswith("rayjob-")],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("manifest", [p for p in MANIFESTS if p.name.startswith("rayjob-")], ids=lambda p: p.name)
 def test_a_rayjob_runs_a_pipeline_of_this_checkout_with_flags_it_takes(manifest):
     doc = yaml.safe_load(manifest.read_text())
     assert doc["spec"]["clusterSelector"] == {"ray.io/cluster": "wanray"}
@@ -108,8 +115,12 @@ def test_the_rayservice_application_builds_from_its_import_path_and_args(tiny_mo
     args = application["args"]
     assert set(args) <= set(APP_ARGS) and (ROOT / args["config"]).is_file()
     # the same args, with the tiny model in place of the export on the volume: a bound application
-    tiny = {**args, "set": [s for s in args["set"] if not s.startswith("model.")] + [
-        f"model.path={tiny_model}", "model.create_tiny=false"], "config": "configs/tiny.yaml"}
+    tiny = {
+        **args,
+        "set": [s for s in args["set"] if not s.startswith("model.")]
+        + [f"model.path={tiny_model}", "model.create_tiny=false"],
+        "config": "configs/tiny.yaml",
+    }
     assert isinstance(app(tiny), Application)
     with pytest.raises(ConfigError, match="unknown application args"):
         app({**tiny, "replica": 2})
@@ -122,8 +133,7 @@ def _hadolint() -> str:
 
 
 def test_hadolint_passes_the_dockerfile_and_would_flag_a_bad_one(tmp_path):
-    run = subprocess.run([_hadolint(), str(ROOT / "deploy" / "Dockerfile")], capture_output=True, text=True,
-                         timeout=60)
+    run = subprocess.run([_hadolint(), str(ROOT / "deploy" / "Dockerfile")], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python\nRUN apt-get install -y curl\nRUN cd /tmp\n")

@@ -1,15 +1,15 @@
 """benchmarks/device_check.py: its FLOP count, its random models, and a CPU run end to end at tiny sizes."""
+
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from device_check import TINY_EXPERT, expert_forward_flops  # noqa: E402
+from device_check import TINY_EXPERT, expert_forward_flops
 
 
 @pytest.mark.parametrize("frames, height, width, text_tokens", [(3, 8, 8, 512), (2, 6, 10, 77)])
@@ -23,8 +23,12 @@ def test_the_stated_flop_count_is_what_torch_counts(frames, height, width, text_
     model = WanTransformer3DModel.from_config(config)
     apply_attention_backend(model, "_native_math")  # attention as bmm, which the counter sees
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(hidden_states=torch.randn(1, 16, frames, height, width), timestep=torch.tensor([500.0]),
-              encoder_hidden_states=torch.randn(1, text_tokens, config["text_dim"]), return_dict=False)
+        model(
+            hidden_states=torch.randn(1, 16, frames, height, width),
+            timestep=torch.tensor([500.0]),
+            encoder_hidden_states=torch.randn(1, text_tokens, config["text_dim"]),
+            return_dict=False,
+        )
     tokens = frames * (height // 2) * (width // 2)
     assert expert_forward_flops(config, tokens, text_tokens) == counter.get_total_flops()
 
@@ -44,8 +48,12 @@ def test_random_experts_are_laid_out_as_from_pretrained_loads_them(tmp_path):
 
 def test_the_device_check_runs_end_to_end_at_tiny_size(tmp_path):
     out = tmp_path / "figures.json"
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "device_check.py"), "--tiny", "--json", str(out)],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "device_check.py"), "--tiny", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     r = json.loads(out.read_text())
     train, denoise, vae = r["train"], r["denoise"], r["vae"]
@@ -56,6 +64,10 @@ def test_the_device_check_runs_end_to_end_at_tiny_size(tmp_path):
 
 
 def test_without_an_accelerator_the_real_size_refuses_with_one_line():
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "device_check.py"), "--device", "cpu"],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "device_check.py"), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2 and "use --tiny on the CPU" in run.stdout

@@ -1,5 +1,6 @@
 """Export streams a trained expert block by block into bounded safetensors shards: its peak host
 memory stays near one shard and one block, not the whole expert."""
+
 import json
 import shutil
 import subprocess
@@ -7,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
 
 SHARD = 64 * 2**20
@@ -56,9 +56,17 @@ def medium(tiny_model, tmp_path_factory):
     model = root / "model"
     shutil.copytree(tiny_model, model, ignore=shutil.ignore_patterns("transformer"))
     torch.manual_seed(0)
-    expert = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=8, attention_head_dim=128,
-                                   in_channels=16, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=2816,
-                                   num_layers=16)
+    expert = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=8,
+        attention_head_dim=128,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=2816,
+        num_layers=16,
+    )
     expert.save_pretrained(model / "transformer", safe_serialization=True)
     size = sum(p.numel() * p.element_size() for p in expert.parameters())
     del expert
@@ -70,8 +78,9 @@ def test_export_peak_memory_stays_near_one_shard(medium, tmp_path):
 
     model, dcp_dir, size = medium
     out = tmp_path / "export"
-    exported = peak_anon(f"export_diffusers({str(model)!r}, {str(out)!r}, {{'high': {str(dcp_dir)!r}}}, 0.875, "
-                        f"max_shard_bytes={SHARD})")
+    exported = peak_anon(
+        f"export_diffusers({str(model)!r}, {str(out)!r}, {{'high': {str(dcp_dir)!r}}}, 0.875, max_shard_bytes={SHARD})"
+    )
     baseline = peak_anon(f"build_on_meta({str(model)!r}, 'high')")  # the same imports and model structure
     assert size > 8e8
     assert exported - baseline < 0.35 * size, (exported - baseline, size)
@@ -92,8 +101,9 @@ def test_conversion_to_dcp_holds_one_tensor_at_a_time(medium, tmp_path):
 
     model, _, size = medium
     out = tmp_path / "dcp"
-    converted = peak_anon(f"from wanray.train.checkpoint import diffusers_to_dcp; "
-                         f"diffusers_to_dcp({str(model)!r}, 'high', {str(out)!r})")
+    converted = peak_anon(
+        f"from wanray.train.checkpoint import diffusers_to_dcp; diffusers_to_dcp({str(model)!r}, 'high', {str(out)!r})"
+    )
     baseline = peak_anon(f"build_on_meta({str(model)!r}, 'high')")
     assert converted - baseline < 0.2 * size, (converted - baseline, size)
 

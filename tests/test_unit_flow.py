@@ -1,17 +1,25 @@
 """Per-expert timesteps follow the sampler's switch rule; flow-matching targets; LoRA merge."""
+
 import pytest
 import torch
 
-from wanray.models import SCHEDULER_CONFIG
 from wanray.errors import DataError
+from wanray.models import SCHEDULER_CONFIG
 from wanray.train.checkpoint import check_resumable, merge_lora
 from wanray.train.flow import batch_seed, draw_flow, noisy_latents, sample_timesteps
 from wanray.wan import WanContract
 
 
 def contract(boundary: float) -> WanContract:
-    return WanContract(boundary=boundary, boundary_source="test", num_train_timesteps=1000, vae_scale_temporal=4,
-                       vae_scale_spatial=8, latents_mean=(0.0,) * 16, latents_std=(1.0,) * 16)
+    return WanContract(
+        boundary=boundary,
+        boundary_source="test",
+        num_train_timesteps=1000,
+        vae_scale_temporal=4,
+        vae_scale_spatial=8,
+        latents_mean=(0.0,) * 16,
+        latents_std=(1.0,) * 16,
+    )
 
 
 @pytest.mark.parametrize("shift", [1.0, 5.0, 12.0])
@@ -52,6 +60,7 @@ def test_flow_matching_interpolation_and_target():
 def test_a_batch_draws_the_same_noise_whoever_draws_it():
     """Noise, timesteps and caption dropout depend on (seed, epoch, batch index) only: not on the
     rank or step that trains the batch, which change when a run resumes on another worker count."""
+
     def draw(seed, epoch, index):
         return draw_flow((2, 16, 3, 4, 4), "low", contract(0.875), 5.0, 0.5, batch_seed(seed, epoch, index))
 
@@ -64,8 +73,13 @@ def test_a_batch_draws_the_same_noise_whoever_draws_it():
 
 def test_merge_lora_folds_scaled_delta_and_renames():
     base, a, b = torch.randn(6, 4), torch.randn(2, 4), torch.randn(6, 2)
-    state = {"blk.to_q.base_layer.weight": base, "blk.to_q.base_layer.bias": torch.ones(6),
-             "blk.to_q.lora_A.default.weight": a, "blk.to_q.lora_B.default.weight": b, "other.weight": torch.ones(3)}
+    state = {
+        "blk.to_q.base_layer.weight": base,
+        "blk.to_q.base_layer.bias": torch.ones(6),
+        "blk.to_q.lora_A.default.weight": a,
+        "blk.to_q.lora_B.default.weight": b,
+        "other.weight": torch.ones(3),
+    }
     merged, adapter = merge_lora(state, scale=0.5)
     assert set(merged) == {"blk.to_q.weight", "blk.to_q.bias", "other.weight"}
     torch.testing.assert_close(merged["blk.to_q.weight"], base + 0.5 * b @ a)
@@ -75,12 +89,16 @@ def test_merge_lora_folds_scaled_delta_and_renames():
 def test_a_checkpoint_without_the_data_position_is_refused_before_training(tmp_path):
     import torch.distributed.checkpoint as dcp
 
-    dcp.save({"train": {"step": 3, "epoch": 0, "samples_in_epoch": 2}}, checkpoint_id=str(tmp_path / "old"),
-             no_dist=True)
+    dcp.save(
+        {"train": {"step": 3, "epoch": 0, "samples_in_epoch": 2}}, checkpoint_id=str(tmp_path / "old"), no_dist=True
+    )
     with pytest.raises(DataError, match="written by an earlier wanray"):
         check_resumable(tmp_path / "old")
-    dcp.save({"train": {"step": 3, "epoch": 0, "batches_in_epoch": 2, "data_fingerprint": "x"}},
-             checkpoint_id=str(tmp_path / "new"), no_dist=True)
+    dcp.save(
+        {"train": {"step": 3, "epoch": 0, "batches_in_epoch": 2, "data_fingerprint": "x"}},
+        checkpoint_id=str(tmp_path / "new"),
+        no_dist=True,
+    )
     check_resumable(tmp_path / "new")
 
 

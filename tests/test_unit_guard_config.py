@@ -1,21 +1,27 @@
 """platform/ guard, config loading and overrides, devices."""
+
 import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from wanray.config import load_config, parse_override
-from wanray.sections import Resources
-from wanray.errors import ConfigError
 from wanray.devices import accelerator
+from wanray.errors import ConfigError
+from wanray.sections import Resources
 
 
 def test_platform_dir_never_shadows_stdlib_platform():
     assert not (ROOT / "platform" / "__init__.py").exists()
     code = "import platform, torch, ray; platform.python_version(); print(platform.__file__)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         env={"PYTHONPATH": f"{ROOT}:{ROOT / 'platform'}", "PATH": ""})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": f"{ROOT}:{ROOT / 'platform'}", "PATH": ""},
+    )
     assert out.returncode == 0, out.stderr
     assert not out.stdout.strip().startswith(str(ROOT / "platform")), out.stdout
 
@@ -32,28 +38,32 @@ def test_a14b_preset_has_the_published_numbers():
 
 
 def test_overrides_are_typed_and_win_over_the_file():
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["data.fps=24", "preprocess.encoders.dtype=bfloat16",
-                                                       "model.path=/x y"])
+    cfg = load_config(
+        ROOT / "configs" / "tiny.yaml", ["data.fps=24", "preprocess.encoders.dtype=bfloat16", "model.path=/x y"]
+    )
     assert cfg.data.fps == 24.0 and isinstance(cfg.data.fps, float)
     assert cfg.preprocess.encoders.dtype == "bfloat16" and cfg.model.path == "/x y"
     assert parse_override("a.b=[1, 2]") == {"a": {"b": [1, 2]}}
 
 
-@pytest.mark.parametrize("override,message", [
-    ("data.fpz=3", "unknown config key 'data.fpz'"),
-    ("modle.path=x", "unknown config key 'modle'"),
-    ("data.num_frames=16", "4n+1"),
-    ("data.height=100", "multiples of 16"),
-    ("data.fps=fast", "expected float"),
-    ("train.worker.device=tpu", "train.worker.device: expected one of cpu, cuda, npu, got 'tpu'"),
-    ("infer.stages.vae.dtype=fp8", "expected one of float32, bfloat16"),
-    ("train.lr_schedule=linear", "expected one of constant, cosine"),
-    ("train.param_dtype=bfloat16", "'train.param_dtype' was removed: use train.worker.dtype"),
-    ("infer.high_cpus=2", "'infer.high_cpus' was removed: use infer.stages.high.cpus"),
-    ("preprocess.device=npu", "'preprocess.device' was removed: use preprocess.encoders.device"),
-    ("infer.device=npu", "each stage has its own: infer.stages"),
-    ("nokey", "key=value"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("data.fpz=3", "unknown config key 'data.fpz'"),
+        ("modle.path=x", "unknown config key 'modle'"),
+        ("data.num_frames=16", "4n+1"),
+        ("data.height=100", "multiples of 16"),
+        ("data.fps=fast", "expected float"),
+        ("train.worker.device=tpu", "train.worker.device: expected one of cpu, cuda, npu, got 'tpu'"),
+        ("infer.stages.vae.dtype=fp8", "expected one of float32, bfloat16"),
+        ("train.lr_schedule=linear", "expected one of constant, cosine"),
+        ("train.param_dtype=bfloat16", "'train.param_dtype' was removed: use train.worker.dtype"),
+        ("infer.high_cpus=2", "'infer.high_cpus' was removed: use infer.stages.high.cpus"),
+        ("preprocess.device=npu", "'preprocess.device' was removed: use preprocess.encoders.device"),
+        ("infer.device=npu", "each stage has its own: infer.stages"),
+        ("nokey", "key=value"),
+    ],
+)
 def test_bad_config_is_a_clear_error(override, message):
     with pytest.raises(ConfigError, match=message.replace("+", r"\+")):
         load_config(ROOT / "configs" / "tiny.yaml", [override])

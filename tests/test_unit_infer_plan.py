@@ -1,11 +1,12 @@
 """The inference memory plan of the real Wan2.2-T2V-A14B: fake tensors, no weights, no device."""
+
 import subprocess
 import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from wanray import models
 from wanray.config import load_config
 from wanray.infer.plan import LiveBytes, plan_inference, plan_stage
@@ -66,8 +67,9 @@ def test_offload_decides_whether_a_batch_actor_fits_and_serving_plans_the_larges
     resident = plan_inference(preset(a14b, "infer.batch_offload=false"), a14b, "batch")
     stages = offload.stages.values()
     assert offload.devices() == {"batch actor": max(s.total_bytes for s in stages)} and offload.fits
-    assert resident.devices() == {"batch actor": sum(s.weight_bytes for s in stages)
-                                  + max(s.working_bytes for s in stages)}
+    assert resident.devices() == {
+        "batch actor": sum(s.weight_bytes for s in stages) + max(s.working_bytes for s in stages)
+    }
     assert not resident.fits  # ~77 GB: UMT5-XXL, two 14B experts and the VAE on one 64 GB device
     serve = plan_inference(preset(a14b), a14b, "serve")
     assert (serve.frames, serve.height, serve.width) == (81, 1280, 1280)
@@ -79,40 +81,73 @@ def test_offload_decides_whether_a_batch_actor_fits_and_serving_plans_the_larges
     assert 1.5 * offload.stages["high"].working_bytes < batched.working_bytes  # cond and uncond at once
     batch = plan_inference(preset(a14b, "infer.batch_devices=2"), a14b, "batch")  # both experts over 2 devices
     assert batch.stages["high"].devices == batch.stages["low"].devices == 2 and batch.stages["vae"].devices == 1
-    assert batch.stages["high"].total_bytes == offload.stages["high"].weight_bytes + offload.stages["high"].working_bytes // 2
+    assert (
+        batch.stages["high"].total_bytes
+        == offload.stages["high"].weight_bytes + offload.stages["high"].working_bytes // 2
+    )
 
 
+@pytest.mark.integration  # runs the drivers
 def test_plan_flags_of_serve_and_generate_print_the_verdict_and_exit_by_it(a14b):
     def run(script, *sets):
-        cmd = [sys.executable, str(ROOT / "pipelines" / script), "--config", str(ROOT / "configs" / "t2v_a14b.yaml"),
-               "--plan", "--set", f"model.path={a14b}"]
-        return subprocess.run(cmd + [a for s in sets for a in ("--set", s)], capture_output=True, text=True,
-                              timeout=300)
+        cmd = [
+            sys.executable,
+            str(ROOT / "pipelines" / script),
+            "--config",
+            str(ROOT / "configs" / "t2v_a14b.yaml"),
+            "--plan",
+            "--set",
+            f"model.path={a14b}",
+        ]
+        return subprocess.run(
+            cmd + [a for s in sets for a in ("--set", s)], capture_output=True, text=True, timeout=300
+        )
 
     serve, batch, resident = run("serve.py"), run("generate.py"), run("generate.py", "infer.batch_offload=false")
     assert serve.returncode == 0 and "[plan] high: 43.96 GB" in serve.stdout, serve.stdout + serve.stderr
     assert batch.returncode == 0 and "batch actor: 32.38 GB" in batch.stdout, batch.stdout + batch.stderr
-    assert resident.returncode == 1 and "DOES NOT FIT" in resident.stdout and "turn on infer.batch_offload" in \
-        resident.stdout
+    assert (
+        resident.returncode == 1
+        and "DOES NOT FIT" in resident.stdout
+        and "turn on infer.batch_offload" in resident.stdout
+    )
 
 
 def test_validation_of_the_a14b_models_fits_a_64_gb_device_only_offloaded(a14b):
     """UMT5-XXL and both 14B experts resident need ~77 GB at 480P; offloaded, the validation actor holds one
-    stage at a time. `train.py --plan` says so and exits 1 on the resident one."""
+    stage at a time."""
     sets = ["train.validation.every=500", "train.validation.prompts=[a cat]"]
     resident = plan_inference(preset(a14b, *sets, "train.validation.offload=false"), a14b, "validation")
     offloaded = plan_inference(preset(a14b, *sets), a14b, "validation")  # the preset offloads
     assert (resident.frames, resident.height, resident.width) == (81, 480, 832)
     assert resident.device_bytes == 64e9 and not resident.fits
     assert resident.devices()["validation actor"] > 69e9
-    assert offloaded.fits and offloaded.devices()["validation actor"] == max(p.total_bytes
-                                                                             for p in offloaded.stages.values())
+    assert offloaded.fits and offloaded.devices()["validation actor"] == max(
+        p.total_bytes for p in offloaded.stages.values()
+    )
+
+
+@pytest.mark.integration  # runs the driver
+def test_train_plan_exits_1_when_the_validation_actor_does_not_fit(a14b):
+    sets = ["train.validation.every=500", "train.validation.prompts=[a cat]"]
 
     def plan(*more):
-        cmd = [sys.executable, str(ROOT / "pipelines" / "train.py"), "--config", str(ROOT / "configs" / "t2v_a14b.yaml"),
-               "--plan", "--expert", "high", "--set", f"model.path={a14b}", "--set", "train.workers=16"]
-        return subprocess.run(cmd + [a for s in (*sets, *more) for a in ("--set", s)], capture_output=True, text=True,
-                              timeout=300)
+        cmd = [
+            sys.executable,
+            str(ROOT / "pipelines" / "train.py"),
+            "--config",
+            str(ROOT / "configs" / "t2v_a14b.yaml"),
+            "--plan",
+            "--expert",
+            "high",
+            "--set",
+            f"model.path={a14b}",
+            "--set",
+            "train.workers=16",
+        ]
+        return subprocess.run(
+            cmd + [a for s in (*sets, *more) for a in ("--set", s)], capture_output=True, text=True, timeout=300
+        )
 
     too_big, fits = plan("train.validation.offload=false"), plan()
     assert too_big.returncode == 1 and "validation actor: " in too_big.stdout

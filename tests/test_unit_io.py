@@ -1,4 +1,5 @@
 """Atomic writes: readers never see a partial file, and a failed write leaves the old one."""
+
 import json
 
 import av
@@ -20,10 +21,9 @@ def test_a_file_being_written_is_hidden_from_readers_globs(tmp_path):
 
 def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
     write_json_atomic({"v": 1}, tmp_path / "s.json")
-    with pytest.raises(RuntimeError):
-        with atomic_path(tmp_path / "s.json") as tmp:
-            tmp.write_text("partial")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "s.json") as tmp:
+        tmp.write_text("partial")
+        raise RuntimeError("killed")
     assert json.loads((tmp_path / "s.json").read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["s.json"]
 
@@ -31,9 +31,8 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
 def test_directories_replace_only_when_asked(tmp_path):
     out = tmp_path / "export"
     (out / "old").mkdir(parents=True)
-    with pytest.raises(OSError):
-        with atomic_path(out) as tmp:
-            (tmp / "new").mkdir(parents=True)
+    with pytest.raises(OSError), atomic_path(out) as tmp:
+        (tmp / "new").mkdir(parents=True)
     assert [p.name for p in tmp_path.iterdir()] == ["export"] and (out / "old").is_dir()
     with atomic_path(out, replace_dir=True) as tmp:
         (tmp / "new").mkdir(parents=True)

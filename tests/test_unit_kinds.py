@@ -1,15 +1,16 @@
 """The Wan2.2 family: each model kind read from its directory's config files, tiny checkpoints of
 each that diffusers' own pipelines run, the presets, the sampler against diffusers' pipeline of each
 image model, and requests that carry an image only where the model takes one."""
+
 import json
 import typing
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, tiny_config
 from PIL import Image
 
-from conftest import ROOT, tiny_config
 from wanray import models
 from wanray.config import ModelConfig, load_config
 from wanray.errors import ConfigError
@@ -34,8 +35,15 @@ def test_each_tiny_kind_is_read_back_as_itself_and_runs_in_its_diffusers_pipelin
         pipe = DiffusionPipeline.from_pretrained(path)
         assert type(pipe).__name__ == kind.pipeline and (pipe.transformer_2 is None) == (len(kind.experts) == 1)
         pipe.set_progress_bar_config(disable=True)
-        args = dict(prompt="a red circle", height=64, width=64, num_frames=5, num_inference_steps=2, output_type="np",
-                    generator=torch.Generator().manual_seed(0))
+        args = dict(
+            prompt="a red circle",
+            height=64,
+            width=64,
+            num_frames=5,
+            num_inference_steps=2,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        )
         if kind.image == "required":
             args["image"] = Image.fromarray(np.full((64, 64, 3), 128, np.uint8))
         frames = pipe(**args).frames[0]
@@ -73,15 +81,27 @@ def test_the_sampler_gives_wan_image_to_video_pipelines_frames_for_an_image(tiny
 
     path = tiny_kinds["i2v-a14b"]
     frame = render(SyntheticClip("x", "", 80, 48, 16, 2, "circle", "red", "gray", "left to right"))[0]
-    params = GenerationParams(prompt="a red circle", negative_prompt="blurry", height=64, width=48, num_frames=9,
-                              num_inference_steps=8, guidance_scale=3.5, guidance_scale_2=3.5, seed=5,
-                              image=base64.b64encode(_png(frame)).decode())  # 80x48, resized as diffusers does
+    params = GenerationParams(
+        prompt="a red circle",
+        negative_prompt="blurry",
+        height=64,
+        width=48,
+        num_frames=9,
+        num_inference_steps=8,
+        guidance_scale=3.5,
+        guidance_scale_2=3.5,
+        seed=5,
+        image=base64.b64encode(_png(frame)).decode(),
+    )  # 80x48, resized as diffusers does
     spec = StageSpec.for_batch(path, tiny_config(path))
     ours = Sampler(spec)(params)
     ref = wanpipeline_frames(path, params, spec.contract.boundary)
     assert ours.shape == (9, 64, 48, 3) and np.abs(ours - ref).max() <= 1e-4
-    other = Sampler(spec)(GenerationParams(**{**params.__dict__, "image": base64.b64encode(
-        _png(np.full((80, 48, 3), 30, np.uint8))).decode()}))
+    other = Sampler(spec)(
+        GenerationParams(
+            **{**params.__dict__, "image": base64.b64encode(_png(np.full((80, 48, 3), 30, np.uint8))).decode()}
+        )
+    )
     assert np.abs(other - ours).max() > 1e-3  # the image reaches the frames
     both = GenerationParams(**{**params.__dict__, "last_image": photo("lion.jpg")})  # and a last frame
     ours_last = Sampler(spec)(both)
@@ -97,8 +117,9 @@ def test_the_last_frame_mask_is_the_one_wan_image_to_video_pipeline_builds(tiny_
     pipe = WanImageToVideoPipeline.from_pretrained(tiny_kinds["i2v-a14b"])
     image = torch.zeros(1, 3, 32, 32)
     for last in (None, image):
-        _, condition = pipe.prepare_latents(image, 1, 16, 32, 32, 13, torch.float32, torch.device("cpu"),
-                                            last_image=last)
+        _, condition = pipe.prepare_latents(
+            image, 1, 16, 32, 32, 13, torch.float32, torch.device("cpu"), last_image=last
+        )
         assert torch.equal(first_frame_mask(condition.shape, last=last is not None), condition[:, :4])
 
 
@@ -123,8 +144,17 @@ def test_ti2v_sampler_gives_diffusers_frames_with_and_without_a_first_image(tiny
     spec = StageSpec.for_batch(path, tiny_config(path))
     sampler = Sampler(spec)
     assert sampler.low is None
-    text = GenerationParams(prompt="a cheetah running", negative_prompt="blurry", height=64, width=96, num_frames=9,
-                            num_inference_steps=6, guidance_scale=5.0, guidance_scale_2=5.0, seed=4)
+    text = GenerationParams(
+        prompt="a cheetah running",
+        negative_prompt="blurry",
+        height=64,
+        width=96,
+        num_frames=9,
+        num_inference_steps=6,
+        guidance_scale=5.0,
+        guidance_scale_2=5.0,
+        seed=4,
+    )
     image = GenerationParams(**{**text.__dict__, "image": photo()})
     frames = {}
     for name, params in (("text", text), ("image", image)):
@@ -156,30 +186,38 @@ def test_requests_and_prompt_files_carry_an_image_only_where_the_model_takes_one
     assert resolve(GenerateRequest(prompt="x", image=png), cfg, ti2v).image == png
     assert resolve(GenerateRequest(prompt="x"), cfg, ti2v).image is None
     assert resolve(GenerateRequest(prompt="x", image=png, last_image=png), cfg, i2v).last_image == png
-    for request, kind, message in ((GenerateRequest(prompt="x", image=png, last_image=png), ti2v,
-                                    "Wan2.2-TI2V-5B takes no last_image"),
-                                   (GenerateRequest(prompt="x", last_image=png), ti2v, "takes no last_image"),
-                                   (GenerateRequest(prompt="x", image=png, last_image="@@"), i2v,
-                                    "last_image is not a base64-encoded")):
+    for request, kind, message in (
+        (GenerateRequest(prompt="x", image=png, last_image=png), ti2v, "Wan2.2-TI2V-5B takes no last_image"),
+        (GenerateRequest(prompt="x", last_image=png), ti2v, "takes no last_image"),
+        (GenerateRequest(prompt="x", image=png, last_image="@@"), i2v, "last_image is not a base64-encoded"),
+    ):
         with pytest.raises(RequestError, match=message):
             resolve(request, cfg, kind)
-    for request, kind, message in ((GenerateRequest(prompt="x", image=png), t2v, "Wan2.2-T2V-A14B takes no image"),
-                                   (GenerateRequest(prompt="x"), i2v, "Wan2.2-I2V-A14B needs an image"),
-                                   (GenerateRequest(prompt="x", image="not base64!"), i2v, "not a base64-encoded"),
-                                   (GenerateRequest(prompt="x", image=base64.b64encode(b"text").decode()), i2v,
-                                    "not a base64-encoded PNG, JPEG or WebP")):
+    for request, kind, message in (
+        (GenerateRequest(prompt="x", image=png), t2v, "Wan2.2-T2V-A14B takes no image"),
+        (GenerateRequest(prompt="x"), i2v, "Wan2.2-I2V-A14B needs an image"),
+        (GenerateRequest(prompt="x", image="not base64!"), i2v, "not a base64-encoded"),
+        (
+            GenerateRequest(prompt="x", image=base64.b64encode(b"text").decode()),
+            i2v,
+            "not a base64-encoded PNG, JPEG or WebP",
+        ),
+    ):
         with pytest.raises(RequestError, match=message):
             resolve(request, cfg, kind)
     with pytest.raises(RequestError, match="at most 10 are served"):
-        resolve(GenerateRequest(prompt="x", image=png), tiny_config(tiny_kinds["t2v-a14b"], "infer.max_image_bytes=10"),
-                i2v)
+        resolve(
+            GenerateRequest(prompt="x", image=png), tiny_config(tiny_kinds["t2v-a14b"], "infer.max_image_bytes=10"), i2v
+        )
 
     (tmp_path / "first.png").write_bytes(_png(np.zeros((16, 16, 3), np.uint8)))
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "a", "image": "first.png"}\n{"prompt": "b", "image": "missing.png"}\n')
     with pytest.raises(RequestError, match="line 2: image file not found"):
         read_prompts(prompts, cfg, i2v)
-    prompts.write_text('{"prompt": "a", "image": "first.png"}\n{"prompt": "b", "image": "first.png", "last_image": "last.png"}\n')
+    prompts.write_text(
+        '{"prompt": "a", "image": "first.png"}\n{"prompt": "b", "image": "first.png", "last_image": "last.png"}\n'
+    )
     (tmp_path / "last.png").write_bytes(_png(np.ones((16, 16, 3), np.uint8)))
     first, both = read_prompts(prompts, cfg, i2v)
     assert base64.b64decode(first.image) == (tmp_path / "first.png").read_bytes() and first.last_image is None

@@ -1,14 +1,16 @@
 """The training memory plan of the real Wan2.2-T2V-A14B expert: fake process group, no weights, no device."""
+
 import math
 import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from wanray import models
 from wanray.config import load_config
 from wanray.train.plan import ActivationModel, _saved_bytes, _tiny_expert, measure_activations, plan_training
+
 
 @pytest.fixture(scope="module")
 def a14b_configs(tmp_path_factory):
@@ -36,7 +38,9 @@ def test_parameters_and_per_rank_shards_of_the_real_expert(a14b_configs, activat
     shapes = [p.shape for p in build_on_meta(a14b_configs, "high").parameters()]
     rank0 = sum(min(s[0], math.ceil(s[0] / world)) * math.prod(s[1:]) for s in shapes)
     assert plan.param_bytes == plan.grad_bytes == 4 * rank0 and plan.optimizer_bytes == 8 * rank0
-    assert abs(plan.param_bytes - 4 * 14_288_491_584 / world) < 0.005 * plan.param_bytes  # (1, 6, dim) tables sit on rank 0
+    assert (
+        abs(plan.param_bytes - 4 * 14_288_491_584 / world) < 0.005 * plan.param_bytes
+    )  # (1, 6, dim) tables sit on rank 0
     assert plan.tokens == 32_760  # 21 x 30 x 52 patches of one 81x480x832 clip
     assert plan.unsharded_grad_bytes == 4 * 14_288_491_584  # 57 GB: why full fine-tuning syncs every micro-batch
     assert plan.fits == (world == 16)  # 64 GB devices: MindSpeed-MM trains it on 16
@@ -47,8 +51,11 @@ def test_activation_model_predicts_a_block_it_was_not_fitted_on(activations):
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
     dim, ffn, side = 192, 512, 12
-    inputs = {"hidden_states": torch.randn(1, 16, 4, 2 * side, 2 * side, dtype=torch.bfloat16).requires_grad_(),
-              "timestep": torch.tensor([500.0]), "encoder_hidden_states": torch.randn(1, 512, 64, dtype=torch.bfloat16)}
+    inputs = {
+        "hidden_states": torch.randn(1, 16, 4, 2 * side, 2 * side, dtype=torch.bfloat16).requires_grad_(),
+        "timestep": torch.tensor([500.0]),
+        "encoder_hidden_states": torch.randn(1, 512, 64, dtype=torch.bfloat16),
+    }
     measured = [_saved_bytes(_tiny_expert(dim, ffn, layers, 64, torch.bfloat16, False), inputs) for layers in (1, 2)]
     predicted = ActivationModel.bytes(activations.block, 4 * side * side, dim, ffn)
     assert abs((measured[1] - measured[0]) - predicted) < 0.03 * predicted
@@ -62,22 +69,35 @@ def test_activation_model_predicts_a_block_it_was_not_fitted_on(activations):
 
 def test_checkpointing_and_lora_change_the_plan(a14b_configs, activations):
     full = plan_training(preset(a14b_configs), a14b_configs, "low", activations)
-    no_ac = plan_training(preset(a14b_configs, "train.activation_checkpointing=false"), a14b_configs, "low",
-                          activations)
+    no_ac = plan_training(
+        preset(a14b_configs, "train.activation_checkpointing=false"), a14b_configs, "low", activations
+    )
     assert no_ac.activation_bytes == full.activation_bytes_without_checkpointing > 10 * full.activation_bytes
     assert not no_ac.fits
-    lora = plan_training(preset(a14b_configs, "train.lora.enabled=true", "train.workers=8"), a14b_configs, "low",
-                         activations)
+    lora = plan_training(
+        preset(a14b_configs, "train.lora.enabled=true", "train.workers=8"), a14b_configs, "low", activations
+    )
     assert lora.trainable < 0.02 * lora.parameters and lora.optimizer_bytes < 0.02 * full.optimizer_bytes * 2
     assert lora.fits
 
 
+@pytest.mark.integration  # runs the driver
 def test_train_plan_cli_prints_the_verdict_and_exits_by_it(a14b_configs):
     def run(*sets):
-        cmd = [sys.executable, str(ROOT / "pipelines" / "train.py"), "--config", str(ROOT / "configs" / "t2v_a14b.yaml"),
-               "--plan", "--expert", "high", "--set", f"model.path={a14b_configs}"]
-        return subprocess.run(cmd + [a for s in sets for a in ("--set", s)], capture_output=True, text=True,
-                              timeout=300)
+        cmd = [
+            sys.executable,
+            str(ROOT / "pipelines" / "train.py"),
+            "--config",
+            str(ROOT / "configs" / "t2v_a14b.yaml"),
+            "--plan",
+            "--expert",
+            "high",
+            "--set",
+            f"model.path={a14b_configs}",
+        ]
+        return subprocess.run(
+            cmd + [a for s in sets for a in ("--set", s)], capture_output=True, text=True, timeout=300
+        )
 
     fits, too_big = run(), run("train.workers=8")
     assert fits.returncode == 0 and "14,288,491,584 parameters" in fits.stdout and "fits:" in fits.stdout
@@ -88,8 +108,12 @@ def test_context_parallel_splits_a_720p_samples_activations_over_its_group(a14b_
     """720x1280x81 (75,600 tokens) on 16 ranks: Ulysses 2 and 4 keep 1/2 and 1/4 of the activations per
     rank (less the small per-block constant), the parameter shards stay those of 16 ranks."""
     sets = ["train.workers=16", "data.height=720", "data.width=1280"]
-    plans = {n: plan_training(preset(a14b_configs, *sets, f"train.context_parallel.ulysses={n}"), a14b_configs, "high",
-                              activations) for n in (1, 2, 4)}
+    plans = {
+        n: plan_training(
+            preset(a14b_configs, *sets, f"train.context_parallel.ulysses={n}"), a14b_configs, "high", activations
+        )
+        for n in (1, 2, 4)
+    }
     assert plans[1].tokens == plans[4].tokens == 75_600
     for n in (2, 4):
         assert plans[n].param_bytes == plans[1].param_bytes
@@ -106,15 +130,25 @@ def test_ring_attention_counts_its_gathered_keys_values_and_gradient_buffers(a14
     from wanray import ring_attention
 
     sets = ["train.workers=16", "train.context_parallel.ring=2"]
-    plain = plan_training(preset(a14b_configs, "train.workers=16", "train.context_parallel.ulysses=2"), a14b_configs,
-                          "high", activations)
+    plain = plan_training(
+        preset(a14b_configs, "train.workers=16", "train.context_parallel.ulysses=2"), a14b_configs, "high", activations
+    )
     npu = plan_training(preset(a14b_configs, *sets), a14b_configs, "high", activations)
     assert plain.ring_bytes == 0 and npu.ring == 2
     assert npu.ring_bytes == ring_attention.ring_working_bytes(1, 32_760, 40, 128, 1, 2, 2, tiled=False)
     assert 2 * 32_760 * 5_120 * 2 < npu.ring_bytes < 6e9
-    assert npu.total_bytes == npu.param_bytes + npu.grad_bytes + npu.optimizer_bytes + npu.gathered_bytes \
-        + npu.grad_buffer_bytes + npu.activation_bytes + npu.ring_bytes
+    assert (
+        npu.total_bytes
+        == npu.param_bytes
+        + npu.grad_bytes
+        + npu.optimizer_bytes
+        + npu.gathered_bytes
+        + npu.grad_buffer_bytes
+        + npu.activation_bytes
+        + npu.ring_bytes
+    )
     assert any(line.startswith("ring attention over 2 ranks: ") for line in npu.lines())
     gpu = plan_training(preset(a14b_configs, *sets, "train.worker.device=cuda"), a14b_configs, "high", activations)
-    assert gpu.ring_bytes == npu.ring_bytes + ring_attention.tiled_working_bytes((1, 16_380, 40, 128),
-                                                                                (1, 16_380, 40, 128))
+    assert gpu.ring_bytes == npu.ring_bytes + ring_attention.tiled_working_bytes(
+        (1, 16_380, 40, 128), (1, 16_380, 40, 128)
+    )

@@ -5,6 +5,7 @@ op's, and only proven layouts and registered backends are accepted.
 The layouts run in real processes over gloo (torch.multiprocessing, no Ray): a tiny Wan transformer of
 the real architecture, its loss and every parameter's gradient summed over the ranks against one process
 running it whole."""
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,12 @@ def _model_and_batch():
     torch.manual_seed(0)
     model = WanTransformer3DModel(**TINY_TRANSFORMER)
     g = torch.Generator().manual_seed(1)
-    inputs = dict(hidden_states=torch.randn(1, 16, 3, 8, 8, generator=g), timestep=torch.tensor([700.0]),
-                  encoder_hidden_states=torch.randn(1, 8, 32, generator=g), return_dict=False)
+    inputs = dict(
+        hidden_states=torch.randn(1, 16, 3, 8, 8, generator=g),
+        timestep=torch.tensor([700.0]),
+        encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+        return_dict=False,
+    )
     return model, inputs, torch.randn(1, 16, 3, 8, 8, generator=g)
 
 
@@ -67,9 +72,18 @@ def _ring_call_peak(parallel_config) -> tuple[int, int]:
     inputs = [x.requires_grad_() for x in (q, k, v)]
     tracker = LiveBytes([*inputs, grad])
     with tracker:
-        out = ad.TemplatedRingAttention.apply(*inputs, None, 0.0, False, None, False, False,
-                                              ad._native_attention_forward_op, ad._native_attention_backward_op,
-                                              parallel_config)
+        out = ad.TemplatedRingAttention.apply(
+            *inputs,
+            None,
+            0.0,
+            False,
+            None,
+            False,
+            False,
+            ad._native_attention_forward_op,
+            ad._native_attention_backward_op,
+            parallel_config,
+        )
         out.backward(grad)
     return tracker.peak, ring_attention.ring_working_bytes(2, 96, 4, 24, 1, ring, 4, tiled=True)
 
@@ -80,13 +94,16 @@ def unsplit():
     return _loss_and_gradients(model, inputs, target)
 
 
-@pytest.mark.parametrize("ulysses,ring", [(1, 2), (1, 3), (1, 4), (2, 3)],
-                         ids=["ring2", "ring3", "ring4", "ulysses2xring3"])
+@pytest.mark.integration  # a gloo process group of up to 6 processes
+@pytest.mark.parametrize(
+    "ulysses,ring", [(1, 2), (1, 3), (1, 4), (2, 3)], ids=["ring2", "ring3", "ring4", "ulysses2xring3"]
+)
 def test_a_ring_split_sample_has_the_unsplit_loss_and_every_gradient(unsplit, tmp_path, ulysses, ring):
     """diffusers 0.42.1's own backward gives ring 3's key projection gradients a relative error of ~1.0."""
     out = tmp_path / "rank0.pt"
-    mp.start_processes(_rank, args=(ulysses * ring, ulysses, ring, free_port(), str(out)), nprocs=ulysses * ring,
-                       start_method="spawn")
+    mp.start_processes(
+        _rank, args=(ulysses * ring, ulysses, ring, free_port(), str(out)), nprocs=ulysses * ring, start_method="spawn"
+    )
     loss, grads, working = torch.load(out)
     ref_loss, ref = unsplit
     assert loss == pytest.approx(ref_loss, rel=1e-6)
@@ -151,6 +168,7 @@ def _fake_torch_npu():
     """torch_npu's two fused-attention calls as its documentation states them, computed exactly: the forward
     returns (out, softmax_max, softmax_sum, ...) with the statistics (B, N, S, 8); the backward takes them with
     the forward's output and returns (dq, dk, dv, ...)."""
+
     def scores(q, k, heads, layout, scale):
         assert layout == "BSND" and q.shape[2] == heads
         return (q.transpose(1, 2).double() @ k.transpose(1, 2).double().transpose(-1, -2)) * scale
@@ -162,14 +180,18 @@ def _fake_torch_npu():
         out = (s.softmax(-1) @ v.transpose(1, 2).double()).transpose(1, 2).to(q.dtype)
         return out, m.float().expand(*m.shape[:-1], 8), total.float().expand(*total.shape[:-1], 8), None, 0, 0, 0
 
-    def backward(q, k, v, dy, heads, layout, softmax_max=None, softmax_sum=None, attention_in=None,
-                 scale_value=1.0, **_):
+    def backward(
+        q, k, v, dy, heads, layout, softmax_max=None, softmax_sum=None, attention_in=None, scale_value=1.0, **_
+    ):
         s = scores(q, k, heads, layout, scale_value)
         p = (s - softmax_max[..., :1].double()).exp() / softmax_sum[..., :1].double()
         do, o = dy.transpose(1, 2).double(), attention_in.transpose(1, 2).double()
         ds = p * (do @ v.transpose(1, 2).double().transpose(-1, -2) - (do * o).sum(-1, keepdim=True))
-        grads = (ds @ k.transpose(1, 2).double() * scale_value, ds.transpose(-1, -2) @ q.transpose(1, 2).double()
-                 * scale_value, p.transpose(-1, -2) @ do)
+        grads = (
+            ds @ k.transpose(1, 2).double() * scale_value,
+            ds.transpose(-1, -2) @ q.transpose(1, 2).double() * scale_value,
+            p.transpose(-1, -2) @ do,
+        )
         return (*(x.transpose(1, 2).to(q.dtype) for x in grads), None)
 
     return types.SimpleNamespace(npu_fusion_attention=forward, npu_fusion_attention_grad=backward)
@@ -184,8 +206,10 @@ def test_the_npu_fused_path_gives_the_tiled_ops_results(monkeypatch):
     out, lse = ring_attention._npu_forward(q, k, v, 0.3)
     ref_out, ref_lse = ring_attention.tiled_forward(q, k, v, 0.3)
     assert torch.allclose(out, ref_out, atol=1e-6) and torch.allclose(lse.double(), ref_lse.double(), atol=1e-5)
-    for a, b in zip(ring_attention._npu_backward(q, k, v, ref_out, do, ref_lse, 0.3),
-                    ring_attention.tiled_backward(q, k, v, ref_out, do, ref_lse, 0.3)):
+    for a, b in zip(
+        ring_attention._npu_backward(q, k, v, ref_out, do, ref_lse, 0.3),
+        ring_attention.tiled_backward(q, k, v, ref_out, do, ref_lse, 0.3),
+    ):
         assert torch.allclose(a, b, atol=1e-5)
 
 

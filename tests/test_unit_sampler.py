@@ -1,4 +1,5 @@
 """The two-stage sampler against diffusers' WanPipeline, and request validation (no Ray)."""
+
 import contextlib
 import pickle
 from dataclasses import replace
@@ -6,21 +7,31 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from wanray.errors import RequestError
 from wanray.infer.api import GenerateRequest, resolve
 from wanray.infer.reference import wanpipeline_frames
-from wanray.infer.sampler import (ExpertStage, GenerationParams, PromptEncoder, Sampler, StageSpec,
-                                  VideoDecoder)
+from wanray.infer.sampler import ExpertStage, GenerationParams, PromptEncoder, Sampler, StageSpec, VideoDecoder
 
-PARAMS = GenerationParams(prompt="a red circle moving left to right", negative_prompt="blurry, static",
-                          height=64, width=48, num_frames=9, num_inference_steps=8, guidance_scale=4.0,
-                          guidance_scale_2=3.0, seed=7)
+PARAMS = GenerationParams(
+    prompt="a red circle moving left to right",
+    negative_prompt="blurry, static",
+    height=64,
+    width=48,
+    num_frames=9,
+    num_inference_steps=8,
+    guidance_scale=4.0,
+    guidance_scale_2=3.0,
+    seed=7,
+)
 
 
-@pytest.mark.parametrize("flow_shift, guidance", [(None, (4.0, 3.0)), (12.0, (4.0, 3.0)), (None, (1.0, 1.0))],
-                         ids=["model-shift", "shift-12", "no-guidance"])
+@pytest.mark.parametrize(
+    "flow_shift, guidance",
+    [(None, (4.0, 3.0)), (12.0, (4.0, 3.0)), (None, (1.0, 1.0))],
+    ids=["model-shift", "shift-12", "no-guidance"],
+)
 def test_sampler_frames_equal_wanpipeline(tiny_model, flow_shift, guidance):
     cfg = tiny_config(tiny_model, f"infer.flow_shift={'null' if flow_shift is None else flow_shift}")
     params = replace(PARAMS, guidance_scale=guidance[0], guidance_scale_2=guidance[1])
@@ -37,8 +48,9 @@ def test_batched_guidance_runs_one_forward_per_step_with_the_frames_of_two(tiny_
     spec = StageSpec.for_batch(tiny_model, tiny_config(tiny_model, "infer.batched_guidance=true"))
     sampler = Sampler(spec)
     for stage in (sampler.high, sampler.low):
-        stage.expert.register_forward_hook(lambda _m, _a, kwargs, out: calls.append(kwargs["hidden_states"].shape[0]),
-                                           with_kwargs=True)
+        stage.expert.register_forward_hook(
+            lambda _m, _a, kwargs, out: calls.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+        )
     ours = sampler(PARAMS)
     assert calls == [2] * PARAMS.num_inference_steps  # one forward of batch 2 per step
     ref = wanpipeline_frames(tiny_model, PARAMS, spec.contract.boundary)
@@ -67,8 +79,13 @@ def test_each_setting_changes_the_video(tiny_model):
     cfg = tiny_config(tiny_model)
     sampler = Sampler(StageSpec.for_batch(tiny_model, cfg))
     base = sampler(PARAMS)
-    for change in (dict(seed=8), dict(guidance_scale=5.0), dict(guidance_scale_2=5.0), dict(prompt="a blue square"),
-                   dict(negative_prompt="")):
+    for change in (
+        dict(seed=8),
+        dict(guidance_scale=5.0),
+        dict(guidance_scale_2=5.0),
+        dict(prompt="a blue square"),
+        dict(negative_prompt=""),
+    ):
         assert np.abs(sampler(replace(PARAMS, **change)) - base).max() > 1e-3, change
     shifted = tiny_config(tiny_model, "infer.flow_shift=12.0")
     assert np.abs(Sampler(StageSpec.for_batch(tiny_model, shifted))(PARAMS) - base).max() > 1e-3
@@ -98,25 +115,32 @@ def test_request_defaults_come_from_the_config(tiny_model):
     p = resolve(GenerateRequest(prompt="a cat"), cfg)
     assert (p.height, p.width, p.num_frames) == (cfg.data.height, cfg.data.width, cfg.data.num_frames)
     assert (p.num_inference_steps, p.guidance_scale, p.guidance_scale_2, p.seed, p.negative_prompt) == (
-        cfg.infer.num_inference_steps, cfg.infer.guidance_scale, cfg.infer.guidance_scale_2, cfg.infer.seed,
-        cfg.infer.negative_prompt)
+        cfg.infer.num_inference_steps,
+        cfg.infer.guidance_scale,
+        cfg.infer.guidance_scale_2,
+        cfg.infer.seed,
+        cfg.infer.negative_prompt,
+    )
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(prompt=""), "prompt must not be empty"),
-    (dict(prompt="   "), "prompt must not be empty"),
-    (dict(prompt="x" * 2001), "prompt has 2001 characters, at most 2000"),
-    (dict(negative_prompt="x" * 2001), "negative_prompt has 2001 characters"),
-    (dict(height=72), "height must be a multiple of 16"),
-    (dict(width=0), "width must lie in [16, 256]"),
-    (dict(height=272), "height must lie in [16, 256]"),
-    (dict(num_frames=16), "num_frames must be 4n+1"),
-    (dict(num_frames=37), "num_frames must lie in [1, 33]"),
-    (dict(num_inference_steps=0), "num_inference_steps must lie in [1, 50]"),
-    (dict(num_inference_steps=51), "num_inference_steps must lie in [1, 50]"),
-    (dict(guidance_scale=-1.0), "guidance_scale must be a finite number >= 0"),
-    (dict(seed=-1), "seed must lie in [0, 2**63-1]"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(prompt=""), "prompt must not be empty"),
+        (dict(prompt="   "), "prompt must not be empty"),
+        (dict(prompt="x" * 2001), "prompt has 2001 characters, at most 2000"),
+        (dict(negative_prompt="x" * 2001), "negative_prompt has 2001 characters"),
+        (dict(height=72), "height must be a multiple of 16"),
+        (dict(width=0), "width must lie in [16, 256]"),
+        (dict(height=272), "height must lie in [16, 256]"),
+        (dict(num_frames=16), "num_frames must be 4n+1"),
+        (dict(num_frames=37), "num_frames must lie in [1, 33]"),
+        (dict(num_inference_steps=0), "num_inference_steps must lie in [1, 50]"),
+        (dict(num_inference_steps=51), "num_inference_steps must lie in [1, 50]"),
+        (dict(guidance_scale=-1.0), "guidance_scale must be a finite number >= 0"),
+        (dict(seed=-1), "seed must lie in [0, 2**63-1]"),
+    ],
+)
 def test_each_bound_is_refused_with_its_reason(tiny_model, fields, message):
     cfg = tiny_config(tiny_model)
     with pytest.raises(RequestError) as e:
@@ -185,19 +209,33 @@ def test_a_jsonl_prompts_file_sets_each_videos_fields_and_names_the_bad_line(tin
 
     cfg = tiny_config(tiny_model)
     good = tmp_path / "good.jsonl"
-    good.write_text('{"prompt": "a cat"}\n\n{"prompt": "a dog", "height": 32, "width": 48, "num_frames": 5, '
-                    '"seed": 4, "guidance_scale": 2.0}\n')
+    good.write_text(
+        '{"prompt": "a cat"}\n\n{"prompt": "a dog", "height": 32, "width": 48, "num_frames": 5, '
+        '"seed": 4, "guidance_scale": 2.0}\n'
+    )
     first, second = read_prompts(good, cfg)
-    assert (first.height, first.width, first.num_frames, first.seed) == (cfg.data.height, cfg.data.width,
-                                                                         cfg.data.num_frames, cfg.infer.seed)
-    assert (second.prompt, second.height, second.width, second.num_frames, second.seed, second.guidance_scale) == \
-        ("a dog", 32, 48, 5, 4, 2.0)
-    for line, message in (('{"prompt": "x", "fps": 8}', "fps: Extra inputs are not permitted"),
-                          ('{"prompt": "x", "height": 30}', "height must be a multiple of 16"),
-                          ('{"prompt": "x", "output": "frames"}', "all but output"),
-                          ('["x"]', "expected a JSON object"),
-                          ('{"prompt": "x"', "not JSON"),
-                          ('{"height": 64}', "prompt: Field required")):
+    assert (first.height, first.width, first.num_frames, first.seed) == (
+        cfg.data.height,
+        cfg.data.width,
+        cfg.data.num_frames,
+        cfg.infer.seed,
+    )
+    assert (second.prompt, second.height, second.width, second.num_frames, second.seed, second.guidance_scale) == (
+        "a dog",
+        32,
+        48,
+        5,
+        4,
+        2.0,
+    )
+    for line, message in (
+        ('{"prompt": "x", "fps": 8}', "fps: Extra inputs are not permitted"),
+        ('{"prompt": "x", "height": 30}', "height must be a multiple of 16"),
+        ('{"prompt": "x", "output": "frames"}', "all but output"),
+        ('["x"]', "expected a JSON object"),
+        ('{"prompt": "x"', "not JSON"),
+        ('{"height": 64}', "prompt: Field required"),
+    ):
         bad = tmp_path / "bad.jsonl"
         bad.write_text('{"prompt": "fine"}\n' + line + "\n")
         with pytest.raises(RequestError, match=f"^{bad} line 2: .*{message}"):

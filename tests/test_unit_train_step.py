@@ -1,10 +1,11 @@
 """One optimizer step's loss over micro-batches of different sizes (buckets): the mean over its clips."""
+
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-
 from conftest import tiny_config
+
 from wanray.runtime import free_port
 from wanray.train import loop
 from wanray.train.data import Batch, StepData
@@ -23,19 +24,33 @@ class Toy(torch.nn.Module):
 def test_the_step_loss_is_the_mean_over_its_clips_whatever_the_micro_batch_sizes(monkeypatch, tmp_path):
     # each micro-batch's own mean loss is (its clip count + 1) x p: 3 for 2 clips, 2 for 1 clip
     monkeypatch.setattr(loop, "flow_loss", lambda model, batch, *_: model.p * (batch.latents.shape[0] + 1))
-    monkeypatch.setattr(loop, "draw_for", lambda batch, spec: FlowDraw(torch.zeros(batch.latents.shape[0]),
-                                                                       torch.zeros(1), torch.zeros(1, dtype=bool),
-                                                                       torch.zeros(1, dtype=bool)))
+    monkeypatch.setattr(
+        loop,
+        "draw_for",
+        lambda batch, spec: FlowDraw(
+            torch.zeros(batch.latents.shape[0]), torch.zeros(1), torch.zeros(1, dtype=bool), torch.zeros(1, dtype=bool)
+        ),
+    )
     spec = SimpleNamespace(cfg=tiny_config(tmp_path, "train.clip_grad=0"))
     model = Toy()
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    batches = [Batch(torch.zeros(2, 16, 1, 2, 2), torch.zeros(2, 4, 8)), Batch(torch.zeros(1, 16, 3, 2, 2),
-                                                                           torch.zeros(1, 4, 8))]
+    batches = [
+        Batch(torch.zeros(2, 16, 1, 2, 2), torch.zeros(2, 4, 8)),
+        Batch(torch.zeros(1, 16, 3, 2, 2), torch.zeros(1, 4, 8)),
+    ]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
-        loss, _, _ = loop.train_step(model, [model.p], optimizer, schedule, StepData(0, 0, batches, samples=3),
-                                     spec, torch.zeros(4, 8), torch.device("cpu"))
+        loss, _, _ = loop.train_step(
+            model,
+            [model.p],
+            optimizer,
+            schedule,
+            StepData(0, 0, batches, samples=3),
+            spec,
+            torch.zeros(4, 8),
+            torch.device("cpu"),
+        )
     finally:
         dist.destroy_process_group()
     assert abs(float(loss) - (3 * 2 + 2 * 1) / 3) < 1e-6  # not (3 + 2) / 2, the mean of the micro-batch means
@@ -66,7 +81,9 @@ def test_ti2v_clips_trained_as_image_to_video_keep_their_first_frame_clean_at_ti
     assert torch.equal(seen["x"][0, :, 0], x0[0, :, 0]) and torch.allclose(seen["x"][0, :, 1:], xt[0, :, 1:])
     assert torch.allclose(seen["x"][1], xt[1])  # the other clip trains text to video
     assert seen["t"].shape == (2, 18) and torch.equal(seen["t"][0, :6], torch.zeros(6))
-    assert torch.equal(seen["t"][0, 6:], draw.timesteps[0].expand(12)) and torch.equal(seen["t"][1], draw.timesteps[1].expand(18))
+    assert torch.equal(seen["t"][0, 6:], draw.timesteps[0].expand(12)) and torch.equal(
+        seen["t"][1], draw.timesteps[1].expand(18)
+    )
     expected = ((target[0, :, 1:] ** 2).mean() + (target[1] ** 2).mean()) / 2
     assert torch.allclose(loss, expected)
     # the draw decides which clips: train.image_condition 1 and 0 give all and none

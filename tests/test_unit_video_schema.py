@@ -1,4 +1,5 @@
 """Clip planning, resize/crop, real decord decoding, and the tensor codec."""
+
 import subprocess
 import sys
 
@@ -6,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from wanray.data.synthetic import SyntheticClip, render, write_mp4
 from wanray.buckets import BucketSet
+from wanray.data.synthetic import SyntheticClip, render, write_mp4
 from wanray.data.video import ClipRejected, decode_clip, longest_4n1, plan_clip, resize_crop, resize_crop_box
 from wanray.schema import decode_tensor, encode_tensor, pad_text_embedding
 
@@ -72,8 +73,10 @@ def test_decode_scales_larger_sources_like_a_resize_of_the_full_frames(tmp_path)
 def test_decoding_does_not_import_torch(tmp_path):
     clip = SyntheticClip("c.mp4", "x", 96, 160, 16, 20, "square", "white", "black", "left to right")
     write_mp4(tmp_path / "c.mp4", render(clip), 16)
-    code = ("import sys; from wanray.buckets import BucketSet; from wanray.data.video import decode_clip; "
-            f"decode_clip({str(tmp_path / 'c.mp4')!r}, BucketSet.fixed(64, 64, 9, 9), 16); print('torch' in sys.modules)")
+    code = (
+        "import sys; from wanray.buckets import BucketSet; from wanray.data.video import decode_clip; "
+        f"decode_clip({str(tmp_path / 'c.mp4')!r}, BucketSet.fixed(64, 64, 9, 9), 16); print('torch' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"  # decode workers start without paying torch's import
 
@@ -83,8 +86,10 @@ def test_tensor_codec_is_exact(dtype):
     t = torch.randn(16, 3, 4, 5).to(dtype)
     data, shape, name = encode_tensor(t)
     back = decode_tensor(data, shape, name)
-    assert back.dtype == dtype and torch.equal(back.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
-                                               t.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    assert back.dtype == dtype and torch.equal(
+        back.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+        t.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+    )
     with pytest.raises(ValueError, match="empty"):
         encode_tensor(torch.zeros(0, 4))
 
@@ -98,6 +103,7 @@ def test_pad_text_embedding():
 def test_curation_rejects_low_resolution_short_and_static_clips_by_name(tmp_path):
     """The optional data.min_* filters in the decode stage itself, each with its own reject reason."""
     from conftest import tiny_config
+
     from wanray.data.shards import collect_rejects
     from wanray.data.video import decode_source
 

@@ -5,6 +5,7 @@ Runs and Data pages of ui/pages.py.
 config, so the page's defaults and slider ranges are the served ones and a request the
 REST API would refuse is refused here with the same message.
 """
+
 from __future__ import annotations
 
 import base64
@@ -14,11 +15,11 @@ from pathlib import Path
 import gradio as gr
 from pydantic import ValidationError
 
+from ui.pages import Preview, data_page, runs_page
 from wanray.config import Config
 from wanray.errors import RequestError
 from wanray.infer.api import Busy, Generate, GenerateRequest, cause, resolve, served_split
 from wanray.models import read_kind
-from ui.pages import Preview, data_page, runs_page
 
 MAX_GUIDANCE = 20.0  # slider range; the REST API takes any finite scale >= 0
 
@@ -34,14 +35,40 @@ def build_ui(generate: Generate, cfg: Config, model_dir: str, preview: Preview |
     inf, data = cfg.infer, cfg.data
     kind = read_kind(model_dir)
 
-    async def run(prompt, negative_prompt, seed, steps, guidance_scale, guidance_scale_2, height, width, num_frames,
-                  image=None, last_image=None, progress=gr.Progress()):
+    async def run(
+        prompt,
+        negative_prompt,
+        seed,
+        steps,
+        guidance_scale,
+        guidance_scale_2,
+        height,
+        width,
+        num_frames,
+        image=None,
+        last_image=None,
+        progress=gr.Progress(),  # noqa: B008  (Gradio injects the page's progress bar through this default)
+    ):
         encode = lambda path: base64.b64encode(Path(path).read_bytes()).decode() if path else None  # noqa: E731
         try:
-            params = resolve(GenerateRequest(
-                prompt=prompt, negative_prompt=negative_prompt, seed=seed, num_inference_steps=steps,
-                guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2, height=height, width=width,
-                num_frames=num_frames, image=encode(image), last_image=encode(last_image)), cfg, kind, served_split(cfg))
+            params = resolve(
+                GenerateRequest(
+                    prompt=prompt,
+                    negative_prompt=negative_prompt,
+                    seed=seed,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance_scale,
+                    guidance_scale_2=guidance_scale_2,
+                    height=height,
+                    width=width,
+                    num_frames=num_frames,
+                    image=encode(image),
+                    last_image=encode(last_image),
+                ),
+                cfg,
+                kind,
+                served_split(cfg),
+            )
         except (RequestError, ValidationError) as e:
             raise _request_error(e) from None
         progress(0.0, desc="encoding prompt")
@@ -58,11 +85,16 @@ def build_ui(generate: Generate, cfg: Config, model_dir: str, preview: Preview |
 
     with gr.Blocks(title="wanray", delete_cache=(3600, 3600)) as page:
         experts = inf.stages.high
-        stages = "one transformer for every step" if kind.one_transformer else \
-            "two stages: high-noise expert, then low-noise expert"
+        stages = (
+            "one transformer for every step"
+            if kind.one_transformer
+            else "two stages: high-noise expert, then low-noise expert"
+        )
         first = {"required": " Give the first frame.", "optional": " A first frame is optional."}.get(kind.image, "")
-        gr.Markdown(f"# wanray: {kind.title}\nModel directory: `{model_dir}` "
-                    f"({experts.device}, {experts.dtype}); {stages}.{first}")
+        gr.Markdown(
+            f"# wanray: {kind.title}\nModel directory: `{model_dir}` "
+            f"({experts.device}, {experts.dtype}); {stages}.{first}"
+        )
         with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate"):
                 with gr.Row():
@@ -85,11 +117,21 @@ def build_ui(generate: Generate, cfg: Config, model_dir: str, preview: Preview |
                             steps = gr.Slider(1, inf.max_steps, value=inf.num_inference_steps, step=1, label="Steps")
                             seed = gr.Number(value=inf.seed, precision=0, minimum=0, label="Seed")
                         with gr.Row():
-                            guidance = gr.Slider(0, MAX_GUIDANCE, value=inf.guidance_scale, step=0.5,
-                                                 label="Guidance" if kind.one_transformer else
-                                                 "Guidance, high-noise expert")
-                            guidance_2 = gr.Slider(0, MAX_GUIDANCE, value=inf.guidance_scale_2, step=0.5,
-                                                   label="Guidance, low-noise expert", visible=not kind.one_transformer)
+                            guidance = gr.Slider(
+                                0,
+                                MAX_GUIDANCE,
+                                value=inf.guidance_scale,
+                                step=0.5,
+                                label="Guidance" if kind.one_transformer else "Guidance, high-noise expert",
+                            )
+                            guidance_2 = gr.Slider(
+                                0,
+                                MAX_GUIDANCE,
+                                value=inf.guidance_scale_2,
+                                step=0.5,
+                                label="Guidance, low-noise expert",
+                                visible=not kind.one_transformer,
+                            )
                         with gr.Row():
                             button = gr.Button("Generate", variant="primary", scale=3)
                             stop = gr.Button("Stop", variant="stop", scale=1)

@@ -5,6 +5,7 @@ A page can be opened on one run or directory by its address: /ui/?run=<path> or 
 Files are copied into this process's own temporary directory before Gradio serves them, so Gradio
 never serves a path from the roots itself (the roots check is the only gate).
 """
+
 from __future__ import annotations
 
 import functools
@@ -12,8 +13,8 @@ import hashlib
 import inspect
 import shutil
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Awaitable, Callable
 
 import gradio as gr
 import pandas as pd
@@ -50,19 +51,20 @@ def _served_copy(path: Path, suffix: str = "") -> str:
 def _shown(fn):
     """`fn` (sync or async) with a RequestError (a path outside the roots, a missing clip) as the page's
     one-line error, not a server traceback."""
-    if inspect.iscoroutinefunction(fn):
-        async def call(*args):
-            try:
-                return await fn(*args)
-            except RequestError as e:
-                raise gr.Error(str(e), print_exception=False) from None
-    else:
-        def call(*args):
-            try:
-                return fn(*args)
-            except RequestError as e:
-                raise gr.Error(str(e), print_exception=False) from None
-    return functools.wraps(fn)(call)
+
+    async def call_async(*args):
+        try:
+            return await fn(*args)
+        except RequestError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+
+    def call(*args):
+        try:
+            return fn(*args)
+        except RequestError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+
+    return functools.wraps(fn)(call_async if inspect.iscoroutinefunction(fn) else call)
 
 
 def runs_page(cfg: Config) -> gr.Dropdown:
@@ -75,10 +77,17 @@ def runs_page(cfg: Config) -> gr.Dropdown:
         plots = []
         for pair in (CURVES[:2], CURVES[2:]):
             with gr.Row():
-                plots += [gr.LinePlot(x="step", y=key, color="expert", title=title, height=260, x_axis_format="d")
-                          for key, title in pair]
-        gallery = gr.Gallery(label="Validation videos: a row per expert and prompt, its steps side by side (the same "
-                                   "prompts and seed at every step)", columns=2, height=360, object_fit="contain")
+                plots += [
+                    gr.LinePlot(x="step", y=key, color="expert", title=title, height=260, x_axis_format="d")
+                    for key, title in pair
+                ]
+        gallery = gr.Gallery(
+            label="Validation videos: a row per expert and prompt, its steps side by side (the same "
+            "prompts and seed at every step)",
+            columns=2,
+            height=360,
+            object_fit="contain",
+        )
         config = gr.Code(label="Config used (config.yaml of each expert)", language="yaml")
         # inside the tab: a Timer made after it would be a child of the Tabs, whose tab bar then drew the
         # next tab (Data) twice
@@ -91,13 +100,25 @@ def runs_page(cfg: Config) -> gr.Dropdown:
         view = RunView.open(roots, path)
         metrics = pd.DataFrame(view.metrics())
         axis = [0, max(view.planned_steps(), int(metrics["step"].max()) if "step" in metrics else 0, MIN_STEP_AXIS)]
-        curves = [gr.LinePlot(metrics[["step", k, "expert"]].dropna() if k in metrics else
-                              pd.DataFrame(columns=["step", k, "expert"]), x_lim=axis) for k, _ in CURVES]
+        curves = [
+            gr.LinePlot(
+                metrics[["step", k, "expert"]].dropna()
+                if k in metrics
+                else pd.DataFrame(columns=["step", k, "expert"]),
+                x_lim=axis,
+            )
+            for k, _ in CURVES
+        ]
         validations = view.validations()  # a row per expert and prompt, its steps side by side
-        cells = sorted(((expert, i, step), video, prompt) for expert, step, videos in validations
-                       for i, (video, prompt) in enumerate(videos))
-        items = [(_served_copy(video), f"step {step} · {expert} · {prompt[:60]}") for (expert, _, step), video, prompt
-                 in cells]
+        cells = sorted(
+            ((expert, i, step), video, prompt)
+            for expert, step, videos in validations
+            for i, (video, prompt) in enumerate(videos)
+        )
+        items = [
+            (_served_copy(video), f"step {step} · {expert} · {prompt[:60]}")
+            for (expert, _, step), video, prompt in cells
+        ]
         steps = len({step for _, step, _ in validations})
         return curves + [gr.Gallery(value=items, columns=max(1, min(steps, MAX_COLUMNS))), view.config()]
 
@@ -113,8 +134,9 @@ def data_page(cfg: Config, kind: ModelKind, preview: Preview | None) -> gr.Dropd
     roots = Roots(cfg.ui.data_roots, "ui.data_roots")
     with gr.Tab("Data", id="data"):
         with gr.Row():
-            data = gr.Dropdown(list_datasets(roots), value=None, label="Preprocessed directory",
-                               allow_custom_value=True, scale=4)
+            data = gr.Dropdown(
+                list_datasets(roots), value=None, label="Preprocessed directory", allow_custom_value=True, scale=4
+            )
             rescan = gr.Button("Rescan roots", scale=1)
         summary = gr.Markdown()
         rejects = gr.Dataframe(label="Rejects", headers=["input", "reason", "detail"], interactive=False)
@@ -134,14 +156,20 @@ def data_page(cfg: Config, kind: ModelKind, preview: Preview | None) -> gr.Dropd
         rows, total = view.clips(int(number or 0), CLIPS_PER_PAGE)
         reasons = ", ".join(f"{r}: {n}" for r, n in s.get("rejects_by_reason", {}).items()) or "none"
         buckets = ", ".join(f"{b}: {n}" for b, n in s.get("clips_by_bucket", {}).items())
-        text = (f"**{s.get('rows_in_output', total)} clips** from {s.get('clips_in_manifest', '?')} in the manifest "
-                f"(`{s.get('manifest', '?')}`); rejected: {reasons}.  \nBuckets: {buckets}.  \n"
-                f"Throughput of the last run: {s.get('clips_per_second', 0):.2f} clips/s, "
-                f"{s.get('frames_per_second', 0):.1f} frames/s over {s.get('seconds', 0):.1f} s.")
+        text = (
+            f"**{s.get('rows_in_output', total)} clips** from {s.get('clips_in_manifest', '?')} in the manifest "
+            f"(`{s.get('manifest', '?')}`); rejected: {reasons}.  \nBuckets: {buckets}.  \n"
+            f"Throughput of the last run: {s.get('clips_per_second', 0):.2f} clips/s, "
+            f"{s.get('frames_per_second', 0):.1f} frames/s over {s.get('seconds', 0):.1f} s."
+        )
         table = pd.DataFrame([{**r, "latent_shape": "x".join(map(str, r["latent_shape"]))} for r in rows])
         ids = [r["id"] for r in rows]
-        return text, pd.DataFrame(view.rejects(), columns=["input", "reason", "detail"]), table, \
-            gr.Dropdown(choices=ids, value=ids[0] if ids else None)
+        return (
+            text,
+            pd.DataFrame(view.rejects(), columns=["input", "reason", "detail"]),
+            table,
+            gr.Dropdown(choices=ids, value=ids[0] if ids else None),
+        )
 
     @_shown
     async def decode(path, clip_id):
@@ -151,8 +179,10 @@ def data_page(cfg: Config, kind: ModelKind, preview: Preview | None) -> gr.Dropd
             raise RequestError("pick a preprocessed directory and a clip")
         latent = DataView.open(roots, path).latent(clip_id)
         if latent.shape[0] != kind.latent_channels:
-            raise RequestError(f"clip {clip_id} has {latent.shape[0]}-channel latents; the served {kind.title} "
-                               f"VAE takes {kind.latent_channels}")
+            raise RequestError(
+                f"clip {clip_id} has {latent.shape[0]}-channel latents; the served {kind.title} "
+                f"VAE takes {kind.latent_channels}"
+            )
         out = _SERVED / f"preview-{hashlib.sha256(f'{path}:{clip_id}'.encode()).hexdigest()[:16]}.mp4"
         out.write_bytes(await preview(latent))
         return str(out)

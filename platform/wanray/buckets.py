@@ -17,6 +17,7 @@ frame count of that resolution the clip holds. Three ways to say which buckets t
 Tokens of a bucket: latent frames ((F - 1) / 4 + 1) x height/m x width/m, m the size multiple (VAE 8x
 and patch 2x2: 16; TI2V-5B's VAE 16x: 32).
 """
+
 from __future__ import annotations
 
 import math
@@ -71,7 +72,9 @@ def _resolution(aspect_hw: tuple[int, int], patches: int, multiple: int) -> tupl
             if not 1 <= w16 <= patches // h16:
                 continue
             err = abs(math.log((w16 / h16) / (aw / ah)))
-            if err <= math.log(ASPECT_TOLERANCE) and (best is None or (h16 * w16, -err) > (best[0] * best[1], -best[2])):
+            if err <= math.log(ASPECT_TOLERANCE) and (
+                best is None or (h16 * w16, -err) > (best[0] * best[1], -best[2])
+            ):
                 best = (h16, w16, err)
     if best is None:
         raise ConfigError(f"data.bucket_budget is too small for aspect ratio {ah}:{aw}")
@@ -112,8 +115,10 @@ class BucketSet:
             buckets = [Bucket(*_resolution(a, patches, multiple), f) for a in ASPECT_RATIOS for f in counts]
         else:
             if d.height % multiple or d.width % multiple:
-                raise ConfigError(f"data.height and data.width must be multiples of {multiple} for this model, "
-                                  f"got {d.height}x{d.width}")
+                raise ConfigError(
+                    f"data.height and data.width must be multiples of {multiple} for this model, "
+                    f"got {d.height}x{d.width}"
+                )
             return cls.fixed(d.height, d.width, d.num_frames, d.min_frames, multiple)
         return cls.of(buckets, multiple)
 

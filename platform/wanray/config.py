@@ -3,6 +3,7 @@
 Precedence is CLI override > YAML file > dataclass default. Every key must name a
 field: an unknown key is a `ConfigError`, never silently ignored.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,6 @@ from wanray.buckets import BucketSet
 from wanray.errors import ConfigError
 from wanray.sections import InferConfig, PreprocessConfig, TrainConfig, UIConfig
 
-
 # Keys that no longer exist, with what replaced them: a one-line error instead of "unknown key".
 REMOVED_KEYS = {
     "data.max_text_tokens": "Wan2.2's text length is fixed at 512 tokens (wanray.wan.TEXT_TOKENS)",
@@ -30,8 +30,11 @@ REMOVED_KEYS = {
     "preprocess.encoder_accelerators": "use preprocess.encoders.accelerators",
     "infer.device": "each stage has its own: infer.stages.{text,high,low,vae}.device and infer.batch.device",
     "infer.dtype": "each stage has its own: infer.stages.{text,high,low,vae}.dtype and infer.batch.dtype",
-    **{f"infer.{stage}_{old}": f"use infer.stages.{stage}.{new}" for stage in ("text", "high", "low", "vae")
-       for old, new in (("cpus", "cpus"), ("accelerators", "accelerators"))},
+    **{
+        f"infer.{stage}_{old}": f"use infer.stages.{stage}.{new}"
+        for stage in ("text", "high", "low", "vae")
+        for old, new in (("cpus", "cpus"), ("accelerators", "accelerators"))
+    },
     "infer.batch_cpus": "use infer.batch.cpus",
     "infer.batch_accelerators": "use infer.batch.accelerators",
     "train.device": "use train.worker.device",
@@ -39,6 +42,7 @@ REMOVED_KEYS = {
     "train.cpus_per_worker": "use train.worker.cpus",
     "train.accelerators_per_worker": "use train.worker.accelerators",
 }
+
 
 @dataclass(frozen=True)
 class AttentionBackend:
@@ -77,11 +81,14 @@ def attention_backend(configured: str | None, device: str, dtype: str, training:
         return "_native_npu" if device == "npu" and dtype != "float32" else "native"
     backend, where = ATTENTION_BACKENDS[configured], "training" if training else "inference"
     if device not in backend.devices:
-        raise ConfigError(f"model.attention_backend {configured!r} runs on {' or '.join(backend.devices)} only, "
-                          f"but {where} runs on {device}")
+        raise ConfigError(
+            f"model.attention_backend {configured!r} runs on {' or '.join(backend.devices)} only, "
+            f"but {where} runs on {device}"
+        )
     if backend.half_only and dtype == "float32":
-        raise ConfigError(f"model.attention_backend {configured!r} takes bfloat16 or float16 only, but {where} "
-                          "computes in float32")
+        raise ConfigError(
+            f"model.attention_backend {configured!r} takes bfloat16 or float16 only, but {where} computes in float32"
+        )
     if training and not backend.trains:
         raise ConfigError(f"model.attention_backend {configured!r} has no backward pass: use it for inference only")
     return configured
@@ -146,7 +153,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ui: UIConfig = field(default_factory=UIConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         d = self.data
         if d.num_frames % 4 != 1 or d.min_frames % 4 != 1:
             raise ConfigError(f"data.num_frames and data.min_frames must be 4n+1, got {d.num_frames}, {d.min_frames}")
@@ -162,25 +169,35 @@ class Config:
         for stage, n in vars(self.infer.replicas).items():
             top = getattr(self.infer.max_replicas, stage)
             if n < 1 or (top and top < n):
-                raise ConfigError(f"infer.replicas.{stage} must be >= 1 and infer.max_replicas.{stage} 0 or >= it, "
-                                  f"got {n} and {top}")
+                raise ConfigError(
+                    f"infer.replicas.{stage} must be >= 1 and infer.max_replicas.{stage} 0 or >= it, got {n} and {top}"
+                )
         if self.infer.first_block_cache < 0:
             raise ConfigError(f"infer.first_block_cache must be >= 0 (0 is off), got {self.infer.first_block_cache}")
-        if self.infer.first_block_cache and max(self.infer.high_devices, self.infer.low_devices,
-                                                self.infer.batch_devices) > 1:
-            raise ConfigError("infer.first_block_cache needs single-device expert stages: each rank would decide on "
-                              "its own shard of the tokens whether to skip, and the ranks' collectives would part")
+        if (
+            self.infer.first_block_cache
+            and max(self.infer.high_devices, self.infer.low_devices, self.infer.batch_devices) > 1
+        ):
+            raise ConfigError(
+                "infer.first_block_cache needs single-device expert stages: each rank would decide on "
+                "its own shard of the tokens whether to skip, and the ranks' collectives would part"
+            )
         if self.infer.max_queued < 0 or self.infer.queue_timeout_s <= 0:
-            raise ConfigError(f"infer.max_queued must be >= 0 and infer.queue_timeout_s > 0, got "
-                              f"{self.infer.max_queued}, {self.infer.queue_timeout_s}")
+            raise ConfigError(
+                f"infer.max_queued must be >= 0 and infer.queue_timeout_s > 0, got "
+                f"{self.infer.max_queued}, {self.infer.queue_timeout_s}"
+            )
         if min(self.infer.high_devices, self.infer.low_devices, self.infer.batch_devices) < 1:
-            raise ConfigError("infer.high_devices, low_devices and batch_devices must be >= 1, got "
-                              f"{self.infer.high_devices}, {self.infer.low_devices}, {self.infer.batch_devices}")
+            raise ConfigError(
+                "infer.high_devices, low_devices and batch_devices must be >= 1, got "
+                f"{self.infer.high_devices}, {self.infer.low_devices}, {self.infer.batch_devices}"
+            )
         if self.infer.flow_shift is not None and self.infer.flow_shift <= 0:
             raise ConfigError(f"infer.flow_shift must be positive, got {self.infer.flow_shift}")
         if not 1 <= self.infer.num_inference_steps <= self.infer.max_steps:
-            raise ConfigError(f"infer.num_inference_steps must lie in [1, infer.max_steps], "
-                              f"got {self.infer.num_inference_steps}")
+            raise ConfigError(
+                f"infer.num_inference_steps must lie in [1, infer.max_steps], got {self.infer.num_inference_steps}"
+            )
         t = self.train
         if t.steps < 1 or t.workers < 1 or t.batch_size < 1 or t.grad_accum < 1 or t.checkpoint_every < 1:
             raise ConfigError("train.steps, workers, batch_size, grad_accum and checkpoint_every must be >= 1")
@@ -188,15 +205,20 @@ class Config:
         if cp.ulysses < 1 or cp.ring < 1:
             raise ConfigError(f"train.context_parallel.ulysses and .ring must be >= 1, got {cp.ulysses}, {cp.ring}")
         if t.workers % cp.degree:
-            raise ConfigError(f"train.context_parallel: ulysses x ring = {cp.degree} must divide train.workers "
-                              f"({t.workers})")
+            raise ConfigError(
+                f"train.context_parallel: ulysses x ring = {cp.degree} must divide train.workers ({t.workers})"
+            )
         v = t.validation
         if v.every < 0 or (v.every and v.every % t.checkpoint_every):
-            raise ConfigError(f"train.validation.every ({v.every}) must be 0 (off) or a multiple of "
-                              f"train.checkpoint_every ({t.checkpoint_every}): validation renders a checkpoint")
+            raise ConfigError(
+                f"train.validation.every ({v.every}) must be 0 (off) or a multiple of "
+                f"train.checkpoint_every ({t.checkpoint_every}): validation renders a checkpoint"
+            )
         if v.every and not (v.prompts or v.prompts_file):
-            raise ConfigError("train.validation.every is set but there are no prompts: set train.validation.prompts "
-                              "or train.validation.prompts_file")
+            raise ConfigError(
+                "train.validation.every is set but there are no prompts: set train.validation.prompts "
+                "or train.validation.prompts_file"
+            )
         if not 0.0 <= t.image_condition <= 1.0:
             raise ConfigError(f"train.image_condition must lie in [0, 1], got {t.image_condition}")
         if not 0.0 <= t.caption_dropout < 1.0 or t.timestep_shift <= 0:
@@ -205,8 +227,10 @@ class Config:
             raise ConfigError(f"model.boundary must lie in (0, 1), got {self.model.boundary}")
         self._validate_attention_backend()
         if self.infer.stages.vae.dtype != "float32":
-            raise ConfigError("infer.stages.vae.dtype must be float32: the Wan VAE decodes in float32, as the official "
-                              "code and diffusers do (the experts' stages may run in bfloat16)")
+            raise ConfigError(
+                "infer.stages.vae.dtype must be float32: the Wan VAE decodes in float32, as the official "
+                "code and diffusers do (the experts' stages may run in bfloat16)"
+            )
         return self
 
     def _validate_attention_backend(self) -> None:
@@ -214,8 +238,10 @@ class Config:
         if name is None:
             return
         if name not in ATTENTION_BACKENDS:
-            raise ConfigError(f"model.attention_backend {name!r} is not one wanray can use "
-                              f"(valid: {', '.join(ATTENTION_BACKENDS)}; null picks the device's default)")
+            raise ConfigError(
+                f"model.attention_backend {name!r} is not one wanray can use "
+                f"(valid: {', '.join(ATTENTION_BACKENDS)}; null picks the device's default)"
+            )
 
 
 def _coerce(value, tp, where: str):
@@ -275,11 +301,13 @@ def parse_override(text: str) -> dict:
         raise ConfigError(f"override {text!r} is not of the form key=value")
     key, raw = text.split("=", 1)
     value = yaml.safe_load(raw) if raw.strip() else ""
-    for part in reversed(key.strip().split(".")):
-        if not part:
-            raise ConfigError(f"override {text!r} has an empty key part")
-        value = {part: value}
-    return value
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    tree: dict = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        tree = {part: tree}
+    return tree
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -303,8 +331,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
 
 def add_config_args(parser: argparse.ArgumentParser, default: str = "configs/tiny.yaml") -> None:
     parser.add_argument("--config", default=default, help=f"YAML preset (default {default})")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set data.fps=24 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set data.fps=24 (repeatable)",
+    )
     parser.add_argument("--verbose", action="store_true", help="also print Ray's own log lines and worker output")
 
 

@@ -22,6 +22,7 @@ What wanray adds, and why:
   registry, so a backend it lists but does not register (0.42.1's `_flash_3`) fails here in one line
   rather than in every worker.
 """
+
 from __future__ import annotations
 
 import torch
@@ -56,27 +57,39 @@ def training_backend(cfg) -> str:
     return attention
 
 
-def check(ulysses: int, ring: int, heads: int, token_counts: dict[str, int], attention: str,
-          where: str = "train.context_parallel", training: bool = True) -> None:
+def check(
+    ulysses: int,
+    ring: int,
+    heads: int,
+    token_counts: dict[str, int],
+    attention: str,
+    where: str = "train.context_parallel",
+    training: bool = True,
+) -> None:
     """A configuration that cannot work is a one-line ConfigError naming the constraint, before any worker
     starts. token_counts: tokens per sample of each bucket (name -> count)."""
     degree = ulysses * ring
     if degree == 1:
         return
     if heads % ulysses:
-        raise ConfigError(f"{where}: ulysses = {ulysses} must divide the transformer's {heads} attention heads "
-                          "(Ulysses gives each rank whole heads)")
+        raise ConfigError(
+            f"{where}: ulysses = {ulysses} must divide the transformer's {heads} attention heads "
+            "(Ulysses gives each rank whole heads)"
+        )
     for name, tokens in token_counts.items():
         if tokens % degree:
-            raise ConfigError(f"{where}: ulysses x ring = {degree} must divide every sample's tokens; bucket {name} "
-                              f"has {tokens}")
+            raise ConfigError(
+                f"{where}: ulysses x ring = {degree} must divide every sample's tokens; bucket {name} has {tokens}"
+            )
     if training:
         ring_attention.check_version(ring, where)
     usable = [b for b in context_parallel_backends() if not (training and b in NO_BACKWARD)]
     if attention not in usable:
-        raise ConfigError(f"{where}: attention backend {attention!r} has no context-parallel "
-                          f"{'backward' if training else 'support'} in diffusers; set model.attention_backend to one "
-                          f"of {', '.join(usable)}")
+        raise ConfigError(
+            f"{where}: attention backend {attention!r} has no context-parallel "
+            f"{'backward' if training else 'support'} in diffusers; set model.attention_backend to one "
+            f"of {', '.join(usable)}"
+        )
 
 
 def mesh(device: torch.device, ulysses: int, ring: int):
@@ -84,8 +97,9 @@ def mesh(device: torch.device, ulysses: int, ring: int):
     from torch.distributed.device_mesh import init_device_mesh
 
     world = dist.get_world_size()
-    return init_device_mesh(device.type, (world // (ulysses * ring), ring, ulysses),
-                            mesh_dim_names=("dp", "ring", "ulysses"))
+    return init_device_mesh(
+        device.type, (world // (ulysses * ring), ring, ulysses), mesh_dim_names=("dp", "ring", "ulysses")
+    )
 
 
 def enable(model, ulysses: int, ring: int, device_mesh, device: torch.device) -> None:

@@ -8,13 +8,14 @@ since Ray Train V2 shares no NPU ids), its position when several are visible (Ra
 CUDA_VISIBLE_DEVICES among a node's GPU workers; this is `ray.train.torch.get_device()`'s rule).
 `assigned_device_index` is that choice, a pure function of the environment.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 
@@ -38,8 +39,9 @@ def assigned_device_index(kind: str, env: Mapping[str, str], assigned_ids: Seque
     if not visible:  # Ray left visibility alone (RAY_EXPERIMENTAL_NOSET_*): ids are torch indices
         return int(first)
     if first not in visible:
-        raise RuntimeError(f"{var}={raw} does not include the {kind} device Ray assigned ({first}); "
-                           f"was {var} overridden?")
+        raise RuntimeError(
+            f"{var}={raw} does not include the {kind} device Ray assigned ({first}); was {var} overridden?"
+        )
     return visible.index(first)
 
 
@@ -74,7 +76,7 @@ class Accelerator:
         if self.kind == "npu":
             import torch_npu  # noqa: F401  registers torch.npu
 
-            torch.npu.set_device(index)
+            torch.npu.set_device(index)  # type: ignore[attr-defined]  # torch_npu adds torch.npu
             return torch.device("npu", index)
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
@@ -84,7 +86,7 @@ class Accelerator:
         if self.kind == "cuda":
             return torch.cuda.max_memory_allocated()
         if self.kind == "npu":
-            return torch.npu.max_memory_allocated()
+            return torch.npu.max_memory_allocated()  # type: ignore[attr-defined]  # torch_npu's
         return None
 
 

@@ -3,6 +3,7 @@
 Pure functions of a loaded model and tensors, shared by preprocessing (wanray.data.encode) and the
 sampler's prompt encoder.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -45,8 +46,15 @@ def encode_text(tokenizer, text_encoder, prompts: list[str]) -> list[torch.Tenso
     """
     from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-    inputs = tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=TEXT_TOKENS,
-                       truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    inputs = tokenizer(
+        [prompt_clean(p) for p in prompts],
+        padding="max_length",
+        max_length=TEXT_TOKENS,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
     device = next(text_encoder.parameters()).device
     mask = inputs.attention_mask.to(device)
     hidden = text_encoder(inputs.input_ids.to(device), mask).last_hidden_state

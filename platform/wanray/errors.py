@@ -1,6 +1,9 @@
 """Every error a user can cause with what they pass in. Drivers report these as one line and exit
 with status 2 (wanray.runtime.fail); the REST API answers a RequestError with a 422."""
+
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 
 class ConfigError(ValueError):
@@ -24,7 +27,7 @@ class NonFiniteLoss(DataError):
     """A training step whose loss or gradients are not finite (a corrupt latent, an empty loss mask, a
     diverging learning rate): stopped before the optimizer wrote them into the weights."""
 
-    def __init__(self, message: str, clips: list[str] = (), step_clips: list[str] = ()):
+    def __init__(self, message: str, clips: Sequence[str] = (), step_clips: Sequence[str] = ()):
         super().__init__(message)
         self.clips = list(clips)
         """The clips whose micro-batch loss is not finite."""

@@ -5,6 +5,7 @@ model, exports, generated videos, synthetic data) is written to a hidden tempora
 renamed into place: a rename within one directory is atomic, so a crash leaves the old file or
 nothing, never a partial one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,8 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ MindSpeed's ring attention uses it), elsewhere with plain matmuls over tiles of 
 Untiled, one chunk's scores for all 40 heads of an A14B expert at 32,760 tokens over ring 2 are
 40 x 16,380^2 x 4 bytes = 42.9 GB per tensor.
 """
+
 from __future__ import annotations
 
 import functools
@@ -54,15 +55,19 @@ def check_version(ring: int, where: str) -> None:
     if ring == 1:
         return
     if ring not in PROVEN_RING_DEGREES:
-        raise ConfigError(f"{where}: ring = {ring} is not a proven ring degree (wanray's tests prove "
-                          f"{', '.join(map(str, PROVEN_RING_DEGREES))} against unsplit gradients); use one of those, "
-                          "or Ulysses for the rest of the split")
+        raise ConfigError(
+            f"{where}: ring = {ring} is not a proven ring degree (wanray's tests prove "
+            f"{', '.join(map(str, PROVEN_RING_DEGREES))} against unsplit gradients); use one of those, "
+            "or Ulysses for the rest of the split"
+        )
     import diffusers
 
     if diffusers.__version__ != FIXED_RING_VERSION:
-        raise ConfigError(f"{where}: ring attention training is proven on diffusers {FIXED_RING_VERSION} (wanray "
-                          f"corrects its ring backward), not on the installed {diffusers.__version__}; use Ulysses "
-                          "(ring = 1)")
+        raise ConfigError(
+            f"{where}: ring attention training is proven on diffusers {FIXED_RING_VERSION} (wanray "
+            f"corrects its ring backward), not on the installed {diffusers.__version__}; use Ulysses "
+            "(ring = 1)"
+        )
 
 
 @functools.cache
@@ -81,13 +86,14 @@ def corrected_ring_class():
             query, key, value, *_ = ctx.saved_tensors
             out, lse = ctx.ring_out, ctx.ring_lse
             # every chunk, as the forward gathered them: 2 x tokens x heads x head_dim elements per rank
-            chunks = funcol.all_gather_tensor(torch.cat([key.flatten(), value.flatten()]), gather_dim=0,
-                                              group=group).chunk(world)
+            chunks = funcol.all_gather_tensor(
+                torch.cat([key.flatten(), value.flatten()]), gather_dim=0, group=group
+            ).chunk(world)
             grad_query = torch.zeros(ctx.q_shape, dtype=accumulate, device=grad_out.device)
             passed = None
             for i in range(world):
                 chunk = chunks[(rank + i) % world]
-                k, v = chunk[:key.numel()].view_as(key), chunk[key.numel():].view_as(value)
+                k, v = chunk[: key.numel()].view_as(key), chunk[key.numel() :].view_as(value)
                 dq, dk, dv, *_ = ctx.backward_op(ctx, grad_out, query=query, key=k, value=v, out=out, lse=lse)
                 grad_query += dq
                 mine = torch.cat([dk.flatten(), dv.flatten()]).to(accumulate)
@@ -95,8 +101,8 @@ def corrected_ring_class():
                     mine += ad._wait_tensor(passed)
                 passed = funcol.permute_tensor(mine, to_previous, group=group)
             grad_kv = ad._wait_tensor(passed)  # chunk `rank`'s whole gradient, from rank + 1
-            grad_key = grad_kv[:key.numel()].view_as(key).to(grad_out.dtype)
-            grad_value = grad_kv[key.numel():].view_as(value).to(grad_out.dtype)
+            grad_key = grad_kv[: key.numel()].view_as(key).to(grad_out.dtype)
+            grad_value = grad_kv[key.numel() :].view_as(value).to(grad_out.dtype)
             return grad_query.to(grad_out.dtype), grad_key, grad_value, *([None] * 9)
 
     return CorrectedRingAttention
@@ -108,21 +114,46 @@ def install() -> None:
     from diffusers.models import attention_dispatch as ad
 
     ad.TemplatedRingAttention = corrected_ring_class()
-    if getattr(ad._native_attention_forward_op, "wanray_lse", False):
+    installed = ad._native_attention_forward_op
+    if isinstance(installed, functools.partial) and installed.func is lse_forward:
         return
     forward = functools.partial(lse_forward, _sdpa=ad._native_attention_forward_op)
     backward = functools.partial(lse_backward, _sdpa_backward=ad._native_attention_backward_op)
-    forward.wanray_lse = backward.wanray_lse = True
     ad._native_attention_forward_op, ad._native_attention_backward_op = forward, backward
 
 
-def lse_forward(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None, _sdpa=None):
+def lse_forward(
+    ctx,
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    return_lse=False,
+    _save_ctx=True,
+    _parallel_config=None,
+    _sdpa=None,
+):
     """diffusers' native forward op, plus an exact log-sum-exp when ring asks for one (model layout:
     q, k, v (B, S, H, D), lse (B, S, H))."""
     if not return_lse:
-        return _sdpa(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, False,
-                     _save_ctx=_save_ctx, _parallel_config=_parallel_config)
+        return _sdpa(
+            ctx,
+            query,
+            key,
+            value,
+            attn_mask,
+            dropout_p,
+            is_causal,
+            scale,
+            enable_gqa,
+            False,
+            _save_ctx=_save_ctx,
+            _parallel_config=_parallel_config,
+        )
     if attn_mask is not None or dropout_p or is_causal or enable_gqa:
         raise ValueError("wanray's ring attention op takes no mask, dropout, causal masking or GQA")
     scale = query.shape[-1] ** -0.5 if scale is None else scale
@@ -134,8 +165,9 @@ def lse_forward(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     return tiled_forward(query, key, value, scale)
 
 
-def lse_backward(ctx, grad_out, *args, query=None, key=None, value=None, out=None, lse=None, _sdpa_backward=None,
-                 **kwargs):
+def lse_backward(
+    ctx, grad_out, *args, query=None, key=None, value=None, out=None, lse=None, _sdpa_backward=None, **kwargs
+):
     """Ring's backward for one key/value chunk, from the merged output and log-sum-exp."""
     if key is None:  # not ring: diffusers' own recompute through SDPA
         return _sdpa_backward(ctx, grad_out, *args, **kwargs)
@@ -144,15 +176,15 @@ def lse_backward(ctx, grad_out, *args, query=None, key=None, value=None, out=Non
     return tiled_backward(query, key, value, out, grad_out, lse, ctx.scale)
 
 
-def _tiles(heads: int, queries: int, keys: int, tile_bytes: int) -> Iterator[tuple[slice, slice]]:
-    """(heads, queries) blocks whose float32 score tile (heads x queries x keys) is at most tile_bytes, or one
-    head x one query where even a row is larger."""
+def _tiles(heads: int, queries: int, keys: int, tile_bytes: int) -> Iterator[tuple[slice, list[slice]]]:
+    """(a group of heads, its blocks of queries) such that a float32 score tile (heads x block x keys) is at most
+    tile_bytes, or one head x one query where even a row is larger."""
     row = 4 * keys
     rows = max(1, min(queries, tile_bytes // row))
     group = max(1, min(heads, tile_bytes // (row * queries))) if rows == queries else 1
+    blocks = [slice(q, q + rows) for q in range(0, queries, rows)]
     for h in range(0, heads, group):
-        for q in range(0, queries, rows):
-            yield slice(h, h + group), slice(q, q + rows)
+        yield slice(h, h + group), blocks
 
 
 def tiled_forward(query, key, value, scale: float, tile_bytes: int = TILE_BYTES):
@@ -163,13 +195,14 @@ def tiled_forward(query, key, value, scale: float, tile_bytes: int = TILE_BYTES)
     q4, k4, v4, o4 = (x.permute(0, 2, 1, 3) for x in (query, key, value, out))  # (B, H, S, D) views
     lse3 = lse.permute(0, 2, 1)
     for b in range(query.shape[0]):
-        for hs, qs in _tiles(query.shape[2], query.shape[1], key.shape[1], tile_bytes):
-            k, v = k4[b, hs].float(), v4[b, hs].float()  # re-cast per query block: O(keys), not a tile
-            scores = torch.bmm(q4[b, hs, qs].float(), k.transpose(1, 2)).mul_(scale)
-            tile_lse = torch.logsumexp(scores, dim=-1)  # allocates a second tile (exp of the shifted scores)
-            probabilities = scores.sub_(tile_lse[..., None]).exp_()  # in place: one tile alive
-            o4[b, hs, qs] = (probabilities @ v).to(out.dtype)
-            lse3[b, hs, qs] = tile_lse
+        for hs, blocks in _tiles(query.shape[2], query.shape[1], key.shape[1], tile_bytes):
+            k, v = k4[b, hs].float(), v4[b, hs].float()
+            for qs in blocks:
+                scores = torch.bmm(q4[b, hs, qs].float(), k.transpose(1, 2)).mul_(scale)
+                tile_lse = torch.logsumexp(scores, dim=-1)  # allocates a second tile (exp of the shifted scores)
+                probabilities = scores.sub_(tile_lse[..., None]).exp_()  # in place: one tile alive
+                o4[b, hs, qs] = (probabilities @ v).to(out.dtype)
+                lse3[b, hs, qs] = tile_lse
     return out, lse
 
 
@@ -177,26 +210,24 @@ def tiled_backward(query, key, value, out, grad_out, lse, scale: float, tile_byt
     """One chunk's share of dQ and its dK, dV from the merged output and log-sum-exp (flash attention's
     backward: P = exp(S - lse), dV = P^T dO, dS = P o (dO V^T - rowsum(dO o O)), dQ = dS K, dK = dS^T Q)."""
     grad_query, grad_key, grad_value = (torch.empty_like(x) for x in (query, key, value))
-    q4, k4, v4, o4, do4, dq4, dk4, dv4 = (x.permute(0, 2, 1, 3) for x in (query, key, value, out, grad_out,
-                                                                          grad_query, grad_key, grad_value))
+    q4, k4, v4, o4, do4, dq4, dk4, dv4 = (
+        x.permute(0, 2, 1, 3) for x in (query, key, value, out, grad_out, grad_query, grad_key, grad_value)
+    )
     lse3 = lse.permute(0, 2, 1)
     for b in range(query.shape[0]):
-        group = None
-        for hs, qs in _tiles(query.shape[2], query.shape[1], key.shape[1], tile_bytes):
-            if hs != group:  # a new head group: write the last one's key/value gradients
-                if group is not None:
-                    dk4[b, group], dv4[b, group] = dk.to(grad_key.dtype), dv.to(grad_value.dtype)
-                group, k, v = hs, k4[b, hs].float(), v4[b, hs].float()
-                dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-            q, do = q4[b, hs, qs].float(), do4[b, hs, qs].float()
-            delta = (do * o4[b, hs, qs].float()).sum(-1, keepdim=True)
-            p = torch.baddbmm(-lse3[b, hs, qs].float()[..., None], q, k.transpose(1, 2), alpha=scale).exp_()
-            dv += p.transpose(1, 2) @ do
-            ds = (do @ v.transpose(1, 2)).sub_(delta).mul_(p)  # dS, in place: two tiles alive
-            del p
-            dq4[b, hs, qs] = (ds @ k * scale).to(grad_query.dtype)
-            dk += ds.transpose(1, 2) @ q * scale
-        dk4[b, group], dv4[b, group] = dk.to(grad_key.dtype), dv.to(grad_value.dtype)
+        for hs, blocks in _tiles(query.shape[2], query.shape[1], key.shape[1], tile_bytes):
+            k, v = k4[b, hs].float(), v4[b, hs].float()
+            dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+            for qs in blocks:
+                q, do = q4[b, hs, qs].float(), do4[b, hs, qs].float()
+                delta = (do * o4[b, hs, qs].float()).sum(-1, keepdim=True)
+                p = torch.baddbmm(-lse3[b, hs, qs].float()[..., None], q, k.transpose(1, 2), alpha=scale).exp_()
+                dv += p.transpose(1, 2) @ do
+                ds = (do @ v.transpose(1, 2)).sub_(delta).mul_(p)  # dS, in place: two tiles alive
+                del p
+                dq4[b, hs, qs] = (ds @ k * scale).to(grad_query.dtype)
+                dk += ds.transpose(1, 2) @ q * scale
+            dk4[b, hs], dv4[b, hs] = dk.to(grad_key.dtype), dv.to(grad_value.dtype)
     return grad_query, grad_key, grad_value
 
 
@@ -207,13 +238,14 @@ def tiled_working_bytes(query_shape, key_shape, tile_bytes: int = TILE_BYTES) ->
     tensors (queries, output gradient, output, their products: six) and four per-query terms."""
     _, queries, heads, dim = query_shape
     keys = key_shape[1]
-    group_slice, rows_slice = next(_tiles(heads, queries, keys, tile_bytes))
-    group, rows = group_slice.stop - group_slice.start, min(queries, rows_slice.stop)
+    heads_slice, blocks = next(_tiles(heads, queries, keys, tile_bytes))
+    group, rows = heads_slice.stop - heads_slice.start, blocks[0].stop - blocks[0].start
     return 2 * 4 * group * rows * keys + group * 4 * (6 * keys * dim + 6 * rows * dim + 4 * rows)
 
 
-def ring_working_bytes(batch: int, tokens: int, heads: int, head_dim: int, ulysses: int, ring: int,
-                       compute_bytes: int, tiled: bool) -> int:
+def ring_working_bytes(
+    batch: int, tokens: int, heads: int, head_dim: int, ulysses: int, ring: int, compute_bytes: int, tiled: bool
+) -> int:
     """Bytes one ring attention call of a sample of `tokens` allocates at its peak, in the backward, beyond its
     inputs. A rank's chunk after Ulysses is batch x tokens/ring x heads/ulysses x head_dim elements (c bytes
     each); it holds every rank's keys and values gathered ((ring + 1) x 2 chunks, with its own flattened), the
@@ -231,8 +263,9 @@ def _npu_forward(query, key, value, scale: float):
     ((B, H, S, 8), the value repeated over the last dim) give the log-sum-exp."""
     import torch_npu
 
-    out, softmax_max, softmax_sum, *_ = torch_npu.npu_fusion_attention(query, key, value, query.shape[2], "BSND",
-                                                                       scale=scale)
+    out, softmax_max, softmax_sum, *_ = torch_npu.npu_fusion_attention(
+        query, key, value, query.shape[2], "BSND", scale=scale
+    )
     lse = softmax_max[..., 0] + torch.log(softmax_sum[..., 0])
     return out, lse.transpose(1, 2)
 
@@ -244,6 +277,15 @@ def _npu_backward(query, key, value, out, grad_out, lse, scale: float):
 
     stats = lse.transpose(1, 2).float()[..., None].expand(*lse.transpose(1, 2).shape, 8).contiguous()
     dq, dk, dv, *_ = torch_npu.npu_fusion_attention_grad(
-        query, key, value, grad_out, query.shape[2], "BSND", softmax_max=stats, softmax_sum=torch.ones_like(stats),
-        attention_in=out.to(query.dtype), scale_value=scale)
+        query,
+        key,
+        value,
+        grad_out,
+        query.shape[2],
+        "BSND",
+        softmax_max=stats,
+        softmax_sum=torch.ones_like(stats),
+        attention_in=out.to(query.dtype),
+        scale_value=scale,
+    )
     return dq, dk, dv

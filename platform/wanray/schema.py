@@ -4,10 +4,11 @@ Readable with plain pyarrow: `pq.read_table(shard)`; decode a tensor column with
 `decode_tensor(row["latent"], row["latent_shape"], row["latent_dtype"])`. bfloat16
 is stored as its raw 16-bit pattern, so it round-trips bit-exactly.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -50,9 +51,11 @@ def decode_tensor(data: bytes, shape, dtype: str) -> torch.Tensor:
 
 
 def _tensor_fields(name: str, nullable: bool = False) -> list[pa.Field]:
-    return [pa.field(name, pa.binary(), nullable=nullable),
-            pa.field(f"{name}_shape", pa.list_(pa.int32()), nullable=nullable),
-            pa.field(f"{name}_dtype", pa.string(), nullable=nullable)]
+    return [
+        pa.field(name, pa.binary(), nullable=nullable),
+        pa.field(f"{name}_shape", pa.list_(pa.int32()), nullable=nullable),
+        pa.field(f"{name}_dtype", pa.string(), nullable=nullable),
+    ]
 
 
 CLIP_SCHEMA = pa.schema(
@@ -79,12 +82,25 @@ CLIP_SCHEMA = pa.schema(
 )
 
 # The empty-prompt embedding (caption dropout in training, unconditional branch of guidance).
-EMPTY_PROMPT_SCHEMA = pa.schema([*_tensor_fields("text_embedding"), pa.field("text_tokens", pa.int32())],
-                                metadata={VERSION_KEY: SCHEMA_VERSION.encode()})
+EMPTY_PROMPT_SCHEMA = pa.schema(
+    [*_tensor_fields("text_embedding"), pa.field("text_tokens", pa.int32())],
+    metadata={VERSION_KEY: SCHEMA_VERSION.encode()},
+)
 
 
-META_COLUMNS = ("id", "source", "caption", "fps", "num_frames", "height", "width", "bucket", "source_height",
-                "source_width", "clip_start")
+META_COLUMNS = (
+    "id",
+    "source",
+    "caption",
+    "fps",
+    "num_frames",
+    "height",
+    "width",
+    "bucket",
+    "source_height",
+    "source_width",
+    "clip_start",
+)
 
 
 @dataclass
@@ -114,25 +130,31 @@ class ClipRow:
         rec = {k: getattr(self, k) for k in META_COLUMNS}
         for name in ("latent", "text_embedding", "condition"):
             value = getattr(self, name)
-            rec[name], rec[f"{name}_shape"], rec[f"{name}_dtype"] = (None, None, None) if value is None else \
-                encode_tensor(value)
+            rec[name], rec[f"{name}_shape"], rec[f"{name}_dtype"] = (
+                (None, None, None) if value is None else encode_tensor(value)
+            )
         rec["text_tokens"] = int(self.text_embedding.shape[0])
         return rec
 
     @classmethod
-    def from_record(cls, rec: dict) -> "ClipRow":
-        tensors = {n: decode_tensor(rec[n], rec[f"{n}_shape"], rec[f"{n}_dtype"])
-                   for n in ("latent", "text_embedding", "condition") if rec.get(n) is not None}
-        meta = {k: rec[k] for k in META_COLUMNS}
-        return cls(**meta, **tensors)
+    def from_record(cls, rec: dict) -> ClipRow:
+        tensors = {
+            n: decode_tensor(rec[n], rec[f"{n}_shape"], rec[f"{n}_dtype"])
+            for n in ("latent", "text_embedding", "condition")
+            if rec.get(n) is not None
+        }
+        meta: dict[str, Any] = {k: rec[k] for k in META_COLUMNS}
+        return cls(**meta, **tensors)  # type: ignore[arg-type]  # the columns are the fields, typed by the schema
 
 
 def check_version(schema: pa.Schema, where: str, readable: tuple[str, ...] = (SCHEMA_VERSION,)) -> None:
     found = (schema.metadata or {}).get(VERSION_KEY)
     if found is None or found.decode() not in readable:
-        raise DataError(f"{where}: schema version {found.decode() if found else None!r}, this wanray reads "
-                        f"{' or '.join(readable)}" + ("" if readable == TRAINING_READS else
-                                                      ": preprocess the videos again into a new directory"))
+        raise DataError(
+            f"{where}: schema version {found.decode() if found else None!r}, this wanray reads "
+            f"{' or '.join(readable)}"
+            + ("" if readable == TRAINING_READS else ": preprocess the videos again into a new directory")
+        )
 
 
 def pad_text_embedding(emb: torch.Tensor, length: int) -> torch.Tensor:
@@ -140,4 +162,3 @@ def pad_text_embedding(emb: torch.Tensor, length: int) -> torch.Tensor:
     import torch
 
     return torch.cat([emb, emb.new_zeros(length - emb.shape[0], emb.shape[1])])
-

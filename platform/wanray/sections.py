@@ -1,5 +1,6 @@
 """The configuration's sections below `model` and `data`: the resources a stage asks Ray for, and the
 preprocess, infer, train and ui sections (wanray.config holds the root, its checks and the loader)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -47,7 +48,8 @@ class PreprocessConfig:
     decode_cpus: float = 1.0
     """CPUs per decode task (decord is single-threaded per video)."""
     clips_per_decode_task: int = 16
-    """Clips one decode task takes in turn: larger tasks amortise Ray's per-task overhead, smaller ones spread better."""
+    """Clips one decode task takes in turn: larger tasks amortise Ray's per-task overhead, smaller ones spread
+    better."""
     vae_actors: int = 1
     """VAE encoder actors in the pool."""
     vae_batch_size: int = 4
@@ -170,8 +172,9 @@ class LoraConfig:
     """Adapter rank r."""
     alpha: float = 32.0
     """Adapter scale numerator: delta W = (alpha / rank) * B @ A."""
-    target_modules: list[str] = field(default_factory=lambda: [
-        "to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"])
+    target_modules: list[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+    )
     """Module name suffixes that get adapters: attention projections and the FFN by default."""
 
 

@@ -4,7 +4,7 @@
     (model_index.json,                                       ├─► training (boundary: each expert's timestep range)
      vae/config.json,                                        ├─► sampler stages (switch rule, text length, latent
      scheduler/)                                             │                  shape, de-normalisation)
-    + model.boundary                                         └─► export (the boundary trained with, into model_index.json)
+    + model.boundary                                         └─► export (the boundary trained with: model_index.json)
 
 The expert boundary comes from the directory's `boundary_ratio` (the experts were trained for
 it); `model.boundary` only fills in for a directory that has none, and contradicting the
@@ -12,6 +12,7 @@ directory is an error unless `model.force_boundary` says so. The switch rule is 
 `WanPipeline`: the high-noise expert runs the steps whose scheduler timestep t satisfies
 t >= boundary * num_train_timesteps, the low-noise expert the rest.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -63,12 +64,25 @@ class ModelKind:
         return self.image == "required"
 
 
-KINDS = {k.name: k for k in (
-    ModelKind("t2v-a14b", "Wan2.2-T2V-A14B", ("high", "low"), 16, 16, "none", False, "WanPipeline", 0.875, 16),
-    ModelKind("i2v-a14b", "Wan2.2-I2V-A14B", ("high", "low"), 16, 36, "required", False, "WanImageToVideoPipeline",
-              0.9, 16),
-    ModelKind("ti2v-5b", "Wan2.2-TI2V-5B", ("high",), 48, 48, "optional", True, "WanPipeline", None, 32),
-)}
+KINDS = {
+    k.name: k
+    for k in (
+        ModelKind("t2v-a14b", "Wan2.2-T2V-A14B", ("high", "low"), 16, 16, "none", False, "WanPipeline", 0.875, 16),
+        ModelKind(
+            "i2v-a14b",
+            "Wan2.2-I2V-A14B",
+            ("high", "low"),
+            16,
+            36,
+            "required",
+            False,
+            "WanImageToVideoPipeline",
+            0.9,
+            16,
+        ),
+        ModelKind("ti2v-5b", "Wan2.2-TI2V-5B", ("high",), 48, 48, "optional", True, "WanPipeline", None, 32),
+    )
+}
 
 
 def has_second_transformer(model_index: dict) -> bool:
@@ -79,16 +93,28 @@ def has_second_transformer(model_index: dict) -> bool:
 def kind_from(model_index: dict, transformer_config: dict, vae_config: dict, where: str) -> ModelKind:
     """The kind a model directory's facts describe; a ConfigError names them when they fit none."""
     two = has_second_transformer(model_index)
-    facts = (model_index.get("_class_name"), two, int(transformer_config.get("in_channels", 16)),
-             int(vae_config.get("z_dim", 16)), bool(model_index.get("expand_timesteps", False)))
+    facts = (
+        model_index.get("_class_name"),
+        two,
+        int(transformer_config.get("in_channels", 16)),
+        int(vae_config.get("z_dim", 16)),
+        bool(model_index.get("expand_timesteps", False)),
+    )
     for kind in KINDS.values():
-        if facts == (kind.pipeline, len(kind.experts) == 2, kind.in_channels, kind.latent_channels,
-                     kind.expand_timesteps):
+        if facts == (
+            kind.pipeline,
+            len(kind.experts) == 2,
+            kind.in_channels,
+            kind.latent_channels,
+            kind.expand_timesteps,
+        ):
             return kind
     pipeline, _, in_channels, z, expand = facts
-    raise ConfigError(f"{where}: {pipeline} with {'two transformers' if two else 'one transformer'}, transformer "
-                      f"in_channels {in_channels}, VAE z_dim {z}, expand_timesteps {expand} is none of the Wan2.2 "
-                      f"models wanray knows ({', '.join(k.title for k in KINDS.values())})")
+    raise ConfigError(
+        f"{where}: {pipeline} with {'two transformers' if two else 'one transformer'}, transformer "
+        f"in_channels {in_channels}, VAE z_dim {z}, expand_timesteps {expand} is none of the Wan2.2 "
+        f"models wanray knows ({', '.join(k.title for k in KINDS.values())})"
+    )
 
 
 @dataclass(frozen=True)
@@ -118,8 +144,11 @@ class WanContract:
         """[low, high) of the timesteps `expert` owns (the high expert's range includes 1000)."""
         if expert not in EXPERTS:
             raise ValueError(f"expert must be 'high' or 'low', got {expert!r}")
-        return (self.boundary_timestep, float(self.num_train_timesteps)) if expert == "high" \
+        return (
+            (self.boundary_timestep, float(self.num_train_timesteps))
+            if expert == "high"
             else (0.0, self.boundary_timestep)
+        )
 
     def describe_range(self, expert: str) -> str:
         low, high = self.timestep_range(expert)
@@ -127,11 +156,16 @@ class WanContract:
 
     def latent_shape(self, channels: int, num_frames: int, height: int, width: int) -> tuple[int, ...]:
         """(1, channels, (frames-1)/4+1, height/8, width/8) with the real VAE's strides."""
-        return (1, channels, (num_frames - 1) // self.vae_scale_temporal + 1,
-                height // self.vae_scale_spatial, width // self.vae_scale_spatial)
+        return (
+            1,
+            channels,
+            (num_frames - 1) // self.vae_scale_temporal + 1,
+            height // self.vae_scale_spatial,
+            width // self.vae_scale_spatial,
+        )
 
     def bucket_name(self, latent_shape: tuple[int, ...]) -> str:
-        """"HEIGHTxWIDTHxFRAMES" of a (C, F, H, W) latent shape, through the VAE's strides."""
+        """ "HEIGHTxWIDTHxFRAMES" of a (C, F, H, W) latent shape, through the VAE's strides."""
         _, f, h, w = latent_shape
         s = self.vae_scale_spatial
         return f"{h * s}x{w * s}x{(f - 1) * self.vae_scale_temporal + 1}"
@@ -147,8 +181,10 @@ def _stats(like, mean, std):
     import torch
 
     shape = (1, len(mean), 1, 1, 1)
-    return (torch.tensor(mean).view(shape).to(like.device, like.dtype),
-            torch.tensor(std).view(shape).to(like.device, like.dtype))
+    return (
+        torch.tensor(mean).view(shape).to(like.device, like.dtype),
+        torch.tensor(std).view(shape).to(like.device, like.dtype),
+    )
 
 
 def normalize_latents(z, latents_mean, latents_std):
@@ -199,21 +235,29 @@ def token_timesteps(mask, t):
 def resolve_boundary(stored: float | None, configured: float | None, force: bool) -> tuple[float, str]:
     """(boundary, where it came from): the directory's, else the config's; a contradiction is an error
     unless forced."""
-    if stored is None and configured is None:
-        raise ConfigError("the model directory's model_index.json has no boundary_ratio: set model.boundary")
     if stored is None:
+        if configured is None:
+            raise ConfigError("the model directory's model_index.json has no boundary_ratio: set model.boundary")
         return configured, "model.boundary (model_index.json has none)"
     if configured is None or configured == stored:
         return stored, "model_index.json"
     if not force:
-        raise ConfigError(f"model.boundary={configured} contradicts the model directory's boundary_ratio {stored} "
-                          "(its experts were trained for it); drop model.boundary, or set model.force_boundary=true "
-                          "to train or sample with another boundary")
+        raise ConfigError(
+            f"model.boundary={configured} contradicts the model directory's boundary_ratio {stored} "
+            "(its experts were trained for it); drop model.boundary, or set model.force_boundary=true "
+            "to train or sample with another boundary"
+        )
     return configured, f"model.boundary, forced over model_index.json's {stored}"
 
 
-def contract_from(model_index: dict, vae_config: dict, scheduler_config: dict, model_cfg: ModelConfig,
-                  where: str = "the VAE config", transformer_config: dict | None = None) -> WanContract:
+def contract_from(
+    model_index: dict,
+    vae_config: dict,
+    scheduler_config: dict,
+    model_cfg: ModelConfig,
+    where: str = "the VAE config",
+    transformer_config: dict | None = None,
+) -> WanContract:
     """The contract of a Wan2.2 directory from its model_index.json, vae/config.json,
     scheduler/scheduler_config.json and transformer/config.json (wanray.models.read_contract reads
     them) under `model.*`. A one-transformer model (TI2V-5B) runs every step: boundary 0."""
@@ -223,14 +267,20 @@ def contract_from(model_index: dict, vae_config: dict, scheduler_config: dict, m
             raise ConfigError(f"model.boundary does not apply to {kind.title}: it has one transformer")
         boundary, source = 0.0, f"{kind.title} has one transformer, which runs every step"
     else:
-        boundary, source = resolve_boundary(model_index.get("boundary_ratio"), model_cfg.boundary,
-                                            model_cfg.force_boundary)
+        boundary, source = resolve_boundary(
+            model_index.get("boundary_ratio"), model_cfg.boundary, model_cfg.force_boundary
+        )
     z = vae_config.get("z_dim", 16)
     mean, std = vae_config.get("latents_mean"), vae_config.get("latents_std")
     if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == z):
         raise ConfigError(f"{where} must list z_dim={z} latents_mean and latents_std values")
-    return WanContract(boundary=float(boundary), boundary_source=source,
-                       num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
-                       vae_scale_temporal=int(vae_config.get("scale_factor_temporal", 4)),
-                       vae_scale_spatial=int(vae_config.get("scale_factor_spatial", 8)),
-                       latents_mean=tuple(map(float, mean)), latents_std=tuple(map(float, std)), kind=kind)
+    return WanContract(
+        boundary=float(boundary),
+        boundary_source=source,
+        num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
+        vae_scale_temporal=int(vae_config.get("scale_factor_temporal", 4)),
+        vae_scale_spatial=int(vae_config.get("scale_factor_spatial", 8)),
+        latents_mean=tuple(map(float, mean)),
+        latents_std=tuple(map(float, std)),
+        kind=kind,
+    )

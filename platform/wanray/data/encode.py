@@ -3,9 +3,11 @@
 `LatentEncoder` and `TextEncoder` load their model once per actor in __init__ and turn numpy
 batches of decoded frames / captions into the Parquet tensor columns.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +21,16 @@ from wanray.schema import encode_tensor
 from wanray.wan import VAE_DTYPE
 
 
-def _columns(tensors: list[torch.Tensor], name: str) -> dict[str, np.ndarray]:
-    encoded = [encode_tensor(t) for t in tensors]
-    return {name: np.array([e[0] for e in encoded], dtype=object),
-            f"{name}_shape": np.array([e[1] for e in encoded], dtype=np.int32),
-            f"{name}_dtype": np.array([e[2] for e in encoded], dtype=object)}
+def _columns(tensors: Sequence[torch.Tensor | None], name: str) -> dict[str, np.ndarray]:
+    """Bytes, shape and dtype columns of `tensors`, every one of them encoded by now."""
+    encoded = [encode_tensor(t) for t in tensors if t is not None]
+    if len(encoded) != len(tensors):
+        raise RuntimeError(f"a {name} of the batch was not encoded")
+    return {
+        name: np.array([e[0] for e in encoded], dtype=object),
+        f"{name}_shape": np.array([e[1] for e in encoded], dtype=np.int32),
+        f"{name}_dtype": np.array([e[2] for e in encoded], dtype=object),
+    }
 
 
 class LatentEncoder:
@@ -64,8 +71,9 @@ class TextEncoder:
 
     Given `empty_prompt_dir`, it also writes the empty-prompt embedding there once (if missing)."""
 
-    def __init__(self, model_path: str, device: str = "cpu", dtype: str = "float32",
-                 empty_prompt_dir: str | None = None):
+    def __init__(
+        self, model_path: str, device: str = "cpu", dtype: str = "float32", empty_prompt_dir: str | None = None
+    ):
         self.device = accelerator(device).torch_device()
         self.tokenizer = models.load_tokenizer(model_path)
         self.text_encoder = models.load_text_encoder(model_path, torch_dtype(dtype), self.device)

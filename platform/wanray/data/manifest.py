@@ -10,6 +10,7 @@ Accepted formats (picked by file extension):
 - `.jsonl`: one object per line with `path` (or `video`) and `cap` (or `prompt`, `caption`, `text`).
 - `.csv` with `video,prompt` columns (DiffSynth-Studio style).
 """
+
 from __future__ import annotations
 
 import csv
@@ -70,8 +71,13 @@ def _cut(entry: dict) -> tuple[int, int] | None:
     cut = entry.get("cut")
     if cut is None:
         return 0, -1
-    ok = (isinstance(cut, (list, tuple)) and len(cut) == 2 and all(isinstance(c, int) for c in cut)
-          and 0 <= cut[0] and (cut[1] == -1 or cut[1] > cut[0]))
+    ok = (
+        isinstance(cut, (list, tuple))
+        and len(cut) == 2
+        and all(isinstance(c, int) for c in cut)
+        and cut[0] >= 0
+        and (cut[1] == -1 or cut[1] > cut[0])
+    )
     return (cut[0], cut[1]) if ok else None
 
 
@@ -84,8 +90,8 @@ def parse_entry(entry, folder: Path, where: str) -> ClipSource | Reject:
         return Reject(where, "missing_path", "entry has no video path")
     path = str((folder / raw_path.strip()).resolve())
     caption, reason = _caption(entry)
-    if reason:
-        return Reject(path, reason, where)
+    if caption is None:
+        return Reject(path, reason or "missing_caption", where)
     cut = _cut(entry)
     if cut is None:
         return Reject(path, "malformed_cut", f"{where}: cut must be [start_frame, end_frame], got {entry['cut']!r}")
@@ -138,8 +144,10 @@ def _csv(path: Path) -> list[ClipSource | Reject]:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"video", "prompt"} <= set(reader.fieldnames):
             raise ManifestError(f"{path}: CSV manifest needs 'video' and 'prompt' columns, has {reader.fieldnames}")
-        return [parse_entry({"video": r["video"], "prompt": r["prompt"]}, path.parent, f"{path}:{n}")
-                for n, r in enumerate(reader, 2)]
+        return [
+            parse_entry({"video": r["video"], "prompt": r["prompt"]}, path.parent, f"{path}:{n}")
+            for n, r in enumerate(reader, 2)
+        ]
 
 
 def read_manifest(path) -> tuple[list[ClipSource], list[Reject]]:

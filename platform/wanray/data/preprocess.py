@@ -12,15 +12,17 @@ processes starting and loading the models. A `Preprocessor` loads the same encod
 actors kept until it closes, and each of its runs hands batches to them from Ray Data tasks:
 for many runs from one driver (incremental ingestion, many small manifests).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import numpy as np
 import ray
@@ -30,8 +32,15 @@ from wanray.buckets import BucketSet
 from wanray.config import Config
 from wanray.data.encode import LatentEncoder, TextEncoder
 from wanray.data.manifest import ClipSource, read_manifest
-from wanray.data.shards import (EMPTY_PROMPT_FILE, bucket_counts, collect_rejects, record_reject, rejected_keys,
-                                write_shard, written_ids)
+from wanray.data.shards import (
+    EMPTY_PROMPT_FILE,
+    bucket_counts,
+    collect_rejects,
+    record_reject,
+    rejected_keys,
+    write_shard,
+    written_ids,
+)
 from wanray.data.video import decode_source
 from wanray.errors import ConfigError
 from wanray.io import write_json_atomic
@@ -43,8 +52,11 @@ def _empty_prompt_task(model_path: str, device: str, dtype: str, out_dir: str) -
 
 def _check_settings(cfg: Config, out_dir: Path) -> None:
     """An output directory holds clips of one model and one data setting; mixing them is an error."""
-    settings = {"model": str(Path(cfg.model.path).resolve()), "data": dataclasses.asdict(cfg.data),
-                "dtype": cfg.preprocess.encoders.dtype}
+    settings = {
+        "model": str(Path(cfg.model.path).resolve()),
+        "data": dataclasses.asdict(cfg.data),
+        "dtype": cfg.preprocess.encoders.dtype,
+    }
     path = out_dir / "settings.json"
     if path.exists():
         before = json.loads(path.read_text())
@@ -52,8 +64,9 @@ def _check_settings(cfg: Config, out_dir: Path) -> None:
         before["data"] = {k: v for k, v in before.get("data", {}).items() if k in settings["data"]}
         if before != settings:
             changed = sorted(k for k in settings if before.get(k) != settings[k])
-            raise ConfigError(f"{out_dir} was preprocessed with other {', '.join(changed)} settings; "
-                              "use a new --out directory")
+            raise ConfigError(
+                f"{out_dir} was preprocessed with other {', '.join(changed)} settings; use a new --out directory"
+            )
     else:
         write_json_atomic(settings, path)
 
@@ -63,21 +76,36 @@ def encode_on(batch: dict, actors: list, batch_size: int) -> dict:
     loaded encoder actors encode at once. Batches go round the actors by the clips' place in the
     run (`seq`), so each actor has an even share and one block keeps several of them busy."""
     first, rows = int(batch["seq"][0]) // batch_size, len(batch["seq"])
-    parts = ray.get([actors[(first + j) % len(actors)].__call__.remote({k: v[i:i + batch_size] for k, v in batch.items()})
-                     for j, i in enumerate(range(0, rows, batch_size))])
+    parts = ray.get(
+        [
+            actors[(first + j) % len(actors)].__call__.remote({k: v[i : i + batch_size] for k, v in batch.items()})
+            for j, i in enumerate(range(0, rows, batch_size))
+        ]
+    )
     return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
 
 
-def _encode_stage(cls, actors: list | None, count: int, batch_size: int, init: dict, options: dict,
-                  blocks: int) -> dict:
+def _encode_stage(
+    cls, actors: list | None, count: int, batch_size: int, init: dict, options: dict, blocks: int
+) -> dict:
     """map_batches arguments of one encode stage: a Ray Data actor pool of `count` `cls` actors
     loading the model for this run, or tasks handing whole blocks to a Preprocessor's `actors`."""
     if actors is None:  # no more actors than blocks come in: an extra one would only load its model
-        return {"fn": cls, "fn_constructor_kwargs": init, "batch_size": batch_size,
-                "compute": ray.data.ActorPoolStrategy(size=min(count, blocks)), **options}
+        return {
+            "fn": cls,
+            "fn_constructor_kwargs": init,
+            "batch_size": batch_size,
+            "compute": ray.data.ActorPoolStrategy(size=min(count, blocks)),
+            **options,
+        }
     # the tasks wait in ray.get, which holds no CPU; no more of them than blocks come in
-    return {"fn": encode_on, "fn_kwargs": {"actors": actors, "batch_size": batch_size}, "batch_size": None,
-            "num_cpus": 0.05, "concurrency": min(2 * len(actors), blocks)}
+    return {
+        "fn": encode_on,
+        "fn_kwargs": {"actors": actors, "batch_size": batch_size},
+        "batch_size": None,
+        "num_cpus": 0.05,
+        "concurrency": min(2 * len(actors), blocks),
+    }
 
 
 def decode_blocks(todo: list[ClipSource], cfg: Config) -> int:
@@ -89,24 +117,41 @@ def decode_dataset(todo: list[ClipSource], cfg: Config, out_dir: str, multiple: 
     pixels per token side), rejects recorded in out_dir as they happen."""
     items = [{**dataclasses.asdict(s), "seq": i} for i, s in enumerate(todo)]
     ds = ray.data.from_items(items, override_num_blocks=decode_blocks(todo, cfg))
-    return ds.flat_map(decode_source, fn_kwargs={"cfg": cfg, "out_dir": out_dir, "multiple": multiple},
-                       num_cpus=cfg.preprocess.decode_cpus)
+    return ds.flat_map(
+        decode_source,
+        fn_kwargs={"cfg": cfg, "out_dir": out_dir, "multiple": multiple},
+        num_cpus=cfg.preprocess.decode_cpus,
+    )
 
 
-def build_dataset(todo: list[ClipSource], cfg: Config, model_path: str, out_dir: str,
-                  encoders: Preprocessor | None = None) -> ray.data.Dataset:
+def build_dataset(
+    todo: list[ClipSource], cfg: Config, model_path: str, out_dir: str, encoders: Preprocessor | None = None
+) -> ray.data.Dataset:
     p, enc, blocks = cfg.preprocess, cfg.preprocess.encoders, decode_blocks(todo, cfg)
     ds = decode_dataset(todo, cfg, out_dir, models.read_kind(model_path).size_multiple)
-    vae = _encode_stage(LatentEncoder, encoders and encoders.vae, p.vae_actors, p.vae_batch_size,
-                        {"model_path": model_path, "device": enc.device, "dtype": enc.dtype}, enc.ray_options(),
-                        blocks)
+    vae = _encode_stage(
+        LatentEncoder,
+        encoders.vae if encoders else None,
+        p.vae_actors,
+        p.vae_batch_size,
+        {"model_path": model_path, "device": enc.device, "dtype": enc.dtype},
+        enc.ray_options(),
+        blocks,
+    )
     ds = ds.map_batches(batch_format="numpy", **vae)
-    text = _encode_stage(TextEncoder, encoders and encoders.text, p.text_actors, p.text_batch_size,
-                         {"model_path": model_path, "device": enc.device, "dtype": enc.dtype,
-                          "empty_prompt_dir": out_dir}, enc.ray_options(), blocks)
+    text = _encode_stage(
+        TextEncoder,
+        encoders.text if encoders else None,
+        p.text_actors,
+        p.text_batch_size,
+        {"model_path": model_path, "device": enc.device, "dtype": enc.dtype, "empty_prompt_dir": out_dir},
+        enc.ray_options(),
+        blocks,
+    )
     ds = ds.map_batches(batch_format="numpy", **text)
-    return ds.map_batches(write_shard, fn_kwargs={"out_dir": out_dir}, batch_size=p.rows_per_shard, num_cpus=0.1,
-                          batch_format="numpy")
+    return ds.map_batches(
+        write_shard, fn_kwargs={"out_dir": out_dir}, batch_size=p.rows_per_shard, num_cpus=0.1, batch_format="numpy"
+    )
 
 
 class Preprocessor:
@@ -127,13 +172,19 @@ class Preprocessor:
         self.model_path = str(models.ensure_model(cfg.model))
         p, enc = cfg.preprocess, cfg.preprocess.encoders
         options = {**enc.ray_options(), "max_restarts": 3, "max_task_retries": 3}
-        log(f"[preprocess] loading {p.vae_actors} VAE and {p.text_actors} text encoder actors "
-            f"({enc.device}, {enc.dtype}); they stay loaded until this Preprocessor closes")
+        log(
+            f"[preprocess] loading {p.vae_actors} VAE and {p.text_actors} text encoder actors "
+            f"({enc.device}, {enc.dtype}); they stay loaded until this Preprocessor closes"
+        )
         start = time.perf_counter()
-        self.vae = [ray.remote(LatentEncoder).options(**options).remote(self.model_path, enc.device, enc.dtype)
-                    for _ in range(p.vae_actors)]
-        self.text = [ray.remote(TextEncoder).options(**options).remote(self.model_path, enc.device, enc.dtype)
-                     for _ in range(p.text_actors)]
+        self.vae = [
+            ray.remote(LatentEncoder).options(**options).remote(self.model_path, enc.device, enc.dtype)
+            for _ in range(p.vae_actors)
+        ]
+        self.text = [
+            ray.remote(TextEncoder).options(**options).remote(self.model_path, enc.device, enc.dtype)
+            for _ in range(p.text_actors)
+        ]
         try:
             ray.get([a.__ray_ready__.remote() for a in self.vae + self.text])  # a load error surfaces here
         except BaseException:
@@ -193,35 +244,46 @@ class PreprocessRun:
         todo = [s for s in self.sources if s.id not in done and s.id not in rejected]
         multiple = models.read_kind(self.model_path).size_multiple
         log(f"[preprocess] buckets: {BucketSet.from_config(self.cfg.data, multiple).describe()}")
-        log(f"[preprocess] {len(self.sources)} clips in manifest, {len(self.manifest_rejects)} bad entries; "
-            f"{len(self.sources) - len(todo)} already done, {len(todo)} to process")
+        log(
+            f"[preprocess] {len(self.sources)} clips in manifest, {len(self.manifest_rejects)} bad entries; "
+            f"{len(self.sources) - len(todo)} already done, {len(todo)} to process"
+        )
         start, written, frames = time.perf_counter(), 0, 0
         if todo:
             for shard in build_dataset(todo, self.cfg, self.model_path, str(out), encoders).iter_rows():
                 written, frames = written + shard["rows"], frames + shard["frames"]
                 rate = written / (time.perf_counter() - start)
                 eta = (len(todo) - written) / rate if rate > 0 else float("nan")
-                log(f"[preprocess] {written}/{len(todo)} clips written ({shard['shard']}), "
-                    f"{rate:.2f} clips/s, at most {eta:.0f}s left")
+                log(
+                    f"[preprocess] {written}/{len(todo)} clips written ({shard['shard']}), "
+                    f"{rate:.2f} clips/s, at most {eta:.0f}s left"
+                )
         self._ensure_empty_prompt(encoders)
         elapsed = time.perf_counter() - start
         records = collect_rejects(out)
-        summary = {
-            "manifest": self.manifest, "clips_in_manifest": len(self.sources),
-            "outcomes": {"written": written, "already_written": len(done & {s.id for s in self.sources}),
-                         "rejected": len(records)},
+        summary: dict[str, Any] = {
+            "manifest": self.manifest,
+            "clips_in_manifest": len(self.sources),
+            "outcomes": {
+                "written": written,
+                "already_written": len(done & {s.id for s in self.sources}),
+                "rejected": len(records),
+            },
             "rejects_by_reason": dict(Counter(r["reason"] for r in records)),
-            "rows_in_output": len(written_ids(out)), "clips_by_bucket": bucket_counts(out),
+            "rows_in_output": len(written_ids(out)),
+            "clips_by_bucket": bucket_counts(out),
             "seconds": round(elapsed, 3),
             "clips_per_second": round(written / elapsed, 3) if elapsed > 0 else None,
             "frames_per_second": round(frames / elapsed, 3) if elapsed > 0 else None,
             "rejected_this_run": len(rejected_keys(out) - rejected),
         }
         write_json_atomic(summary, out / "summary.json")
-        log(f"[preprocess] done: {written} written, {len(records)} rejected "
+        log(
+            f"[preprocess] done: {written} written, {len(records)} rejected "
             f"({', '.join(f'{k}: {v}' for k, v in sorted(summary['rejects_by_reason'].items())) or 'none'}); "
             f"{summary['rows_in_output']} clips in {out}; by bucket: "
-            f"{', '.join(f'{k}: {v}' for k, v in summary['clips_by_bucket'].items()) or 'none'}")
+            f"{', '.join(f'{k}: {v}' for k, v in summary['clips_by_bucket'].items()) or 'none'}"
+        )
         return summary
 
     def _ensure_empty_prompt(self, encoders: Preprocessor | None) -> None:
@@ -236,8 +298,9 @@ class PreprocessRun:
         ray.get(task.remote(self.model_path, enc.device, enc.dtype, str(self.out)))
 
 
-def run_preprocess(cfg: Config, manifest: str, out_dir: str, log: Callable[[str], None] = print,
-                   encoders: Preprocessor | None = None) -> dict:
+def run_preprocess(
+    cfg: Config, manifest: str, out_dir: str, log: Callable[[str], None] = print, encoders: Preprocessor | None = None
+) -> dict:
     """Run (or resume) preprocessing of `manifest` into `out_dir` on the connected Ray; returns the
     summary written there. The encoders load inside the run, or are those of `encoders` (see Preprocessor)."""
     if encoders is not None and encoders.cfg != cfg:  # before prepare writes settings.json

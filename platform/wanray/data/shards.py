@@ -9,6 +9,7 @@ out/
   summary.json          counts by outcome, reject reason and bucket, throughput
   settings.json         the model and data settings the shards were made with
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -78,8 +79,10 @@ def reject_key(reject: Reject) -> str:
 def record_reject(out_dir, reject: Reject, key: str | None = None) -> None:
     d = Path(out_dir) / "rejects"
     d.mkdir(exist_ok=True)
-    write_json_atomic({"input": reject.input, "reason": reject.reason, "detail": reject.detail},
-                      d / f"{key or reject_key(reject)}.json")
+    write_json_atomic(
+        {"input": reject.input, "reason": reject.reason, "detail": reject.detail},
+        d / f"{key or reject_key(reject)}.json",
+    )
 
 
 def rejected_keys(out_dir) -> set[str]:
@@ -90,8 +93,11 @@ def rejected_keys(out_dir) -> set[str]:
 def collect_rejects(out_dir) -> list[dict]:
     """All reject records, also rewritten as out/rejects.jsonl sorted by input."""
     d = Path(out_dir) / "rejects"
-    records = sorted((json.loads(p.read_text()) for p in d.glob("*.json")), key=lambda r: (r["input"], r["reason"])) \
-        if d.is_dir() else []
+    records = (
+        sorted((json.loads(p.read_text()) for p in d.glob("*.json")), key=lambda r: (r["input"], r["reason"]))
+        if d.is_dir()
+        else []
+    )
     write_text_atomic(Path(out_dir) / "rejects.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     return records
 
@@ -102,8 +108,9 @@ def write_shard(batch: dict, out_dir: str) -> dict:
     columns = {}
     for f in CLIP_SCHEMA:
         values = list(batch[f.name]) if f.name in batch else [None] * rows  # nullable columns a model has not
-        columns[f.name] = [None if v is None else list(map(int, v)) for v in values] if f.name.endswith("_shape") \
-            else values
+        columns[f.name] = (
+            [None if v is None else list(map(int, v)) for v in values] if f.name.endswith("_shape") else values
+        )
     name = f"part-{uuid.uuid4().hex}.parquet"
     write_table_atomic(pa.Table.from_pydict(columns, schema=CLIP_SCHEMA), Path(out_dir) / name, row_group_size=1)
     return {"shard": [name], "rows": [len(batch["id"])], "frames": [int(sum(batch["num_frames"]))]}
@@ -113,9 +120,15 @@ def write_empty_prompt(out_dir, embedding) -> None:
     from wanray.schema import encode_tensor
 
     data, shape, dtype = encode_tensor(embedding)
-    table = pa.Table.from_pydict({"text_embedding": [data], "text_embedding_shape": [shape],
-                                  "text_embedding_dtype": [dtype], "text_tokens": [int(embedding.shape[0])]},
-                                 schema=EMPTY_PROMPT_SCHEMA)
+    table = pa.Table.from_pydict(
+        {
+            "text_embedding": [data],
+            "text_embedding_shape": [shape],
+            "text_embedding_dtype": [dtype],
+            "text_tokens": [int(embedding.shape[0])],
+        },
+        schema=EMPTY_PROMPT_SCHEMA,
+    )
     write_table_atomic(table, Path(out_dir) / EMPTY_PROMPT_FILE)
 
 

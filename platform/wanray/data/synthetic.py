@@ -4,6 +4,7 @@ Each clip is a real H.264 mp4 (written with PyAV) with its own size, frame rate 
 length, and a caption that says what moves where, so a model trained on it has
 something learnable. Output is a MindSpeed-MM style `data.txt` + annotation JSON.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,14 @@ import numpy as np
 
 from wanray.io import write_mp4
 
-COLORS = {"red": (220, 40, 40), "green": (40, 200, 70), "blue": (40, 80, 230), "yellow": (240, 220, 40),
-          "white": (245, 245, 245), "purple": (150, 60, 200)}
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 200, 70),
+    "blue": (40, 80, 230),
+    "yellow": (240, 220, 40),
+    "white": (245, 245, 245),
+    "purple": (150, 60, 200),
+}
 BACKGROUNDS = {"black": (10, 10, 10), "gray": (110, 110, 110), "navy": (20, 30, 80), "olive": (90, 100, 30)}
 SHAPES = ("circle", "square")
 MOTIONS = {"left to right": (1, 0), "right to left": (-1, 0), "top to bottom": (0, 1), "bottom to top": (0, -1)}
@@ -81,8 +88,15 @@ def write_dataset(root, count: int = 16, seed: int = 0) -> Path:
         path = root / "videos" / clip.name
         if not path.exists():
             write_mp4(path, render(clip), clip.fps)
-        annotation.append({"path": f"videos/{clip.name}", "cap": clip.caption, "num_frames": clip.num_frames,
-                           "fps": clip.fps, "resolution": {"height": clip.height, "width": clip.width}})
+        annotation.append(
+            {
+                "path": f"videos/{clip.name}",
+                "cap": clip.caption,
+                "num_frames": clip.num_frames,
+                "fps": clip.fps,
+                "resolution": {"height": clip.height, "width": clip.width},
+            }
+        )
     (root / "data.json").write_text(json.dumps(annotation, indent=1))
     manifest = root / "data.txt"
     manifest.write_text(".,data.json\n")

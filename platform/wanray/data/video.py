@@ -8,6 +8,7 @@ uses are decoded (decord `get_batch` on exactly those indices), and decord scale
 converts them to RGB (ffmpeg's swscale): resizing 480x832 frames in Python afterwards costs
 several times the decode itself.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,9 @@ def available_frames(src_fps: float, src_frames: int, fps: float, cut_start: int
     return int((end - 1 - cut_start) // (src_fps / fps) + 1)
 
 
-def plan_clip(src_fps: float, src_frames: int, fps: float, most: int, least: int,
-              cut_start: int = 0, cut_end: int = -1) -> ClipPlan:
+def plan_clip(
+    src_fps: float, src_frames: int, fps: float, most: int, least: int, cut_start: int = 0, cut_end: int = -1
+) -> ClipPlan:
     """Source frame indices of a clip resampled from `src_fps` to `fps`, of the longest 4n+1 frame
     count in [least, most] the video holds.
 
@@ -68,8 +70,9 @@ def plan_clip(src_fps: float, src_frames: int, fps: float, most: int, least: int
     available = available_frames(src_fps, src_frames, fps, cut_start, cut_end)
     n = longest_4n1(available, most, least)
     if n is None:
-        raise ClipRejected("too_short", f"{src_frames} frames at {src_fps:g} fps give {available} "
-                                        f"at {fps:g} fps, need {least}")
+        raise ClipRejected(
+            "too_short", f"{src_frames} frames at {src_fps:g} fps give {available} at {fps:g} fps, need {least}"
+        )
     step = src_fps / fps
     return ClipPlan([cut_start + int(i * step) for i in range(n)])
 
@@ -93,7 +96,7 @@ def resize_crop(frames: np.ndarray, h: int, w: int) -> np.ndarray:
         x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
         x = F.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
         frames = x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return np.ascontiguousarray(frames[:, top:top + h, left:left + w])
+    return np.ascontiguousarray(frames[:, top : top + h, left : left + w])
 
 
 # Container signatures: (offset, magic). A file with one of these that still fails to
@@ -104,7 +107,7 @@ _MAGIC = ((4, b"ftyp"), (0, b"\x1aE\xdf\xa3"), (0, b"RIFF"), (0, b"\x00\x00\x01\
 def looks_like_video(path: str) -> bool:
     with open(path, "rb") as f:
         head = f.read(16)
-    return any(head[o:o + len(m)] == m for o, m in _MAGIC)
+    return any(head[o : o + len(m)] == m for o, m in _MAGIC)
 
 
 def _first_line(e: Exception) -> str:
@@ -156,8 +159,9 @@ def decode_clip(path: str, buckets: BucketSet, fps: float, cut_start: int = 0, c
     n = buckets.frames((height, width), available)
     if n is None:
         shortest = min(f for f in buckets.frames_by_resolution[(height, width)] if f > 1)
-        raise ClipRejected("too_short", f"{src_frames} frames at {src_fps:g} fps give {available} at {fps:g} fps, "
-                                        f"need {shortest}")
+        raise ClipRejected(
+            "too_short", f"{src_frames} frames at {src_fps:g} fps give {available} at {fps:g} fps, need {shortest}"
+        )
     plan = plan_clip(src_fps, src_frames, fps, n, n, cut_start, cut_end)
     try:
         frames = reader.get_batch(plan.indices).asnumpy()
@@ -166,8 +170,14 @@ def decode_clip(path: str, buckets: BucketSet, fps: float, cut_start: int = 0, c
     if frames.shape[0] != len(plan.indices) or frames.ndim != 4:
         raise ClipRejected("decode_error", f"got frames of shape {frames.shape} for {len(plan.indices)} indices")
     end = src_frames if cut_end < 0 else min(cut_end, src_frames)
-    return DecodedClip(resize_crop(frames, height, width), plan, src_fps, Bucket(height, width, n), (src_h, src_w),
-                       (end - cut_start) / src_fps)
+    return DecodedClip(
+        resize_crop(frames, height, width),
+        plan,
+        src_fps,
+        Bucket(height, width, n),
+        (src_h, src_w),
+        (end - cut_start) / src_fps,
+    )
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -189,12 +199,12 @@ def decode_image(path: str, buckets: BucketSet) -> DecodedClip:
     if os.path.getsize(path) == 0:
         raise ClipRejected("empty_file", path)
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")  # decodes the whole image: a truncated file fails here
+        with Image.open(path) as opened:
+            img = opened.convert("RGB")  # decodes the whole image: a truncated file fails here
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
         with open(path, "rb") as f:
             head = f.read(16)
-        damaged = any(head[o:o + len(m)] == m for o, m in _IMAGE_MAGIC)
+        damaged = any(head[o : o + len(m)] == m for o, m in _IMAGE_MAGIC)
         raise ClipRejected("corrupt_image" if damaged else "not_an_image", _first_line(e)) from None
     src_w, src_h = img.size
     height, width = buckets.resolution(src_h, src_w)
@@ -215,8 +225,10 @@ def motion(frames: np.ndarray) -> float:
 def curate(clip: DecodedClip, d) -> None:
     """The optional data.min_* filters (off at 0), each a named reject."""
     if d.min_resolution and min(clip.source_size) < d.min_resolution:
-        raise ClipRejected("below_min_resolution", f"{clip.source_size[0]}x{clip.source_size[1]}, the shorter side "
-                                                   f"must be at least {d.min_resolution}")
+        raise ClipRejected(
+            "below_min_resolution",
+            f"{clip.source_size[0]}x{clip.source_size[1]}, the shorter side must be at least {d.min_resolution}",
+        )
     if clip.bucket.frames == 1:  # an image: duration and motion do not apply
         return
     if d.min_seconds and clip.source_seconds < d.min_seconds:
@@ -235,15 +247,30 @@ def decode_source(row: dict, cfg: Config, out_dir: str, multiple: int = 16) -> l
     d = cfg.data
     buckets = BucketSet.from_config(d, multiple)
     try:
-        clip = decode_image(src.path, buckets) if is_image(src.path) else \
-            decode_clip(src.path, buckets, d.fps, src.cut_start, src.cut_end)
+        clip = (
+            decode_image(src.path, buckets)
+            if is_image(src.path)
+            else decode_clip(src.path, buckets, d.fps, src.cut_start, src.cut_end)
+        )
         curate(clip, d)
     except ClipRejected as e:
         record_reject(out_dir, Reject(src.path, e.reason, e.detail), key=src.id)
         return []
     b = clip.bucket
-    return [{"id": src.id, "source": src.path, "caption": src.caption, "fps": np.float32(d.fps),
-             "num_frames": np.int32(b.frames), "height": np.int32(b.height), "width": np.int32(b.width),
-             "bucket": b.name, "source_height": np.int32(clip.source_size[0]),
-             "source_width": np.int32(clip.source_size[1]), "clip_start": np.int32(clip.plan.start),
-             "frames": clip.frames, "seq": np.int32(seq)}]
+    return [
+        {
+            "id": src.id,
+            "source": src.path,
+            "caption": src.caption,
+            "fps": np.float32(d.fps),
+            "num_frames": np.int32(b.frames),
+            "height": np.int32(b.height),
+            "width": np.int32(b.width),
+            "bucket": b.name,
+            "source_height": np.int32(clip.source_size[0]),
+            "source_width": np.int32(clip.source_size[1]),
+            "clip_start": np.int32(clip.plan.start),
+            "frames": clip.frames,
+            "seq": np.int32(seq),
+        }
+    ]

@@ -4,6 +4,7 @@ A request outside the served bounds, a body that is not JSON or an empty prompt 
 4xx whose JSON `detail` says what is wrong in one line; nothing a client sends can take
 the server down. `resolve` is also what the Gradio UI validates with.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -12,8 +13,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Literal
+from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -109,8 +111,10 @@ def exposure_warning(cfg: Config, token: str) -> str | None:
     """A warning when the server binds beyond loopback with no token."""
     if token or cfg.infer.host in LOOPBACK:
         return None
-    return (f"warning: serving on {cfg.infer.host} without a token: anyone who can reach port {cfg.infer.port} can "
-            f"generate; set infer.api_token or {TOKEN_ENV}")
+    return (
+        f"warning: serving on {cfg.infer.host} without a token: anyone who can reach port {cfg.infer.port} can "
+        f"generate; set infer.api_token or {TOKEN_ENV}"
+    )
 
 
 def token_matches(header: str, token: str) -> bool:
@@ -131,22 +135,29 @@ def resolve(req: GenerateRequest, cfg: Config, kind: ModelKind = KINDS["t2v-a14b
     inf, data = cfg.infer, cfg.data
     pick = lambda value, default: default if value is None else value  # noqa: E731
     p = GenerationParams(
-        prompt=req.prompt, negative_prompt=pick(req.negative_prompt, inf.negative_prompt),
-        height=pick(req.height, data.height), width=pick(req.width, data.width),
+        prompt=req.prompt,
+        negative_prompt=pick(req.negative_prompt, inf.negative_prompt),
+        height=pick(req.height, data.height),
+        width=pick(req.width, data.width),
         num_frames=pick(req.num_frames, data.num_frames),
         num_inference_steps=pick(req.num_inference_steps, inf.num_inference_steps),
         guidance_scale=pick(req.guidance_scale, inf.guidance_scale),
-        guidance_scale_2=pick(req.guidance_scale_2, inf.guidance_scale_2), seed=pick(req.seed, inf.seed),
-        image=req.image, last_image=req.last_image)
+        guidance_scale_2=pick(req.guidance_scale_2, inf.guidance_scale_2),
+        seed=pick(req.seed, inf.seed),
+        image=req.image,
+        last_image=req.last_image,
+    )
     _check(req.image is None or kind.image != "none", f"{kind.title} takes no image: leave image out")
     _check(req.image is not None or kind.image != "required", f"{kind.title} needs an image: the video's first frame")
     _check(req.last_image is None or kind.takes_last_image, f"{kind.title} takes no last_image: leave it out")
     _check(req.last_image is None or req.image is not None, "last_image needs image, the first frame")
-    for name, data in (("image", req.image), ("last_image", req.last_image)):
-        if data is not None:
-            _check(len(data) * 3 // 4 <= inf.max_image_bytes,
-                   f"{name} has about {len(data) * 3 // 4} bytes, at most {inf.max_image_bytes} are served")
-            image_from_base64(data, name)  # a RequestError when it is no image
+    for name, encoded in (("image", req.image), ("last_image", req.last_image)):
+        if encoded is not None:
+            _check(
+                len(encoded) * 3 // 4 <= inf.max_image_bytes,
+                f"{name} has about {len(encoded) * 3 // 4} bytes, at most {inf.max_image_bytes} are served",
+            )
+            image_from_base64(encoded, name)  # a RequestError when it is no image
     _check_prompt("prompt", p.prompt, inf.max_prompt_chars, required=True)
     _check_prompt("negative_prompt", p.negative_prompt, inf.max_prompt_chars, required=False)
     for name, value, most in (("height", p.height, inf.max_height), ("width", p.width, inf.max_width)):
@@ -156,10 +167,15 @@ def resolve(req: GenerateRequest, cfg: Config, kind: ModelKind = KINDS["t2v-a14b
     _check(p.num_frames % 4 == 1, f"num_frames must be 4n+1 (1, 5, ..., 81), got {p.num_frames}")
     _check(1 <= p.num_frames <= inf.max_frames, f"num_frames must lie in [1, {inf.max_frames}], got {p.num_frames}")
     tokens = ((p.num_frames - 1) // 4 + 1) * (p.height // kind.size_multiple) * (p.width // kind.size_multiple)
-    _check(tokens % split == 0, f"{p.num_frames}x{p.height}x{p.width} is {tokens} tokens, which the {split} devices "
-                                "of an expert stage cannot share evenly: pick another size")
-    _check(1 <= p.num_inference_steps <= inf.max_steps,
-           f"num_inference_steps must lie in [1, {inf.max_steps}], got {p.num_inference_steps}")
+    _check(
+        tokens % split == 0,
+        f"{p.num_frames}x{p.height}x{p.width} is {tokens} tokens, which the {split} devices "
+        "of an expert stage cannot share evenly: pick another size",
+    )
+    _check(
+        1 <= p.num_inference_steps <= inf.max_steps,
+        f"num_inference_steps must lie in [1, {inf.max_steps}], got {p.num_inference_steps}",
+    )
     for name in ("guidance_scale", "guidance_scale_2"):
         value = getattr(p, name)
         _check(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0, got {value}")
@@ -182,21 +198,42 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     return 422, "; ".join(parts)
 
 
-def _logged(response: Response | None, req: GenerateRequest, params: GenerationParams | None, start: float,
-            stages: dict[str, float] | None = None, outcome: str = "") -> Response | None:
+def _logged(
+    response: Response | None,
+    req: GenerateRequest,
+    params: GenerationParams | None,
+    start: float,
+    stages: dict[str, float] | None = None,
+    outcome: str = "",
+) -> Response | None:
     """The response, after one line in the ingress replica's log: prompt length, size, steps, seconds (in
     all, and per stage when it ran), outcome. Serve prefixes it with the request's id, which it also returns
     as X-Request-Id (a client's own X-Request-Id is kept)."""
-    size = f"{params.num_frames}x{params.height}x{params.width}, {params.num_inference_steps} steps" if params \
+    size = (
+        f"{params.num_frames}x{params.height}x{params.width}, {params.num_inference_steps} steps"
+        if params
         else "not resolved"
+    )
     per_stage = f" ({', '.join(f'{k} {v:.2f}' for k, v in stages.items())})" if stages else ""
-    logger.info("generate: prompt %d chars, %s, %.2f s%s, %s", len(req.prompt), size, time.perf_counter() - start,
-                per_stage, outcome or f"status {response.status_code}")
+    logger.info(
+        "generate: prompt %d chars, %s, %.2f s%s, %s",
+        len(req.prompt),
+        size,
+        time.perf_counter() - start,
+        per_stage,
+        outcome or f"status {response.status_code if response is not None else 'none'}",
+    )
     return response
 
 
-def build_api(generate: Generate, cfg: Config, model_dir: str, token: str = "", queues: Queues | None = None,
-              count: Callable[[str, float], None] = lambda outcome, seconds: None) -> FastAPI:
+def build_api(
+    generate: Generate,
+    cfg: Config,
+    model_dir: str,
+    token: str = "",
+    queues: Queues | None = None,
+    count: Callable[[str, float], None] = lambda outcome, seconds: None,
+) -> FastAPI:
     """The FastAPI app of the ingress; `generate` moves one request through the stages, `queues` reports
     their depths in /v1/health, `count(outcome, seconds)` records each /v1/generate. With a `token`, every
     /v1 route answers 401 unless the request carries it as a bearer token."""
@@ -204,8 +241,11 @@ def build_api(generate: Generate, cfg: Config, model_dir: str, token: str = "", 
 
     async def authorized(request: Request) -> None:
         if token and not token_matches(request.headers.get("authorization", ""), token):
-            raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <infer.api_token>)",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                401,
+                "missing or wrong bearer token (Authorization: Bearer <infer.api_token>)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     app = FastAPI(title="wanray", description=f"{kind.title} from {model_dir}", dependencies=[Depends(authorized)])
 
@@ -216,13 +256,26 @@ def build_api(generate: Generate, cfg: Config, model_dir: str, token: str = "", 
 
     @app.get("/v1/health")
     async def health() -> dict:
-        stages = {name: {"device": res.device, "dtype": res.dtype,
-                         "devices": getattr(cfg.infer, f"{name}_devices", 1),
-                         "replicas": getattr(cfg.infer.replicas, name)}
-                  for name, res in vars(cfg.infer.stages).items() if name != "low" or not kind.one_transformer}
+        stages = {
+            name: {
+                "device": res.device,
+                "dtype": res.dtype,
+                "devices": getattr(cfg.infer, f"{name}_devices", 1),
+                "replicas": getattr(cfg.infer.replicas, name),
+            }
+            for name, res in vars(cfg.infer.stages).items()
+            if name != "low" or not kind.one_transformer
+        }
         experts = cfg.infer.stages.high  # device and dtype at the top: the high-noise expert's
-        out = {"status": "ok", "model": model_dir, "kind": kind.name, "image": kind.image, "device": experts.device,
-               "dtype": experts.dtype, "stages": stages}
+        out = {
+            "status": "ok",
+            "model": model_dir,
+            "kind": kind.name,
+            "image": kind.image,
+            "device": experts.device,
+            "dtype": experts.dtype,
+            "stages": stages,
+        }
         if queues is not None:
             now = await queues()
             for name, depth in now.pop("stages").items():
@@ -248,16 +301,22 @@ def build_api(generate: Generate, cfg: Config, model_dir: str, token: str = "", 
         except asyncio.CancelledError:  # the client went away: the stages drop or stop the request
             answer("cancelled", None, note="cancelled: the client disconnected")
             raise
-        except Exception as e:  # a failed generation answers this request only; the server keeps serving
-            e = cause(e)
-            if isinstance(e, Busy):
-                return answer("busy", JSONResponse({"detail": str(e)}, status_code=503,
-                                                   headers={"Retry-After": str(e.retry_after)}))
-            if isinstance(e, Cancelled):
-                return answer("cancelled", JSONResponse({"detail": str(e)}, status_code=503))
+        except Exception as error:  # a failed generation answers this request only; the server keeps serving
+            reason = cause(error)
+            if isinstance(reason, Busy):
+                return answer(
+                    "busy",
+                    JSONResponse(
+                        {"detail": str(reason)}, status_code=503, headers={"Retry-After": str(reason.retry_after)}
+                    ),
+                )
+            if isinstance(reason, Cancelled):
+                return answer("cancelled", JSONResponse({"detail": str(reason)}, status_code=503))
             logger.exception("generation failed")
-            return answer("failed", JSONResponse({"detail": f"generation failed: {type(e).__name__}: {e}"},
-                                                 status_code=500))
+            return answer(
+                "failed",
+                JSONResponse({"detail": f"generation failed: {type(reason).__name__}: {reason}"}, status_code=500),
+            )
         return answer("ok", Response(out.data, media_type=MEDIA_TYPES[req.output]), out.seconds)
 
     return app

@@ -7,6 +7,7 @@
 Like the reference inference script: every prompt uses the configured seed, steps,
 guidance scales and size, so a line always gives the same video.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,15 +23,16 @@ from wanray.errors import RequestError
 from wanray.infer.api import GenerateRequest, resolve
 from wanray.infer.group import batch_group
 from wanray.infer.sampler import GenerationParams, Sampler, StageSpec
-from wanray.wan import KINDS, ModelKind
 from wanray.infer.video import mp4_bytes
 from wanray.io import write_bytes_atomic
+from wanray.wan import KINDS, ModelKind
 
 INDEX_FILE = "videos.jsonl"
 
 
-def read_prompts(path: str | os.PathLike, cfg: Config, kind: ModelKind = KINDS["t2v-a14b"],
-                 split: int | None = None) -> list[GenerationParams]:
+def read_prompts(
+    path: str | os.PathLike, cfg: Config, kind: ModelKind = KINDS["t2v-a14b"], split: int | None = None
+) -> list[GenerationParams]:
     """One GenerationParams per non-blank line; RequestError names the first line that is out of bounds.
 
     A .jsonl file holds one JSON object per line: `prompt` and any of the REST API's fields
@@ -66,8 +68,9 @@ def read_prompts(path: str | os.PathLike, cfg: Config, kind: ModelKind = KINDS["
             raise RequestError(f"{p} line {number}: not JSON: {e}") from None
         except ValidationError as e:
             where = lambda err: ".".join(map(str, err["loc"])) or "line"  # noqa: E731
-            raise RequestError(f"{p} line {number}: " + "; ".join(f"{where(err)}: {err['msg']}"
-                                                                  for err in e.errors())) from None
+            raise RequestError(
+                f"{p} line {number}: " + "; ".join(f"{where(err)}: {err['msg']}" for err in e.errors())
+            ) from None
         except RequestError as e:
             raise RequestError(f"{p} line {number}: {e}") from None
     if not params:
@@ -112,8 +115,9 @@ class VideoWriter:
         return {"index": batch["index"], "video": np.array(videos, dtype=object), "seconds": np.array(seconds)}
 
 
-def generate_videos(cfg: Config, model_dir: str, params: list[GenerationParams], out_dir: str | os.PathLike,
-                    save_frames: bool = False) -> list[dict]:
+def generate_videos(
+    cfg: Config, model_dir: str, params: list[GenerationParams], out_dir: str | os.PathLike, save_frames: bool = False
+) -> list[dict]:
     """Generate every video on `cfg.infer.batch_actors` actors of the connected Ray (each over
     infer.batch_devices devices); return (and write) the index, in prompt order."""
     import ray
@@ -123,17 +127,32 @@ def generate_videos(cfg: Config, model_dir: str, params: list[GenerationParams],
     inf = cfg.infer
     rows = [{"index": i, "params": json.dumps(dataclasses.asdict(p))} for i, p in enumerate(params)]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-        VideoWriter, batch_size=1, compute=ray.data.ActorPoolStrategy(size=inf.batch_actors), batch_format="numpy",
-        fn_constructor_kwargs=dict(spec=StageSpec.for_batch(Path(model_dir).resolve(), cfg), fps=cfg.data.fps,
-                                   out_dir=str(out.resolve()), save_frames=save_frames,
-                                   rank_options=inf.batch.ray_options()),
-        **inf.batch.ray_options())
+        VideoWriter,
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=inf.batch_actors),
+        batch_format="numpy",
+        fn_constructor_kwargs=dict(
+            spec=StageSpec.for_batch(Path(model_dir).resolve(), cfg),
+            fps=cfg.data.fps,
+            out_dir=str(out.resolve()),
+            save_frames=save_frames,
+            rank_options=inf.batch.ray_options(),
+        ),
+        **inf.batch.ray_options(),
+    )
     done = []
     for row in ds.iter_rows():
         p = params[int(row["index"])]
-        done.append({"index": int(row["index"]), "prompt": p.prompt, "seed": p.seed, "video": str(row["video"]),
-                     "seconds": round(float(row["seconds"]), 3)})
-        print(f"[{len(done)}/{len(rows)}] {out / done[-1]['video']}  ({done[-1]['seconds']:.1f} s)", flush=True)
-    done.sort(key=lambda r: r["index"])
+        done.append(
+            {
+                "index": int(row["index"]),
+                "prompt": p.prompt,
+                "seed": p.seed,
+                "video": str(row["video"]),
+                "seconds": round(float(row["seconds"]), 3),
+            }
+        )
+        print(f"[{len(done)}/{len(rows)}] {out / str(row['video'])}  ({float(row['seconds']):.1f} s)", flush=True)
+    done.sort(key=lambda r: int(r["index"]))  # type: ignore[call-overload]  # an int, set above
     (out / INDEX_FILE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done))
     return done

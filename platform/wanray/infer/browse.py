@@ -9,6 +9,7 @@ Every path comes from a browser, so each is resolved (symlinks followed) and mus
 the resolved roots; a path outside them, or a file that resolves outside them, is a RequestError.
 Listings look a few directories deep (MAX_DEPTH) and skip checkpoints, so a large root stays cheap.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -87,7 +88,7 @@ class RunView:
     path: Path
 
     @classmethod
-    def open(cls, roots: Roots, path: str) -> "RunView":
+    def open(cls, roots: Roots, path: str) -> RunView:
         run = roots.check(path)
         if not _is_run(run):
             raise RequestError(f"{path} is not a training run (no <expert>/{RUN_FILE})")
@@ -143,7 +144,7 @@ class DataView:
     path: Path
 
     @classmethod
-    def open(cls, roots: Roots, path: str) -> "DataView":
+    def open(cls, roots: Roots, path: str) -> DataView:
         data = roots.check(path)
         if not _is_data(data):
             raise RequestError(f"{path} is not a preprocessed directory (no {SUMMARY_FILE})")
@@ -163,13 +164,14 @@ class DataView:
         rows = []
         for p in self._shards():
             rows += pq.read_table(p, columns=CLIP_COLUMNS).to_pylist()
-        return rows[page * per_page:(page + 1) * per_page], len(rows)
+        return rows[page * per_page : (page + 1) * per_page], len(rows)
 
     def latent(self, clip_id: str) -> torch.Tensor:
         """The stored (normalised) latent of clip `clip_id`: (C, latent frames, H/8, W/8)."""
         for p in self._shards():
-            table = pq.read_table(p, columns=["id", "latent", "latent_shape", "latent_dtype"],
-                                  filters=[("id", "=", clip_id)])
+            table = pq.read_table(
+                p, columns=["id", "latent", "latent_shape", "latent_dtype"], filters=[("id", "=", clip_id)]
+            )
             if table.num_rows:
                 row = table.slice(0, 1).to_pylist()[0]
                 return decode_tensor(row["latent"], row["latent_shape"], row["latent_dtype"])
@@ -200,5 +202,6 @@ def absolute_roots(cfg: Config) -> Config:
     """cfg with ui.runs_roots and ui.data_roots absolute (relative ones: to this process's working directory)."""
     ui = cfg.ui
     absolute = lambda roots: [str(Path(r).resolve()) for r in roots]  # noqa: E731
-    return dataclasses.replace(cfg, ui=dataclasses.replace(ui, runs_roots=absolute(ui.runs_roots),
-                                                           data_roots=absolute(ui.data_roots)))
+    return dataclasses.replace(
+        cfg, ui=dataclasses.replace(ui, runs_roots=absolute(ui.runs_roots), data_roots=absolute(ui.data_roots))
+    )

@@ -14,9 +14,10 @@ the actor's own node (a node-affinity requirement: the collectives stay on the n
 the actor waits for them at most RANKS_TIMEOUT_S. Everything else about a stage (its queue, the
 hand-off of DenoiseState to the next stage) is unchanged: a group is one ExpertStage to the rest.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -51,8 +52,14 @@ class ExpertRank:
         _join(spec, experts[0], rank, world, _store(host, port, world, master=False))
         self.stages = {e: ExpertStage(spec, e) for e in experts}
 
-    def denoise(self, expert: str, params: GenerationParams, text: TextEmbeddings, state: DenoiseState | None,
-                condition: torch.Tensor | None) -> None:
+    def denoise(
+        self,
+        expert: str,
+        params: GenerationParams,
+        text: TextEmbeddings,
+        state: DenoiseState | None,
+        condition: torch.Tensor | None,
+    ) -> None:
         self.stages[expert].denoise(params, text, state, condition)  # rank 0 returns the state
 
 
@@ -60,28 +67,37 @@ class RankGroup:
     """`experts` over `world` ranks: this process is rank 0, ranks 1 .. N-1 are ExpertRank actors
     started with `placement(rank)`'s Ray options (resources and scheduling strategy)."""
 
-    def __init__(self, spec: StageSpec, experts: tuple[str, ...], world: int, placement: Callable[[int], dict],
-                 timeout_s: float | None = None):
+    def __init__(
+        self,
+        spec: StageSpec,
+        experts: tuple[str, ...],
+        world: int,
+        placement: Callable[[int], dict],
+        timeout_s: float | None = None,
+    ):
         import ray
 
         host = ray.util.get_node_ip_address()
         store = _store(host, 0, world, master=True)
         self.ranks = [ray.remote(ExpertRank).options(**placement(r)).remote() for r in range(1, world)]
         if timeout_s is not None:  # the ranks may never be placed (no free device on the node): say so
-            placed, _ = ray.wait([r.__ray_ready__.remote() for r in self.ranks], num_returns=len(self.ranks),
-                                 timeout=timeout_s)
+            placed, _ = ray.wait(
+                [r.__ray_ready__.remote() for r in self.ranks], num_returns=len(self.ranks), timeout=timeout_s
+            )
             if len(placed) < len(self.ranks):
                 for r in self.ranks:
                     ray.kill(r)
-                raise ConfigError(f"{len(self.ranks) - len(placed)} of the {world - 1} other ranks of a {world}-device "
-                                  f"group were not placed within {timeout_s:.0f} s: each needs the resources of "
-                                  "rank 0 free on its node")
+                raise ConfigError(
+                    f"{len(self.ranks) - len(placed)} of the {world - 1} other ranks of a {world}-device "
+                    f"group were not placed within {timeout_s:.0f} s: each needs the resources of "
+                    "rank 0 free on its node"
+                )
         started = [r.start.remote(spec, experts, i, world, host, store.port) for i, r in enumerate(self.ranks, 1)]
         _join(spec, experts[0], 0, world, store)  # returns once every rank has joined
         self.stages = {e: ExpertStage(spec, e) for e in experts}
         ray.get(started)  # a rank that failed to load fails here
 
-    def expert(self, name: str) -> "GroupExpert":
+    def expert(self, name: str) -> GroupExpert:
         return GroupExpert(self, name)
 
 
@@ -99,8 +115,13 @@ class GroupExpert:
     def should_stop(self, stop) -> None:  # rank 0 decides; every rank stops at the same step (ExpertStage._stopping)
         self.group.stages[self.name].should_stop = stop
 
-    def denoise(self, params: GenerationParams, text: TextEmbeddings, state: DenoiseState | None = None,
-                condition: torch.Tensor | None = None) -> DenoiseState:
+    def denoise(
+        self,
+        params: GenerationParams,
+        text: TextEmbeddings,
+        state: DenoiseState | None = None,
+        condition: torch.Tensor | None = None,
+    ) -> DenoiseState:
         import ray
 
         others = [r.denoise.remote(self.name, params, text, state, condition) for r in self.group.ranks]
@@ -119,8 +140,13 @@ def ExpertGroup(spec: StageSpec, expert: str) -> GroupExpert:
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     pg, options = get_current_placement_group(), getattr(spec.stages, expert).ray_options()
-    placement = lambda r: {**options, "scheduling_strategy": PlacementGroupSchedulingStrategy(  # noqa: E731
-        pg, placement_group_bundle_index=r)}
+
+    def placement(rank: int) -> dict:
+        return {
+            **options,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
+        }
+
     return RankGroup(spec, (expert,), spec.devices[expert], placement).expert(expert)
 
 

@@ -10,10 +10,11 @@
 Checked on an H200 (benchmarks/device_check.py): a guided step of the 14B expert at 81x480x832
 peaked 3.85 GB above its weights; this plan says 3.74 GB.
 """
+
 from __future__ import annotations
 
 import dataclasses
-
+import functools
 import weakref
 from dataclasses import dataclass
 
@@ -28,7 +29,12 @@ from wanray.train.plan import GB, HEADROOM, cpu_proxy
 from wanray.wan import EXPERTS, VAE_DTYPE, WanContract
 
 STAGES = ("text", "high", "low", "vae")
-STAGE_NAMES = {"text": "UMT5 text encoder", "high": "high-noise expert", "low": "low-noise expert", "vae": "VAE decoder"}
+STAGE_NAMES = {
+    "text": "UMT5 text encoder",
+    "high": "high-noise expert",
+    "low": "low-noise expert",
+    "vae": "VAE decoder",
+}
 
 
 class LiveBytes(TorchDispatchMode):
@@ -44,7 +50,8 @@ class LiveBytes(TorchDispatchMode):
         self._refs: dict[int, weakref.ref] = {}
         for t in existing:
             storage = t.untyped_storage()
-            self._refs[id(storage)] = weakref.ref(storage, lambda _, key=id(storage): self._refs.pop(key, None))
+            key = id(storage)
+            self._refs[key] = weakref.ref(storage, lambda _, key=key: self._refs.pop(key, None))
 
     def _freed(self, key: int, nbytes: int) -> None:
         self.live -= nbytes
@@ -87,15 +94,27 @@ class StagePlan:
 
 
 def _peak(call, *existing: torch.nn.Module | torch.Tensor) -> int:
-    tensors = [t for e in existing for t in ([*e.parameters(), *e.buffers()] if isinstance(e, torch.nn.Module) else [e])]
+    tensors = [
+        t for e in existing for t in ([*e.parameters(), *e.buffers()] if isinstance(e, torch.nn.Module) else [e])
+    ]
     tracker = LiveBytes(tensors)
     with tracker, torch.no_grad():
         call()
     return tracker.peak
 
 
-def plan_stage(model_dir, stage: str, dtype: str, contract: WanContract, frames: int, height: int, width: int,
-               attention: str = "native", batched_guidance: bool = False) -> StagePlan:
+@functools.lru_cache(maxsize=64)  # a plan builds the stage on fake tensors (seconds): the same one is asked often
+def plan_stage(
+    model_dir,
+    stage: str,
+    dtype: str,
+    contract: WanContract,
+    frames: int,
+    height: int,
+    width: int,
+    attention: str = "native",
+    batched_guidance: bool = False,
+) -> StagePlan:
     """Weights and working set of one stage at frames x height x width (built on fake tensors)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -115,8 +134,12 @@ def plan_stage(model_dir, stage: str, dtype: str, contract: WanContract, frames:
             def guided_step():  # as ExpertStage._steps: conditional, unconditional, combined
                 x, t = latents.to(compute), torch.tensor([500.0])
                 if batched_guidance:
-                    cond, uncond = model(hidden_states=torch.cat([x, x]), timestep=torch.cat([t, t]),
-                                         encoder_hidden_states=torch.cat([text, text]), return_dict=False)[0].chunk(2)
+                    cond, uncond = model(
+                        hidden_states=torch.cat([x, x]),
+                        timestep=torch.cat([t, t]),
+                        encoder_hidden_states=torch.cat([text, text]),
+                        return_dict=False,
+                    )[0].chunk(2)
                 else:
                     cond = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
                     uncond = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
@@ -160,24 +183,36 @@ class InferencePlan:
 
     def lines(self) -> list[str]:
         g = lambda n: f"{n / GB:.2f} GB"  # noqa: E731
-        title, offload_key = {"serve": ("Serve", None), "batch": ("batch generation", "infer.batch_offload"),
-                              "validation": ("validation while training", "train.validation.offload")}[self.use]
-        out = [f"{title} at {self.frames}x{self.height}x{self.width} (frames x height x width)"
-               + (f", {offload_key} {'on' if self.offload else 'off'}" if offload_key else "")]
+        title, offload_key = {
+            "serve": ("Serve", None),
+            "batch": ("batch generation", "infer.batch_offload"),
+            "validation": ("validation while training", "train.validation.offload"),
+        }[self.use]
+        out = [
+            f"{title} at {self.frames}x{self.height}x{self.width} (frames x height x width)"
+            + (f", {offload_key} {'on' if self.offload else 'off'}" if offload_key else "")
+        ]
         for s, p in self.stages.items():
             split = f" split over {p.devices} devices" if p.devices > 1 else ""
-            out.append(f"{STAGE_NAMES[s]} ({p.dtype}): weights {g(p.weight_bytes)}, working set {g(p.working_bytes)}"
-                       f"{split}, total {g(p.total_bytes)}{' per device' if split else ''}")
+            out.append(
+                f"{STAGE_NAMES[s]} ({p.dtype}): weights {g(p.weight_bytes)}, working set {g(p.working_bytes)}"
+                f"{split}, total {g(p.total_bytes)}{' per device' if split else ''}"
+            )
         for device, n in self.devices().items():
             if offload_key:
-                what = ("the largest stage's model and working set: the others wait in host memory" if self.offload
-                        else "all four models and the largest working set")
+                what = (
+                    "the largest stage's model and working set: the others wait in host memory"
+                    if self.offload
+                    else "all four models and the largest working set"
+                )
             else:
                 what = f"the {STAGE_NAMES[device]}'s device"
-            verdict = (f"fits ({n / self.device_bytes:.0%} of {g(self.device_bytes)})" if n <= HEADROOM * self.device_bytes
-                       else f"DOES NOT FIT ({n / self.device_bytes:.0%} of {g(self.device_bytes)}; at most "
-                            f"{HEADROOM:.0%})" + (f": turn on {offload_key}" if offload_key and not self.offload
-                                                  else ""))
+            verdict = (
+                f"fits ({n / self.device_bytes:.0%} of {g(self.device_bytes)})"
+                if n <= HEADROOM * self.device_bytes
+                else f"DOES NOT FIT ({n / self.device_bytes:.0%} of {g(self.device_bytes)}; at most "
+                f"{HEADROOM:.0%})" + (f": turn on {offload_key}" if offload_key and not self.offload else "")
+            )
             out.append(f"{device}: {g(n)}, {what}: {verdict}")
         return out
 
@@ -203,8 +238,11 @@ def plan_inference(cfg: Config, model_dir, use: str) -> InferencePlan:
     stages = {}
     for s in ("text", *contract.kind.experts, "vae"):  # TI2V-5B: no low-noise stage
         dtype = VAE_DTYPE if s == "vae" else resources[s].dtype
-        attention = attention_backend(cfg.model.attention_backend, resources[s].device, dtype, training=False) \
-            if s in EXPERTS else "native"
+        attention = (
+            attention_backend(cfg.model.attention_backend, resources[s].device, dtype, training=False)
+            if s in EXPERTS
+            else "native"
+        )
         stages[s] = plan_stage(model_dir, s, dtype, contract, frames, height, width, attention, i.batched_guidance)
         if s in EXPERTS:
             devices = {"serve": getattr(i, f"{s}_devices"), "batch": i.batch_devices, "validation": 1}[use]

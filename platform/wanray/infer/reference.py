@@ -1,5 +1,6 @@
 """diffusers' own WanPipeline (WanImageToVideoPipeline given an image) on a model directory: the
 reference wanray's sampler is held to."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,13 @@ from wanray import models
 from wanray.infer.sampler import GenerationParams, image_from_base64
 
 
-def wanpipeline_frames(model_dir, params: GenerationParams, boundary: float | None = None,
-                       flow_shift: float | None = None, first_block_cache: float = 0.0) -> np.ndarray:
+def wanpipeline_frames(
+    model_dir,
+    params: GenerationParams,
+    boundary: float | None = None,
+    flow_shift: float | None = None,
+    first_block_cache: float = 0.0,
+) -> np.ndarray:
     """(F, H, W, 3) float32 frames of diffusers' pipeline for the model's kind, fp32 on CPU:
     `WanPipeline(transformer, transformer_2, boundary_ratio)`, or WanImageToVideoPipeline when
     params.image is set; TI2V-5B's with its one transformer and expand_timesteps. `boundary` None
@@ -21,11 +27,16 @@ def wanpipeline_frames(model_dir, params: GenerationParams, boundary: float | No
     two = not kind.one_transformer
     if boundary is None and two:
         boundary = models.read_json(model_dir, "model_index.json")["boundary_ratio"]
-    parts = dict(tokenizer=models.load_tokenizer(model_dir), text_encoder=models.load_text_encoder(model_dir),
-                 vae=models.load_vae(model_dir), scheduler=models.load_scheduler(model_dir, flow_shift),
-                 transformer=models.load_expert(model_dir, "high"),
-                 transformer_2=models.load_expert(model_dir, "low") if two else None,
-                 boundary_ratio=boundary if two else None, expand_timesteps=kind.expand_timesteps)
+    parts = dict(
+        tokenizer=models.load_tokenizer(model_dir),
+        text_encoder=models.load_text_encoder(model_dir),
+        vae=models.load_vae(model_dir),
+        scheduler=models.load_scheduler(model_dir, flow_shift),
+        transformer=models.load_expert(model_dir, "high"),
+        transformer_2=models.load_expert(model_dir, "low") if two else None,
+        boundary_ratio=boundary if two else None,
+        expand_timesteps=kind.expand_timesteps,
+    )
     image = {} if params.image is None else {"image": image_from_base64(params.image)}
     if params.last_image is not None:
         image["last_image"] = image_from_base64(params.last_image)
@@ -37,8 +48,17 @@ def wanpipeline_frames(model_dir, params: GenerationParams, boundary: float | No
         for transformer in (pipe.transformer, pipe.transformer_2):
             if transformer is not None:
                 transformer.enable_cache(FirstBlockCacheConfig(threshold=first_block_cache))
-    out = pipe(prompt=params.prompt, negative_prompt=params.negative_prompt, height=params.height,
-               width=params.width, num_frames=params.num_frames, num_inference_steps=params.num_inference_steps,
-               guidance_scale=params.guidance_scale, guidance_scale_2=params.guidance_scale_2 if two else None,
-               generator=torch.Generator("cpu").manual_seed(params.seed), output_type="np", **image)
+    out = pipe(
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt,
+        height=params.height,
+        width=params.width,
+        num_frames=params.num_frames,
+        num_inference_steps=params.num_inference_steps,
+        guidance_scale=params.guidance_scale,
+        guidance_scale_2=params.guidance_scale_2 if two else None,
+        generator=torch.Generator("cpu").manual_seed(params.seed),
+        output_type="np",
+        **image,
+    )
     return out.frames[0]

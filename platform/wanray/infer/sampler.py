@@ -5,28 +5,31 @@
 
 Each stage loads only its own part of the model directory, so each can live on its own
 device, and takes the Wan2.2 contract of that directory (`wanray.wan`: switch rule, text
-length, latent shape and normalisation) from the driver that read it. What moves between the expert stages is a `DenoiseState`: the latents *and* the
-scheduler, because UniPC is multistep and keeps a history of model outputs. Every step
-reproduces diffusers' `WanPipeline.__call__` (same latent init, timesteps, expert switch,
-guidance formula and de-normalisation), so the frames equal WanPipeline's for the same
-weights, scheduler, prompts and seed. `Sampler` chains the stages in one process.
+length, latent shape and normalisation) from the driver that read it. What moves between the
+expert stages is a `DenoiseState`: the latents *and* the scheduler, because UniPC is multistep
+and keeps a history of model outputs. Every step reproduces diffusers' `WanPipeline.__call__`
+(same latent init, timesteps, expert switch, guidance formula and de-normalisation), so the
+frames equal WanPipeline's for the same weights, scheduler, prompts and seed. `Sampler` chains the
+stages in one process.
 """
+
 from __future__ import annotations
 
 import contextlib
 import copy
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from wanray import context_parallel, models
 from wanray.config import Config, attention_backend
-from wanray.sections import StageResources
-from wanray.encoding import encode_first_frame, encode_latents, encode_text
 from wanray.devices import accelerator, apply_attention_backend, torch_dtype
+from wanray.encoding import encode_first_frame, encode_latents, encode_text
 from wanray.schema import pad_text_embedding
+from wanray.sections import StageResources
 from wanray.wan import EXPERTS, VAE_DTYPE, WanContract, clean_frame_mask, first_frame_mask, token_timesteps
 
 
@@ -49,7 +52,12 @@ def image_from_base64(data: str, name: str = "image"):
         with Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as img:
             return img.convert("RGB")
     except (binascii.Error, ValueError, OSError, SyntaxError) as e:  # PIL: UnidentifiedImageError is an OSError
-        raise RequestError(f"{name} is not a base64-encoded PNG, JPEG or WebP file: {str(e).splitlines()[0][:120]}")
+        raise RequestError(
+            f"{name} is not a base64-encoded PNG, JPEG or WebP file: {str(e).splitlines()[0][:120]}"
+        ) from None
+
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 # UniPC state that set_timesteps and step keep on the compute device: timesteps, and the multistep
 # history (last solver_order model outputs, their timesteps, the last sample). sigmas stay on the CPU.
@@ -96,7 +104,7 @@ class DenoiseState:
 
     latents: torch.Tensor
     """(1, 16, (frames-1)/4+1, height/8, width/8), float32 like WanPipeline's."""
-    scheduler: object
+    scheduler: Any
     """The request's own scheduler: its timesteps and multistep history (model outputs, last sample)."""
     step: int
     """Index of the next timestep to run."""
@@ -105,8 +113,9 @@ class DenoiseState:
     condition latents, concatenated to the latents at every step; TI2V-5B's (1, 48, 1, H, W) image
     latent, which stands in for the first latent frame (WanImageToVideoPipeline does both)."""
 
-    def to(self, device: torch.device) -> "DenoiseState":
+    def to(self, device: torch.device) -> DenoiseState:
         """Move the latents and the scheduler's per-request tensors (the rest stays on the CPU, as in diffusers)."""
+
         def move(v):
             return [move(x) for x in v] if isinstance(v, list) else v.to(device) if torch.is_tensor(v) else v
 
@@ -168,22 +177,35 @@ class StageSpec:
         """Every stage in one validation actor (wanray.infer.validation), on train.validation.worker; with
         train.validation.offload only the running stage's model is on the device."""
         v = cfg.train.validation
-        return cls._make(model_dir, cfg, StageResources(text=v.worker, high=v.worker, low=v.worker, vae=v.worker),
-                         v.offload)
+        return cls._make(
+            model_dir, cfg, StageResources(text=v.worker, high=v.worker, low=v.worker, vae=v.worker), v.offload
+        )
 
     @classmethod
     def _make(cls, model_dir, cfg: Config, stages: StageResources, offload: bool = False) -> StageSpec:
-        attention = {e: attention_backend(cfg.model.attention_backend, getattr(stages, e).device,
-                                          getattr(stages, e).dtype, training=False) for e in EXPERTS}
-        return cls(str(model_dir), models.read_contract(model_dir, cfg.model), stages, cfg.infer.flow_shift,
-                   cfg.infer.torch_threads, attention, offload, cfg.infer.batched_guidance,
-                   cfg.infer.first_block_cache)
+        attention = {
+            e: attention_backend(
+                cfg.model.attention_backend, getattr(stages, e).device, getattr(stages, e).dtype, training=False
+            )
+            for e in EXPERTS
+        }
+        return cls(
+            str(model_dir),
+            models.read_contract(model_dir, cfg.model),
+            stages,
+            cfg.infer.flow_shift,
+            cfg.infer.torch_threads,
+            attention,
+            offload,
+            cfg.infer.batched_guidance,
+            cfg.infer.first_block_cache,
+        )
 
     def load_device(self, device: torch.device) -> torch.device:
         """Where a stage loads its model: host memory when offloading, else its device."""
         return torch.device("cpu") if self.offload else device
 
-    def hosted(self, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    def hosted(self, module: M, device: torch.device) -> M:
         """A stage's model as loaded: in pinned host memory when offloading (see pin_for)."""
         return pin_for(module, device) if self.offload else module
 
@@ -201,7 +223,7 @@ def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     return [*module.parameters(), *module.buffers()]
 
 
-def pin_for(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def pin_for(module: M, device: torch.device) -> M:
     """An offloaded model waits in page-locked host memory when its device is an accelerator: copies
     from it run at the link's speed without a staging buffer (pageable memory stays if pinning fails)."""
     if device.type == "cpu":
@@ -228,9 +250,14 @@ def resident(module: torch.nn.Module, device: torch.device, offload: bool):
         return
     # Each module's parameter and buffer slots get device copies and then their host tensors back
     # (the objects themselves: no set_data, which some device types refuse across devices).
-    slots = [(table, name, t) for m in module.modules() for table in (m._parameters, m._buffers)
-             for name, t in table.items() if t is not None]
-    copies: dict[int, torch.Tensor] = {}  # a tied tensor is copied once
+    slots = [
+        (table, name, t)
+        for m in module.modules()
+        for table in (m._parameters, m._buffers)
+        for name, t in table.items()
+        if t is not None
+    ]
+    copies: dict[int, Any] = {}  # a tied tensor is copied once
     try:
         for table, name, t in slots:
             if id(t) not in copies:
@@ -240,7 +267,7 @@ def resident(module: torch.nn.Module, device: torch.device, offload: bool):
         yield
     finally:
         for table, name, t in slots:
-            table[name] = t
+            table[name] = t  # type: ignore[assignment]  # the slot's own tensor back
 
 
 def frame_mask(state: DenoiseState, contract: WanContract) -> torch.Tensor | None:
@@ -258,8 +285,9 @@ class PromptEncoder:
         self.device, self.offload = spec.device("text"), spec.offload
         self.text_tokens = spec.contract.text_tokens
         self.tokenizer = models.load_tokenizer(spec.model_dir)
-        self.text_encoder = spec.hosted(models.load_text_encoder(spec.model_dir, spec.dtype("text"),
-                                                                 spec.load_device(self.device)), self.device)
+        self.text_encoder = spec.hosted(
+            models.load_text_encoder(spec.model_dir, spec.dtype("text"), spec.load_device(self.device)), self.device
+        )
 
     def encode(self, params: GenerationParams) -> TextEmbeddings:
         # One forward per prompt, as WanPipeline does: a batch of two could round differently.
@@ -280,8 +308,14 @@ class ExpertStage:
         None loads it from spec.model_dir."""
         self.device, self.offload = spec.device(expert), spec.offload
         self.expert_name, self.contract = expert, spec.contract
-        self.expert = model if model is not None else spec.hosted(
-            models.load_expert(spec.model_dir, expert, spec.dtype(expert), spec.load_device(self.device)), self.device)
+        self.expert = (
+            model
+            if model is not None
+            else spec.hosted(
+                models.load_expert(spec.model_dir, expert, spec.dtype(expert), spec.load_device(self.device)),
+                self.device,
+            )
+        )
         apply_attention_backend(self.expert, spec.attention[expert])
         if (ranks := spec.devices[expert]) > 1:  # one rank of a group (wanray.infer.group)
             context_parallel.enable(self.expert, ranks, 1, context_parallel.mesh(self.device, ranks, 1), self.device)
@@ -316,14 +350,20 @@ class ExpertStage:
         scheduler = copy.deepcopy(self.scheduler)
         scheduler.set_timesteps(params.num_inference_steps, device=self.device)
         scheduler.set_begin_index(0)
-        shape = self.contract.latent_shape(self.contract.kind.latent_channels, params.num_frames, params.height,
-                                           params.width)
+        shape = self.contract.latent_shape(
+            self.contract.kind.latent_channels, params.num_frames, params.height, params.width
+        )
         generator = torch.Generator("cpu").manual_seed(params.seed)  # noise drawn on the CPU, then moved
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         return DenoiseState(latents, scheduler, 0, None if condition is None else condition.to(self.device))
 
-    def denoise(self, params: GenerationParams, text: TextEmbeddings, state: DenoiseState | None = None,
-                condition: torch.Tensor | None = None) -> DenoiseState:
+    def denoise(
+        self,
+        params: GenerationParams,
+        text: TextEmbeddings,
+        state: DenoiseState | None = None,
+        condition: torch.Tensor | None = None,
+    ) -> DenoiseState:
         """Run this expert's steps: the high-noise stage starts from noise (and, for image to video, the
         first-frame `condition` from VideoDecoder.condition), the low-noise one from `state`."""
         if (state is None) != (self.expert_name == "high"):
@@ -358,9 +398,11 @@ class ExpertStage:
                 latent_input = latents if state.condition is None else torch.cat([latents, state.condition], dim=1)
                 timestep = t.expand(latents.shape[0])
             latent_input = latent_input.to(dtype)
+            uncond: torch.Tensor | None
             if negative is not None and self.batched_guidance:  # one forward of batch 2: twice the activations
-                noise, uncond = self._forward("both", i, torch.cat([latent_input] * 2), torch.cat([timestep] * 2),
-                                              torch.cat([prompt, negative])).chunk(2)
+                noise, uncond = self._forward(
+                    "both", i, torch.cat([latent_input] * 2), torch.cat([timestep] * 2), torch.cat([prompt, negative])
+                ).chunk(2)
             else:
                 noise = self._forward("cond", i, latent_input, timestep, prompt)
                 uncond = None if negative is None else self._forward("uncond", i, latent_input, timestep, negative)
@@ -369,14 +411,14 @@ class ExpertStage:
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
         return DenoiseState(latents, scheduler, max(stop, state.step), state.condition)
 
-
     def _forward(self, name: str, step: int, latents, timestep, text) -> torch.Tensor:
         """The expert's noise prediction; with the first-block cache, under the call's own cache context (the
         conditional and unconditional passes keep separate residuals, as in WanPipeline)."""
         context = self.expert.cache_context(name, step_index=step) if self.cached else contextlib.nullcontext()
         with context:
-            return self.expert(hidden_states=latents, timestep=timestep, encoder_hidden_states=text,
-                               return_dict=False)[0]
+            return self.expert(hidden_states=latents, timestep=timestep, encoder_hidden_states=text, return_dict=False)[
+                0
+            ]
 
 
 class VideoDecoder:
@@ -388,8 +430,13 @@ class VideoDecoder:
 
         self.device, self.offload, self.contract = spec.device("vae"), spec.offload, spec.contract
         # float32 whatever the stage's dtype
-        self.vae = vae if vae is not None else spec.hosted(
-            models.load_vae(spec.model_dir, torch_dtype(VAE_DTYPE), spec.load_device(self.device)), self.device)
+        self.vae = (
+            vae
+            if vae is not None
+            else spec.hosted(
+                models.load_vae(spec.model_dir, torch_dtype(VAE_DTYPE), spec.load_device(self.device)), self.device
+            )
+        )
         self.video_processor = VideoProcessor(vae_scale_factor=spec.contract.vae_scale_spatial)
 
     @torch.no_grad()
@@ -398,8 +445,14 @@ class VideoDecoder:
         I2V-A14B (1, 4 + 16, F, H, W), the frame mask and the normalised latent of [the image, zero
         frames] (or [image, zero frames, last image]); for TI2V-5B (1, 48, 1, H, W), the image's
         normalised latent."""
-        image, last = (None if data is None else self.video_processor.preprocess(
-            image_from_base64(data), height=params.height, width=params.width) for data in (params.image, params.last_image))
+        image, last = (
+            None
+            if data is None
+            else self.video_processor.preprocess(image_from_base64(data), height=params.height, width=params.width)
+            for data in (params.image, params.last_image)
+        )
+        if image is None:
+            raise ValueError("condition() takes a request with an image")
         with resident(self.vae, self.device, self.offload):
             if self.contract.kind.expand_timesteps:
                 return encode_latents(self.vae, image[:, :, None]).float().cpu()

@@ -16,28 +16,36 @@ latents and scheduler state go stage to stage through the object store, not thro
 the ingress. Each stage runs one request at a time (a device runs one denoising loop),
 so while request 1 is in the low-noise stage request 2 already runs in the high-noise stage.
 """
+
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from ray import serve
 from ray.serve.config import BackpressureConfig
 
 from wanray.config import Config
-from wanray.infer.api import (Busy, Generate, Generated, OnStage, OutputFormat, build_api, serving_token,
-                              token_matches)
-from wanray.infer.group import ExpertGroup
+from wanray.infer.api import Busy, Generate, Generated, OnStage, OutputFormat, build_api, serving_token, token_matches
 from wanray.infer.browse import absolute_roots
-from wanray.infer.sampler import (Cancelled, DenoiseState, ExpertStage, GenerationParams, PromptEncoder, StageSpec,
-                                  VideoDecoder)
+from wanray.infer.group import ExpertGroup
+from wanray.infer.sampler import (
+    Cancelled,
+    DenoiseState,
+    ExpertStage,
+    GenerationParams,
+    PromptEncoder,
+    StageSpec,
+    VideoDecoder,
+)
 from wanray.infer.video import mp4_bytes, npy_bytes
 
 APP_NAME = "wanray"
@@ -86,11 +94,16 @@ class QueuedStage:
         self.runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self.lock = threading.Lock()
         self.waiting, self.running = 0, 0
-        self.depth_gauge = Gauge("wanray_stage_queue_depth", "Requests waiting in a stage replica's queue",
-                                 tag_keys=("stage",))
+        self.depth_gauge = Gauge(
+            "wanray_stage_queue_depth", "Requests waiting in a stage replica's queue", tag_keys=("stage",)
+        )
         self.depth_gauge.set_default_tags({"stage": name})
-        self.seconds = Histogram("wanray_stage_seconds", "Seconds a stage replica ran a request",
-                                 boundaries=SECONDS_BUCKETS, tag_keys=("stage",))
+        self.seconds = Histogram(
+            "wanray_stage_seconds",
+            "Seconds a stage replica ran a request",
+            boundaries=SECONDS_BUCKETS,
+            tag_keys=("stage",),
+        )
         self.seconds.set_default_tags({"stage": name})
         self.depth_gauge.set(0)
 
@@ -132,8 +145,11 @@ class QueuedStage:
             done, _ = await asyncio.wait({result}, timeout=self.timeout_s)
             if not done and call.cancel():  # still queued after infer.queue_timeout_s: it never runs
                 self._count(waiting=-1)
-                raise Busy(f"waited {time.monotonic() - queued:.0f} s in the {self.name} queue (infer.queue_timeout_s "
-                           f"{self.timeout_s:g}): try again later", retry_after=max(1, round(self.timeout_s / 10)))
+                raise Busy(
+                    f"waited {time.monotonic() - queued:.0f} s in the {self.name} queue (infer.queue_timeout_s "
+                    f"{self.timeout_s:g}): try again later",
+                    retry_after=max(1, round(self.timeout_s / 10)),
+                )
             return await result  # running by now: it finishes
         except asyncio.CancelledError:  # Serve cancels the call when the request's client disconnects
             stop.set()
@@ -154,8 +170,11 @@ class Admission:
 
     def enter(self) -> None:
         if self.admitted >= self.capacity:
-            raise Busy(f"{self.admitted} requests are in the pipeline, its capacity ((infer.max_queued + 1) x "
-                       "replicas): try again later", self.retry_after())
+            raise Busy(
+                f"{self.admitted} requests are in the pipeline, its capacity ((infer.max_queued + 1) x "
+                "replicas): try again later",
+                self.retry_after(),
+            )
         self.admitted += 1
 
     def leave(self, seconds: dict[str, float] | None = None) -> None:
@@ -170,8 +189,11 @@ class Admission:
 
 
 # Connections beyond these (the UI's and health calls too) get Serve's own 503 from the proxy, not an unbounded wait.
-@serve.deployment(max_ongoing_requests=64, max_queued_requests=64,
-                  backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1))
+@serve.deployment(
+    max_ongoing_requests=64,
+    max_queued_requests=64,
+    backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
+)
 @serve.ingress()
 class Ingress:
     """HTTP entry point: validates requests, moves each through the four stages, serves the UI."""
@@ -181,12 +203,17 @@ class Ingress:
 
         self.text_encoder, self.high, self.low, self.vae = text_encoder, high, low, vae
         self.cfg, self.model_dir, self.ui, self.token = cfg, model_dir, ui, token
-        self.stages = {k: v for k, v in (("text", text_encoder), ("high", high), ("low", low), ("vae", vae))
-                       if v is not None}  # TI2V-5B: no low-noise stage
+        self.stages = {
+            k: v for k, v in (("text", text_encoder), ("high", high), ("low", low), ("vae", vae)) if v is not None
+        }  # TI2V-5B: no low-noise stage
         self.admission = Admission(cfg.infer.max_queued, min(getattr(cfg.infer.replicas, s) for s in self.stages))
         self.requests = Counter("wanray_requests_total", "/v1/generate requests by outcome", tag_keys=("outcome",))
-        self.latency = Histogram("wanray_request_seconds", "Seconds from request to response, by outcome",
-                                 boundaries=SECONDS_BUCKETS, tag_keys=("outcome",))
+        self.latency = Histogram(
+            "wanray_request_seconds",
+            "Seconds from request to response, by outcome",
+            boundaries=SECONDS_BUCKETS,
+            tag_keys=("outcome",),
+        )
 
     def count(self, outcome: str, seconds: float) -> None:
         self.requests.inc(tags={"outcome": outcome})
@@ -196,12 +223,15 @@ class Ingress:
         async def depth(handle):
             try:
                 return await asyncio.wait_for(handle.depth.remote(), timeout=5)
-            except Exception as e:  # noqa: BLE001 - a stage that cannot answer is reported, not raised
+            except Exception as e:
                 return {"error": f"{type(e).__name__}"}
 
         depths = await asyncio.gather(*(depth(h) for h in self.stages.values()))
-        return {"in_pipeline": self.admission.admitted, "capacity": self.admission.capacity,
-                "stages": dict(zip(self.stages, depths))}
+        return {
+            "in_pipeline": self.admission.admitted,
+            "capacity": self.admission.capacity,
+            "stages": dict(zip(self.stages, depths)),
+        }
 
     async def generate(self, params: GenerationParams, output: OutputFormat, on_stage: OnStage | None) -> Generated:
         self.admission.enter()  # Busy (503) when the pipeline is full
@@ -215,7 +245,9 @@ class Ingress:
             video = self.vae.run.remote("render", low, output, self.cfg.data.fps)
             calls = [c for c in (text, condition, high, low, video) if c is not None]
             if on_stage is not None:  # the UI's progress: wait on each stage (this fetches its result here)
-                stages = zip(PROGRESS, (text, high, low)) if self.low is not None else zip(ONE_TRANSFORMER, (text, high))
+                stages = (
+                    zip(PROGRESS, (text, high, low)) if self.low is not None else zip(ONE_TRANSFORMER, (text, high))
+                )
                 for (fraction, what), response in stages:
                     await response
                     on_stage(fraction, what)
@@ -242,10 +274,13 @@ class Ingress:
 
         login = {}
         if self.token:  # the page asks for the token as its password (any user name)
-            login = dict(auth=lambda _user, password: token_matches(f"Bearer {password}", self.token),
-                         auth_message="wanray: enter the server's API token as the password (any user name)")
-        return gr.mount_gradio_app(app, self.ui(self.generate, self.cfg, self.model_dir, self.preview), path=UI_PATH,
-                                   ssr_mode=False, **login)
+            login = dict(
+                auth=lambda _user, password: token_matches(f"Bearer {password}", self.token),
+                auth_message="wanray: enter the server's API token as the password (any user name)",
+            )
+        return gr.mount_gradio_app(
+            app, self.ui(self.generate, self.cfg, self.model_dir, self.preview), path=UI_PATH, ssr_mode=False, **login
+        )
 
 
 def build_app(cfg: Config, model_dir: str, ui: BuildUI | None = None):
@@ -266,11 +301,19 @@ def build_app(cfg: Config, model_dir: str, ui: BuildUI | None = None):
         resources, devices = getattr(cfg.infer.stages, short), spec.devices.get(short, 1)
         group = {"placement_group_bundles": [resources.bundle()] * devices} if devices > 1 else {}
         n, top = getattr(cfg.infer.replicas, short), getattr(cfg.infer.max_replicas, short)
-        scale = {"num_replicas": n} if not top else {"autoscaling_config": {
-            "min_replicas": n, "max_replicas": top, "target_ongoing_requests": 1}}
-        return serve.deployment(QueuedStage, name=name, max_ongoing_requests=ongoing,
-                                ray_actor_options=resources.ray_options(), **group, **scale).bind(
-            short, cfg.infer.queue_timeout_s, stage_cls, *args)
+        scale = (
+            {"num_replicas": n}
+            if not top
+            else {"autoscaling_config": {"min_replicas": n, "max_replicas": top, "target_ongoing_requests": 1}}
+        )
+        return serve.deployment(
+            QueuedStage,
+            name=name,
+            max_ongoing_requests=ongoing,
+            ray_actor_options=resources.ray_options(),
+            **group,
+            **scale,
+        ).bind(short, cfg.infer.queue_timeout_s, stage_cls, *args)
 
     def expert(name: str, e: str):  # on several devices: one replica holding a group of ranks
         return stage(name, e, ExpertGroup if spec.devices[e] > 1 else ExpertStage, spec, e)
@@ -279,7 +322,7 @@ def build_app(cfg: Config, model_dir: str, ui: BuildUI | None = None):
     high = expert("high_noise_expert", "high")
     low = None if spec.contract.kind.one_transformer else expert("low_noise_expert", "low")
     vae = stage("vae_decoder", "vae", VideoStage, spec)
-    ingress = Ingress.options(ray_actor_options={"num_cpus": cfg.infer.ingress_cpus})
+    ingress = Ingress.options(ray_actor_options={"num_cpus": cfg.infer.ingress_cpus})  # type: ignore[attr-defined]  # a Serve deployment
     return ingress.bind(text, high, low, vae, cfg, str(model_dir), ui, serving_token(cfg))
 
 
@@ -300,7 +343,5 @@ def remove_app() -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
+    with contextlib.suppress(RayServeException):  # "There is no Serve instance running on this Ray cluster"
         serve.delete(APP_NAME)
-    except RayServeException:  # "There is no Serve instance running on this Ray cluster"
-        pass

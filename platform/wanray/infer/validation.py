@@ -12,8 +12,10 @@ latest checkpoint when it is being trained too, else the base weights: the video
 run would export at that step. Prompts, seed and size are the same at every step, so the videos
 compare across steps.
 """
+
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import threading
@@ -39,10 +41,18 @@ def validation_prompts(cfg: Config, model_dir) -> list[GenerationParams]:
     prompts_file's lines. A bad size, prompt or image fails here, in the driver."""
     v, d = cfg.train.validation, cfg.data
     defaults = dataclasses.replace(
-        cfg, data=dataclasses.replace(d, height=v.height or d.height, width=v.width or d.width,
-                                      num_frames=v.num_frames or d.num_frames),
-        infer=dataclasses.replace(cfg.infer, num_inference_steps=v.num_inference_steps, seed=v.seed,
-                                  guidance_scale=v.guidance_scale, guidance_scale_2=v.guidance_scale_2))
+        cfg,
+        data=dataclasses.replace(
+            d, height=v.height or d.height, width=v.width or d.width, num_frames=v.num_frames or d.num_frames
+        ),
+        infer=dataclasses.replace(
+            cfg.infer,
+            num_inference_steps=v.num_inference_steps,
+            seed=v.seed,
+            guidance_scale=v.guidance_scale,
+            guidance_scale_2=v.guidance_scale_2,
+        ),
+    )
     kind = models.read_kind(model_dir)
     texts, lines = list(v.prompts), []
     try:
@@ -55,11 +65,14 @@ def validation_prompts(cfg: Config, model_dir) -> list[GenerationParams]:
             else:
                 texts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if v.images and len(v.images) != len(texts):
-            raise ConfigError(f"train.validation.images holds {len(v.images)} images for {len(texts)} prompts "
-                              "(train.validation.prompts and a plain prompts_file): give one per prompt")
-        images = [image_file(Path(path)) for path in v.images] or [None] * len(texts)
-        return [resolve(GenerateRequest(prompt=text, image=image), defaults, kind)
-                for text, image in zip(texts, images)] + lines
+            raise ConfigError(
+                f"train.validation.images holds {len(v.images)} images for {len(texts)} prompts "
+                "(train.validation.prompts and a plain prompts_file): give one per prompt"
+            )
+        images: list[str | None] = [image_file(Path(path)) for path in v.images] or [None] * len(texts)
+        return [
+            resolve(GenerateRequest(prompt=text, image=image), defaults, kind) for text, image in zip(texts, images)
+        ] + lines
     except RequestError as e:
         raise ConfigError(f"train.validation: {e}") from None
 
@@ -67,8 +80,16 @@ def validation_prompts(cfg: Config, model_dir) -> list[GenerationParams]:
 class Validator:
     """The actor: renders in a thread of its own, so `submit` returns at once."""
 
-    def __init__(self, spec: StageSpec, prompts: list[GenerationParams], expert: str, run_dir: str, fps: float,
-                 lora=None, tracker: str = "none"):
+    def __init__(
+        self,
+        spec: StageSpec,
+        prompts: list[GenerationParams],
+        expert: str,
+        run_dir: str,
+        fps: float,
+        lora=None,
+        tracker: str = "none",
+    ):
         self.sampler = Sampler(spec)
         self.prompts, self.expert, self.run_dir, self.fps, self.lora = prompts, expert, Path(run_dir), fps, lora
         self.model_dir = spec.model_dir
@@ -97,7 +118,7 @@ class Validator:
         while True:
             with self.changed:
                 self.changed.wait_for(lambda: self.pending is not None)
-                step, self.pending, self.busy = self.pending, None, True
+                step, self.pending, self.busy = self.pending or 0, None, True  # not None: waited for
             try:
                 record = self._render(step)
             except Exception as e:  # a failed render is recorded; training goes on
@@ -117,6 +138,7 @@ class Validator:
         if self.loaded.get(expert) == checkpoint:
             return
         stage = self.sampler.high if expert == "high" else self.sampler.low
+        assert stage is not None, f"{expert}: the model has no such expert"
         for weights, _ in expert_state_groups(self.model_dir, expert, checkpoint, self.lora):
             missing = set(weights) - set(stage.expert.state_dict())
             if missing:
@@ -134,10 +156,8 @@ class Validator:
         self._load(self.expert, checkpoint)
         for other in ("high", "low"):
             if other != self.expert and getattr(self.sampler, other) is not None and (self.run_dir / other).is_dir():
-                try:
+                with contextlib.suppress(FileNotFoundError):  # no checkpoint yet: the other's base weights
                     self._load(other, latest_checkpoint(self.run_dir, other))
-                except FileNotFoundError:
-                    pass  # the other expert has no checkpoint yet: its base weights
         out = self.run_dir / self.expert / "validation" / f"step_{step}"
         out.mkdir(parents=True, exist_ok=True)
         videos = []
@@ -147,9 +167,14 @@ class Validator:
             self.tracker.video(f"validation/{i:02d}", frames, step, self.fps)
             videos.append(path.name)
         write_json_atomic([p.prompt for p in self.prompts], out / "prompts.json")
-        return {"step": step, "checkpoint": str(checkpoint), "videos": [str(out / v) for v in videos],
-                "other": {e: str(c) for e, c in self.loaded.items() if e != self.expert},
-                "started": start, "seconds": round(time.time() - start, 3)}
+        return {
+            "step": step,
+            "checkpoint": str(checkpoint),
+            "videos": [str(out / v) for v in videos],
+            "other": {e: str(c) for e, c in self.loaded.items() if e != self.expert},
+            "started": start,
+            "seconds": round(time.time() - start, 3),
+        }
 
 
 class Validation:
@@ -164,8 +189,15 @@ class Validation:
         import ray
 
         actor = ray.remote(Validator).options(**self.cfg.train.validation.worker.ray_options())
-        return actor.remote(self.spec, self.prompts, expert, str(Path(run_dir).resolve()), self.cfg.data.fps,
-                            self.cfg.train.lora, self.cfg.train.tracker)
+        return actor.remote(
+            self.spec,
+            self.prompts,
+            expert,
+            str(Path(run_dir).resolve()),
+            self.cfg.data.fps,
+            self.cfg.train.lora,
+            self.cfg.train.tracker,
+        )
 
     @staticmethod
     def finish(actor, log=print) -> list[dict]:
@@ -173,10 +205,16 @@ class Validation:
 
         records = ray.get(actor.drain.remote())
         for r in records:
-            log(f"[validate] step {r['step']}: " + (r["error"] if "error" in r else
-                                                    f"{len(r['videos'])} video{'s' * (len(r['videos']) != 1)} in "
-                                                    f"{Path(r['videos'][0]).parent} "
-                                                    f"({r['seconds']:.1f} s)"))
+            log(
+                f"[validate] step {r['step']}: "
+                + (
+                    r["error"]
+                    if "error" in r
+                    else f"{len(r['videos'])} video{'s' * (len(r['videos']) != 1)} in "
+                    f"{Path(r['videos'][0]).parent} "
+                    f"({r['seconds']:.1f} s)"
+                )
+            )
         Validation.stop(actor)
         return records
 

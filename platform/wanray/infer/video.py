@@ -1,4 +1,5 @@
 """Generated frames as the bytes a user receives: an H.264 mp4, or the raw float frames as .npy."""
+
 from __future__ import annotations
 
 import io

@@ -8,18 +8,23 @@ A checkpoint holds three Stateful objects under fixed keys:
 Noise, timesteps and caption dropout are drawn per global batch from generators seeded by
 (seed, epoch, batch index), so the data position restores the random stream too.
 """
+
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.checkpoint.stateful import Stateful
 
 from wanray import models
@@ -78,8 +83,11 @@ class TrainState(Stateful):
 
 
 def app_state(model, optimizer, lr_scheduler, progress: Progress, lora: bool = False) -> dict:
-    return {"model": ModelState(model, adapters_only=lora), "optim": OptimizerState(model, optimizer),
-            "train": TrainState(progress, lr_scheduler)}
+    return {
+        "model": ModelState(model, adapters_only=lora),
+        "optim": OptimizerState(model, optimizer),
+        "train": TrainState(progress, lr_scheduler),
+    }
 
 
 def save(state: dict, directory) -> None:
@@ -96,8 +104,10 @@ def check_resumable(directory) -> None:
     """A DataError for a checkpoint this wanray cannot resume from (one written before the seeded data order)."""
     keys = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
     if not all(f"train.{k}" in keys for k in ("batches_in_epoch", "data_fingerprint")):
-        raise DataError(f"{directory} was written by an earlier wanray (no data position of the seeded order): "
-                        "it cannot be resumed; train into a new --out directory")
+        raise DataError(
+            f"{directory} was written by an earlier wanray (no data position of the seeded order): "
+            "it cannot be resumed; train into a new --out directory"
+        )
 
 
 def load_model_weights(model, directory) -> None:
@@ -108,6 +118,7 @@ def load_model_weights(model, directory) -> None:
 
 
 # ---- single-process tools: export and conversion (no process group needed) ----
+
 
 def merge_lora(state: dict, scale: float) -> tuple[dict, dict]:
     """(plain diffusers state dict with W + scale * B @ A folded in, adapter tensors by module)."""
@@ -150,12 +161,13 @@ def expert_state_groups(model_path, expert: str, checkpoint_dir, lora=None) -> I
             if scale is None:
                 yield trained, {}
                 continue
-            frozen = {n: base.get(checkpoint_name(n)).to(t.dtype) for n, t in members if ".lora_" not in n}
+            frozen = {n: base.get(name).to(t.dtype) for n, t in members if (name := checkpoint_name(n)) is not None}
             yield merge_lora({**frozen, **trained}, scale)
 
 
-def export_diffusers(model_path, out_dir, experts: dict[str, Path], boundary: float | None, lora=None,
-                     max_shard_bytes: int = 5 * 10**9) -> Path:
+def export_diffusers(
+    model_path, out_dir, experts: dict[str, Path], boundary: float | None, lora=None, max_shard_bytes: int = 5 * 10**9
+) -> Path:
     """Copy the base directory to out_dir with each trained expert's weights in place.
 
     The weights stream from the checkpoint one transformer block at a time into safetensors shards
@@ -184,9 +196,14 @@ def export_diffusers(model_path, out_dir, experts: dict[str, Path], boundary: fl
             folder = shards.close()
             if adapter:
                 WanPipeline.save_lora_weights(
-                    folder / "lora", transformer_lora_layers={k: v.contiguous() for k, v in adapter.items()},
-                    transformer_lora_adapter_metadata={"r": lora.rank, "lora_alpha": lora.alpha,
-                                                       "target_modules": list(lora.target_modules)})
+                    folder / "lora",
+                    transformer_lora_layers={k: v.contiguous() for k, v in adapter.items()},
+                    transformer_lora_adapter_metadata={
+                        "r": lora.rank,
+                        "lora_alpha": lora.alpha,
+                        "target_modules": list(lora.target_modules),
+                    },
+                )
     return out
 
 
@@ -203,13 +220,17 @@ def diffusers_to_dcp(model_path, expert: str, out_dir) -> Path:
     shapes = build_on_meta(model_path, expert).state_dict()
     out = Path(out_dir)
     with models.ExpertWeights(model_path, expert) as weights, atomic_path(out, replace_dir=True) as tmp:
+
         def read(fqn: str) -> torch.Tensor:
-            name = fqn[len("model."):]
+            name = fqn[len("model.") :]
             return weights.get(name).to(shapes[name].dtype)
 
-        dcp.save({"model": shapes}, storage_writer=FileSystemWriter(str(tmp), single_file_per_rank=False,
-                                                                   thread_count=1),
-                 planner=_LazySavePlanner(read), no_dist=True)
+        dcp.save(
+            {"model": shapes},
+            storage_writer=FileSystemWriter(str(tmp), single_file_per_rank=False, thread_count=1),
+            planner=_LazySavePlanner(read),
+            no_dist=True,
+        )
     return out
 
 

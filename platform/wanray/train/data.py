@@ -13,15 +13,16 @@ batches consumed), so a resumed run reads exactly the clips the uninterrupted ru
 also on another worker count with the same G. Clips of different latent shapes cannot be
 stacked, so a batch holds one shape; a shape's last, unfilled batch of an epoch goes out smaller.
 """
+
 from __future__ import annotations
 
 import hashlib
 import queue
 import threading
 from collections import Counter, OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -31,8 +32,15 @@ from wanray.data.shards import shard_paths
 from wanray.schema import TRAINING_READS, check_version, decode_tensor, pad_text_embedding
 
 CONDITION_COLUMNS = ["condition", "condition_shape", "condition_dtype"]
-TENSOR_COLUMNS = ["id", "latent", "latent_shape", "latent_dtype", "text_embedding", "text_embedding_shape",
-                  "text_embedding_dtype"]
+TENSOR_COLUMNS = [
+    "id",
+    "latent",
+    "latent_shape",
+    "latent_dtype",
+    "text_embedding",
+    "text_embedding_shape",
+    "text_embedding_dtype",
+]
 
 
 @dataclass
@@ -61,18 +69,23 @@ class ClipIndex:
         paths = shard_paths(data_dir)
         if not paths:
             raise FileNotFoundError(f"no preprocessed clips (part-*.parquet) in {data_dir}")
-        files, rows, shapes, conditioned = [str(p.resolve()) for p in paths], [], {}, True
+        files, rows, conditioned = [str(p.resolve()) for p in paths], [], True
+        shapes: dict[tuple[int, ...], int] = {}
         for f, path in enumerate(paths):
             pf = pq.ParquetFile(path)
             check_version(pf.schema_arrow, str(path), TRAINING_READS)
             column = iter(pf.read(columns=["latent_shape"]).column("latent_shape").to_pylist())
-            conditioned = conditioned and "condition_shape" in pf.schema_arrow.names and \
-                pf.read(columns=["condition_shape"]).column("condition_shape").null_count == 0
+            conditioned = (
+                conditioned
+                and "condition_shape" in pf.schema_arrow.names
+                and pf.read(columns=["condition_shape"]).column("condition_shape").null_count == 0
+            )
             for g in range(pf.num_row_groups):
                 for r in range(pf.metadata.row_group(g).num_rows):
                     rows.append((f, g, r, shapes.setdefault(tuple(next(column)), len(shapes))))
         table = np.array(rows, dtype=np.int64).reshape(-1, 4)
-        return cls(files, *(table[:, i].copy() for i in range(4)), shapes=list(shapes), conditioned=conditioned)
+        file, row_group, row, shape = (table[:, i].copy() for i in range(4))
+        return cls(files, file, row_group, row, shape, shapes=list(shapes), conditioned=conditioned)
 
     def tokens(self, shape_id: int) -> int:
         """DiT tokens of one clip of that shape: F x H/2 x W/2 (patch 1x2x2)."""
@@ -103,7 +116,7 @@ class EpochBatches:
         return len(self.starts)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return self.clips[self.starts[i]:self.ends[i]]
+        return self.clips[self.starts[i] : self.ends[i]]
 
 
 def epoch_batches(index: ClipIndex, epoch: int, seed: int, batch_size: int | np.ndarray) -> EpochBatches:
@@ -146,8 +159,9 @@ class DataPlan:
     G of them; the few left out are others each epoch. With `scale_by_tokens`, a shape's batches hold
     batch_size x (tokens of the largest shape / its tokens) clips, so every batch costs about the same."""
 
-    def __init__(self, index: ClipIndex, batch_size: int, seed: int, world: int, grad_accum: int,
-                 scale_by_tokens: bool = False):
+    def __init__(
+        self, index: ClipIndex, batch_size: int, seed: int, world: int, grad_accum: int, scale_by_tokens: bool = False
+    ):
         self.index, self.batch_size, self.seed = index, batch_size, seed
         self.world, self.grad_accum, self.scale_by_tokens = world, grad_accum, scale_by_tokens
         self.per_step = world * grad_accum  # G: global batches per optimizer step
@@ -165,16 +179,19 @@ class DataPlan:
     def steps(self, epoch: int, start: int, rank: int) -> Iterator[StepPlan]:
         """Rank `rank`'s steps from data position (epoch, start) on, forever (epoch after epoch)."""
         while True:
-            batches = epoch_batches(self.index, epoch, self.seed, self.sizes if self.scale_by_tokens
-                                    else self.batch_size)
+            batches = epoch_batches(
+                self.index, epoch, self.seed, self.sizes if self.scale_by_tokens else self.batch_size
+            )
             usable = len(batches) - len(batches) % self.per_step
             if usable == 0:
-                raise RuntimeError(f"an epoch holds {len(batches)} batches of train.batch_size={self.batch_size}, "
-                                   f"but one step takes {self.per_step} (train.workers x train.grad_accum): "
-                                   f"too few clips ({len(self.index)})")
+                raise RuntimeError(
+                    f"an epoch holds {len(batches)} batches of train.batch_size={self.batch_size}, "
+                    f"but one step takes {self.per_step} (train.workers x train.grad_accum): "
+                    f"too few clips ({len(self.index)})"
+                )
             while start + self.per_step <= usable:
                 picks = [start + m * self.world + rank for m in range(self.grad_accum)]
-                shapes = Counter()
+                shapes: Counter[int] = Counter()
                 for i in range(start, start + self.per_step):
                     shapes[int(self.index.shape[batches[i][0]])] += len(batches[i])
                 yield StepPlan(epoch, start, [(i, batches[i]) for i in picks], sum(shapes.values()), dict(shapes))
@@ -232,10 +249,12 @@ class ClipReader:
         columns = TENSOR_COLUMNS + (CONDITION_COLUMNS if ix.conditioned else [])
         table = self._file(int(ix.file[clip])).read_row_group(int(ix.row_group[clip]), columns=columns)
         row = table.slice(int(ix.row[clip]), 1).to_pylist()[0]
-        out = (row["id"], decode_tensor(row["latent"], row["latent_shape"], row["latent_dtype"]),
-               decode_tensor(row["text_embedding"], row["text_embedding_shape"], row["text_embedding_dtype"]),
-               decode_tensor(row["condition"], row["condition_shape"], row["condition_dtype"]) if ix.conditioned
-               else None)
+        out = (
+            row["id"],
+            decode_tensor(row["latent"], row["latent_shape"], row["latent_dtype"]),
+            decode_tensor(row["text_embedding"], row["text_embedding_shape"], row["text_embedding_dtype"]),
+            decode_tensor(row["condition"], row["condition_shape"], row["condition_dtype"]) if ix.conditioned else None,
+        )
         size = out[1].nbytes + out[2].nbytes + (out[3].nbytes if out[3] is not None else 0)
         if self.cached + size <= self.cache_bytes:
             self.cache[clip], self.cached = out, self.cached + size
@@ -243,10 +262,14 @@ class ClipReader:
 
     def batch(self, clips: np.ndarray, epoch: int, index: int, text_tokens: int) -> Batch:
         read = [self.read(int(c)) for c in clips]
-        return Batch(torch.stack([c[1] for c in read]), torch.stack([pad_text_embedding(c[2], text_tokens)
-                                                                     for c in read]),
-                     [c[0] for c in read], epoch, index,
-                     torch.stack([c[3] for c in read]) if self.index.conditioned else None)
+        return Batch(
+            torch.stack([c[1] for c in read]),
+            torch.stack([pad_text_embedding(c[2], text_tokens) for c in read]),
+            [c[0] for c in read],
+            epoch,
+            index,
+            torch.stack([c[3] for c in read if c[3] is not None]) if self.index.conditioned else None,
+        )
 
 
 @dataclass
@@ -263,8 +286,9 @@ class StepData:
 class ClipLoader:
     """A rank's steps, read one step ahead in a background thread (pyarrow and decoding release the GIL)."""
 
-    def __init__(self, plan: DataPlan, reader: ClipReader, epoch: int, start: int, rank: int, text_tokens: int,
-                 depth: int = 2):
+    def __init__(
+        self, plan: DataPlan, reader: ClipReader, epoch: int, start: int, rank: int, text_tokens: int, depth: int = 2
+    ):
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         steps = plan.steps(epoch, start, rank)

@@ -8,6 +8,7 @@ The sampler hands a step to the high-noise expert by the contract's switch rule
 Training uses exactly that rule: u is drawn only from the part of (0, 1) whose shifted t falls
 on the expert's side, so an expert never learns a range it never sees at inference.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,8 +28,9 @@ def unshift_sigma(s: float, shift: float) -> float:
     return s / (shift - (shift - 1) * s)
 
 
-def sample_timesteps(n: int, expert: str, contract: WanContract, shift: float,
-                     generator: torch.Generator) -> torch.Tensor:
+def sample_timesteps(
+    n: int, expert: str, contract: WanContract, shift: float, generator: torch.Generator
+) -> torch.Tensor:
     """`n` float32 timesteps in [0, num_train_timesteps] on `expert`'s side of the boundary."""
     u_b = unshift_sigma(contract.boundary, shift)  # u whose shifted timestep is the boundary
     lo, hi = (u_b, 1.0) if expert == "high" else (0.0, u_b)
@@ -41,8 +43,9 @@ def sample_timesteps(n: int, expert: str, contract: WanContract, shift: float,
     return torch.where(contract.uses_high_expert(t), edge.nextafter(torch.tensor(0.0)), t)
 
 
-def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                  num_train_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
+def noisy_latents(
+    x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, num_train_timesteps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_t, target) for latents x0 (B, C, F, H, W) at timesteps t (B,)."""
     s = (t / num_train_timesteps).to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
     return (1 - s) * x0 + s * noise, noise - x0
@@ -69,8 +72,15 @@ def batch_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def draw_flow(latent_shape: tuple[int, ...], expert: str, contract: WanContract, shift: float,
-              caption_dropout: float, seed: int, image_condition: float = 0.0) -> FlowDraw:
+def draw_flow(
+    latent_shape: tuple[int, ...],
+    expert: str,
+    contract: WanContract,
+    shift: float,
+    caption_dropout: float,
+    seed: int,
+    image_condition: float = 0.0,
+) -> FlowDraw:
     gen = torch.Generator().manual_seed(seed)
     b = latent_shape[0]
     drop = torch.rand(b, generator=gen) < caption_dropout

@@ -1,4 +1,5 @@
 """The per-worker training loop Ray Train runs on every rank of one expert's worker group."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +11,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -24,10 +26,17 @@ from wanray.errors import NonFiniteLoss
 from wanray.schema import pad_text_embedding
 from wanray.train import checkpoint as ckpt
 from wanray.train.data import Batch, ClipIndex, ClipLoader, ClipReader, DataPlan, StepData
-from wanray.train.tracking import Tracker
 from wanray.train.flow import FlowDraw, batch_seed, draw_flow, keep_first_frame, noisy_latents
-from wanray.train.parallel import (apply_fsdp, build_on_meta, init_lora, load_expert_shards, materialize,
-                                   shard_stats, trainable_parameters)
+from wanray.train.parallel import (
+    apply_fsdp,
+    build_on_meta,
+    init_lora,
+    load_expert_shards,
+    materialize,
+    shard_stats,
+    trainable_parameters,
+)
+from wanray.train.tracking import Tracker
 from wanray.wan import WanContract, first_frame_mask
 
 STEP_FILE = "wanray_step.json"
@@ -52,7 +61,7 @@ class LoopSpec:
     """Unpadded empty-prompt embedding (caption dropout)."""
     run_dir: str
     """Where rank 0 appends metrics.jsonl and every data-parallel rank its data_order/ record."""
-    validator: object = None
+    validator: Any = None
     """The validation actor (wanray.infer.validation.Validator) rank 0 tells of each validation step's
     checkpoint once it is reported; None: no validation."""
 
@@ -67,6 +76,7 @@ def lr_lambda(cfg: Config):
             done = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
             return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
         return 1.0
+
     return factor
 
 
@@ -98,15 +108,28 @@ def build_model(spec: LoopSpec, device: torch.device, fresh: bool):
 
 def build_optimizer(spec: LoopSpec, params: list, device: torch.device):
     t = spec.cfg.train
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
-                                  fused=device.type != "cpu")
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=t.lr,
+        betas=(t.betas[0], t.betas[1]),
+        eps=t.eps,
+        weight_decay=t.weight_decay,
+        fused=device.type != "cpu",
+    )
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.cfg))
 
 
 def draw_for(batch: Batch, spec: LoopSpec) -> FlowDraw:
     t = spec.cfg.train
-    return draw_flow(tuple(batch.latents.shape), spec.expert, spec.contract, t.timestep_shift, t.caption_dropout,
-                     batch_seed(t.seed, batch.epoch, batch.index), t.image_condition)
+    return draw_flow(
+        tuple(batch.latents.shape),
+        spec.expert,
+        spec.contract,
+        t.timestep_shift,
+        t.caption_dropout,
+        batch_seed(t.seed, batch.epoch, batch.index),
+        t.image_condition,
+    )
 
 
 def flow_loss(model, batch: Batch, draw: FlowDraw, empty: torch.Tensor, spec: LoopSpec, device: torch.device):
@@ -120,12 +143,17 @@ def flow_loss(model, batch: Batch, draw: FlowDraw, empty: torch.Tensor, spec: Lo
     xt, target = noisy_latents(x0, draw.noise, draw.timesteps, spec.contract.num_train_timesteps)
     timesteps, kept = draw.timesteps, None
     if spec.contract.kind.image == "required":  # image to video: mask and first-frame channels, as its sampler
+        assert batch.condition is not None  # make_trainer refuses data without it
         mask = first_frame_mask(x0.shape, spec.contract.vae_scale_temporal)
         xt = torch.cat([xt, mask, batch.condition.float()], dim=1)
     elif spec.contract.kind.expand_timesteps:  # TI2V: per-token timesteps, some clips' first frame clean
         xt, timesteps, kept = keep_first_frame(xt, x0, timesteps, draw.first_frame)
-    pred = model(hidden_states=xt.to(device, compute), timestep=timesteps.to(device),
-                 encoder_hidden_states=text.to(device, compute), return_dict=False)[0]
+    pred = model(
+        hidden_states=xt.to(device, compute),
+        timestep=timesteps.to(device),
+        encoder_hidden_states=text.to(device, compute),
+        return_dict=False,
+    )[0]
     if kept is None or not draw.first_frame.any():
         return F.mse_loss(pred.float(), target.to(device))
     # the mean over each clip's noised elements, then over clips: a clean first frame is not learned
@@ -134,8 +162,16 @@ def flow_loss(model, batch: Batch, draw: FlowDraw, empty: torch.Tensor, spec: Lo
     return per_clip.mean()
 
 
-def train_step(model, params: list, optimizer, lr_schedule, step: StepData, spec: LoopSpec, empty: torch.Tensor,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def train_step(
+    model,
+    params: list,
+    optimizer,
+    lr_schedule,
+    step: StepData,
+    spec: LoopSpec,
+    empty: torch.Tensor,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches: (summed loss, grad norm, the timesteps drawn)."""
     t = spec.cfg.train
     loss_sum, drawn, losses = torch.zeros((), device=device), [], []
@@ -213,30 +249,53 @@ def train_loop(config: dict) -> None:
             ckpt.load(state, d)
         log.resumed(progress, order_changed=progress.data_fingerprint != plan.fingerprint())
         progress.data_fingerprint = plan.fingerprint()
-    loader = ClipLoader(plan, ClipReader(spec.index, t.cache_bytes), progress.epoch, progress.batches_in_epoch,
-                        rank // group, spec.contract.text_tokens)
+    loader = ClipLoader(
+        plan,
+        ClipReader(spec.index, t.cache_bytes),
+        progress.epoch,
+        progress.batches_in_epoch,
+        rank // group,
+        spec.contract.text_tokens,
+    )
     empty = pad_text_embedding(spec.empty_prompt.float(), spec.contract.text_tokens)
     order = data_order_path(spec.run_dir, rank // group)  # one record per data-parallel rank: its group's first
     order.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with (order.open("a") if rank % group == 0 else open(os.devnull, "w")) as order_log:
+        with order.open("a") if rank % group == 0 else open(os.devnull, "w") as order_log:
             while progress.step < t.steps:
                 step_start = time.perf_counter()
                 step = loader.next()
                 wait = time.perf_counter() - step_start
                 try:
-                    loss, grad_norm, timesteps = train_step(model, params, optimizer, lr_schedule, step, spec, empty,
-                                                            device)
+                    loss, grad_norm, timesteps = train_step(
+                        model, params, optimizer, lr_schedule, step, spec, empty, device
+                    )
                 except NonFiniteLoss as e:
                     raise non_finite(e, progress.step + 1, log) from None
                 progress.step += 1
                 progress.epoch, progress.batches_in_epoch = step.epoch, step.start + plan.per_step
-                order_log.write(json.dumps({"step": progress.step, "epoch": step.epoch,
-                                            "batches": [b.index for b in step.batches],
-                                            "ids": [i for b in step.batches for i in b.ids]}) + "\n")
+                order_log.write(
+                    json.dumps(
+                        {
+                            "step": progress.step,
+                            "epoch": step.epoch,
+                            "batches": [b.index for b in step.batches],
+                            "ids": [i for b in step.batches for i in b.ids],
+                        }
+                    )
+                    + "\n"
+                )
                 order_log.flush()
-                metrics = log.step(loss, grad_norm, lr_schedule.get_last_lr()[0], time.perf_counter() - step_start,
-                                   wait, step, timesteps, progress)
+                metrics = log.step(
+                    loss,
+                    grad_norm,
+                    lr_schedule.get_last_lr()[0],
+                    time.perf_counter() - step_start,
+                    wait,
+                    step,
+                    timesteps,
+                    progress,
+                )
                 if metrics:
                     metrics.update(shard_stats(model, optimizer))
                     log.write(metrics)
@@ -251,16 +310,18 @@ def train_loop(config: dict) -> None:
         log.tracker.close()
 
 
-def non_finite(error: NonFiniteLoss, step: int, log: "MetricsLog") -> NonFiniteLoss:
+def non_finite(error: NonFiniteLoss, step: int, log: MetricsLog) -> NonFiniteLoss:
     """The error every rank raises at the step whose gradients are not finite (all reach it together: the
     norm is global), naming the step's suspect clips of every data-parallel rank; rank 0 also prints it."""
     found: list = [None] * dist.get_world_size()
     dist.all_gather_object(found, (error.clips, error.step_clips))
     bad = {c for clips, _ in found for c in clips}
     suspects = sorted(bad or {c for _, clips in found for c in clips})
-    message = (f"step {step}: the loss is not finite ({error}); clips: {', '.join(suspects)}. Stopped before the "
-               f"optimizer step, so the weights are step {step - 1}'s; each rank's clips of every step are in "
-               f"{Path(log.spec.run_dir) / 'data_order'}. Check those clips' latents, or lower train.lr")
+    message = (
+        f"step {step}: the loss is not finite ({error}); clips: {', '.join(suspects)}. Stopped before the "
+        f"optimizer step, so the weights are step {step - 1}'s; each rank's clips of every step are in "
+        f"{Path(log.spec.run_dir) / 'data_order'}. Check those clips' latents, or lower train.lr"
+    )
     log.say(f"error: {message}")
     return NonFiniteLoss(message, suspects)
 
@@ -273,11 +334,13 @@ class MetricsLog:
         self.path = Path(spec.run_dir) / "metrics.jsonl"
         self.range = list(spec.contract.timestep_range(spec.expert))
         self.reset = True
-        self.started = None
+        self.started: tuple[float, int] | None = None
         self.tracker = Tracker(spec.cfg.train.tracker if rank == 0 else "none", spec.run_dir, "train")
         self.tracker.text("config", "```\n" + yaml.safe_dump(dataclasses.asdict(spec.cfg), sort_keys=False) + "```")
-        self.say(f"{spec.contract.describe_range(spec.expert)} (boundary {spec.contract.boundary} from "
-                 f"{spec.contract.boundary_source}); {len(spec.index)} clips, {world} workers")
+        self.say(
+            f"{spec.contract.describe_range(spec.expert)} (boundary {spec.contract.boundary} from "
+            f"{spec.contract.boundary_source}); {len(spec.index)} clips, {world} workers"
+        )
 
     def say(self, text: str) -> None:
         """Rank 0 appends a line to the expert's console file, which the driver prints (see trainer.fit):
@@ -287,18 +350,22 @@ class MetricsLog:
                 f.write(f"[train:{self.spec.expert}] {text}\n")
 
     def resumed(self, progress: ckpt.Progress, order_changed: bool) -> None:
-        self.say(f"resumed at step {progress.step} (epoch {progress.epoch}, {progress.batches_in_epoch} "
-                 f"batches into it) on {self.world} workers")
+        self.say(
+            f"resumed at step {progress.step} (epoch {progress.epoch}, {progress.batches_in_epoch} "
+            f"batches into it) on {self.world} workers"
+        )
         if order_changed:
-            self.say("warning: the data order differs from the one this run started with (shards added, removed "
-                     "or rewritten, or train.seed, train.batch_size or workers x grad_accum changed): from here on "
-                     "the batches are not those of an uninterrupted run")
+            self.say(
+                "warning: the data order differs from the one this run started with (shards added, removed "
+                "or rewritten, or train.seed, train.batch_size or workers x grad_accum changed): from here on "
+                "the batches are not those of an uninterrupted run"
+            )
 
     def step(self, loss, grad_norm, lr, seconds, wait, step: StepData, timesteps, progress) -> dict | None:
         if self.reset:
             self.seconds = self.wait = self.samples = self.tokens = 0.0
             self.t_min, self.t_max = math.inf, -math.inf
-            self.buckets = Counter()
+            self.buckets: Counter[str] = Counter()
             self.reset = False
         self.seconds, self.wait = self.seconds + seconds, self.wait + wait
         index = self.spec.index
@@ -314,12 +381,23 @@ class MetricsLog:
         vals = torch.stack([loss.float(), grad_norm.float().to(loss.device)])
         dist.all_reduce(vals)  # mean loss over ranks; grad_norm is already global (summed, divided below)
         loss_v, norm_v = (vals / self.world).tolist()  # the host sync of this logged step
-        m = {"expert": self.spec.expert, "step": progress.step, "time": time.time(), "epoch": progress.epoch, "loss": loss_v,
-             "grad_norm": norm_v, "lr": lr, "samples_per_s": self.samples / self.seconds,
-             "tokens_per_s": self.tokens / self.seconds, "buckets": dict(sorted(self.buckets.items())),
-             "data_wait_fraction": self.wait / self.seconds,
-             "timestep_range": self.range, "timesteps_seen": [self.t_min, self.t_max],
-             "peak_memory_bytes": peak_memory_bytes(self.acc), "world_size": self.world}
+        m = {
+            "expert": self.spec.expert,
+            "step": progress.step,
+            "time": time.time(),
+            "epoch": progress.epoch,
+            "loss": loss_v,
+            "grad_norm": norm_v,
+            "lr": lr,
+            "samples_per_s": self.samples / self.seconds,
+            "tokens_per_s": self.tokens / self.seconds,
+            "buckets": dict(sorted(self.buckets.items())),
+            "data_wait_fraction": self.wait / self.seconds,
+            "timestep_range": self.range,
+            "timesteps_seen": [self.t_min, self.t_max],
+            "peak_memory_bytes": peak_memory_bytes(self.acc),
+            "world_size": self.world,
+        }
         self.reset = True
         return m
 
@@ -337,7 +415,9 @@ class MetricsLog:
         t0, s0 = self.started
         rate = (step - s0) / (time.perf_counter() - t0) if step > s0 else 0.0
         eta = f"{(self.spec.cfg.train.steps - step) / rate:.0f}s" if rate else "-"
-        self.say(f"step {step}/{self.spec.cfg.train.steps} loss {m['loss']:.4f} "
-                 f"grad_norm {m['grad_norm']:.3f} lr {m['lr']:.2e} {m['samples_per_s']:.2f} samples/s "
-                 f"data-wait {m['data_wait_fraction']:.1%} t {m['timesteps_seen'][0]:.0f}-{m['timesteps_seen'][1]:.0f} "
-                 f"ETA {eta}")
+        self.say(
+            f"step {step}/{self.spec.cfg.train.steps} loss {m['loss']:.4f} "
+            f"grad_norm {m['grad_norm']:.3f} lr {m['lr']:.2e} {m['samples_per_s']:.2f} samples/s "
+            f"data-wait {m['data_wait_fraction']:.1%} t {m['timesteps_seen'][0]:.0f}-{m['timesteps_seen'][1]:.0f} "
+            f"ETA {eta}"
+        )

@@ -6,6 +6,7 @@ and then the root, given storage for its local shards only, and loaded shard by 
 No rank ever materialises the whole unsharded expert: 14B x 4 bytes = 56 GB would not
 fit a 64 GB NPU next to activations.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,8 +32,11 @@ def build_on_meta(model_path, expert: str, lora=None, attention_backend: str | N
         from peft import LoraConfig
 
         model.requires_grad_(False)
-        model.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
-                                     init_lora_weights=True))
+        model.add_adapter(
+            LoraConfig(
+                r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules), init_lora_weights=True
+            )
+        )
     if attention_backend is not None:
         apply_attention_backend(model, attention_backend)
     return model
@@ -54,8 +58,9 @@ def apply_fsdp(model, device: torch.device, param_dtype: str, reduce_dtype: str,
     if activation_checkpointing:
         model.enable_gradient_checkpointing()  # diffusers recomputes each block in backward
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    mp = MixedPrecisionPolicy(param_dtype=torch_dtype(param_dtype), reduce_dtype=torch_dtype(reduce_dtype),
-                              cast_forward_inputs=False)
+    mp = MixedPrecisionPolicy(
+        param_dtype=torch_dtype(param_dtype), reduce_dtype=torch_dtype(reduce_dtype), cast_forward_inputs=False
+    )
     fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
     fully_shard(model.condition_embedder.time_embedder, mesh=mesh, mp_policy=fp32)
     for block in model.blocks:
@@ -116,7 +121,7 @@ def init_lora(model, seed: int) -> None:
             local.zero_()
         else:
             fan_in = p.shape[1]
-            full = (torch.rand(p.shape, generator=g) * 2 - 1) / fan_in ** 0.5
+            full = (torch.rand(p.shape, generator=g) * 2 - 1) / fan_in**0.5
             local.copy_(full[index].to(local.dtype))
 
 
@@ -126,12 +131,15 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
 
 def shard_stats(model, optimizer) -> dict:
     """Bytes of parameters and optimizer state held by this rank, and over how many ranks params are sharded."""
+
     def local_bytes(t: torch.Tensor) -> int:
         t = t.to_local() if isinstance(t, DTensor) else t
         return t.numel() * t.element_size()
 
     params = list(model.parameters())
     states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
-    return {"param_bytes": sum(local_bytes(p) for p in params),
-            "optimizer_bytes": sum(local_bytes(v) for v in states),
-            "params_sharded_over": min(p.device_mesh.size() if isinstance(p, DTensor) else 1 for p in params)}
+    return {
+        "param_bytes": sum(local_bytes(p) for p in params),
+        "optimizer_bytes": sum(local_bytes(v) for v in states),
+        "params_sharded_over": min(p.device_mesh.size() if isinstance(p, DTensor) else 1 for p in params),
+    }

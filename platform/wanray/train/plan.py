@@ -9,6 +9,7 @@
 
 Everything is in GB (1e9 bytes). Rank 0 holds the largest shards (FSDP2 splits dim 0 like torch.chunk).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,13 +58,24 @@ def _saved_bytes(model, inputs: dict) -> int:
     return sum(n for ptr, n in seen.items() if ptr not in exclude)
 
 
-def _tiny_expert(dim: int, ffn: int, layers: int, text_dim: int, dtype: torch.dtype, checkpointing: bool,
-                 attention: str = "native"):
+def _tiny_expert(
+    dim: int, ffn: int, layers: int, text_dim: int, dtype: torch.dtype, checkpointing: bool, attention: str = "native"
+):
     from diffusers import WanTransformer3DModel
 
-    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=dim // 64, attention_head_dim=64,
-                                  in_channels=16, out_channels=16, text_dim=text_dim, freq_dim=64, ffn_dim=ffn,
-                                  num_layers=layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads")
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=dim // 64,
+        attention_head_dim=64,
+        in_channels=16,
+        out_channels=16,
+        text_dim=text_dim,
+        freq_dim=64,
+        ffn_dim=ffn,
+        num_layers=layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+    )
     model.to(dtype)
     model.condition_embedder.time_embedder.float()  # as wanray's FSDP2 setup keeps it
     apply_attention_backend(model, attention)
@@ -92,8 +104,11 @@ def measure_activations(dtype: str, attention: str = "native", text_tokens: int 
     for dim, ffn, side in ((128, 256, 8), (128, 768, 8), (256, 256, 8), (128, 256, 16)):
         tokens = 4 * side * side  # 4 latent frames of side x side patches
         x = torch.randn(1, 16, 4, 2 * side, 2 * side, dtype=compute)
-        inputs = {"hidden_states": x.requires_grad_(), "timestep": torch.tensor([500.0]),
-                  "encoder_hidden_states": torch.randn(1, text_tokens, 64, dtype=compute)}
+        inputs = {
+            "hidden_states": x.requires_grad_(),
+            "timestep": torch.tensor([500.0]),
+            "encoder_hidden_states": torch.randn(1, text_tokens, 64, dtype=compute),
+        }
         for checkpointing in (False, True):
             for layers in (1, 2):
                 model = _tiny_expert(dim, ffn, layers, 64, compute, checkpointing, cpu_proxy(attention))
@@ -148,8 +163,15 @@ class TrainingPlan:
 
     @property
     def total_bytes(self) -> int:
-        return (self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.gathered_bytes
-                + self.grad_buffer_bytes + self.activation_bytes + self.ring_bytes)
+        return (
+            self.param_bytes
+            + self.grad_bytes
+            + self.optimizer_bytes
+            + self.gathered_bytes
+            + self.grad_buffer_bytes
+            + self.activation_bytes
+            + self.ring_bytes
+        )
 
     @property
     def fits(self) -> bool:
@@ -157,15 +179,20 @@ class TrainingPlan:
 
     def lines(self) -> list[str]:
         g = lambda n: f"{n / GB:.2f} GB"  # noqa: E731
-        verdict = (f"fits: {g(self.total_bytes)} of {g(self.device_bytes)} ({self.total_bytes / self.device_bytes:.0%}; "
-                   f"the plan keeps {1 - HEADROOM:.0%} for the allocator, workspaces and communication buffers)"
-                   if self.fits else
-                   f"DOES NOT FIT: {g(self.total_bytes)} of {g(self.device_bytes)} "
-                   f"({self.total_bytes / self.device_bytes:.0%}; at most {HEADROOM:.0%}): add ranks"
-                   f"{'' if self.activation_checkpointing else ', turn on activation checkpointing'}, split samples "
-                   "(train.context_parallel), or train LoRA")
-        split = "" if self.context_parallel == 1 else \
-            f", {self.tokens // self.context_parallel:,} per rank (context parallel over {self.context_parallel})"
+        verdict = (
+            f"fits: {g(self.total_bytes)} of {g(self.device_bytes)} ({self.total_bytes / self.device_bytes:.0%}; "
+            f"the plan keeps {1 - HEADROOM:.0%} for the allocator, workspaces and communication buffers)"
+            if self.fits
+            else f"DOES NOT FIT: {g(self.total_bytes)} of {g(self.device_bytes)} "
+            f"({self.total_bytes / self.device_bytes:.0%}; at most {HEADROOM:.0%}): add ranks"
+            f"{'' if self.activation_checkpointing else ', turn on activation checkpointing'}, split samples "
+            "(train.context_parallel), or train LoRA"
+        )
+        split = (
+            ""
+            if self.context_parallel == 1
+            else f", {self.tokens // self.context_parallel:,} per rank (context parallel over {self.context_parallel})"
+        )
         return [
             f"{self.expert}-noise expert: {self.parameters:,} parameters ({self.trainable:,} trained), "
             f"{self.block_parameters:,} per block, {self.root_parameters:,} outside the blocks; {self.world} ranks",
@@ -175,12 +202,22 @@ class TrainingPlan:
             f"activations for {self.tokens:,} tokens{split}: {g(self.activation_bytes)} "
             f"(activation checkpointing {'on' if self.activation_checkpointing else 'off'}; "
             f"{g(self.activation_bytes_without_checkpointing)} without it)",
-            *([f"ring attention over {self.ring} ranks: {g(self.ring_bytes)} at its peak, one attention call at a time "
-               "(every rank's keys and values gathered, gradient buffers, the chunk op's workspace)"] if self.ring > 1 else []),
-            (f"LoRA syncs gradients once per step: its unsharded adapter gradients take {g(self.unsharded_grad_bytes)}"
-             if self.lora else
-             f"gradient accumulation reduce-scatters every micro-batch, keeping gradients sharded; skipping the sync "
-             f"between micro-batches would hold {g(self.unsharded_grad_bytes)} of unsharded gradients instead"),
+            *(
+                [
+                    f"ring attention over {self.ring} ranks: {g(self.ring_bytes)} at its peak, one attention call "
+                    "at a time (every rank's keys and values gathered, gradient buffers, the chunk op's workspace)"
+                ]
+                if self.ring > 1
+                else []
+            ),
+            (
+                "LoRA syncs gradients once per step: its unsharded adapter gradients take "
+                f"{g(self.unsharded_grad_bytes)}"
+                if self.lora
+                else "gradient accumulation reduce-scatters every micro-batch, keeping gradients sharded; skipping "
+                f"the sync between micro-batches would hold {g(self.unsharded_grad_bytes)} of unsharded gradients "
+                "instead"
+            ),
             f"total per rank {g(self.total_bytes)}: {verdict}",
         ]
 
@@ -221,8 +258,9 @@ def plan_training(cfg: Config, model_path, expert: str, activations: ActivationM
     reduce = torch_dtype(t.reduce_dtype).itemsize
     dim = config["num_attention_heads"] * config["attention_head_dim"]
     ffn, layers = config["ffn_dim"], config["num_layers"]
-    _, _, frames, height, width = models.read_contract(model_path, cfg.model).latent_shape(16, d.num_frames, d.height,
-                                                                                         d.width)
+    _, _, frames, height, width = models.read_contract(model_path, cfg.model).latent_shape(
+        16, d.num_frames, d.height, d.width
+    )
     pt, ph, pw = config["patch_size"]
     tokens = t.batch_size * (frames // pt) * (height // ph) * (width // pw)  # 21 x 30 x 52 = 32,760 per clip
     # A context-parallel rank keeps its shard's activations: Ulysses' attention holds all tokens of 1/U of
@@ -236,20 +274,50 @@ def plan_training(cfg: Config, model_path, expert: str, activations: ActivationM
     checkpointed = layers * ActivationModel.bytes(act.checkpointed, rank_tokens, dim, ffn) + one_block + rest
     cp = t.context_parallel
     heads = config["num_attention_heads"]
-    context_parallel.check(cp.ulysses, cp.ring, heads, {f"{d.height}x{d.width}x{d.num_frames}": tokens // t.batch_size},
-                           training_backend(cfg))
+    context_parallel.check(
+        cp.ulysses,
+        cp.ring,
+        heads,
+        {f"{d.height}x{d.width}x{d.num_frames}": tokens // t.batch_size},
+        training_backend(cfg),
+    )
     half_npu = t.worker.device == "npu" and t.worker.dtype != "float32"  # torch_npu's fused op, not the tiles
-    ring_bytes = 0 if cp.ring == 1 else ring_attention.ring_working_bytes(
-        t.batch_size, tokens // t.batch_size, heads, config["attention_head_dim"], cp.ulysses, cp.ring, compute,
-        tiled=training_backend(cfg) == "native" and not half_npu)
+    ring_bytes = (
+        0
+        if cp.ring == 1
+        else ring_attention.ring_working_bytes(
+            t.batch_size,
+            tokens // t.batch_size,
+            heads,
+            config["attention_head_dim"],
+            cp.ulysses,
+            cp.ring,
+            compute,
+            tiled=training_backend(cfg) == "native" and not half_npu,
+        )
+    )
     lora = t.lora.enabled
     grad_buffers = reduce * trainable if lora else (compute + reduce) * block
     return TrainingPlan(
-        expert=expert, world=t.workers, parameters=parameters, trainable=trainable, block_parameters=block,
-        root_parameters=root, param_bytes=4 * local, grad_bytes=4 * local_trainable,
-        optimizer_bytes=2 * 4 * local_trainable, gathered_bytes=compute * (root + 2 * block),
-        grad_buffer_bytes=grad_buffers, unsharded_grad_bytes=reduce * trainable, lora=lora,
-        tokens=tokens, activation_bytes=int(checkpointed if t.activation_checkpointing else layers * one_block + rest),
+        expert=expert,
+        world=t.workers,
+        parameters=parameters,
+        trainable=trainable,
+        block_parameters=block,
+        root_parameters=root,
+        param_bytes=4 * local,
+        grad_bytes=4 * local_trainable,
+        optimizer_bytes=2 * 4 * local_trainable,
+        gathered_bytes=compute * (root + 2 * block),
+        grad_buffer_bytes=grad_buffers,
+        unsharded_grad_bytes=reduce * trainable,
+        lora=lora,
+        tokens=tokens,
+        activation_bytes=int(checkpointed if t.activation_checkpointing else layers * one_block + rest),
         activation_bytes_without_checkpointing=int(layers * one_block + rest),
-        device_bytes=int(t.device_memory_gb * GB), activation_checkpointing=t.activation_checkpointing,
-        context_parallel=cp.degree, ring=cp.ring, ring_bytes=ring_bytes)
+        device_bytes=int(t.device_memory_gb * GB),
+        activation_checkpointing=t.activation_checkpointing,
+        context_parallel=cp.degree,
+        ring=cp.ring,
+        ring_bytes=ring_bytes,
+    )

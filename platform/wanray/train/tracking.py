@@ -9,6 +9,7 @@ the training rank and the validation actor write side by side (one file each) wi
 database and nothing to lock; any TensorBoard, or an MLflow or W&B import of TensorBoard logs,
 reads them. `train.tracker: none` turns it off.
 """
+
 from __future__ import annotations
 
 import io
@@ -54,7 +55,8 @@ class Tracker:
         images[0].save(gif, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
         h, w = frames.shape[1:3]
         image = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=gif.getvalue())
-        self.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+        summary = Summary(value=[Summary.Value(tag=tag, image=image)])  # add_image takes no animated GIF
+        self.writer.file_writer.add_summary(summary, step)  # type: ignore[attr-defined]  # open while writing
         self.writer.flush()
 
     def close(self) -> None:

@@ -1,5 +1,6 @@
 """Driver plumbing shared by the pipelines, tests and benchmarks: joining Ray, one-line errors on
 bad input, a free local port. Library functions never join Ray themselves: the driver does."""
+
 from __future__ import annotations
 
 import contextlib
@@ -38,8 +39,12 @@ def connect_ray(verbose: bool = False, **kwargs):
         os.environ.setdefault("RAY_num_workers_soft_limit", str(4 * max(1, round(cpus))))
         os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(16, round(cpus))))
         with contextlib.nullcontext() if verbose else _stderr_silenced():  # the C++ core's note that it read
-            ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=verbose,  # the level
-                     logging_level=logging.INFO if verbose else logging.ERROR, **kwargs)
+            ray.init(
+                address=os.environ.get("RAY_ADDRESS") or None,
+                log_to_driver=verbose,  # the level
+                logging_level=logging.INFO if verbose else logging.ERROR,
+                **kwargs,
+            )
     return ray
 
 
@@ -90,8 +95,13 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def fail(program: str):
+    """A driver's user error as one line and exit status 2; a Ctrl-C as "interrupted" and status 130 (the
+    process's exit ends the Ray actors it owns: Ray Train's controllers and their workers)."""
     try:
         yield
     except USER_ERRORS as e:
         print(f"{Path(program).name}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{Path(program).name}: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -4,11 +4,13 @@ Each expert's run directory (`--out/<expert>/`) holds Ray Train's checkpoints, m
 data_order/ (the clips of every step, per rank), CONFIG_FILE and RUN_FILE: the boundary and timestep
 range the expert trains on, which export writes into the exported model_index.json.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import yaml
@@ -16,9 +18,9 @@ import yaml
 from wanray import context_parallel, models
 from wanray.config import Config
 from wanray.data.shards import read_empty_prompt
+from wanray.devices import accelerator
 from wanray.errors import USER_ERRORS, ConfigError, DataError
 from wanray.io import write_json_atomic, write_text_atomic
-from wanray.devices import accelerator
 from wanray.train import checkpoint as ckpt
 from wanray.train.data import ClipIndex
 from wanray.train.loop import CONSOLE_FILE, STEP_FILE, LoopSpec, train_loop
@@ -38,18 +40,26 @@ def worker_resources(cfg: Config) -> dict:
     return res
 
 
-def record_run(cfg: Config, expert: str, contract: WanContract, index: ClipIndex, attention: str,
-               run_dir: Path) -> None:
+def record_run(
+    cfg: Config, expert: str, contract: WanContract, index: ClipIndex, attention: str, run_dir: Path
+) -> None:
     """Write (or, on resume, check) what the expert trains on; a resumed run must keep its boundary."""
-    record = {"expert": expert, "boundary": contract.boundary, "boundary_source": contract.boundary_source,
-              "timestep_range": list(contract.timestep_range(expert)), "attention_backend": attention,
-              "clips": len(index)}
+    record = {
+        "expert": expert,
+        "boundary": contract.boundary,
+        "boundary_source": contract.boundary_source,
+        "timestep_range": list(contract.timestep_range(expert)),
+        "attention_backend": attention,
+        "clips": len(index),
+    }
     path = run_dir / RUN_FILE
     if path.exists():
         before = json.loads(path.read_text())
         if before["boundary"] != contract.boundary:
-            raise ConfigError(f"{run_dir} trained the {expert}-noise expert with boundary {before['boundary']}; "
-                              f"this run would use {contract.boundary}: use a new --out directory")
+            raise ConfigError(
+                f"{run_dir} trained the {expert}-noise expert with boundary {before['boundary']}; "
+                f"this run would use {contract.boundary}: use a new --out directory"
+            )
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(record, path)
     write_text_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
@@ -67,32 +77,45 @@ def make_trainer(cfg: Config, expert: str, data_dir, run_dir, index: ClipIndex |
     attention = context_parallel.training_backend(cfg)
     cp = t.context_parallel
     index = index or ClipIndex.from_dir(data_dir)
-    context_parallel.check(cp.ulysses, cp.ring, models.expert_config(model_path, expert)["num_attention_heads"],
-                           {contract.bucket_name(s): index.tokens(i) for i, s in enumerate(index.shapes)}, attention)
+    context_parallel.check(
+        cp.ulysses,
+        cp.ring,
+        models.expert_config(model_path, expert)["num_attention_heads"],
+        {contract.bucket_name(s): index.tokens(i) for i, s in enumerate(index.shapes)},
+        attention,
+    )
     channels = {shape[0] for shape in index.shapes}
     if channels != {contract.kind.latent_channels}:
-        raise DataError(f"{data_dir} holds {'/'.join(map(str, sorted(channels)))}-channel latents; {contract.kind.title}'s "
-                        f"VAE makes {contract.kind.latent_channels}: preprocess the videos with this model (model.path) "
-                        "into a new directory")
+        raise DataError(
+            f"{data_dir} holds {'/'.join(map(str, sorted(channels)))}-channel latents; {contract.kind.title}'s "
+            f"VAE makes {contract.kind.latent_channels}: preprocess the videos with this model (model.path) "
+            "into a new directory"
+        )
     if contract.kind.image == "required" and not index.conditioned:
-        raise DataError(f"{data_dir} holds no first-frame condition for {contract.kind.title}: preprocess the videos "
-                        "with this model (model.path) into a new directory")
+        raise DataError(
+            f"{data_dir} holds no first-frame condition for {contract.kind.title}: preprocess the videos "
+            "with this model (model.path) into a new directory"
+        )
     expert_dir = Path(run_dir).resolve() / expert
     if list(expert_dir.glob(f"*/{STEP_FILE}")):  # a resume: fail here, not in every worker
         ckpt.check_resumable(latest_checkpoint(run_dir, expert))
     record_run(cfg, expert, contract, index, attention, expert_dir)
-    spec = LoopSpec(cfg, expert, model_path, contract, index, attention, read_empty_prompt(data_dir),
-                    str(expert_dir), validator)
+    spec = LoopSpec(
+        cfg, expert, model_path, contract, index, attention, read_empty_prompt(data_dir), str(expert_dir), validator
+    )
     return TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec},
-        scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.worker.device == "cuda",
-                                               resources_per_worker=worker_resources(cfg)),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.workers, use_gpu=t.worker.device == "cuda", resources_per_worker=worker_resources(cfg)
+        ),
         torch_config=TorchConfig(backend=accelerator(t.worker.device).dist_backend),
         run_config=ray.train.RunConfig(
-            name=expert, storage_path=str(expert_dir.parent),
+            name=expert,
+            storage_path=str(expert_dir.parent),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+        ),
     )
 
 
@@ -100,8 +123,9 @@ def trained_boundary(run_dir, experts) -> float | None:
     """The boundary the experts of a run were trained with (None for runs without a record)."""
     found = {json.loads(p.read_text())["boundary"] for e in experts if (p := Path(run_dir, e, RUN_FILE)).exists()}
     if len(found) > 1:
-        raise ConfigError(f"the experts in {run_dir} were trained with different boundaries {sorted(found)}; "
-                          "export them separately")
+        raise ConfigError(
+            f"the experts in {run_dir} were trained with different boundaries {sorted(found)}; export them separately"
+        )
     return found.pop() if found else None
 
 
@@ -121,8 +145,10 @@ def selected(expert: str, kind: ModelKind) -> tuple[str, ...]:
         raise ConfigError(f"--expert must be high, low or both, got {expert!r}")
     if kind.one_transformer:
         if expert == "low":
-            raise ConfigError(f"{kind.title} has one transformer, no low-noise expert: train it with --expert high "
-                              "(or both, the default)")
+            raise ConfigError(
+                f"{kind.title} has one transformer, no low-noise expert: train it with --expert high "
+                "(or both, the default)"
+            )
         return kind.experts
     return EXPERTS if expert == "both" else (expert,)
 
@@ -136,21 +162,24 @@ def train_experts(cfg: Config, expert: str, data_dir, run_dir, log=print, valida
         raise ConfigError("train.validation.every is set: pass a Validation (pipelines/train.py makes one)")
     index = ClipIndex.from_dir(data_dir)  # read once, sent to every worker of both experts
     if (per_group := index.rows_per_row_group()) > 1:
-        log(f"[train] warning: the shards in {data_dir} hold up to {per_group} clips per Parquet row "
+        log(
+            f"[train] warning: the shards in {data_dir} hold up to {per_group} clips per Parquet row "
             "group (written by an earlier wanray): every clip read decodes its whole row group. Preprocess into a "
-            "new directory for one row group per clip")
+            "new directory for one row group per clip"
+        )
     validators = {e: validation.start(e, run_dir) for e in experts} if validation is not None else {}
     try:
         trainers = {e: make_trainer(cfg, e, data_dir, run_dir, index, validators.get(e)) for e in experts}
         with Follow([Path(run_dir) / e / CONSOLE_FILE for e in experts], log):
             try:
                 results = fit(cfg, trainers, log)
-            except Exception as e:
-                raise worker_user_error(e) or e from None
+            except Exception as error:
+                raise worker_user_error(error) or error from None
         for e in experts:
             if results.get(e) is None or results[e].error:
-                raise RuntimeError(f"training the {e}-noise expert failed: "
-                                   f"{getattr(results.get(e), 'error', 'no result')}")
+                raise RuntimeError(
+                    f"training the {e}-noise expert failed: {getattr(results.get(e), 'error', 'no result')}"
+                )
             log(f"[train] {e}-noise expert: latest checkpoint {latest_checkpoint(run_dir, e)}")
         while validators:  # the last validation may still be rendering
             validation.finish(validators.popitem()[1], log)
@@ -170,7 +199,7 @@ class Follow:
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True, name="console")
 
-    def __enter__(self) -> "Follow":
+    def __enter__(self) -> Follow:
         self.thread.start()
         return self
 
@@ -190,7 +219,7 @@ class Follow:
             with path.open("rb") as f:
                 f.seek(offset)
                 chunk = f.read()
-            complete = chunk[:chunk.rfind(b"\n") + 1]  # a line still being written waits for the next poll
+            complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next poll
             self.offsets[path] = offset + len(complete)
             for line in complete.decode().splitlines():
                 self.log(line)
@@ -210,21 +239,35 @@ def worker_user_error(error: Exception) -> Exception | None:
 
 
 def fit(cfg: Config, trainers: dict, log=print) -> dict:
-    """Run the experts' trainers: at once when the cluster has room for both worker groups, else in turn."""
+    """Run the experts' trainers: at once when the cluster has room for both worker groups, else in turn.
+
+    At once, each TorchTrainer.fit() runs in a daemon thread and hands its result or its error back through a
+    future, so the run's error (Ray Train V2's fit() raises it) reaches the caller as itself. A Ctrl-C meanwhile
+    interrupts the wait here and ends the driver; its exit ends the Ray Train controllers it owns, and with them
+    the workers (Ray Train's own Ctrl-C handler is registered only when fit() runs in the main thread)."""
     results: dict = {}
     if len(trainers) == 2 and room_for_both(cfg):
         log("[train] training both experts at once")
-        threads = [threading.Thread(target=lambda e=e, t=t: results.__setitem__(e, t.fit()))
-                   for e, t in trainers.items()]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-    else:
-        for e, t in trainers.items():
-            log(f"[train] training the {e}-noise expert")
-            results[e] = t.fit()
+        futures = {e: _in_thread(t.fit, f"fit-{e}") for e, t in trainers.items()}
+        return {e: f.result() for e, f in futures.items()}
+    for e, t in trainers.items():
+        log(f"[train] training the {e}-noise expert")
+        results[e] = t.fit()
     return results
+
+
+def _in_thread(call, name: str) -> Future:
+    """`call()` in a daemon thread (it never holds up the driver's exit); its result or error in the future."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(call())
+        except BaseException as e:  # the caller re-raises it from future.result()
+            future.set_exception(e)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 def checkpoints(run_dir, expert: str) -> dict[int, Path]:
@@ -255,8 +298,10 @@ def export_run(cfg: Config, run_dir, out_dir, log=print) -> Path:
     for e, checkpoint in trained.items():
         log(f"[export] {e}-noise expert from {checkpoint}")
     out = ckpt.export_diffusers(model_path, out_dir, trained, boundary, cfg.train.lora)
-    log(f"[export] wrote {out} ({'' if boundary is None else f'boundary {boundary}; '}load with "
-        f"{contract.kind.pipeline}.from_pretrained)")
+    log(
+        f"[export] wrote {out} ({'' if boundary is None else f'boundary {boundary}; '}load with "
+        f"{contract.kind.pipeline}.from_pretrained)"
+    )
     return out
 
 

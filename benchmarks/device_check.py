@@ -50,7 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
 from wanray import models  # noqa: E402
-from wanray.config import attention_backend, load_config  # noqa: E402
+from wanray.backends import attention_backend  # noqa: E402
+from wanray.config import load_config  # noqa: E402
 from wanray.devices import accelerator  # noqa: E402
 
 TB = 1e12

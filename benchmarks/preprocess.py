@@ -42,6 +42,7 @@ from wanray.data.video import decode_clip, plan_clip
 from wanray.encoding import encode_latents, encode_text, frames_to_video
 from wanray.io import write_mp4
 from wanray.runtime import connect_ray
+from wanray.wan import KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +83,9 @@ def sequential(cfg, sources, model_path) -> float:
     vae, tok, te = models.load_vae(model_path), models.load_tokenizer(model_path), models.load_text_encoder(model_path)
     start = time.perf_counter()
     for s in sources:
-        clip = decode_clip(s.path, BucketSet.fixed(d.height, d.width, d.num_frames, d.min_frames), d.fps)
+        clip = decode_clip(
+            s.path, BucketSet.fixed(d.height, d.width, d.num_frames, d.min_frames, KINDS["t2v-a14b"]), d.fps
+        )
         encode_latents(vae, frames_to_video(clip.frames)[None])
         encode_text(tok, te, [s.caption])
     return time.perf_counter() - start
@@ -120,7 +123,7 @@ def count_frames(batch: dict) -> dict:
 def decode_stage(cfg, sources, work: Path) -> tuple[float, int]:
     """The pipeline's decode stage alone; frame counting fuses into the same tasks."""
     start = time.perf_counter()
-    ds = decode_dataset(sources, cfg, str(work))
+    ds = decode_dataset(sources, cfg, str(work), KINDS["t2v-a14b"])
     # summed on the driver: Dataset.sum() would add a shuffle stage that starts its own actors
     frames = sum(
         r["frames"]
@@ -166,7 +169,7 @@ def pixels_kept(out: Path) -> float:
 def buckets_vs_single(cfg, manifest, work: Path, repeats: int) -> tuple[float, float, float, float]:
     """(clips/s single-size, clips/s bucketed, pixels kept single-size, pixels kept bucketed)."""
     d = cfg.data
-    budget = ((d.num_frames - 1) // 4 + 1) * (d.height // 16) * (d.width // 16)
+    budget = KINDS["t2v-a14b"].tokens(d.num_frames, d.height, d.width)  # the tiny T2V model of tiny.yaml
     bucketed = load_config(
         ROOT / "configs" / "tiny.yaml",
         [

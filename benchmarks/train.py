@@ -39,7 +39,7 @@ from wanray.schema import ClipRow, pad_text_embedding
 from wanray.train.data import Batch, ClipIndex
 from wanray.train.loop import LoopSpec, draw_for, flow_loss
 from wanray.train.trainer import train_experts
-from wanray.wan import TEXT_TOKENS
+from wanray.wan import KINDS, TEXT_TOKENS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +93,9 @@ def step_times(cfg, data: Path, sources, model_path: str, steps: int) -> tuple[f
     start = time.perf_counter()
     for step in range(steps):
         s = sources[step % len(sources)]
-        clip = decode_clip(s.path, BucketSet.fixed(d.height, d.width, d.num_frames, d.min_frames), d.fps)
+        clip = decode_clip(
+            s.path, BucketSet.fixed(d.height, d.width, d.num_frames, d.min_frames, KINDS["t2v-a14b"]), d.fps
+        )
         latent = encode_latents(vae, frames_to_video(clip.frames)[None])
         (text,) = encode_text(tok, te, [s.caption])
         train_step(Batch(latent, pad_text_embedding(text, TEXT_TOKENS)[None]), step)

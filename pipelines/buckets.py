@@ -17,15 +17,15 @@ from wanray.config import add_config_args, load_config
 from wanray.data.shards import bucket_counts
 from wanray.errors import ModelDirError
 from wanray.runtime import fail
-from wanray.wan import KINDS
+from wanray.wan import KINDS, ModelKind
 
 
-def histogram(counts: dict[str, int], multiple: int, width: int = 40) -> list[str]:
+def histogram(counts: dict[str, int], kind: ModelKind, width: int = 40) -> list[str]:
     total, most = sum(counts.values()), max(counts.values(), default=0)
     lines = [f"{'bucket':>14} {'tokens':>8} {'clips':>7} {'share':>6}"]
     for name, n in counts.items():
         bar = "#" * max(1, round(width * n / most))
-        lines.append(f"{name:>14} {Bucket.parse(name).tokens(multiple):>8,} {n:>7,} {n / total:>6.1%} {bar}")
+        lines.append(f"{name:>14} {Bucket.parse(name, kind).tokens(kind):>8,} {n:>7,} {n / total:>6.1%} {bar}")
     lines.append(f"{'total':>14} {'':>8} {total:>7,}")
     return lines
 
@@ -33,16 +33,16 @@ def histogram(counts: dict[str, int], multiple: int, width: int = 40) -> list[st
 def main(args):
     cfg = load_config(args.config, args.overrides)
     try:
-        multiple = (KINDS[args.kind] if args.kind else models.expected_kind(cfg.model)).size_multiple
+        kind = KINDS[args.kind] if args.kind else models.expected_kind(cfg.model)
     except ModelDirError as e:
         raise ModelDirError(f"{e}: pass --kind to count tokens without the model") from None
     if args.data:
         counts = bucket_counts(args.data)
         if not counts:
             raise FileNotFoundError(f"no preprocessed clips (part-*.parquet) in {args.data}")
-        print("\n".join(histogram(counts, multiple)))
+        print("\n".join(histogram(counts, kind)))
         return
-    buckets = BucketSet.from_config(cfg.data, multiple)
+    buckets = BucketSet.from_config(cfg.data, kind)
     n = len(buckets.buckets)
     print(f"{n} bucket{'' if n == 1 else 's'}, at most {buckets.max_tokens:,} tokens: {buckets.describe()}")
 

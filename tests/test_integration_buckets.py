@@ -16,6 +16,7 @@ from wanray.data.shards import read_clips
 from wanray.data.synthetic import SyntheticClip, render
 from wanray.io import write_mp4
 from wanray.train.trainer import latest_checkpoint, train_experts
+from wanray.wan import KINDS, latent_frames
 
 BUDGET = 240  # tokens: 17 frames (5 latent) of 48 patches of 16x16 pixels, e.g. 96x128
 # (height, width, frames at 16 fps): 16:9, 9:16, 1:1, 4:3, 3:5 and 4:7 sources, two of each, some
@@ -86,10 +87,10 @@ def test_every_source_lands_in_the_bucket_of_its_aspect_ratio_within_the_budget(
     assert summary["rejects_by_reason"] == {"too_short": 1, "corrupt_video": 1, "corrupt_image": 1, "not_an_image": 1}
     rows = read_clips(out).to_pylist()
     for r in rows:
-        bucket = Bucket.parse(r["bucket"])
+        bucket = Bucket.parse(r["bucket"], KINDS["t2v-a14b"])
         assert (bucket.height, bucket.width, bucket.frames) == (r["height"], r["width"], r["num_frames"])
-        assert r["latent_shape"] == [16, bucket.latent_frames, r["height"] // 8, r["width"] // 8]
-        assert bucket.tokens() <= BUDGET
+        assert r["latent_shape"] == [16, latent_frames(bucket.frames), r["height"] // 8, r["width"] // 8]
+        assert bucket.tokens(KINDS["t2v-a14b"]) <= BUDGET
         source, stored = r["source_width"] / r["source_height"], r["width"] / r["height"]
         assert abs(stored / source - 1) <= 0.10, r["bucket"]
         assert (r["height"] > r["width"]) == (r["source_height"] > r["source_width"]), r["bucket"]

@@ -19,7 +19,7 @@ from wanray.data.video import decode_clip
 from wanray.errors import DataError
 from wanray.schema import ClipRow
 from wanray.train.trainer import export_run, make_trainer, train_experts
-from wanray.wan import first_frame_mask
+from wanray.wan import KINDS, first_frame_mask
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_the_stored_condition_is_the_one_wan_image_to_video_pipeline_builds(i2v_
     d = tiny_config(i2v_model).data
     for rec in read_clips(i2v_prep).to_pylist()[:2]:
         row = ClipRow.from_record(rec)
-        clip = decode_clip(row.source, BucketSet.from_config(d), d.fps)
+        clip = decode_clip(row.source, BucketSet.from_config(d, KINDS["i2v-a14b"]), d.fps)
         image = torch.from_numpy(clip.frames[0]).permute(2, 0, 1)[None].float() / 127.5 - 1  # what preprocess() gives
         _, condition = pipe.prepare_latents(
             image, 1, 16, row.height, row.width, row.num_frames, torch.float32, torch.device("cpu")

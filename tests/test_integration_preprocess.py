@@ -23,6 +23,7 @@ from wanray.data.shards import EMPTY_PROMPT_FILE, read_clips, read_empty_prompt,
 from wanray.data.synthetic import SyntheticClip, render, write_dataset, write_mp4
 from wanray.data.video import decode_clip
 from wanray.schema import VERSION_KEY, ClipRow, pad_text_embedding
+from wanray.wan import KINDS
 
 
 def _bad_inputs(root: Path, good: list[dict]) -> list[str]:
@@ -111,7 +112,11 @@ def test_latents_and_text_embeddings_match_diffusers(prep, tiny_model):
     pipe = WanPipeline.from_pretrained(tiny_model)
     rows = [ClipRow.from_record(r) for r in read_clips(out).to_pylist()[:3]]
     for row in rows:
-        clip = decode_clip(row.source, BucketSet.fixed(cfg.height, cfg.width, cfg.num_frames, cfg.min_frames), cfg.fps)
+        clip = decode_clip(
+            row.source,
+            BucketSet.fixed(cfg.height, cfg.width, cfg.num_frames, cfg.min_frames, KINDS["t2v-a14b"]),
+            cfg.fps,
+        )
         video = torch.from_numpy(clip.frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
         with torch.no_grad():
             z = vae.encode(video).latent_dist.mode()

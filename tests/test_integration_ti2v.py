@@ -43,13 +43,13 @@ def test_ti2v_clips_are_48_channel_latents_at_16x_with_no_stored_condition(ti2v_
     from wanray.encoding import encode_latents, frames_to_video
 
     d = tiny_config(ti2v_model).data
-    clip = decode_clip(rows[0].source, BucketSet.from_config(d, 32), d.fps)
+    clip = decode_clip(rows[0].source, BucketSet.from_config(d, KINDS["ti2v-5b"]), d.fps)
     first = encode_latents(vae, frames_to_video(clip.frames[:1])[None])[0]
     torch.testing.assert_close(rows[0].latent[:, :1], first, atol=1e-5, rtol=1e-5)
 
 
 def test_sizes_the_16x_vae_cannot_take_are_refused_before_any_decoding(ti2v_model, synthetic, tmp_path):
-    with pytest.raises(ConfigError, match="multiples of 32 for this model, got 48x64"):
+    with pytest.raises(ConfigError, match="multiples of 32 for Wan2.2-TI2V-5B, got 48x64"):
         run_preprocess(
             tiny_config(ti2v_model, "data.height=48"), str(synthetic), str(tmp_path / "out"), log=lambda _: None
         )

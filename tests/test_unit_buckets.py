@@ -6,6 +6,9 @@ from conftest import ROOT
 from wanray.buckets import ASPECT_RATIOS, Bucket, BucketSet
 from wanray.config import load_config
 from wanray.errors import ConfigError
+from wanray.wan import KINDS
+
+T2V, TI2V = KINDS["t2v-a14b"], KINDS["ti2v-5b"]
 
 
 def data(*sets):
@@ -13,12 +16,12 @@ def data(*sets):
 
 
 def test_the_a14b_preset_keeps_the_mindspeed_recipe():
-    assert BucketSet.from_config(data()).buckets == [Bucket(480, 832, 81)]
+    assert BucketSet.from_config(data(), T2V).buckets == [Bucket(480, 832, 81)]
 
 
 def test_a_budget_gives_every_aspect_ratio_within_it_and_the_recipe_among_them():
-    buckets = BucketSet.from_config(data("data.bucket_budget=32760", "data.min_frames=21"))
-    assert all(b.tokens() <= 32760 for b in buckets.buckets)
+    buckets = BucketSet.from_config(data("data.bucket_budget=32760", "data.min_frames=21"), T2V)
+    assert all(b.tokens(T2V) <= 32760 for b in buckets.buckets)
     resolutions = list(buckets.frames_by_resolution)
     assert len(resolutions) == len(ASPECT_RATIOS) and (480, 832) in resolutions and (832, 480) in resolutions
     for (h, w), (ah, aw) in zip(
@@ -32,15 +35,30 @@ def test_a_budget_gives_every_aspect_ratio_within_it_and_the_recipe_among_them()
 
 
 def test_an_explicit_list_and_what_cannot_work():
-    buckets = BucketSet.from_config(data("data.buckets=[480x832x81, 480x832x41, 832x480x81]"))
+    buckets = BucketSet.from_config(data("data.buckets=[480x832x81, 480x832x41, 832x480x81]"), T2V)
     assert buckets.frames_by_resolution == {(480, 832): (81, 41), (832, 480): (81,)}
-    for sets, message in (
-        (["data.buckets=[480x830x81]"], "multiples of 16"),
+    for sets, message in (  # what no model takes: refused when the config loads
         (["data.buckets=[480x832x80]"], r"4n\+1"),
         (["data.buckets=[480by832]"], "HEIGHTxWIDTHxFRAMES"),
         (["data.buckets=[480x832x81]", "data.bucket_budget=32760"], "not both"),
-        (["data.bucket_budget=21"], "too small"),
         (["data.bucket_budget=-1"], ">= 0"),
     ):
         with pytest.raises(ConfigError, match=message):
             data(*sets)
+    for sets, message in (  # what this model does not take: refused with its kind
+        (["data.buckets=[480x830x81]"], "multiples of 16 for Wan2.2-T2V-A14B"),
+        (["data.bucket_budget=21"], "too small"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            BucketSet.from_config(data(*sets), T2V)
+
+
+def test_each_model_kind_checks_its_own_size_multiple():
+    """A14B's 720P, 720x1280, is 16-aligned, not 32: fine for T2V-A14B, refused for TI2V-5B (whose 16x VAE and
+    2x2 patch take multiples of 32) rather than passed by a check that assumed 16."""
+    hd = data("data.height=720", "data.width=1280")
+    assert BucketSet.from_config(hd, T2V).buckets[0].tokens(T2V) == 21 * 45 * 80  # 75,600
+    with pytest.raises(ConfigError, match="multiples of 32 for Wan2.2-TI2V-5B, got 720x1280"):
+        BucketSet.from_config(hd, TI2V)
+    ti2v = load_config(ROOT / "configs" / "ti2v_5b.yaml").data
+    assert BucketSet.from_config(ti2v, TI2V).buckets[0].tokens(TI2V) == 31 * 22 * 40  # 121x704x1280

@@ -7,10 +7,12 @@ import pytest
 import torch
 from conftest import ROOT, tiny_config
 
-from wanray.config import ModelConfig, attention_backend, load_config
+from wanray.backends import attention_backend
+from wanray.config import load_config
 from wanray.devices import apply_attention_backend, assigned_device_index
 from wanray.errors import ConfigError
 from wanray.models import read_contract
+from wanray.sections import ModelConfig
 from wanray.wan import resolve_boundary
 
 

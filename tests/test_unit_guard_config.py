@@ -52,7 +52,7 @@ def test_overrides_are_typed_and_win_over_the_file():
         ("data.fpz=3", "unknown config key 'data.fpz'"),
         ("modle.path=x", "unknown config key 'modle'"),
         ("data.num_frames=16", "4n+1"),
-        ("data.height=100", "multiples of 16"),
+        ("data.height=-8", "must be positive"),
         ("data.fps=fast", "expected float"),
         ("train.worker.device=tpu", "train.worker.device: expected one of cpu, cuda, npu, got 'tpu'"),
         ("infer.stages.vae.dtype=fp8", "expected one of float32, bfloat16"),
@@ -67,6 +67,22 @@ def test_overrides_are_typed_and_win_over_the_file():
 def test_bad_config_is_a_clear_error(override, message):
     with pytest.raises(ConfigError, match=message.replace("+", r"\+")):
         load_config(ROOT / "configs" / "tiny.yaml", [override])
+
+
+def test_every_section_checks_itself_when_made_or_replaced():
+    """A section's own check runs in __post_init__: on load, and on a dataclasses.replace too."""
+    import dataclasses
+
+    from wanray.sections import ContextParallel, InferConfig, TrainConfig
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    with pytest.raises(ConfigError, match="must lie in \\[1, infer.max_steps\\]"):
+        dataclasses.replace(cfg.infer, num_inference_steps=0)
+    with pytest.raises(ConfigError, match=r"ulysses x ring = 3 must divide train.workers \(2\)"):
+        dataclasses.replace(cfg.train, context_parallel=ContextParallel(ring=3))
+    with pytest.raises(ConfigError, match="data.min_frames must not exceed data.num_frames"):
+        dataclasses.replace(cfg.data, min_frames=cfg.data.num_frames + 4)
+    assert InferConfig().num_inference_steps == 40 and TrainConfig().workers == 1  # the defaults pass their checks
 
 
 def test_unknown_key_in_file_is_an_error(tmp_path):

@@ -12,8 +12,9 @@ from conftest import ROOT, tiny_config
 from PIL import Image
 
 from wanray import models
-from wanray.config import ModelConfig, load_config
+from wanray.config import load_config
 from wanray.errors import ConfigError
+from wanray.sections import ModelConfig
 from wanray.wan import KINDS
 
 

@@ -60,8 +60,8 @@ def test_the_step_loss_is_the_mean_over_its_clips_whatever_the_micro_batch_sizes
 def test_ti2v_clips_trained_as_image_to_video_keep_their_first_frame_clean_at_timestep_0_and_out_of_the_loss(tmp_path):
     """As WanImageToVideoPipeline(expand_timesteps=True) samples a given image: x_t's first latent frame is
     the clean latent, its tokens get timestep 0 (the others t), and the loss covers the noised frames only."""
-    from wanray.config import ModelConfig
     from wanray.models import read_contract, write_tiny_checkpoint
+    from wanray.sections import ModelConfig
     from wanray.train.flow import draw_flow
 
     contract = read_contract(write_tiny_checkpoint(tmp_path / "ti2v", kind="ti2v-5b"), ModelConfig())

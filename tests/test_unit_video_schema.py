@@ -11,6 +11,9 @@ from wanray.buckets import BucketSet
 from wanray.data.synthetic import SyntheticClip, render, write_mp4
 from wanray.data.video import ClipRejected, decode_clip, longest_4n1, plan_clip, resize_crop, resize_crop_box
 from wanray.schema import decode_tensor, encode_tensor, pad_text_embedding
+from wanray.wan import KINDS
+
+T2V = KINDS["t2v-a14b"]
 
 
 def test_longest_4n1():
@@ -50,7 +53,7 @@ def test_decode_reads_the_planned_frames(tmp_path):
     clip = SyntheticClip("a.mp4", "x", 64, 64, 16, 40, "square", "white", "black", "left to right")
     frames = render(clip)
     write_mp4(tmp_path / "a.mp4", frames, 16)
-    out = decode_clip(str(tmp_path / "a.mp4"), BucketSet.fixed(64, 64, 9, 9), 8)
+    out = decode_clip(str(tmp_path / "a.mp4"), BucketSet.fixed(64, 64, 9, 9, T2V), 8)
     assert out.frames.shape == (9, 64, 64, 3) and out.plan.indices == list(range(0, 18, 2))
     # the square moves right: its centre of mass in the decoded clip follows the source
     cols = np.arange(64)
@@ -62,8 +65,8 @@ def test_decode_reads_the_planned_frames(tmp_path):
 def test_decode_scales_larger_sources_like_a_resize_of_the_full_frames(tmp_path):
     clip = SyntheticClip("b.mp4", "x", 96, 160, 16, 20, "circle", "red", "navy", "top to bottom")
     write_mp4(tmp_path / "b.mp4", render(clip), 16)
-    out = decode_clip(str(tmp_path / "b.mp4"), BucketSet.fixed(64, 64, 9, 9), 16)
-    full = decode_clip(str(tmp_path / "b.mp4"), BucketSet.fixed(96, 160, 9, 9), 16)  # no scaling: the source size
+    out = decode_clip(str(tmp_path / "b.mp4"), BucketSet.fixed(64, 64, 9, 9, T2V), 16)
+    full = decode_clip(str(tmp_path / "b.mp4"), BucketSet.fixed(96, 160, 9, 9, T2V), 16)  # no scaling: the source size
     want = resize_crop(full.frames, 64, 64)
     assert out.frames.shape == want.shape == (9, 64, 64, 3)
     # decord's swscale and torch's antialiased bilinear differ by rounding and filter taps only
@@ -75,7 +78,9 @@ def test_decoding_does_not_import_torch(tmp_path):
     write_mp4(tmp_path / "c.mp4", render(clip), 16)
     code = (
         "import sys; from wanray.buckets import BucketSet; from wanray.data.video import decode_clip; "
-        f"decode_clip({str(tmp_path / 'c.mp4')!r}, BucketSet.fixed(64, 64, 9, 9), 16); print('torch' in sys.modules)"
+        "from wanray.wan import KINDS; "
+        f"decode_clip({str(tmp_path / 'c.mp4')!r}, BucketSet.fixed(64, 64, 9, 9, KINDS['t2v-a14b']), 16); "
+        "print('torch' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"  # decode workers start without paying torch's import
@@ -116,7 +121,7 @@ def test_curation_rejects_low_resolution_short_and_static_clips_by_name(tmp_path
         out.mkdir()
         cfg = tiny_config(tmp_path / "no-model", *sets)
         row = {"id": name, "path": str(tmp_path / f"{name}.mp4"), "caption": "c", "cut_start": 0, "cut_end": -1}
-        rows = decode_source(row, cfg, str(out))
+        rows = decode_source(row, cfg, str(out), T2V)
         return rows, [r["reason"] for r in collect_rejects(out)]
 
     assert len(run("moving")[0]) == len(run("static")[0]) == 1  # off by default

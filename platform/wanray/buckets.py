@@ -15,7 +15,8 @@ frame count of that resolution the clip holds. Three ways to say which buckets t
   of the latent frames; every bucket is at most the budget.
 
 Tokens of a bucket: latent frames ((F - 1) / 4 + 1) x height/m x width/m, m the size multiple (VAE 8x
-and patch 2x2: 16; TI2V-5B's VAE 16x: 32).
+and patch 2x2: 16; TI2V-5B's VAE 16x: 32): wanray.wan owns these numbers, and a bucket set is always for
+one model kind.
 """
 
 from __future__ import annotations
@@ -24,11 +25,26 @@ import math
 from dataclasses import dataclass
 
 from wanray.errors import ConfigError
+from wanray.wan import VAE_STRIDE_TEMPORAL, ModelKind, latent_frames, valid_frames
 
 ASPECT_RATIOS = ((9, 16), (2, 3), (3, 4), (1, 1), (4, 3), (3, 2), (16, 9))
 """(height, width) proportions of the generated set: landscape 16:9 to portrait 9:16."""
 ASPECT_TOLERANCE = 1.05
 """A generated resolution's aspect ratio is within 5% of its target."""
+
+
+def parse_shape(text: str, where: str = "data.buckets") -> tuple[int, int, int]:
+    """(height, width, frames) of "HEIGHTxWIDTHxFRAMES", checked as far as every model agrees: positive
+    sizes, 4n+1 frames."""
+    try:
+        h, w, f = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"{where}: {text!r} is not HEIGHTxWIDTHxFRAMES (e.g. 480x832x81)") from None
+    if h <= 0 or w <= 0:
+        raise ConfigError(f"{where}: {text!r}: height and width must be positive")
+    if not valid_frames(f):
+        raise ConfigError(f"{where}: {text!r}: frames must be 4n+1 (1 for still images)")
+    return h, w, f
 
 
 @dataclass(frozen=True, order=True)
@@ -41,24 +57,17 @@ class Bucket:
     def name(self) -> str:
         return f"{self.height}x{self.width}x{self.frames}"
 
-    @property
-    def latent_frames(self) -> int:
-        return (self.frames - 1) // 4 + 1
-
-    def tokens(self, multiple: int = 16) -> int:
-        """DiT tokens of a clip of this shape, `multiple` pixels per token side."""
-        return self.latent_frames * (self.height // multiple) * (self.width // multiple)
+    def tokens(self, kind: ModelKind) -> int:
+        """DiT tokens of a clip of this shape for a model of `kind`."""
+        return kind.tokens(self.frames, self.height, self.width)
 
     @classmethod
-    def parse(cls, text: str, where: str = "data.buckets", multiple: int = 16) -> Bucket:
-        try:
-            h, w, f = (int(v) for v in str(text).lower().split("x"))
-        except ValueError:
-            raise ConfigError(f"{where}: {text!r} is not HEIGHTxWIDTHxFRAMES (e.g. 480x832x81)") from None
-        if h <= 0 or w <= 0 or h % multiple or w % multiple:
-            raise ConfigError(f"{where}: {text!r}: height and width must be positive multiples of {multiple}")
-        if f < 1 or (f - 1) % 4:
-            raise ConfigError(f"{where}: {text!r}: frames must be 4n+1 (1 for still images)")
+    def parse(cls, text: str, kind: ModelKind, where: str = "data.buckets") -> Bucket:
+        """A bucket of `kind`: its sizes multiples of the kind's size multiple."""
+        h, w, f = parse_shape(text, where)
+        m = kind.size_multiple
+        if h % m or w % m:
+            raise ConfigError(f"{where}: {text!r}: height and width must be multiples of {m} for {kind.title}")
         return cls(h, w, f)
 
 
@@ -83,56 +92,53 @@ def _resolution(aspect_hw: tuple[int, int], patches: int, multiple: int) -> tupl
 
 def frame_counts(most: int, least: int) -> list[int]:
     """Generated frame counts: from `most` down to `least` in steps of a quarter of the latent frames."""
-    top, bottom = (most - 1) // 4 + 1, (least - 1) // 4 + 1
+    top, bottom = latent_frames(most), latent_frames(least)
     step = max(1, top // 4)
     latent = list(range(top, bottom - 1, -step))
     if latent[-1] != bottom:
         latent.append(bottom)
-    return [4 * (t - 1) + 1 for t in latent]
+    return [VAE_STRIDE_TEMPORAL * (t - 1) + 1 for t in latent]
 
 
 @dataclass(frozen=True)
 class BucketSet:
-    """The buckets of a data config; `assign` places a clip."""
+    """The buckets of a data config for a model of one kind; `resolution` and `frames` place a clip."""
 
     frames_by_resolution: dict[tuple[int, int], tuple[int, ...]]
     """(height, width) -> its frame counts, descending."""
-    multiple: int = 16
-    """Pixels per DiT token side of the model the clips are for (wanray.wan.ModelKind.size_multiple)."""
+    kind: ModelKind
+    """The model the clips are for: its size multiple and token count (wanray.wan)."""
 
     @classmethod
-    def from_config(cls, d, multiple: int = 16) -> BucketSet:
-        """From data.* for a model of size multiple `multiple` (see the module docstring); ConfigError
-        for a set that cannot work."""
-        if d.buckets and d.bucket_budget:
-            raise ConfigError("give data.buckets or data.bucket_budget, not both")
+    def from_config(cls, d, kind: ModelKind) -> BucketSet:
+        """From data.* for a model of `kind` (see the module docstring); ConfigError for a set that
+        cannot work (data.DataConfig has checked what holds for every model)."""
         if d.buckets:
-            buckets = [Bucket.parse(b, multiple=multiple) for b in d.buckets]
+            buckets = [Bucket.parse(b, kind) for b in d.buckets]
         elif d.bucket_budget:
-            latent = (d.num_frames - 1) // 4 + 1
-            patches = d.bucket_budget // latent
+            patches = d.bucket_budget // latent_frames(d.num_frames)
             counts = frame_counts(d.num_frames, d.min_frames)
-            buckets = [Bucket(*_resolution(a, patches, multiple), f) for a in ASPECT_RATIOS for f in counts]
+            buckets = [Bucket(*_resolution(a, patches, kind.size_multiple), f) for a in ASPECT_RATIOS for f in counts]
         else:
-            if d.height % multiple or d.width % multiple:
+            m = kind.size_multiple
+            if d.height % m or d.width % m:
                 raise ConfigError(
-                    f"data.height and data.width must be multiples of {multiple} for this model, "
-                    f"got {d.height}x{d.width}"
+                    f"data.height and data.width must be multiples of {m} for {kind.title}, got {d.height}x{d.width}"
                 )
-            return cls.fixed(d.height, d.width, d.num_frames, d.min_frames, multiple)
-        return cls.of(buckets, multiple)
+            return cls.fixed(d.height, d.width, d.num_frames, d.min_frames, kind)
+        return cls.of(buckets, kind)
 
     @classmethod
-    def fixed(cls, height: int, width: int, most: int, least: int, multiple: int = 16) -> BucketSet:
+    def fixed(cls, height: int, width: int, most: int, least: int, kind: ModelKind) -> BucketSet:
         """One resolution, every 4n+1 frame count from `least` to `most`."""
-        return cls.of([Bucket(height, width, f) for f in range(most, least - 1, -4)], multiple)
+        return cls.of([Bucket(height, width, f) for f in range(most, least - 1, -VAE_STRIDE_TEMPORAL)], kind)
 
     @classmethod
-    def of(cls, buckets: list[Bucket], multiple: int = 16) -> BucketSet:
+    def of(cls, buckets: list[Bucket], kind: ModelKind) -> BucketSet:
         table: dict[tuple[int, int], set[int]] = {}
         for b in buckets:
             table.setdefault((b.height, b.width), set()).add(b.frames)
-        return cls({r: tuple(sorted(f, reverse=True)) for r, f in sorted(table.items())}, multiple)
+        return cls({r: tuple(sorted(f, reverse=True)) for r, f in sorted(table.items())}, kind)
 
     @property
     def buckets(self) -> list[Bucket]:
@@ -140,7 +146,7 @@ class BucketSet:
 
     @property
     def max_tokens(self) -> int:
-        return max(b.tokens(self.multiple) for b in self.buckets)
+        return max(b.tokens(self.kind) for b in self.buckets)
 
     def resolution(self, src_height: int, src_width: int) -> tuple[int, int]:
         """The resolution whose aspect ratio is nearest the source's (log ratio; ties to the larger)."""

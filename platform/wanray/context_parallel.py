@@ -48,7 +48,7 @@ def training_backend(cfg) -> str:
     (wanray.config.attention_backend), except that with context parallelism the NPU default, torch_npu's fused
     kernel whose diffusers op has no context-parallel backward, becomes native, whose ring op wanray runs on
     that same kernel (wanray.ring_attention)."""
-    from wanray.config import attention_backend
+    from wanray.backends import attention_backend
 
     worker = cfg.train.worker
     attention = attention_backend(cfg.model.attention_backend, worker.device, worker.dtype, training=True)

@@ -69,7 +69,8 @@ def read_contract(model_dir, model_cfg) -> WanContract:
         read_json(model_dir, "model_index.json"),
         read_json(model_dir, "vae/config.json"),
         read_json(model_dir, "scheduler/scheduler_config.json"),
-        model_cfg,
+        model_cfg.boundary,
+        model_cfg.force_boundary,
         where=str(Path(model_dir) / "vae" / "config.json"),
         transformer_config=read_json(model_dir, "transformer/config.json"),
     )

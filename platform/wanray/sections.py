@@ -1,13 +1,100 @@
-"""The configuration's sections below `model` and `data`: the resources a stage asks Ray for, and the
-preprocess, infer, train and ui sections (wanray.config holds the root, its checks and the loader)."""
+"""The configuration's sections: model, data, the resources a stage asks Ray for, preprocess, infer,
+train and ui (wanray.config holds the root and the loader). Each section checks its own values when it
+is made (`__post_init__`, so a `dataclasses.replace` is checked too): a value that cannot work is a
+one-line ConfigError naming its key. What depends on the model directory (sizes its VAE takes, heads
+a split needs) is checked where the directory is read."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
+from wanray.backends import ATTENTION_BACKENDS
+from wanray.buckets import parse_shape
+from wanray.errors import ConfigError
+from wanray.wan import valid_frames
+
 Device = Literal["cpu", "cuda", "npu"]
 Dtype = Literal["float32", "bfloat16"]
+
+
+@dataclass
+class ModelConfig:
+    path: str = ".wanray/tiny-wan2.2"
+    """Diffusers-format Wan2.2 directory (model_index.json, transformer/ = high-noise
+    expert, transformer_2/ = low-noise expert, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    create_tiny: bool = False
+    """If `path` holds no model, write the tiny random-init Wan2.2 there first."""
+    tiny_seed: int = 0
+    """Seed of the tiny checkpoint's random initialisation."""
+    tiny_kind: Literal["t2v-a14b", "i2v-a14b", "ti2v-5b"] = "t2v-a14b"
+    """Which Wan2.2 model create_tiny writes, at toy width (wanray.wan.KINDS): two experts and the
+    Wan2.1 VAE (T2V-A14B, I2V-A14B), or one transformer and the 48-channel Wan2.2 VAE (TI2V-5B)."""
+    boundary: float | None = None
+    """Expert switch as a fraction of 1000 train timesteps (high-noise expert for t >= boundary*1000).
+    None: the model directory's boundary_ratio. A value that contradicts the directory is an error
+    unless force_boundary is set (see wanray.wan)."""
+    force_boundary: bool = False
+    """Train or sample with model.boundary even where the model directory says otherwise."""
+    attention_backend: str | None = None
+    """diffusers attention backend of the experts (training, serving, batch generation): None picks
+    _native_npu on NPU in bfloat16 and native (torch SDPA) elsewhere; see wanray.backends."""
+
+    def __post_init__(self) -> None:
+        if self.boundary is not None and not 0.0 < self.boundary < 1.0:
+            raise ConfigError(f"model.boundary must lie in (0, 1), got {self.boundary}")
+        if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"model.attention_backend {self.attention_backend!r} is not one wanray can use "
+                f"(valid: {', '.join(ATTENTION_BACKENDS)}; null picks the device's default)"
+            )
+
+
+@dataclass
+class DataConfig:
+    height: int = 480
+    """Clip height in pixels after resize + center crop (multiple of 16)."""
+    width: int = 832
+    """Clip width in pixels after resize + center crop (multiple of 16)."""
+    num_frames: int = 81
+    """Frames per clip, 4n+1 (81 frames -> 21 latent frames)."""
+    min_frames: int = 81
+    """Shorter videos give the longest 4n+1 clip they hold, down to this; below it they are rejected."""
+    fps: float = 16.0
+    """Clips are resampled to this frame rate."""
+    buckets: list[str] = field(default_factory=list)
+    """Shapes "HEIGHTxWIDTHxFRAMES" clips may be stored at (see wanray.buckets); empty: height x width
+    with every 4n+1 frame count from min_frames to num_frames."""
+    bucket_budget: int = 0
+    """Tokens per sample (480x832x81 = 32,760): generate the buckets of aspect ratios 9:16 to 16:9 within
+    it, frame counts from num_frames down to min_frames. 0: off."""
+    min_resolution: int = 0
+    """Curation: reject sources whose shorter side has fewer pixels (below_min_resolution). 0: off."""
+    min_seconds: float = 0.0
+    """Curation: reject videos shorter than this, within their cut (below_min_duration). 0: off."""
+    min_motion: float = 0.0
+    """Curation: reject clips whose mean absolute difference between consecutive frames, on the 0-255
+    scale of the stored frames, is below this (static_clip): slideshows, frozen frames. 0: off."""
+
+    def __post_init__(self) -> None:
+        """What holds for every model; the sizes a model's VAE takes are checked with its kind
+        (wanray.buckets.BucketSet.from_config) where the model directory is known."""
+        if not (valid_frames(self.num_frames) and valid_frames(self.min_frames)):
+            raise ConfigError(
+                f"data.num_frames and data.min_frames must be 4n+1, got {self.num_frames}, {self.min_frames}"
+            )
+        if self.min_frames > self.num_frames:
+            raise ConfigError("data.min_frames must not exceed data.num_frames")
+        if self.height <= 0 or self.width <= 0:
+            raise ConfigError(f"data.height and data.width must be positive, got {self.height}x{self.width}")
+        if self.min_resolution < 0 or self.min_seconds < 0 or self.min_motion < 0:
+            raise ConfigError("data.min_resolution, min_seconds and min_motion must be >= 0 (0 turns each off)")
+        if self.bucket_budget < 0:
+            raise ConfigError(f"data.bucket_budget must be a token count >= 0, got {self.bucket_budget}")
+        if self.buckets and self.bucket_budget:
+            raise ConfigError("give data.buckets or data.bucket_budget, not both")
+        for text in self.buckets:
+            parse_shape(text)
 
 
 @dataclass
@@ -163,6 +250,42 @@ class InferConfig:
     """Memory of one inference device (Ascend 910B: 64 GB, H100: 80 GB), for the memory plan
     (serve.py / generate.py --plan)."""
 
+    def __post_init__(self) -> None:
+        for stage, n in vars(self.replicas).items():
+            top = getattr(self.max_replicas, stage)
+            if n < 1 or (top and top < n):
+                raise ConfigError(
+                    f"infer.replicas.{stage} must be >= 1 and infer.max_replicas.{stage} 0 or >= it, got {n} and {top}"
+                )
+        if self.first_block_cache < 0:
+            raise ConfigError(f"infer.first_block_cache must be >= 0 (0 is off), got {self.first_block_cache}")
+        if self.first_block_cache and max(self.high_devices, self.low_devices, self.batch_devices) > 1:
+            raise ConfigError(
+                "infer.first_block_cache needs single-device expert stages: each rank would decide on "
+                "its own shard of the tokens whether to skip, and the ranks' collectives would part"
+            )
+        if self.max_queued < 0 or self.queue_timeout_s <= 0:
+            raise ConfigError(
+                f"infer.max_queued must be >= 0 and infer.queue_timeout_s > 0, got "
+                f"{self.max_queued}, {self.queue_timeout_s}"
+            )
+        if min(self.high_devices, self.low_devices, self.batch_devices) < 1:
+            raise ConfigError(
+                "infer.high_devices, low_devices and batch_devices must be >= 1, got "
+                f"{self.high_devices}, {self.low_devices}, {self.batch_devices}"
+            )
+        if self.flow_shift is not None and self.flow_shift <= 0:
+            raise ConfigError(f"infer.flow_shift must be positive, got {self.flow_shift}")
+        if not 1 <= self.num_inference_steps <= self.max_steps:
+            raise ConfigError(
+                f"infer.num_inference_steps must lie in [1, infer.max_steps], got {self.num_inference_steps}"
+            )
+        if self.stages.vae.dtype != "float32":
+            raise ConfigError(
+                "infer.stages.vae.dtype must be float32: the Wan VAE decodes in float32, as the official "
+                "code and diffusers do (the experts' stages may run in bfloat16)"
+            )
+
 
 @dataclass
 class LoraConfig:
@@ -185,6 +308,10 @@ class ContextParallel:
     must divide the attention heads (40 for A14B, 24 for TI2V-5B)."""
     ring: int = 1
     """Ring degree: key/value chunks travel around the ranks, no head constraint."""
+
+    def __post_init__(self) -> None:
+        if self.ulysses < 1 or self.ring < 1:
+            raise ConfigError(f"train.context_parallel.ulysses and .ring must be >= 1, got {self.ulysses}, {self.ring}")
 
     @property
     def degree(self) -> int:
@@ -291,6 +418,30 @@ class TrainConfig:
     context_parallel: ContextParallel = field(default_factory=ContextParallel)
     """Split each sample's tokens over ulysses x ring ranks (wanray.context_parallel); the workers form
     workers / (ulysses x ring) data-parallel groups."""
+
+    def __post_init__(self) -> None:
+        if min(self.steps, self.workers, self.batch_size, self.grad_accum, self.checkpoint_every) < 1:
+            raise ConfigError("train.steps, workers, batch_size, grad_accum and checkpoint_every must be >= 1")
+        cp = self.context_parallel
+        if self.workers % cp.degree:
+            raise ConfigError(
+                f"train.context_parallel: ulysses x ring = {cp.degree} must divide train.workers ({self.workers})"
+            )
+        v = self.validation
+        if v.every < 0 or (v.every and v.every % self.checkpoint_every):
+            raise ConfigError(
+                f"train.validation.every ({v.every}) must be 0 (off) or a multiple of "
+                f"train.checkpoint_every ({self.checkpoint_every}): validation renders a checkpoint"
+            )
+        if v.every and not (v.prompts or v.prompts_file):
+            raise ConfigError(
+                "train.validation.every is set but there are no prompts: set train.validation.prompts "
+                "or train.validation.prompts_file"
+            )
+        if not 0.0 <= self.image_condition <= 1.0:
+            raise ConfigError(f"train.image_condition must lie in [0, 1], got {self.image_condition}")
+        if not 0.0 <= self.caption_dropout < 1.0 or self.timestep_shift <= 0:
+            raise ConfigError("train.caption_dropout must lie in [0, 1) and train.timestep_shift be positive")
 
 
 @dataclass

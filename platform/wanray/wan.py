@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from wanray.config import ModelConfig
 from wanray.errors import ConfigError
 
 TEXT_TOKENS = 512
@@ -25,6 +24,29 @@ TEXT_TOKENS = 512
 stored unpadded and zero-padded to it for training and sampling alike."""
 EXPERTS = ("high", "low")
 VAE_DTYPE = "float32"
+VAE_STRIDE_TEMPORAL = 4
+"""Video frames per latent frame after the first in every Wan2.2 VAE (Wan2.1's and Wan2.2's): clips are
+4n+1 frames, 81 frames are 21 latent frames."""
+PATCH = (1, 2, 2)
+"""The DiT's patch over the latents (frames, height, width) in every Wan2.2 transformer."""
+
+
+def latent_frames(frames: int) -> int:
+    """Latent frames of a clip of `frames` (4n+1) video frames: 81 -> 21."""
+    return (frames - 1) // VAE_STRIDE_TEMPORAL + 1
+
+
+def valid_frames(frames: int) -> bool:
+    """A frame count the VAE takes: 4n+1 (1 for a still image)."""
+    return frames >= 1 and (frames - 1) % VAE_STRIDE_TEMPORAL == 0
+
+
+def latent_tokens(latent_shape) -> int:
+    """DiT tokens of a latent of shape (..., F, H, W): F x H/2 x W/2 (21 x 30 x 52 = 32,760 at 480x832x81)."""
+    *_, f, h, w = latent_shape
+    return f // PATCH[0] * (h // PATCH[1]) * (w // PATCH[2])
+
+
 """The Wan VAE encodes and decodes in float32 whatever the experts' dtype, as the official code and
 diffusers' Wan examples run it; latents are stored in preprocess.encoders.dtype."""
 
@@ -56,6 +78,11 @@ class ModelKind:
     @property
     def one_transformer(self) -> bool:
         return len(self.experts) == 1
+
+    def tokens(self, frames: int, height: int, width: int) -> int:
+        """DiT tokens of a clip of frames x height x width pixels: latent frames x height/m x width/m,
+        m = size_multiple (VAE stride x patch: 8 x 2 = 16 for A14B, 16 x 2 = 32 for TI2V-5B)."""
+        return latent_frames(frames) // PATCH[0] * (height // self.size_multiple) * (width // self.size_multiple)
 
     @property
     def takes_last_image(self) -> bool:
@@ -229,7 +256,7 @@ def clean_frame_mask(latent_shape: tuple[int, ...], first_frame):
 def token_timesteps(mask, t):
     """Per-token timesteps (B, F x H/2 x W/2) of TI2V-5B: each patch's mask value x its clip's t ((B,) or
     a scalar), so a clean first frame's tokens are at timestep 0."""
-    return (mask[:, 0, :, ::2, ::2] * t.reshape(-1, 1, 1, 1)).flatten(1)
+    return (mask[:, 0, :: PATCH[0], :: PATCH[1], :: PATCH[2]] * t.reshape(-1, 1, 1, 1)).flatten(1)
 
 
 def resolve_boundary(stored: float | None, configured: float | None, force: bool) -> tuple[float, str]:
@@ -254,28 +281,28 @@ def contract_from(
     model_index: dict,
     vae_config: dict,
     scheduler_config: dict,
-    model_cfg: ModelConfig,
+    boundary: float | None,
+    force_boundary: bool = False,
     where: str = "the VAE config",
     transformer_config: dict | None = None,
 ) -> WanContract:
     """The contract of a Wan2.2 directory from its model_index.json, vae/config.json,
     scheduler/scheduler_config.json and transformer/config.json (wanray.models.read_contract reads
-    them) under `model.*`. A one-transformer model (TI2V-5B) runs every step: boundary 0."""
+    them) under model.boundary and model.force_boundary. A one-transformer model (TI2V-5B) runs every
+    step: boundary 0."""
     kind = kind_from(model_index, transformer_config or {}, vae_config, "the model directory")
     if len(kind.experts) == 1:
-        if model_cfg.boundary is not None:
+        if boundary is not None:
             raise ConfigError(f"model.boundary does not apply to {kind.title}: it has one transformer")
-        boundary, source = 0.0, f"{kind.title} has one transformer, which runs every step"
+        resolved, source = 0.0, f"{kind.title} has one transformer, which runs every step"
     else:
-        boundary, source = resolve_boundary(
-            model_index.get("boundary_ratio"), model_cfg.boundary, model_cfg.force_boundary
-        )
+        resolved, source = resolve_boundary(model_index.get("boundary_ratio"), boundary, force_boundary)
     z = vae_config.get("z_dim", 16)
     mean, std = vae_config.get("latents_mean"), vae_config.get("latents_std")
     if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == z):
         raise ConfigError(f"{where} must list z_dim={z} latents_mean and latents_std values")
     return WanContract(
-        boundary=float(boundary),
+        boundary=float(resolved),
         boundary_source=source,
         num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
         vae_scale_temporal=int(vae_config.get("scale_factor_temporal", 4)),

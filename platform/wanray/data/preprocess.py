@@ -44,6 +44,7 @@ from wanray.data.shards import (
 from wanray.data.video import decode_source
 from wanray.errors import ConfigError
 from wanray.io import write_json_atomic
+from wanray.wan import ModelKind
 
 
 def _empty_prompt_task(model_path: str, device: str, dtype: str, out_dir: str) -> None:
@@ -112,14 +113,14 @@ def decode_blocks(todo: list[ClipSource], cfg: Config) -> int:
     return max(1, -(-len(todo) // cfg.preprocess.clips_per_decode_task))  # one decode task per block
 
 
-def decode_dataset(todo: list[ClipSource], cfg: Config, out_dir: str, multiple: int = 16) -> ray.data.Dataset:
-    """The decode stage: clip rows with their frames (sizes multiples of `multiple`, the model's
-    pixels per token side), rejects recorded in out_dir as they happen."""
+def decode_dataset(todo: list[ClipSource], cfg: Config, out_dir: str, kind: ModelKind) -> ray.data.Dataset:
+    """The decode stage: clip rows with their frames (at the buckets of data.* for a model of `kind`),
+    rejects recorded in out_dir as they happen."""
     items = [{**dataclasses.asdict(s), "seq": i} for i, s in enumerate(todo)]
     ds = ray.data.from_items(items, override_num_blocks=decode_blocks(todo, cfg))
     return ds.flat_map(
         decode_source,
-        fn_kwargs={"cfg": cfg, "out_dir": out_dir, "multiple": multiple},
+        fn_kwargs={"cfg": cfg, "out_dir": out_dir, "kind": kind},
         num_cpus=cfg.preprocess.decode_cpus,
     )
 
@@ -128,7 +129,7 @@ def build_dataset(
     todo: list[ClipSource], cfg: Config, model_path: str, out_dir: str, encoders: Preprocessor | None = None
 ) -> ray.data.Dataset:
     p, enc, blocks = cfg.preprocess, cfg.preprocess.encoders, decode_blocks(todo, cfg)
-    ds = decode_dataset(todo, cfg, out_dir, models.read_kind(model_path).size_multiple)
+    ds = decode_dataset(todo, cfg, out_dir, models.read_kind(model_path))
     vae = _encode_stage(
         LatentEncoder,
         encoders.vae if encoders else None,
@@ -231,7 +232,7 @@ class PreprocessRun:
         out.mkdir(parents=True, exist_ok=True)
         model_path = str(models.ensure_model(cfg.model))
         kind = models.read_contract(model_path, cfg.model).kind
-        BucketSet.from_config(cfg.data, kind.size_multiple)  # sizes the model cannot take fail here
+        BucketSet.from_config(cfg.data, kind)  # sizes the model cannot take fail here
         _check_settings(cfg, out)
         return cls(cfg, str(Path(manifest).resolve()), out, model_path, sources, manifest_rejects)
 
@@ -242,8 +243,8 @@ class PreprocessRun:
         for r in self.manifest_rejects:
             record_reject(out, r)
         todo = [s for s in self.sources if s.id not in done and s.id not in rejected]
-        multiple = models.read_kind(self.model_path).size_multiple
-        log(f"[preprocess] buckets: {BucketSet.from_config(self.cfg.data, multiple).describe()}")
+        kind = models.read_kind(self.model_path)
+        log(f"[preprocess] buckets: {BucketSet.from_config(self.cfg.data, kind).describe()}")
         log(
             f"[preprocess] {len(self.sources)} clips in manifest, {len(self.manifest_rejects)} bad entries; "
             f"{len(self.sources) - len(todo)} already done, {len(todo)} to process"

@@ -21,6 +21,7 @@ from wanray.buckets import Bucket, BucketSet
 from wanray.config import Config
 from wanray.data.manifest import ClipSource, Reject
 from wanray.data.shards import record_reject
+from wanray.wan import VAE_STRIDE_TEMPORAL, ModelKind
 
 
 class ClipRejected(Exception):
@@ -44,7 +45,7 @@ class ClipPlan:
 def longest_4n1(available: int, most: int, least: int) -> int | None:
     """The largest 4n+1 <= min(available, most), or None if it is below `least`."""
     n = min(available, most)
-    n = n - (n - 1) % 4 if n >= 1 else 0
+    n = n - (n - 1) % VAE_STRIDE_TEMPORAL if n >= 1 else 0
     return n if n >= least else None
 
 
@@ -237,15 +238,15 @@ def curate(clip: DecodedClip, d) -> None:
         raise ClipRejected("static_clip", f"mean frame difference {m:.2f}, need {d.min_motion:g}")
 
 
-def decode_source(row: dict, cfg: Config, out_dir: str, multiple: int = 16) -> list[dict]:
+def decode_source(row: dict, cfg: Config, out_dir: str, kind: ModelKind) -> list[dict]:
     """The decode stage (a Ray Data flat_map): a ClipSource row (plus `seq`, its place in the run, kept
-    in the output) -> [clip row with frames], or [] after recording the reject in `out_dir`. `multiple`:
-    the model's pixels per token side (wanray.buckets)."""
+    in the output) -> [clip row with frames], or [] after recording the reject in `out_dir`. `kind`: the
+    model the clips are for (its sizes, wanray.buckets)."""
     row = dict(row)
     seq = row.pop("seq", 0)
     src = ClipSource(**row)
     d = cfg.data
-    buckets = BucketSet.from_config(d, multiple)
+    buckets = BucketSet.from_config(d, kind)
     try:
         clip = (
             decode_image(src.path, buckets)

@@ -26,7 +26,7 @@ from wanray import models
 from wanray.config import Config
 from wanray.errors import RequestError
 from wanray.infer.sampler import Cancelled, GenerationParams, image_from_base64
-from wanray.wan import KINDS, ModelKind
+from wanray.wan import KINDS, ModelKind, valid_frames
 
 logger = logging.getLogger("ray.serve")  # the ingress replica's log (logs/serve/replica_wanray_Ingress_*.log)
 
@@ -164,9 +164,9 @@ def resolve(req: GenerateRequest, cfg: Config, kind: ModelKind = KINDS["t2v-a14b
         m = kind.size_multiple
         _check(value % m == 0, f"{name} must be a multiple of {m} for {kind.title}, got {value}")
         _check(m <= value <= most, f"{name} must lie in [{m}, {most}], got {value}")
-    _check(p.num_frames % 4 == 1, f"num_frames must be 4n+1 (1, 5, ..., 81), got {p.num_frames}")
+    _check(valid_frames(p.num_frames), f"num_frames must be 4n+1 (1, 5, ..., 81), got {p.num_frames}")
     _check(1 <= p.num_frames <= inf.max_frames, f"num_frames must lie in [1, {inf.max_frames}], got {p.num_frames}")
-    tokens = ((p.num_frames - 1) // 4 + 1) * (p.height // kind.size_multiple) * (p.width // kind.size_multiple)
+    tokens = kind.tokens(p.num_frames, p.height, p.width)
     _check(
         tokens % split == 0,
         f"{p.num_frames}x{p.height}x{p.width} is {tokens} tokens, which the {split} devices "

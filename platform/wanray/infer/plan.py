@@ -23,7 +23,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
 from torch.utils._pytree import tree_leaves
 
 from wanray import models
-from wanray.config import Config, attention_backend
+from wanray.backends import attention_backend
+from wanray.config import Config
 from wanray.devices import apply_attention_backend, torch_dtype
 from wanray.train.plan import GB, HEADROOM, cpu_proxy
 from wanray.wan import EXPERTS, VAE_DTYPE, WanContract

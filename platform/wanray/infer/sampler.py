@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from wanray import context_parallel, models
-from wanray.config import Config, attention_backend
+from wanray.backends import attention_backend
+from wanray.config import Config
 from wanray.devices import accelerator, apply_attention_backend, torch_dtype
 from wanray.encoding import encode_first_frame, encode_latents, encode_text
 from wanray.schema import pad_text_embedding

@@ -30,6 +30,7 @@ import torch
 
 from wanray.data.shards import shard_paths
 from wanray.schema import TRAINING_READS, check_version, decode_tensor, pad_text_embedding
+from wanray.wan import latent_tokens
 
 CONDITION_COLUMNS = ["condition", "condition_shape", "condition_dtype"]
 TENSOR_COLUMNS = [
@@ -88,9 +89,8 @@ class ClipIndex:
         return cls(files, file, row_group, row, shape, shapes=list(shapes), conditioned=conditioned)
 
     def tokens(self, shape_id: int) -> int:
-        """DiT tokens of one clip of that shape: F x H/2 x W/2 (patch 1x2x2)."""
-        _, f, h, w = self.shapes[shape_id]
-        return f * (h // 2) * (w // 2)
+        """DiT tokens of one clip of that shape (wanray.wan.latent_tokens)."""
+        return latent_tokens(self.shapes[shape_id])
 
     def fingerprint(self) -> str:
         """Changes when shards are added, removed or rewritten (not when the directory moves)."""
@@ -214,9 +214,8 @@ class Batch:
 
     @property
     def tokens(self) -> int:
-        """DiT tokens in the batch: B x F x H/2 x W/2 (patch 1x2x2); 32,760 per 81x480x832 clip."""
-        b, _, f, h, w = self.latents.shape
-        return b * f * (h // 2) * (w // 2)
+        """DiT tokens in the batch: B x those of one clip; 32,760 per 81x480x832 clip."""
+        return self.latents.shape[0] * latent_tokens(self.latents.shape)
 
 
 Clip = tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]  # (id, latent, unpadded text, I2V condition)

@@ -4,7 +4,7 @@
     python benchmarks/device_check.py --tiny     # the same code end to end on the CPU at tiny sizes (CI)
 
 Needs torch and diffusers only: no Ray, no downloads. The weights are random at the published
-dimensions (wanray.models.A14B_TRANSFORMER, A14B_VAE), written as a config-only model directory that
+dimensions (wanray.model_files.A14B_TRANSFORMER, A14B_VAE), written as a config-only model directory that
 the platform's own code reads. Three measurements:
 
 1. One training step of one expert at 81x480x832 (32,760 tokens) through the platform's training code
@@ -49,7 +49,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
-from wanray import models  # noqa: E402
+from wanray import model_files, models  # noqa: E402
 from wanray.backends import attention_backend  # noqa: E402
 from wanray.config import load_config  # noqa: E402
 from wanray.devices import accelerator  # noqa: E402
@@ -59,7 +59,7 @@ GB = 1e9
 REAL_CLIP = dict(frames=81, height=480, width=832)
 TINY_CLIP = dict(frames=9, height=64, width=64)
 TINY_EXPERT = {
-    **models.A14B_TRANSFORMER,
+    **model_files.A14B_TRANSFORMER,
     "attention_head_dim": 24,
     "num_attention_heads": 4,
     "ffn_dim": 192,
@@ -67,7 +67,7 @@ TINY_EXPERT = {
     "freq_dim": 32,
     "num_layers": 2,
 }
-TINY_VAE = {**models.A14B_VAE, **models.TINY_VAE}
+TINY_VAE = {**model_files.A14B_VAE, **model_files.TINY_VAE}
 
 # Anchors: published figures on one H100 of the same work.
 ANCHORS = {
@@ -164,11 +164,11 @@ def check_training(root: Path, kind: str, clip: dict, expert_config: dict, layer
     from torch.distributed.tensor import DTensor
 
     from wanray.train.data import Batch, StepData
-    from wanray.train.loop import LoopSpec, build_model, build_optimizer, train_step
+    from wanray.train.loop import ExpertTrainer, LoopSpec, build_model, build_optimizer
     from wanray.train.parallel import trainable_parameters
     from wanray.train.plan import plan_training
 
-    model_dir = models.write_config_dir(root / f"expert-{layers}-blocks", {**expert_config, "num_layers": layers})
+    model_dir = model_files.write_config_dir(root / f"expert-{layers}-blocks", {**expert_config, "num_layers": layers})
     cfg = config_for(model_dir, kind, clip, layers)
     t = cfg.train
     plan = plan_training(cfg, model_dir, "high")  # before the real process group: it uses a fake one
@@ -196,6 +196,7 @@ def check_training(root: Path, kind: str, clip: dict, expert_config: dict, layer
                 (p.to_local() if isinstance(p, DTensor) else p).normal_(0.0, 0.02)
         params = trainable_parameters(model)
         optimizer, schedule = build_optimizer(spec, params, device)
+        trainer = ExpertTrainer(spec, device, model, params, optimizer, schedule)
         shape = contract.latent_shape(16, clip["frames"], clip["height"], clip["width"])
         stored = torch.bfloat16  # preprocess.encoders.dtype of the preset
 
@@ -207,9 +208,7 @@ def check_training(root: Path, kind: str, clip: dict, expert_config: dict, layer
                 epoch=0,
                 index=i,
             )
-            empty = torch.zeros(contract.text_tokens, text_dim)
-            loss, _, _ = train_step(model, params, optimizer, schedule, StepData(0, i, [batch]), spec, empty, device)
-            return loss
+            return trainer.step(StepData(0, i, [batch])).loss
 
         warm, loss = timed(lambda: step(0), device)
         times = []
@@ -252,9 +251,11 @@ def check_denoise(root: Path, kind: str, clip: dict, expert_config: dict, other_
     attention backend, then with each of `other_backends` (model.attention_backend choices)."""
     from wanray.devices import apply_attention_backend
     from wanray.infer.plan import plan_stage
-    from wanray.infer.sampler import ExpertStage, GenerationParams, StageSpec, TextEmbeddings, pin_for, resident
+    from wanray.infer.request import GenerationParams, TextEmbeddings
+    from wanray.infer.sampler import ExpertStage
+    from wanray.infer.spec import StageSpec, pin_for, resident
 
-    model_dir = models.write_config_dir(root / "full", expert_config)
+    model_dir = model_files.write_config_dir(root / "full", expert_config)
     cfg = config_for(model_dir, kind, clip, expert_config["num_layers"])
     spec = StageSpec.for_serving(model_dir, cfg)
     plan = plan_stage(
@@ -334,9 +335,11 @@ def check_denoise(root: Path, kind: str, clip: dict, expert_config: dict, other_
 def check_vae(root: Path, kind: str, clip: dict, vae_config: dict) -> dict:
     """Decode of a clip's latents to frames through the sampler's VideoDecoder (float32)."""
     from wanray.infer.plan import plan_stage
-    from wanray.infer.sampler import DenoiseState, StageSpec, VideoDecoder
+    from wanray.infer.request import DenoiseState
+    from wanray.infer.sampler import VideoDecoder
+    from wanray.infer.spec import StageSpec
 
-    model_dir = models.write_config_dir(root / "vae", vae=vae_config)
+    model_dir = model_files.write_config_dir(root / "vae", vae=vae_config)
     cfg = config_for(model_dir, kind, clip, 1)
     spec = StageSpec.for_serving(model_dir, cfg)
     plan = plan_stage(model_dir, "vae", "float32", spec.contract, clip["frames"], clip["height"], clip["width"])
@@ -436,8 +439,8 @@ def main(argv=None) -> int:
         return 2
     import diffusers
 
-    expert = TINY_EXPERT if args.tiny else models.A14B_TRANSFORMER
-    vae = TINY_VAE if args.tiny else models.A14B_VAE
+    expert = TINY_EXPERT if args.tiny else model_files.A14B_TRANSFORMER
+    vae = TINY_VAE if args.tiny else model_files.A14B_VAE
     clip = TINY_CLIP if args.tiny else REAL_CLIP
     layers = args.train_layers or (expert["num_layers"] if args.tiny else 10)
     checks = set(args.only or ("train", "denoise", "vae"))

@@ -32,7 +32,7 @@ import psutil
 import ray
 import torch
 
-from wanray import models
+from wanray import model_files, models
 from wanray.buckets import BucketSet
 from wanray.config import load_config
 from wanray.data.manifest import read_manifest
@@ -210,7 +210,7 @@ def main():
     cfg = load_config(
         ROOT / "configs" / "tiny.yaml", [f"model.path={work / 'model'}", *size, f"data.num_frames={args.frames}"]
     )
-    model_path = str(models.ensure_model(cfg.model))
+    model_path = str(model_files.ensure_model(cfg.model))
     big = write_dataset(work / "big", count=args.clips, seed=0)
     small = work / "big" / "small.json"  # the first --small clips of the same set
     small.write_text(json.dumps(json.loads((work / "big" / "data.json").read_text())[: args.small]))

@@ -35,9 +35,11 @@ import psutil
 import requests
 import torch
 
-from wanray import models
+from wanray import model_files, models
 from wanray.config import load_config
-from wanray.infer.sampler import GenerationParams, Sampler, StageSpec
+from wanray.infer.request import GenerationParams
+from wanray.infer.sampler import Sampler
+from wanray.infer.spec import StageSpec
 from wanray.infer.video import mp4_bytes
 from wanray.runtime import connect_ray, free_port
 
@@ -49,10 +51,10 @@ def write_bench_checkpoint(path: Path) -> Path:
     """The tiny checkpoint with wider experts (~14 M parameters each; the tiny ones have ~0.03 M)."""
     from diffusers import WanTransformer3DModel
 
-    models.write_tiny_checkpoint(path)
+    model_files.write_tiny_checkpoint(path)
     torch.manual_seed(1)
     for sub in models.EXPERT_SUBFOLDERS.values():
-        WanTransformer3DModel(**{**models.TINY_TRANSFORMER, **WIDE_EXPERT}).save_pretrained(path / sub)
+        WanTransformer3DModel(**{**model_files.TINY_TRANSFORMER, **WIDE_EXPERT}).save_pretrained(path / sub)
     return path
 
 
@@ -228,7 +230,7 @@ def replica_throughput(cfg, model: Path, body: dict, seeds: list[int], url: str,
 
     from wanray.infer.serve import APP_NAME, build_app
 
-    layouts = [["infer.torch_threads=2"], [f"infer.replicas.{s}=2" for s in ("text", "high", "low", "vae")]]
+    layouts = [["infer.torch_threads=2"], [f"infer.stages.{s}.replicas=2" for s in ("text", "high", "low", "vae")]]
     times: tuple[list, list] = ([], [])
     for _ in range(rounds):
         for layout, out in zip(layouts, times):

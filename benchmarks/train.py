@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from wanray import models
+from wanray import model_files, models
 from wanray.buckets import BucketSet
 from wanray.config import load_config
 from wanray.data.manifest import read_manifest
@@ -191,7 +191,7 @@ def main():
             f"train.checkpoint_every={args.steps}",
         ],
     )
-    model_path = str(models.ensure_model(cfg.model))
+    model_path = str(model_files.ensure_model(cfg.model))
     manifest = write_dataset(work / "videos", count=args.clips)
     connect_ray(num_cpus=2, include_dashboard=False)
     t0 = time.perf_counter()

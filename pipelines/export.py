@@ -12,12 +12,11 @@ second writes one expert of model.path as a DCP directory for sharded loading in
 import argparse
 import sys
 
-from wanray import models
+from wanray import model_files
 from wanray.config import add_config_args, load_config
 from wanray.errors import ConfigError
 from wanray.runtime import fail
-from wanray.train.checkpoint import diffusers_to_dcp
-from wanray.train.trainer import export_run
+from wanray.train.export import diffusers_to_dcp, export_run
 from wanray.wan import EXPERTS
 
 
@@ -32,7 +31,7 @@ def get_args():
 
 def main(args):
     cfg = load_config(args.config, args.overrides)
-    model_path = models.ensure_model(cfg.model)
+    model_path = model_files.ensure_model(cfg.model)
     if args.to_dcp:
         out = diffusers_to_dcp(model_path, args.to_dcp, args.out)
         print(f"[export] {args.to_dcp}-noise expert of {model_path} -> DCP {out}")

@@ -17,7 +17,8 @@ import sys
 from wanray.config import add_config_args, load_config
 from wanray.infer.batch import generate_videos, read_prompts
 from wanray.infer.plan import print_plan
-from wanray.models import ensure_model, expected_kind
+from wanray.model_files import ensure_model
+from wanray.models import expected_kind
 from wanray.runtime import connect_ray, fail
 
 
@@ -45,7 +46,7 @@ def main(args):
     params = read_prompts(args.prompts, cfg, expected_kind(cfg.model))  # images only for an image-to-video model
     model_dir = ensure_model(cfg.model)
     connect_ray(verbose=args.verbose)
-    generate_videos(cfg, str(model_dir), params, args.out, args.save_frames)
+    generate_videos(cfg, str(model_dir), params, args.out, args.save_frames, log=lambda line: print(line, flush=True))
 
 
 if __name__ == "__main__":

@@ -20,9 +20,10 @@ from wanray.data.synthetic import write_dataset
 from wanray.infer.api import GenerateRequest, resolve
 from wanray.infer.batch import generate_videos
 from wanray.infer.validation import Validation
-from wanray.models import ensure_model
+from wanray.model_files import ensure_model
 from wanray.runtime import connect_ray, fail
-from wanray.train.trainer import export_run, train_experts
+from wanray.train.export import export_run
+from wanray.train.trainer import train_experts
 
 
 def get_args():

@@ -18,7 +18,7 @@ from wanray.config import add_config_args, load_config
 from wanray.infer.api import exposure_warning, serving_token
 from wanray.infer.plan import print_plan
 from wanray.infer.serve import UI_PATH, remove_app, start
-from wanray.models import ensure_model
+from wanray.model_files import ensure_model
 from wanray.runtime import connect_ray, fail
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,9 +19,10 @@ import sys
 from wanray.config import add_config_args, load_config
 from wanray.infer.plan import print_plan
 from wanray.infer.validation import Validation
-from wanray.models import ensure_model
+from wanray.model_files import ensure_model
 from wanray.runtime import connect_ray, fail
-from wanray.train.trainer import print_plans, train_experts
+from wanray.train.plan import print_plans
+from wanray.train.trainer import train_experts
 
 
 def get_args():

@@ -20,7 +20,7 @@ def pytest_collection_modifyitems(items) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from wanray.models import write_tiny_checkpoint
+    from wanray.model_files import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny-wan2.2")
 

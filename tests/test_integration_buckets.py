@@ -15,7 +15,8 @@ from wanray.data.preprocess import run_preprocess
 from wanray.data.shards import read_clips
 from wanray.data.synthetic import SyntheticClip, render
 from wanray.io import write_mp4
-from wanray.train.trainer import latest_checkpoint, train_experts
+from wanray.train.runs import latest_checkpoint
+from wanray.train.trainer import train_experts
 from wanray.wan import KINDS, latent_frames
 
 BUDGET = 240  # tokens: 17 frames (5 latent) of 48 patches of 16x16 pixels, e.g. 96x128

@@ -9,7 +9,8 @@ from test_integration_train import FAST, checkpoint_state, metrics
 
 from wanray import context_parallel
 from wanray.errors import ConfigError
-from wanray.train.trainer import latest_checkpoint, make_trainer, train_experts
+from wanray.train.runs import latest_checkpoint
+from wanray.train.trainer import make_trainer, train_experts
 
 
 @pytest.fixture(scope="module")
@@ -127,14 +128,16 @@ def test_layouts_that_cannot_work_fail_in_one_line_before_any_worker(tiny_model,
         context_parallel.check(2, 1, 40, {"480x832x81": 32760}, "flex")
     context_parallel.check(8, 1, 40, {"480x832x81": 32760}, "native")  # A14B: 40 heads, 32,760 tokens
     context_parallel.check(2, 1, 40, {}, "_native_npu", training=False)  # serving may use the NPU kernel
-    from wanray.infer.sampler import StageSpec
+    from wanray.infer.spec import StageSpec
 
-    with pytest.raises(ConfigError, match="infer.high_devices: ulysses = 3 must divide the transformer's 4 attention"):
-        StageSpec.for_serving(tiny_model, tiny_config(tiny_model, "infer.high_devices=3"))
+    with pytest.raises(
+        ConfigError, match="infer.stages.high.devices: ulysses = 3 must divide the transformer's 4 attention"
+    ):
+        StageSpec.for_serving(tiny_model, tiny_config(tiny_model, "infer.stages.high.devices=3"))
 
 
 def test_serve_runs_each_expert_over_two_devices_with_the_single_device_frames(tiny_model, ray_cluster):
-    """infer.high_devices=2, low_devices=2: each expert stage is one replica holding 2 ranks in a placement
+    """infer.stages.{high,low}.devices=2: each expert stage is one replica holding 2 ranks in a placement
     group (Ulysses over 2 gloo ranks); the served frames equal diffusers' (the single-device sampler's)."""
     import io
     import json
@@ -142,13 +145,15 @@ def test_serve_runs_each_expert_over_two_devices_with_the_single_device_frames(t
     import numpy as np
     import requests
     from ray import serve
+    from reference import wanpipeline_frames
 
-    from wanray.infer.reference import wanpipeline_frames
-    from wanray.infer.sampler import GenerationParams
+    from wanray.infer.request import GenerationParams
     from wanray.infer.serve import APP_NAME, start
     from wanray.runtime import free_port
 
-    cfg = tiny_config(tiny_model, f"infer.port={free_port()}", "infer.high_devices=2", "infer.low_devices=2")
+    cfg = tiny_config(
+        tiny_model, f"infer.port={free_port()}", "infer.stages.high.devices=2", "infer.stages.low.devices=2"
+    )
     url = start(cfg, str(tiny_model))
     try:
         health = requests.get(f"{url}/v1/health", timeout=30).json()
@@ -192,10 +197,10 @@ def test_a_batch_actor_runs_both_experts_over_two_devices_with_the_single_device
     run with Ulysses over the 2 gloo ranks and the video's frames equal diffusers' (<= 1e-4). A prompt whose
     tokens the 2 devices cannot share evenly is refused with its line before any actor starts."""
     import numpy as np
+    from reference import wanpipeline_frames
 
     from wanray.errors import RequestError
     from wanray.infer.batch import generate_videos, read_prompts
-    from wanray.infer.reference import wanpipeline_frames
 
     cfg = tiny_config(
         tiny_model,

@@ -7,10 +7,10 @@ import sys
 import av
 import numpy as np
 from conftest import ROOT, tiny_config
+from reference import wanpipeline_frames
 
 from wanray.infer.api import GenerateRequest, resolve
-from wanray.infer.reference import wanpipeline_frames
-from wanray.models import TINY_BOUNDARY
+from wanray.model_files import TINY_BOUNDARY
 
 PROMPTS = ["a red circle moving left to right", "a blue square moving top to bottom on a gray background"]
 OVERRIDES = ["data.num_frames=9", "infer.negative_prompt=blurry, static", "infer.seed=11"]

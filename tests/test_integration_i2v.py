@@ -11,20 +11,21 @@ import torch
 from conftest import tiny_config
 from test_integration_train import metrics
 
-from wanray import models
+from wanray import model_files
 from wanray.buckets import BucketSet
 from wanray.data.preprocess import run_preprocess
 from wanray.data.shards import read_clips, shard_paths
 from wanray.data.video import decode_clip
 from wanray.errors import DataError
 from wanray.schema import ClipRow
-from wanray.train.trainer import export_run, make_trainer, train_experts
+from wanray.train.export import export_run
+from wanray.train.trainer import make_trainer, train_experts
 from wanray.wan import KINDS, first_frame_mask
 
 
 @pytest.fixture(scope="module")
 def i2v_model(tmp_path_factory):
-    return models.write_tiny_checkpoint(tmp_path_factory.mktemp("i2v") / "tiny-i2v", kind="i2v-a14b")
+    return model_files.write_tiny_checkpoint(tmp_path_factory.mktemp("i2v") / "tiny-i2v", kind="i2v-a14b")
 
 
 @pytest.fixture(scope="module")
@@ -127,10 +128,10 @@ def test_generate_renders_image_to_video_from_a_jsonl_of_images_with_wan_image_t
     import numpy as np
     from conftest import ROOT
     from PIL import Image
+    from reference import wanpipeline_frames
 
     from wanray.data.synthetic import SyntheticClip, render
     from wanray.infer.api import GenerateRequest, resolve
-    from wanray.infer.reference import wanpipeline_frames
     from wanray.wan import KINDS
 
     frame = render(SyntheticClip("x", "", 64, 64, 16, 2, "square", "blue", "olive", "top to bottom"))[0]

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import requests
 from conftest import ROOT, tiny_config
+from reference import wanpipeline_frames
 
 from ui.app import build_ui
-from wanray.infer.reference import wanpipeline_frames
-from wanray.infer.sampler import GenerationParams
-from wanray.models import TINY_BOUNDARY
+from wanray.infer.request import GenerationParams
+from wanray.model_files import TINY_BOUNDARY
 from wanray.runtime import free_port
 
 BODY = dict(

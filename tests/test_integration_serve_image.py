@@ -12,13 +12,13 @@ import pytest
 import requests
 from conftest import tiny_config
 from PIL import Image
+from reference import wanpipeline_frames
 from test_unit_kinds import photo
 
 from ui.app import build_ui
-from wanray import models
+from wanray import model_files, models
 from wanray.data.synthetic import SyntheticClip, render
-from wanray.infer.reference import wanpipeline_frames
-from wanray.infer.sampler import GenerationParams
+from wanray.infer.request import GenerationParams
 from wanray.runtime import free_port
 
 BODY = {
@@ -63,7 +63,7 @@ def server(request, ray_cluster, tmp_path_factory):
 
     from wanray.infer.serve import APP_NAME, start
 
-    model = models.write_tiny_checkpoint(tmp_path_factory.mktemp(request.param) / "tiny", kind=request.param)
+    model = model_files.write_tiny_checkpoint(tmp_path_factory.mktemp(request.param) / "tiny", kind=request.param)
     cfg = tiny_config(model, f"infer.port={free_port()}")
     url = start(cfg, str(model), build_ui)
     yield url, model, request.param

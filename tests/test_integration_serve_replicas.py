@@ -1,5 +1,5 @@
-"""Replicas per Serve stage (infer.replicas): two replicas of each expert stage share the requests, and the
-frames stay those of the single-replica pipeline."""
+"""Replicas per Serve stage (infer.stages.<stage>.replicas): two replicas of each expert stage share the
+requests, and the frames stay those of the single-replica pipeline."""
 
 import glob
 import io
@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import requests
 from conftest import tiny_config
+from reference import wanpipeline_frames
 
-from wanray.infer.reference import wanpipeline_frames
-from wanray.infer.sampler import GenerationParams
-from wanray.models import TINY_BOUNDARY
+from wanray.infer.request import GenerationParams
+from wanray.model_files import TINY_BOUNDARY
 from wanray.runtime import free_port
 
 BODY = dict(
@@ -30,7 +30,11 @@ def test_two_replicas_of_each_expert_stage_share_the_requests(tiny_model, ray_cl
     from wanray.infer.serve import APP_NAME, start
 
     cfg = tiny_config(
-        tiny_model, f"infer.port={free_port()}", "infer.replicas.high=2", "infer.replicas.low=2", "infer.max_queued=3"
+        tiny_model,
+        f"infer.port={free_port()}",
+        "infer.stages.high.replicas=2",
+        "infer.stages.low.replicas=2",
+        "infer.max_queued=3",
     )
     started = time.time()
     url = start(cfg, str(tiny_model))
@@ -72,7 +76,7 @@ def test_two_replicas_of_each_expert_stage_share_the_requests(tiny_model, ray_cl
             files = [
                 p for p in glob.glob(f"{logs}/serve/replica_wanray_{stage}_*.log") if os.path.getmtime(p) >= started
             ]
-            calls = [Path(p).read_text().count("CALL run OK") for p in files]
+            calls = [Path(p).read_text().count("CALL denoise OK") for p in files]
             assert len(calls) == 2 and all(n >= 1 for n in calls), (stage, calls)
     finally:
         serve.delete(APP_NAME)

@@ -119,21 +119,24 @@ def test_a_request_waiting_past_the_queue_timeout_is_dropped_with_503(traffic_se
     _idle(url)
 
 
-def test_a_client_that_hangs_up_frees_the_stage_at_the_next_step(traffic_server):
-    """A long request is cancelled when its client disconnects: the high-noise stage stops at its next
-    step, so a request sent then is served in about its own time, not after the long one's."""
+def test_a_client_that_hangs_up_frees_the_stage_at_the_next_step(traffic_server, ray_cluster):
+    """A long request is cancelled when its client disconnects: the high-noise stage stops it at its next step
+    (its replica logs the step it stopped before, far short of the 1,500 asked), and the next request is
+    served. The queue logic itself is unit-tested with fake stages (tests/test_unit_serve_queue.py)."""
+    import glob
+    import re
+    from pathlib import Path
+
+    import ray
+
     url = traffic_server
-    start = time.monotonic()
-    assert _post(url, BODY).status_code == 200
-    alone = time.monotonic() - start
     with pytest.raises(requests.exceptions.ReadTimeout):
         _post(url, LONG, timeout=2.0)  # the client gives up (and closes its connection) 2 s in
-    start = time.monotonic()
-    after = _post(url, BODY)
-    waited = time.monotonic() - start
-    assert after.status_code == 200
-    # 1,500 steps of 33 frames take far longer than this: the stage did not finish the long request first
-    assert waited < alone + 3.0, (waited, alone)
+    assert _post(url, BODY).status_code == 200
+    logs = ray._private.worker._global_node.get_logs_dir_path()
+    text = "".join(Path(p).read_text() for p in glob.glob(f"{logs}/serve/replica_wanray_high_noise_expert_*.log"))
+    stopped = [int(n) for n in re.findall(r"cancelled before step (\d+) of 1500", text)]
+    assert stopped and max(stopped) < 1500, stopped
     _idle(url)
 
 

@@ -6,20 +6,21 @@ import torch
 from conftest import tiny_config
 from test_integration_train import metrics
 
-from wanray import models
+from wanray import model_files, models
 from wanray.data.preprocess import run_preprocess
 from wanray.data.shards import read_clips
 from wanray.errors import ConfigError, DataError
 from wanray.infer.validation import RECORD_FILE, Validation
 from wanray.schema import ClipRow
-from wanray.train.checkpoint import diffusers_to_dcp
-from wanray.train.trainer import export_run, make_trainer, selected, train_experts
+from wanray.train.export import diffusers_to_dcp, export_run
+from wanray.train.runs import selected
+from wanray.train.trainer import make_trainer, train_experts
 from wanray.wan import KINDS
 
 
 @pytest.fixture(scope="module")
 def ti2v_model(tmp_path_factory):
-    return models.write_tiny_checkpoint(tmp_path_factory.mktemp("ti2v") / "tiny-ti2v", kind="ti2v-5b")
+    return model_files.write_tiny_checkpoint(tmp_path_factory.mktemp("ti2v") / "tiny-ti2v", kind="ti2v-5b")
 
 
 @pytest.fixture(scope="module")
@@ -161,9 +162,9 @@ def test_generate_renders_ti2v_from_text_and_from_a_photograph_with_diffusers_fr
     import numpy as np
     from conftest import ROOT
     from gradio.media import get_image
+    from reference import wanpipeline_frames
 
     from wanray.infer.api import GenerateRequest, resolve
-    from wanray.infer.reference import wanpipeline_frames
 
     shutil.copy(get_image("lion.jpg"), tmp_path / "lion.jpg")
     lines = [

@@ -20,8 +20,9 @@ from wanray.config import load_config
 from wanray.data.preprocess import run_preprocess
 from wanray.data.shards import EMPTY_PROMPT_FILE, read_empty_prompt, shard_paths
 from wanray.runtime import free_port
-from wanray.train.checkpoint import diffusers_to_dcp, expert_state_groups
-from wanray.train.trainer import export_run, latest_checkpoint, train_experts
+from wanray.train.export import diffusers_to_dcp, expert_state_groups, export_run
+from wanray.train.runs import latest_checkpoint
+from wanray.train.trainer import train_experts
 
 FAST = ["train.log_every=1", "train.caption_dropout=0.0"]
 A14B = load_config(ROOT / "configs" / "t2v_a14b.yaml").train
@@ -313,21 +314,19 @@ def test_bf16_training_gives_the_model_the_exact_float32_timesteps(prep, tiny_mo
     timesteps the noised latents were built from (bf16 would turn 874.9 into 876, a high-noise
     timestep), and no low-noise sample reaches the boundary."""
     from wanray.models import read_contract
-    from wanray.schema import pad_text_embedding
     from wanray.train.data import ClipIndex, ClipLoader, ClipReader, DataPlan
-    from wanray.train.loop import LoopSpec, build_model, build_optimizer, train_step
-    from wanray.train.parallel import trainable_parameters
+    from wanray.train.loop import ExpertTrainer, LoopSpec
 
     cfg = tiny_config(tiny_model, *PRESET, "train.lr=1e-3")
     contract, index = read_contract(tiny_model, cfg.model), ClipIndex.from_dir(prep)
-    empty = pad_text_embedding(read_empty_prompt(prep).float(), 512)
     cpu = torch.device("cpu")
     with one_rank_process_group():
         for expert in ("low", "high"):
             spec = LoopSpec(
                 cfg, expert, str(tiny_model), contract, index, "native", read_empty_prompt(prep), str(tmp_path)
             )
-            model = build_model(spec, cpu, fresh=True)
+            trainer = ExpertTrainer.build(spec, cpu, fresh=True)
+            model = trainer.model
             seen, dtypes = [], {}
             model.condition_embedder.timesteps_proj.register_forward_hook(
                 lambda m, args, out, seen=seen: seen.append(args[0].detach().clone())
@@ -338,15 +337,13 @@ def test_bf16_training_gives_the_model_the_exact_float32_timesteps(prep, tiny_mo
             model.blocks[0].register_forward_hook(
                 lambda m, args, out, dtypes=dtypes: dtypes.__setitem__("block", out.dtype)
             )
-            params = trainable_parameters(model)
-            optimizer, schedule = build_optimizer(spec, params, cpu)
             loader = ClipLoader(DataPlan(index, 1, 0, 1, 2), ClipReader(index, 0), 0, 0, 0, 512)
             before = model.blocks[0].attn1.to_q.weight.full_tensor().clone()
             for _ in range(3):
-                loss, _, drawn = train_step(model, params, optimizer, schedule, loader.next(), spec, empty, cpu)
+                result = trainer.step(loader.next())
                 given = torch.cat(seen[-2:])  # two micro-batches per step
-                assert given.dtype == torch.float32 and torch.equal(given, drawn), (given, drawn)
-                assert bool(torch.isfinite(loss))
+                assert given.dtype == torch.float32 and torch.equal(given, result.timesteps), (given, result)
+                assert bool(torch.isfinite(result.loss))
             loader.close()
             assert dtypes == {"time_embedder": torch.float32, "block": torch.bfloat16}
             everything = torch.cat(seen)

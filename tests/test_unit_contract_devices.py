@@ -105,7 +105,8 @@ def test_a_training_run_refuses_an_attention_backend_for_another_device(tiny_mod
 
 
 def test_attention_backend_reaches_every_attention_and_an_unusable_one_is_a_config_error(tiny_model):
-    from wanray.infer.sampler import ExpertStage, StageSpec
+    from wanray.infer.sampler import ExpertStage
+    from wanray.infer.spec import StageSpec
     from wanray.models import load_expert
     from wanray.train.parallel import build_on_meta
 

@@ -8,6 +8,8 @@ import pytest
 import torch
 from conftest import ROOT
 
+from wanray import model_files
+
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from device_check import TINY_EXPERT, expert_forward_flops
 
@@ -38,7 +40,7 @@ def test_random_experts_are_laid_out_as_from_pretrained_loads_them(tmp_path):
 
     from wanray import models
 
-    WanTransformer3DModel(**models.TINY_TRANSFORMER).save_pretrained(tmp_path / "transformer")
+    WanTransformer3DModel(**model_files.TINY_TRANSFORMER).save_pretrained(tmp_path / "transformer")
     loaded = models.load_expert(tmp_path, "high", torch.bfloat16)
     built = models.expert_from_config(dict(loaded.config), torch.bfloat16)
     layout = lambda m: {n: (t.dtype, t.shape) for n, t in [*m.named_parameters(), *m.named_buffers()]}  # noqa: E731

@@ -18,7 +18,7 @@ SHARD = 64 * 2**20
 CHILD = """
 import sys, threading, time
 sys.path.insert(0, {platform!r})
-from wanray.train.checkpoint import export_diffusers
+from wanray.train.export import export_diffusers
 from wanray.train.parallel import build_on_meta
 peak, done = [0], threading.Event()
 def anon():
@@ -50,7 +50,7 @@ def medium(tiny_model, tmp_path_factory):
     of that expert standing in for a training checkpoint."""
     from diffusers import WanTransformer3DModel
 
-    from wanray.train.checkpoint import diffusers_to_dcp
+    from wanray.train.export import diffusers_to_dcp
 
     root = tmp_path_factory.mktemp("medium")
     model = root / "model"
@@ -102,7 +102,7 @@ def test_conversion_to_dcp_holds_one_tensor_at_a_time(medium, tmp_path):
     model, _, size = medium
     out = tmp_path / "dcp"
     converted = peak_anon(
-        f"from wanray.train.checkpoint import diffusers_to_dcp; diffusers_to_dcp({str(model)!r}, 'high', {str(out)!r})"
+        f"from wanray.train.export import diffusers_to_dcp; diffusers_to_dcp({str(model)!r}, 'high', {str(out)!r})"
     )
     baseline = peak_anon(f"build_on_meta({str(model)!r}, 'high')")
     assert converted - baseline < 0.2 * size, (converted - baseline, size)

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from wanray.errors import DataError
-from wanray.models import SCHEDULER_CONFIG
-from wanray.train.checkpoint import check_resumable, merge_lora
+from wanray.model_files import SCHEDULER_CONFIG
+from wanray.train.checkpoint import check_resumable
+from wanray.train.export import merge_lora
 from wanray.train.flow import batch_seed, draw_flow, noisy_latents, sample_timesteps
 from wanray.wan import WanContract
 

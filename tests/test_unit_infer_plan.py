@@ -7,14 +7,14 @@ import pytest
 import torch
 from conftest import ROOT
 
-from wanray import models
+from wanray import model_files, models
 from wanray.config import load_config
 from wanray.infer.plan import LiveBytes, plan_inference, plan_stage
 
 
 @pytest.fixture(scope="module")
 def a14b(tmp_path_factory):
-    return models.write_config_dir(tmp_path_factory.mktemp("a14b") / "model")
+    return model_files.write_config_dir(tmp_path_factory.mktemp("a14b") / "model")
 
 
 def preset(model, *sets):
@@ -38,7 +38,7 @@ def test_live_bytes_counts_the_peak_of_new_tensors_and_not_views_of_existing_one
 def test_stage_weights_are_the_published_models_bytes(a14b):
     plan = plan_inference(preset(a14b), a14b, "batch")
     # experts: bf16, except the modules diffusers keeps in float32, plus the float32 rope tables
-    expert = models.expert_from_config(models.A14B_TRANSFORMER, torch.bfloat16, "meta")
+    expert = models.expert_from_config(model_files.A14B_TRANSFORMER, torch.bfloat16, "meta")
     keep_fp32 = sum(p.numel() for n, p in expert.named_parameters() if p.dtype == torch.float32)
     rope = sum(b.numel() for b in expert.buffers())
     assert plan.stages["high"].weight_bytes == 2 * (14_288_491_584 - keep_fp32) + 4 * (keep_fp32 + rope)
@@ -53,7 +53,7 @@ def test_stage_weights_are_the_published_models_bytes(a14b):
 
 def test_the_working_set_is_one_blocks_not_every_blocks(a14b, tmp_path):
     """Blocks free their activations in inference: a plan that counted every block would grow with depth."""
-    shallow = models.write_config_dir(tmp_path / "two-blocks", {**models.A14B_TRANSFORMER, "num_layers": 2})
+    shallow = model_files.write_config_dir(tmp_path / "two-blocks", {**model_files.A14B_TRANSFORMER, "num_layers": 2})
     cfg = preset(shallow)
     contract = models.read_contract(shallow, cfg.model)
     two = plan_stage(shallow, "high", "bfloat16", contract, 81, 480, 832)
@@ -75,7 +75,7 @@ def test_offload_decides_whether_a_batch_actor_fits_and_serving_plans_the_larges
     assert (serve.frames, serve.height, serve.width) == (81, 1280, 1280)
     assert serve.stages["high"].working_bytes > 3 * offload.stages["high"].working_bytes  # 134,400 tokens, not 32,760
     assert set(serve.devices()) == {"text", "high", "low", "vae"}
-    split = plan_inference(preset(a14b, "infer.high_devices=4"), a14b, "serve").stages["high"]
+    split = plan_inference(preset(a14b, "infer.stages.high.devices=4"), a14b, "serve").stages["high"]
     assert split.devices == 4 and split.total_bytes == split.weight_bytes + serve.stages["high"].working_bytes // 4
     batched = plan_inference(preset(a14b, "infer.batched_guidance=true"), a14b, "batch").stages["high"]
     assert 1.5 * offload.stages["high"].working_bytes < batched.working_bytes  # cond and uncond at once

@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT, tiny_config
 from PIL import Image
 
-from wanray import models
+from wanray import model_files, models
 from wanray.config import load_config
 from wanray.errors import ConfigError
 from wanray.sections import ModelConfig
@@ -21,7 +21,7 @@ from wanray.wan import KINDS
 @pytest.fixture(scope="module")
 def tiny_kinds(tmp_path_factory):
     root = tmp_path_factory.mktemp("kinds")
-    return {k: models.write_tiny_checkpoint(root / k, kind=k) for k in KINDS}
+    return {k: model_files.write_tiny_checkpoint(root / k, kind=k) for k in KINDS}
 
 
 def test_each_tiny_kind_is_read_back_as_itself_and_runs_in_its_diffusers_pipeline(tiny_kinds):
@@ -54,7 +54,7 @@ def test_each_tiny_kind_is_read_back_as_itself_and_runs_in_its_diffusers_pipelin
 def test_directories_that_are_no_known_kind_and_boundaries_that_do_not_apply(tiny_kinds, tmp_path):
     with pytest.raises(ConfigError, match="model.boundary does not apply to Wan2.2-TI2V-5B"):
         models.read_contract(tiny_kinds["ti2v-5b"], ModelConfig(boundary=0.9))
-    odd = models.write_config_dir(tmp_path / "odd", {**models.A14B_TRANSFORMER, "in_channels": 20})
+    odd = model_files.write_config_dir(tmp_path / "odd", {**model_files.A14B_TRANSFORMER, "in_channels": 20})
     with pytest.raises(ConfigError, match="in_channels 20, VAE z_dim 16.*none of the Wan2.2 models wanray knows"):
         models.read_contract(odd, ModelConfig())
     index = json.loads((tiny_kinds["i2v-a14b"] / "model_index.json").read_text())
@@ -76,9 +76,12 @@ def test_the_sampler_gives_wan_image_to_video_pipelines_frames_for_an_image(tiny
     switch at the I2V boundary 0.9."""
     import base64
 
+    from reference import wanpipeline_frames
+
     from wanray.data.synthetic import SyntheticClip, render
-    from wanray.infer.reference import wanpipeline_frames
-    from wanray.infer.sampler import GenerationParams, Sampler, StageSpec
+    from wanray.infer.request import GenerationParams
+    from wanray.infer.sampler import Sampler
+    from wanray.infer.spec import StageSpec
 
     path = tiny_kinds["i2v-a14b"]
     frame = render(SyntheticClip("x", "", 80, 48, 16, 2, "circle", "red", "gray", "left to right"))[0]
@@ -138,8 +141,11 @@ def test_ti2v_sampler_gives_diffusers_frames_with_and_without_a_first_image(tiny
     """TI2V-5B: one transformer for every step, per-token timesteps, the 16x VAE. Text only equals
     WanPipeline(expand_timesteps=True); with a photograph as the first image it equals
     WanImageToVideoPipeline(expand_timesteps=True), whose first latent frame stays the image's."""
-    from wanray.infer.reference import wanpipeline_frames
-    from wanray.infer.sampler import GenerationParams, Sampler, StageSpec
+    from reference import wanpipeline_frames
+
+    from wanray.infer.request import GenerationParams
+    from wanray.infer.sampler import Sampler
+    from wanray.infer.spec import StageSpec
 
     path = tiny_kinds["ti2v-5b"]
     spec = StageSpec.for_batch(path, tiny_config(path))

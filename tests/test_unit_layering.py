@@ -7,8 +7,8 @@ from conftest import ROOT
 PACKAGE = ROOT / "platform" / "wanray"
 # Bottom to top. Drivers (pipelines/), the UI (ui/), benchmarks and tests sit above them all.
 FLOORS = [
-    ("errors", "io", "backends", "buckets", "sections", "config", "schema", "devices", "wan"),
-    ("models", "runtime", "encoding", "context_parallel", "ring_attention"),
+    ("errors", "io", "compat", "backends", "buckets", "sections", "config", "schema", "devices", "wan"),
+    ("models", "model_files", "runtime", "encoding", "context_parallel", "ring_attention"),
     ("data",),
     ("train",),
     ("infer",),

@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from wanray import models
+from wanray import model_files
 from wanray.config import load_config
 from wanray.train.plan import ActivationModel, _saved_bytes, _tiny_expert, measure_activations, plan_training
 
@@ -15,7 +15,7 @@ from wanray.train.plan import ActivationModel, _saved_bytes, _tiny_expert, measu
 @pytest.fixture(scope="module")
 def a14b_configs(tmp_path_factory):
     """A Wan2.2-T2V-A14B directory holding its published config files only (no weights)."""
-    return models.write_config_dir(tmp_path_factory.mktemp("a14b-configs"))
+    return model_files.write_config_dir(tmp_path_factory.mktemp("a14b-configs"))
 
 
 @pytest.fixture(scope="module")

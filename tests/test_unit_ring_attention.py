@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from wanray import context_parallel, ring_attention
 from wanray.errors import ConfigError
 from wanray.infer.plan import LiveBytes
-from wanray.models import TINY_TRANSFORMER
+from wanray.model_files import TINY_TRANSFORMER
 from wanray.runtime import free_port
 
 

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
+from reference import wanpipeline_frames
 
 from wanray.errors import RequestError
 from wanray.infer.api import GenerateRequest, resolve
-from wanray.infer.reference import wanpipeline_frames
-from wanray.infer.sampler import ExpertStage, GenerationParams, PromptEncoder, Sampler, StageSpec, VideoDecoder
+from wanray.infer.request import GenerationParams
+from wanray.infer.sampler import ExpertStage, PromptEncoder, Sampler, VideoDecoder
+from wanray.infer.spec import StageSpec
 
 PARAMS = GenerationParams(
     prompt="a red circle moving left to right",
@@ -71,7 +73,7 @@ def test_first_block_cache_gives_diffusers_cached_frames_and_skips_work(tiny_mod
     from wanray.errors import ConfigError
 
     with pytest.raises(ConfigError, match="first_block_cache needs single-device expert stages"):
-        tiny_config(tiny_model, "infer.first_block_cache=0.2", "infer.high_devices=2")
+        tiny_config(tiny_model, "infer.first_block_cache=0.2", "infer.stages.high.devices=2")
 
 
 def test_each_setting_changes_the_video(tiny_model):
@@ -193,7 +195,7 @@ def test_batch_offload_keeps_one_stage_on_the_device_and_the_same_frames(tiny_mo
 
 def test_resident_copies_to_the_device_and_back_to_the_same_host_storage():
     """Offloading drops the device copy and reuses the host tensors: no copy back (28.6 GB per expert)."""
-    from wanray.infer.sampler import resident
+    from wanray.infer.spec import resident
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
     host = {n: t.data_ptr() for n, t in [*model.named_parameters(), *model.named_buffers()]}

@@ -31,7 +31,11 @@ def test_the_step_loss_is_the_mean_over_its_clips_whatever_the_micro_batch_sizes
             torch.zeros(batch.latents.shape[0]), torch.zeros(1), torch.zeros(1, dtype=bool), torch.zeros(1, dtype=bool)
         ),
     )
-    spec = SimpleNamespace(cfg=tiny_config(tmp_path, "train.clip_grad=0"))
+    spec = SimpleNamespace(
+        cfg=tiny_config(tmp_path, "train.clip_grad=0"),
+        empty_prompt=torch.zeros(4, 8),
+        contract=SimpleNamespace(text_tokens=4),
+    )
     model = Toy()
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
@@ -41,16 +45,8 @@ def test_the_step_loss_is_the_mean_over_its_clips_whatever_the_micro_batch_sizes
     ]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
-        loss, _, _ = loop.train_step(
-            model,
-            [model.p],
-            optimizer,
-            schedule,
-            StepData(0, 0, batches, samples=3),
-            spec,
-            torch.zeros(4, 8),
-            torch.device("cpu"),
-        )
+        trainer = loop.ExpertTrainer(spec, torch.device("cpu"), model, [model.p], optimizer, schedule)
+        loss = trainer.step(StepData(0, 0, batches, samples=3)).loss
     finally:
         dist.destroy_process_group()
     assert abs(float(loss) - (3 * 2 + 2 * 1) / 3) < 1e-6  # not (3 + 2) / 2, the mean of the micro-batch means
@@ -60,7 +56,8 @@ def test_the_step_loss_is_the_mean_over_its_clips_whatever_the_micro_batch_sizes
 def test_ti2v_clips_trained_as_image_to_video_keep_their_first_frame_clean_at_timestep_0_and_out_of_the_loss(tmp_path):
     """As WanImageToVideoPipeline(expand_timesteps=True) samples a given image: x_t's first latent frame is
     the clean latent, its tokens get timestep 0 (the others t), and the loss covers the noised frames only."""
-    from wanray.models import read_contract, write_tiny_checkpoint
+    from wanray.model_files import write_tiny_checkpoint
+    from wanray.models import read_contract
     from wanray.sections import ModelConfig
     from wanray.train.flow import draw_flow
 

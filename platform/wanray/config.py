@@ -17,30 +17,9 @@ from typing import Literal
 
 import yaml
 
+from wanray.compat import REMOVED_KEYS
 from wanray.errors import ConfigError
 from wanray.sections import DataConfig, InferConfig, ModelConfig, PreprocessConfig, TrainConfig, UIConfig
-
-# Keys that no longer exist, with what replaced them: a one-line error instead of "unknown key".
-REMOVED_KEYS = {
-    "data.max_text_tokens": "Wan2.2's text length is fixed at 512 tokens (wanray.wan.TEXT_TOKENS)",
-    "preprocess.device": "use preprocess.encoders.device",
-    "preprocess.dtype": "use preprocess.encoders.dtype",
-    "preprocess.encoder_cpus": "use preprocess.encoders.cpus",
-    "preprocess.encoder_accelerators": "use preprocess.encoders.accelerators",
-    "infer.device": "each stage has its own: infer.stages.{text,high,low,vae}.device and infer.batch.device",
-    "infer.dtype": "each stage has its own: infer.stages.{text,high,low,vae}.dtype and infer.batch.dtype",
-    **{
-        f"infer.{stage}_{old}": f"use infer.stages.{stage}.{new}"
-        for stage in ("text", "high", "low", "vae")
-        for old, new in (("cpus", "cpus"), ("accelerators", "accelerators"))
-    },
-    "infer.batch_cpus": "use infer.batch.cpus",
-    "infer.batch_accelerators": "use infer.batch.accelerators",
-    "train.device": "use train.worker.device",
-    "train.param_dtype": "use train.worker.dtype",
-    "train.cpus_per_worker": "use train.worker.cpus",
-    "train.accelerators_per_worker": "use train.worker.accelerators",
-}
 
 
 @dataclass

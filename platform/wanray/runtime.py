@@ -16,7 +16,7 @@ def connect_ray(verbose: bool = False, **kwargs):
 
     Unless `verbose`, the console holds wanray's own lines only: Ray's driver logging below errors,
     its workers' output (per-report, per-block and library lines; the training ranks' progress
-    reaches the console through the driver, see wanray.train.trainer.Follow) and Ray Data's
+    reaches the console through the driver, see wanray.train.console.Follow) and Ray Data's
     progress lines stay in Ray's log files; on a terminal Ray Data still draws its progress bars."""
     import logging
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from wanray.compat import TRAINING_READS
 from wanray.errors import DataError
 
 if TYPE_CHECKING:
@@ -19,8 +20,6 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = "2"
 """2 added each clip's bucket and its source's size (1 had one fixed size)."""
-TRAINING_READS = ("1", "2")
-"""Versions training reads: it needs the tensors and their shapes, which both have."""
 VERSION_KEY = b"wanray.schema_version"
 
 # Stored dtype name -> the dtype its bytes travel as (numpy has no bfloat16: its bits go as int16).

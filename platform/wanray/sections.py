@@ -149,44 +149,68 @@ class PreprocessConfig:
     """Clips per Parquet shard."""
 
 
-@dataclass
-class StageReplicas:
-    """A count per Serve stage."""
-
-    text: int = 1
-    high: int = 1
-    low: int = 1
-    vae: int = 1
+STAGES = ("text", "high", "low", "vae")
+"""The four Serve stages of a served model: UMT5 text encoder, high- and low-noise experts, VAE decoder."""
 
 
 @dataclass
-class StageResources:
-    """The four Serve deployments of a served model, each its own process and device."""
+class StageConfig(Resources):
+    """One Serve stage: the resources of each of its processes, and how many there are."""
 
-    text: Resources = field(default_factory=Resources)
+    devices: int = 1
+    """Expert stages: above 1, one replica holds that many ranks (a placement group of this stage's resources
+    each) and runs the expert with Ulysses context parallelism over them. The text and VAE stages take 1."""
+    replicas: int = 1
+    """Replicas of the stage, each on its own device(s): 2 everywhere serves two pipelined model copies; Serve's
+    router spreads the calls over a stage's replicas."""
+    max_replicas: int = 0
+    """Above `replicas`: Ray Serve autoscales the stage between the two on its ongoing requests; 0 keeps it
+    fixed."""
+
+
+@dataclass
+class Stages:
+    """The four Serve deployments of a served model, each its own processes and devices."""
+
+    text: StageConfig = field(default_factory=StageConfig)
     """UMT5 text encoder."""
-    high: Resources = field(default_factory=Resources)
+    high: StageConfig = field(default_factory=StageConfig)
     """High-noise expert."""
-    low: Resources = field(default_factory=Resources)
+    low: StageConfig = field(default_factory=StageConfig)
     """Low-noise expert."""
-    vae: Resources = field(default_factory=Resources)
+    vae: StageConfig = field(default_factory=StageConfig)
     """VAE decoder; it decodes in float32 (wan.VAE_DTYPE), so its dtype must be float32."""
+
+    def __getitem__(self, stage: str) -> StageConfig:
+        """The stage named `stage` (one of STAGES)."""
+        if stage not in STAGES:
+            raise KeyError(f"no Serve stage {stage!r} (stages: {', '.join(STAGES)})")
+        return {"text": self.text, "high": self.high, "low": self.low, "vae": self.vae}[stage]
+
+    def __post_init__(self) -> None:
+        for stage in STAGES:
+            s = self[stage]
+            if s.replicas < 1 or (s.max_replicas and s.max_replicas < s.replicas):
+                raise ConfigError(
+                    f"infer.stages.{stage}.replicas must be >= 1 and .max_replicas 0 or >= it, got {s.replicas} "
+                    f"and {s.max_replicas}"
+                )
+            if s.devices < 1 or (s.devices > 1 and stage in ("text", "vae")):
+                raise ConfigError(
+                    f"infer.stages.{stage}.devices must be 1{' or more' if stage in ('high', 'low') else ''}, "
+                    f"got {s.devices}: only the expert stages split over devices"
+                )
+        if self.vae.dtype != "float32":
+            raise ConfigError(
+                "infer.stages.vae.dtype must be float32: the Wan VAE decodes in float32, as the official "
+                "code and diffusers do (the experts' stages may run in bfloat16)"
+            )
 
 
 @dataclass
 class InferConfig:
-    stages: StageResources = field(default_factory=StageResources)
-    """Resources of each serving stage."""
-    high_devices: int = 1
-    """Devices of the served high-noise expert stage: above 1, one replica holds that many ranks (a placement
-    group of infer.stages.high each) and runs the expert with Ulysses context parallelism over them."""
-    low_devices: int = 1
-    """Likewise for the low-noise expert stage."""
-    replicas: StageReplicas = field(default_factory=StageReplicas)
-    """Replicas of each Serve stage, each on its own device(s): 2 everywhere serves two pipelined model copies;
-    Serve's router spreads the calls over a stage's replicas."""
-    max_replicas: StageReplicas = field(default_factory=lambda: StageReplicas(0, 0, 0, 0))
-    """Above a stage's replicas: Ray Serve autoscales it between the two on its ongoing requests; 0 keeps it fixed."""
+    stages: Stages = field(default_factory=Stages)
+    """Each serving stage: its resources, devices and replicas."""
     batched_guidance: bool = False
     """Run classifier-free guidance's conditional and unconditional passes as one forward of batch 2 (serving,
     batch generation, validation): fewer, larger kernels for twice an expert step's activations; --plan
@@ -251,15 +275,9 @@ class InferConfig:
     (serve.py / generate.py --plan)."""
 
     def __post_init__(self) -> None:
-        for stage, n in vars(self.replicas).items():
-            top = getattr(self.max_replicas, stage)
-            if n < 1 or (top and top < n):
-                raise ConfigError(
-                    f"infer.replicas.{stage} must be >= 1 and infer.max_replicas.{stage} 0 or >= it, got {n} and {top}"
-                )
         if self.first_block_cache < 0:
             raise ConfigError(f"infer.first_block_cache must be >= 0 (0 is off), got {self.first_block_cache}")
-        if self.first_block_cache and max(self.high_devices, self.low_devices, self.batch_devices) > 1:
+        if self.first_block_cache and max(self.stages.high.devices, self.stages.low.devices, self.batch_devices) > 1:
             raise ConfigError(
                 "infer.first_block_cache needs single-device expert stages: each rank would decide on "
                 "its own shard of the tokens whether to skip, and the ranks' collectives would part"
@@ -269,21 +287,13 @@ class InferConfig:
                 f"infer.max_queued must be >= 0 and infer.queue_timeout_s > 0, got "
                 f"{self.max_queued}, {self.queue_timeout_s}"
             )
-        if min(self.high_devices, self.low_devices, self.batch_devices) < 1:
-            raise ConfigError(
-                "infer.high_devices, low_devices and batch_devices must be >= 1, got "
-                f"{self.high_devices}, {self.low_devices}, {self.batch_devices}"
-            )
+        if self.batch_devices < 1:
+            raise ConfigError(f"infer.batch_devices must be >= 1, got {self.batch_devices}")
         if self.flow_shift is not None and self.flow_shift <= 0:
             raise ConfigError(f"infer.flow_shift must be positive, got {self.flow_shift}")
         if not 1 <= self.num_inference_steps <= self.max_steps:
             raise ConfigError(
                 f"infer.num_inference_steps must lie in [1, infer.max_steps], got {self.num_inference_steps}"
-            )
-        if self.stages.vae.dtype != "float32":
-            raise ConfigError(
-                "infer.stages.vae.dtype must be float32: the Wan VAE decodes in float32, as the official "
-                "code and diffusers do (the experts' stages may run in bfloat16)"
             )
 
 

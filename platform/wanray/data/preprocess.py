@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from wanray import models
+from wanray import model_files, models
 from wanray.buckets import BucketSet
 from wanray.config import Config
 from wanray.data.encode import LatentEncoder, TextEncoder
@@ -170,7 +170,7 @@ class Preprocessor:
     def __init__(self, cfg: Config, log: Callable[[str], None] = print):
         """Starts the encoder actors on the connected Ray (the driver's connect_ray)."""
         self.cfg, self.log = cfg, log
-        self.model_path = str(models.ensure_model(cfg.model))
+        self.model_path = str(model_files.ensure_model(cfg.model))
         p, enc = cfg.preprocess, cfg.preprocess.encoders
         options = {**enc.ray_options(), "max_restarts": 3, "max_task_retries": 3}
         log(
@@ -230,7 +230,7 @@ class PreprocessRun:
         sources, manifest_rejects = read_manifest(manifest)
         out = Path(out_dir).resolve()
         out.mkdir(parents=True, exist_ok=True)
-        model_path = str(models.ensure_model(cfg.model))
+        model_path = str(model_files.ensure_model(cfg.model))
         kind = models.read_contract(model_path, cfg.model).kind
         BucketSet.from_config(cfg.data, kind)  # sizes the model cannot take fail here
         _check_settings(cfg, out)

@@ -25,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from wanray import models
 from wanray.config import Config
 from wanray.errors import RequestError
-from wanray.infer.sampler import Cancelled, GenerationParams, image_from_base64
+from wanray.infer.request import Cancelled, GenerationParams, image_from_base64
+from wanray.sections import STAGES
 from wanray.wan import KINDS, ModelKind, valid_frames
 
 logger = logging.getLogger("ray.serve")  # the ingress replica's log (logs/serve/replica_wanray_Ingress_*.log)
@@ -125,7 +126,7 @@ def token_matches(header: str, token: str) -> bool:
 
 def served_split(cfg: Config) -> int:
     """What every served request's tokens must divide: the device counts of the expert stages."""
-    return math.lcm(cfg.infer.high_devices, cfg.infer.low_devices)
+    return math.lcm(cfg.infer.stages.high.devices, cfg.infer.stages.low.devices)
 
 
 def resolve(req: GenerateRequest, cfg: Config, kind: ModelKind = KINDS["t2v-a14b"], split: int = 1) -> GenerationParams:
@@ -257,14 +258,10 @@ def build_api(
     @app.get("/v1/health")
     async def health() -> dict:
         stages = {
-            name: {
-                "device": res.device,
-                "dtype": res.dtype,
-                "devices": getattr(cfg.infer, f"{name}_devices", 1),
-                "replicas": getattr(cfg.infer.replicas, name),
-            }
-            for name, res in vars(cfg.infer.stages).items()
+            name: {"device": s.device, "dtype": s.dtype, "devices": s.devices, "replicas": s.replicas}
+            for name in STAGES
             if name != "low" or not kind.one_transformer
+            for s in (cfg.infer.stages[name],)
         }
         experts = cfg.infer.stages.high  # device and dtype at the top: the high-noise expert's
         out = {

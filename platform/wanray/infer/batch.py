@@ -22,7 +22,9 @@ from wanray.config import Config
 from wanray.errors import RequestError
 from wanray.infer.api import GenerateRequest, resolve
 from wanray.infer.group import batch_group
-from wanray.infer.sampler import GenerationParams, Sampler, StageSpec
+from wanray.infer.request import GenerationParams
+from wanray.infer.sampler import Sampler
+from wanray.infer.spec import StageSpec
 from wanray.infer.video import mp4_bytes
 from wanray.io import write_bytes_atomic
 from wanray.wan import KINDS, ModelKind
@@ -116,10 +118,15 @@ class VideoWriter:
 
 
 def generate_videos(
-    cfg: Config, model_dir: str, params: list[GenerationParams], out_dir: str | os.PathLike, save_frames: bool = False
+    cfg: Config,
+    model_dir: str,
+    params: list[GenerationParams],
+    out_dir: str | os.PathLike,
+    save_frames: bool = False,
+    log=print,
 ) -> list[dict]:
     """Generate every video on `cfg.infer.batch_actors` actors of the connected Ray (each over
-    infer.batch_devices devices); return (and write) the index, in prompt order."""
+    infer.batch_devices devices); return (and write) the index, in prompt order. `log` gets a line per video."""
     import ray
 
     out = Path(out_dir)
@@ -152,7 +159,7 @@ def generate_videos(
                 "seconds": round(float(row["seconds"]), 3),
             }
         )
-        print(f"[{len(done)}/{len(rows)}] {out / str(row['video'])}  ({float(row['seconds']):.1f} s)", flush=True)
+        log(f"[{len(done)}/{len(rows)}] {out / str(row['video'])}  ({float(row['seconds']):.1f} s)")
     done.sort(key=lambda r: int(r["index"]))  # type: ignore[call-overload]  # an int, set above
     (out / INDEX_FILE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done))
     return done

@@ -26,7 +26,7 @@ from wanray.data.shards import shard_paths
 from wanray.errors import RequestError
 from wanray.infer.validation import RECORD_FILE
 from wanray.schema import decode_tensor
-from wanray.train.trainer import CONFIG_FILE, RUN_FILE
+from wanray.train.runs import CONFIG_FILE, RUN_FILE
 from wanray.wan import EXPERTS
 
 MAX_DEPTH = 3

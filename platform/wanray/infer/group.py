@@ -23,7 +23,9 @@ import torch
 
 from wanray.devices import accelerator
 from wanray.errors import ConfigError
-from wanray.infer.sampler import Cancelled, DenoiseState, ExpertStage, GenerationParams, StageSpec, TextEmbeddings
+from wanray.infer.request import Cancelled, DenoiseState, GenerationParams, TextEmbeddings
+from wanray.infer.sampler import ExpertStage
+from wanray.infer.spec import StageSpec
 
 RANKS_TIMEOUT_S = 600.0
 """How long a batch actor waits for its other ranks to be placed and load their experts."""
@@ -32,7 +34,7 @@ RANKS_TIMEOUT_S = 600.0
 def _join(spec: StageSpec, expert: str, rank: int, world: int, store) -> None:
     import torch.distributed as dist
 
-    backend = accelerator(getattr(spec.stages, expert).device).dist_backend
+    backend = accelerator(spec.resources[expert].device).dist_backend
     dist.init_process_group(backend, store=store, rank=rank, world_size=world)
 
 
@@ -139,7 +141,7 @@ def ExpertGroup(spec: StageSpec, expert: str) -> GroupExpert:
     from ray.util import get_current_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    pg, options = get_current_placement_group(), getattr(spec.stages, expert).ray_options()
+    pg, options = get_current_placement_group(), spec.resources[expert].ray_options()
 
     def placement(rank: int) -> dict:
         return {

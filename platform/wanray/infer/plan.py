@@ -26,10 +26,10 @@ from wanray import models
 from wanray.backends import attention_backend
 from wanray.config import Config
 from wanray.devices import apply_attention_backend, torch_dtype
+from wanray.sections import STAGES, Resources
 from wanray.train.plan import GB, HEADROOM, cpu_proxy
 from wanray.wan import EXPERTS, VAE_DTYPE, WanContract
 
-STAGES = ("text", "high", "low", "vae")
 STAGE_NAMES = {
     "text": "UMT5 text encoder",
     "high": "high-noise expert",
@@ -85,7 +85,7 @@ class StagePlan:
     working_bytes: int
     """Peak of the tensors one call of the stage allocates, above its weights (on one device)."""
     devices: int = 1
-    """Devices the stage's tokens are split over (infer.{high,low}_devices or infer.batch_devices: Ulysses);
+    """Devices the stage's tokens are split over (infer.stages.<expert>.devices or infer.batch_devices: Ulysses);
     each holds the whole model and 1/devices of the working set, which is per token."""
 
     @property
@@ -227,7 +227,7 @@ def plan_inference(cfg: Config, model_dir, use: str) -> InferencePlan:
     offload, device_gb = False, i.device_memory_gb
     if use == "serve":
         frames, height, width = i.max_frames, i.max_height, i.max_width
-        resources = {s: getattr(i.stages, s) for s in STAGES}
+        resources: dict[str, Resources] = {s: i.stages[s] for s in STAGES}
     elif use == "batch":
         frames, height, width = d.num_frames, d.height, d.width
         resources, offload = {s: i.batch for s in STAGES}, i.batch_offload
@@ -246,7 +246,7 @@ def plan_inference(cfg: Config, model_dir, use: str) -> InferencePlan:
         )
         stages[s] = plan_stage(model_dir, s, dtype, contract, frames, height, width, attention, i.batched_guidance)
         if s in EXPERTS:
-            devices = {"serve": getattr(i, f"{s}_devices"), "batch": i.batch_devices, "validation": 1}[use]
+            devices = {"serve": i.stages[s].devices, "batch": i.batch_devices, "validation": 1}[use]
             stages[s] = dataclasses.replace(stages[s], devices=devices)
     return InferencePlan(use, frames, height, width, stages, offload, int(device_gb * GB))
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import threading
 import time
@@ -37,17 +38,13 @@ from wanray.config import Config
 from wanray.infer.api import Busy, Generate, Generated, OnStage, OutputFormat, build_api, serving_token, token_matches
 from wanray.infer.browse import absolute_roots
 from wanray.infer.group import ExpertGroup
-from wanray.infer.sampler import (
-    Cancelled,
-    DenoiseState,
-    ExpertStage,
-    GenerationParams,
-    PromptEncoder,
-    StageSpec,
-    VideoDecoder,
-)
+from wanray.infer.request import Cancelled, DenoiseState, GenerationParams
+from wanray.infer.sampler import ExpertStage, PromptEncoder, VideoDecoder
+from wanray.infer.spec import StageSpec
 from wanray.infer.video import mp4_bytes, npy_bytes
+from wanray.sections import STAGES
 
+logger = logging.getLogger("ray.serve")  # a replica's log (logs/serve/replica_wanray_<stage>_*.log)
 APP_NAME = "wanray"
 UI_PATH = "/ui"
 # Stages of a request as the UI's progress bar shows them: (fraction done after it, what finished).
@@ -117,9 +114,9 @@ class QueuedStage:
         """This replica's queue: requests waiting, and running (0 or 1)."""
         return {"waiting": self.waiting, "running": self.running}
 
-    async def run(self, method: str, *args) -> Timed:
-        """`stage.method(*args)`, e.g. run("denoise", params, text), after the calls before it; a Timed
-        argument (an earlier stage's result) is passed as its value."""
+    async def _queued(self, method: Callable, *args) -> Timed:
+        """`method(*args)` (a method of the stage) after the calls before it; a Timed argument (an earlier
+        stage's result) is passed as its value."""
         seconds = {k: v for a in args if isinstance(a, Timed) for k, v in a.seconds.items()}
         values = [a.value if isinstance(a, Timed) else a for a in args]
         stop, queued = threading.Event(), time.monotonic()
@@ -131,7 +128,11 @@ class QueuedStage:
                     raise Cancelled("cancelled while queued")
                 self.stage.should_stop = stop.is_set  # an expert stage asks it before every step
                 start = time.monotonic()
-                result = getattr(self.stage, method)(*values)
+                try:
+                    result = method(*values)
+                except Cancelled as e:  # its caller is gone: this replica's log is the only trace
+                    logger.info("%s: %s", self.name, e)
+                    raise
                 ran = time.monotonic() - start
                 self.seconds.observe(ran)
                 return Timed(result, {**seconds, self.name: round(ran, 3)})
@@ -156,6 +157,30 @@ class QueuedStage:
             if call.cancel():  # still queued: it never runs
                 self._count(waiting=-1)
             raise
+
+
+class TextDeployment(QueuedStage):
+    """The text encoder stage's deployment."""
+
+    async def encode(self, params: GenerationParams) -> Timed:
+        return await self._queued(self.stage.encode, params)
+
+
+class ExpertDeployment(QueuedStage):
+    """An expert stage's deployment (one device, or a group of ranks: wanray.infer.group)."""
+
+    async def denoise(self, params: GenerationParams, text, state=None, condition=None) -> Timed:
+        return await self._queued(self.stage.denoise, params, text, state, condition)
+
+
+class VaeDeployment(QueuedStage):
+    """The VAE stage's deployment: a request's first-frame condition, and its video."""
+
+    async def condition(self, params: GenerationParams) -> Timed:
+        return await self._queued(self.stage.condition, params)
+
+    async def render(self, state, output: OutputFormat, fps: float) -> Timed:
+        return await self._queued(self.stage.render, state, output, fps)
 
 
 class Admission:
@@ -206,7 +231,7 @@ class Ingress:
         self.stages = {
             k: v for k, v in (("text", text_encoder), ("high", high), ("low", low), ("vae", vae)) if v is not None
         }  # TI2V-5B: no low-noise stage
-        self.admission = Admission(cfg.infer.max_queued, min(getattr(cfg.infer.replicas, s) for s in self.stages))
+        self.admission = Admission(cfg.infer.max_queued, min(cfg.infer.stages[s].replicas for s in self.stages))
         self.requests = Counter("wanray_requests_total", "/v1/generate requests by outcome", tag_keys=("outcome",))
         self.latency = Histogram(
             "wanray_request_seconds",
@@ -237,12 +262,12 @@ class Ingress:
         self.admission.enter()  # Busy (503) when the pipeline is full
         calls, seconds = [], None
         try:
-            text = self.text_encoder.run.remote("encode", params)
+            text = self.text_encoder.encode.remote(params)
             # image to video: the VAE stage encodes the first image while the text encoder runs
-            condition = None if params.image is None else self.vae.run.remote("condition", params)
-            high = self.high.run.remote("denoise", params, text, None, condition)
-            low = high if self.low is None else self.low.run.remote("denoise", params, text, high)
-            video = self.vae.run.remote("render", low, output, self.cfg.data.fps)
+            condition = None if params.image is None else self.vae.condition.remote(params)
+            high = self.high.denoise.remote(params, text, None, condition)
+            low = high if self.low is None else self.low.denoise.remote(params, text, high)
+            video = self.vae.render.remote(low, output, self.cfg.data.fps)
             calls = [c for c in (text, condition, high, low, video) if c is not None]
             if on_stage is not None:  # the UI's progress: wait on each stage (this fetches its result here)
                 stages = (
@@ -264,7 +289,7 @@ class Ingress:
     async def preview(self, latent: torch.Tensor) -> bytes:
         """A preprocessed clip's stored latent (C, latent frames, h, w), normalised, as the VAE stage's mp4."""
         state = DenoiseState(latent[None].float(), None, 0)
-        return (await self.vae.run.remote("render", state, "mp4", self.cfg.data.fps)).value
+        return (await self.vae.render.remote(state, "mp4", self.cfg.data.fps)).value
 
     def __serve_build_asgi_app__(self):
         app = build_api(self.generate, self.cfg, self.model_dir, self.token, self.queues, self.count)
@@ -295,19 +320,19 @@ def build_app(cfg: Config, model_dir: str, ui: BuildUI | None = None):
     spec = StageSpec.for_serving(model_dir, cfg)  # a contradicting boundary fails here, not in a replica
 
     # a stage replica takes every admitted request (Admission) and its health calls: none waits in the router
-    ongoing = (cfg.infer.max_queued + 1) * max(vars(cfg.infer.replicas).values()) + 8
+    ongoing = (cfg.infer.max_queued + 1) * max(cfg.infer.stages[s].replicas for s in STAGES) + 8
 
-    def stage(name: str, short: str, stage_cls, *args):
-        resources, devices = getattr(cfg.infer.stages, short), spec.devices.get(short, 1)
+    def stage(name: str, short: str, deployment: type[QueuedStage], stage_cls, *args):
+        resources, devices = cfg.infer.stages[short], spec.devices.get(short, 1)
         group = {"placement_group_bundles": [resources.bundle()] * devices} if devices > 1 else {}
-        n, top = getattr(cfg.infer.replicas, short), getattr(cfg.infer.max_replicas, short)
+        n, top = resources.replicas, resources.max_replicas
         scale = (
             {"num_replicas": n}
             if not top
             else {"autoscaling_config": {"min_replicas": n, "max_replicas": top, "target_ongoing_requests": 1}}
         )
         return serve.deployment(
-            QueuedStage,
+            deployment,
             name=name,
             max_ongoing_requests=ongoing,
             ray_actor_options=resources.ray_options(),
@@ -316,12 +341,12 @@ def build_app(cfg: Config, model_dir: str, ui: BuildUI | None = None):
         ).bind(short, cfg.infer.queue_timeout_s, stage_cls, *args)
 
     def expert(name: str, e: str):  # on several devices: one replica holding a group of ranks
-        return stage(name, e, ExpertGroup if spec.devices[e] > 1 else ExpertStage, spec, e)
+        return stage(name, e, ExpertDeployment, ExpertGroup if spec.devices[e] > 1 else ExpertStage, spec, e)
 
-    text = stage("text_encoder", "text", PromptEncoder, spec)
+    text = stage("text_encoder", "text", TextDeployment, PromptEncoder, spec)
     high = expert("high_noise_expert", "high")
     low = None if spec.contract.kind.one_transformer else expert("low_noise_expert", "low")
-    vae = stage("vae_decoder", "vae", VideoStage, spec)
+    vae = stage("vae_decoder", "vae", VaeDeployment, VideoStage, spec)
     ingress = Ingress.options(ray_actor_options={"num_cpus": cfg.infer.ingress_cpus})  # type: ignore[attr-defined]  # a Serve deployment
     return ingress.bind(text, high, low, vae, cfg, str(model_dir), ui, serving_token(cfg))
 

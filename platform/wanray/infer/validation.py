@@ -27,7 +27,9 @@ from wanray.config import Config
 from wanray.errors import ConfigError, RequestError
 from wanray.infer.api import GenerateRequest, resolve
 from wanray.infer.batch import image_file, read_prompts
-from wanray.infer.sampler import GenerationParams, Sampler, StageSpec
+from wanray.infer.request import GenerationParams
+from wanray.infer.sampler import Sampler
+from wanray.infer.spec import StageSpec
 from wanray.infer.video import mp4_bytes
 from wanray.io import write_bytes_atomic, write_json_atomic
 from wanray.train.tracking import Tracker
@@ -133,7 +135,7 @@ class Validator:
                 self.changed.notify_all()
 
     def _load(self, expert: str, checkpoint: Path) -> None:
-        from wanray.train.checkpoint import expert_state_groups
+        from wanray.train.export import expert_state_groups
 
         if self.loaded.get(expert) == checkpoint:
             return
@@ -147,7 +149,7 @@ class Validator:
         self.loaded[expert] = checkpoint
 
     def _render(self, step: int) -> dict:
-        from wanray.train.trainer import checkpoints, latest_checkpoint
+        from wanray.train.runs import checkpoints, latest_checkpoint
 
         start = time.time()
         checkpoint = checkpoints(self.run_dir, self.expert).get(step)

@@ -1,4 +1,4 @@
-"""DCP checkpoints of a sharded expert, and export back to a diffusers-format directory.
+"""DCP checkpoints of a sharded expert (wanray.train.export writes them back as a diffusers directory).
 
 A checkpoint holds three Stateful objects under fixed keys:
   "model"  the expert's parameters (sharded DTensors; resharded on load to any world size)
@@ -11,12 +11,8 @@ Noise, timesteps and caption dropout are drawn per global batch from generators 
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -27,9 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from wanray import models
 from wanray.errors import DataError
-from wanray.io import atomic_path
 
 
 @dataclass
@@ -118,132 +112,3 @@ def load_model_weights(model, directory) -> None:
 
 
 # ---- single-process tools: export and conversion (no process group needed) ----
-
-
-def merge_lora(state: dict, scale: float) -> tuple[dict, dict]:
-    """(plain diffusers state dict with W + scale * B @ A folded in, adapter tensors by module)."""
-    merged, adapter = {}, {}
-    for key, value in state.items():
-        if ".lora_" in key:
-            module, rest = key.split(".lora_", 1)  # "blocks.0.attn1.to_q", "A.default.weight"
-            adapter[f"{module}.lora_{rest.split('.')[0]}.weight"] = value
-        else:
-            merged[key.replace(".base_layer.", ".")] = value
-    for key in [k for k in adapter if k.endswith(".lora_A.weight")]:
-        module = key[: -len(".lora_A.weight")]
-        w = merged[f"{module}.weight"]
-        delta = adapter[f"{module}.lora_B.weight"].float() @ adapter[key].float()
-        merged[f"{module}.weight"] = (w.float() + scale * delta).to(w.dtype)
-    return merged, adapter
-
-
-def expert_state_groups(model_path, expert: str, checkpoint_dir, lora=None) -> Iterator[tuple[dict, dict]]:
-    """The trained expert from a DCP checkpoint as diffusers tensors, one transformer block (then the
-    layers outside the blocks) at a time: (weights with any LoRA delta folded in, that group's adapter
-    tensors). Only one group is in memory: 351M parameters, 1.4 GB in fp32, for a 14B expert. A LoRA
-    checkpoint holds the adapters only: the frozen base comes from model_path."""
-    from wanray.train.parallel import build_on_meta, checkpoint_name
-
-    model = build_on_meta(model_path, expert, lora)
-    groups: dict[str, list[tuple[str, torch.Tensor]]] = {}
-    for name, tensor in model.state_dict().items():
-        parts = name.split(".")
-        groups.setdefault(".".join(parts[:2]) if parts[0] == "blocks" else "rest", []).append((name, tensor))
-    scale = lora.alpha / lora.rank if lora is not None and lora.enabled else None
-    with models.ExpertWeights(model_path, expert) as base:
-        for members in groups.values():
-            trained = {n: torch.empty(t.shape, dtype=t.dtype) for n, t in members if scale is None or ".lora_" in n}
-            if trained:
-                state = {"model": trained}
-                with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-                    warnings.simplefilter("ignore", UserWarning)
-                    dcp.load(state, checkpoint_id=str(checkpoint_dir), no_dist=True)  # reads just these tensors
-            if scale is None:
-                yield trained, {}
-                continue
-            frozen = {n: base.get(name).to(t.dtype) for n, t in members if (name := checkpoint_name(n)) is not None}
-            yield merge_lora({**frozen, **trained}, scale)
-
-
-def export_diffusers(
-    model_path, out_dir, experts: dict[str, Path], boundary: float | None, lora=None, max_shard_bytes: int = 5 * 10**9
-) -> Path:
-    """Copy the base directory to out_dir with each trained expert's weights in place.
-
-    The weights stream from the checkpoint one transformer block at a time into safetensors shards
-    of at most `max_shard_bytes` (with diffusers' index when there are several), so host memory
-    holds one shard and one block, not the 57 GB fp32 expert.
-
-    experts maps "high" / "low" to a DCP checkpoint directory; `boundary` (the one they were
-    trained with; None for a one-transformer model) goes into model_index.json. The result is loadable by
-    `WanPipeline.from_pretrained(out_dir)`. LoRA runs also get `<subfolder>/lora/` with the adapter
-    written by diffusers' own `save_lora_weights`, its rank and alpha in the file's metadata, so
-    `load_lora_weights` (with `load_into_transformer_2=True` for the low-noise expert) applies it
-    at alpha / rank.
-    """
-    from diffusers import WanPipeline
-
-    src, out = models.check_model_dir(model_path), Path(out_dir)
-    with atomic_path(out, replace_dir=True) as tmp:
-        models.copy_model_dir(src, tmp, without_weights_of=list(experts))
-        if boundary is not None:
-            models.write_boundary(tmp, boundary)
-        for expert, ckpt in experts.items():
-            shards, adapter = models.WeightShards(tmp, expert, max_shard_bytes), {}
-            for weights, group_adapter in expert_state_groups(src, expert, ckpt, lora):
-                shards.add(weights)
-                adapter.update(group_adapter)
-            folder = shards.close()
-            if adapter:
-                WanPipeline.save_lora_weights(
-                    folder / "lora",
-                    transformer_lora_layers={k: v.contiguous() for k, v in adapter.items()},
-                    transformer_lora_adapter_metadata={
-                        "r": lora.rank,
-                        "lora_alpha": lora.alpha,
-                        "target_modules": list(lora.target_modules),
-                    },
-                )
-    return out
-
-
-def diffusers_to_dcp(model_path, expert: str, out_dir) -> Path:
-    """Write an expert's weights (float32) as a DCP directory, for sharded loading (train.init_dcp),
-    tensor by tensor: DCP plans the checkpoint from the expert's shapes on the meta device, then asks
-    for each tensor as it writes it (`_LazySavePlanner`), one file per tensor (FileSystemWriter
-    keeps every tensor of a file until the file is done). Host memory holds one tensor at a time
-    (the largest of a 14B expert: 283 MB), not the 57 GB expert."""
-    from torch.distributed.checkpoint import FileSystemWriter
-
-    from wanray.train.parallel import build_on_meta
-
-    shapes = build_on_meta(model_path, expert).state_dict()
-    out = Path(out_dir)
-    with models.ExpertWeights(model_path, expert) as weights, atomic_path(out, replace_dir=True) as tmp:
-
-        def read(fqn: str) -> torch.Tensor:
-            name = fqn[len("model.") :]
-            return weights.get(name).to(shapes[name].dtype)
-
-        dcp.save(
-            {"model": shapes},
-            storage_writer=FileSystemWriter(str(tmp), single_file_per_rank=False, thread_count=1),
-            planner=_LazySavePlanner(read),
-            no_dist=True,
-        )
-    return out
-
-
-class _LazySavePlanner(dcp.DefaultSavePlanner):
-    """Plans from the state dict's (meta) tensors, and reads each tensor only when DCP writes it."""
-
-    def __init__(self, read):
-        super().__init__()
-        self._read = read
-
-    def resolve_data(self, write_item):
-        from torch.distributed.checkpoint.planner import WriteItemType
-
-        if write_item.type == WriteItemType.BYTE_IO:
-            return super().resolve_data(write_item)
-        return self._read(write_item.index.fqn)

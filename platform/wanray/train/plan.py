@@ -321,3 +321,19 @@ def plan_training(cfg: Config, model_path, expert: str, activations: ActivationM
         ring=cp.ring,
         ring_bytes=ring_bytes,
     )
+
+
+def print_plans(cfg: Config, expert: str, log=print) -> bool:
+    """Print the memory plan of `high`, `low` or `both`; True when every one fits."""
+    from wanray import context_parallel, models
+    from wanray.train.runs import selected
+
+    model_path = models.check_model_dir(cfg.model.path)
+    activations = measure_activations(cfg.train.worker.dtype, context_parallel.training_backend(cfg))
+    fits = True
+    for e in selected(expert, models.read_kind(model_path)):
+        plan = plan_training(cfg, model_path, e, activations)
+        for line in plan.lines():
+            log(f"[plan] {line}")
+        fits = fits and plan.fits
+    return fits

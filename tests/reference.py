@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from wanray import models
-from wanray.infer.sampler import GenerationParams, image_from_base64
+from wanray.infer.request import GenerationParams, image_from_base64
 
 
 def wanpipeline_frames(

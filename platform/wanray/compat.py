@@ -1,0 +1,42 @@
+"""Everything this wanray still accepts from the versions before it, in one place: each goes at
+REMOVAL_VERSION, after which an old key is an unknown key and an old shard is refused like any other.
+
+- Config keys that were renamed or removed: a one-line error naming the new key (not "unknown key").
+- Parquet shards of schema 1 (one fixed size per directory, before each clip's bucket and source size
+  were stored): training reads them, as it needs only the tensors and their shapes; preprocessing
+  writes schema 2 only.
+"""
+
+from __future__ import annotations
+
+REMOVAL_VERSION = "1.0"
+"""The release that drops these (pyproject's version is 0.x)."""
+
+REMOVED_KEYS = {
+    "data.max_text_tokens": "Wan2.2's text length is fixed at 512 tokens (wanray.wan.TEXT_TOKENS)",
+    "preprocess.device": "use preprocess.encoders.device",
+    "preprocess.dtype": "use preprocess.encoders.dtype",
+    "preprocess.encoder_cpus": "use preprocess.encoders.cpus",
+    "preprocess.encoder_accelerators": "use preprocess.encoders.accelerators",
+    "infer.device": "each stage has its own: infer.stages.{text,high,low,vae}.device and infer.batch.device",
+    "infer.dtype": "each stage has its own: infer.stages.{text,high,low,vae}.dtype and infer.batch.dtype",
+    **{
+        f"infer.{stage}_{old}": f"use infer.stages.{stage}.{new}"
+        for stage in ("text", "high", "low", "vae")
+        for old, new in (("cpus", "cpus"), ("accelerators", "accelerators"))
+    },
+    "infer.batch_cpus": "use infer.batch.cpus",
+    "infer.batch_accelerators": "use infer.batch.accelerators",
+    "train.device": "use train.worker.device",
+    "train.param_dtype": "use train.worker.dtype",
+    "train.cpus_per_worker": "use train.worker.cpus",
+    "train.accelerators_per_worker": "use train.worker.accelerators",
+    "infer.high_devices": "use infer.stages.high.devices",
+    "infer.low_devices": "use infer.stages.low.devices",
+    "infer.replicas": "each stage has its own: infer.stages.{text,high,low,vae}.replicas",
+    "infer.max_replicas": "each stage has its own: infer.stages.{text,high,low,vae}.max_replicas",
+}
+
+
+TRAINING_READS = ("1", "2")
+"""Parquet schema versions training reads (wanray.schema.SCHEMA_VERSION is what preprocessing writes)."""

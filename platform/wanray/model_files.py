@@ -1,0 +1,262 @@
+"""Model directories wanray writes itself: the tiny Wan2.2 of each kind (randomly initialised, the real
+architecture at toy width, written as a diffusers directory that every test and the quickstart load
+through the real path), and directories holding the published A14B config files only (for the memory
+plans and the device check). wanray.models reads every model directory, these included."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+from pathlib import Path
+
+import torch
+
+from wanray.io import atomic_path, write_text_atomic
+from wanray.models import check_model_dir
+from wanray.wan import KINDS
+
+# Wan2.2-T2V-A14B's diffusers scheduler: UniPC on flow sigmas. diffusers ships
+# flow_shift 3.0; the official T2V sampler uses 12.0 (inference config can override).
+SCHEDULER_CONFIG = dict(
+    prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
+)
+
+
+def ensure_model(cfg_model) -> Path:
+    """The model directory of `cfg_model` as an absolute path (workers run in other directories),
+    writing the tiny checkpoint first when asked to."""
+    p = Path(cfg_model.path).resolve()
+    if cfg_model.create_tiny and not (p / "model_index.json").exists():
+        write_tiny_checkpoint(p, seed=cfg_model.tiny_seed, boundary=cfg_model.boundary, kind=cfg_model.tiny_kind)
+    return check_model_dir(p)
+
+
+# Tiny dimensions of the real architecture: DiT dim 96 (4 heads x 24; rope splits head_dim
+# in 3; dim must exceed the 16 x 1 x 2 x 2 = 64 values of a patch, or the model cannot pass
+# the noise through and the flow loss cannot fall), UMT5 d_model 32 (= DiT text_dim), VAE
+# base_dim 8 with the real stride (4, 8, 8) and z_dim 16. About 0.8 M parameters in all.
+TINY_TRANSFORMER = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=4,
+    attention_head_dim=24,
+    in_channels=16,
+    out_channels=16,
+    text_dim=32,
+    freq_dim=32,
+    ffn_dim=192,
+    num_layers=2,
+)
+TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
+TINY_WAN22_VAE = dict(
+    base_dim=8,
+    z_dim=48,
+    in_channels=12,
+    out_channels=12,
+    is_residual=True,
+    patch_size=2,
+    dim_mult=[1, 2, 2, 2],
+    num_res_blocks=1,
+    temperal_downsample=[False, True, True],
+    scale_factor_spatial=16,
+    scale_factor_temporal=4,
+    latents_mean=[0.0] * 48,
+    latents_std=[1.0] * 48,
+)
+"""The Wan2.2 VAE's layout (TI2V-5B: 48 channels, 2x2 patchify then 8x: 16x spatial) at toy width."""
+TINY_UMT5 = dict(
+    d_model=32,
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=32,
+    dropout_rate=0.0,
+    feed_forward_proj="gated-gelu",
+)
+
+
+TINY_BOUNDARY = KINDS["t2v-a14b"].boundary  # 0.875
+
+# The published config files of Wan-AI/Wan2.2-T2V-A14B-Diffusers (both experts share one; the VAE is
+# Wan2.1's): the real dimensions without the weights, for the memory plans and the device check.
+A14B_TRANSFORMER = {
+    "_class_name": "WanTransformer3DModel",
+    "added_kv_proj_dim": None,
+    "attention_head_dim": 128,
+    "cross_attn_norm": True,
+    "eps": 1e-06,
+    "ffn_dim": 13824,
+    "freq_dim": 256,
+    "image_dim": None,
+    "in_channels": 16,
+    "num_attention_heads": 40,
+    "num_layers": 40,
+    "out_channels": 16,
+    "patch_size": [1, 2, 2],
+    "pos_embed_seq_len": None,
+    "qk_norm": "rms_norm_across_heads",
+    "rope_max_seq_len": 1024,
+    "text_dim": 4096,
+}
+A14B_VAE = {
+    "_class_name": "AutoencoderKLWan",
+    "base_dim": 96,
+    "z_dim": 16,
+    "dim_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attn_scales": [],
+    "temperal_downsample": [False, True, True],
+    "dropout": 0.0,
+    "latents_mean": [
+        -0.7571,
+        -0.7089,
+        -0.9113,
+        0.1075,
+        -0.1745,
+        0.9653,
+        -0.1517,
+        1.5508,
+        0.4134,
+        -0.0715,
+        0.5517,
+        -0.3632,
+        -0.1922,
+        -0.9497,
+        0.2503,
+        -0.2921,
+    ],
+    "latents_std": [
+        2.8184,
+        1.4541,
+        2.3275,
+        2.6558,
+        1.2196,
+        1.7708,
+        2.6052,
+        2.0743,
+        3.2687,
+        2.1526,
+        2.8652,
+        1.5579,
+        1.6382,
+        1.1253,
+        2.8251,
+        1.916,
+    ],
+}
+
+A14B_UMT5 = {
+    "architectures": ["UMT5EncoderModel"],
+    "model_type": "umt5",
+    "d_ff": 10240,
+    "d_kv": 64,
+    "d_model": 4096,
+    "num_heads": 64,
+    "num_layers": 24,
+    "num_decoder_layers": 24,
+    "vocab_size": 256384,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "feed_forward_proj": "gated-gelu",
+    "dense_act_fn": "gelu_new",
+    "is_gated_act": True,
+    "layer_norm_epsilon": 1e-06,
+    "scalable_attention": True,
+    "tie_word_embeddings": False,
+    "dropout_rate": 0.1,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "decoder_start_token_id": 0,
+}
+"""UMT5-XXL's encoder (google/umt5-xxl), the text encoder of every Wan2.2 model."""
+
+
+def write_config_dir(
+    path,
+    transformer: dict = A14B_TRANSFORMER,
+    vae: dict = A14B_VAE,
+    text_encoder: dict = A14B_UMT5,
+    boundary: float | None = TINY_BOUNDARY,
+) -> Path:
+    """A model directory holding config files only, no weights (tokenizer/ stays empty): enough for
+    the memory plans, which build the models on the meta device, and for the device check's random
+    weights."""
+    path = Path(path)
+    index = {
+        "_class_name": "WanPipeline",
+        "boundary_ratio": boundary,
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": ["diffusers", "WanTransformer3DModel"],
+    }
+    files = {
+        "model_index.json": index,
+        "transformer/config.json": transformer,
+        "transformer_2/config.json": transformer,
+        "vae/config.json": {"_class_name": "AutoencoderKLWan", **vae},
+        "text_encoder/config.json": text_encoder,
+        "scheduler/scheduler_config.json": {"_class_name": "UniPCMultistepScheduler", **SCHEDULER_CONFIG},
+    }
+    for name, content in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path / name, json.dumps(content, indent=2) + "\n")
+    (path / "tokenizer").mkdir(exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers' "Writing model shards" bar (the UMT5 text encoder's save) off while the tiny model is
+    written: one shard, instant."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.enable_progress_bar()
+
+
+def write_tiny_checkpoint(path, seed: int = 0, boundary: float | None = None, kind: str = "t2v-a14b") -> Path:
+    """Write a randomly initialised tiny Wan2.2 model of `kind` (wanray.wan.KINDS) as a diffusers
+    directory (atomically); `boundary` None takes the kind's official one."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+
+    spec = KINDS[kind]
+    path = Path(path)
+    torch.manual_seed(seed)
+    tokenizer = ByT5Tokenizer()  # needs no vocabulary file, unlike the real UMT5 SentencePiece one
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **TINY_UMT5)).eval()
+    vae = AutoencoderKLWan(**(TINY_VAE if spec.latent_channels == 16 else TINY_WAN22_VAE))
+    experts = [
+        WanTransformer3DModel(
+            **{**TINY_TRANSFORMER, "in_channels": spec.in_channels, "out_channels": spec.latent_channels}
+        )
+        for _ in spec.experts
+    ]
+    parts = dict(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=UniPCMultistepScheduler(**SCHEDULER_CONFIG),
+        transformer=experts[0],
+        transformer_2=experts[1] if len(experts) == 2 else None,
+        boundary_ratio=(spec.boundary if boundary is None else boundary) if len(experts) == 2 else None,
+    )
+    if spec.pipeline == "WanImageToVideoPipeline":
+        from diffusers import WanImageToVideoPipeline  # imported only here: transformers warns about its CLIP parts
+
+        pipe = WanImageToVideoPipeline(**parts, image_processor=None, image_encoder=None)
+    else:
+        pipe = WanPipeline(**parts, expand_timesteps=spec.expand_timesteps)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_path(path) as tmp, _no_progress_bars():
+            pipe.save_pretrained(tmp, safe_serialization=True)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        check_model_dir(path)  # another process won the race and wrote it first
+    return path

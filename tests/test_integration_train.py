@@ -84,6 +84,13 @@ def assert_same_training_state(a: dict, b: dict, atol: float) -> None:
     )
 
 
+def train_driver(model, data, expert: str, out, sets: list[str]) -> list[str]:
+    """pipelines/train.py as a user runs it on the tiny preset."""
+    cmd = [sys.executable, str(ROOT / "pipelines" / "train.py"), "--config", str(ROOT / "configs" / "tiny.yaml")]
+    cmd += ["--data", str(data), "--expert", expert, "--out", str(out), "--set", f"model.path={model}"]
+    return cmd + [a for s in sets for a in ("--set", s)]
+
+
 def registered_checkpoint_steps(expert_dir) -> list[int]:
     """Steps of the checkpoints Ray Train's controller has registered (those a restart resumes from)."""
     try:
@@ -214,28 +221,8 @@ def test_ctrl_c_while_both_experts_train_ends_the_driver_and_its_controllers(pre
     from ray._private.state import actors  # the GCS's actor table: the state API needs the dashboard
 
     run, log_path = tmp_path / "run", tmp_path / "train.log"
-    cmd = [
-        sys.executable,
-        str(ROOT / "pipelines" / "train.py"),
-        "--config",
-        str(ROOT / "configs" / "tiny.yaml"),
-        "--data",
-        str(prep),
-        "--expert",
-        "both",
-        "--out",
-        str(run),
-        "--set",
-        f"model.path={tiny_model}",
-        "--set",
-        "train.steps=1000",
-        "--set",
-        "train.workers=1",
-        "--set",
-        "train.log_every=1",
-        "--set",
-        "train.checkpoint_every=1000",
-    ]
+    sets = ["train.steps=1000", "train.workers=1", "train.log_every=1", "train.checkpoint_every=1000"]
+    cmd = train_driver(tiny_model, prep, "both", run, sets)
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 240
@@ -411,21 +398,7 @@ def test_killed_worker_resumes_to_the_uninterrupted_run_with_the_a14b_options(pr
     losses = [x["loss"] for x in metrics(straight)]
     assert sum(losses[-6:]) / 6 < 0.75 * sum(losses[:6]) / 6, losses
 
-    cmd = [
-        sys.executable,
-        str(ROOT / "pipelines" / "train.py"),
-        "--config",
-        str(ROOT / "configs" / "tiny.yaml"),
-        "--data",
-        str(prep),
-        "--expert",
-        "high",
-        "--out",
-        str(killed_run),
-        "--set",
-        f"model.path={tiny_model}",
-    ]
-    cmd += [a for s in sets for a in ("--set", s)]
+    cmd = train_driver(tiny_model, prep, "high", killed_run, sets)
     log = (tmp_path / "train.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     path, deadline, killed = killed_run / "high" / "metrics.jsonl", time.time() + 300, None

@@ -42,19 +42,23 @@ def validation_prompts(cfg: Config, model_dir) -> list[GenerationParams]:
     and a plain prompts_file with train.validation.images as their first frames, then a .jsonl
     prompts_file's lines. A bad size, prompt or image fails here, in the driver."""
     v, d = cfg.train.validation, cfg.data
-    defaults = dataclasses.replace(
-        cfg,
-        data=dataclasses.replace(
-            d, height=v.height or d.height, width=v.width or d.width, num_frames=v.num_frames or d.num_frames
-        ),
-        infer=dataclasses.replace(
-            cfg.infer,
-            num_inference_steps=v.num_inference_steps,
-            seed=v.seed,
-            guidance_scale=v.guidance_scale,
-            guidance_scale_2=v.guidance_scale_2,
-        ),
-    )
+    frames = v.num_frames or d.num_frames
+    try:  # the validation settings as every prompt's defaults (min_frames: a floor for clips, not requests)
+        defaults = dataclasses.replace(
+            cfg,
+            data=dataclasses.replace(
+                d, height=v.height or d.height, width=v.width or d.width, num_frames=frames, min_frames=1
+            ),
+            infer=dataclasses.replace(
+                cfg.infer,
+                num_inference_steps=v.num_inference_steps,
+                seed=v.seed,
+                guidance_scale=v.guidance_scale,
+                guidance_scale_2=v.guidance_scale_2,
+            ),
+        )
+    except ConfigError as e:
+        raise ConfigError(f"train.validation: {e}") from None
     kind = models.read_kind(model_dir)
     texts, lines = list(v.prompts), []
     try:

@@ -16,11 +16,16 @@ def wanpipeline_frames(
     boundary: float | None = None,
     flow_shift: float | None = None,
     first_block_cache: float = 0.0,
+    adapters: dict[str, dict[str, str]] | None = None,
+    scheduler=None,
 ) -> np.ndarray:
     """(F, H, W, 3) float32 frames of diffusers' pipeline for the model's kind, fp32 on CPU:
     `WanPipeline(transformer, transformer_2, boundary_ratio)`, or WanImageToVideoPipeline when
     params.image is set; TI2V-5B's with its one transformer and expand_timesteps. `boundary` None
-    takes the directory's; `first_block_cache` > 0 enables diffusers' first-block cache on the transformers."""
+    takes the directory's; `first_block_cache` > 0 enables diffusers' first-block cache on the transformers.
+    `adapters` (name -> expert -> file) are loaded with load_lora_weights (the low-noise one with
+    load_into_transformer_2) and params.loras activated with set_adapters on each transformer that has them;
+    `scheduler` replaces the directory's."""
     from diffusers import WanImageToVideoPipeline, WanPipeline
 
     kind = models.read_kind(model_dir)
@@ -40,8 +45,21 @@ def wanpipeline_frames(
     image = {} if params.image is None else {"image": image_from_base64(params.image)}
     if params.last_image is not None:
         image["last_image"] = image_from_base64(params.last_image)
+    if scheduler is not None:
+        parts["scheduler"] = scheduler
     pipe = WanImageToVideoPipeline(**parts) if image else WanPipeline(**parts)
     pipe.set_progress_bar_config(disable=True)
+    for name, files in (adapters or {}).items():
+        for expert, path in files.items():
+            pipe.load_lora_weights(path, adapter_name=name, load_into_transformer_2=expert == "low")
+    for transformer in (pipe.transformer, pipe.transformer_2) if adapters else ():
+        if transformer is None:
+            continue
+        uses = [(n, s) for n, s in params.loras if n in getattr(transformer, "peft_config", {})]
+        if uses:
+            transformer.set_adapters([n for n, _ in uses], [s for _, s in uses])
+        elif getattr(transformer, "peft_config", None):
+            transformer.disable_lora()
     if first_block_cache:
         from diffusers import FirstBlockCacheConfig
 

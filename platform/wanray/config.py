@@ -47,10 +47,17 @@ def _coerce(value, tp, where: str):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item,) = set(typing.get_args(tp)) - {Ellipsis}
         return origin(_coerce(v, item, f"{where}[]") for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, item = typing.get_args(tp)
+        return {str(k): _coerce(v, item, f"{where}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(tp):
             return None
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        arms = [a for a in typing.get_args(tp) if a is not type(None)]
+        # a mapping goes to the union's dataclass arm (e.g. `LoraSource | str`), anything else to its first other arm
+        tp = next((a for a in arms if isinstance(value, dict) == dataclasses.is_dataclass(a)), arms[0])
         return _coerce(value, tp, where)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

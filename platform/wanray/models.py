@@ -273,8 +273,17 @@ def text_encoder_from_config(config: dict, dtype=torch.float32):
     return model.eval()
 
 
-def load_scheduler(path, flow_shift: float | None = None):
-    from diffusers import UniPCMultistepScheduler
+def load_scheduler(path, flow_shift: float | None = None, sampler: str = "unipc"):
+    """The model directory's UniPC scheduler (`sampler` unipc), or flow-matching Euler at the same shift (euler:
+    the step-distilled adapters' sampler); `flow_shift` None keeps the directory's shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
     kwargs = {} if flow_shift is None else {"flow_shift": flow_shift}
-    return UniPCMultistepScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True, **kwargs)
+    unipc = UniPCMultistepScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True, **kwargs)
+    if sampler == "unipc":
+        return unipc
+    if sampler != "euler":
+        raise ValueError(f"sampler must be unipc or euler, got {sampler!r}")
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=unipc.config.num_train_timesteps, shift=unipc.config.flow_shift
+    )

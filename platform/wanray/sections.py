@@ -6,6 +6,8 @@ a split needs) is checked where the directory is read."""
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -207,6 +209,52 @@ class Stages:
             )
 
 
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""What an adapter may be called (infer.loras keys): letters, digits, `_`, `.`, `-`, at most 64."""
+
+
+@dataclass
+class LoraSource:
+    """Where an adapter served under a name comes from (wanray.infer.adapters reads it). `path`: a wanray
+    run directory (train.py --out of a LoRA run: its latest checkpoint, or `step`'s), a wanray export
+    (export.py --out: both experts' `lora/` folders), or one adapter file or folder applied to both
+    experts. `high` / `low`: a file or folder per expert (published adapters for the A14B models come
+    as a high-noise and a low-noise file); an expert with none runs without this adapter."""
+
+    path: str = ""
+    high: str = ""
+    low: str = ""
+    step: int = 0
+    """A run directory's checkpoint at this step; 0 takes its latest."""
+
+    def __post_init__(self) -> None:
+        if bool(self.path) == bool(self.high or self.low):
+            raise ConfigError(
+                "an infer.loras entry takes either path (a run, an export or one adapter for both experts) "
+                f"or high/low files, got path={self.path!r}, high={self.high!r}, low={self.low!r}"
+            )
+        if self.step < 0:
+            raise ConfigError(f"an infer.loras entry's step must be >= 0 (0: the latest), got {self.step}")
+
+
+@dataclass
+class LoraUse:
+    """An adapter a request applies: its infer.loras name and scale (stacked adapters add their deltas)."""
+
+    name: str = ""
+    scale: float = 1.0
+
+
+def _check_scale(scale: float, where: str) -> None:
+    if not math.isfinite(scale) or abs(scale) > MAX_LORA_SCALE:
+        raise ConfigError(f"{where}: an adapter's scale must be finite and within +-{MAX_LORA_SCALE:g}, got {scale}")
+
+
+MAX_LORA_SCALE = 10.0
+MAX_STACKED_LORAS = 8
+"""Most adapters one request may stack."""
+
+
 @dataclass
 class InferConfig:
     stages: Stages = field(default_factory=Stages)
@@ -273,8 +321,39 @@ class InferConfig:
     device_memory_gb: float = 64.0
     """Memory of one inference device (Ascend 910B: 64 GB, H100: 80 GB), for the memory plan
     (serve.py / generate.py --plan)."""
+    sampler: Literal["unipc", "euler"] = "unipc"
+    """Scheduler of a request that names none: unipc (the model directory's multistep UniPC, as WanPipeline),
+    or euler, the flow-matching Euler steps the 4-step distilled adapters were trained for (Wan2.2-Lightning:
+    sigmas evenly spaced from 1 to 0 before the shift)."""
+    loras: dict[str, LoraSource | str] = field(default_factory=dict)
+    """Adapters served by name: a path (run directory, export or one adapter for both experts; see
+    LoraSource) or a mapping {high, low} / {path, step}. `--set infer.loras.NAME=PATH` adds one."""
+    default_loras: list[LoraUse] = field(default_factory=list)
+    """Adapters applied to a request that names none (a request's `loras: []` applies none)."""
+    max_loaded_loras: int = 4
+    """Adapters each expert holds loaded at once (host or device memory, by --plan); the least recently used one
+    is unloaded to load another."""
 
     def __post_init__(self) -> None:
+        self.loras = {k: LoraSource(path=v) if isinstance(v, str) else v for k, v in self.loras.items()}
+        for name in self.loras:
+            if not ADAPTER_NAME.fullmatch(name):
+                raise ConfigError(
+                    f"infer.loras key {name!r} is not an adapter name (letters, digits, _ . -; at most 64)"
+                )
+        for use in self.default_loras:
+            if use.name not in self.loras:
+                raise ConfigError(
+                    f"infer.default_loras names {use.name!r}, which infer.loras does not define "
+                    f"(defined: {', '.join(self.loras) or 'none'})"
+                )
+            _check_scale(use.scale, f"infer.default_loras {use.name}")
+        if len(self.default_loras) > MAX_STACKED_LORAS:
+            raise ConfigError(
+                f"infer.default_loras stacks {len(self.default_loras)} adapters, at most {MAX_STACKED_LORAS}"
+            )
+        if self.max_loaded_loras < 1:
+            raise ConfigError(f"infer.max_loaded_loras must be >= 1, got {self.max_loaded_loras}")
         if self.first_block_cache < 0:
             raise ConfigError(f"infer.first_block_cache must be >= 0 (0 is off), got {self.first_block_cache}")
         if self.first_block_cache and max(self.stages.high.devices, self.stages.low.devices, self.batch_devices) > 1:

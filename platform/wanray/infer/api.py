@@ -26,7 +26,7 @@ from wanray import models
 from wanray.config import Config
 from wanray.errors import RequestError
 from wanray.infer.request import Cancelled, GenerationParams, image_from_base64
-from wanray.sections import STAGES
+from wanray.sections import MAX_LORA_SCALE, MAX_STACKED_LORAS, STAGES
 from wanray.wan import KINDS, ModelKind, valid_frames
 
 logger = logging.getLogger("ray.serve")  # the ingress replica's log (logs/serve/replica_wanray_Ingress_*.log)
@@ -67,6 +67,15 @@ def cause(e: BaseException) -> BaseException:
     return getattr(e, "cause", None) or e
 
 
+class LoraRequest(BaseModel):
+    """One adapter a request applies: a name the server loaded (GET /v1/loras) and its scale."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    scale: float = Field(1.0, allow_inf_nan=False)
+
+
 class GenerateRequest(BaseModel):
     """Body of POST /v1/generate; a field left out takes the server's configured default."""
 
@@ -85,6 +94,12 @@ class GenerateRequest(BaseModel):
     """Image-to-video models: the first frame, a PNG, JPEG or WebP file in base64."""
     last_image: str | None = None
     """I2V-A14B: also the last frame, likewise."""
+    loras: list[LoraRequest] | None = None
+    """Adapters to apply, stacked, each at its scale; left out: the server's infer.default_loras; []: none."""
+    sampler: Literal["unipc", "euler"] | None = None
+    """unipc, or euler (the 4-step distilled adapters' steps); left out: infer.sampler."""
+    flow_shift: float | None = Field(None, allow_inf_nan=False)
+    """Shift of the scheduler's flow sigmas; left out: infer.flow_shift."""
     output: OutputFormat = "mp4"
     """mp4 (H.264), or frames: the float32 (frames, height, width, 3) array in [0, 1] as .npy."""
 
@@ -92,6 +107,22 @@ class GenerateRequest(BaseModel):
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise RequestError(message)
+
+
+def _check_loras(loras: tuple[tuple[str, float], ...], inf) -> None:
+    names = [n for n, _ in loras]
+    for name, scale in loras:
+        _check(
+            name in inf.loras,
+            f"no adapter named {name!r} is served (served: {', '.join(sorted(inf.loras)) or 'none'}; GET /v1/loras)",
+        )
+        _check(
+            abs(scale) <= MAX_LORA_SCALE,
+            f"adapter {name}'s scale must lie in [-{MAX_LORA_SCALE:g}, {MAX_LORA_SCALE:g}], got {scale}",
+        )
+    _check(len(set(names)) == len(names), f"an adapter is named twice in loras: {names}")
+    most = min(MAX_STACKED_LORAS, inf.max_loaded_loras)
+    _check(len(names) <= most, f"{len(names)} adapters are stacked, at most {most} are served (infer.max_loaded_loras)")
 
 
 def _check_prompt(name: str, text: str, max_chars: int, required: bool) -> None:
@@ -147,7 +178,12 @@ def resolve(req: GenerateRequest, cfg: Config, kind: ModelKind = KINDS["t2v-a14b
         seed=pick(req.seed, inf.seed),
         image=req.image,
         last_image=req.last_image,
+        loras=tuple((u.name, u.scale) for u in (inf.default_loras if req.loras is None else req.loras)),
+        sampler=pick(req.sampler, inf.sampler),
+        flow_shift=pick(req.flow_shift, inf.flow_shift),
     )
+    _check_loras(p.loras, inf)
+    _check(p.flow_shift is None or p.flow_shift > 0, f"flow_shift must be > 0, got {p.flow_shift}")
     _check(req.image is None or kind.image != "none", f"{kind.title} takes no image: leave image out")
     _check(req.image is not None or kind.image != "required", f"{kind.title} needs an image: the video's first frame")
     _check(req.last_image is None or kind.takes_last_image, f"{kind.title} takes no last_image: leave it out")
@@ -234,10 +270,13 @@ def build_api(
     token: str = "",
     queues: Queues | None = None,
     count: Callable[[str, float], None] = lambda outcome, seconds: None,
+    loras: dict[str, dict[str, str]] | None = None,
 ) -> FastAPI:
     """The FastAPI app of the ingress; `generate` moves one request through the stages, `queues` reports
-    their depths in /v1/health, `count(outcome, seconds)` records each /v1/generate. With a `token`, every
-    /v1 route answers 401 unless the request carries it as a bearer token."""
+    their depths in /v1/health, `count(outcome, seconds)` records each /v1/generate, `loras` (name -> expert
+    -> file) is what GET /v1/loras lists. With a `token`, every /v1 route answers 401 unless the request
+    carries it as a bearer token."""
+    loras = loras or {}
     kind = models.read_kind(model_dir)
 
     async def authorized(request: Request) -> None:
@@ -272,6 +311,7 @@ def build_api(
             "device": experts.device,
             "dtype": experts.dtype,
             "stages": stages,
+            "loras": sorted(loras),
         }
         if queues is not None:
             now = await queues()
@@ -279,6 +319,15 @@ def build_api(
                 stages[name].update(depth)
             out["queue"] = now
         return out
+
+    @app.get("/v1/loras")
+    async def list_loras() -> dict:
+        """The adapters a request may name, each expert's file, and what a request naming none gets."""
+        return {
+            "loras": [{"name": name, "experts": loras[name]} for name in sorted(loras)],
+            "default": [{"name": u.name, "scale": u.scale} for u in cfg.infer.default_loras],
+            "max_stacked": min(MAX_STACKED_LORAS, cfg.infer.max_loaded_loras),
+        }
 
     @app.post("/v1/generate", responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}})
     async def generate_video(req: GenerateRequest) -> Response:

@@ -36,6 +36,7 @@ def image_from_base64(data: str, name: str = "image"):
 # UniPC state that set_timesteps and step keep on the compute device: timesteps, and the multistep
 # history (last solver_order model outputs, their timesteps, the last sample). sigmas stay on the CPU.
 SCHEDULER_DEVICE_STATE = ("timesteps", "model_outputs", "timestep_list", "last_sample")
+EULER_DEVICE_STATE = ("timesteps", "sigmas")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,15 @@ class GenerationParams:
     """Image-to-video models: the first frame, an image file's bytes (PNG, JPEG, WebP) in base64."""
     last_image: str | None = None
     """I2V-A14B: the last frame too, likewise (diffusers' last_image)."""
+    loras: tuple[tuple[str, float], ...] = ()
+    """Adapters (infer.loras names) and their scales, stacked; none: the base experts."""
+    sampler: str = "unipc"
+    """The scheduler: unipc (the model directory's) or euler (the distilled adapters' flow-matching steps)."""
+    flow_shift: float | None = None
+    """Shift of the scheduler's flow sigmas; None: the model directory's."""
+
+    def __post_init__(self) -> None:  # from JSON (a batch actor's rows) the adapters come as lists
+        object.__setattr__(self, "loras", tuple((str(n), float(s)) for n, s in self.loras))
 
     @property
     def guided(self) -> bool:
@@ -93,7 +103,9 @@ class DenoiseState:
         def move(v):
             return [move(x) for x in v] if isinstance(v, list) else v.to(device) if torch.is_tensor(v) else v
 
-        for name in SCHEDULER_DEVICE_STATE:
+        # flow-matching Euler (no multistep history) keeps timesteps and sigmas where set_timesteps put them
+        multistep = self.scheduler is not None and hasattr(self.scheduler, "model_outputs")
+        for name in SCHEDULER_DEVICE_STATE if multistep else EULER_DEVICE_STATE if self.scheduler else ():
             setattr(self.scheduler, name, move(getattr(self.scheduler, name)))
         self.latents = self.latents.to(device)
         if self.condition is not None:

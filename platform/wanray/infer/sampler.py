@@ -24,6 +24,7 @@ import torch
 from wanray import context_parallel, models
 from wanray.devices import apply_attention_backend, torch_dtype
 from wanray.encoding import encode_first_frame, encode_latents, encode_text
+from wanray.infer.adapters import LoadedAdapters
 from wanray.infer.request import Cancelled, DenoiseState, GenerationParams, TextEmbeddings, image_from_base64
 from wanray.infer.spec import StageSpec, resident
 from wanray.schema import pad_text_embedding
@@ -36,6 +37,17 @@ def frame_mask(state: DenoiseState, contract: WanContract) -> torch.Tensor | Non
     if not contract.kind.expand_timesteps:
         return None
     return clean_frame_mask(tuple(state.latents.shape), state.condition is not None).to(state.latents.device)
+
+
+def set_timesteps(scheduler, steps: int, device: torch.device) -> None:
+    """The request's timesteps. UniPC: as WanPipeline sets them. Euler (the 4-step distilled adapters'):
+    sigmas 1, 1 - 1/n, ..., 1/n shifted by the flow shift, then 0, as Wan2.2-Lightning's sampler takes
+    them (diffusers' own default ends at its smallest training sigma instead of 1/n)."""
+    if hasattr(scheduler, "model_outputs"):
+        scheduler.set_timesteps(steps, device=device)
+    else:
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1].tolist(), device=device)
+    scheduler.set_begin_index(0)
 
 
 class PromptEncoder:
@@ -79,7 +91,9 @@ class ExpertStage:
         apply_attention_backend(self.expert, spec.attention[expert])
         if (ranks := spec.devices[expert]) > 1:  # one rank of a group (wanray.infer.group)
             context_parallel.enable(self.expert, ranks, 1, context_parallel.mesh(self.device, ranks, 1), self.device)
-        self.scheduler = models.load_scheduler(spec.model_dir, spec.flow_shift)
+        self.model_dir, self.flow_shift = spec.model_dir, spec.flow_shift
+        self.schedulers: dict[tuple[str, float | None], object] = {}
+        self.adapters = LoadedAdapters(self.expert, expert, spec.adapters, spec.model_dir, spec.max_loaded_loras)
         self.ranks = spec.devices[expert]
         self.batched_guidance = spec.batched_guidance
         self.cached = spec.first_block_cache > 0
@@ -107,9 +121,11 @@ class ExpertStage:
         (the noise has the latents' channels, not the transformer's input channels)."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        scheduler = copy.deepcopy(self.scheduler)
-        scheduler.set_timesteps(params.num_inference_steps, device=self.device)
-        scheduler.set_begin_index(0)
+        shift = self.flow_shift if params.flow_shift is None else params.flow_shift
+        if (params.sampler, shift) not in self.schedulers:
+            self.schedulers[params.sampler, shift] = models.load_scheduler(self.model_dir, shift, params.sampler)
+        scheduler = copy.deepcopy(self.schedulers[params.sampler, shift])
+        set_timesteps(scheduler, params.num_inference_steps, self.device)
         shape = self.contract.latent_shape(
             self.contract.kind.latent_channels, params.num_frames, params.height, params.width
         )
@@ -134,6 +150,7 @@ class ExpertStage:
         high_steps = int(self.contract.uses_high_expert(timesteps).sum())  # host sync, once per request
         stop = high_steps if self.expert_name == "high" else len(timesteps)
         scale = params.guidance_scale if self.expert_name == "high" else params.guidance_scale_2
+        self.adapters.activate(params.loras)  # before `resident`: an adapter loaded now waits with the expert
         with resident(self.expert, self.device, self.offload):
             state = self._steps(state, text, scale, stop)
         return state.to(torch.device("cpu"))
@@ -145,6 +162,7 @@ class ExpertStage:
         negative = None if text.negative is None else text.negative.to(self.device, dtype)
         latents, scheduler = state.latents, state.scheduler
         mask = frame_mask(state, self.contract)
+        euler = not hasattr(scheduler, "model_outputs")  # UniPC keeps a multistep history; Euler none
         if self.cached:  # each request starts with full steps: no residual from the previous one
             self.expert._reset_stateful_cache()
         for i in range(state.step, stop):
@@ -168,6 +186,8 @@ class ExpertStage:
                 uncond = None if negative is None else self._forward("uncond", i, latent_input, timestep, negative)
             if uncond is not None:
                 noise = uncond + scale * (noise - uncond)
+            if euler:  # the distilled recipe's update accumulates in float32, the latents' dtype
+                noise = noise.float()
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
         return DenoiseState(latents, scheduler, max(stop, state.step), state.condition)
 

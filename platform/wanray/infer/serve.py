@@ -223,11 +223,22 @@ class Admission:
 class Ingress:
     """HTTP entry point: validates requests, moves each through the four stages, serves the UI."""
 
-    def __init__(self, text_encoder, high, low, vae, cfg: Config, model_dir: str, ui: BuildUI | None, token: str = ""):
+    def __init__(
+        self,
+        text_encoder,
+        high,
+        low,
+        vae,
+        cfg: Config,
+        model_dir: str,
+        ui: BuildUI | None,
+        token: str = "",
+        loras: dict[str, dict[str, str]] | None = None,
+    ):
         from ray.serve.metrics import Counter, Histogram
 
         self.text_encoder, self.high, self.low, self.vae = text_encoder, high, low, vae
-        self.cfg, self.model_dir, self.ui, self.token = cfg, model_dir, ui, token
+        self.cfg, self.model_dir, self.ui, self.token, self.loras = cfg, model_dir, ui, token, loras or {}
         self.stages = {
             k: v for k, v in (("text", text_encoder), ("high", high), ("low", low), ("vae", vae)) if v is not None
         }  # TI2V-5B: no low-noise stage
@@ -292,7 +303,7 @@ class Ingress:
         return (await self.vae.render.remote(state, "mp4", self.cfg.data.fps)).value
 
     def __serve_build_asgi_app__(self):
-        app = build_api(self.generate, self.cfg, self.model_dir, self.token, self.queues, self.count)
+        app = build_api(self.generate, self.cfg, self.model_dir, self.token, self.queues, self.count, self.loras)
         if self.ui is None:
             return app
         import gradio as gr
@@ -348,7 +359,8 @@ def build_app(cfg: Config, model_dir: str, ui: BuildUI | None = None):
     low = None if spec.contract.kind.one_transformer else expert("low_noise_expert", "low")
     vae = stage("vae_decoder", "vae", VaeDeployment, VideoStage, spec)
     ingress = Ingress.options(ray_actor_options={"num_cpus": cfg.infer.ingress_cpus})  # type: ignore[attr-defined]  # a Serve deployment
-    return ingress.bind(text, high, low, vae, cfg, str(model_dir), ui, serving_token(cfg))
+    loras = {name: {e: f.label for e, f in files.items()} for name, files in spec.adapters.items()}
+    return ingress.bind(text, high, low, vae, cfg, str(model_dir), ui, serving_token(cfg), loras)
 
 
 def start(cfg: Config, model_dir: str, ui: BuildUI | None = None) -> str:

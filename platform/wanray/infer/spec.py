@@ -16,6 +16,7 @@ from wanray import context_parallel, models
 from wanray.backends import attention_backend
 from wanray.config import Config
 from wanray.devices import accelerator, torch_dtype
+from wanray.infer import adapters as lora_adapters
 from wanray.sections import STAGES, Resources
 from wanray.wan import EXPERTS, WanContract
 
@@ -44,6 +45,9 @@ class StageSpec:
     devices: dict[str, int] = field(default_factory=lambda: {e: 1 for e in EXPERTS})
     """Devices of each expert stage: above 1 it runs context-parallel (Ulysses) over that many ranks
     (wanray.infer.group), each ExpertStage one rank of the process group."""
+    adapters: lora_adapters.Adapters = field(default_factory=dict)
+    """infer.loras resolved to each expert's file, checked against the experts' shapes."""
+    max_loaded_loras: int = 4
 
     @classmethod
     def for_serving(cls, model_dir, cfg: Config) -> StageSpec:
@@ -82,9 +86,12 @@ class StageSpec:
             e: attention_backend(cfg.model.attention_backend, resources[e].device, resources[e].dtype, training=False)
             for e in EXPERTS
         }
+        contract = models.read_contract(model_dir, cfg.model)
+        adapters = lora_adapters.resolve(cfg.infer, contract.kind)
+        lora_adapters.check_all(adapters, str(model_dir), contract.kind)  # here, in the driver: not in a replica
         return cls(
             str(model_dir),
-            models.read_contract(model_dir, cfg.model),
+            contract,
             resources,
             cfg.infer.flow_shift,
             cfg.infer.torch_threads,
@@ -92,6 +99,8 @@ class StageSpec:
             offload,
             cfg.infer.batched_guidance,
             cfg.infer.first_block_cache,
+            adapters=adapters,
+            max_loaded_loras=cfg.infer.max_loaded_loras,
         )
 
     def load_device(self, device: torch.device) -> torch.device:

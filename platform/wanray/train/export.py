@@ -21,13 +21,18 @@ from wanray.io import atomic_path
 from wanray.train.runs import latest_checkpoint, trained_boundary
 
 
+def adapter_key(peft_key: str) -> str:
+    """A peft parameter name as diffusers writes adapters: "m.lora_A.default.weight" -> "m.lora_A.weight"."""
+    module, rest = peft_key.split(".lora_", 1)  # "blocks.0.attn1.to_q", "A.default.weight"
+    return f"{module}.lora_{rest.split('.')[0]}.weight"
+
+
 def merge_lora(state: dict, scale: float) -> tuple[dict, dict]:
     """(plain diffusers state dict with W + scale * B @ A folded in, adapter tensors by module)."""
     merged, adapter = {}, {}
     for key, value in state.items():
         if ".lora_" in key:
-            module, rest = key.split(".lora_", 1)  # "blocks.0.attn1.to_q", "A.default.weight"
-            adapter[f"{module}.lora_{rest.split('.')[0]}.weight"] = value
+            adapter[adapter_key(key)] = value
         else:
             merged[key.replace(".base_layer.", ".")] = value
     for key in [k for k in adapter if k.endswith(".lora_A.weight")]:
@@ -36,6 +41,24 @@ def merge_lora(state: dict, scale: float) -> tuple[dict, dict]:
         delta = adapter[f"{module}.lora_B.weight"].float() @ adapter[key].float()
         merged[f"{module}.weight"] = (w.float() + scale * delta).to(w.dtype)
     return merged, adapter
+
+
+def _load_checkpoint(tensors: dict, checkpoint_dir) -> None:
+    """Fill `tensors` (name -> empty tensor) from the model state of a DCP checkpoint, reading just those."""
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": tensors}, checkpoint_id=str(checkpoint_dir), no_dist=True)
+
+
+def checkpoint_adapter(model_path, expert: str, checkpoint_dir, lora) -> dict[str, torch.Tensor]:
+    """A LoRA run's adapter tensors at a checkpoint, by diffusers adapter name ("blocks.0.attn1.to_q.lora_A.weight";
+    scale alpha / rank), read from the checkpoint alone: megabytes, where the expert is gigabytes."""
+    from wanray.train.parallel import build_on_meta
+
+    model = build_on_meta(model_path, expert, lora)
+    trained = {n: torch.empty(t.shape, dtype=t.dtype) for n, t in model.state_dict().items() if ".lora_" in n}
+    _load_checkpoint(trained, checkpoint_dir)
+    return {adapter_key(k): v for k, v in trained.items()}
 
 
 def expert_state_groups(model_path, expert: str, checkpoint_dir, lora=None) -> Iterator[tuple[dict, dict]]:
@@ -55,10 +78,7 @@ def expert_state_groups(model_path, expert: str, checkpoint_dir, lora=None) -> I
         for members in groups.values():
             trained = {n: torch.empty(t.shape, dtype=t.dtype) for n, t in members if scale is None or ".lora_" in n}
             if trained:
-                state = {"model": trained}
-                with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-                    warnings.simplefilter("ignore", UserWarning)
-                    dcp.load(state, checkpoint_id=str(checkpoint_dir), no_dist=True)  # reads just these tensors
+                _load_checkpoint(trained, checkpoint_dir)
             if scale is None:
                 yield trained, {}
                 continue

@@ -1,0 +1,253 @@
+"""LoRA adapters served by name (infer.loras): where each expert's adapter comes from, how it is read, checked
+against the expert, and activated for each request.
+
+    infer.loras.NAME ─► resolve (driver): per expert an AdapterFile ─ a safetensors file in any format
+                        diffusers' Wan loader reads, or a wanray LoRA run's checkpoint
+                     ─► check (driver, on the expert's shapes): every key names a module, every rank fits
+                     ─► LoadedAdapters (each expert stage): loaded on first use into the resident expert
+                        (peft), at most infer.max_loaded_loras (least recently used unloaded), and
+                        activated per request with diffusers' set_adapters (names and scales, stacked)
+
+Activation rather than peft's hot-swap: hot-swap replaces one adapter's weights in place (its use is a
+compiled model that must not recompile), so it cannot stack adapters or keep several loaded; activating
+is a flag and a scale on each adapted layer, microseconds per request, and the base weights never change.
+A request's frames with an adapter equal diffusers' WanPipeline after `load_lora_weights` and `set_adapters`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from wanray.errors import ConfigError
+from wanray.sections import InferConfig, LoraConfig, LoraSource
+from wanray.wan import EXPERTS, ModelKind
+
+logger = logging.getLogger(__name__)
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+"""The file diffusers' save_lora_weights writes (an export's <transformer>/lora/ holds one)."""
+EXPORT_FOLDERS = {"high": "transformer", "low": "transformer_2"}
+
+
+@dataclass(frozen=True)
+class AdapterFile:
+    """One expert's adapter: a safetensors file (diffusers, kohya/musubi or original Wan keys), or the
+    checkpoint of a wanray LoRA run (its rank, alpha and target modules from the run's config)."""
+
+    path: str
+    lora: LoraConfig | None = None
+    """A wanray run's LoRA settings when `path` is a DCP checkpoint; None for a file."""
+
+    def read(self, model_dir: str, expert: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+        """(the adapter as diffusers' Wan loader hands it to the transformer: "transformer."-prefixed
+        lora_A / lora_B keys, its metadata or None)."""
+        if self.lora is not None:
+            from wanray.train.export import checkpoint_adapter
+
+            tensors = checkpoint_adapter(model_dir, expert, self.path, self.lora)
+            metadata = {"r": self.lora.rank, "lora_alpha": self.lora.alpha, "target_modules": self.lora.target_modules}
+            return {f"transformer.{k}": v for k, v in tensors.items()}, {
+                f"transformer.{k}": v for k, v in metadata.items()
+            }
+        from diffusers import WanPipeline
+
+        try:
+            state, metadata = WanPipeline.lora_state_dict(self.path, return_lora_metadata=True)
+        except (OSError, ValueError, KeyError) as e:  # not safetensors, a broken file, keys no converter knows
+            raise ConfigError(
+                f"{self.path} is not a LoRA adapter diffusers can read: {str(e).splitlines()[0]}"
+            ) from None
+        return state, metadata
+
+    @property
+    def label(self) -> str:
+        return f"{self.path} (wanray run checkpoint)" if self.lora is not None else self.path
+
+
+Adapters = dict[str, dict[str, AdapterFile]]
+"""Adapter name -> expert ("high", "low") -> its file; an expert an adapter has no file for runs without it."""
+
+
+def _file(path: Path, where: str) -> AdapterFile:
+    """An adapter file, or a folder holding one (diffusers' pytorch_lora_weights.safetensors or a single
+    .safetensors): never a pickle (.bin, .pt, .ckpt), which can run code when read."""
+    if path.is_dir():
+        found = sorted(path.glob("*.safetensors"))
+        named = path / ADAPTER_FILE
+        if named.is_file():
+            return AdapterFile(str(named.resolve()))
+        if len(found) != 1:
+            raise ConfigError(f"{where}: {path} holds {len(found)} .safetensors files; name the adapter file itself")
+        path = found[0]
+    if not path.is_file():
+        raise ConfigError(f"{where}: {path} not found")
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"{where}: {path} is not a .safetensors file (adapters load from safetensors only)")
+    return AdapterFile(str(path.resolve()))
+
+
+def _run(run: Path, source: LoraSource, experts: tuple[str, ...], where: str) -> dict[str, AdapterFile]:
+    """Each trained expert's adapter in a wanray run directory: its latest checkpoint, or source.step's."""
+    from wanray.train.runs import CONFIG_FILE, RUN_FILE, checkpoints
+
+    out = {}
+    for expert in experts:
+        if not (run / expert / RUN_FILE).is_file():
+            continue
+        lora = LoraConfig(**yaml.safe_load((run / expert / CONFIG_FILE).read_text())["train"]["lora"])
+        if not lora.enabled:
+            raise ConfigError(
+                f"{where}: {run / expert} fine-tuned the whole expert, not LoRA adapters: export it "
+                "(export.py) and serve the export as model.path"
+            )
+        found = checkpoints(run, expert)
+        step = source.step or max(found, default=0)
+        if step not in found:
+            raise ConfigError(
+                f"{where}: {run / expert} has no checkpoint at step {step} "
+                f"(steps: {', '.join(map(str, sorted(found))) or 'none'})"
+            )
+        out[expert] = AdapterFile(str(found[step].resolve()), lora)
+    return out
+
+
+def resolve(infer: InferConfig, kind: ModelKind) -> Adapters:
+    """infer.loras as files per expert; a source that is missing, unreadable as an adapter source, or gives a
+    one-transformer model a low-noise file is a ConfigError naming its key."""
+    from wanray.train.runs import RUN_FILE
+
+    adapters: Adapters = {}
+    for name, source in infer.loras.items():
+        assert isinstance(source, LoraSource)  # InferConfig makes every entry one
+        where = f"infer.loras.{name}"
+        if not source.path:
+            files = {e: _file(Path(p), f"{where}.{e}") for e in EXPERTS if (p := getattr(source, e))}
+        elif any((Path(source.path) / e / RUN_FILE).is_file() for e in EXPERTS):
+            files = _run(Path(source.path), source, kind.experts, where)
+        elif (Path(source.path) / EXPORT_FOLDERS["high"] / "lora").is_dir():
+            files = {
+                e: _file(folder, f"{where}.{e}")
+                for e in kind.experts
+                if (folder := Path(source.path) / EXPORT_FOLDERS[e] / "lora").is_dir()
+            }
+        else:
+            one = _file(Path(source.path), where)
+            files = dict.fromkeys(kind.experts, one)
+        if "low" in files and kind.one_transformer:
+            raise ConfigError(f"{where}: {kind.title} has one transformer: give its adapter as path or high, not low")
+        if not files:
+            raise ConfigError(f"{where}: {source.path} holds no adapter of this model's experts")
+        if source.step and not any(f.lora for f in files.values()):
+            raise ConfigError(f"{where}: step applies to a wanray run directory, which {source.path} is not")
+        adapters[name] = files
+    return adapters
+
+
+def check(state: dict[str, torch.Tensor], model: torch.nn.Module, where: str) -> None:
+    """Every key of the adapter (as diffusers' loader hands it over) names a linear module of `model` and fits
+    its shape, A and B of one rank: a ConfigError naming the first key that does not (peft would skip a key that
+    names no module with a warning, and fail on a wrong shape midway through loading)."""
+    modules = dict(model.named_modules())
+    for key, tensor in state.items():
+        name = key.removeprefix("transformer.")
+        module_name, sep, part = name.partition(".lora_")
+        module = modules.get(module_name)
+        base = getattr(module, "base_layer", module)  # a module already adapted (peft) wraps the linear
+        if not sep or key == name or not isinstance(base, torch.nn.Linear):
+            raise ConfigError(f"{where}: key {key!r} matches no linear module of the expert")
+        if part == "A.weight":
+            if tensor.ndim != 2 or tensor.shape[1] != base.in_features:
+                raise ConfigError(
+                    f"{where}: {key} has shape {tuple(tensor.shape)}; {module_name} takes {base.in_features} inputs"
+                )
+            other = state.get(f"{key[: -len('A.weight')]}B.weight")
+            if other is None or other.ndim != 2 or other.shape[1] != tensor.shape[0]:
+                raise ConfigError(
+                    f"{where}: {module_name}'s lora_A has rank {tensor.shape[0]} but its lora_B is "
+                    f"{None if other is None else tuple(other.shape)}"
+                )
+        elif part == "B.weight":
+            if tensor.ndim != 2 or tensor.shape[0] != base.out_features:
+                raise ConfigError(
+                    f"{where}: {key} has shape {tuple(tensor.shape)}; {module_name} gives {base.out_features} outputs"
+                )
+        elif part != "B.bias":
+            raise ConfigError(f"{where}: key {key!r} is no LoRA tensor (lora_A.weight, lora_B.weight, lora_B.bias)")
+
+
+def prepared(file: AdapterFile, model: torch.nn.Module, model_dir: str, expert: str, where: str):
+    """(state dict, metadata) of `file` for `model`, checked: as load_lora_weights prepares it (a text-to-video
+    adapter gets zero image projections on an image-to-video expert, as diffusers does)."""
+    from diffusers import WanPipeline
+
+    state, metadata = file.read(model_dir, expert)
+    state = WanPipeline._maybe_expand_t2v_lora_for_i2v(model, state)
+    check(state, model, where)
+    return state, metadata
+
+
+def check_all(adapters: Adapters, model_dir: str, kind: ModelKind) -> None:
+    """Read and check every adapter against its expert's shapes (built on the meta device), in the driver,
+    before any replica starts."""
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+
+    from wanray import models
+
+    for expert in kind.experts:
+        named = {n: files[expert] for n, files in adapters.items() if expert in files}
+        if not named:
+            continue
+        with init_empty_weights(include_buffers=False):
+            model = WanTransformer3DModel.from_config(models.expert_config(model_dir, expert))
+        for name, file in named.items():
+            prepared(file, model, model_dir, expert, f"infer.loras.{name} ({expert}-noise expert, {file.label})")
+
+
+class LoadedAdapters:
+    """One expert's adapters: loaded into it on first use (peft layers beside the frozen base weights, in
+    the expert's own memory), at most `most` at once, and activated per request."""
+
+    def __init__(self, model, expert: str, adapters: Adapters, model_dir: str, most: int):
+        self.model, self.expert, self.model_dir, self.most = model, expert, model_dir, most
+        self.files = {n: files[expert] for n, files in adapters.items() if expert in files}
+        self.loaded: collections.OrderedDict[str, None] = collections.OrderedDict()  # least recently used first
+        self.loads = 0
+        """Adapters read into the expert so far (a test counts them)."""
+
+    def _load(self, name: str) -> None:
+        if name in self.loaded:
+            self.loaded.move_to_end(name)
+            return
+        if len(self.loaded) >= self.most:
+            evicted, _ = self.loaded.popitem(last=False)
+            self.model.delete_adapters(evicted)
+            logger.info(
+                "%s-noise expert: unloaded adapter %s (infer.max_loaded_loras %d)", self.expert, evicted, self.most
+            )
+        file = self.files[name]
+        state, metadata = prepared(file, self.model, self.model_dir, self.expert, f"adapter {name}")
+        with warnings.catch_warnings():  # peft warns that a second adapter makes several: that is the point
+            warnings.filterwarnings("ignore", "Already found a `peft_config`", UserWarning)
+            self.model.load_lora_adapter(state, adapter_name=name, metadata=metadata, prefix="transformer")
+        self.loaded[name] = None
+        self.loads += 1
+
+    def activate(self, loras: tuple[tuple[str, float], ...]) -> None:
+        """The request's adapters that this expert has, at their scales, and no other; none: the base expert."""
+        uses = [(n, s) for n, s in loras if n in self.files]
+        for name, _ in uses:  # the request's own adapters are the most recently used: never unloaded here
+            self._load(name)
+        if not self.loaded:
+            return
+        if not uses:
+            self.model.disable_lora()
+            return
+        self.model.enable_lora()
+        self.model.set_adapters([n for n, _ in uses], [s for _, s in uses])

@@ -1,0 +1,239 @@
+"""LoRA adapters served by name: the frames equal diffusers' WanPipeline with load_lora_weights + set_adapters, in
+every format diffusers reads for Wan; requests with different adapters on one sampler; bad adapters refused; the
+distilled 4-step recipe (no Ray)."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from reference import wanpipeline_frames
+from safetensors.torch import save_file
+
+from wanray import models
+from wanray.errors import ConfigError, RequestError
+from wanray.infer.api import GenerateRequest, resolve
+from wanray.infer.request import GenerationParams
+from wanray.infer.sampler import Sampler
+from wanray.infer.spec import StageSpec
+
+PARAMS = GenerationParams(
+    prompt="a red circle moving left to right",
+    negative_prompt="blurry, static",
+    height=32,
+    width=32,
+    num_frames=5,
+    num_inference_steps=4,
+    guidance_scale=4.0,
+    guidance_scale_2=3.0,
+    seed=3,
+)
+# diffusers' module of each adapted layer in a block, and its name in the original Wan and musubi/kohya keys
+LAYERS = {
+    "attn1.to_q": "self_attn.q",
+    "attn1.to_k": "self_attn.k",
+    "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o",
+    "attn2.to_q": "cross_attn.q",
+    "attn2.to_k": "cross_attn.k",
+    "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o",
+    "ffn.net.0.proj": "ffn.0",
+    "ffn.net.2": "ffn.2",
+}
+RANK = 4
+
+
+def adapter(model_dir, expert: str, seed: int) -> dict[str, torch.Tensor]:
+    """A rank-4 adapter of every attention projection and FFN linear, in diffusers' keys (scale 1)."""
+    g = torch.Generator().manual_seed(seed)
+    model = models.load_expert(model_dir, expert)
+    out = {}
+    for i in range(len(model.blocks)):
+        for layer in LAYERS:
+            linear = model.get_submodule(f"blocks.{i}.{layer}")
+            out[f"transformer.blocks.{i}.{layer}.lora_A.weight"] = (
+                torch.randn(RANK, linear.in_features, generator=g) * 0.3
+            )
+            out[f"transformer.blocks.{i}.{layer}.lora_B.weight"] = (
+                torch.randn(linear.out_features, RANK, generator=g) * 0.3
+            )
+    return out
+
+
+def in_format(state: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
+    """The adapter renamed as the other formats write it: the original Wan code's keys ("diffusion_model.", lora_A/B)
+    or musubi-tuner / kohya ("lora_unet_blocks_0_self_attn_q.lora_down/up" with an alpha at the rank: scale 1)."""
+    if fmt == "diffusers":
+        return state
+    out = {}
+    for key, value in state.items():
+        _, _, block, *rest = key.split(".")
+        module, part = ".".join(rest).split(".lora_")
+        wan = f"blocks.{block}.{LAYERS[module]}"
+        if fmt == "wan":
+            out[f"diffusion_model.{wan}.lora_{part}"] = value
+        else:  # musubi
+            name = "lora_unet_" + wan.replace(".", "_")
+            out[f"{name}.lora_{'down' if part.startswith('A') else 'up'}.weight"] = value
+            out[f"{name}.alpha"] = torch.tensor(float(RANK))
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter_files(tiny_model, tmp_path_factory):
+    """Adapters "a" and "b", a file per expert, in each format."""
+    root = tmp_path_factory.mktemp("adapters")
+    files: dict[str, dict[str, dict[str, str]]] = {}
+    for seed, name in enumerate(("a", "b")):
+        for expert in ("high", "low"):
+            state = adapter(tiny_model, expert, seed * 2 + (expert == "low"))
+            for fmt in ("diffusers", "wan", "musubi"):
+                path = root / fmt / f"{name}_{expert}.safetensors"
+                path.parent.mkdir(exist_ok=True)
+                save_file(in_format(state, fmt), path)
+                files.setdefault(fmt, {}).setdefault(name, {})[expert] = str(path)
+    return files
+
+
+def lora_sets(files: dict[str, dict[str, str]]) -> list[str]:
+    return [f"infer.loras.{name}.{expert}={path}" for name, per in files.items() for expert, path in per.items()]
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "wan", "musubi"])
+def test_stacked_adapters_give_wanpipelines_frames_in_every_format(tiny_model, adapter_files, fmt):
+    files = adapter_files[fmt]
+    spec = StageSpec.for_batch(tiny_model, tiny_config(tiny_model, *lora_sets(files)))
+    params = replace(PARAMS, loras=(("a", 0.7), ("b", 1.3)))
+    ours = Sampler(spec)(params)
+    ref = wanpipeline_frames(tiny_model, params, spec.contract.boundary, adapters=files)
+    assert np.abs(ours - ref).max() <= 1e-4
+    base = Sampler(spec)(PARAMS)
+    assert np.abs(base - ours).max() > 100 * np.abs(ours - ref).max() + 1e-3  # the adapters change the frames
+
+
+def test_interleaved_requests_each_get_their_own_adapters(tiny_model, adapter_files):
+    """A, B, none, A on one sampler (with room for one adapter: every switch unloads one) equal each request
+    served alone, and no adapter is read twice while it stays loaded."""
+    sets = lora_sets(adapter_files["diffusers"])
+    requests = [(("a", 1.0),), (("b", 0.5),), (), (("a", 1.0),)]
+    alone = [
+        Sampler(StageSpec.for_batch(tiny_model, tiny_config(tiny_model, *sets)))(replace(PARAMS, loras=r))
+        for r in requests
+    ]
+    for most, loads in ((1, 3), (2, 2)):  # loaded at most 1: a, b, a; at most 2: a and b once
+        sampler = Sampler(
+            StageSpec.for_batch(tiny_model, tiny_config(tiny_model, *sets, f"infer.max_loaded_loras={most}"))
+        )
+        frames = [sampler(replace(PARAMS, loras=r)) for r in requests]
+        for got, want in zip(frames, alone):
+            np.testing.assert_array_equal(got, want)
+        assert [sampler.high.adapters.loads, sampler.low.adapters.loads] == [loads, loads]
+    assert np.abs(alone[0] - alone[2]).max() > 1e-3 and np.abs(alone[1] - alone[2]).max() > 1e-3
+
+
+def test_an_adapter_for_one_expert_leaves_the_other_as_it_was(tiny_model, adapter_files):
+    files = {"a": {"low": adapter_files["diffusers"]["a"]["low"]}}
+    spec = StageSpec.for_batch(tiny_model, tiny_config(tiny_model, *lora_sets(files)))
+    params = replace(PARAMS, loras=(("a", 1.0),))
+    ref = wanpipeline_frames(tiny_model, params, spec.contract.boundary, adapters=files)
+    assert np.abs(Sampler(spec)(params) - ref).max() <= 1e-4
+    assert spec.adapters["a"].keys() == {"low"}
+
+
+def test_bad_adapters_are_one_line_errors_at_start(tiny_model, adapter_files, tmp_path):
+    good = adapter(tiny_model, "high", 0)
+    cases = {
+        "no module": ({**good, "transformer.blocks.0.attn1.to_z.lora_A.weight": torch.zeros(RANK, 4)}, "matches no"),
+        "wrong rank": (
+            {k: v[:2] if k.endswith("attn1.to_q.lora_A.weight") and "blocks.0." in k else v for k, v in good.items()},
+            "rank 2",
+        ),
+        "wrong width": (
+            {k: torch.zeros(RANK, 3) if k.endswith("blocks.1.ffn.net.2.lora_A.weight") else v for k, v in good.items()},
+            "takes",
+        ),
+    }
+    for case, (state, message) in cases.items():
+        path = tmp_path / f"{case.replace(' ', '_')}.safetensors"
+        save_file(state, path)
+        with pytest.raises(ConfigError, match=message) as e:
+            StageSpec.for_batch(tiny_model, tiny_config(tiny_model, f"infer.loras.x.high={path}"))
+        assert "infer.loras.x" in str(e.value) and "\n" not in str(e.value), case
+    pickle = tmp_path / "adapter.bin"
+    pickle.write_bytes(b"not read")
+    for value, message in ((tmp_path / "missing.safetensors", "not found"), (pickle, "not a .safetensors")):
+        with pytest.raises(ConfigError, match=message):
+            StageSpec.for_batch(tiny_model, tiny_config(tiny_model, f"infer.loras.x={value}"))
+    for bad, message in (
+        (["infer.loras.x.path=/a", "infer.loras.x.high=/b"], "either path"),
+        (["infer.loras.bad name=/a"], "not an adapter name"),
+        (["infer.default_loras=[{name: y}]"], "does not define"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            tiny_config(tiny_model, *bad)
+
+
+def test_requests_name_served_adapters_only(tiny_model, adapter_files):
+    cfg = tiny_config(tiny_model, *lora_sets(adapter_files["diffusers"]), "infer.max_loaded_loras=2")
+    ok = resolve(GenerateRequest(prompt="p", loras=[{"name": "a", "scale": 0.5}, {"name": "b"}]), cfg)
+    assert ok.loras == (("a", 0.5), ("b", 1.0))
+    for loras, message in (
+        ([{"name": "c"}], "no adapter named 'c'"),
+        ([{"name": "a"}, {"name": "a"}], "named twice"),
+        ([{"name": "a", "scale": 100}], "scale"),
+    ):
+        with pytest.raises(RequestError, match=message):
+            resolve(GenerateRequest(prompt="p", loras=loras), cfg)
+    defaults = tiny_config(
+        tiny_model, *lora_sets(adapter_files["diffusers"]), "infer.default_loras=[{name: b, scale: 2}]"
+    )
+    assert resolve(GenerateRequest(prompt="p"), defaults).loras == (("b", 2.0),)
+    assert resolve(GenerateRequest(prompt="p", loras=[]), defaults).loras == ()
+
+
+def lightning_euler(shift: float):
+    """Wan2.2-Lightning's sampler as a scheduler WanPipeline takes: sigmas evenly spaced from 1 to 0, shifted."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    class Scheduler(FlowMatchEulerDiscreteScheduler):
+        def set_timesteps(self, num_inference_steps, device=None, **_):
+            super().set_timesteps(sigmas=np.linspace(1, 0, num_inference_steps + 1)[:-1].tolist(), device=device)
+
+    return Scheduler(num_train_timesteps=1000, shift=shift)
+
+
+def test_the_distilled_recipe_runs_one_forward_per_step_on_lightnings_timesteps(tiny_model):
+    """4 Euler steps at shift 5 and guidance 1.0: t = 1000, 937.5, 833.3, 625 (the high-noise expert takes the first
+    two at boundary 0.875), one forward per step in both experts, and diffusers' frames with that scheduler."""
+    cfg = tiny_config(
+        tiny_model, "infer.sampler=euler", "infer.flow_shift=5.0", "model.boundary=0.875", "model.force_boundary=true"
+    )
+    params = resolve(
+        GenerateRequest(
+            prompt="a red circle",
+            height=32,
+            width=32,
+            num_frames=5,
+            num_inference_steps=4,
+            guidance_scale=1.0,
+            guidance_scale_2=1.0,
+        ),
+        cfg,
+    )
+    spec = StageSpec.for_batch(tiny_model, cfg)
+    sampler = Sampler(spec)
+    seen: dict[str, list[float]] = {"high": [], "low": []}
+    for name, stage in (("high", sampler.high), ("low", sampler.low)):
+        stage.expert.register_forward_hook(
+            lambda _m, _a, kwargs, _out, name=name: seen[name].append(float(kwargs["timestep"][0])), with_kwargs=True
+        )
+    ours = sampler(params)
+    sigmas = [5 * s / (1 + 4 * s) for s in (1.0, 0.75, 0.5, 0.25)]
+    assert seen == {
+        "high": pytest.approx([1000 * s for s in sigmas[:2]]),
+        "low": pytest.approx([1000 * s for s in sigmas[2:]]),
+    }
+    ref = wanpipeline_frames(tiny_model, params, 0.875, scheduler=lightning_euler(5.0))
+    assert np.abs(ours - ref).max() <= 1e-4

@@ -80,3 +80,36 @@ def wanpipeline_frames(
         **image,
     )
     return out.frames[0]
+
+
+# diffusers' module of each adapted layer in a block, and its name in the original Wan and musubi/kohya keys
+LORA_LAYERS = {
+    "attn1.to_q": "self_attn.q",
+    "attn1.to_k": "self_attn.k",
+    "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o",
+    "attn2.to_q": "cross_attn.q",
+    "attn2.to_k": "cross_attn.k",
+    "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o",
+    "ffn.net.0.proj": "ffn.0",
+    "ffn.net.2": "ffn.2",
+}
+LORA_RANK = 4
+
+
+def tiny_adapter(model_dir, expert: str, seed: int) -> dict[str, torch.Tensor]:
+    """A rank-4 adapter of every attention projection and FFN linear, in diffusers' keys (scale 1)."""
+    g = torch.Generator().manual_seed(seed)
+    model = models.load_expert(model_dir, expert)
+    out = {}
+    for i in range(len(model.blocks)):
+        for layer in LORA_LAYERS:
+            linear = model.get_submodule(f"blocks.{i}.{layer}")
+            out[f"transformer.blocks.{i}.{layer}.lora_A.weight"] = (
+                torch.randn(LORA_RANK, linear.in_features, generator=g) * 0.3
+            )
+            out[f"transformer.blocks.{i}.{layer}.lora_B.weight"] = (
+                torch.randn(linear.out_features, LORA_RANK, generator=g) * 0.3
+            )
+    return out

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 from conftest import ROOT, tiny_config
-from reference import wanpipeline_frames
+from reference import tiny_adapter, wanpipeline_frames
 
 from ui.app import build_ui
 from wanray.infer.request import GenerationParams
@@ -34,13 +34,33 @@ CHEAP = dict(prompt="a dot", height=16, width=16, num_frames=1, num_inference_st
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model, ray_cluster):
-    """One Serve application for the module, on the test's own Ray instance; removed afterwards."""
+def adapter_files(tiny_model, tmp_path_factory) -> dict[str, dict[str, str]]:
+    """Adapter "a": a file per expert; "b": one file for both."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("adapters")
+    files = {"a": {e: root / f"a_{e}.safetensors" for e in ("high", "low")}, "b": {"both": root / "b.safetensors"}}
+    for seed, (name, expert) in enumerate((("a", "high"), ("a", "low"), ("b", "both"))):
+        save_file(tiny_adapter(tiny_model, "high" if expert == "both" else expert, seed), files[name][expert])
+    return {name: {e: str(p) for e, p in per.items()} for name, per in files.items()}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, ray_cluster, adapter_files):
+    """One Serve application for the module, on the test's own Ray instance, serving two adapters; removed
+    afterwards."""
     from ray import serve
 
     from wanray.infer.serve import APP_NAME, start
 
-    cfg = tiny_config(tiny_model, f"infer.port={free_port()}")
+    a = adapter_files["a"]
+    cfg = tiny_config(
+        tiny_model,
+        f"infer.port={free_port()}",
+        f"infer.loras.a.high={a['high']}",
+        f"infer.loras.a.low={a['low']}",
+        f"infer.loras.b={adapter_files['b']['both']}",
+    )
     url = start(cfg, str(tiny_model), build_ui)
     yield url, cfg
     serve.delete(APP_NAME)
@@ -67,6 +87,38 @@ def test_serve_frames_equal_wanpipeline(server, tiny_model):
     frames = np.load(io.BytesIO(r.content))
     ref = wanpipeline_frames(tiny_model, GenerationParams(**BODY), TINY_BOUNDARY)
     assert frames.shape == (9, 64, 48, 3) and np.abs(frames - ref).max() <= 1e-4
+
+
+def test_one_deployment_serves_each_request_its_own_adapters(server, tiny_model, adapter_files):
+    """GET /v1/loras and /v1/health list the adapters; requests naming a, b, none, then a again each get their own
+    frames: a's equal diffusers' with load_lora_weights + set_adapters, none's the base model's."""
+    url, _ = server
+    listed = requests.get(f"{url}/v1/loras", timeout=30).json()
+    b = adapter_files["b"]["both"]
+    assert listed["loras"] == [
+        {"name": "a", "experts": {"high": adapter_files["a"]["high"], "low": adapter_files["a"]["low"]}},
+        {"name": "b", "experts": {"high": b, "low": b}},
+    ]
+    assert listed["default"] == [] and requests.get(f"{url}/v1/health", timeout=30).json()["loras"] == ["a", "b"]
+    body = {**BODY, "height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 4, "output": "frames"}
+    uses = [
+        [{"name": "a", "scale": 0.8}],
+        [{"name": "b"}, {"name": "a", "scale": 0.5}],
+        [],
+        [{"name": "a", "scale": 0.8}],
+    ]
+    frames = []
+    for loras in uses:
+        r = _generate(url, {**body, "loras": loras})
+        assert r.status_code == 200, r.text
+        frames.append(np.load(io.BytesIO(r.content)))
+    assert np.array_equal(frames[0], frames[3])
+    params = GenerationParams(**{k: v for k, v in body.items() if k != "output"}, loras=(("a", 0.8),))
+    ref = wanpipeline_frames(tiny_model, params, TINY_BOUNDARY, adapters={"a": adapter_files["a"]})
+    assert np.abs(frames[0] - ref).max() <= 1e-4
+    base = wanpipeline_frames(tiny_model, GenerationParams(**{k: v for k, v in body.items() if k != "output"}))
+    assert np.abs(frames[2] - base).max() <= 1e-4
+    assert np.abs(frames[1] - frames[0]).max() > 1e-3 and np.abs(frames[0] - frames[2]).max() > 1e-3
 
 
 def test_mp4_has_the_requested_size_and_frames(server):
@@ -109,6 +161,8 @@ def test_concurrent_requests_each_get_their_own_video(server):
         ({"prompt": "a cat", "height": "tall"}, 422, "height: Input should be a valid integer"),
         ({"prompt": "a cat", "steps": 4}, 422, "steps: Extra inputs are not permitted"),
         ({"prompt": "a cat", "output": "gif"}, 422, "output: Input should be 'mp4' or 'frames'"),
+        ({"prompt": "a cat", "loras": [{"name": "c"}]}, 422, "no adapter named 'c' is served (served: a, b"),
+        ({"prompt": "a cat", "loras": [{"name": "a", "rank": 2}]}, 422, "loras.0.rank: Extra inputs"),
         ([1, 2], 422, "valid dictionary"),
     ],
 )

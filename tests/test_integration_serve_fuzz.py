@@ -1,4 +1,4 @@
-"""An OpenAPI-driven fuzz run (schemathesis) of /v1/generate and /v1/health on a real Serve: whatever a
+"""An OpenAPI-driven fuzz run (schemathesis) of /v1/generate, /v1/health and /v1/loras on a real Serve: whatever a
 client sends, no 5xx and no server error in the ingress's log. The served bounds are tiny so that every
 request the fuzzer gets accepted costs a fraction of a second; the example count is bounded."""
 
@@ -41,18 +41,22 @@ def fuzz_server(tiny_model, ray_cluster):
 
 
 def test_no_request_the_schema_admits_gets_a_server_error(fuzz_server):
-    """EXAMPLES generated requests for each operation (/v1/generate, /v1/health) from the served OpenAPI
+    """EXAMPLES generated requests for each operation (/v1/generate, /v1/health, /v1/loras) from the served OpenAPI
     document: valid and invalid bodies alike get a 2xx or 4xx."""
     from hypothesis import given
 
     url, _ = fuzz_server
     api = schemathesis.openapi.from_url(f"{url}/openapi.json")
     operations = [op.ok() for op in api.get_all_operations()]
-    assert {(op.method.upper(), op.path) for op in operations} == {("GET", "/v1/health"), ("POST", "/v1/generate")}
+    assert {(op.method.upper(), op.path) for op in operations} == {
+        ("GET", "/v1/health"),
+        ("GET", "/v1/loras"),
+        ("POST", "/v1/generate"),
+    }
     seen = {}
     for operation in operations:
         modes = [schemathesis.GenerationMode.POSITIVE]
-        if operation.method.upper() == "POST":  # a body to break (health takes no input)
+        if operation.method.upper() == "POST":  # a body to break (health and loras take no input)
             modes.append(schemathesis.GenerationMode.NEGATIVE)
         for mode in modes:
             codes = seen.setdefault((operation.path, mode.value), [])
@@ -69,7 +73,7 @@ def test_no_request_the_schema_admits_gets_a_server_error(fuzz_server):
     # the schema does not carry the served bounds (sizes, 4n+1 frames), so most bodies are refused: the point
     # is that nothing a client sends, well-formed or not, gets past validation into a server error
     assert len(generated) >= EXAMPLES and {400, 422} & set(generated), seen
-    assert set(seen[("/v1/health", "positive")]) == {200}
+    assert set(seen[("/v1/health", "positive")]) == set(seen[("/v1/loras", "positive")]) == {200}
 
 
 def test_the_fuzzed_server_logged_no_error(fuzz_server):

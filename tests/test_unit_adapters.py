@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
-from reference import wanpipeline_frames
+from reference import LORA_LAYERS, LORA_RANK, tiny_adapter, wanpipeline_frames
 from safetensors.torch import save_file
 
-from wanray import models
 from wanray.errors import ConfigError, RequestError
 from wanray.infer.api import GenerateRequest, resolve
 from wanray.infer.request import GenerationParams
@@ -29,37 +28,7 @@ PARAMS = GenerationParams(
     guidance_scale_2=3.0,
     seed=3,
 )
-# diffusers' module of each adapted layer in a block, and its name in the original Wan and musubi/kohya keys
-LAYERS = {
-    "attn1.to_q": "self_attn.q",
-    "attn1.to_k": "self_attn.k",
-    "attn1.to_v": "self_attn.v",
-    "attn1.to_out.0": "self_attn.o",
-    "attn2.to_q": "cross_attn.q",
-    "attn2.to_k": "cross_attn.k",
-    "attn2.to_v": "cross_attn.v",
-    "attn2.to_out.0": "cross_attn.o",
-    "ffn.net.0.proj": "ffn.0",
-    "ffn.net.2": "ffn.2",
-}
-RANK = 4
-
-
-def adapter(model_dir, expert: str, seed: int) -> dict[str, torch.Tensor]:
-    """A rank-4 adapter of every attention projection and FFN linear, in diffusers' keys (scale 1)."""
-    g = torch.Generator().manual_seed(seed)
-    model = models.load_expert(model_dir, expert)
-    out = {}
-    for i in range(len(model.blocks)):
-        for layer in LAYERS:
-            linear = model.get_submodule(f"blocks.{i}.{layer}")
-            out[f"transformer.blocks.{i}.{layer}.lora_A.weight"] = (
-                torch.randn(RANK, linear.in_features, generator=g) * 0.3
-            )
-            out[f"transformer.blocks.{i}.{layer}.lora_B.weight"] = (
-                torch.randn(linear.out_features, RANK, generator=g) * 0.3
-            )
-    return out
+LAYERS, RANK = LORA_LAYERS, LORA_RANK
 
 
 def in_format(state: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
@@ -88,7 +57,7 @@ def adapter_files(tiny_model, tmp_path_factory):
     files: dict[str, dict[str, dict[str, str]]] = {}
     for seed, name in enumerate(("a", "b")):
         for expert in ("high", "low"):
-            state = adapter(tiny_model, expert, seed * 2 + (expert == "low"))
+            state = tiny_adapter(tiny_model, expert, seed * 2 + (expert == "low"))
             for fmt in ("diffusers", "wan", "musubi"):
                 path = root / fmt / f"{name}_{expert}.safetensors"
                 path.parent.mkdir(exist_ok=True)
@@ -143,7 +112,7 @@ def test_an_adapter_for_one_expert_leaves_the_other_as_it_was(tiny_model, adapte
 
 
 def test_bad_adapters_are_one_line_errors_at_start(tiny_model, adapter_files, tmp_path):
-    good = adapter(tiny_model, "high", 0)
+    good = tiny_adapter(tiny_model, "high", 0)
     cases = {
         "no module": ({**good, "transformer.blocks.0.attn1.to_z.lora_A.weight": torch.zeros(RANK, 4)}, "matches no"),
         "wrong rank": (

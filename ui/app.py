@@ -30,6 +30,19 @@ def _request_error(e: Exception) -> gr.Error:
     return gr.Error(str(e))
 
 
+def adapter_uses(names: list[str] | None, scales: str | None) -> list[dict]:
+    """The Generate page's adapters: the names chosen and their scales ("1, 0.8"; blank: 1 each) as the REST
+    API's `loras`; a RequestError when the scales do not match the names."""
+    names, text = names or [], (scales or "").strip()
+    try:
+        values = [float(x) for x in text.split(",")] if text else [1.0] * len(names)
+    except ValueError:
+        raise RequestError(f"adapter scales must be numbers separated by commas, got {text!r}") from None
+    if len(values) != len(names):
+        raise RequestError(f"{len(names)} adapters chosen but {len(values)} scales given: one scale per adapter")
+    return [{"name": n, "scale": v} for n, v in zip(names, values)]
+
+
 def build_ui(generate: Generate, cfg: Config, model_dir: str, preview: Preview | None = None) -> gr.Blocks:
     """The page: Generate (through `generate`), Runs and Data (ui.pages; `preview` decodes a stored latent)."""
     inf, data = cfg.infer, cfg.data
@@ -45,12 +58,20 @@ def build_ui(generate: Generate, cfg: Config, model_dir: str, preview: Preview |
         height,
         width,
         num_frames,
-        image=None,
-        last_image=None,
+        extra_1=None,
+        extra_2=None,
+        extra_3=None,
+        extra_4=None,
+        extra_5=None,
         progress=gr.Progress(),  # noqa: B008  (Gradio injects the page's progress bar through this default)
     ):
+        """extra_*, in order: the image inputs the model takes (first frame, last frame), the chosen adapters and
+        their scales where adapters are served, then the sampler; each may be left out (None: its default)."""
         encode = lambda path: base64.b64encode(Path(path).read_bytes()).decode() if path else None  # noqa: E731
+        *rest, sampler = [extra_1, extra_2, extra_3, extra_4, extra_5][: len(images) + len(adapters) + 1]
+        image, last_image = [*rest[: len(images)], None, None][:2]
         try:
+            loras = adapter_uses(*rest[len(images) :]) if inf.loras else None
             params = resolve(
                 GenerateRequest(
                     prompt=prompt,
@@ -64,6 +85,8 @@ def build_ui(generate: Generate, cfg: Config, model_dir: str, preview: Preview |
                     num_frames=num_frames,
                     image=encode(image),
                     last_image=encode(last_image),
+                    loras=loras,
+                    sampler=sampler,
                 ),
                 cfg,
                 kind,
@@ -133,11 +156,45 @@ def build_ui(generate: Generate, cfg: Config, model_dir: str, preview: Preview |
                                 visible=not kind.one_transformer,
                             )
                         with gr.Row():
+                            sampler = gr.Radio(
+                                ["unipc", "euler"],
+                                value=inf.sampler,
+                                label="Sampler (euler: the 4-step distilled adapters' steps)",
+                            )
+                        adapters = []
+                        if inf.loras:
+                            with gr.Row():
+                                adapters = [
+                                    gr.Dropdown(
+                                        sorted(inf.loras),
+                                        value=[u.name for u in inf.default_loras],
+                                        multiselect=True,
+                                        label="Adapters (LoRA), stacked",
+                                    ),
+                                    gr.Textbox(
+                                        value=", ".join(f"{u.scale:g}" for u in inf.default_loras),
+                                        label="Their scales",
+                                        placeholder="1 each, or one per adapter in order: 1, 0.8",
+                                    ),
+                                ]
+                        with gr.Row():
                             button = gr.Button("Generate", variant="primary", scale=3)
                             stop = gr.Button("Stop", variant="stop", scale=1)
                     video = gr.Video(label="Video", autoplay=True)
-                inputs = [prompt, negative, seed, steps, guidance, guidance_2, height, width, frames]
-                generating = button.click(run, inputs=inputs + images, outputs=video, api_name="generate")
+                inputs = [
+                    prompt,
+                    negative,
+                    seed,
+                    steps,
+                    guidance,
+                    guidance_2,
+                    height,
+                    width,
+                    frames,
+                    *images,
+                    *adapters,
+                ]
+                generating = button.click(run, inputs=[*inputs, sampler], outputs=video, api_name="generate")
                 # the request leaves its stage queue, or its expert stops at the next step
                 stop.click(None, cancels=[generating])
             run_picker = runs_page(cfg)

@@ -183,7 +183,7 @@ def resolve(req: GenerateRequest, cfg: Config, kind: ModelKind = KINDS["t2v-a14b
         flow_shift=pick(req.flow_shift, inf.flow_shift),
     )
     _check_loras(p.loras, inf)
-    _check(p.flow_shift is None or p.flow_shift > 0, f"flow_shift must be > 0, got {p.flow_shift}")
+    _check(p.flow_shift is None or 0 < p.flow_shift <= 100, f"flow_shift must lie in (0, 100], got {p.flow_shift}")
     _check(req.image is None or kind.image != "none", f"{kind.title} takes no image: leave image out")
     _check(req.image is not None or kind.image != "required", f"{kind.title} needs an image: the video's first frame")
     _check(req.last_image is None or kind.takes_last_image, f"{kind.title} takes no last_image: leave it out")

@@ -9,6 +9,7 @@ import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
+from dataclasses import replace
 
 import pyarrow.parquet as pq
 import pytest
@@ -19,6 +20,10 @@ from safetensors.torch import load_file
 from wanray.config import load_config
 from wanray.data.preprocess import run_preprocess
 from wanray.data.shards import EMPTY_PROMPT_FILE, read_empty_prompt, shard_paths
+from wanray.errors import ConfigError
+from wanray.infer.request import GenerationParams
+from wanray.infer.sampler import Sampler
+from wanray.infer.spec import StageSpec
 from wanray.runtime import free_port
 from wanray.train.export import diffusers_to_dcp, expert_state_groups, export_run
 from wanray.train.runs import latest_checkpoint
@@ -496,3 +501,19 @@ def test_lora_adapters_load_in_diffusers_at_their_scale_and_match_the_merged_exp
     reference = frames(WanPipeline.from_pretrained(out))
     assert abs(ours - reference).max() <= 1e-4
     assert abs(base_frames - reference).max() > 100 * abs(ours - reference).max() + 1e-3
+
+    # served by name: the run directory itself (its latest checkpoint, or step 2's) and the export's adapters
+    served = tiny_config(
+        tiny_model,
+        f"infer.loras.run={run}",
+        f"infer.loras.early.path={run}",
+        "infer.loras.early.step=2",
+        f"infer.loras.export={out}",
+    )
+    sampler = Sampler(StageSpec.for_batch(tiny_model, served))
+    params = GenerationParams(kwargs["prompt"], kwargs["negative_prompt"], 64, 64, 9, 6, 5.0, 5.0, seed=0)
+    for name in ("run", "export"):
+        assert abs(sampler(replace(params, loras=((name, 1.0),))) - ours).max() <= 1e-4, name
+    assert abs(sampler(replace(params, loras=(("early", 1.0),))) - ours).max() > 1e-3  # step 2's adapters
+    with pytest.raises(ConfigError, match="no checkpoint at step 3 \\(steps: 2, 4\\)"):
+        StageSpec.for_batch(tiny_model, tiny_config(tiny_model, f"infer.loras.x.path={run}", "infer.loras.x.step=3"))

@@ -206,3 +206,51 @@ def test_the_distilled_recipe_runs_one_forward_per_step_on_lightnings_timesteps(
     }
     ref = wanpipeline_frames(tiny_model, params, 0.875, scheduler=lightning_euler(5.0))
     assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_generate_py_lines_name_adapters_and_survive_the_batch_actors_json(tiny_model, adapter_files, tmp_path):
+    import dataclasses
+    import json
+
+    from wanray.infer.batch import read_prompts
+
+    cfg = tiny_config(tiny_model, *lora_sets(adapter_files["diffusers"]))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        '{"prompt": "a cat", "loras": [{"name": "a", "scale": 0.5}, {"name": "b"}], "sampler": "euler"}\n'
+        '{"prompt": "a dog"}\n'
+    )
+    first, second = read_prompts(prompts, cfg)
+    assert (first.loras, first.sampler, second.loras, second.sampler) == (
+        (("a", 0.5), ("b", 1.0)),
+        "euler",
+        (),
+        "unipc",
+    )
+    assert GenerationParams(**json.loads(json.dumps(dataclasses.asdict(first)))) == first  # the actor's copy
+    prompts.write_text('{"prompt": "a cat", "loras": [{"name": "z"}]}\n')
+    with pytest.raises(RequestError, match="line 1: no adapter named 'z'"):
+        read_prompts(prompts, cfg)
+
+
+def test_offloaded_experts_apply_adapters_as_resident_ones(tiny_model, adapter_files):
+    sets = lora_sets(adapter_files["diffusers"])
+    params = replace(PARAMS, loras=(("b", 1.0),))
+    plain = Sampler(StageSpec.for_batch(tiny_model, tiny_config(tiny_model, *sets)))(params)
+    offloaded = Sampler(StageSpec.for_batch(tiny_model, tiny_config(tiny_model, *sets, "infer.batch_offload=true")))
+    np.testing.assert_array_equal(offloaded(params), plain)
+
+
+def test_a_full_fine_tune_run_is_no_adapter(tiny_model, tmp_path):
+    import dataclasses
+
+    import yaml
+
+    from wanray.train.runs import CONFIG_FILE, RUN_FILE
+
+    cfg = tiny_config(tiny_model)
+    (tmp_path / "run" / "high").mkdir(parents=True)
+    (tmp_path / "run" / "high" / RUN_FILE).write_text("{}")
+    (tmp_path / "run" / "high" / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    with pytest.raises(ConfigError, match="fine-tuned the whole expert, not LoRA adapters"):
+        StageSpec.for_batch(tiny_model, tiny_config(tiny_model, f"infer.loras.full={tmp_path / 'run'}"))

@@ -254,3 +254,25 @@ def test_a_full_fine_tune_run_is_no_adapter(tiny_model, tmp_path):
     (tmp_path / "run" / "high" / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
     with pytest.raises(ConfigError, match="fine-tuned the whole expert, not LoRA adapters"):
         StageSpec.for_batch(tiny_model, tiny_config(tiny_model, f"infer.loras.full={tmp_path / 'run'}"))
+
+
+def test_the_memory_plan_counts_the_adapters_an_expert_holds_at_once(tiny_model, adapter_files):
+    from wanray.infer.plan import plan_inference
+
+    sets = lora_sets(adapter_files["diffusers"])
+    sizes = {  # float32 bytes of each expert's two adapters
+        e: [
+            sum(t.numel() * 4 for t in tiny_adapter(tiny_model, e, seed * 2 + (e == "low")).values()) for seed in (0, 1)
+        ]
+        for e in ("high", "low")
+    }
+    for most in (1, 2):
+        plan = plan_inference(tiny_config(tiny_model, *sets, f"infer.max_loaded_loras={most}"), tiny_model, "serve")
+        for e in ("high", "low"):
+            assert plan.stages[e].adapter_bytes == sum(sorted(sizes[e], reverse=True)[:most]) > 0
+            assert (
+                plan.stages[e].total_bytes
+                == plan.stages[e].weight_bytes + plan.stages[e].adapter_bytes + plan.stages[e].working_bytes
+            )
+        assert any("adapters" in line for line in plan.lines())
+    assert plan_inference(tiny_config(tiny_model), tiny_model, "serve").stages["high"].adapter_bytes == 0

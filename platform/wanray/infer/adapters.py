@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,18 @@ class AdapterFile:
                 f"{self.path} is not a LoRA adapter diffusers can read: {str(e).splitlines()[0]}"
             ) from None
         return state, metadata
+
+    def numel(self, model_dir: str, expert: str) -> int:
+        """Elements of the adapter's tensors, read from the file's header or the run's shapes (no tensor data)."""
+        if self.lora is not None:
+            from wanray.train.parallel import build_on_meta
+
+            model = build_on_meta(model_dir, expert, self.lora)
+            return sum(t.numel() for n, t in model.state_dict().items() if ".lora_" in n)
+        from safetensors import safe_open
+
+        with safe_open(self.path, "pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if "lora" in k)  # noqa: SIM118  (a handle, no dict)
 
     @property
     def label(self) -> str:
@@ -208,6 +221,14 @@ def check_all(adapters: Adapters, model_dir: str, kind: ModelKind) -> None:
             model = WanTransformer3DModel.from_config(models.expert_config(model_dir, expert))
         for name, file in named.items():
             prepared(file, model, model_dir, expert, f"infer.loras.{name} ({expert}-noise expert, {file.label})")
+
+
+def loaded_bytes(adapters: Adapters, model_dir: str, expert: str, most: int, element_size: int) -> int:
+    """What an expert's adapters can hold at once: the `most` largest, in the expert's dtype (peft casts them)."""
+    sizes = sorted(
+        (files[expert].numel(model_dir, expert) for files in adapters.values() if expert in files), reverse=True
+    )
+    return sum(sizes[:most]) * element_size
 
 
 class LoadedAdapters:

@@ -26,6 +26,7 @@ from wanray import models
 from wanray.backends import attention_backend
 from wanray.config import Config
 from wanray.devices import apply_attention_backend, torch_dtype
+from wanray.infer import adapters as lora_adapters
 from wanray.sections import STAGES, Resources
 from wanray.train.plan import GB, HEADROOM, cpu_proxy
 from wanray.wan import EXPERTS, VAE_DTYPE, WanContract
@@ -87,11 +88,13 @@ class StagePlan:
     devices: int = 1
     """Devices the stage's tokens are split over (infer.stages.<expert>.devices or infer.batch_devices: Ulysses);
     each holds the whole model and 1/devices of the working set, which is per token."""
+    adapter_bytes: int = 0
+    """An expert's LoRA adapters loaded at once (infer.max_loaded_loras of the largest), beside its weights."""
 
     @property
     def total_bytes(self) -> int:
         """On each of the stage's devices."""
-        return self.weight_bytes + self.working_bytes // self.devices
+        return self.weight_bytes + self.adapter_bytes + self.working_bytes // self.devices
 
 
 def _peak(call, *existing: torch.nn.Module | torch.Tensor) -> int:
@@ -175,7 +178,7 @@ class InferencePlan:
         actor = f"{self.use} actor"
         if self.offload:
             return {actor: max(p.total_bytes for p in self.stages.values())}
-        weights = sum(p.weight_bytes for p in self.stages.values())
+        weights = sum(p.weight_bytes + p.adapter_bytes for p in self.stages.values())
         return {actor: weights + max(p.working_bytes // p.devices for p in self.stages.values())}
 
     @property
@@ -195,9 +198,10 @@ class InferencePlan:
         ]
         for s, p in self.stages.items():
             split = f" split over {p.devices} devices" if p.devices > 1 else ""
+            adapters = f", adapters {g(p.adapter_bytes)}" if p.adapter_bytes else ""
             out.append(
-                f"{STAGE_NAMES[s]} ({p.dtype}): weights {g(p.weight_bytes)}, working set {g(p.working_bytes)}"
-                f"{split}, total {g(p.total_bytes)}{' per device' if split else ''}"
+                f"{STAGE_NAMES[s]} ({p.dtype}): weights {g(p.weight_bytes)}{adapters}, working set "
+                f"{g(p.working_bytes)}{split}, total {g(p.total_bytes)}{' per device' if split else ''}"
             )
         for device, n in self.devices().items():
             if offload_key:
@@ -236,6 +240,7 @@ def plan_inference(cfg: Config, model_dir, use: str) -> InferencePlan:
         resources, offload, device_gb = {s: v.worker for s in STAGES}, v.offload, cfg.train.device_memory_gb
     else:
         raise ValueError(f"use must be 'serve', 'batch' or 'validation', got {use!r}")
+    adapters = lora_adapters.resolve(i, contract.kind)
     stages = {}
     for s in ("text", *contract.kind.experts, "vae"):  # TI2V-5B: no low-noise stage
         dtype = VAE_DTYPE if s == "vae" else resources[s].dtype
@@ -247,7 +252,9 @@ def plan_inference(cfg: Config, model_dir, use: str) -> InferencePlan:
         stages[s] = plan_stage(model_dir, s, dtype, contract, frames, height, width, attention, i.batched_guidance)
         if s in EXPERTS:
             devices = {"serve": i.stages[s].devices, "batch": i.batch_devices, "validation": 1}[use]
-            stages[s] = dataclasses.replace(stages[s], devices=devices)
+            size = torch_dtype(dtype).itemsize
+            held = lora_adapters.loaded_bytes(adapters, str(model_dir), s, i.max_loaded_loras, size)
+            stages[s] = dataclasses.replace(stages[s], devices=devices, adapter_bytes=held)
     return InferencePlan(use, frames, height, width, stages, offload, int(device_gb * GB))
 
 

@@ -7,10 +7,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 from reference import LORA_LAYERS, LORA_RANK, tiny_adapter, wanpipeline_frames
 from safetensors.torch import save_file
 
+from wanray.config import load_config
 from wanray.errors import ConfigError, RequestError
 from wanray.infer.api import GenerateRequest, resolve
 from wanray.infer.request import GenerationParams
@@ -176,21 +177,17 @@ def lightning_euler(shift: float):
 def test_the_distilled_recipe_runs_one_forward_per_step_on_lightnings_timesteps(tiny_model):
     """4 Euler steps at shift 5 and guidance 1.0: t = 1000, 937.5, 833.3, 625 (the high-noise expert takes the first
     two at boundary 0.875), one forward per step in both experts, and diffusers' frames with that scheduler."""
+    preset = load_config(ROOT / "configs" / "t2v_a14b_lightning.yaml").infer  # the recipe as the preset states it
+    assert [u.name for u in preset.default_loras] == ["lightning"]
+    recipe = {k: getattr(preset, k) for k in ("sampler", "flow_shift", "num_inference_steps")}
+    recipe |= {k: getattr(preset, k) for k in ("guidance_scale", "guidance_scale_2")}
+    assert recipe == dict(
+        sampler="euler", flow_shift=5.0, num_inference_steps=4, guidance_scale=1.0, guidance_scale_2=1.0
+    )
     cfg = tiny_config(
-        tiny_model, "infer.sampler=euler", "infer.flow_shift=5.0", "model.boundary=0.875", "model.force_boundary=true"
+        tiny_model, *(f"infer.{k}={v}" for k, v in recipe.items()), "model.boundary=0.875", "model.force_boundary=true"
     )
-    params = resolve(
-        GenerateRequest(
-            prompt="a red circle",
-            height=32,
-            width=32,
-            num_frames=5,
-            num_inference_steps=4,
-            guidance_scale=1.0,
-            guidance_scale_2=1.0,
-        ),
-        cfg,
-    )
+    params = resolve(GenerateRequest(prompt="a red circle", height=32, width=32, num_frames=5), cfg)
     spec = StageSpec.for_batch(tiny_model, cfg)
     sampler = Sampler(spec)
     seen: dict[str, list[float]] = {"high": [], "low": []}

@@ -194,10 +194,12 @@ def test_a_batch_actor_runs_both_experts_over_two_devices_with_the_single_device
     tiny_model, ray_cluster, tmp_path
 ):
     """infer.batch_devices=2: the Ray Data batch actor is rank 0 and starts rank 1 on its node; both experts
-    run with Ulysses over the 2 gloo ranks and the video's frames equal diffusers' (<= 1e-4). A prompt whose
-    tokens the 2 devices cannot share evenly is refused with its line before any actor starts."""
+    run with Ulysses over the 2 gloo ranks and the video's frames equal diffusers' (<= 1e-4), a line naming an
+    adapter too (both ranks activate it). A prompt whose tokens the 2 devices cannot share evenly is refused with
+    its line before any actor starts."""
     import numpy as np
-    from reference import wanpipeline_frames
+    from reference import tiny_adapter, wanpipeline_frames
+    from safetensors.torch import save_file
 
     from wanray.errors import RequestError
     from wanray.infer.batch import generate_videos, read_prompts
@@ -209,15 +211,22 @@ def test_a_batch_actor_runs_both_experts_over_two_devices_with_the_single_device
         "infer.num_inference_steps=6",
         "infer.negative_prompt=blurry",
         "infer.seed=5",
+        f"infer.loras.a={tmp_path / 'a.safetensors'}",
     )
+    save_file(tiny_adapter(tiny_model, "high", 5), tmp_path / "a.safetensors")  # one adapter for both experts
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"prompt": "a red circle moving left"}\n{"prompt": "a blue square", "guidance_scale": 1.0}\n')
+    prompts.write_text(
+        '{"prompt": "a red circle moving left"}\n'
+        '{"prompt": "a blue square", "guidance_scale": 1.0, "loras": [{"name": "a", "scale": 0.9}]}\n'
+    )
     params = read_prompts(prompts, cfg)
     done = generate_videos(cfg, str(tiny_model), params, tmp_path / "out", save_frames=True)
     assert [r["video"] for r in done] == ["00000.mp4", "00001.mp4"]
+    adapters = [None, {"a": dict.fromkeys(("high", "low"), str(tmp_path / "a.safetensors"))}]
     for i, p in enumerate(params):
         frames = np.load(tmp_path / "out" / f"{i:05d}.npy")
-        assert frames.shape == (9, 64, 64, 3) and np.abs(frames - wanpipeline_frames(tiny_model, p)).max() <= 1e-4
+        ref = wanpipeline_frames(tiny_model, p, adapters=adapters[i])
+        assert frames.shape == (9, 64, 64, 3) and np.abs(frames - ref).max() <= 1e-4
     odd = tmp_path / "odd.jsonl"
     odd.write_text('{"prompt": "a cat"}\n{"prompt": "a dog", "num_frames": 1, "height": 48, "width": 48}\n')
     with pytest.raises(RequestError, match=r"odd.jsonl line 2: .*9 tokens, which the 2 devices"):

@@ -131,8 +131,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def config_for(model_dir: Path, kind: str, clip: dict, layers: int):
-    """The A14B preset, pointed at the config-only directory, on one rank of `kind`."""
+def config_for(model_dir: Path, kind: str, clip: dict, layers: int, *extra: str):
+    """The A14B preset, pointed at the config-only directory, on one rank of `kind` (`extra`: more overrides)."""
     stages = [f"infer.stages.{s}.device={kind}" for s in ("text", "high", "low", "vae")]
     return load_config(
         ROOT / "configs" / "t2v_a14b.yaml",
@@ -145,8 +145,34 @@ def config_for(model_dir: Path, kind: str, clip: dict, layers: int):
             f"data.height={clip['height']}",
             f"data.width={clip['width']}",
             *stages,
+            *extra,
         ],
     )
+
+
+DISTILLED_RANK = 64
+"""Rank of the published Wan2.2-Lightning adapters (Wan2.2-T2V-A14B-4steps-lora-rank64)."""
+ADAPTED = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v")
+ADAPTED += ("attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2")
+
+
+def write_random_adapter(path: Path, expert_config: dict, rank: int = DISTILLED_RANK) -> Path:
+    """A random LoRA of every attention projection and FFN linear of each block at `rank`, in bf16: the shape of
+    the 4-step distilled adapters (612 MB at the A14B dimensions, rank 64)."""
+    from safetensors.torch import save_file
+
+    d = expert_config["num_attention_heads"] * expert_config["attention_head_dim"]
+    sizes = {layer: (d, d) for layer in ADAPTED[:8]} | {"ffn.net.0.proj": (d, expert_config["ffn_dim"])}
+    sizes["ffn.net.2"] = (expert_config["ffn_dim"], d)
+    g = torch.Generator().manual_seed(3)
+    state = {}
+    for i in range(expert_config["num_layers"]):
+        for layer, (fan_in, fan_out) in sizes.items():
+            key = f"transformer.blocks.{i}.{layer}"
+            state[f"{key}.lora_A.weight"] = (torch.randn(rank, fan_in, generator=g) * 0.01).bfloat16()
+            state[f"{key}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=g) * 0.01).bfloat16()
+    save_file(state, path)
+    return path
 
 
 def random_expert(config: dict, dtype: torch.dtype, device: torch.device, seed: int = 1):
@@ -256,7 +282,8 @@ def check_denoise(root: Path, kind: str, clip: dict, expert_config: dict, other_
     from wanray.infer.spec import StageSpec, pin_for, resident
 
     model_dir = model_files.write_config_dir(root / "full", expert_config)
-    cfg = config_for(model_dir, kind, clip, expert_config["num_layers"])
+    adapter = write_random_adapter(root / "distilled.safetensors", expert_config)
+    cfg = config_for(model_dir, kind, clip, expert_config["num_layers"], f"infer.loras.distilled={adapter}")
     spec = StageSpec.for_serving(model_dir, cfg)
     plan = plan_stage(
         model_dir,
@@ -279,7 +306,9 @@ def check_denoise(root: Path, kind: str, clip: dict, expert_config: dict, other_
         torch.randn(1, spec.contract.text_tokens, text_dim).to(spec.dtype("text")),
     )
 
-    def params(steps: int) -> GenerationParams:
+    def params(steps: int, distilled: bool = False) -> GenerationParams:
+        """The preset's guided UniPC steps, or the distilled recipe's: Euler at shift 5, guidance 1.0 (one forward
+        per step), the rank-64 adapter active."""
         return GenerationParams(
             prompt="",
             negative_prompt="",
@@ -287,9 +316,12 @@ def check_denoise(root: Path, kind: str, clip: dict, expert_config: dict, other_
             width=clip["width"],
             num_frames=clip["frames"],
             num_inference_steps=steps,
-            guidance_scale=cfg.infer.guidance_scale,
-            guidance_scale_2=cfg.infer.guidance_scale_2,
+            guidance_scale=1.0 if distilled else cfg.infer.guidance_scale,
+            guidance_scale_2=1.0 if distilled else cfg.infer.guidance_scale_2,
             seed=0,
+            loras=(("distilled", 1.0),) if distilled else (),
+            sampler="euler" if distilled else "unipc",
+            flow_shift=5.0 if distilled else None,
         )
 
     warm, _ = timed(lambda: stage.denoise(params(1), text), device)  # one step: t = 1000
@@ -298,6 +330,11 @@ def check_denoise(root: Path, kind: str, clip: dict, expert_config: dict, other_
     steps = state.step
     peak = peak_gb(device)
     by_backend = {spec.attention["high"]: seconds / steps}
+    # the 4-step distilled recipe: adapter loaded once (timed), then 4 Euler steps at shift 5 (t = 1000, 937.5 on
+    # the high-noise expert at boundary 0.875; the low-noise one's two cost the same per step)
+    adapter_load, _ = timed(lambda: stage.adapters.activate((("distilled", 1.0),)), device)
+    distilled_s, distilled = timed(lambda: stage.denoise(params(4, distilled=True), text), device)
+    distilled_steps = distilled.step
     for backend in other_backends:
         try:
             apply_attention_backend(stage.expert, backend)
@@ -328,6 +365,9 @@ def check_denoise(root: Path, kind: str, clip: dict, expert_config: dict, other_
         "pin_s": pin,
         "module_to_host_s": module_to_host,
         "step_s_by_attention_backend": by_backend,
+        "adapter_load_s": adapter_load,
+        "distilled_step_s": distilled_s / distilled_steps,
+        "distilled_steps": distilled_steps,
         "finite": bool(torch.isfinite(state.latents).all()),
     }
 
@@ -402,6 +442,12 @@ def report(r: dict) -> list[str]:
         f"    batch offload of that expert ({d['weights_gb']:.1f} GB; once per expert and video): "
         f"{d['offload_to_device_s']:.1f} s from pinned host memory to the device, {d['offload_to_host_s']:.2f} s "
         f"back (the host copy is kept); Module.to to the host took {d['module_to_host_s']:.1f} s",
+        f"    4-step distilled recipe (rank-{DISTILLED_RANK} adapter active, guidance 1.0: one forward): "
+        f"{d['distilled_step_s']:.2f} s/step ({d['distilled_steps']} timed), adapter loaded in "
+        f"{d['adapter_load_s']:.1f} s; "
+        f"a video's denoising: 4 steps {4 * d['distilled_step_s']:.1f} s vs 40 guided steps {40 * d['step_s']:.1f} s "
+        f"-> {40 * d['step_s'] / (4 * d['distilled_step_s']):.1f}x (text encoding and the VAE decode below come on top "
+        "of both)",
         f"VAE decode of {v['latent_frames']} latent frames to {'x'.join(map(str, v['frames'][:3]))} (float32): "
         f"{v['decode_s']:.2f} s, peak {mem(v['peak_gb'])} (the inference plan says {v['plan_gb']:.1f} GB)",
         f"    anchor: {ANCHORS['vae']}",

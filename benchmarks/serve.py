@@ -13,6 +13,10 @@ each ratio are timed in turns, so that other load on the machine hits both alike
      over two forwards, and the largest difference of their frames
  (e) one request in-process with diffusers' first-block cache (infer.first_block_cache, each of --cache)
      over none, and the cached frames' PSNR and SSIM against the uncached ones (same seed)
+ (f) serving two fine-tunes (rank-16 LoRA adapters of every attention projection and FFN linear): a request
+     that switches adapter on the live deployment over redeploying the application on the other fine-tune's
+     merged model directory and sending the request (the way to serve two fine-tunes without adapters)
+ (g) one request in-process with two stacked adapters over none
 
 The model is the tiny checkpoint with its two experts widened (dim 384, 8 layers), so that,
 as in the real Wan2.2, the denoising stages dominate a request and not the VAE. Overlap can
@@ -24,6 +28,7 @@ splits 26/14).
 import argparse
 import concurrent.futures
 import contextlib
+import dataclasses
 import math
 import os
 import statistics
@@ -168,16 +173,18 @@ def measure(cfg, model: Path, params: GenerationParams, args) -> dict:
         )
     out["foreign_cpus"] = foreign.cpus
     out["one_replica"], out["two_replicas"] = replica_throughput(cfg, model, body, seeds, url)
+    tunes = write_fine_tunes(model, model.parent)
+    out["switch"], out["restart"] = adapter_switching(cfg, model, body, url, tunes)
     serve.shutdown()
     ray.shutdown()
 
-    def variant(setting: str) -> Sampler:
+    def variant(*settings: str) -> Sampler:
         return Sampler(
             StageSpec.for_serving(
                 model,
                 load_config(
                     ROOT / "configs" / "tiny.yaml",
-                    [f"model.path={model}", f"infer.flow_shift={cfg.infer.flow_shift}", setting],
+                    [f"model.path={model}", f"infer.flow_shift={cfg.infer.flow_shift}", *settings],
                 ),
             )
         )
@@ -192,6 +199,12 @@ def measure(cfg, model: Path, params: GenerationParams, args) -> dict:
         lambda: run("two", sampler), lambda: run("batched", batched), args.repeats
     )
     out["batched_difference"] = float(abs(frames["two"] - frames["batched"]).max())
+    stacked = variant(*[f"infer.loras.{n}.{e}={p}" for n, (files, _) in tunes.items() for e, p in files.items()])
+    with_two = dataclasses.replace(params, loras=(("a", 1.0), ("b", 0.5)))
+    stacked(with_two)  # loaded once
+    out["no_adapter"], out["two_adapters"] = interleaved(
+        lambda: stacked(params), lambda: stacked(with_two), args.repeats
+    )
     out["cache"] = {}
     for threshold in args.cache:
         cached = variant(f"infer.first_block_cache={threshold}")
@@ -205,6 +218,74 @@ def measure(cfg, model: Path, params: GenerationParams, args) -> dict:
             ssim(frames["cached"], frames["two"]),
         )
     return out
+
+
+ADAPTER_RANK = 16
+ADAPTED = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v")
+ADAPTED += ("attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2")
+
+
+def write_fine_tunes(model: Path, root: Path) -> dict[str, tuple[dict[str, str], Path]]:
+    """Two fine-tunes "a" and "b": each expert's adapter file, and the model directory with the adapters merged."""
+    from safetensors.torch import load_file, save_file
+
+    out = {}
+    for seed, name in enumerate(("a", "b")):
+        g = torch.Generator().manual_seed(seed)
+        merged = root / f"merged-{name}"
+        models.copy_model_dir(model, merged, without_weights_of=["high", "low"])
+        files = {}
+        for expert, sub in models.EXPERT_SUBFOLDERS.items():
+            weights = load_file(model / sub / "diffusion_pytorch_model.safetensors")
+            adapter = {}
+            for key in [k for k in weights if k.endswith(".weight") and k.split(".", 2)[-1][:-7] in ADAPTED]:
+                out_f, in_f = weights[key].shape
+                a = torch.randn(ADAPTER_RANK, in_f, generator=g) * 0.05
+                b = torch.randn(out_f, ADAPTER_RANK, generator=g) * 0.05
+                module = key[: -len(".weight")]
+                adapter[f"transformer.{module}.lora_A.weight"] = a
+                adapter[f"transformer.{module}.lora_B.weight"] = b
+                weights[key] = weights[key] + b @ a
+            files[expert] = str(root / f"{name}-{expert}.safetensors")
+            save_file(adapter, files[expert])
+            save_file(weights, merged / sub / "diffusion_pytorch_model.safetensors")
+        out[name] = (files, merged)
+    return out
+
+
+def adapter_switching(cfg, model: Path, body: dict, url: str, tunes: dict, rounds: int = 3) -> tuple[float, float]:
+    """Median seconds of a request that switches adapter on a live deployment, and of redeploying on the other
+    fine-tune's merged directory plus that request (each taken in turns)."""
+    from ray import serve
+
+    from wanray.infer.serve import APP_NAME, build_app
+
+    sets = [f"infer.flow_shift={cfg.infer.flow_shift}", "infer.torch_threads=1"]
+    sets += [f"infer.num_inference_steps={cfg.infer.num_inference_steps}"]
+    loras = [f"infer.loras.{n}.{e}={p}" for n, (files, _) in tunes.items() for e, p in files.items()]
+
+    def deploy(model_dir, extra=()):
+        config = load_config(ROOT / "configs" / "tiny.yaml", [f"model.path={model_dir}", *sets, *extra])
+        serve.run(build_app(config, str(model_dir)), name=APP_NAME, route_prefix="/")
+
+    def one(loras_used):
+        r = requests.post(f"{url}/v1/generate", json={**body, "seed": 1, "loras": loras_used}, timeout=600)
+        r.raise_for_status()
+
+    deploy(model, loras)
+    one([{"name": "a"}]), one([{"name": "b"}])  # each adapter loaded once
+    switch = []
+    for i in range(2 * rounds):
+        start = time.perf_counter()
+        one([{"name": "ab"[i % 2]}])
+        switch.append(time.perf_counter() - start)
+    restart = []
+    for i in range(2 * rounds):
+        start = time.perf_counter()
+        deploy(tunes["ab"[i % 2]][1])
+        one([])
+        restart.append(time.perf_counter() - start)
+    return statistics.median(switch), statistics.median(restart)
 
 
 def psnr(a, b) -> float:
@@ -304,6 +385,14 @@ def main(args):
     print(
         f"(d) batched guidance: two forwards {m['two_forwards']:.3f} s, one batch-2 forward {m['batched']:.3f} s "
         f"-> {m['two_forwards'] / m['batched']:.2f}x; frames differ by at most {m['batched_difference']:.1e}"
+    )
+    print(
+        f"(f) two fine-tunes: switching adapter per request {m['switch']:.3f} s, redeploying on the other merged "
+        f"model + the request {m['restart']:.2f} s -> {m['restart'] / m['switch']:.1f}x faster to switch"
+    )
+    print(
+        f"(g) two stacked adapters (rank {ADAPTER_RANK}) {m['two_adapters']:.3f} s, none {m['no_adapter']:.3f} s "
+        f"-> {m['two_adapters'] / m['no_adapter']:.3f}x the time"
     )
     for threshold, (uncached_s, cached_s, db, similarity) in m["cache"].items():
         print(

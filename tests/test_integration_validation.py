@@ -24,8 +24,16 @@ def val_prep(tmp_path_factory, tiny_model, synthetic, ray_cluster):
 
 
 def test_validation_videos_of_every_checkpoint_step_land_beside_training(tiny_model, val_prep, tmp_path):
+    """Every prompt also applies a served adapter (infer.default_loras): the expert under training takes each
+    checkpoint's weights beneath it."""
+    from reference import tiny_adapter
+    from safetensors.torch import save_file
+
+    save_file(tiny_adapter(tiny_model, "high", 9), tmp_path / "adapter.safetensors")
     cfg = tiny_config(
         tiny_model,
+        f"infer.loras.a={tmp_path / 'adapter.safetensors'}",
+        "infer.default_loras=[{name: a, scale: 0.5}]",
         *FAST,
         "train.workers=1",
         "train.steps=10",
@@ -39,7 +47,7 @@ def test_validation_videos_of_every_checkpoint_step_land_beside_training(tiny_mo
     lines = []
     train_experts(cfg, "high", val_prep, run, log=lines.append, validation=Validation(cfg, tiny_model))
     records = [json.loads(line) for line in (run / "high" / "validation" / RECORD_FILE).read_text().splitlines()]
-    assert [r["step"] for r in records] == [5, 10] and not any("error" in r for r in records)
+    assert [r["step"] for r in records] == [5, 10] and not any("error" in r for r in records), records
     for step in (5, 10):
         out = run / "high" / "validation" / f"step_{step}"
         assert json.loads((out / "prompts.json").read_text()) == ["a red circle", "a blue square"]

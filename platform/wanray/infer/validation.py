@@ -83,6 +83,14 @@ def validation_prompts(cfg: Config, model_dir) -> list[GenerationParams]:
         raise ConfigError(f"train.validation: {e}") from None
 
 
+def under_adapters(name: str, own: set[str]) -> str:
+    """A diffusers tensor name as the expert holds it: a layer a served adapter wraps (peft) keeps its weight as
+    `<layer>.base_layer.weight`."""
+    module, _, leaf = name.rpartition(".")
+    wrapped = f"{module}.base_layer.{leaf}"
+    return wrapped if name not in own and wrapped in own else name
+
+
 class Validator:
     """The actor: renders in a thread of its own, so `submit` returns at once."""
 
@@ -145,8 +153,10 @@ class Validator:
             return
         stage = self.sampler.high if expert == "high" else self.sampler.low
         assert stage is not None, f"{expert}: the model has no such expert"
+        own = set(stage.expert.state_dict())
         for weights, _ in expert_state_groups(self.model_dir, expert, checkpoint, self.lora):
-            missing = set(weights) - set(stage.expert.state_dict())
+            weights = {under_adapters(k, own): v for k, v in weights.items()}
+            missing = set(weights) - own
             if missing:
                 raise KeyError(f"checkpoint tensors the expert does not have: {sorted(missing)[:3]}")
             stage.expert.load_state_dict(weights, strict=False)

@@ -226,6 +226,15 @@ def test_gradio_client_generates_a_video_through_the_ui(server):
     assert len(frames) == 5 and frames[0].shape == (32, 48, 3)
     with pytest.raises(AppError, match="num_frames must be 4n\\+1"):
         client.predict("a red circle", "", 3, 4, 4.0, 3.0, 32, 48, 6, api_name="/generate")
+    # the adapter picker and its scales, and the sampler: the same request as REST's
+    args = ("a red circle", "blurry", 3, 4, 4.0, 3.0, 32, 48, 5)
+    path = client.predict(*args, ["b", "a"], "0.5, 1", "euler", api_name="/generate")
+    with av.open(path) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 5
+    with pytest.raises(AppError, match="2 adapters chosen but 1 scales given"):
+        client.predict(*args, ["b", "a"], "0.5", "unipc", api_name="/generate")
+    with pytest.raises(AppError, match="'c' .* is not in the list of choices"):
+        client.predict(*args, ["c"], "", "unipc", api_name="/generate")
     page = requests.get(f"{url}/ui/", timeout=30).text
     assert "wanray" in page
 

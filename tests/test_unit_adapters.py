@@ -273,3 +273,22 @@ def test_the_memory_plan_counts_the_adapters_an_expert_holds_at_once(tiny_model,
             )
         assert any("adapters" in line for line in plan.lines())
     assert plan_inference(tiny_config(tiny_model), tiny_model, "serve").stages["high"].adapter_bytes == 0
+
+
+def test_an_adapter_of_the_layer_that_gathers_split_tokens_is_refused_over_several_devices(tiny_model, tmp_path):
+    """proj_out gathers a multi-device expert's tokens (diffusers' _cp_plan): an adapter of it would add its
+    per-shard output to the gathered one. One device takes it; two refuse it at start."""
+    from wanray.model_files import TINY_TRANSFORMER
+
+    d = TINY_TRANSFORMER["num_attention_heads"] * TINY_TRANSFORMER["attention_head_dim"]
+    out = TINY_TRANSFORMER["out_channels"] * 4  # proj_out: inner dim -> out_channels x the 1x2x2 patch
+    state = {
+        **tiny_adapter(tiny_model, "high", 0),
+        "transformer.proj_out.lora_A.weight": torch.randn(RANK, d),
+        "transformer.proj_out.lora_B.weight": torch.randn(out, RANK),
+    }
+    save_file(state, tmp_path / "head.safetensors")
+    sets = [f"infer.loras.head={tmp_path / 'head.safetensors'}"]
+    assert StageSpec.for_batch(tiny_model, tiny_config(tiny_model, *sets)).adapters["head"].keys() == {"high", "low"}
+    with pytest.raises(ConfigError, match="adapts proj_out, where the expert's 2 devices gather"):
+        StageSpec.for_batch(tiny_model, tiny_config(tiny_model, *sets, "infer.batch_devices=2"))

@@ -205,9 +205,11 @@ def prepared(file: AdapterFile, model: torch.nn.Module, model_dir: str, expert: 
     return state, metadata
 
 
-def check_all(adapters: Adapters, model_dir: str, kind: ModelKind) -> None:
+def check_all(adapters: Adapters, model_dir: str, kind: ModelKind, devices: dict[str, int] | None = None) -> None:
     """Read and check every adapter against its expert's shapes (built on the meta device), in the driver,
-    before any replica starts."""
+    before any replica starts. An expert over several devices (`devices`) takes no adapter of a layer where
+    context parallelism splits or gathers the tokens (diffusers' `_cp_plan`: proj_out gathers them; peft would
+    add the adapter's per-shard output to the gathered one)."""
     from accelerate import init_empty_weights
     from diffusers import WanTransformer3DModel
 
@@ -219,8 +221,17 @@ def check_all(adapters: Adapters, model_dir: str, kind: ModelKind) -> None:
             continue
         with init_empty_weights(include_buffers=False):
             model = WanTransformer3DModel.from_config(models.expert_config(model_dir, expert))
+        count = (devices or {}).get(expert, 1)
+        split_at = set(model._cp_plan or {}) if count > 1 else set()
         for name, file in named.items():
-            prepared(file, model, model_dir, expert, f"infer.loras.{name} ({expert}-noise expert, {file.label})")
+            where = f"infer.loras.{name} ({expert}-noise expert, {file.label})"
+            state, _ = prepared(file, model, model_dir, expert, where)
+            at = sorted({k.removeprefix("transformer.").partition(".lora_")[0] for k in state} & split_at)
+            if at:
+                raise ConfigError(
+                    f"{where}: adapts {', '.join(at)}, where the expert's {count} devices gather "
+                    "their tokens: serve it on one device per expert"
+                )
 
 
 def loaded_bytes(adapters: Adapters, model_dir: str, expert: str, most: int, element_size: int) -> int:

@@ -39,6 +39,11 @@ SCHEDULER_DEVICE_STATE = ("timesteps", "model_outputs", "timestep_list", "last_s
 EULER_DEVICE_STATE = ("timesteps", "sigmas")
 
 
+def multistep(scheduler) -> bool:
+    """UniPC (a multistep history of model outputs), not flow-matching Euler (none)."""
+    return hasattr(scheduler, "model_outputs")
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """One video to generate, every value resolved (see `wanray.infer.api.resolve`)."""
@@ -103,9 +108,9 @@ class DenoiseState:
         def move(v):
             return [move(x) for x in v] if isinstance(v, list) else v.to(device) if torch.is_tensor(v) else v
 
-        # flow-matching Euler (no multistep history) keeps timesteps and sigmas where set_timesteps put them
-        multistep = self.scheduler is not None and hasattr(self.scheduler, "model_outputs")
-        for name in SCHEDULER_DEVICE_STATE if multistep else EULER_DEVICE_STATE if self.scheduler else ():
+        # flow-matching Euler keeps its timesteps and sigmas where set_timesteps put them
+        on_device = () if self.scheduler is None else EULER_DEVICE_STATE
+        for name in SCHEDULER_DEVICE_STATE if multistep(self.scheduler) else on_device:
             setattr(self.scheduler, name, move(getattr(self.scheduler, name)))
         self.latents = self.latents.to(device)
         if self.condition is not None:

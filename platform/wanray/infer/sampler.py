@@ -25,7 +25,14 @@ from wanray import context_parallel, models
 from wanray.devices import apply_attention_backend, torch_dtype
 from wanray.encoding import encode_first_frame, encode_latents, encode_text
 from wanray.infer.adapters import LoadedAdapters
-from wanray.infer.request import Cancelled, DenoiseState, GenerationParams, TextEmbeddings, image_from_base64
+from wanray.infer.request import (
+    Cancelled,
+    DenoiseState,
+    GenerationParams,
+    TextEmbeddings,
+    image_from_base64,
+    multistep,
+)
 from wanray.infer.spec import StageSpec, resident
 from wanray.schema import pad_text_embedding
 from wanray.wan import VAE_DTYPE, WanContract, clean_frame_mask, first_frame_mask, token_timesteps
@@ -43,7 +50,7 @@ def set_timesteps(scheduler, steps: int, device: torch.device) -> None:
     """The request's timesteps. UniPC: as WanPipeline sets them. Euler (the 4-step distilled adapters'):
     sigmas 1, 1 - 1/n, ..., 1/n shifted by the flow shift, then 0, as Wan2.2-Lightning's sampler takes
     them (diffusers' own default ends at its smallest training sigma instead of 1/n)."""
-    if hasattr(scheduler, "model_outputs"):
+    if multistep(scheduler):
         scheduler.set_timesteps(steps, device=device)
     else:
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1].tolist(), device=device)
@@ -162,7 +169,7 @@ class ExpertStage:
         negative = None if text.negative is None else text.negative.to(self.device, dtype)
         latents, scheduler = state.latents, state.scheduler
         mask = frame_mask(state, self.contract)
-        euler = not hasattr(scheduler, "model_outputs")  # UniPC keeps a multistep history; Euler none
+        euler = not multistep(scheduler)
         if self.cached:  # each request starts with full steps: no residual from the previous one
             self.expert._reset_stateful_cache()
         for i in range(state.step, stop):

@@ -67,10 +67,12 @@ class StageSpec:
         return spec._split({"high": n, "low": n}, "infer.batch_devices")
 
     def _split(self, devices: dict[str, int], where: str) -> StageSpec:
-        """These experts over `devices` each: heads the degree cannot split are a ConfigError naming `where`."""
+        """These experts over `devices` each: heads the degree cannot split are a ConfigError naming `where`, as
+        is an adapter that does not fit its expert (checked here, in the driver, not in a replica)."""
         for e in self.contract.kind.experts:
             heads = models.expert_config(self.model_dir, e)["num_attention_heads"]
             context_parallel.check(devices[e], 1, heads, {}, self.attention[e], where=where.format(e), training=False)
+        lora_adapters.check_all(self.adapters, self.model_dir, self.contract.kind, devices)
         return dataclasses.replace(self, devices=devices)
 
     @classmethod
@@ -78,7 +80,9 @@ class StageSpec:
         """Every stage in one validation actor (wanray.infer.validation), on train.validation.worker; with
         train.validation.offload only the running stage's model is on the device."""
         v = cfg.train.validation
-        return cls._make(model_dir, cfg, dict.fromkeys(STAGES, v.worker), v.offload)
+        return cls._make(model_dir, cfg, dict.fromkeys(STAGES, v.worker), v.offload)._split(
+            dict.fromkeys(EXPERTS, 1), "train.validation ({})"
+        )
 
     @classmethod
     def _make(cls, model_dir, cfg: Config, resources: dict[str, Resources], offload: bool = False) -> StageSpec:
@@ -87,8 +91,6 @@ class StageSpec:
             for e in EXPERTS
         }
         contract = models.read_contract(model_dir, cfg.model)
-        adapters = lora_adapters.resolve(cfg.infer, contract.kind)
-        lora_adapters.check_all(adapters, str(model_dir), contract.kind)  # here, in the driver: not in a replica
         return cls(
             str(model_dir),
             contract,
@@ -99,7 +101,7 @@ class StageSpec:
             offload,
             cfg.infer.batched_guidance,
             cfg.infer.first_block_cache,
-            adapters=adapters,
+            adapters=lora_adapters.resolve(cfg.infer, contract.kind),
             max_loaded_loras=cfg.infer.max_loaded_loras,
         )
 

@@ -113,6 +113,8 @@ def test_one_deployment_serves_each_request_its_own_adapters(server, tiny_model,
         assert r.status_code == 200, r.text
         frames.append(np.load(io.BytesIO(r.content)))
     assert np.array_equal(frames[0], frames[3])
+    stages = requests.get(f"{url}/v1/health", timeout=30).json()["stages"]
+    assert stages["high"]["adapters_loaded"] == stages["low"]["adapters_loaded"] == ["b", "a"]  # a used last
     params = GenerationParams(**{k: v for k, v in body.items() if k != "output"}, loras=(("a", 0.8),))
     ref = wanpipeline_frames(tiny_model, params, TINY_BOUNDARY, adapters={"a": adapter_files["a"]})
     assert np.abs(frames[0] - ref).max() <= 1e-4

@@ -250,6 +250,8 @@ class LoadedAdapters:
         self.model, self.expert, self.model_dir, self.most = model, expert, model_dir, most
         self.files = {n: files[expert] for n, files in adapters.items() if expert in files}
         self.loaded: collections.OrderedDict[str, None] = collections.OrderedDict()  # least recently used first
+        self.names: tuple[str, ...] = ()
+        """The adapters loaded now, least recently used first: a snapshot other threads may read (health)."""
         self.loads = 0
         """Adapters read into the expert so far (a test counts them)."""
 
@@ -270,12 +272,14 @@ class LoadedAdapters:
             self.model.load_lora_adapter(state, adapter_name=name, metadata=metadata, prefix="transformer")
         self.loaded[name] = None
         self.loads += 1
+        self.names = tuple(self.loaded)
 
     def activate(self, loras: tuple[tuple[str, float], ...]) -> None:
         """The request's adapters that this expert has, at their scales, and no other; none: the base expert."""
         uses = [(n, s) for n, s in loras if n in self.files]
         for name, _ in uses:  # the request's own adapters are the most recently used: never unloaded here
             self._load(name)
+        self.names = tuple(self.loaded)
         if not self.loaded:
             return
         if not uses:

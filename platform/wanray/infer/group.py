@@ -117,6 +117,11 @@ class GroupExpert:
     def should_stop(self, stop) -> None:  # rank 0 decides; every rank stops at the same step (ExpertStage._stopping)
         self.group.stages[self.name].should_stop = stop
 
+    @property
+    def adapters(self):
+        """Rank 0's adapters (every rank loads and activates the same ones)."""
+        return self.group.stages[self.name].adapters
+
     def denoise(
         self,
         params: GenerationParams,

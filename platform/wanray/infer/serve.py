@@ -172,6 +172,10 @@ class ExpertDeployment(QueuedStage):
     async def denoise(self, params: GenerationParams, text, state=None, condition=None) -> Timed:
         return await self._queued(self.stage.denoise, params, text, state, condition)
 
+    async def depth(self) -> dict:
+        """This replica's queue, and the adapters its expert holds loaded now (least recently used first)."""
+        return {**await super().depth(), "adapters_loaded": list(self.stage.adapters.names)}
+
 
 class VaeDeployment(QueuedStage):
     """The VAE stage's deployment: a request's first-frame condition, and its video."""

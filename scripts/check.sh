@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-.venv/bin/python -m pytest "${@:-tests}"
+.venv/bin/python -m pytest --durations=20 "${@:-tests}"

@@ -68,3 +68,20 @@ def ray_cluster():
     yield address
     os.environ.pop("RAY_ADDRESS", None)
     ray.shutdown()
+
+
+def driver_plan(script: str, *argv: str) -> tuple[int, str]:
+    """pipelines/<script>.py run with `--plan` in this process (its memory plans are cached here, where a new
+    process would build them again): (the exit status main gives, what it printed)."""
+    import contextlib
+    import importlib
+    import io
+    import sys
+    from unittest import mock
+
+    module = importlib.import_module(f"pipelines.{script}")
+    out = io.StringIO()
+    argv_of = mock.patch.object(sys, "argv", [f"{script}.py", "--plan", *argv])
+    with argv_of, contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exited:
+        module.main(module.get_args())
+    return exited.value.code, out.getvalue()

@@ -1,11 +1,8 @@
 """The inference memory plan of the real Wan2.2-T2V-A14B: fake tensors, no weights, no device."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, driver_plan
 
 from wanray import model_files, models
 from wanray.config import load_config
@@ -87,30 +84,16 @@ def test_offload_decides_whether_a_batch_actor_fits_and_serving_plans_the_larges
     )
 
 
-@pytest.mark.integration  # runs the drivers
 def test_plan_flags_of_serve_and_generate_print_the_verdict_and_exit_by_it(a14b):
     def run(script, *sets):
-        cmd = [
-            sys.executable,
-            str(ROOT / "pipelines" / script),
-            "--config",
-            str(ROOT / "configs" / "t2v_a14b.yaml"),
-            "--plan",
-            "--set",
-            f"model.path={a14b}",
-        ]
-        return subprocess.run(
-            cmd + [a for s in sets for a in ("--set", s)], capture_output=True, text=True, timeout=300
-        )
+        argv = ["--config", str(ROOT / "configs" / "t2v_a14b.yaml"), "--set", f"model.path={a14b}"]
+        return driver_plan(script, *argv, *(a for s in sets for a in ("--set", s)))
 
-    serve, batch, resident = run("serve.py"), run("generate.py"), run("generate.py", "infer.batch_offload=false")
-    assert serve.returncode == 0 and "[plan] high: 43.96 GB" in serve.stdout, serve.stdout + serve.stderr
-    assert batch.returncode == 0 and "batch actor: 32.38 GB" in batch.stdout, batch.stdout + batch.stderr
-    assert (
-        resident.returncode == 1
-        and "DOES NOT FIT" in resident.stdout
-        and "turn on infer.batch_offload" in resident.stdout
-    )
+    (serve, served), (batch, batched) = run("serve"), run("generate")
+    resident, resident_out = run("generate", "infer.batch_offload=false")
+    assert serve == 0 and "[plan] high: 43.96 GB" in served, served
+    assert batch == 0 and "batch actor: 32.38 GB" in batched, batched
+    assert resident == 1 and "DOES NOT FIT" in resident_out and "turn on infer.batch_offload" in resident_out
 
 
 def test_validation_of_the_a14b_models_fits_a_64_gb_device_only_offloaded(a14b):
@@ -127,29 +110,15 @@ def test_validation_of_the_a14b_models_fits_a_64_gb_device_only_offloaded(a14b):
     )
 
 
-@pytest.mark.integration  # runs the driver
 def test_train_plan_exits_1_when_the_validation_actor_does_not_fit(a14b):
     sets = ["train.validation.every=500", "train.validation.prompts=[a cat]"]
 
     def plan(*more):
-        cmd = [
-            sys.executable,
-            str(ROOT / "pipelines" / "train.py"),
-            "--config",
-            str(ROOT / "configs" / "t2v_a14b.yaml"),
-            "--plan",
-            "--expert",
-            "high",
-            "--set",
-            f"model.path={a14b}",
-            "--set",
-            "train.workers=16",
-        ]
-        return subprocess.run(
-            cmd + [a for s in (*sets, *more) for a in ("--set", s)], capture_output=True, text=True, timeout=300
-        )
+        argv = ["--config", str(ROOT / "configs" / "t2v_a14b.yaml"), "--expert", "high"]
+        argv += ["--set", f"model.path={a14b}", "--set", "train.workers=16"]
+        return driver_plan("train", *argv, *(a for s in (*sets, *more) for a in ("--set", s)))
 
-    too_big, fits = plan("train.validation.offload=false"), plan()
-    assert too_big.returncode == 1 and "validation actor: " in too_big.stdout
-    assert "DOES NOT FIT" in too_big.stdout and "turn on train.validation.offload" in too_big.stdout
-    assert fits.returncode == 0 and "train.validation.offload on" in fits.stdout
+    (too_big, too_big_out), (fits, fits_out) = plan("train.validation.offload=false"), plan()
+    assert too_big == 1 and "validation actor: " in too_big_out
+    assert "DOES NOT FIT" in too_big_out and "turn on train.validation.offload" in too_big_out
+    assert fits == 0 and "train.validation.offload on" in fits_out

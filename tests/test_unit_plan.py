@@ -1,11 +1,9 @@
 """The training memory plan of the real Wan2.2-T2V-A14B expert: fake process group, no weights, no device."""
 
 import math
-import subprocess
-import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, driver_plan
 
 from wanray import model_files
 from wanray.config import load_config
@@ -81,27 +79,16 @@ def test_checkpointing_and_lora_change_the_plan(a14b_configs, activations):
     assert lora.fits
 
 
-@pytest.mark.integration  # runs the driver
 def test_train_plan_cli_prints_the_verdict_and_exits_by_it(a14b_configs):
     def run(*sets):
-        cmd = [
-            sys.executable,
-            str(ROOT / "pipelines" / "train.py"),
-            "--config",
-            str(ROOT / "configs" / "t2v_a14b.yaml"),
-            "--plan",
-            "--expert",
-            "high",
-            "--set",
-            f"model.path={a14b_configs}",
-        ]
-        return subprocess.run(
-            cmd + [a for s in sets for a in ("--set", s)], capture_output=True, text=True, timeout=300
+        argv = ["--config", str(ROOT / "configs" / "t2v_a14b.yaml"), "--expert", "high"]
+        return driver_plan(
+            "train", *argv, "--set", f"model.path={a14b_configs}", *(a for s in sets for a in ("--set", s))
         )
 
-    fits, too_big = run(), run("train.workers=8")
-    assert fits.returncode == 0 and "14,288,491,584 parameters" in fits.stdout and "fits:" in fits.stdout
-    assert too_big.returncode == 1 and "DOES NOT FIT" in too_big.stdout
+    (fits, fits_out), (too_big, too_big_out) = run(), run("train.workers=8")
+    assert fits == 0 and "14,288,491,584 parameters" in fits_out and "fits:" in fits_out
+    assert too_big == 1 and "DOES NOT FIT" in too_big_out
 
 
 def test_context_parallel_splits_a_720p_samples_activations_over_its_group(a14b_configs, activations):

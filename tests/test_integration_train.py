@@ -210,6 +210,7 @@ def test_a_non_finite_loss_stops_the_run_naming_its_step_and_clip_before_the_wei
     ) as failed:
         train_experts(cfg, "both", data, run, log=lines.append)
     assert "[train] training both experts at once" in lines
+    assert sum("expert stopped on an error; waiting for the other to end" in line for line in lines) == 1
     assert failed.value.clips == [bad]
     for expert in ("high", "low"):
         assert "error: step 2: the loss is not finite" in (run / expert / "console.log").read_text()

@@ -8,7 +8,7 @@ range the expert trains on, which export writes into the exported model_index.js
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, as_completed
 from pathlib import Path
 
 from wanray import context_parallel, model_files, models
@@ -151,14 +151,26 @@ def fit(cfg: Config, trainers: dict, log=print) -> dict:
     """Run the experts' trainers: at once when the cluster has room for both worker groups, else in turn.
 
     At once, each TorchTrainer.fit() runs in a daemon thread and hands its result or its error back through a
-    future, so the run's error (Ray Train V2's fit() raises it) reaches the caller as itself. A Ctrl-C meanwhile
-    interrupts the wait here and ends the driver; its exit ends the Ray Train controllers it owns, and with them
-    the workers (Ray Train's own Ctrl-C handler is registered only when fit() runs in the main thread)."""
+    future, so the run's error (Ray Train V2's fit() raises it) reaches the caller as itself. One expert's failure
+    does not stop the other: both runs end on their own (each keeps its checkpoints and says why it stopped in its
+    console.log), then the first error is raised. A Ctrl-C meanwhile interrupts the wait here and ends the
+    driver; its exit ends the Ray Train controllers it owns, and with them the workers (Ray Train's own Ctrl-C
+    handler is registered only when fit() runs in the main thread)."""
     results: dict = {}
     if len(trainers) == 2 and room_for_both(cfg):
         log("[train] training both experts at once")
-        futures = {e: _in_thread(t.fit, f"fit-{e}") for e, t in trainers.items()}
-        return {e: f.result() for e, f in futures.items()}
+        futures = {_in_thread(t.fit, f"fit-{e}"): e for e, t in trainers.items()}
+        errors = []
+        for future in as_completed(futures):
+            if (error := future.exception()) is None:
+                results[futures[future]] = future.result()
+                continue
+            errors.append(error)
+            if len(errors) < len(futures):
+                log(f"[train] the {futures[future]}-noise expert stopped on an error; waiting for the other to end")
+        if errors:
+            raise errors[0]
+        return results
     for e, t in trainers.items():
         log(f"[train] training the {e}-noise expert")
         results[e] = t.fit()

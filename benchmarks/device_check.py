@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -56,6 +57,8 @@ from wanray.devices import accelerator  # noqa: E402
 
 TB = 1e12
 GB = 1e9
+OPTIONAL_BACKENDS = {"sage": "sageattention", "_flash_3": "flash_attn_interface"}
+"""Inference attention backends timed by default where their package is installed (SageAttention, FlashAttention 3)."""
 REAL_CLIP = dict(frames=81, height=480, width=832)
 TINY_CLIP = dict(frames=9, height=64, width=64)
 TINY_EXPERT = {
@@ -474,12 +477,13 @@ def main(argv=None) -> int:
         type=lambda v: [b for b in v.split(",") if b],
         default=None,
         help="comma-separated attention backends to time the denoise step with besides the preset's "
-        "(default on CUDA: _native_cudnn,_native_flash)",
+        "(default on CUDA: _native_cudnn,_native_flash, and sage and _flash_3 where their packages are installed)",
     )
     args = p.parse_args(argv)
     kind = detect_kind() if args.device == "auto" else args.device
     if args.denoise_backends is None:
-        args.denoise_backends = ["_native_cudnn", "_native_flash"] if kind == "cuda" else []
+        installed = [b for b, package in OPTIONAL_BACKENDS.items() if importlib.util.find_spec(package)]
+        args.denoise_backends = ["_native_cudnn", "_native_flash", *installed] if kind == "cuda" else []
     if kind == "cpu" and not args.tiny:
         print("no accelerator found: the real dimensions need an H100/H200 or NPU (use --tiny on the CPU)")
         return 2

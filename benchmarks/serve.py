@@ -11,7 +11,7 @@ each ratio are timed in turns, so that other load on the machine hits both alike
      over 1 replica of every stage (2 torch threads each): the same CPU budget, redeployed in turns
  (d) one request in-process with classifier-free guidance as one batch-2 forward (infer.batched_guidance)
      over two forwards, and the largest difference of their frames
- (e) one request in-process with diffusers' first-block cache (infer.first_block_cache, each of --cache)
+ (e) one request in-process with diffusers' first-block cache (infer.cache=first_block at each --cache threshold)
      over none, and the cached frames' PSNR and SSIM against the uncached ones (same seed)
  (f) serving two fine-tunes (rank-16 LoRA adapters of every attention projection and FFN linear): a request
      that switches adapter on the live deployment over redeploying the application on the other fine-tune's
@@ -207,7 +207,7 @@ def measure(cfg, model: Path, params: GenerationParams, args) -> dict:
     )
     out["cache"] = {}
     for threshold in args.cache:
-        cached = variant(f"infer.first_block_cache={threshold}")
+        cached = variant("infer.cache=first_block", f"infer.cache_threshold={threshold}")
         uncached_s, cached_s = interleaved(
             lambda: run("two", sampler), lambda cached=cached: run("cached", cached), args.repeats
         )

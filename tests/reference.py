@@ -15,14 +15,14 @@ def wanpipeline_frames(
     params: GenerationParams,
     boundary: float | None = None,
     flow_shift: float | None = None,
-    first_block_cache: float = 0.0,
+    caches: dict | None = None,
     adapters: dict[str, dict[str, str]] | None = None,
     scheduler=None,
 ) -> np.ndarray:
     """(F, H, W, 3) float32 frames of diffusers' pipeline for the model's kind, fp32 on CPU:
     `WanPipeline(transformer, transformer_2, boundary_ratio)`, or WanImageToVideoPipeline when
     params.image is set; TI2V-5B's with its one transformer and expand_timesteps. `boundary` None
-    takes the directory's; `first_block_cache` > 0 enables diffusers' first-block cache on the transformers.
+    takes the directory's; `caches` maps "high" / "low" to a diffusers cache config enabled on that transformer.
     `adapters` (name -> expert -> file) are loaded with load_lora_weights (the low-noise one with
     load_into_transformer_2) and params.loras activated with set_adapters on each transformer that has them;
     `scheduler` replaces the directory's."""
@@ -60,12 +60,8 @@ def wanpipeline_frames(
             transformer.set_adapters([n for n, _ in uses], [s for _, s in uses])
         elif getattr(transformer, "peft_config", None):
             transformer.disable_lora()
-    if first_block_cache:
-        from diffusers import FirstBlockCacheConfig
-
-        for transformer in (pipe.transformer, pipe.transformer_2):
-            if transformer is not None:
-                transformer.enable_cache(FirstBlockCacheConfig(threshold=first_block_cache))
+    for expert, config in (caches or {}).items():
+        (pipe.transformer if expert == "high" else pipe.transformer_2).enable_cache(config)
     out = pipe(
         prompt=params.prompt,
         negative_prompt=params.negative_prompt,

@@ -72,3 +72,32 @@ def test_a_prompt_line_out_of_bounds_fails_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
     missing = _run("--prompts", str(tmp_path / "none.txt"), "--out", str(tmp_path / "out"))
     assert missing.returncode == 2 and "prompts file not found" in missing.stderr
+
+
+def test_calibrate_cache_writes_each_experts_ratios_and_prints_the_quality_gate(tiny_model, ray_cluster, tmp_path):
+    """pipelines/calibrate_cache.py in a Ray task: each expert's ratios over its own steps (8 steps in all), the
+    gate (PSNR, SSIM, speedup, forwards computed) printed and stored; the file is what infer.cache=magcache reads."""
+    from wanray.infer.cache import Calibration
+    from wanray.infer.spec import StageSpec
+
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "ratios.json"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    sets = [a for o in [*OVERRIDES, "infer.num_inference_steps=8"] for a in ("--set", o)]
+    config = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--set", f"model.path={tiny_model}", *sets]
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / "calibrate_cache.py"), *config, "--prompts", str(prompts)]
+        + ["--threshold", "0.3", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    calibration = Calibration.read(out)
+    assert calibration.prompts == 2 and calibration.num_inference_steps == 8 and calibration.sampler == "unipc"
+    assert sum(len(r) for r in calibration.ratios.values()) == 8 and set(calibration.ratios) == {"high", "low"}
+    q = calibration.quality
+    assert f"MagCache at threshold 0.3: PSNR {q['psnr_db']:.2f} dB, SSIM {q['ssim']:.4f}" in run.stdout
+    assert f"wrote {out}: serve with infer.cache=magcache" in run.stdout
+    cfg = tiny_config(tiny_model, "infer.cache=magcache", f"infer.cache_ratios={out}")
+    assert StageSpec.for_batch(tiny_model, cfg).calibration == calibration

@@ -117,5 +117,6 @@ def test_attention_backend_reaches_every_attention_and_an_unusable_one_is_a_conf
         backends = {m.processor._attention_backend for m in model.modules() if hasattr(m, "processor")}
         assert {str(b.value) for b in backends} == {"_native_math"}
     assert StageSpec.for_batch(tiny_model, tiny_config(tiny_model)).attention == {"high": "native", "low": "native"}
-    with pytest.raises(ConfigError, match="'flash' cannot run here: .*flash-attn"):
-        apply_attention_backend(load_expert(tiny_model, "high"), "flash")
+    for backend, package in (("flash", "flash-attn"), ("sage", "sageattention"), ("_flash_3", "Flash Attention 3")):
+        with pytest.raises(ConfigError, match=rf"'{backend}' cannot run here: .*{package}"):  # none installed here
+            apply_attention_backend(load_expert(tiny_model, "high"), backend)

@@ -122,3 +122,58 @@ def test_train_plan_exits_1_when_the_validation_actor_does_not_fit(a14b):
     assert too_big == 1 and "validation actor: " in too_big_out
     assert "DOES NOT FIT" in too_big_out and "turn on train.validation.offload" in too_big_out
     assert fits == 0 and "train.validation.offload on" in fits_out
+
+
+def test_vae_tiling_bounds_the_decoders_working_set(a14b):
+    """--plan with infer.vae_tiling counts the tiled decode (decode_tiled on fake tensors): at 1280x1280 the
+    whole-frame decode's working set is several times the tiled one's, and the tiled one shrinks with the tile."""
+    cfg = preset(a14b)
+    contract = models.read_contract(a14b, cfg.model)
+    whole, *tiled = (
+        plan_stage(a14b, "vae", "float32", contract, 9, 1280, 1280, "native", False, t) for t in (0, 512, 640)
+    )
+    assert whole.working_bytes > 2 * tiled[0].working_bytes and tiled[0].working_bytes < tiled[1].working_bytes
+    plan = plan_inference(
+        preset(a14b, "infer.vae_tiling=true", "infer.vae_tile=512", "infer.max_frames=9"), a14b, "serve"
+    )
+    assert plan.stages["vae"].working_bytes == tiled[0].working_bytes
+
+
+def test_fp8_experts_put_the_whole_model_on_one_device_and_are_refused_off_cuda(a14b, monkeypatch):
+    """infer.quantize fp8: the block Linear layers become torchao Float8Tensors (on the meta device, torchao's
+    GPU check lifted: there is no float8 GPU here) whose bytes are what --plan counts; each expert's weights
+    halve (28.6 -> about 14.5 GB), so a batch actor holds both experts, UMT5 and the VAE on one 64 GB device
+    without offload, which bf16 does not. Off CUDA it is a one-line ConfigError, in --plan and in the stages."""
+    monkeypatch.syspath_prepend(str(ROOT / ".venv" / "extras"))  # scripts/setup.sh --with-test-deps puts it there
+    import torchao.quantization.quant_api as quant_api
+
+    from wanray.errors import ConfigError
+    from wanray.infer.quantize import fp8_layer, fp8_saved_bytes, quantize_fp8
+
+    expert = models.expert_from_config({**model_files.A14B_TRANSFORMER, "num_layers": 2}, torch.bfloat16, "meta")
+    before, saved = sum(t.nbytes for t in expert.state_dict().values()), fp8_saved_bytes(expert)
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+    assert quantize_fp8(expert) == 2 * 10  # per block: q, k, v, out of both attentions, the FFN's two layers
+    converted = {n for n, m in expert.named_modules() if type(getattr(m, "weight", None)).__name__ == "Float8Tensor"}
+    assert converted == {n for n, m in expert.named_modules() if fp8_layer(m, n)} and len(converted) == 20
+    assert expert.blocks[0].attn1.to_q.weight.qdata.dtype == torch.float8_e4m3fn
+    assert type(expert.proj_out.weight).__name__ == "Parameter"  # embedders, output projection, norms: as they were
+    after = sum(
+        t.qdata.nbytes + t.scale.nbytes if hasattr(t, "qdata") else t.nbytes for t in expert.state_dict().values()
+    )
+    assert after == before - saved
+
+    cuda = ["infer.batch.device=cuda", "infer.batch.dtype=bfloat16", "infer.batch_offload=false"]
+    bf16 = plan_inference(preset(a14b, *cuda, "infer.device_memory_gb=64"), a14b, "batch")
+    fp8 = plan_inference(preset(a14b, *cuda, "infer.device_memory_gb=64", "infer.quantize=fp8"), a14b, "batch")
+    assert 14.2e9 < fp8.stages["high"].weight_bytes < 14.7e9 and bf16.stages["high"].weight_bytes > 28.5e9
+    assert fp8.fits and not bf16.fits
+    assert fp8.stages["high"].dtype == "fp8 weights, bfloat16"
+    with pytest.raises(ConfigError, match="infer.quantize fp8 runs on CUDA GPUs of compute capability 8.9"):
+        plan_inference(preset(a14b, "infer.quantize=fp8"), a14b, "batch")
+    from wanray.infer.spec import StageSpec
+
+    with pytest.raises(ConfigError, match="runs on npu .on NPU, torch_npu's int8 matmuls are not wired in yet"):
+        StageSpec.for_batch(a14b, preset(a14b, "infer.quantize=fp8", "infer.batch.device=npu"))
+    with pytest.raises(ConfigError, match="infer.quantize fp8 halves the experts: run without offload"):
+        StageSpec.for_batch(a14b, preset(a14b, *cuda[:2], "infer.batch_offload=true", "infer.quantize=fp8"))

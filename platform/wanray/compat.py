@@ -35,6 +35,7 @@ REMOVED_KEYS = {
     "infer.low_devices": "use infer.stages.low.devices",
     "infer.replicas": "each stage has its own: infer.stages.{text,high,low,vae}.replicas",
     "infer.max_replicas": "each stage has its own: infer.stages.{text,high,low,vae}.max_replicas",
+    "infer.first_block_cache": "use infer.cache: first_block and infer.cache_threshold: the old value",
 }
 
 

@@ -263,10 +263,33 @@ class InferConfig:
     """Run classifier-free guidance's conditional and unconditional passes as one forward of batch 2 (serving,
     batch generation, validation): fewer, larger kernels for twice an expert step's activations; --plan
     counts them."""
-    first_block_cache: float = 0.0
-    """Step caching through diffusers' first-block cache in every expert stage: a step whose first transformer
-    block's output changed by less than this (relative) reuses the previous step's remaining blocks; 0 is off.
-    It trades quality for speed (benchmarks/serve.py measures both); not with multi-device expert stages."""
+    cache: Literal["none", "first_block", "magcache"] = "none"
+    """Step caching in every expert stage; it trades quality for speed (pipelines/calibrate_cache.py and
+    benchmarks/serve.py measure both). first_block: diffusers' first-block cache, a step whose first block's
+    output changed by less than cache_threshold (relative) reuses the previous step's other blocks; single-device
+    stages only. magcache: MagCache through diffusers, a step whose accumulated residual-magnitude error
+    (from the per-expert ratios pipelines/calibrate_cache.py wrote beside the model) stays under cache_threshold
+    reuses the previous step's residual; the decision depends only on the ratios and the step, so every rank of a
+    multi-device stage makes the same one."""
+    cache_threshold: float = 0.06
+    """first_block: relative change of the first block's output; magcache: accumulated error (MagCache's own
+    default is 0.06; higher skips more)."""
+    cache_ratios: str = ""
+    """magcache: the calibration file; empty takes <model.path>/wanray_magcache.json (calibrate_cache.py's)."""
+    quantize: Literal["none", "fp8"] = "none"
+    """fp8: the experts' block Linear layers in float8 weights and dynamic float8 activations (torchao; CUDA GPUs of
+    compute capability 8.9+, bfloat16 stages): half the expert weights, faster matmuls (wanray.infer.quantize)."""
+    compile: bool = False
+    """torch.compile each expert's transformer blocks (regional compilation, diffusers' compile_repeated_blocks):
+    the 40 blocks share one compiled graph; the first request of a size compiles (minutes on the real model), a
+    request of a size seen before none; a second size recompiles once with dynamic shapes."""
+    compile_backend: str = "inductor"
+    """torch.compile backend of infer.compile (inductor on CUDA and CPU; on NPU, torch_npu's, e.g. npugraph_ex)."""
+    vae_tiling: bool = False
+    """Decode the VAE in overlapping spatial tiles of vae_tile pixels (diffusers' tiled decode, blended over a
+    quarter of a tile): the decoder's working set no longer grows with the frame's area (--plan shows it)."""
+    vae_tile: int = 256
+    """Tile side in pixels with vae_tiling (a multiple of 64; tiles step by three quarters of it)."""
     max_queued: int = 8
     """The Serve application holds (max_queued + 1) x the fewest replicas of a stage requests at most (a stage
     replica runs one at a time, and a burst may wait at one stage); one more gets 503 with Retry-After at once."""
@@ -354,13 +377,18 @@ class InferConfig:
             )
         if self.max_loaded_loras < 1:
             raise ConfigError(f"infer.max_loaded_loras must be >= 1, got {self.max_loaded_loras}")
-        if self.first_block_cache < 0:
-            raise ConfigError(f"infer.first_block_cache must be >= 0 (0 is off), got {self.first_block_cache}")
-        if self.first_block_cache and max(self.stages.high.devices, self.stages.low.devices, self.batch_devices) > 1:
+        if self.cache != "none" and not 0 < self.cache_threshold < 10:
+            raise ConfigError(f"infer.cache_threshold must lie in (0, 10), got {self.cache_threshold}")
+        if (
+            self.cache == "first_block"
+            and max(self.stages.high.devices, self.stages.low.devices, self.batch_devices) > 1
+        ):
             raise ConfigError(
-                "infer.first_block_cache needs single-device expert stages: each rank would decide on "
-                "its own shard of the tokens whether to skip, and the ranks' collectives would part"
+                "infer.cache first_block needs single-device expert stages: each rank would decide on its own "
+                "shard of the tokens whether to skip, and the ranks' collectives would part (magcache works there)"
             )
+        if self.vae_tile < 64 or self.vae_tile % 64:
+            raise ConfigError(f"infer.vae_tile must be a multiple of 64 pixels, got {self.vae_tile}")
         if self.max_queued < 0 or self.queue_timeout_s <= 0:
             raise ConfigError(
                 f"infer.max_queued must be >= 0 and infer.queue_timeout_s > 0, got "

@@ -27,6 +27,8 @@ from wanray.backends import attention_backend
 from wanray.config import Config
 from wanray.devices import apply_attention_backend, torch_dtype
 from wanray.infer import adapters as lora_adapters
+from wanray.infer.quantize import check_fp8, fp8_saved_bytes
+from wanray.infer.vae_tiles import decode_tiled
 from wanray.sections import STAGES, Resources
 from wanray.train.plan import GB, HEADROOM, cpu_proxy
 from wanray.wan import EXPERTS, VAE_DTYPE, WanContract
@@ -118,6 +120,8 @@ def plan_stage(
     width: int,
     attention: str = "native",
     batched_guidance: bool = False,
+    vae_tile: int = 0,
+    quantize: str = "none",
 ) -> StagePlan:
     """Weights and working set of one stage at frames x height x width (built on fake tensors)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -154,9 +158,16 @@ def plan_stage(
             config = models.read_json(model_dir, "vae/config.json")
             model = models.vae_from_config(config)
             latents = torch.zeros(contract.latent_shape(config.get("z_dim", 16), frames, height, width))
-            working = _peak(lambda: model.decode(contract.denormalize(latents), return_dict=False), model, latents)
+            if vae_tile:  # as VideoDecoder decodes with infer.vae_tiling
+                working = _peak(lambda: decode_tiled(model, contract.denormalize(latents), vae_tile), model, latents)
+            else:
+                working = _peak(lambda: model.decode(contract.denormalize(latents), return_dict=False), model, latents)
         else:
             raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+        if (
+            quantize == "fp8" and stage in EXPERTS
+        ):  # the working set stays bfloat16's (activations quantized per matmul)
+            return StagePlan(stage, f"fp8 weights, {dtype}", _weight_bytes(model) - fp8_saved_bytes(model), working)
         return StagePlan(stage, dtype, _weight_bytes(model), working)
 
 
@@ -249,7 +260,13 @@ def plan_inference(cfg: Config, model_dir, use: str) -> InferencePlan:
             if s in EXPERTS
             else "native"
         )
-        stages[s] = plan_stage(model_dir, s, dtype, contract, frames, height, width, attention, i.batched_guidance)
+        tile = i.vae_tile if i.vae_tiling and s == "vae" else 0
+        quantize = i.quantize if s in EXPERTS else "none"
+        if quantize == "fp8":
+            check_fp8(resources[s].device, dtype, f"the {s}-noise expert")
+        stages[s] = plan_stage(
+            model_dir, s, dtype, contract, frames, height, width, attention, i.batched_guidance, tile, quantize
+        )
         if s in EXPERTS:
             devices = {"serve": i.stages[s].devices, "batch": i.batch_devices, "validation": 1}[use]
             size = torch_dtype(dtype).itemsize

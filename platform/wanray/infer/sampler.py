@@ -15,7 +15,6 @@ stages in one process.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import numpy as np
@@ -24,7 +23,10 @@ import torch
 from wanray import context_parallel, models
 from wanray.devices import apply_attention_backend, torch_dtype
 from wanray.encoding import encode_first_frame, encode_latents, encode_text
+from wanray.errors import ConfigError
 from wanray.infer.adapters import LoadedAdapters
+from wanray.infer.cache import StepCache
+from wanray.infer.quantize import check_fp8_gpu, quantize_fp8
 from wanray.infer.request import (
     Cancelled,
     DenoiseState,
@@ -34,6 +36,7 @@ from wanray.infer.request import (
     multistep,
 )
 from wanray.infer.spec import StageSpec, resident
+from wanray.infer.vae_tiles import decode_tiled
 from wanray.schema import pad_text_embedding
 from wanray.wan import VAE_DTYPE, WanContract, clean_frame_mask, first_frame_mask, token_timesteps
 
@@ -44,6 +47,17 @@ def frame_mask(state: DenoiseState, contract: WanContract) -> torch.Tensor | Non
     if not contract.kind.expand_timesteps:
         return None
     return clean_frame_mask(tuple(state.latents.shape), state.condition is not None).to(state.latents.device)
+
+
+def check_compile_backend(name: str) -> None:
+    """A ConfigError unless torch.compile knows `name` in this process (NPU backends register with torch_npu)."""
+    from torch._dynamo import list_backends
+
+    if name not in list_backends(exclude_tags=()):
+        raise ConfigError(
+            f"infer.compile_backend {name!r} is not a torch.compile backend here "
+            f"(known: {', '.join(list_backends(exclude_tags=()))})"
+        )
 
 
 def set_timesteps(scheduler, steps: int, device: torch.device) -> None:
@@ -96,6 +110,9 @@ class ExpertStage:
             )
         )
         apply_attention_backend(self.expert, spec.attention[expert])
+        if spec.quantize == "fp8":
+            check_fp8_gpu(self.device)
+            quantize_fp8(self.expert)
         if (ranks := spec.devices[expert]) > 1:  # one rank of a group (wanray.infer.group)
             context_parallel.enable(self.expert, ranks, 1, context_parallel.mesh(self.device, ranks, 1), self.device)
         self.model_dir, self.flow_shift = spec.model_dir, spec.flow_shift
@@ -103,11 +120,11 @@ class ExpertStage:
         self.adapters = LoadedAdapters(self.expert, expert, spec.adapters, spec.model_dir, spec.max_loaded_loras)
         self.ranks = spec.devices[expert]
         self.batched_guidance = spec.batched_guidance
-        self.cached = spec.first_block_cache > 0
-        if self.cached:
-            from diffusers import FirstBlockCacheConfig
-
-            self.expert.enable_cache(FirstBlockCacheConfig(threshold=spec.first_block_cache))
+        ratios = spec.calibration.expert(expert, spec.contract.kind.experts) if spec.calibration else None
+        self.cache = StepCache(self.expert, spec.cache, spec.cache_threshold, ratios)
+        if spec.compile_backend:  # after the cache's and the adapters' hooks, which the blocks' graphs then see
+            check_compile_backend(spec.compile_backend)
+            self.expert.compile_repeated_blocks(backend=spec.compile_backend)
         self.should_stop = lambda: False
         """Asked before every denoising step (Serve's stage sets it per request): True stops the request."""
 
@@ -170,8 +187,7 @@ class ExpertStage:
         latents, scheduler = state.latents, state.scheduler
         mask = frame_mask(state, self.contract)
         euler = not multistep(scheduler)
-        if self.cached:  # each request starts with full steps: no residual from the previous one
-            self.expert._reset_stateful_cache()
+        self.cache.begin(stop - state.step)  # each request starts afresh: no residual from the previous one
         for i in range(state.step, stop):
             if self._stopping():
                 raise Cancelled(f"cancelled before step {i + 1} of {len(scheduler.timesteps)}")
@@ -199,10 +215,9 @@ class ExpertStage:
         return DenoiseState(latents, scheduler, max(stop, state.step), state.condition)
 
     def _forward(self, name: str, step: int, latents, timestep, text) -> torch.Tensor:
-        """The expert's noise prediction; with the first-block cache, under the call's own cache context (the
+        """The expert's noise prediction; with a step cache, under the call's own cache context (the
         conditional and unconditional passes keep separate residuals, as in WanPipeline)."""
-        context = self.expert.cache_context(name, step_index=step) if self.cached else contextlib.nullcontext()
-        with context:
+        with self.cache.context(name, step):
             return self.expert(hidden_states=latents, timestep=timestep, encoder_hidden_states=text, return_dict=False)[
                 0
             ]
@@ -224,6 +239,7 @@ class VideoDecoder:
                 models.load_vae(spec.model_dir, torch_dtype(VAE_DTYPE), spec.load_device(self.device)), self.device
             )
         )
+        self.vae_tile = spec.vae_tile
         self.video_processor = VideoProcessor(vae_scale_factor=spec.contract.vae_scale_spatial)
 
     @torch.no_grad()
@@ -254,7 +270,11 @@ class VideoDecoder:
             latents = (1 - mask) * state.condition + mask * latents  # the image's frame, as diffusers decodes it
         latents = self.contract.denormalize(latents.to(self.device, self.vae.dtype))
         with resident(self.vae, self.device, self.offload):
-            video = self.vae.decode(latents, return_dict=False)[0]
+            video = (
+                decode_tiled(self.vae, latents, self.vae_tile)
+                if self.vae_tile
+                else self.vae.decode(latents, return_dict=False)[0]
+            )
         return self.video_processor.postprocess_video(video, output_type="np")[0]
 
 

@@ -16,7 +16,10 @@ from wanray import context_parallel, models
 from wanray.backends import attention_backend
 from wanray.config import Config
 from wanray.devices import accelerator, torch_dtype
+from wanray.errors import ConfigError
 from wanray.infer import adapters as lora_adapters
+from wanray.infer.cache import Calibration, ratios_path
+from wanray.infer.quantize import check_fp8
 from wanray.sections import STAGES, Resources
 from wanray.wan import EXPERTS, WanContract
 
@@ -40,8 +43,17 @@ class StageSpec:
     """Each stage's model waits in host memory and is on its device only while the stage runs (batch actors)."""
     batched_guidance: bool = False
     """Classifier-free guidance as one forward of the conditional and unconditional inputs together."""
-    first_block_cache: float = 0.0
-    """diffusers' first-block cache threshold in the expert stages (0: off)."""
+    cache: str = "none"
+    """infer.cache of the expert stages (wanray.infer.cache)."""
+    cache_threshold: float = 0.0
+    calibration: Calibration | None = None
+    """magcache: the model's calibration (its per-expert ratios)."""
+    vae_tile: int = 0
+    quantize: str = "none"
+    """infer.quantize of the experts (wanray.infer.quantize)."""
+    compile_backend: str = ""
+    """torch.compile backend of the experts' blocks (infer.compile); empty: eager."""
+    """The VAE decodes in tiles of this many pixels (infer.vae_tile with infer.vae_tiling); 0: whole frames."""
     devices: dict[str, int] = field(default_factory=lambda: {e: 1 for e in EXPERTS})
     """Devices of each expert stage: above 1 it runs context-parallel (Ulysses) over that many ranks
     (wanray.infer.group), each ExpertStage one rank of the process group."""
@@ -100,7 +112,12 @@ class StageSpec:
             attention,
             offload,
             cfg.infer.batched_guidance,
-            cfg.infer.first_block_cache,
+            cfg.infer.cache,
+            cfg.infer.cache_threshold,
+            calibration(cfg, model_dir, contract),
+            cfg.infer.vae_tile if cfg.infer.vae_tiling else 0,
+            quantized(cfg, resources, offload),
+            cfg.infer.compile_backend if cfg.infer.compile else "",
             adapters=lora_adapters.resolve(cfg.infer, contract.kind),
             max_loaded_loras=cfg.infer.max_loaded_loras,
         )
@@ -121,6 +138,31 @@ class StageSpec:
 
     def dtype(self, stage: str) -> torch.dtype:
         return torch_dtype(self.resources[stage].dtype)
+
+
+def quantized(cfg: Config, resources: dict[str, Resources], offload: bool) -> str:
+    """infer.quantize, checked against where the experts run (a one-line ConfigError in the driver)."""
+    if cfg.infer.quantize == "fp8":
+        for e in EXPERTS:
+            check_fp8(resources[e].device, resources[e].dtype, f"the {e}-noise expert")
+        if cfg.infer.loras:
+            raise ConfigError("infer.quantize fp8 does not take infer.loras yet: merge the adapter (export.py) first")
+        if offload:
+            raise ConfigError(
+                "infer.quantize fp8 halves the experts: run without offload (--plan shows whether it fits)"
+            )
+    return cfg.infer.quantize
+
+
+def calibration(cfg: Config, model_dir, contract: WanContract) -> Calibration | None:
+    """With infer.cache magcache, the model's calibration, with ratios for each of its experts (else a
+    one-line ConfigError, raised in the driver)."""
+    if cfg.infer.cache != "magcache":
+        return None
+    found = Calibration.read(ratios_path(cfg.infer.cache_ratios, model_dir))
+    for e in contract.kind.experts:
+        found.expert(e, contract.kind.experts)
+    return found
 
 
 def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:

@@ -1,0 +1,95 @@
+"""MagCache calibration (pipelines/calibrate_cache.py): the per-expert residual ratios of a model, and the
+quality and speed the cache then gives on the same prompts."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from wanray.infer.cache import Calibration, ResidualRatios, StepCache
+from wanray.infer.request import GenerationParams
+from wanray.infer.sampler import Sampler
+from wanray.infer.spec import StageSpec
+
+
+def frame_quality(cached: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """PSNR (dB) and SSIM of (F, H, W, 3) frames in [0, 1] against the reference (torchmetrics, per frame)."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    a, b = (torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).double() for x in (cached, reference))
+    psnr = peak_signal_noise_ratio(a, b, data_range=1.0).item()
+    # a window no larger than the frame: tiny test videos are smaller than SSIM's usual 11 pixels
+    window = min(11, a.shape[-1], a.shape[-2]) // 2 * 2 - 1
+    ssim = structural_similarity_index_measure(a, b, data_range=1.0, kernel_size=window).item()  # type: ignore[union-attr]
+    return psnr, ssim
+
+
+class _Computed:
+    """Counts the forwards an expert really computes: its last block's feed-forward runs only then."""
+
+    def __init__(self, expert: Any):
+        self.count = 0
+        self._handle = expert.blocks[-1].ffn.register_forward_hook(self._seen)
+
+    def _seen(self, *_) -> None:
+        self.count += 1
+
+    def close(self) -> int:
+        self._handle.remove()
+        return self.count
+
+
+def calibrate(spec: StageSpec, prompts: list[GenerationParams], threshold: float, log=print) -> Calibration:
+    """Render each prompt uncached while recording each expert's residual ratios (their mean over the prompts is
+    the calibration), then again with MagCache at `threshold`: PSNR and SSIM of those frames against the uncached
+    ones, the speedup, and how many of each expert's forwards were computed, in `quality`."""
+    if len({p.num_inference_steps for p in prompts}) != 1:
+        raise ValueError("calibrate the prompts at one step count")
+    sampler = Sampler(spec)
+    stages = {"high": sampler.high, **({"low": sampler.low} if sampler.low is not None else {})}
+    recorded: dict[str, list[list[float]]] = {e: [] for e in stages}
+    uncached, seconds = [], 0.0
+    for k, params in enumerate(prompts):
+        every = 2 if params.guided and not spec.batched_guidance else 1  # the conditional pass of each step
+        recorders = {e: ResidualRatios(s.expert, every) for e, s in stages.items()}
+        start = time.perf_counter()
+        uncached.append(sampler(params))
+        seconds += time.perf_counter() - start
+        for e, r in recorders.items():
+            recorded[e].append(r.close())
+        log(f"[calibrate] prompt {k + 1}/{len(prompts)} uncached in {time.perf_counter() - start:.1f} s")
+    ratios = {e: np.mean(np.array(runs, dtype=np.float64), axis=0).round(5).tolist() for e, runs in recorded.items()}
+    calibration = Calibration(ratios, prompts[0].num_inference_steps, prompts[0].sampler, spec.flow_shift, len(prompts))
+
+    plain = {e: s.cache for e, s in stages.items()}
+    counters = {e: _Computed(s.expert) for e, s in stages.items()}
+    for e, s in stages.items():
+        s.cache = StepCache(s.expert, "magcache", threshold, ratios[e])
+    scores, cached_seconds = [], 0.0
+    try:
+        for params, reference in zip(prompts, uncached):
+            start = time.perf_counter()
+            frames = sampler(params)
+            cached_seconds += time.perf_counter() - start
+            scores.append(frame_quality(frames, reference))
+    finally:
+        for e, s in stages.items():
+            s.expert.disable_cache()
+            s.cache = plain[e]
+    computed = {e: c.close() for e, c in counters.items()}
+    forwards = {
+        e: len(r) * len(prompts) * (2 if prompts[0].guided and not spec.batched_guidance else 1)
+        for e, r in ratios.items()
+    }
+    quality = {
+        "threshold": threshold,
+        "psnr_db": float(np.mean([p for p, _ in scores])),
+        "ssim": float(np.mean([s for _, s in scores])),
+        "speedup": seconds / cached_seconds,
+        "computed_forwards": {e: f"{computed[e]}/{forwards[e]}" for e in stages},
+    }
+    return dataclasses.replace(calibration, quality=quality)

@@ -37,7 +37,8 @@ def run(cfg, model_dir: str, prompts: list, threshold: float):
     from wanray.infer.calibrate import calibrate
     from wanray.infer.spec import StageSpec
 
-    spec = dataclasses.replace(StageSpec.for_batch(model_dir, cfg), cache="none", calibration=None)
+    # one process: the ratios are the model's, whatever the devices it is later served over
+    spec = dataclasses.replace(StageSpec.for_batch(model_dir, cfg), calibration=None, devices={"high": 1, "low": 1})
     return calibrate(spec, prompts, threshold, log=lambda line: print(line, flush=True))
 
 

@@ -337,3 +337,55 @@ def test_compiled_blocks_give_the_eager_frames_and_compile_once_per_size(tiny_mo
             assert np.abs(frames - eager).max() <= 1e-4
     assert graphs == [1, 1, 2, 2, 2]
     torch._dynamo.reset()
+
+
+def _magcache_rank(rank: int, model: str, ratios: str, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    cfg = tiny_config(model, "infer.batch_devices=2", "infer.cache=magcache", f"infer.cache_ratios={ratios}")
+    spec = StageSpec.for_batch(model, cfg)
+    text = PromptEncoder(spec).encode(PARAMS)
+    high, low = ExpertStage(spec, "high"), ExpertStage(spec, "low")
+    latents = low.denoise(PARAMS, text, high.denoise(PARAMS, text)).latents
+    if rank == 0:
+        torch.save(latents, out)
+    dist.destroy_process_group()
+
+
+def test_magcache_on_two_ranks_gives_the_one_device_latents(tiny_model, tmp_path):
+    """infer.cache magcache on an expert split over 2 ranks (Ulysses, gloo): every rank skips the same steps and
+    reuses its own shard's residual, so the latents equal the single-device cached ones (which differ from
+    uncached). The cache's hooks are registered before the split's: the other way round, MagCache would take the
+    whole sequence's input and its shard's output for the residual."""
+    import torch.multiprocessing as mp
+
+    from wanray.runtime import free_port
+
+    steps = PARAMS.num_inference_steps
+    path, out = tmp_path / "ratios.json", tmp_path / "latents.pt"
+    path.write_text(
+        json.dumps(
+            {
+                "ratios": {"high": [1.0, 1.01, 1.01], "low": [1.0] + [0.99] * (steps - 4)},
+                "num_inference_steps": steps,
+                "sampler": "unipc",
+                "flow_shift": None,
+                "prompts": 1,
+            }
+        )
+    )
+    mp.start_processes(
+        _magcache_rank, args=(str(tiny_model), str(path), free_port(), str(out)), nprocs=2, start_method="spawn"
+    )
+    spec = StageSpec.for_batch(
+        tiny_model, tiny_config(tiny_model, "infer.cache=magcache", f"infer.cache_ratios={path}")
+    )
+    text = PromptEncoder(spec).encode(PARAMS)
+    one = ExpertStage(spec, "low").denoise(PARAMS, text, ExpertStage(spec, "high").denoise(PARAMS, text)).latents
+    plain = StageSpec.for_batch(tiny_model, tiny_config(tiny_model))
+    uncached = ExpertStage(plain, "low").denoise(PARAMS, text, ExpertStage(plain, "high").denoise(PARAMS, text)).latents
+    assert torch.allclose(torch.load(out), one, atol=1e-4) and not torch.allclose(one, uncached, atol=1e-3)

@@ -89,34 +89,40 @@ def ratios_path(configured: str, model_dir) -> Path:
 class StepCache:
     """One expert stage's cache: `begin(steps)` before a request's steps (MagCache takes the request's step
     count to map its ratios), `context(name, step)` around each forward (cond and uncond keep their own
-    residuals, as in WanPipeline)."""
+    residuals, as in WanPipeline).
+
+    Made before the stage's context parallelism is enabled: diffusers' hooks wrap a block's forward in the order
+    they are registered, the last outermost, so the split of the tokens over the ranks (a hook on the first block)
+    then runs before MagCache's and each rank's cache sees its own shard, as its last block returns it."""
 
     def __init__(self, expert: Any, mode: str, threshold: float, ratios: list[float] | None):
         """expert: a diffusers transformer (CacheMixin: enable_cache, cache_context)."""
-        self.expert, self.mode, self.threshold, self.ratios = expert, mode, threshold, ratios
-        self.steps = 0
+        self.expert, self.mode, self.ratios = expert, mode, ratios
+        self.config: Any = None
         if mode == "first_block":
             from diffusers import FirstBlockCacheConfig
 
             expert.enable_cache(FirstBlockCacheConfig(threshold=threshold))
-        elif mode == "magcache" and not ratios:
-            raise ConfigError("infer.cache magcache needs the expert's calibrated ratios")
+        elif mode == "magcache":
+            from diffusers import MagCacheConfig
+
+            if not ratios:
+                raise ConfigError("infer.cache magcache needs the expert's calibrated ratios")
+            self.config = MagCacheConfig(threshold=threshold, num_inference_steps=len(ratios), mag_ratios=ratios)
+            expert.enable_cache(self.config)
 
     @property
     def on(self) -> bool:
         return self.mode != "none"
 
     def begin(self, steps: int) -> None:
-        """A new request in which this expert runs `steps` steps: fresh state (no residual of the last one)."""
-        if self.mode == "magcache" and steps != self.steps:
-            from diffusers import MagCacheConfig
+        """A new request in which this expert runs `steps` steps: fresh state (no residual of the last one), and
+        the ratios mapped onto that many steps (the hooks share this config: they stay registered as they are)."""
+        if self.config is not None and steps and steps != self.config.num_inference_steps:
+            from diffusers.hooks.mag_cache import nearest_interp
 
-            if self.steps:
-                self.expert.disable_cache()
-            self.expert.enable_cache(
-                MagCacheConfig(threshold=self.threshold, num_inference_steps=steps, mag_ratios=list(self.ratios or ()))
-            )
-            self.steps = steps
+            self.config.num_inference_steps = steps
+            self.config.mag_ratios = nearest_interp(torch.tensor(self.ratios), steps)
         if self.on:
             self.expert._reset_stateful_cache()
 

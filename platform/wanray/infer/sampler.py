@@ -113,6 +113,8 @@ class ExpertStage:
         if spec.quantize == "fp8":
             check_fp8_gpu(self.device)
             quantize_fp8(self.expert)
+        ratios = spec.calibration.expert(expert, spec.contract.kind.experts) if spec.calibration else None
+        self.cache = StepCache(self.expert, spec.cache, spec.cache_threshold, ratios)  # before the split's hooks
         if (ranks := spec.devices[expert]) > 1:  # one rank of a group (wanray.infer.group)
             context_parallel.enable(self.expert, ranks, 1, context_parallel.mesh(self.device, ranks, 1), self.device)
         self.model_dir, self.flow_shift = spec.model_dir, spec.flow_shift
@@ -120,8 +122,6 @@ class ExpertStage:
         self.adapters = LoadedAdapters(self.expert, expert, spec.adapters, spec.model_dir, spec.max_loaded_loras)
         self.ranks = spec.devices[expert]
         self.batched_guidance = spec.batched_guidance
-        ratios = spec.calibration.expert(expert, spec.contract.kind.experts) if spec.calibration else None
-        self.cache = StepCache(self.expert, spec.cache, spec.cache_threshold, ratios)
         if spec.compile_backend:  # after the cache's and the adapters' hooks, which the blocks' graphs then see
             check_compile_backend(spec.compile_backend)
             self.expert.compile_repeated_blocks(backend=spec.compile_backend)

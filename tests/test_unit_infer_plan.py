@@ -148,14 +148,15 @@ def test_fp8_experts_put_the_whole_model_on_one_device_and_are_refused_off_cuda(
     import torchao.quantization.quant_api as quant_api
 
     from wanray.errors import ConfigError
-    from wanray.infer.quantize import fp8_layer, fp8_saved_bytes, quantize_fp8
+    from wanray.infer.quantize import fp8_saved_bytes, quantize_fp8
+    from wanray.models import block_linear
 
     expert = models.expert_from_config({**model_files.A14B_TRANSFORMER, "num_layers": 2}, torch.bfloat16, "meta")
     before, saved = sum(t.nbytes for t in expert.state_dict().values()), fp8_saved_bytes(expert)
     monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
     assert quantize_fp8(expert) == 2 * 10  # per block: q, k, v, out of both attentions, the FFN's two layers
     converted = {n for n, m in expert.named_modules() if type(getattr(m, "weight", None)).__name__ == "Float8Tensor"}
-    assert converted == {n for n, m in expert.named_modules() if fp8_layer(m, n)} and len(converted) == 20
+    assert converted == {n for n, m in expert.named_modules() if block_linear(m, n)} and len(converted) == 20
     assert expert.blocks[0].attn1.to_q.weight.qdata.dtype == torch.float8_e4m3fn
     assert type(expert.proj_out.weight).__name__ == "Parameter"  # embedders, output projection, norms: as they were
     after = sum(

@@ -122,3 +122,15 @@ def apply_attention_backend(model, name: str) -> None:
         model.set_attention_backend(name)
     finally:
         diffusers_logging.set_verbosity(level)
+
+
+def check_compile_backend(name: str, key: str) -> None:
+    """A ConfigError unless torch.compile knows `name` in this process (NPU backends register with torch_npu)."""
+    from torch._dynamo import list_backends
+
+    from wanray.errors import ConfigError
+
+    if name not in list_backends(exclude_tags=()):
+        raise ConfigError(
+            f"{key} {name!r} is not a torch.compile backend here (known: {', '.join(list_backends(exclude_tags=()))})"
+        )

@@ -237,6 +237,12 @@ def load_expert(path, expert: str, dtype=torch.float32, device="cpu"):
     return model.to(device)
 
 
+def block_linear(module: torch.nn.Module, name: str) -> bool:
+    """The Linear layers inside an expert's transformer blocks (attention projections, feed-forward): the layers
+    float8 converts (infer.quantize fp8, train.float8); embedders, norms, modulation and the output stay."""
+    return isinstance(module, torch.nn.Linear) and name.startswith("blocks.")
+
+
 def expert_from_config(config: dict, dtype=torch.float32, device=None):
     """An expert with freshly initialised weights, laid out as load_expert returns it: parameters in
     `dtype` except the modules diffusers keeps in float32 (_keep_in_fp32_modules). Built on `device`

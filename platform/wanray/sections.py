@@ -512,6 +512,15 @@ class TrainConfig:
     """Gradient reduce-scatter dtype."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in backward instead of keeping its activations."""
+    compile: bool = False
+    """torch.compile each transformer block before FSDP2 shards it, as torchtitan does (the blocks share one graph;
+    each new bucket shape recompiles once)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend of train.compile (on NPU, torch_npu's)."""
+    float8: bool = False
+    """torchao float8 training of the blocks' Linear layers, with FSDP2's float8 all-gather (half the gathered
+    bytes), as torchtitan trains: CUDA GPUs of compute capability 8.9+, bfloat16 workers, full fine-tuning;
+    `pip install 'wanray[fp8]'`."""
     init_dcp: str = ""
     """DCP copy of the expert's weights (pipelines/export.py --to-dcp) for sharded loading; empty = safetensors."""
     checkpoint_every: int = 500
@@ -554,6 +563,13 @@ class TrainConfig:
             raise ConfigError(
                 "train.validation.every is set but there are no prompts: set train.validation.prompts "
                 "or train.validation.prompts_file"
+            )
+        if self.float8 and (self.worker.device != "cuda" or self.worker.dtype != "bfloat16" or self.lora.enabled):
+            raise ConfigError(
+                "train.float8 trains on CUDA GPUs of compute capability 8.9 or newer, in bfloat16, without LoRA, but "
+                f"train.worker is {self.worker.device} in {self.worker.dtype}"
+                + (" with train.lora.enabled" if self.lora.enabled else "")
+                + (" (NPU: torch_npu has no float8 training)" if self.worker.device == "npu" else "")
             )
         if not 0.0 <= self.image_condition <= 1.0:
             raise ConfigError(f"train.image_condition must lie in [0, 1], got {self.image_condition}")

@@ -17,13 +17,7 @@ from __future__ import annotations
 import torch
 
 from wanray.errors import ConfigError
-
-QUANTIZED_PREFIX = "blocks."
-
-
-def fp8_layer(module: torch.nn.Module, name: str) -> bool:
-    """The layers infer.quantize fp8 converts: the Linear layers inside the transformer blocks."""
-    return isinstance(module, torch.nn.Linear) and name.startswith(QUANTIZED_PREFIX)
+from wanray.models import block_linear
 
 
 def check_fp8(device: str, dtype: str, where: str) -> None:
@@ -61,8 +55,8 @@ def quantize_fp8(model: torch.nn.Module) -> int:
             "infer.quantize fp8 needs torchao on the expert stages' nodes: pip install 'wanray[fp8]'"
         ) from None
 
-    count = sum(fp8_layer(m, n) for n, m in model.named_modules())
-    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=fp8_layer)
+    count = sum(block_linear(m, n) for n, m in model.named_modules())
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=block_linear)
     return count
 
 
@@ -71,7 +65,7 @@ def fp8_saved_bytes(model: torch.nn.Module) -> int:
     float32 scale per output row (biases stay)."""
     saved = 0
     for name, module in model.named_modules():
-        if fp8_layer(module, name):
+        if block_linear(module, name):
             w = module.weight
             saved += w.numel() * (w.element_size() - 1) - 4 * w.shape[0]
     return saved

@@ -21,9 +21,8 @@ import numpy as np
 import torch
 
 from wanray import context_parallel, models
-from wanray.devices import apply_attention_backend, torch_dtype
+from wanray.devices import apply_attention_backend, check_compile_backend, torch_dtype
 from wanray.encoding import encode_first_frame, encode_latents, encode_text
-from wanray.errors import ConfigError
 from wanray.infer.adapters import LoadedAdapters
 from wanray.infer.cache import StepCache
 from wanray.infer.quantize import check_fp8_gpu, quantize_fp8
@@ -47,17 +46,6 @@ def frame_mask(state: DenoiseState, contract: WanContract) -> torch.Tensor | Non
     if not contract.kind.expand_timesteps:
         return None
     return clean_frame_mask(tuple(state.latents.shape), state.condition is not None).to(state.latents.device)
-
-
-def check_compile_backend(name: str) -> None:
-    """A ConfigError unless torch.compile knows `name` in this process (NPU backends register with torch_npu)."""
-    from torch._dynamo import list_backends
-
-    if name not in list_backends(exclude_tags=()):
-        raise ConfigError(
-            f"infer.compile_backend {name!r} is not a torch.compile backend here "
-            f"(known: {', '.join(list_backends(exclude_tags=()))})"
-        )
 
 
 def set_timesteps(scheduler, steps: int, device: torch.device) -> None:
@@ -123,7 +111,7 @@ class ExpertStage:
         self.ranks = spec.devices[expert]
         self.batched_guidance = spec.batched_guidance
         if spec.compile_backend:  # after the cache's and the adapters' hooks, which the blocks' graphs then see
-            check_compile_backend(spec.compile_backend)
+            check_compile_backend(spec.compile_backend, "infer.compile_backend")
             self.expert.compile_repeated_blocks(backend=spec.compile_backend)
         self.should_stop = lambda: False
         """Asked before every denoising step (Serve's stage sets it per request): True stops the request."""

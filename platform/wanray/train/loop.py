@@ -87,7 +87,8 @@ def build_model(spec: LoopSpec, device: torch.device, fresh: bool):
     cp = t.context_parallel
     if cp.degree > 1:
         context_parallel.enable(model, cp.ulysses, cp.ring, context_parallel.mesh(device, cp.ulysses, cp.ring), device)
-    apply_fsdp(model, device, t.worker.dtype, t.reduce_dtype, t.activation_checkpointing)
+    compile_backend = t.compile_backend if t.compile else ""
+    apply_fsdp(model, device, t.worker.dtype, t.reduce_dtype, t.activation_checkpointing, compile_backend, t.float8)
     materialize(model, device)
     if fresh or t.lora.enabled:
         if t.init_dcp:

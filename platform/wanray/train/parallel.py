@@ -16,7 +16,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from wanray import models
-from wanray.devices import apply_attention_backend, torch_dtype
+from wanray.devices import apply_attention_backend, check_compile_backend, torch_dtype
+from wanray.models import block_linear
 
 
 def build_on_meta(model_path, expert: str, lora=None, attention_backend: str | None = None):
@@ -42,8 +43,18 @@ def build_on_meta(model_path, expert: str, lora=None, attention_backend: str | N
     return model
 
 
-def apply_fsdp(model, device: torch.device, param_dtype: str, reduce_dtype: str, activation_checkpointing: bool):
-    """Shard each transformer block, then the root, over all ranks (one flat data-parallel mesh).
+def apply_fsdp(
+    model,
+    device: torch.device,
+    param_dtype: str,
+    reduce_dtype: str,
+    activation_checkpointing: bool,
+    compile_backend: str = "",
+    float8: bool = False,
+):
+    """Shard each transformer block, then the root, over all ranks (one flat data-parallel mesh); with
+    `float8`, the blocks' Linear layers train in float8 first (convert_float8), with `compile_backend` each
+    block is compiled before it is sharded (torchtitan's order: float8, compile, FSDP2).
 
     Mixed precision: parameters are all-gathered and computed in param_dtype, except the time
     embedder, which stays float32 as diffusers keeps it. diffusers also keeps the blocks'
@@ -63,10 +74,37 @@ def apply_fsdp(model, device: torch.device, param_dtype: str, reduce_dtype: str,
     )
     fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
     fully_shard(model.condition_embedder.time_embedder, mesh=mesh, mp_policy=fp32)
+    if float8:
+        convert_float8(model)
+    if compile_backend:
+        check_compile_backend(compile_backend, "train.compile_backend")
     for block in model.blocks:
+        if compile_backend:
+            block.compile(backend=compile_backend)
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def convert_float8(model) -> int:
+    """Swap the blocks' Linear layers for torchao's Float8Linear (dynamic per-tensor scales; weights all-gathered by
+    FSDP2 in float8: enable_fsdp_float8_all_gather), as torchtitan's float8 training does; layers whose dimensions
+    are not multiples of 16 (float8 matmuls need them) stay. The number converted."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError:
+        from wanray.errors import ConfigError
+
+        raise ConfigError("train.float8 needs torchao on the training workers: pip install 'wanray[fp8]'") from None
+
+    def chosen(module, name: str) -> bool:
+        return block_linear(module, name) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+    count = sum(chosen(m, n) for n, m in model.named_modules())
+    convert_to_float8_training(
+        model, config=Float8LinearConfig(enable_fsdp_float8_all_gather=True), module_filter_fn=chosen
+    )
+    return count
 
 
 def materialize(model, device: torch.device) -> None:

@@ -17,7 +17,10 @@ the platform's own code reads. Three measurements:
    (wanray.train.plan) for the same L-block expert on one rank is printed beside the measured peak.
 2. One denoising step with guidance (two forwards) of the full 40-block expert in bf16 at 480x832x81,
    through the sampler's ExpertStage (the stage Serve and batch generation run).
-3. VAE decode of 21 latent frames to 81x480x832 in float32, through the sampler's VideoDecoder.
+3. VAE decode of 21 latent frames to 81x480x832 in float32, through the sampler's VideoDecoder, whole and in
+   256-pixel tiles (infer.vae_tiling).
+On CUDA the denoising step is timed again with the speed levers: compiled blocks, then FP8 on top (torchao: carry
+its wheel as diffusers'); each against the bf16 eager step, with the latents' relative difference.
 
 FLOPs (stated so the TFLOP/s can be checked; `expert_forward_flops`): a forward of an expert with
 L blocks, width d, FFN width f, text width e, N video tokens and T = 512 text tokens is
@@ -352,9 +355,14 @@ def check_denoise(root: Path, kind: str, clip: dict, expert_config: dict, other_
     onload = resident(stage.expert, device, offload=True)
     to_device, _ = timed(onload.__enter__, device)
     to_host, _ = timed(lambda: onload.__exit__(None, None, None), device)
+    levers = check_levers(stage, device, lambda: stage.denoise(params(1), text), lambda: stage.denoise(params(3), text))
     tokens = batch_tokens(state.latents.shape, expert_config)
     flops = 2 * expert_forward_flops(expert_config, tokens, spec.contract.text_tokens)
     return {
+        "levers": {
+            name: v if isinstance(v, str) else {**v, "latent_rel_err": rel_err(v.pop("latents"), state.latents)}
+            for name, v in levers.items()
+        },
         "tokens": tokens,
         "first_step_s": warm,
         "steps": steps,
@@ -375,6 +383,37 @@ def check_denoise(root: Path, kind: str, clip: dict, expert_config: dict, other_
     }
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def check_levers(stage, device: torch.device, warm, run) -> dict:
+    """On CUDA, the denoising steps again with each speed lever on top of the last (the expert is changed in place;
+    run last): compiled blocks (infer.compile, inductor: the warm-up step compiles), then FP8 (infer.quantize,
+    compiled too, as torchao recommends). Each: s/step and the latents to compare with the bf16 eager ones."""
+    from wanray.infer.quantize import check_fp8_gpu, quantize_fp8
+
+    if device.type != "cuda":
+        return {}
+    stage.expert.to(device)  # the offload check above left it in host memory
+    found: dict = {}
+
+    def fp8():
+        check_fp8_gpu(device)
+        quantize_fp8(stage.expert)
+        stage.expert.compile_repeated_blocks(backend="inductor")
+
+    for name, prepare in (("compile", lambda: stage.expert.compile_repeated_blocks(backend="inductor")), ("fp8", fp8)):
+        try:
+            prepare()
+            first, _ = timed(warm, device)
+            seconds, state = timed(run, device)
+            found[name] = {"first_step_s": first, "step_s": seconds / state.step, "latents": state.latents}
+        except Exception as e:  # a lever that cannot run here (no torchao, an older GPU): say why, go on
+            found[name] = f"{type(e).__name__}: {e}"
+    return found
+
+
 def check_vae(root: Path, kind: str, clip: dict, vae_config: dict) -> dict:
     """Decode of a clip's latents to frames through the sampler's VideoDecoder (float32)."""
     from wanray.infer.plan import plan_stage
@@ -393,7 +432,16 @@ def check_vae(root: Path, kind: str, clip: dict, vae_config: dict) -> dict:
     warm, _ = timed(lambda: decoder.decode(DenoiseState(torch.randn(1, shape[1], 2, 8, 8), None, 0)), device)
     seconds, frames = timed(lambda: decoder.decode(DenoiseState(torch.randn(shape), None, 0)), device)
     peak = peak_gb(device)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    whole = decoder.decode(DenoiseState(latents, None, 0))
+    decoder.vae_tile = 256  # infer.vae_tiling at the default tile
+    free(device)
+    reset_peak(device)
+    tiled_s, tiled = timed(lambda: decoder.decode(DenoiseState(latents, None, 0)), device)
     return {
+        "tiled_decode_s": tiled_s,
+        "tiled_peak_gb": peak_gb(device),
+        "tiled_max_diff": float(abs(tiled - whole).max()),
         "latent_frames": shape[2],
         "frames": list(frames.shape),
         "warmup_s": warm,
@@ -454,6 +502,18 @@ def report(r: dict) -> list[str]:
         f"VAE decode of {v['latent_frames']} latent frames to {'x'.join(map(str, v['frames'][:3]))} (float32): "
         f"{v['decode_s']:.2f} s, peak {mem(v['peak_gb'])} (the inference plan says {v['plan_gb']:.1f} GB)",
         f"    anchor: {ANCHORS['vae']}",
+        f"    tiled (infer.vae_tiling, 256-pixel tiles): {v['tiled_decode_s']:.2f} s, peak {mem(v['tiled_peak_gb'])}, "
+        f"frames within {v['tiled_max_diff']:.1e} of the whole decode",
+        *(
+            f"    lever {name}: "
+            + (
+                lever
+                if isinstance(lever, str)
+                else f"{lever['step_s']:.2f} s/step ({d['step_s'] / lever['step_s']:.2f}x the bf16 eager step; first "
+                f"{lever['first_step_s']:.1f} s), latents {lever['latent_rel_err']:.1e} from the bf16 eager ones"
+            )
+            for name, lever in d["levers"].items()
+        ),
     ]
 
 

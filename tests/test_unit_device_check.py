@@ -61,7 +61,8 @@ def test_the_device_check_runs_end_to_end_at_tiny_size(tmp_path):
     train, denoise, vae = r["train"], r["denoise"], r["vae"]
     assert train["tokens"] == 3 * 4 * 4 and torch.isfinite(torch.tensor(train["loss"])) and train["plan_gb"] > 0
     assert denoise["steps"] == 2 and denoise["finite"] and "native" in denoise["step_s_by_attention_backend"]
-    assert vae["frames"] == [9, 64, 64, 3]
+    assert vae["frames"] == [9, 64, 64, 3] and vae["tiled_max_diff"] <= 1e-5 and "tiled (infer.vae_tiling" in run.stdout
+    assert denoise["levers"] == {}  # compile and FP8 are timed on CUDA only
     assert "anchor: NeMo FSDP" in run.stdout and "VAE decode of 3 latent frames" in run.stdout
 
 

@@ -29,7 +29,6 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
-import math
 import os
 import statistics
 import tempfile
@@ -42,6 +41,7 @@ import torch
 
 from wanray import model_files, models
 from wanray.config import load_config
+from wanray.infer.calibrate import frame_quality
 from wanray.infer.request import GenerationParams
 from wanray.infer.sampler import Sampler
 from wanray.infer.spec import StageSpec
@@ -211,12 +211,7 @@ def measure(cfg, model: Path, params: GenerationParams, args) -> dict:
         uncached_s, cached_s = interleaved(
             lambda: run("two", sampler), lambda cached=cached: run("cached", cached), args.repeats
         )
-        out["cache"][threshold] = (
-            uncached_s,
-            cached_s,
-            psnr(frames["cached"], frames["two"]),
-            ssim(frames["cached"], frames["two"]),
-        )
+        out["cache"][threshold] = (uncached_s, cached_s, *frame_quality(frames["cached"], frames["two"]))
     return out
 
 
@@ -286,22 +281,6 @@ def adapter_switching(cfg, model: Path, body: dict, url: str, tunes: dict, round
         one([])
         restart.append(time.perf_counter() - start)
     return statistics.median(switch), statistics.median(restart)
-
-
-def psnr(a, b) -> float:
-    """dB of frames in [0, 1] against reference frames b."""
-    mse = float(((a - b) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
-def ssim(a, b, window: int = 7) -> float:
-    """Mean SSIM of (F, H, W, 3) frames in [0, 1] (uniform window, Wang et al.'s constants), per channel."""
-    x, y = (torch.from_numpy(v).permute(0, 3, 1, 2).double() for v in (a, b))
-    mean = lambda t: torch.nn.functional.avg_pool2d(t, window, 1)  # noqa: E731
-    mx, my = mean(x), mean(y)
-    vx, vy, cov = mean(x * x) - mx**2, mean(y * y) - my**2, mean(x * y) - mx * my
-    c1, c2 = 0.01**2, 0.03**2
-    return float((((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))).mean())
 
 
 def replica_throughput(cfg, model: Path, body: dict, seeds: list[int], url: str, rounds: int = 2) -> tuple:

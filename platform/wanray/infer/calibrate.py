@@ -43,6 +43,11 @@ class _Computed:
         return self.count
 
 
+def passes(params: GenerationParams, spec: StageSpec) -> int:
+    """Forwards of an expert per step: the conditional and unconditional ones with guidance (batched: one)."""
+    return 2 if params.guided and not spec.batched_guidance else 1
+
+
 def calibrate(spec: StageSpec, prompts: list[GenerationParams], threshold: float, log=print) -> Calibration:
     """Render each prompt uncached while recording each expert's residual ratios (their mean over the prompts is
     the calibration), then again with MagCache at `threshold`: PSNR and SSIM of those frames against the uncached
@@ -54,8 +59,7 @@ def calibrate(spec: StageSpec, prompts: list[GenerationParams], threshold: float
     recorded: dict[str, list[list[float]]] = {e: [] for e in stages}
     uncached, seconds = [], 0.0
     for k, params in enumerate(prompts):
-        every = 2 if params.guided and not spec.batched_guidance else 1  # the conditional pass of each step
-        recorders = {e: ResidualRatios(s.expert, every) for e, s in stages.items()}
+        recorders = {e: ResidualRatios(s.expert, passes(params, spec)) for e, s in stages.items()}
         start = time.perf_counter()
         uncached.append(sampler(params))
         seconds += time.perf_counter() - start
@@ -81,10 +85,7 @@ def calibrate(spec: StageSpec, prompts: list[GenerationParams], threshold: float
             s.expert.disable_cache()
             s.cache = plain[e]
     computed = {e: c.close() for e, c in counters.items()}
-    forwards = {
-        e: len(r) * len(prompts) * (2 if prompts[0].guided and not spec.batched_guidance else 1)
-        for e, r in ratios.items()
-    }
+    forwards = {e: len(r) * sum(passes(p, spec) for p in prompts) for e, r in ratios.items()}
     quality = {
         "threshold": threshold,
         "psnr_db": float(np.mean([p for p, _ in scores])),

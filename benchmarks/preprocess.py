@@ -226,8 +226,8 @@ def main():
     t0 = time.perf_counter()
     connect_ray(num_cpus=psutil.cpu_count(), include_dashboard=False)
     t_ray = time.perf_counter() - t0
-    quiet = lambda _: None  # noqa: E731
-    one_shot = lambda manifest, out: run_preprocess(cfg, manifest, out, log=quiet)  # noqa: E731
+    quiet = lambda _: None
+    one_shot = lambda manifest, out: run_preprocess(cfg, manifest, out, log=quiet)
     t0 = time.perf_counter()
     pipeline(one_shot, small, work, "warmup")
     t_warm = time.perf_counter() - t0

@@ -70,6 +70,11 @@ def test_overrides_are_typed_and_win_over_the_file():
         ("infer.stages.text.devices=2", "infer.stages.text.devices must be 1, got 2: only the expert stages split"),
         ("infer.stages.low.replicas=2", None),
         ("infer.stages.low.replicas=0", "infer.stages.low.replicas must be >= 1 and .max_replicas 0 or >= it"),
+        ("preprocess.vae_actors=0", "preprocess.clips_per_decode_task, vae_actors, vae_batch_size"),
+        ("preprocess.encoders.cpus=-1", "preprocess.encoders.cpus and .accelerators must be >= 0, got -1.0"),
+        ("infer.stages.high.accelerators=-1", "infer.stages.high.cpus and .accelerators must be >= 0"),
+        ("train.validation.worker.cpus=-2", "train.validation.worker.cpus and .accelerators must be >= 0"),
+        ("train.lora.rank=0", "train.lora needs rank >= 1, alpha > 0 and target_modules, got rank 0"),
         ("nokey", "key=value"),
     ],
 )
@@ -111,3 +116,14 @@ def test_devices():
     assert Resources("cpu", cpus=0.5, accelerators=1).ray_options() == {"num_cpus": 0.5}
     with pytest.raises(ValueError, match="unknown device"):
         accelerator("tpu")
+
+
+def test_shards_of_several_clips_per_row_group_are_read_with_a_warning():
+    """An earlier wanray's shards (several clips per Parquet row group) train, with the warning that says why
+    they read slowly; this one's (one clip per row group) say nothing."""
+    from wanray.compat import row_group_warning
+
+    assert row_group_warning("data/x", 1) is None
+    assert row_group_warning("data/x", 3).startswith(
+        "[train] warning: the shards in data/x hold up to 3 clips per Parquet row group"
+    )

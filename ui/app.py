@@ -67,7 +67,7 @@ def build_ui(generate: Generate, cfg: Config, model_dir: str, preview: Preview |
     ):
         """extra_*, in order: the image inputs the model takes (first frame, last frame), the chosen adapters and
         their scales where adapters are served, then the sampler; each may be left out (None: its default)."""
-        encode = lambda path: base64.b64encode(Path(path).read_bytes()).decode() if path else None  # noqa: E731
+        encode = lambda path: base64.b64encode(Path(path).read_bytes()).decode() if path else None
         *rest, sampler = [extra_1, extra_2, extra_3, extra_4, extra_5][: len(images) + len(adapters) + 1]
         image, last_image = [*rest[: len(images)], None, None][:2]
         try:

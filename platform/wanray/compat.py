@@ -5,6 +5,8 @@ REMOVAL_VERSION, after which an old key is an unknown key and an old shard is re
 - Parquet shards of schema 1 (one fixed size per directory, before each clip's bucket and source size
   were stored): training reads them, as it needs only the tensors and their shapes; preprocessing
   writes schema 2 only.
+- Shards of several clips per Parquet row group (before one row group per clip): training reads them, with a
+  warning, as every clip read decodes its whole row group.
 """
 
 from __future__ import annotations
@@ -41,3 +43,15 @@ REMOVED_KEYS = {
 
 TRAINING_READS = ("1", "2")
 """Parquet schema versions training reads (wanray.schema.SCHEMA_VERSION is what preprocessing writes)."""
+
+
+def row_group_warning(data_dir, clips_per_row_group: int) -> str | None:
+    """The warning for a preprocessed directory whose shards hold several clips per Parquet row group (an earlier
+    wanray's), or None for this one's (one clip per row group)."""
+    if clips_per_row_group <= 1:
+        return None
+    return (
+        f"[train] warning: the shards in {data_dir} hold up to {clips_per_row_group} clips per Parquet row group "
+        "(written by an earlier wanray): every clip read decodes its whole row group. Preprocess into a new "
+        "directory for one row group per clip"
+    )

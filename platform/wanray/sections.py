@@ -55,9 +55,10 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     height: int = 480
-    """Clip height in pixels after resize + center crop (multiple of 16)."""
+    """Clip height in pixels after resize + center crop (a multiple of the model's size multiple: 16 for the
+    A14B models, 32 for TI2V-5B)."""
     width: int = 832
-    """Clip width in pixels after resize + center crop (multiple of 16)."""
+    """Clip width in pixels after resize + center crop (a multiple of the model's size multiple)."""
     num_frames: int = 81
     """Frames per clip, 4n+1 (81 frames -> 21 latent frames)."""
     min_frames: int = 81
@@ -121,6 +122,11 @@ class Resources:
             options["resources"] = {"NPU": self.accelerators}
         return options
 
+    def check(self, key: str) -> None:
+        """A one-line ConfigError naming `key` (where these resources sit in the config) for a value Ray refuses."""
+        if self.cpus < 0 or self.accelerators < 0:
+            raise ConfigError(f"{key}.cpus and .accelerators must be >= 0, got {self.cpus} and {self.accelerators}")
+
     def bundle(self) -> dict:
         """These resources as a placement group bundle."""
         options = self.ray_options()
@@ -149,6 +155,17 @@ class PreprocessConfig:
     """Captions per text encoder batch."""
     rows_per_shard: int = 64
     """Clips per Parquet shard."""
+
+    def __post_init__(self) -> None:
+        self.encoders.check("preprocess.encoders")
+        counts = (self.clips_per_decode_task, self.vae_actors, self.vae_batch_size, self.text_actors)
+        if min(*counts, self.text_batch_size, self.rows_per_shard) < 1:
+            raise ConfigError(
+                "preprocess.clips_per_decode_task, vae_actors, vae_batch_size, text_actors, text_batch_size and "
+                "rows_per_shard must be >= 1"
+            )
+        if self.decode_cpus <= 0:
+            raise ConfigError(f"preprocess.decode_cpus must be > 0, got {self.decode_cpus}")
 
 
 STAGES = ("text", "high", "low", "vae")
@@ -192,6 +209,7 @@ class Stages:
     def __post_init__(self) -> None:
         for stage in STAGES:
             s = self[stage]
+            s.check(f"infer.stages.{stage}")
             if s.replicas < 1 or (s.max_replicas and s.max_replicas < s.replicas):
                 raise ConfigError(
                     f"infer.stages.{stage}.replicas must be >= 1 and .max_replicas 0 or >= it, got {s.replicas} "
@@ -358,6 +376,7 @@ class InferConfig:
     is unloaded to load another."""
 
     def __post_init__(self) -> None:
+        self.batch.check("infer.batch")
         self.loras = {k: LoraSource(path=v) if isinstance(v, str) else v for k, v in self.loras.items()}
         for name in self.loras:
             if not ADAPTER_NAME.fullmatch(name):
@@ -416,6 +435,13 @@ class LoraConfig:
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
     )
     """Module name suffixes that get adapters: attention projections and the FFN by default."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.alpha <= 0 or not self.target_modules:
+            raise ConfigError(
+                f"train.lora needs rank >= 1, alpha > 0 and target_modules, got rank {self.rank}, alpha {self.alpha}, "
+                f"{len(self.target_modules)} target module(s)"
+            )
 
 
 @dataclass
@@ -546,6 +572,8 @@ class TrainConfig:
     workers / (ulysses x ring) data-parallel groups."""
 
     def __post_init__(self) -> None:
+        self.worker.check("train.worker")
+        self.validation.worker.check("train.validation.worker")
         if min(self.steps, self.workers, self.batch_size, self.grad_accum, self.checkpoint_every) < 1:
             raise ConfigError("train.steps, workers, batch_size, grad_accum and checkpoint_every must be >= 1")
         cp = self.context_parallel

@@ -165,7 +165,7 @@ def resolve(req: GenerateRequest, cfg: Config, kind: ModelKind = KINDS["t2v-a14b
     first bound it breaks (an image given to a text-to-video model, or none to an image-to-video one, or
     a size whose tokens the `split` devices of an expert stage cannot share evenly)."""
     inf, data = cfg.infer, cfg.data
-    pick = lambda value, default: default if value is None else value  # noqa: E731
+    pick = lambda value, default: default if value is None else value
     p = GenerationParams(
         prompt=req.prompt,
         negative_prompt=pick(req.negative_prompt, inf.negative_prompt),

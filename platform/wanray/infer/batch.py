@@ -69,7 +69,7 @@ def read_prompts(
         except json.JSONDecodeError as e:
             raise RequestError(f"{p} line {number}: not JSON: {e}") from None
         except ValidationError as e:
-            where = lambda err: ".".join(map(str, err["loc"])) or "line"  # noqa: E731
+            where = lambda err: ".".join(map(str, err["loc"])) or "line"
             raise RequestError(
                 f"{p} line {number}: " + "; ".join(f"{where(err)}: {err['msg']}" for err in e.errors())
             ) from None

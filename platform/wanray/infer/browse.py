@@ -201,7 +201,7 @@ def list_datasets(roots: Roots) -> list[str]:
 def absolute_roots(cfg: Config) -> Config:
     """cfg with ui.runs_roots and ui.data_roots absolute (relative ones: to this process's working directory)."""
     ui = cfg.ui
-    absolute = lambda roots: [str(Path(r).resolve()) for r in roots]  # noqa: E731
+    absolute = lambda roots: [str(Path(r).resolve()) for r in roots]
     return dataclasses.replace(
         cfg, ui=dataclasses.replace(ui, runs_roots=absolute(ui.runs_roots), data_roots=absolute(ui.data_roots))
     )

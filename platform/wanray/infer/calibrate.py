@@ -24,8 +24,9 @@ def frame_quality(cached: np.ndarray, reference: np.ndarray) -> tuple[float, flo
     psnr = peak_signal_noise_ratio(a, b, data_range=1.0).item()
     # a window no larger than the frame: tiny test videos are smaller than SSIM's usual 11 pixels
     window = min(11, a.shape[-1], a.shape[-2]) // 2 * 2 - 1
-    ssim = structural_similarity_index_measure(a, b, data_range=1.0, kernel_size=window).item()  # type: ignore[union-attr]
-    return psnr, ssim
+    ssim = structural_similarity_index_measure(a, b, data_range=1.0, kernel_size=window)
+    assert isinstance(ssim, torch.Tensor)  # a tuple only with return_full_image or return_contrast_sensitivity
+    return psnr, ssim.item()
 
 
 class _Computed:

@@ -163,5 +163,5 @@ def batch_group(spec: StageSpec, experts: tuple[str, ...], world: int, options: 
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node = ray.get_runtime_context().get_node_id()
-    placement = lambda r: {**options, "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}  # noqa: E731
+    placement = lambda r: {**options, "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
     return RankGroup(spec, experts, world, placement, RANKS_TIMEOUT_S)

@@ -274,8 +274,9 @@ class Sampler:
         """experts: the expert stages already built (a batch actor's multi-device group,
         wanray.infer.group); None builds them here, on this process's device."""
         self.prompt_encoder = PromptEncoder(spec)
-        experts = experts or {e: ExpertStage(spec, e) for e in spec.contract.kind.experts}
-        self.high, self.low = experts["high"], experts.get("low")  # TI2V-5B: no low-noise expert
+        self.experts: dict[str, ExpertStage] = experts or {e: ExpertStage(spec, e) for e in spec.contract.kind.experts}
+        """The expert stages by name: "high", and "low" where the model has it (TI2V-5B has not)."""
+        self.high, self.low = self.experts["high"], self.experts.get("low")
         self.decoder = VideoDecoder(spec)
 
     def __call__(self, params: GenerationParams) -> np.ndarray:

@@ -151,8 +151,7 @@ class Validator:
 
         if self.loaded.get(expert) == checkpoint:
             return
-        stage = self.sampler.high if expert == "high" else self.sampler.low
-        assert stage is not None, f"{expert}: the model has no such expert"
+        stage = self.sampler.experts[expert]
         own = set(stage.expert.state_dict())
         for weights, _ in expert_state_groups(self.model_dir, expert, checkpoint, self.lora):
             weights = {under_adapters(k, own): v for k, v in weights.items()}
@@ -170,8 +169,8 @@ class Validator:
         if checkpoint is None:
             raise FileNotFoundError(f"no checkpoint of step {step} in {self.run_dir / self.expert}")
         self._load(self.expert, checkpoint)
-        for other in ("high", "low"):
-            if other != self.expert and getattr(self.sampler, other) is not None and (self.run_dir / other).is_dir():
+        for other in self.sampler.experts:
+            if other != self.expert and (self.run_dir / other).is_dir():
                 with contextlib.suppress(FileNotFoundError):  # no checkpoint yet: the other's base weights
                     self._load(other, latest_checkpoint(self.run_dir, other))
         out = self.run_dir / self.expert / "validation" / f"step_{step}"

@@ -120,9 +120,9 @@ def measure_activations(dtype: str, attention: str = "native", text_tokens: int 
         design = np.array([[t * d, t * f, t, d] for d, f, t in rows], dtype=float)
         return tuple(float(c) for c in np.linalg.lstsq(design, np.array(values, dtype=float), rcond=None)[0])
 
-    block = [totals[(*r, False, 2)] - totals[(*r, False, 1)] for r in rows]
-    checkpointed = [totals[(*r, True, 2)] - totals[(*r, True, 1)] for r in rows]
-    rest = [totals[(*r, False, 1)] - b for r, b in zip(rows, block)]
+    block = [totals[r + (False, 2)] - totals[r + (False, 1)] for r in rows]
+    checkpointed = [totals[r + (True, 2)] - totals[r + (True, 1)] for r in rows]
+    rest = [totals[r + (False, 1)] - b for r, b in zip(rows, block)]
     return ActivationModel(fit(block), fit(checkpointed), fit(rest))
 
 
@@ -178,7 +178,7 @@ class TrainingPlan:
         return self.total_bytes <= HEADROOM * self.device_bytes
 
     def lines(self) -> list[str]:
-        g = lambda n: f"{n / GB:.2f} GB"  # noqa: E731
+        g = lambda n: f"{n / GB:.2f} GB"
         verdict = (
             f"fits: {g(self.total_bytes)} of {g(self.device_bytes)} ({self.total_bytes / self.device_bytes:.0%}; "
             f"the plan keeps {1 - HEADROOM:.0%} for the allocator, workspaces and communication buffers)"

@@ -12,6 +12,7 @@ from concurrent.futures import Future, as_completed
 from pathlib import Path
 
 from wanray import context_parallel, model_files, models
+from wanray.compat import row_group_warning
 from wanray.config import Config
 from wanray.data.shards import read_empty_prompt
 from wanray.devices import accelerator
@@ -106,12 +107,8 @@ def train_experts(cfg: Config, expert: str, data_dir, run_dir, log=print, valida
     if cfg.train.validation.every and validation is None:
         raise ConfigError("train.validation.every is set: pass a Validation (pipelines/train.py makes one)")
     index = ClipIndex.from_dir(data_dir)  # read once, sent to every worker of both experts
-    if (per_group := index.rows_per_row_group()) > 1:
-        log(
-            f"[train] warning: the shards in {data_dir} hold up to {per_group} clips per Parquet row "
-            "group (written by an earlier wanray): every clip read decodes its whole row group. Preprocess into a "
-            "new directory for one row group per clip"
-        )
+    if warning := row_group_warning(data_dir, index.rows_per_row_group()):
+        log(warning)
     validators = {e: validation.start(e, run_dir) for e in experts} if validation is not None else {}
     try:
         trainers = {e: make_trainer(cfg, e, data_dir, run_dir, index, validators.get(e)) for e in experts}

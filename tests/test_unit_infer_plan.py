@@ -48,15 +48,21 @@ def test_stage_weights_are_the_published_models_bytes(a14b):
     assert plan.stages["vae"].dtype == "float32" and 0.4e9 < plan.stages["vae"].weight_bytes < 0.6e9
 
 
-def test_the_working_set_is_one_blocks_not_every_blocks(a14b, tmp_path):
-    """Blocks free their activations in inference: a plan that counted every block would grow with depth."""
-    shallow = model_files.write_config_dir(tmp_path / "two-blocks", {**model_files.A14B_TRANSFORMER, "num_layers": 2})
-    cfg = preset(shallow)
-    contract = models.read_contract(shallow, cfg.model)
-    two = plan_stage(shallow, "high", "bfloat16", contract, 81, 480, 832)
-    forty = plan_inference(preset(a14b), a14b, "batch").stages["high"]
-    assert two.working_bytes == forty.working_bytes
-    assert two.weight_bytes < forty.weight_bytes / 10
+def test_a_plan_from_two_blocks_is_the_whole_depths(a14b):
+    """Blocks free their activations in inference, and are alike: a plan measures a two-block expert and scales
+    its weights to the depth. Here the whole 40-block expert, built and run on fake tensors, gives the same."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from wanray.infer.plan import _expert_bytes
+
+    cfg = preset(a14b)
+    contract, config = models.read_contract(a14b, cfg.model), models.expert_config(a14b, "high")
+    with FakeTensorMode():
+        whole = _expert_bytes(config, torch.bfloat16, "native", contract, 81, 480, 832, False)
+    plan = plan_stage(a14b, "high", "bfloat16", contract, 81, 480, 832)
+    fp8 = plan_stage(a14b, "high", "bfloat16", contract, 81, 480, 832, quantize="fp8")
+    assert (plan.weight_bytes, plan.weight_bytes - fp8.weight_bytes, plan.working_bytes) == whole
+    assert config["num_layers"] == 40
 
 
 def test_offload_decides_whether_a_batch_actor_fits_and_serving_plans_the_largest_request(a14b):

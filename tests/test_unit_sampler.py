@@ -339,13 +339,10 @@ def test_compiled_blocks_give_the_eager_frames_and_compile_once_per_size(tiny_mo
     torch._dynamo.reset()
 
 
-def _magcache_rank(rank: int, model: str, ratios: str, port: int, out: str) -> None:
-    import os
-
+def _magcache_rank(rank: int, model: str, ratios: str, store: str, out: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     cfg = tiny_config(model, "infer.batch_devices=2", "infer.cache=magcache", f"infer.cache_ratios={ratios}")
     spec = StageSpec.for_batch(model, cfg)
     text = PromptEncoder(spec).encode(PARAMS)
@@ -356,14 +353,13 @@ def _magcache_rank(rank: int, model: str, ratios: str, port: int, out: str) -> N
     dist.destroy_process_group()
 
 
+@pytest.mark.integration  # a gloo process group of 2 processes
 def test_magcache_on_two_ranks_gives_the_one_device_latents(tiny_model, tmp_path):
     """infer.cache magcache on an expert split over 2 ranks (Ulysses, gloo): every rank skips the same steps and
     reuses its own shard's residual, so the latents equal the single-device cached ones (which differ from
     uncached). The cache's hooks are registered before the split's: the other way round, MagCache would take the
     whole sequence's input and its shard's output for the residual."""
     import torch.multiprocessing as mp
-
-    from wanray.runtime import free_port
 
     steps = PARAMS.num_inference_steps
     path, out = tmp_path / "ratios.json", tmp_path / "latents.pt"
@@ -379,7 +375,10 @@ def test_magcache_on_two_ranks_gives_the_one_device_latents(tiny_model, tmp_path
         )
     )
     mp.start_processes(
-        _magcache_rank, args=(str(tiny_model), str(path), free_port(), str(out)), nprocs=2, start_method="spawn"
+        _magcache_rank,
+        args=(str(tiny_model), str(path), str(tmp_path / "store"), str(out)),
+        nprocs=2,
+        start_method="spawn",
     )
     spec = StageSpec.for_batch(
         tiny_model, tiny_config(tiny_model, "infer.cache=magcache", f"infer.cache_ratios={path}")

@@ -134,26 +134,19 @@ def plan_stage(
             working = _peak(lambda: model(ids, torch.ones_like(ids)), model, ids)
         elif stage in EXPERTS:
             config = models.expert_config(model_dir, stage)
-            model = models.expert_from_config(config, compute)
-            apply_attention_backend(model, cpu_proxy(attention))
-            latents = torch.zeros(contract.latent_shape(config["in_channels"], frames, height, width))
-            text = torch.zeros(1, contract.text_tokens, config["text_dim"], dtype=compute)
-
-            def guided_step():  # as ExpertStage._steps: conditional, unconditional, combined
-                x, t = latents.to(compute), torch.tensor([500.0])
-                if batched_guidance:
-                    cond, uncond = model(
-                        hidden_states=torch.cat([x, x]),
-                        timestep=torch.cat([t, t]),
-                        encoder_hidden_states=torch.cat([text, text]),
-                        return_dict=False,
-                    )[0].chunk(2)
-                else:
-                    cond = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
-                    uncond = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
-                return uncond + 4.0 * (cond - uncond)
-
-            working = _peak(guided_step, model, latents, text)
+            # blocks are alike and free their activations: one block's bytes and a two-block model's working set
+            # give the whole depth's (test_unit_infer_plan checks both against the full 40 blocks)
+            one, two = (
+                _expert_bytes(
+                    config | {"num_layers": n}, compute, attention, contract, frames, height, width, batched_guidance
+                )
+                for n in (1, 2)
+            )
+            depth = config["num_layers"] - 1  # blocks beyond the first
+            weights, saved, working = one[0] + depth * (two[0] - one[0]), one[1] + depth * (two[1] - one[1]), two[2]
+            if quantize == "fp8":  # the working set stays bfloat16's (activations quantized per matmul)
+                return StagePlan(stage, f"fp8 weights, {dtype}", weights - saved, working)
+            return StagePlan(stage, dtype, weights, working)
         elif stage == "vae":
             config = models.read_json(model_dir, "vae/config.json")
             model = models.vae_from_config(config)
@@ -164,11 +157,41 @@ def plan_stage(
                 working = _peak(lambda: model.decode(contract.denormalize(latents), return_dict=False), model, latents)
         else:
             raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
-        if (
-            quantize == "fp8" and stage in EXPERTS
-        ):  # the working set stays bfloat16's (activations quantized per matmul)
-            return StagePlan(stage, f"fp8 weights, {dtype}", _weight_bytes(model) - fp8_saved_bytes(model), working)
         return StagePlan(stage, dtype, _weight_bytes(model), working)
+
+
+def _expert_bytes(
+    config: dict,
+    compute: torch.dtype,
+    attention: str,
+    contract: WanContract,
+    frames: int,
+    height: int,
+    width: int,
+    batched_guidance: bool,
+) -> tuple[int, int, int]:
+    """(weight bytes, bytes FP8 takes off them, working set of one guided step) of an expert of `config`, built
+    on the fake tensors of the caller's FakeTensorMode."""
+    model = models.expert_from_config(config, compute)
+    apply_attention_backend(model, cpu_proxy(attention))
+    latents = torch.zeros(contract.latent_shape(config["in_channels"], frames, height, width))
+    text = torch.zeros(1, contract.text_tokens, config["text_dim"], dtype=compute)
+
+    def guided_step():  # as ExpertStage._steps: conditional, unconditional, combined
+        x, t = latents.to(compute), torch.tensor([500.0])
+        if batched_guidance:
+            cond, uncond = model(
+                hidden_states=torch.cat([x, x]),
+                timestep=torch.cat([t, t]),
+                encoder_hidden_states=torch.cat([text, text]),
+                return_dict=False,
+            )[0].chunk(2)
+        else:
+            cond = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+            uncond = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        return uncond + 4.0 * (cond - uncond)
+
+    return _weight_bytes(model), fp8_saved_bytes(model), _peak(guided_step, model, latents, text)
 
 
 @dataclass
@@ -197,7 +220,7 @@ class InferencePlan:
         return all(b <= HEADROOM * self.device_bytes for b in self.devices().values())
 
     def lines(self) -> list[str]:
-        g = lambda n: f"{n / GB:.2f} GB"  # noqa: E731
+        g = lambda n: f"{n / GB:.2f} GB"
         title, offload_key = {
             "serve": ("Serve", None),
             "batch": ("batch generation", "infer.batch_offload"),

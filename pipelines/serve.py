@@ -8,10 +8,15 @@ serves until interrupted (Ctrl-C or SIGTERM removes the application). Binds infe
 (127.0.0.1 unless told otherwise).
 """
 
-import argparse
-import os
 import signal
 import sys
+
+if __name__ == "__main__":  # run as the driver (not imported as a RayService's app)
+    # SIGTERM before Ray is connected has nothing to clean up: exit 0 at once, also while the imports below load
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+import argparse
+import os
 import time
 from pathlib import Path
 
@@ -52,10 +57,12 @@ def main(args):
         sys.exit(0 if print_plan(cfg, "serve") else 1)
     model_dir = ensure_model(cfg.model)
     ui = None if args.no_ui else page()
-    # py_modules ships ui/ to every node; Serve deployments inherit the job's runtime_env.
-    ray = connect_ray(args.verbose, runtime_env={"py_modules": [str(UI_DIR)]})
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` cleans up like Ctrl-C, also mid-start
     try:
+        # py_modules ships ui/ to every node; Serve deployments inherit the job's runtime_env.
+        ray = connect_ray(args.verbose, runtime_env={"py_modules": [str(UI_DIR)]})
+        # again: connecting installs Ray core's own SIGTERM handler (it logs the signal and exits 15)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         print(
             f"starting the deployments for {model_dir} (text encoder, high-noise expert, low-noise expert, VAE)",
             flush=True,
@@ -70,8 +77,11 @@ def main(args):
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        remove_app()
-        ray.shutdown()
+        import ray
+
+        if ray.is_initialized():  # interrupted while connecting: nothing of ours is deployed yet either
+            remove_app()
+            ray.shutdown()
         # Done, and the status is 0: end here. A fresh-clone CI run saw this driver, SIGTERMed as Serve started,
         # exit by SIGINT (-2) with nothing printed after this cleanup: CPython sets _Py_UnhandledKeyboardInterrupt
         # when a KeyboardInterrupt leaves code run through its PyRun_* entry points (a library's, here), keeps it

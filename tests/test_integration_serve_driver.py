@@ -50,17 +50,21 @@ def applications() -> list[str]:
 
 
 def test_sigterm_at_any_moment_of_the_start_exits_cleanly(tiny_model, clean_serve, tmp_path):
-    """Killed before Serve's controller exists (0 s, 0.05 s: the driver ended with return code 1, serve.delete
-    finding no Serve instance), while it deploys (0.5 s) and while the replicas load (2 s): exit status 0 and no
-    application left. Each try starts from a cluster without Serve."""
+    """Killed while its imports load (0.5 s after launch), before Serve's controller exists (0 s, 0.05 s after
+    "starting the deployments": the driver ended with return code 1, serve.delete finding no Serve instance),
+    while it deploys (0.5 s) and while the replicas load (2 s): exit status 0 and no application left. Each try
+    starts from a cluster without Serve."""
     from ray import serve
 
     log_path = tmp_path / "serve.log"
-    for delay in (0.0, 0.05, 0.5, 2.0):
+    for delay in (None, 0.0, 0.05, 0.5, 2.0):
         with log_path.open("w") as log:
             proc = serve_driver(tiny_model, free_port(), log)
-            wait_for(log_path, "starting the deployments", poll=0.01)
-            time.sleep(delay)
+            if delay is None:
+                time.sleep(0.5)
+            else:
+                wait_for(log_path, "starting the deployments", poll=0.01)
+                time.sleep(delay)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=120) == 0, (delay, log_path.read_text()[-3000:])
         assert "wanray" not in applications()

@@ -198,6 +198,9 @@ def test_screenshots_of_both_pages_show_the_curves_and_the_videos(roots, ui_serv
     assert on_runs[TABS] == on_data[TABS] == ["Generate", "Runs", "Data"]
     ticks = on_runs[X_TICKS]
     assert len(ticks) >= 4 * 3 and all(t.replace(",", "").isdigit() for t in ticks), ticks
+    # each of the four axes counts up without repeating a label (half steps shown as whole ones would repeat)
+    steps = [int(t.replace(",", "")) for t in ticks]
+    assert sum(b < a for a, b in zip(steps, steps[1:])) == 4 - 1 and all(a != b for a, b in zip(steps, steps[1:]))
     assert _curve_pixels(generate) < 50 and _curve_pixels(runs) > 1000  # four curves drawn
     assert _colours(runs) > 5 * _colours(generate)  # the validation videos' frames
     assert np.abs(data - generate).mean() > 5 and np.abs(data - runs).mean() > 5  # a page of its own

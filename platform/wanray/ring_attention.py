@@ -160,7 +160,7 @@ def lse_forward(
     if _save_ctx:
         ctx.save_for_backward(query, key, value)
         ctx.scale = scale
-    if query.device.type == "npu" and query.dtype in NPU_DTYPES:
+    if fused_npu(query):
         return _npu_forward(query, key, value, scale)
     return tiled_forward(query, key, value, scale)
 
@@ -171,7 +171,7 @@ def lse_backward(
     """Ring's backward for one key/value chunk, from the merged output and log-sum-exp."""
     if key is None:  # not ring: diffusers' own recompute through SDPA
         return _sdpa_backward(ctx, grad_out, *args, **kwargs)
-    if query.device.type == "npu" and query.dtype in NPU_DTYPES:
+    if fused_npu(query):
         return _npu_backward(query, key, value, out, grad_out, lse, ctx.scale)
     return tiled_backward(query, key, value, out, grad_out, lse, ctx.scale)
 
@@ -256,6 +256,16 @@ def ring_working_bytes(
     chunk = batch * rows * local_heads * head_dim
     op = tiled_working_bytes((1, rows, local_heads, head_dim), (1, rows, local_heads, head_dim)) if tiled else 0
     return 2 * (ring + 1) * compute_bytes * chunk + (28 + 5 * compute_bytes) * chunk + op
+
+
+def fused_npu(query: torch.Tensor) -> bool:
+    """Whether this chunk runs through torch_npu's fused attention: on an NPU, in a dtype it takes, where the
+    installed torch_npu has both the fused forward and its gradient (else the tiled op)."""
+    if query.device.type != "npu" or query.dtype not in NPU_DTYPES:
+        return False
+    import torch_npu
+
+    return hasattr(torch_npu, "npu_fusion_attention") and hasattr(torch_npu, "npu_fusion_attention_grad")
 
 
 def _npu_forward(query, key, value, scale: float):

@@ -30,11 +30,14 @@ PARAMS = GenerationParams(
     seed=3,
 )
 LAYERS, RANK = LORA_LAYERS, LORA_RANK
+FORMATS = ("diffusers", "wan", "musubi", "comfyui")
 
 
 def in_format(state: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
-    """The adapter renamed as the other formats write it: the original Wan code's keys ("diffusion_model.", lora_A/B)
-    or musubi-tuner / kohya ("lora_unet_blocks_0_self_attn_q.lora_down/up" with an alpha at the rank: scale 1)."""
+    """The adapter renamed as the other formats write it: the original Wan code's keys ("diffusion_model.", lora_A/B),
+    musubi-tuner / kohya ("lora_unet_blocks_0_self_attn_q.lora_down/up" with an alpha at the rank: scale 1), or
+    ComfyUI's ("diffusion_model.blocks.0.self_attn.q.lora_down/up" with an alpha of half the rank: each delta
+    halved, as the distilled Lightning files carry alphas)."""
     if fmt == "diffusers":
         return state
     out = {}
@@ -44,6 +47,9 @@ def in_format(state: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tenso
         wan = f"blocks.{block}.{LAYERS[module]}"
         if fmt == "wan":
             out[f"diffusion_model.{wan}.lora_{part}"] = value
+        elif fmt == "comfyui":
+            out[f"diffusion_model.{wan}.lora_{'down' if part.startswith('A') else 'up'}.weight"] = value
+            out[f"diffusion_model.{wan}.alpha"] = torch.tensor(RANK / 2)
         else:  # musubi
             name = "lora_unet_" + wan.replace(".", "_")
             out[f"{name}.lora_{'down' if part.startswith('A') else 'up'}.weight"] = value
@@ -59,7 +65,7 @@ def adapter_files(tiny_model, tmp_path_factory):
     for seed, name in enumerate(("a", "b")):
         for expert in ("high", "low"):
             state = tiny_adapter(tiny_model, expert, seed * 2 + (expert == "low"))
-            for fmt in ("diffusers", "wan", "musubi"):
+            for fmt in FORMATS:
                 path = root / fmt / f"{name}_{expert}.safetensors"
                 path.parent.mkdir(exist_ok=True)
                 save_file(in_format(state, fmt), path)
@@ -71,14 +77,19 @@ def lora_sets(files: dict[str, dict[str, str]]) -> list[str]:
     return [f"infer.loras.{name}.{expert}={path}" for name, per in files.items() for expert, path in per.items()]
 
 
-@pytest.mark.parametrize("fmt", ["diffusers", "wan", "musubi"])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_stacked_adapters_give_wanpipelines_frames_in_every_format(tiny_model, adapter_files, fmt):
     files = adapter_files[fmt]
     spec = StageSpec.for_batch(tiny_model, tiny_config(tiny_model, *lora_sets(files)))
-    params = replace(PARAMS, loras=(("a", 0.7), ("b", 1.3)))
+    halved = fmt == "comfyui"  # its alphas halve each delta: twice the scale gives the same weights
+    params = replace(PARAMS, loras=(("a", 0.7 * (1 + halved)), ("b", 1.3 * (1 + halved))))
     ours = Sampler(spec)(params)
     ref = wanpipeline_frames(tiny_model, params, spec.contract.boundary, adapters=files)
     assert np.abs(ours - ref).max() <= 1e-4
+    if halved:  # the alphas are applied: the diffusers-format adapters at 0.7 and 1.3 give these frames
+        unhalved = replace(PARAMS, loras=(("a", 0.7), ("b", 1.3)))
+        same = wanpipeline_frames(tiny_model, unhalved, spec.contract.boundary, adapters=adapter_files["diffusers"])
+        assert np.abs(ours - same).max() <= 1e-4
     base = Sampler(spec)(PARAMS)
     assert np.abs(base - ours).max() > 100 * np.abs(ours - ref).max() + 1e-3  # the adapters change the frames
 

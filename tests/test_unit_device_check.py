@@ -43,11 +43,12 @@ def test_random_experts_are_laid_out_as_from_pretrained_loads_them(tmp_path):
     WanTransformer3DModel(**model_files.TINY_TRANSFORMER).save_pretrained(tmp_path / "transformer")
     loaded = models.load_expert(tmp_path, "high", torch.bfloat16)
     built = models.expert_from_config(dict(loaded.config), torch.bfloat16)
-    layout = lambda m: {n: (t.dtype, t.shape) for n, t in [*m.named_parameters(), *m.named_buffers()]}  # noqa: E731
+    layout = lambda m: {n: (t.dtype, t.shape) for n, t in [*m.named_parameters(), *m.named_buffers()]}
     assert layout(built) == layout(loaded)
     assert {t.dtype for t in built.parameters()} == {torch.bfloat16, torch.float32}  # float32: _keep_in_fp32_modules
 
 
+@pytest.mark.integration  # the benchmark driver, run as a user runs it
 def test_the_device_check_runs_end_to_end_at_tiny_size(tmp_path):
     out = tmp_path / "figures.json"
     run = subprocess.run(
@@ -64,6 +65,7 @@ def test_the_device_check_runs_end_to_end_at_tiny_size(tmp_path):
     assert vae["frames"] == [9, 64, 64, 3] and vae["tiled_max_diff"] <= 1e-5 and "tiled (infer.vae_tiling" in run.stdout
     assert denoise["levers"] == {}  # compile and FP8 are timed on CUDA only
     assert "anchor: NeMo FSDP" in run.stdout and "VAE decode of 3 latent frames" in run.stdout
+    assert "a 9x64x64 video end to end" in run.stdout and "4-step distilled" in run.stdout
 
 
 def test_without_an_accelerator_the_real_size_refuses_with_one_line():

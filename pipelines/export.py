@@ -3,8 +3,8 @@
     python pipelines/export.py --config configs/tiny.yaml --run runs/exp1 --out exported/
     python pipelines/export.py --config configs/t2v_a14b.yaml --to-dcp high --out ckpt/high-dcp
 
-The first form copies model.path to --out with the latest checkpoint of each expert
-trained in --run in place (safetensors; LoRA runs also write the adapter) and the boundary
+The first form copies model.path to --out with the latest checkpoint (--best: the one of the lowest
+held-out loss) of each expert trained in --run in place (safetensors; LoRA runs also write the adapter) and the boundary
 they trained with in model_index.json; the result loads with `WanPipeline.from_pretrained`. The
 second writes one expert of model.path as a DCP directory for sharded loading in training (--set train.init_dcp=...).
 """
@@ -26,6 +26,12 @@ def get_args():
     parser.add_argument("--run", help="training run directory (pipelines/train.py --out)")
     parser.add_argument("--to-dcp", choices=EXPERTS, help="convert this expert of model.path to DCP instead")
     parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument(
+        "--best",
+        action="store_true",
+        help="export each expert's checkpoint of the lowest held-out loss (the run's <expert>/best.json) "
+        "instead of its latest",
+    )
     return parser.parse_args()
 
 
@@ -38,7 +44,7 @@ def main(args):
         return
     if not args.run:
         raise ConfigError("give --run RUN_DIR to export, or --to-dcp EXPERT to convert")
-    export_run(cfg, args.run, args.out)
+    export_run(cfg, args.run, args.out, best=args.best)
 
 
 if __name__ == "__main__":

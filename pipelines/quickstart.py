@@ -23,6 +23,7 @@ from wanray.infer.validation import Validation
 from wanray.model_files import ensure_model
 from wanray.runtime import connect_ray, fail
 from wanray.train.export import export_run
+from wanray.train.runs import best_checkpoint
 from wanray.train.trainer import train_experts
 
 
@@ -37,8 +38,10 @@ def get_args():
 
 def main(args):
     cfg = load_config(args.config, args.overrides)
-    if not cfg.train.validation.every:  # show validation videos at every checkpoint, of the quickstart's prompt
-        v = dataclasses.replace(cfg.train.validation, every=cfg.train.checkpoint_every, prompts=[args.prompt])
+    if not cfg.train.validation.every:  # validation at every checkpoint: videos of its prompt, the held-out loss
+        v = dataclasses.replace(
+            cfg.train.validation, every=cfg.train.checkpoint_every, prompts=[args.prompt], holdout_fraction=0.2
+        )
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, validation=v))
     out = Path(args.out).resolve()
     model = ensure_model(cfg.model)
@@ -48,8 +51,15 @@ def main(args):
     print("[quickstart] 2/5 preprocessing on Ray Data", flush=True)
     run_preprocess(cfg, str(manifest), str(out / "preprocessed"))
     print(f"[quickstart] 3/5 training both experts for {cfg.train.steps} steps on Ray Train", flush=True)
-    validation = Validation(cfg, model) if cfg.train.validation.every else None
+    validation = Validation(cfg, model) if cfg.train.validation.renders else None
     train_experts(cfg, "both", out / "preprocessed", out / "run", validation=validation)
+    if cfg.train.validation.has_holdout:
+        lowest = {e: best_checkpoint(out / "run", e)[1:] for e in ("high", "low") if (out / "run" / e).is_dir()}
+        print(
+            "[quickstart] held-out loss, lowest: "
+            + ", ".join(f"{e}-noise expert {loss:.4f} at step {step}" for e, (step, loss) in lowest.items()),
+            flush=True,
+        )
     print("[quickstart] 4/5 exporting to a diffusers-format directory", flush=True)
     exported = export_run(cfg, out / "run", out / "exported")
     print("[quickstart] 5/5 two-stage generation with the fine-tuned experts", flush=True)

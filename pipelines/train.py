@@ -42,11 +42,11 @@ def main(args):
     cfg = load_config(args.config, args.overrides)
     if args.plan:
         fits = print_plans(cfg, args.expert)
-        if cfg.train.validation.every:
+        if cfg.train.validation.renders:
             fits = print_plan(cfg, "validation") and fits
         sys.exit(0 if fits else 1)
     connect_ray(verbose=args.verbose)
-    validation = Validation(cfg, ensure_model(cfg.model)) if cfg.train.validation.every else None
+    validation = Validation(cfg, ensure_model(cfg.model)) if cfg.train.validation.renders else None
     train_experts(cfg, args.expert, args.data, args.out, validation=validation)
 
 

@@ -1,6 +1,8 @@
 """The console a person reads: the quickstart prints wanray's own lines, each once, and none of Ray's
 unless --verbose."""
 
+import json
+import math
 import re
 import subprocess
 import sys
@@ -30,8 +32,29 @@ def test_the_quickstart_prints_its_own_lines_once_and_no_ray_lines(tiny_model, r
         "[train:low] step 20/20",
         "[validate] step 20:",
         "[preprocess] done:",
+        "[train] held-out loss on ",
+        "[train:high] step 10 held-out loss ",
+        "[train:low] step 20 held-out loss ",
+        "[quickstart] held-out loss, lowest: high-noise expert ",
     ):
         assert any(line.startswith(expected) for line in lines), expected
+
+    # each expert's best.json names its lowest held-out loss of metrics.jsonl; export.py --best takes that step
+    from conftest import tiny_config
+
+    from wanray.train.export import export_run
+
+    run = tmp_path / "qs" / "run"
+    for expert in ("high", "low"):
+        records = [json.loads(line) for line in (run / expert / "metrics.jsonl").read_text().splitlines()]
+        held = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+        assert sorted(held) == [10, 20] and all(math.isfinite(v) for v in held.values())
+        best = json.loads((run / expert / "best.json").read_text())
+        assert best == {"step": min(held, key=held.get), "val_loss": min(held.values())}
+    said: list[str] = []
+    export_run(tiny_config(tiny_model), run, tmp_path / "best", log=said.append, best=True)
+    step = json.loads((run / "high" / "best.json").read_text())["step"]
+    assert f"[export] high-noise expert: step {step} has the lowest held-out loss" in "\n".join(said)
 
 
 def test_verbose_brings_rays_own_lines_back(tiny_model, synthetic, ray_cluster, tmp_path):

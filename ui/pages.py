@@ -67,6 +67,19 @@ def _shown(fn):
     return functools.wraps(fn)(call_async if inspect.iscoroutinefunction(fn) else call)
 
 
+def curve(metrics: pd.DataFrame, key: str) -> pd.DataFrame:
+    """One plot's points (step, key, expert) from a run's metrics.jsonl records; the loss plot also draws each
+    expert's held-out loss (records with val_loss) as a series of its own, "<expert> held-out"."""
+    if key not in metrics:
+        return pd.DataFrame(columns=["step", key, "expert"])
+    points = metrics[["step", key, "expert"]].dropna()
+    if key == "loss" and "val_loss" in metrics:
+        held = metrics[["step", "val_loss", "expert"]].dropna()
+        held = pd.DataFrame({"step": held["step"], key: held["val_loss"], "expert": held["expert"] + " held-out"})
+        points = pd.concat([points, held], ignore_index=True)
+    return points
+
+
 def runs_page(cfg: Config) -> gr.Dropdown:
     """The Runs tab; returns its run picker (the address's ?run= sets it)."""
     roots = Roots(cfg.ui.runs_roots, "ui.runs_roots")
@@ -100,15 +113,7 @@ def runs_page(cfg: Config) -> gr.Dropdown:
         view = RunView.open(roots, path)
         metrics = pd.DataFrame(view.metrics())
         axis = [0, max(view.planned_steps(), int(metrics["step"].max()) if "step" in metrics else 0, MIN_STEP_AXIS)]
-        curves = [
-            gr.LinePlot(
-                metrics[["step", k, "expert"]].dropna()
-                if k in metrics
-                else pd.DataFrame(columns=["step", k, "expert"]),
-                x_lim=axis,
-            )
-            for k, _ in CURVES
-        ]
+        curves = [gr.LinePlot(curve(metrics, k), x_lim=axis) for k, _ in CURVES]
         validations = view.validations()  # a row per expert and prompt, its steps side by side
         cells = sorted(
             ((expert, i, step), video, prompt)

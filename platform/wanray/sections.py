@@ -492,6 +492,25 @@ class ValidationConfig:
     """Keep the text encoder, experts and VAE in host memory and put each on the device only while it runs,
     as infer.batch_offload: two A14B experts with UMT5-XXL are ~69 GB resident. `train.py --plan` says
     whether the validation actor fits train.device_memory_gb either way."""
+    holdout: str = ""
+    """A preprocessed directory (preprocess.py --out) whose clips give the held-out loss at every validation
+    step: fixed noise at `holdout_bands` fixed timesteps over the expert's range, so a checkpoint always gives
+    the same value (`val_loss` in metrics.jsonl, TensorBoard and the Runs page)."""
+    holdout_fraction: float = 0.0
+    """Or this fraction of the training clips, kept out of training (chosen by a hash of each clip's id:
+    the same clips whatever the shards' order). 0: none."""
+    holdout_bands: int = 4
+    """Timestep bands of the held-out loss: the loss at the middle of each of this many equal slices of the
+    expert's (shifted) timestep range, and their mean."""
+
+    @property
+    def has_holdout(self) -> bool:
+        return bool(self.holdout) or self.holdout_fraction > 0
+
+    @property
+    def renders(self) -> bool:
+        """Whether validation renders videos (it has prompts), besides any held-out loss."""
+        return bool(self.every) and bool(self.prompts or self.prompts_file)
 
 
 @dataclass
@@ -552,7 +571,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     """Save a DCP checkpoint every N steps (and at the end)."""
     keep_checkpoints: int = 2
-    """Checkpoints kept per expert run."""
+    """Checkpoints kept per expert run: the latest ones, or with a held-out loss (train.validation.holdout) the
+    ones of the lowest held-out loss, and the latest besides (to resume from)."""
     max_failures: int = 3
     """Automatic restarts from the last checkpoint after a worker failure."""
     log_every: int = 10
@@ -587,11 +607,20 @@ class TrainConfig:
                 f"train.validation.every ({v.every}) must be 0 (off) or a multiple of "
                 f"train.checkpoint_every ({self.checkpoint_every}): validation renders a checkpoint"
             )
-        if v.every and not (v.prompts or v.prompts_file):
+        if v.every and not (v.prompts or v.prompts_file or v.has_holdout):
             raise ConfigError(
-                "train.validation.every is set but there are no prompts: set train.validation.prompts "
-                "or train.validation.prompts_file"
+                "train.validation.every is set but there are no prompts and no held-out clips: set "
+                "train.validation.prompts, prompts_file, holdout or holdout_fraction"
             )
+        if v.holdout and v.holdout_fraction:
+            raise ConfigError("give train.validation.holdout (a directory) or holdout_fraction, not both")
+        if not 0.0 <= v.holdout_fraction < 1.0 or v.holdout_bands < 1:
+            raise ConfigError(
+                f"train.validation.holdout_fraction must lie in [0, 1) and holdout_bands be >= 1, got "
+                f"{v.holdout_fraction} and {v.holdout_bands}"
+            )
+        if v.has_holdout and not v.every:
+            raise ConfigError("train.validation.holdout is set but validation is off: set train.validation.every")
         if self.float8 and (self.worker.device != "cuda" or self.worker.dtype != "bfloat16" or self.lora.enabled):
             raise ConfigError(
                 "train.float8 trains on CUDA GPUs of compute capability 8.9 or newer, in bfloat16, without LoRA, but "

@@ -98,6 +98,27 @@ class ClipIndex:
         h.update(np.stack([self.file, self.row_group, self.row, self.shape]).tobytes())
         return h.hexdigest()[:16]
 
+    def ids(self) -> list[str]:
+        """Every clip's id, in index order (reads the shards' id columns)."""
+        rows: dict[tuple[int, int], list[str]] = {}
+        for f, path in enumerate(self.files):
+            pf = pq.ParquetFile(path)
+            for g in range(pf.num_row_groups):
+                rows[(f, g)] = pf.read_row_group(g, columns=["id"]).column("id").to_pylist()
+        return [rows[(f, g)][r] for f, g, r in zip(self.file.tolist(), self.row_group.tolist(), self.row.tolist())]
+
+    def subset(self, keep: np.ndarray) -> ClipIndex:
+        """The clips where `keep` (N,) is true, in the same order; same files and shape ids."""
+        return ClipIndex(
+            self.files,
+            self.file[keep],
+            self.row_group[keep],
+            self.row[keep],
+            self.shape[keep],
+            shapes=self.shapes,
+            conditioned=self.conditioned,
+        )
+
     def rows_per_row_group(self) -> int:
         """Most clips in one Parquet row group: 1 for shards written by this wanray."""
         _, counts = np.unique(np.stack([self.file, self.row_group]), axis=1, return_counts=True)
@@ -322,3 +343,22 @@ class ClipLoader:
 
     def close(self) -> None:
         self.stop.set()
+
+
+def held_out(ids: list[str], fraction: float) -> np.ndarray:
+    """(N,) bool: the clips kept out of training, by a hash of each id (the same clips whatever the shards' order
+    or the run's seed), about `fraction` of them and at least one."""
+    scores = np.array([int.from_bytes(hashlib.sha1(i.encode()).digest()[:8], "big") / 2**64 for i in ids])
+    keep = scores < fraction
+    if not keep.any() and len(ids) > 1:
+        keep[np.argmin(scores)] = True
+    return keep
+
+
+def holdout_batches(index: ClipIndex, batch_size: int) -> list[np.ndarray]:
+    """The held-out clips in fixed batches (index positions) of one latent shape each, shape by shape."""
+    out = []
+    for shape in range(len(index.shapes)):
+        clips = np.flatnonzero(index.shape == shape)
+        out += [clips[i : i + batch_size] for i in range(0, len(clips), batch_size)]
+    return out

@@ -18,7 +18,7 @@ import torch.distributed.checkpoint as dcp
 from wanray import model_files, models
 from wanray.config import Config
 from wanray.io import atomic_path
-from wanray.train.runs import latest_checkpoint, trained_boundary
+from wanray.train.runs import best_checkpoint, latest_checkpoint, trained_boundary
 
 
 def adapter_key(peft_key: str) -> str:
@@ -170,14 +170,21 @@ class _LazySavePlanner(dcp.DefaultSavePlanner):
         return self._read(write_item.index.fqn)
 
 
-def export_run(cfg: Config, run_dir, out_dir, log=print) -> Path:
-    """The latest checkpoint of each expert trained in run_dir, in a copy of model.path (see
-    export_diffusers), with the boundary they trained with in its model_index.json."""
+def export_run(cfg: Config, run_dir, out_dir, log=print, best: bool = False) -> Path:
+    """The latest checkpoint of each expert trained in run_dir (best: the one of its lowest held-out loss), in a
+    copy of model.path (see export_diffusers), with the boundary they trained with in its model_index.json."""
     model_path = model_files.ensure_model(cfg.model)
     contract = models.read_contract(model_path, cfg.model)
-    trained = {e: latest_checkpoint(run_dir, e) for e in contract.kind.experts if (Path(run_dir) / e).is_dir()}
-    if not trained:
+    experts = [e for e in contract.kind.experts if (Path(run_dir) / e).is_dir()]
+    if not experts:
         raise FileNotFoundError(f"no trained {'/ or '.join(contract.kind.experts)}/ in {run_dir}")
+    trained = {}
+    for e in experts:
+        if best:
+            trained[e], step, loss = best_checkpoint(run_dir, e)
+            log(f"[export] {e}-noise expert: step {step} has the lowest held-out loss, {loss:.4f}")
+        else:
+            trained[e] = latest_checkpoint(run_dir, e)
     boundary = None
     if not contract.kind.one_transformer:
         boundary = trained_boundary(run_dir, trained)

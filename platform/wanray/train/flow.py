@@ -43,6 +43,21 @@ def sample_timesteps(
     return torch.where(contract.uses_high_expert(t), edge.nextafter(torch.tensor(0.0)), t)
 
 
+def band_timesteps(expert: str, contract: WanContract, shift: float, bands: int) -> torch.Tensor:
+    """(bands,) float32 timesteps: the middle of each of `bands` equal slices of u over `expert`'s side, shifted
+    as training draws them (the held-out loss's fixed timesteps, highest first)."""
+    u_b = unshift_sigma(contract.boundary, shift)
+    lo, hi = (u_b, 1.0) if expert == "high" else (0.0, u_b)
+    u = hi - (hi - lo) * (torch.arange(bands, dtype=torch.float64) + 0.5) / bands
+    return (shift_sigma(u, shift) * contract.num_train_timesteps).float()
+
+
+def holdout_noise(seed: int, clip: int, band: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The fixed noise of held-out clip `clip` (its index position) at timestep band `band`."""
+    state = np.random.SeedSequence([seed, clip, band, 0x401D]).generate_state(1, dtype=np.uint64)[0] >> 1
+    return torch.randn(shape, generator=torch.Generator().manual_seed(int(state)))
+
+
 def noisy_latents(
     x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, num_train_timesteps: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,8 +21,16 @@ from wanray.devices import accelerator, torch_dtype
 from wanray.errors import NonFiniteLoss
 from wanray.schema import pad_text_embedding
 from wanray.train import checkpoint as ckpt
-from wanray.train.data import Batch, ClipIndex, ClipLoader, ClipReader, DataPlan, StepData
-from wanray.train.flow import FlowDraw, batch_seed, draw_flow, keep_first_frame, noisy_latents
+from wanray.train.data import Batch, ClipIndex, ClipLoader, ClipReader, DataPlan, StepData, holdout_batches
+from wanray.train.flow import (
+    FlowDraw,
+    band_timesteps,
+    batch_seed,
+    draw_flow,
+    holdout_noise,
+    keep_first_frame,
+    noisy_latents,
+)
 from wanray.train.metrics import MetricsLog, StepMetrics
 from wanray.train.parallel import (
     apply_fsdp,
@@ -56,7 +64,9 @@ class LoopSpec:
     """Where rank 0 appends metrics.jsonl and every data-parallel rank its data_order/ record."""
     validator: Any = None
     """The validation actor (wanray.infer.validation.Validator) rank 0 tells of each validation step's
-    checkpoint once it is reported; None: no validation."""
+    checkpoint once it is reported; None: no validation videos."""
+    holdout: ClipIndex | None = None
+    """The held-out clips whose loss every validation step measures; None: no held-out loss."""
 
 
 def lr_lambda(cfg: Config):
@@ -208,6 +218,80 @@ class ExpertTrainer:
         return StepMetrics(loss_sum, grad_norm, torch.cat(drawn))
 
 
+@dataclass
+class HeldOutLoss:
+    """The held-out loss of one checkpoint: per timestep band and their mean."""
+
+    timesteps: list[float]
+    """The bands' fixed timesteps, highest first."""
+    bands: list[float]
+    clips: int
+
+    @property
+    def mean(self) -> float:
+        return sum(self.bands) / len(self.bands)
+
+    def metrics(self, step: int, expert: str) -> dict:
+        """Its metrics.jsonl record."""
+        return {
+            "expert": expert,
+            "step": step,
+            "time": time.time(),
+            "val_loss": self.mean,
+            "val_loss_bands": {f"t{t:.0f}": v for t, v in zip(self.timesteps, self.bands)},
+            "val_clips": self.clips,
+        }
+
+
+class HeldOut:
+    """Measures the held-out loss on every rank of the expert's group: each data-parallel rank takes every
+    D-th batch, all ranks run the same number of forwards (FSDP2 gathers in each), and the sums meet in one
+    all-reduce. Fixed noise per clip and band, fixed timesteps, no caption dropout, no first-frame
+    conditioning of TI2V clips: the same checkpoint gives the same value."""
+
+    def __init__(self, spec: LoopSpec, dp_rank: int, dp_size: int):
+        assert spec.holdout is not None
+        v, t = spec.cfg.train.validation, spec.cfg.train
+        self.spec, self.dp_rank, self.dp_size = spec, dp_rank, dp_size
+        self.reader = ClipReader(spec.holdout, t.cache_bytes)
+        self.batches = holdout_batches(spec.holdout, t.batch_size)
+        self.timesteps = band_timesteps(spec.expert, spec.contract, t.timestep_shift, v.holdout_bands)
+
+    @torch.no_grad()
+    def measure(self, trainer: ExpertTrainer) -> HeldOutLoss:
+        spec, device, bands = self.spec, trainer.device, len(self.timesteps)
+        sums = torch.zeros(bands + 1, dtype=torch.float64)  # loss x clips per band, then the clips
+        mine = self.batches[self.dp_rank :: self.dp_size]
+        trainer.model.eval()
+        try:
+            for i in range(math.ceil(len(self.batches) / self.dp_size)):
+                counted = i < len(mine)  # a rank out of batches runs its first again, counted 0
+                clips = mine[i] if counted else self.batches[0]
+                batch = self.reader.batch(clips, -1, i, spec.contract.text_tokens)
+                n = len(clips)
+                for b, t in enumerate(self.timesteps):
+                    shape = tuple(batch.latents.shape[1:])
+                    draw = FlowDraw(
+                        t.repeat(n),
+                        torch.stack([holdout_noise(spec.cfg.train.seed, int(c), b, shape) for c in clips]),
+                        torch.zeros(n, dtype=torch.bool),
+                        torch.zeros(n, dtype=torch.bool),
+                    )
+                    loss = flow_loss(trainer.model, batch, draw, trainer.empty, spec, device)
+                    sums[b] += float(loss) * n * counted
+                sums[-1] += n * counted
+        finally:
+            trainer.model.train()
+        total = sums.float().to(device)  # float32: what every collective backend reduces
+        dist.all_reduce(total)  # a context-parallel group's ranks measured the same clips: their count cancels
+        total = total.cpu()
+        return HeldOutLoss(
+            self.timesteps.tolist(),
+            (total[:-1] / total[-1]).tolist(),
+            int(total[-1]) // (spec.cfg.train.context_parallel.degree),
+        )
+
+
 def save_checkpoint(state: dict, progress: ckpt.Progress, metrics: dict, rank: int) -> None:
     """Every rank writes its shards to a local temp dir; Ray Train gathers them into one checkpoint."""
     import ray.train
@@ -249,6 +333,7 @@ def train_loop(config: dict) -> None:
     loader = ClipLoader(
         plan, reader, progress.epoch, progress.batches_in_epoch, rank // group, spec.contract.text_tokens
     )
+    held_out = HeldOut(spec, rank // group, world // group) if spec.holdout is not None else None
     order = data_order_path(spec.run_dir, rank // group)  # one record per data-parallel rank: its group's first
     order.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -276,8 +361,15 @@ def train_loop(config: dict) -> None:
                 # Ray Train hears of metrics with checkpoints only: a V2 report blocks until the
                 # controller's next poll (every 2 s), which costs more than a small step.
                 if progress.step % train.checkpoint_every == 0 or progress.step == train.steps:
-                    save_checkpoint(state, progress, metrics or {"step": progress.step}, rank)
-                    if spec.validator is not None and rank == 0 and progress.step % train.validation.every == 0:
+                    validating = bool(train.validation.every) and progress.step % train.validation.every == 0
+                    reported = metrics or {"step": progress.step}
+                    if held_out is not None:  # Ray keeps the checkpoints of the lowest val_loss: unmeasured is worst
+                        measured = held_out.measure(trainer) if validating else None
+                        if measured is not None:
+                            log.held_out(measured.metrics(progress.step, spec.expert))
+                        reported = {**reported, "val_loss": measured.mean if measured is not None else math.inf}
+                    save_checkpoint(state, progress, reported, rank)
+                    if validating and spec.validator is not None and rank == 0:
                         spec.validator.submit.remote(progress.step)  # returns at once: training goes on
     finally:
         loader.close()

@@ -16,12 +16,15 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from wanray.io import write_json_atomic
 from wanray.train import checkpoint as ckpt
 from wanray.train.data import StepData
 from wanray.train.tracking import Tracker
 
 CONSOLE_FILE = "console.log"
 """Per expert run directory: rank 0's progress lines, which the driver prints as they come."""
+BEST_FILE = "best.json"
+"""Per expert run directory: the step whose checkpoint has the lowest held-out loss so far, and that loss."""
 
 
 @dataclass
@@ -120,6 +123,25 @@ class MetricsLog:
         }
         self.reset = True
         return m
+
+    def held_out(self, m: dict) -> None:
+        """Rank 0 appends a held-out loss record (HeldOutLoss.metrics) to metrics.jsonl, the tracker and the
+        console, and records the best step so far in BEST_FILE (what export.py --best exports)."""
+        if self.rank != 0:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(m) + "\n")
+        self.tracker.scalars(m)
+        best_path = self.path.parent / BEST_FILE
+        best = json.loads(best_path.read_text()) if best_path.exists() else None
+        if best is None or m["val_loss"] < best["val_loss"]:
+            write_json_atomic({"step": m["step"], "val_loss": m["val_loss"]}, best_path)
+            best = m
+        bands = ", ".join(f"{k} {v:.4f}" for k, v in m["val_loss_bands"].items())
+        self.say(
+            f"step {m['step']} held-out loss {m['val_loss']:.4f} over {m['val_clips']} clips ({bands}); "
+            f"best {best['val_loss']:.4f} at step {best['step']}"
+        )
 
     def write(self, m: dict) -> None:
         """Rank 0 appends to metrics.jsonl and prints the progress line."""

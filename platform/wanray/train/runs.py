@@ -84,3 +84,24 @@ def latest_checkpoint(run_dir, expert: str) -> Path:
     if not found:
         raise FileNotFoundError(f"no checkpoint of the {expert}-noise expert in {Path(run_dir) / expert}")
     return found[max(found)]
+
+
+def best_checkpoint(run_dir, expert: str) -> tuple[Path, int, float]:
+    """(checkpoint, step, held-out loss) of the expert's lowest held-out loss (its BEST_FILE, which training
+    writes at each validation step with train.validation.holdout or holdout_fraction)."""
+    from wanray.train.metrics import BEST_FILE
+
+    path = Path(run_dir, expert, BEST_FILE)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist: --best needs a run trained with a held-out loss (train.validation.holdout "
+            "or holdout_fraction, and train.validation.every)"
+        )
+    best = json.loads(path.read_text())
+    checkpoint = checkpoints(run_dir, expert).get(best["step"])
+    if checkpoint is None:
+        raise FileNotFoundError(
+            f"the {expert}-noise expert's best checkpoint (step {best['step']}, held-out loss {best['val_loss']:.4f}) "
+            f"is no longer in {Path(run_dir, expert)}: train.keep_checkpoints kept only the latest ones"
+        )
+    return checkpoint, best["step"], best["val_loss"]

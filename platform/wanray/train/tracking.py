@@ -17,7 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-SCALARS = ("loss", "grad_norm", "lr", "samples_per_s", "tokens_per_s", "data_wait_fraction", "peak_memory_bytes")
+SCALARS = (
+    "loss",
+    "grad_norm",
+    "lr",
+    "samples_per_s",
+    "tokens_per_s",
+    "data_wait_fraction",
+    "peak_memory_bytes",
+    "val_loss",
+)
 
 
 class Tracker:
@@ -41,6 +50,8 @@ class Tracker:
         for key in SCALARS:
             if isinstance(metrics.get(key), (int, float)):
                 self.writer.add_scalar(f"train/{key}", metrics[key], metrics["step"])
+        for band, value in metrics.get("val_loss_bands", {}).items():
+            self.writer.add_scalar(f"train/val_loss_{band}", value, metrics["step"])
         self.writer.flush()
 
     def video(self, tag: str, frames: np.ndarray, step: int, fps: float) -> None:

@@ -19,7 +19,7 @@ from wanray.devices import accelerator
 from wanray.errors import USER_ERRORS, ConfigError, DataError
 from wanray.train import checkpoint as ckpt
 from wanray.train.console import Follow
-from wanray.train.data import ClipIndex
+from wanray.train.data import ClipIndex, held_out
 from wanray.train.loop import LoopSpec, train_loop
 from wanray.train.metrics import CONSOLE_FILE
 from wanray.train.runs import STEP_FILE, latest_checkpoint, record_run, selected
@@ -36,7 +36,15 @@ def worker_resources(cfg: Config) -> dict:
     return res
 
 
-def make_trainer(cfg: Config, expert: str, data_dir, run_dir, index: ClipIndex | None = None, validator=None):
+def make_trainer(
+    cfg: Config,
+    expert: str,
+    data_dir,
+    run_dir,
+    index: ClipIndex | None = None,
+    validator=None,
+    holdout: ClipIndex | None = None,
+):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -55,6 +63,48 @@ def make_trainer(cfg: Config, expert: str, data_dir, run_dir, index: ClipIndex |
         {contract.bucket_name(s): index.tokens(i) for i, s in enumerate(index.shapes)},
         attention,
     )
+    check_data(index, contract, data_dir)
+    if holdout is not None and holdout is not index:
+        check_data(holdout, contract, cfg.train.validation.holdout or data_dir)
+    expert_dir = Path(run_dir).resolve() / expert
+    if list(expert_dir.glob(f"*/{STEP_FILE}")):  # a resume: fail here, not in every worker
+        ckpt.check_resumable(latest_checkpoint(run_dir, expert))
+    record_run(cfg, expert, contract, index, attention, expert_dir)
+    spec = LoopSpec(
+        cfg,
+        expert,
+        model_path,
+        contract,
+        index,
+        attention,
+        read_empty_prompt(data_dir),
+        str(expert_dir),
+        validator,
+        holdout,
+    )
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.workers, use_gpu=t.worker.device == "cuda", resources_per_worker=worker_resources(cfg)
+        ),
+        torch_config=TorchConfig(backend=accelerator(t.worker.device).dist_backend),
+        run_config=ray.train.RunConfig(
+            name=expert,
+            storage_path=str(expert_dir.parent),
+            # with a held-out loss Ray keeps the lowest-loss checkpoints (export.py --best) and the latest (resume)
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=t.keep_checkpoints,
+                **({"checkpoint_score_attribute": "val_loss", "checkpoint_score_order": "min"} if holdout else {}),
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+        ),
+    )
+
+
+def check_data(index: ClipIndex, contract, data_dir) -> None:
+    """A DataError unless the preprocessed clips are this model's: its latent channels, and first-frame
+    conditions where the model requires them."""
     channels = {shape[0] for shape in index.shapes}
     if channels != {contract.kind.latent_channels}:
         raise DataError(
@@ -67,27 +117,26 @@ def make_trainer(cfg: Config, expert: str, data_dir, run_dir, index: ClipIndex |
             f"{data_dir} holds no first-frame condition for {contract.kind.title}: preprocess the videos "
             "with this model (model.path) into a new directory"
         )
-    expert_dir = Path(run_dir).resolve() / expert
-    if list(expert_dir.glob(f"*/{STEP_FILE}")):  # a resume: fail here, not in every worker
-        ckpt.check_resumable(latest_checkpoint(run_dir, expert))
-    record_run(cfg, expert, contract, index, attention, expert_dir)
-    spec = LoopSpec(
-        cfg, expert, model_path, contract, index, attention, read_empty_prompt(data_dir), str(expert_dir), validator
+
+
+def split_holdout(cfg: Config, index: ClipIndex, data_dir, log=print) -> tuple[ClipIndex, ClipIndex | None]:
+    """(the clips to train on, the held-out clips or None): train.validation.holdout's directory, or
+    holdout_fraction of the training clips taken out of them."""
+    v = cfg.train.validation
+    if v.holdout:
+        held = ClipIndex.from_dir(v.holdout)
+        log(f"[train] held-out loss on the {len(held)} clips of {v.holdout}")
+        return index, held
+    if not v.holdout_fraction:
+        return index, None
+    keep = held_out(index.ids(), v.holdout_fraction)
+    if keep.all():
+        raise DataError(f"{data_dir} holds {len(index)} clip(s): too few to keep some out of training")
+    log(
+        f"[train] held-out loss on {int(keep.sum())} of the {len(index)} clips of {data_dir} "
+        f"(train.validation.holdout_fraction {v.holdout_fraction}), kept out of training"
     )
-    return TorchTrainer(
-        train_loop,
-        train_loop_config={"spec": spec},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=t.workers, use_gpu=t.worker.device == "cuda", resources_per_worker=worker_resources(cfg)
-        ),
-        torch_config=TorchConfig(backend=accelerator(t.worker.device).dist_backend),
-        run_config=ray.train.RunConfig(
-            name=expert,
-            storage_path=str(expert_dir.parent),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-        ),
-    )
+    return index.subset(~keep), index.subset(keep)
 
 
 def room_for_both(cfg: Config) -> bool:
@@ -104,14 +153,15 @@ def train_experts(cfg: Config, expert: str, data_dir, run_dir, log=print, valida
     groups, else one after the other). `validation` (wanray.infer.validation.Validation, which the
     drivers make when train.validation.every is set) renders validation videos beside each expert's workers."""
     experts = selected(expert, models.expected_kind(cfg.model))
-    if cfg.train.validation.every and validation is None:
-        raise ConfigError("train.validation.every is set: pass a Validation (pipelines/train.py makes one)")
+    if cfg.train.validation.renders and validation is None:
+        raise ConfigError("train.validation has prompts: pass a Validation (pipelines/train.py makes one)")
     index = ClipIndex.from_dir(data_dir)  # read once, sent to every worker of both experts
     if warning := row_group_warning(data_dir, index.rows_per_row_group()):
         log(warning)
+    index, holdout = split_holdout(cfg, index, data_dir, log)
     validators = {e: validation.start(e, run_dir) for e in experts} if validation is not None else {}
     try:
-        trainers = {e: make_trainer(cfg, e, data_dir, run_dir, index, validators.get(e)) for e in experts}
+        trainers = {e: make_trainer(cfg, e, data_dir, run_dir, index, validators.get(e), holdout) for e in experts}
         with Follow([Path(run_dir) / e / CONSOLE_FILE for e in experts], log):
             try:
                 results = fit(cfg, trainers, log)

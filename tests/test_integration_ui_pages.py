@@ -86,7 +86,7 @@ def test_runs_page_shows_curves_validation_videos_and_config_and_refuses_paths_o
     client = Client(f"{ui_server}/ui/", verbose=False)
     run = str(root / "runs" / "ft")
     assert client.predict(api_name="/rescan_runs")["choices"] == [[run, run]]  # the link out is not listed
-    loss, grad_norm, lr, speed, gallery, config = client.predict(run, api_name="/show_run")
+    loss, grad_norm, lr, speed, gallery, scores, config = client.predict(run, api_name="/show_run")
     metrics = [json.loads(line) for line in (root / "runs" / "ft" / "high" / "metrics.jsonl").read_text().splitlines()]
     assert loss["value"]["columns"] == ["step", "loss", "expert"]
     assert loss["value"]["data"] == [[m["step"], pytest.approx(m["loss"]), "high"] for m in metrics]
@@ -99,6 +99,14 @@ def test_runs_page_shows_curves_validation_videos_and_config_and_refuses_paths_o
         with av.open(item["video"]) as container:
             assert sum(1 for _ in container.decode(video=0)) == 9
     assert "# high-noise expert" in config and "validation:" in config and "every: 5" in config
+    # each validation's scores (no eval.clip_model here: motion and sharpness), as validations.jsonl has them
+    records = [json.loads(line) for line in (root / "runs" / "ft" / "high" / "validation" / "validations.jsonl")
+               .read_text().splitlines()]  # fmt: skip
+    assert scores["headers"] == ["step", "expert", "motion", "sharpness"]
+    assert scores["data"] == [
+        [r["step"], "high", pytest.approx(r["scores_mean"]["motion"], abs=1e-4),
+         pytest.approx(r["scores_mean"]["sharpness"], abs=1e-4)] for r in records
+    ]  # fmt: skip
     for path in (str(outside / "ft"), str(root / "runs" / "linked"), f"{root}/runs/../../{outside.name}/ft", "/etc"):
         with pytest.raises(AppError, match="is outside ui.runs_roots"):
             client.predict(path, api_name="/show_run")

@@ -11,6 +11,7 @@ from test_integration_train import FAST, metrics
 
 from wanray.errors import ConfigError
 from wanray.infer.validation import RECORD_FILE, Validation
+from wanray.model_files import write_tiny_clip
 from wanray.train.trainer import train_experts
 
 
@@ -42,6 +43,7 @@ def test_validation_videos_of_every_checkpoint_step_land_beside_training(tiny_mo
         "train.validation.prompts=[a red circle, a blue square]",
         "train.validation.num_frames=9",
         "train.validation.num_inference_steps=3",
+        f"eval.clip_model={write_tiny_clip(tmp_path / 'clip')}",
     )
     run = tmp_path / "run"
     lines = []
@@ -55,6 +57,10 @@ def test_validation_videos_of_every_checkpoint_step_land_beside_training(tiny_mo
             with av.open(str(out / name)) as container:
                 assert sum(1 for _ in container.decode(video=0)) == 9
     assert any("[validate] step 10: 2 videos" in line for line in lines)
+    # every video scored (wanray.infer.scores), and each score's mean over the step's videos
+    scored = {"motion", "sharpness", "clip_score", "temporal_consistency"}
+    assert all(len(r["scores"]) == 2 and all(set(v) == scored for v in r["scores"]) for r in records)
+    assert records[0]["scores_mean"]["motion"] == pytest.approx(sum(v["motion"] for v in records[0]["scores"]) / 2)
     # the render of step 5 took longer than the training step after it: the workers did not wait for it
     times = {m["step"]: m["time"] for m in metrics(run)}
     assert times[6] - times[5] < records[0]["seconds"], (times, records[0])
@@ -67,6 +73,8 @@ def test_validation_videos_of_every_checkpoint_step_land_beside_training(tiny_mo
     losses = {e.step: e.value for e in events.Scalars("train/loss")}
     assert losses == pytest.approx({m["step"]: m["loss"] for m in metrics(run)})
     assert [e.step for e in events.Images("validation/01")] == [5, 10]
+    for name in scored:
+        assert [e.step for e in events.Scalars(f"validation/{name}")] == [5, 10], name
     gif = events.Images("validation/00")[0]
     assert gif.encoded_image_string[:6] == b"GIF89a" and (gif.height, gif.width) == (64, 64)
     from PIL import Image

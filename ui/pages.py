@@ -101,6 +101,11 @@ def runs_page(cfg: Config) -> gr.Dropdown:
             height=360,
             object_fit="contain",
         )
+        scores = gr.Dataframe(
+            label="Validation scores, the mean over the prompts (motion: optical flow in pixels per frame; "
+            "sharpness: Laplacian variance; clip_score and temporal_consistency with eval.clip_model)",
+            interactive=False,
+        )
         config = gr.Code(label="Config used (config.yaml of each expert)", language="yaml")
         # inside the tab: a Timer made after it would be a child of the Tabs, whose tab bar then drew the
         # next tab (Data) twice
@@ -109,7 +114,7 @@ def runs_page(cfg: Config) -> gr.Dropdown:
     @_shown
     def show(path):
         if not path:
-            return [pd.DataFrame(columns=["step", k, "expert"]) for k, _ in CURVES] + [[], ""]
+            return [pd.DataFrame(columns=["step", k, "expert"]) for k, _ in CURVES] + [[], None, ""]
         view = RunView.open(roots, path)
         metrics = pd.DataFrame(view.metrics())
         axis = [0, max(view.planned_steps(), int(metrics["step"].max()) if "step" in metrics else 0, MIN_STEP_AXIS)]
@@ -125,9 +130,10 @@ def runs_page(cfg: Config) -> gr.Dropdown:
             for (expert, _, step), video, prompt in cells
         ]
         steps = len({step for _, step, _ in validations})
-        return curves + [gr.Gallery(value=items, columns=max(1, min(steps, MAX_COLUMNS))), view.config()]
+        gallery_value = gr.Gallery(value=items, columns=max(1, min(steps, MAX_COLUMNS)))
+        return curves + [gallery_value, pd.DataFrame(view.scores()).round(4), view.config()]
 
-    outputs = plots + [gallery, config]
+    outputs = plots + [gallery, scores, config]
     run.change(show, run, outputs, api_name="show_run")
     refresh.tick(show, run, outputs, api_name=False, show_progress="hidden")
     rescan.click(lambda: gr.Dropdown(choices=list_runs(roots)), None, run, api_name="rescan_runs")

@@ -19,7 +19,15 @@ import yaml
 
 from wanray.compat import REMOVED_KEYS
 from wanray.errors import ConfigError
-from wanray.sections import DataConfig, InferConfig, ModelConfig, PreprocessConfig, TrainConfig, UIConfig
+from wanray.sections import (
+    DataConfig,
+    EvalConfig,
+    InferConfig,
+    ModelConfig,
+    PreprocessConfig,
+    TrainConfig,
+    UIConfig,
+)
 
 
 @dataclass
@@ -30,6 +38,7 @@ class Config:
     infer: InferConfig = field(default_factory=InferConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ui: UIConfig = field(default_factory=UIConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _coerce(value, tp, where: str):

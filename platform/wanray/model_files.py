@@ -260,3 +260,32 @@ def write_tiny_checkpoint(path, seed: int = 0, boundary: float | None = None, ki
             raise
         check_model_dir(path)  # another process won the race and wrote it first
     return path
+
+
+TINY_CLIP_TOWER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+"""Each tower of a tiny CLIP of the real architecture (transformers' CLIPModel): what the tests score videos with."""
+
+
+def write_tiny_clip(path, seed: int = 0, image_size: int = 32) -> Path:
+    """A random-weight CLIPModel with a byte-level tokenizer (each byte a token: no merges) and an image
+    processor of `image_size`, in transformers' layout: what `eval.clip_model` names (real weights: e.g.
+    openai/clip-vit-large-patch14 downloaded to a directory)."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    chars = list(bytes_to_unicode().values())
+    vocab = {t: i for i, t in enumerate([*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"])}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    images = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size=image_size)
+    ends = {"bos_token_id": len(vocab) - 2, "eos_token_id": len(vocab) - 1, "pad_token_id": len(vocab) - 1}
+    text = {**TINY_CLIP_TOWER, "vocab_size": len(vocab), "max_position_embeddings": 77, **ends}
+    vision = {**TINY_CLIP_TOWER, "image_size": image_size, "patch_size": image_size // 4}
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    with _no_progress_bars():
+        model.save_pretrained(path)
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(path)
+    return path

@@ -635,6 +635,22 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How generated videos are scored (wanray.infer.scores): validation videos and evaluations."""
+
+    clip_model: str = ""
+    """A CLIP model directory in transformers' layout (e.g. openai/clip-vit-large-patch14, downloaded): the
+    text-video alignment (clip_score) and temporal consistency of each video. Empty: those two are left out;
+    motion and sharpness need no model."""
+    frames: int = 8
+    """Frames sampled evenly from a video for its CLIP scores."""
+
+    def __post_init__(self) -> None:
+        if self.frames < 2:
+            raise ConfigError(f"eval.frames must be >= 2 (consecutive frames are compared), got {self.frames}")
+
+
+@dataclass
 class UIConfig:
     runs_roots: list[str] = field(default_factory=lambda: ["runs", "outputs"])
     """Directories the UI's Runs page lists training runs under (relative: to the serve.py driver's working

@@ -123,6 +123,17 @@ class RunView:
                 planned.append(int((config.get("train") or {}).get("steps") or 0))
         return max(planned)
 
+    def scores(self) -> list[dict]:
+        """Each rendered validation's scores (wanray.infer.scores; the mean over its prompts), by step then
+        expert: {"step", "expert", score: value, ...}."""
+        out = [
+            {"step": int(r["step"]), "expert": e, **r.get("scores_mean", {})}
+            for e in self.experts
+            for r in _records(self.path / e / "validation" / RECORD_FILE)
+            if "error" not in r
+        ]
+        return sorted(out, key=lambda r: (r["step"], EXPERTS.index(r["expert"])))
+
     def validations(self) -> list[tuple[str, int, list[tuple[Path, str]]]]:
         """(expert, step, [(video, prompt), ...]) of every rendered validation, by step then expert."""
         out = []

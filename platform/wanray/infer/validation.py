@@ -29,9 +29,11 @@ from wanray.infer.api import GenerateRequest, resolve
 from wanray.infer.batch import image_file, read_prompts
 from wanray.infer.request import GenerationParams
 from wanray.infer.sampler import Sampler
+from wanray.infer.scores import VideoScorer, mean_scores
 from wanray.infer.spec import StageSpec
 from wanray.infer.video import mp4_bytes
 from wanray.io import write_bytes_atomic, write_json_atomic
+from wanray.sections import EvalConfig
 from wanray.train.tracking import Tracker
 
 RECORD_FILE = "validations.jsonl"
@@ -103,8 +105,11 @@ class Validator:
         fps: float,
         lora=None,
         tracker: str = "none",
+        scoring: EvalConfig | None = None,
     ):
         self.sampler = Sampler(spec)
+        scoring = scoring or EvalConfig()
+        self.scorer = VideoScorer(scoring.clip_model, scoring.frames, spec.device("text"))
         self.prompts, self.expert, self.run_dir, self.fps, self.lora = prompts, expert, Path(run_dir), fps, lora
         self.model_dir = spec.model_dir
         self.loaded: dict[str, Path] = {}
@@ -175,17 +180,23 @@ class Validator:
                     self._load(other, latest_checkpoint(self.run_dir, other))
         out = self.run_dir / self.expert / "validation" / f"step_{step}"
         out.mkdir(parents=True, exist_ok=True)
-        videos = []
+        videos, scores = [], []
         for i, params in enumerate(self.prompts):
             path, frames = out / f"{i:02d}.mp4", self.sampler(params)
             write_bytes_atomic(path, mp4_bytes(frames, self.fps))
             self.tracker.video(f"validation/{i:02d}", frames, step, self.fps)
             videos.append(path.name)
+            scores.append(self.scorer(frames, params.prompt).as_dict())
         write_json_atomic([p.prompt for p in self.prompts], out / "prompts.json")
+        means = mean_scores(scores)
+        for name, value in means.items():
+            self.tracker.scalar(f"validation/{name}", value, step)
         return {
             "step": step,
             "checkpoint": str(checkpoint),
             "videos": [str(out / v) for v in videos],
+            "scores": scores,
+            "scores_mean": means,
             "other": {e: str(c) for e, c in self.loaded.items() if e != self.expert},
             "started": start,
             "seconds": round(time.time() - start, 3),
@@ -212,6 +223,7 @@ class Validation:
             self.cfg.data.fps,
             self.cfg.train.lora,
             self.cfg.train.tracker,
+            self.cfg.eval,
         )
 
     @staticmethod

@@ -54,6 +54,11 @@ class Tracker:
             self.writer.add_scalar(f"train/val_loss_{band}", value, metrics["step"])
         self.writer.flush()
 
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
+
     def video(self, tag: str, frames: np.ndarray, step: int, fps: float) -> None:
         """(F, H, W, 3) float frames in [0, 1] as an animated GIF (TensorBoard's images tab plays it)."""
         if self.writer is None:

@@ -1,0 +1,99 @@
+"""Numbers for one generated video, beside the video itself: how well it shows its prompt, how steady it is,
+how much moves and how sharp it is. Validation scores every video it renders (validations.jsonl, TensorBoard,
+the Runs page); the same scorer rates each model of an evaluation.
+
+- clip_score: the mean cosine similarity of the prompt's CLIP text embedding and the embeddings of `frames`
+  frames sampled evenly from the video (transformers' CLIPModel, `eval.clip_model`; as CLIPScore, without its
+  x100 and clipping at 0).
+- temporal_consistency: the mean cosine similarity of consecutive sampled frames' CLIP image embeddings
+  (flicker and sudden changes lower it).
+- motion: the mean optical-flow magnitude between consecutive frames, in pixels per frame (OpenCV's
+  Farneback flow on the grayscale frames): a distilled or collapsed model that stops moving shows here.
+- sharpness: the mean variance of each grayscale frame's Laplacian (0-255 scale, OpenCV): blur lowers it.
+
+Without `eval.clip_model` the first two are left out (None); motion and sharpness need no model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class VideoScores:
+    motion: float
+    sharpness: float
+    clip_score: float | None = None
+    temporal_consistency: float | None = None
+
+    def as_dict(self) -> dict[str, float]:
+        """The scores that were measured."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def as_uint8(frames: np.ndarray) -> np.ndarray:
+    """(F, H, W, 3) frames, float in [0, 1] (the sampler's) or uint8, as uint8."""
+    if frames.dtype == np.uint8:
+        return frames
+    return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def motion(frames: np.ndarray) -> float:
+    """Mean Farneback optical-flow magnitude (pixels per frame) between consecutive frames; 0 for a still."""
+    import cv2
+
+    gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in as_uint8(frames)]
+    magnitudes = [
+        float(np.linalg.norm(cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0), axis=-1).mean())
+        for a, b in zip(gray, gray[1:])
+    ]
+    return float(np.mean(magnitudes)) if magnitudes else 0.0
+
+
+def sharpness(frames: np.ndarray) -> float:
+    """Mean variance of the Laplacian of each grayscale frame."""
+    import cv2
+
+    return float(
+        np.mean([cv2.Laplacian(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var() for f in as_uint8(frames)])
+    )
+
+
+class VideoScorer:
+    """Scores videos; loads the CLIP model (if any) once."""
+
+    def __init__(self, clip_model: str = "", frames: int = 8, device: str | torch.device = "cpu"):
+        self.frames, self.device = frames, torch.device(device)
+        self.model = self.processor = None
+        if clip_model:
+            from transformers import CLIPModel, CLIPProcessor
+
+            self.model = CLIPModel.from_pretrained(clip_model).to(self.device).eval()
+            self.processor = CLIPProcessor.from_pretrained(clip_model)
+
+    @torch.no_grad()
+    def __call__(self, frames: np.ndarray, prompt: str) -> VideoScores:
+        video = as_uint8(frames)
+        scores = VideoScores(motion(video), sharpness(video))
+        if self.model is None or self.processor is None:
+            return scores
+        picked = video[np.unique(np.linspace(0, len(video) - 1, min(self.frames, len(video))).round().astype(int))]
+        inputs = self.processor(
+            text=[prompt], images=list(picked), return_tensors="pt", padding=True, truncation=True
+        ).to(self.device)
+        text = self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        image = self.model.get_image_features(pixel_values=inputs["pixel_values"])
+        t = torch.nn.functional.normalize(text.pooler_output.float(), dim=-1)
+        v = torch.nn.functional.normalize(image.pooler_output.float(), dim=-1)
+        alignment = float((v @ t[0]).mean())
+        consistency = float((v[1:] * v[:-1]).sum(-1).mean()) if len(v) > 1 else 1.0
+        return VideoScores(scores.motion, scores.sharpness, alignment, consistency)
+
+
+def mean_scores(scores: list[dict[str, float]]) -> dict[str, float]:
+    """Each score's mean over the videos that have it."""
+    keys = sorted({k for s in scores for k in s})
+    return {k: float(np.mean([s[k] for s in scores if k in s])) for k in keys}

@@ -1,0 +1,53 @@
+"""Scores of a generated video (wanray.infer.scores) on videos whose answer is known: a still one, a square
+moving at a known speed, a sharp and a blurred pattern; CLIP through a tiny random-weight model of the real
+architecture."""
+
+import numpy as np
+import pytest
+
+from wanray.infer.scores import VideoScorer, mean_scores, motion, sharpness
+from wanray.model_files import write_tiny_clip
+
+
+def moving_square(speed: int, frames: int = 9, size: int = 64) -> np.ndarray:
+    """A textured 16-pixel square moving right `speed` pixels a frame on black, float frames in [0, 1]."""
+    texture = np.random.default_rng(0).random((16, 16, 3))
+    video = np.zeros((frames, size, size, 3))
+    for f in range(frames):
+        x = 4 + f * speed
+        video[f, 24:40, x : x + 16] = texture
+    return video
+
+
+def test_motion_is_zero_for_a_still_and_grows_with_speed():
+    still, slow, fast = (motion(moving_square(s)) for s in (0, 1, 3))
+    assert still < 1e-3 < slow < fast
+
+
+def test_blur_lowers_sharpness():
+    import cv2
+
+    pattern = moving_square(0)
+    blurred = np.stack([cv2.GaussianBlur(f, (7, 7), 2.0) for f in pattern])
+    assert sharpness(pattern) > 2 * sharpness(blurred)
+
+
+@pytest.fixture(scope="module")
+def scorer(tmp_path_factory):
+    return VideoScorer(str(write_tiny_clip(tmp_path_factory.mktemp("clip"))), frames=4)
+
+
+def test_clip_scores_a_video_against_its_prompt(scorer):
+    still = moving_square(0)
+    scores = scorer(still, "a textured square")
+    assert scores == scorer(still, "a textured square")  # deterministic
+    assert -1.0 <= scores.clip_score <= 1.0 and scores.clip_score != scorer(still, "something else").clip_score
+    assert scores.temporal_consistency == pytest.approx(1.0, abs=1e-5)  # identical frames
+    noise = np.random.default_rng(1).random((9, 64, 64, 3))
+    assert scorer(noise, "a textured square").temporal_consistency < scores.temporal_consistency
+
+
+def test_without_a_clip_model_only_motion_and_sharpness_are_scored():
+    scores = VideoScorer()(moving_square(2), "a square").as_dict()
+    assert set(scores) == {"motion", "sharpness"}
+    assert mean_scores([{"motion": 1.0, "sharpness": 3.0}, {"motion": 2.0}]) == {"motion": 1.5, "sharpness": 3.0}

@@ -42,7 +42,7 @@ def test_the_quickstart_prints_its_own_lines_once_and_no_ray_lines(tiny_model, r
     # each expert's best.json names its lowest held-out loss of metrics.jsonl; export.py --best takes that step
     from conftest import tiny_config
 
-    from wanray.train.export import export_run
+    from wanray.infer.evaluate import resolve_candidate
 
     run = tmp_path / "qs" / "run"
     for expert in ("high", "low"):
@@ -51,10 +51,12 @@ def test_the_quickstart_prints_its_own_lines_once_and_no_ray_lines(tiny_model, r
         assert sorted(held) == [10, 20] and all(math.isfinite(v) for v in held.values())
         best = json.loads((run / expert / "best.json").read_text())
         assert best == {"step": min(held, key=held.get), "val_loss": min(held.values())}
+    # an evaluation's model RUN:best (wanray.infer.evaluate) is that export
     said: list[str] = []
-    export_run(tiny_config(tiny_model), run, tmp_path / "best", log=said.append, best=True)
+    ft = resolve_candidate(tiny_config(tiny_model), f"ft={run}:best", tmp_path / "eval", log=said.append)
     step = json.loads((run / "high" / "best.json").read_text())["step"]
     assert f"[export] high-noise expert: step {step} has the lowest held-out loss" in "\n".join(said)
+    assert ft.model_dir == tmp_path / "eval" / "models" / "ft" and (ft.model_dir / "model_index.json").is_file()
 
 
 def test_verbose_brings_rays_own_lines_back(tiny_model, synthetic, ray_cluster, tmp_path):

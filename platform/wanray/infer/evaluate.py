@@ -1,0 +1,171 @@
+"""Is the fine-tune better? Every model renders every prompt of one file with the same seeds (the batch path),
+every video is scored (wanray.infer.scores), and DIR gets:
+
+    DIR/metrics.json        per model: where it came from, each score's mean, and each prompt's scores and video
+    DIR/report.html         the means as a table, then a row per prompt with every model's video side by side
+    DIR/videos/<model>/     the videos (report.html links them relatively: any static file server shows DIR)
+
+A model is `NAME=SPEC` or `SPEC` (named after its last path part): a diffusers-format model directory, a
+wanray run directory (train.py --out; its latest checkpoints, or `RUN:best` for those of the lowest held-out
+loss, exported into DIR/models/<name> against model.path), or `BASE+ADAPTER`: a model directory with an
+adapter (any infer.loras source: a LoRA run, an export, an adapter file) applied to every prompt at scale 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from wanray import models
+from wanray.config import Config
+from wanray.errors import ConfigError
+from wanray.infer.batch import generate_videos, read_prompts
+from wanray.infer.scores import VideoScorer, mean_scores
+from wanray.io import write_bytes_atomic, write_json_atomic
+from wanray.sections import LoraSource, LoraUse
+from wanray.train.runs import RUN_FILE
+
+ADAPTER = "evaluated"
+"""The infer.loras name a `BASE+ADAPTER` model's adapter is served under."""
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One model of an evaluation: its name, what the user gave, and how it renders."""
+
+    name: str
+    source: str
+    model_dir: Path
+    adapter: str = ""
+    """An infer.loras source applied to every prompt, or none."""
+
+
+def parse_candidate(text: str) -> tuple[str, str]:
+    """(name, spec) of `NAME=SPEC` or `SPEC` (named after the spec's last path part, without ':best')."""
+    name, sep, spec = text.partition("=")
+    if not sep:
+        spec = text
+        name = Path(spec.split("+")[-1].removesuffix(":best").rstrip("/")).name
+    if not NAME.fullmatch(name):
+        raise ConfigError(f"--models {text!r}: {name!r} is not a model name (letters, digits, _ . -; at most 64)")
+    return name, spec
+
+
+def is_run(path: Path) -> bool:
+    return any((path / e / RUN_FILE).is_file() for e in ("high", "low"))
+
+
+def resolve_candidate(cfg: Config, text: str, work: Path, log=print) -> Candidate:
+    """The model `text` names, a run exported under work/models/<name> first."""
+    from wanray.train.export import export_run
+
+    name, spec = parse_candidate(text)
+    base, plus, adapter = spec.partition("+")
+    best = base.endswith(":best")
+    path = Path(base.removesuffix(":best")).expanduser()
+    if not path.exists():
+        raise ConfigError(f"--models {text!r}: {path} does not exist")
+    if is_run(path):
+        if plus:
+            raise ConfigError(f"--models {text!r}: an adapter goes on a model directory, not on a run")
+        log(f"[evaluate] {name}: exporting the run {path} ({'lowest held-out loss' if best else 'latest'})")
+        model_dir = export_run(cfg, path, work / "models" / name, log=log, best=best)
+        return Candidate(name, text, model_dir)
+    if best:
+        raise ConfigError(f"--models {text!r}: ':best' takes a run directory (train.py --out), {path} is none")
+    if not (path / "model_index.json").is_file():
+        raise ConfigError(
+            f"--models {text!r}: {path} is neither a model directory (model_index.json) nor a wanray run directory"
+        )
+    return Candidate(name, text, path.resolve(), adapter)
+
+
+def candidate_config(cfg: Config, candidate: Candidate) -> Config:
+    """cfg rendering `candidate`: its model directory, and its adapter served and applied by default."""
+    model = dataclasses.replace(cfg.model, path=str(candidate.model_dir), create_tiny=False)
+    infer = cfg.infer
+    if candidate.adapter:
+        infer = dataclasses.replace(
+            infer, loras={ADAPTER: LoraSource(path=candidate.adapter)}, default_loras=[LoraUse(ADAPTER, 1.0)]
+        )
+    return dataclasses.replace(cfg, model=model, infer=infer)
+
+
+def evaluate(cfg: Config, models_given: list[str], prompts_file, out_dir, log=print) -> dict:
+    """Render and score every model (on the connected Ray); write metrics.json and report.html; the metrics."""
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    candidates = [resolve_candidate(cfg, text, out, log) for text in models_given]
+    names = [c.name for c in candidates]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--models: two models are named alike ({', '.join(names)}): name them NAME=SPEC")
+    scorer = VideoScorer(cfg.eval.clip_model, cfg.eval.frames)
+    results: dict = {}
+    for c in candidates:
+        ccfg = candidate_config(cfg, c)
+        params = read_prompts(prompts_file, ccfg, models.expected_kind(ccfg.model))
+        log(f"[evaluate] {c.name}: {len(params)} prompts from {c.model_dir}{f' + {c.adapter}' if c.adapter else ''}")
+        videos = out / "videos" / c.name
+        rows = generate_videos(ccfg, str(c.model_dir), params, videos, save_frames=True, log=log)
+        scored = []
+        for row in rows:
+            frames_file = videos / Path(row["video"]).with_suffix(".npy").name
+            scores = scorer(np.load(frames_file), row["prompt"]).as_dict()
+            frames_file.unlink()
+            video = (videos / Path(row["video"]).name).relative_to(out)
+            scored.append({"prompt": row["prompt"], "seed": row["seed"], "video": str(video), **scores})
+        means = mean_scores([{k: v for k, v in s.items() if isinstance(v, float)} for s in scored])
+        results[c.name] = {"source": c.source, "model": str(c.model_dir), "adapter": c.adapter, "mean": means}
+        results[c.name]["prompts"] = scored
+        log(f"[evaluate] {c.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+    write_json_atomic(results, out / "metrics.json")
+    write_bytes_atomic(out / "report.html", report_html(results).encode())
+    log(f"[evaluate] wrote {out / 'metrics.json'} and {out / 'report.html'}")
+    return results
+
+
+def report_html(results: dict) -> str:
+    """The report: a table of each model's means, then a row per prompt with every model's video and scores."""
+    names = list(results)
+    keys = sorted({k for r in results.values() for k in r["mean"]})
+    e = html.escape
+    head = "".join(f"<th>{e(k)}</th>" for k in keys)
+    means = "".join(
+        f"<tr><th>{e(n)}</th><td class='src'>{e(results[n]['source'])}</td>"
+        + "".join(f"<td>{results[n]['mean'].get(k, float('nan')):.4f}</td>" for k in keys)
+        + "</tr>"
+        for n in names
+    )
+    rows = []
+    for i, first in enumerate(results[names[0]]["prompts"]):
+        cells = []
+        for n in names:
+            p = results[n]["prompts"][i]
+            scores = " · ".join(f"{k} {p[k]:.3f}" for k in keys if k in p)
+            cells.append(
+                f"<td><video src='{e(p['video'])}' controls loop muted autoplay playsinline></video>"
+                f"<div class='scores'>{e(scores)}</div></td>"
+            )
+        rows.append(f"<tr><th class='prompt'>{e(first['prompt'])}<br>seed {first['seed']}</th>{''.join(cells)}</tr>")
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>wanray evaluation: {e(", ".join(names))}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; }}
+table {{ border-collapse: collapse; margin-bottom: 2em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.4em; vertical-align: top; text-align: left; }}
+video {{ width: 320px; display: block; background: #000; }}
+.scores, .src {{ font-size: 0.8em; color: #444; }}
+.prompt {{ max-width: 16em; font-weight: normal; }}
+</style></head><body>
+<h1>wanray evaluation</h1>
+<p>Every model rendered every prompt with the same seed; scores as wanray.infer.scores defines them.</p>
+<table id="means"><tr><th>model</th><th>source</th>{head}</tr>{means}</table>
+<table id="videos"><tr><th>prompt</th>{"".join(f"<th>{e(n)}</th>" for n in names)}</tr>{"".join(rows)}</table>
+</body></html>
+"""

@@ -1,0 +1,96 @@
+"""pipelines/evaluate.py's library on a real local Ray: models rendered with the same seeds, every video scored,
+metrics.json and a report that headless Chromium shows with every video."""
+
+import functools
+import http.server
+import json
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from conftest import ROOT, tiny_config
+from PIL import Image
+from reference import tiny_adapter
+from safetensors.torch import save_file
+
+from wanray.errors import ConfigError
+from wanray.infer.evaluate import evaluate, parse_candidate
+from wanray.model_files import write_tiny_clip
+
+SCORES = {"motion", "sharpness", "clip_score", "temporal_consistency"}
+
+
+def test_models_are_named_and_checked_before_anything_renders(tiny_model, tmp_path):
+    assert parse_candidate("ft=runs/exp1:best") == ("ft", "runs/exp1:best")
+    assert parse_candidate("runs/exp1:best") == ("exp1", "runs/exp1:best")
+    assert parse_candidate(f"{tiny_model}+runs/style/") == ("style", f"{tiny_model}+runs/style/")
+    cfg = tiny_config(tiny_model)
+    with pytest.raises(ConfigError, match="does not exist"):
+        evaluate(cfg, ["nowhere"], tmp_path / "p.txt", tmp_path / "out")
+    with pytest.raises(ConfigError, match="neither a model directory"):
+        evaluate(cfg, [str(tmp_path)], tmp_path / "p.txt", tmp_path / "out")
+    with pytest.raises(ConfigError, match="':best' takes a run directory"):
+        evaluate(cfg, [f"{tiny_model}:best"], tmp_path / "p.txt", tmp_path / "out")
+    with pytest.raises(ConfigError, match="two models are named alike"):
+        evaluate(cfg, [f"a={tiny_model}", f"a={tiny_model}"], tmp_path / "p.txt", tmp_path / "out")
+
+
+def test_the_same_model_scores_the_same_and_the_report_shows_every_video(tiny_model, ray_cluster, tmp_path):
+    save_file(tiny_adapter(tiny_model, "high", 5), tmp_path / "adapter.safetensors")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving left to right\na blue square\n")
+    cfg = tiny_config(
+        tiny_model,
+        "infer.num_inference_steps=3",
+        f"eval.clip_model={write_tiny_clip(tmp_path / 'clip')}",
+    )
+    out = tmp_path / "eval"
+    lines: list[str] = []
+    given = [f"base={tiny_model}", f"again={tiny_model}", f"styled={tiny_model}+{tmp_path / 'adapter.safetensors'}"]
+    results = evaluate(cfg, given, prompts, out, log=lines.append)
+
+    assert json.loads((out / "metrics.json").read_text()) == results
+    assert list(results) == ["base", "again", "styled"]
+    for name, r in results.items():
+        assert [p["prompt"] for p in r["prompts"]] == ["a red circle moving left to right", "a blue square"]
+        assert all(set(p) >= SCORES and (out / p["video"]).is_file() for p in r["prompts"]), name
+        assert set(r["mean"]) == SCORES
+        assert r["mean"]["motion"] == pytest.approx(np.mean([p["motion"] for p in r["prompts"]]))
+    # the same model and seeds: the same videos, so the same scores; an adapter on it changes them
+    assert results["base"]["prompts"] == [
+        {**p, "video": p["video"].replace("/again/", "/base/")} for p in results["again"]["prompts"]
+    ]
+    assert results["styled"]["mean"] != results["base"]["mean"] and results["styled"]["adapter"]
+    assert any(line.startswith("[evaluate] wrote ") for line in lines)
+
+    # the report, from a static file server over the directory: every video drawn in headless Chromium
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(out))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        shot = tmp_path / "report.png"
+        run = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "scripts" / "screenshot.py"),
+                "--url",
+                f"http://127.0.0.1:{server.server_address[1]}/report.html",
+                "--out",
+                str(shot),
+                "--wait-for",
+                "video=6",
+                "--wait-for-text",
+                "a blue square",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    finally:
+        server.shutdown()
+    assert run.returncode == 0, run.stderr
+    image = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int32)
+    saturated = image[(image.max(axis=2) - image.min(axis=2)) > 15]
+    assert len(np.unique(saturated[:, 0] * 65536 + saturated[:, 1] * 256 + saturated[:, 2])) > 1000  # frames drawn

@@ -1,6 +1,6 @@
-"""The UI's Runs and Data pages on a real Serve: a fine-tune with validation videos and a preprocessed
-directory with rejects, read through gradio_client and photographed by headless Chromium; paths outside
-the configured roots (`..`, a symlink out, an absolute path elsewhere) are refused."""
+"""The UI's Runs, Data and Evaluate pages on a real Serve: a fine-tune with validation videos, a preprocessed
+directory with rejects and an evaluation, read through gradio_client and photographed by headless Chromium;
+paths outside the configured roots (`..`, a symlink out, an absolute path elsewhere) are refused."""
 
 import json
 import os
@@ -59,7 +59,24 @@ def roots(tmp_path_factory, tiny_model, ray_cluster):
     for name in ("wanray_run.json", "metrics.jsonl", "config.yaml"):
         (outside / "ft" / "high" / name).write_bytes((train_dir / name).read_bytes())
     os.symlink(outside / "ft", root / "runs" / "linked")
+    _evaluation(root / "runs" / "eval", sorted((train_dir / "validation").glob("step_*/00.mp4")))
     return root, outside
+
+
+def _evaluation(out, videos):
+    """An evaluation directory as wanray.infer.evaluate writes it (its report_html), of two models ("a", "b")
+    and one prompt each, from two existing videos (rendering them is test_integration_evaluate's part)."""
+    from wanray.infer.evaluate import report_html
+
+    results = {}
+    for name, video in zip(("a", "b"), videos):
+        (out / "videos" / name).mkdir(parents=True)
+        (out / "videos" / name / "00000.mp4").write_bytes(video.read_bytes())
+        scores = {"motion": 1.0 + len(results), "sharpness": 100.0}
+        prompt = {"prompt": "a red circle moving right", "seed": 0, "video": f"videos/{name}/00000.mp4", **scores}
+        results[name] = {"source": str(video), "model": "m", "adapter": "", "mean": scores, "prompts": [prompt]}
+    (out / "metrics.json").write_text(json.dumps(results))
+    (out / "report.html").write_text(report_html(results))
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +129,26 @@ def test_runs_page_shows_curves_validation_videos_and_config_and_refuses_paths_o
             client.predict(path, api_name="/show_run")
     with pytest.raises(AppError, match="is not a training run"):
         client.predict(str(root / "runs"), api_name="/show_run")
+
+
+def test_evaluate_page_shows_an_evaluations_means_and_videos_side_by_side(roots, ui_server):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    root, outside = roots
+    client = Client(f"{ui_server}/ui/", verbose=False)
+    report = str(root / "runs" / "eval")
+    means, videos = client.predict(report, api_name="/show_report")
+    assert means["headers"] == ["model", "source", "motion", "sharpness"]
+    assert [row[0] for row in means["data"]] == ["a", "b"] and [row[2] for row in means["data"]] == [1.0, 2.0]
+    assert [item["caption"] for item in videos["value"]] == [f"{m} · a red circle moving right" for m in ("a", "b")]
+    for item in videos["value"]:
+        with av.open(item["video"]) as container:
+            assert sum(1 for _ in container.decode(video=0)) == 9
+    with pytest.raises(AppError, match="is outside ui.runs_roots"):
+        client.predict(str(outside), api_name="/show_report")
+    with pytest.raises(AppError, match="is not an evaluation"):
+        client.predict(str(root / "runs" / "ft"), api_name="/show_report")
 
 
 def test_data_page_shows_summary_rejects_clips_and_a_preview_decoded_from_a_latent(roots, ui_server):
@@ -203,7 +240,7 @@ def test_screenshots_of_both_pages_show_the_curves_and_the_videos(roots, ui_serv
     )
     print("screenshots:", tmp_path)
     # each tab once (the menu overflow drew the selected last tab twice); steps labelled as whole steps
-    assert on_runs[TABS] == on_data[TABS] == ["Generate", "Runs", "Data"]
+    assert on_runs[TABS] == on_data[TABS] == ["Generate", "Runs", "Data", "Evaluate"]
     ticks = on_runs[X_TICKS]
     assert len(ticks) >= 4 * 3 and all(t.replace(",", "").isdigit() for t in ticks), ticks
     # each of the four axes counts up without repeating a label (half steps shown as whole ones would repeat)

@@ -15,7 +15,7 @@ from pathlib import Path
 import gradio as gr
 from pydantic import ValidationError
 
-from ui.pages import Preview, data_page, runs_page
+from ui.pages import Preview, data_page, evaluate_page, runs_page
 from wanray.config import Config
 from wanray.errors import RequestError
 from wanray.infer.api import Busy, Generate, GenerateRequest, cause, resolve, served_split
@@ -41,6 +41,10 @@ def adapter_uses(names: list[str] | None, scales: str | None) -> list[dict]:
     if len(values) != len(names):
         raise RequestError(f"{len(names)} adapters chosen but {len(values)} scales given: one scale per adapter")
     return [{"name": n, "scale": v} for n, v in zip(names, values)]
+
+
+LINKED = (("run", "runs"), ("data", "data"), ("report", "evaluate"))
+"""The page's address parameters, each opening its tab on the directory it names."""
 
 
 def build_ui(generate: Generate, cfg: Config, model_dir: str, preview: Preview | None = None) -> gr.Blocks:
@@ -199,11 +203,12 @@ def build_ui(generate: Generate, cfg: Config, model_dir: str, preview: Preview |
                 stop.click(None, cancels=[generating])
             run_picker = runs_page(cfg)
             data_picker = data_page(cfg, kind, preview)
+            report_picker = evaluate_page(cfg)
 
-        def open_linked(request: gr.Request):  # /ui/?run=<path> or ?data=<path>: that page, that directory
+        def open_linked(request: gr.Request):  # /ui/?run=, ?data= or ?report=<path>: that page, that directory
             q = request.query_params
-            tab = "runs" if q.get("run") else "data" if q.get("data") else "generate"
-            return gr.Tabs(selected=tab), q.get("run") or None, q.get("data") or None
+            tab = next((t for k, t in LINKED if q.get(k)), "generate")
+            return gr.Tabs(selected=tab), *(q.get(k) or None for k, _ in LINKED)
 
-        page.load(open_linked, None, [tabs, run_picker, data_picker])
+        page.load(open_linked, None, [tabs, run_picker, data_picker, report_picker])
     return page

@@ -22,7 +22,7 @@ import torch
 
 from wanray.config import Config
 from wanray.errors import RequestError
-from wanray.infer.browse import DataView, Roots, RunView, list_datasets, list_runs
+from wanray.infer.browse import DataView, ReportView, Roots, RunView, list_datasets, list_reports, list_runs
 from wanray.wan import ModelKind
 
 CURVES = (("loss", "Loss"), ("grad_norm", "Gradient norm"), ("lr", "Learning rate"), ("samples_per_s", "Samples/s"))
@@ -138,6 +138,36 @@ def runs_page(cfg: Config) -> gr.Dropdown:
     refresh.tick(show, run, outputs, api_name=False, show_progress="hidden")
     rescan.click(lambda: gr.Dropdown(choices=list_runs(roots)), None, run, api_name="rescan_runs")
     return run
+
+
+def evaluate_page(cfg: Config) -> gr.Dropdown:
+    """The Evaluate tab: an evaluation (pipelines/evaluate.py --out) under ui.runs_roots, its means and its
+    videos side by side; returns its picker (the address's ?report= sets it)."""
+    roots = Roots(cfg.ui.runs_roots, "ui.runs_roots")
+    with gr.Tab("Evaluate", id="evaluate"):
+        with gr.Row():
+            report = gr.Dropdown(list_reports(roots), value=None, label="Evaluation", allow_custom_value=True, scale=4)
+            rescan = gr.Button("Rescan roots", scale=1)
+        means = gr.Dataframe(label="Each model's mean scores (wanray.infer.scores)", interactive=False)
+        videos = gr.Gallery(
+            label="A row per prompt, the models side by side (the same seed each)",
+            columns=2,
+            height=480,
+            object_fit="contain",
+        )
+
+    @_shown
+    def show(path):
+        if not path:
+            return None, []
+        view = ReportView.open(roots, path)
+        table = pd.DataFrame(view.means()).round(4)
+        items = [(_served_copy(video), caption) for video, caption in view.videos()]
+        return table, gr.Gallery(value=items, columns=max(1, min(len(view.results), MAX_COLUMNS)))
+
+    report.change(show, report, [means, videos], api_name="show_report")
+    rescan.click(lambda: gr.Dropdown(choices=list_reports(roots)), None, report, api_name="rescan_reports")
+    return report
 
 
 def data_page(cfg: Config, kind: ModelKind, preview: Preview | None) -> gr.Dropdown:

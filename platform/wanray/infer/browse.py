@@ -1,9 +1,11 @@
-"""What the UI's Runs and Data pages read: training runs and preprocessed directories under configured roots.
+"""What the UI's Runs, Data and Evaluate pages read: training runs, preprocessed directories and evaluations
+under configured roots.
 
     ui.runs_roots ─► runs: directories whose <expert>/ holds RUN_FILE ─► metrics.jsonl, config.yaml,
                                                                         validation/validations.jsonl + videos
     ui.data_roots ─► preprocessed directories (summary.json) ─► summary, rejects.jsonl, a page of clips,
                                                                  one clip's stored latent (previewed by the VAE)
+    ui.runs_roots ─► evaluations (evaluate.py --out: metrics.json + report.html) ─► means, videos side by side
 
 Every path comes from a browser, so each is resolved (symlinks followed) and must lie inside one of
 the resolved roots; a path outside them, or a file that resolves outside them, is a RequestError.
@@ -32,6 +34,8 @@ from wanray.wan import EXPERTS
 MAX_DEPTH = 3
 """Directories below a root a run or preprocessed directory may sit at (root/a/b/c)."""
 SUMMARY_FILE, REJECTS_FILE = "summary.json", "rejects.jsonl"
+REPORT_FILES = ("metrics.json", "report.html")
+"""What makes a directory an evaluation (wanray.infer.evaluate writes both)."""
 CLIP_COLUMNS = ["id", "caption", "bucket", "num_frames", "height", "width", "source", "latent_shape"]
 SKIP = ("checkpoint_", "data_order", "tensorboard", "validation", "videos")
 
@@ -199,6 +203,44 @@ def _is_run(d: Path) -> bool:
 
 def _is_data(d: Path) -> bool:
     return (d / SUMMARY_FILE).is_file()
+
+
+@dataclass
+class ReportView:
+    """One evaluation directory (pipelines/evaluate.py --out; wanray.infer.evaluate)."""
+
+    roots: Roots
+    path: Path
+    results: dict
+
+    @classmethod
+    def open(cls, roots: Roots, path: str) -> ReportView:
+        report = roots.check(path)
+        if not _is_report(report):
+            raise RequestError(f"{path} is not an evaluation (no {REPORT_FILES[0]} and {REPORT_FILES[1]})")
+        return cls(roots, report, json.loads((report / REPORT_FILES[0]).read_text()))
+
+    def means(self) -> list[dict]:
+        """A row per model: its name, where it came from, each score's mean."""
+        return [{"model": name, "source": r["source"], **r["mean"]} for name, r in self.results.items()]
+
+    def videos(self) -> list[tuple[Path, str]]:
+        """(video, caption) a row per prompt, its models side by side in the evaluation's order."""
+        names = list(self.results)
+        out = []
+        for i, first in enumerate(self.results[names[0]]["prompts"] if names else []):
+            for name in names:
+                p = self.results[name]["prompts"][i]
+                out.append((self.roots.check(self.path / p["video"]), f"{name} · {first['prompt'][:60]}"))
+        return out
+
+
+def _is_report(d: Path) -> bool:
+    return all((d / f).is_file() for f in REPORT_FILES)
+
+
+def list_reports(roots: Roots) -> list[str]:
+    return roots.find(_is_report)
 
 
 def list_runs(roots: Roots) -> list[str]:

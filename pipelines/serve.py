@@ -8,15 +8,17 @@ serves until interrupted (Ctrl-C or SIGTERM removes the application). Binds infe
 (127.0.0.1 unless told otherwise).
 """
 
+import os
 import signal
 import sys
 
 if __name__ == "__main__":  # run as the driver (not imported as a RayService's app)
-    # SIGTERM before Ray is connected has nothing to clean up: exit 0 at once, also while the imports below load
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # SIGTERM before Ray is connected has nothing to clean up: exit 0 at once, also while the imports below load.
+    # os._exit, not sys.exit: a library's bare `except:` around an optional import would swallow SystemExit.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
 
 import argparse
-import os
+import threading
 import time
 from pathlib import Path
 
@@ -57,25 +59,40 @@ def main(args):
         sys.exit(0 if print_plan(cfg, "serve") else 1)
     model_dir = ensure_model(cfg.model)
     ui = None if args.no_ui else page()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` cleans up like Ctrl-C, also mid-start
+    # `kill` cleans up like Ctrl-C, also mid-start. The interrupt is raised where the signal lands, which may be
+    # inside Ray's or Serve's code, whose handlers can swallow it: the flag is checked after each step as well.
+    stopping = threading.Event()
+
+    def interrupt(signum, frame):
+        stopping.set()
+        raise KeyboardInterrupt
+
+    def stop_if_asked():
+        if stopping.is_set():
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         # py_modules ships ui/ to every node; Serve deployments inherit the job's runtime_env.
-        ray = connect_ray(args.verbose, runtime_env={"py_modules": [str(UI_DIR)]})
+        connect_ray(args.verbose, runtime_env={"py_modules": [str(UI_DIR)]})
         # again: connecting installs Ray core's own SIGTERM handler (it logs the signal and exits 15)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, interrupt)
+        stop_if_asked()
         print(
             f"starting the deployments for {model_dir} (text encoder, high-noise expert, low-noise expert, VAE)",
             flush=True,
         )
         url = start(cfg, str(model_dir), ui)
+        stop_if_asked()
         print(f"wanray is serving {model_dir} at {url}", flush=True)
         if (warning := exposure_warning(cfg, serving_token(cfg))) is not None:
             print(warning, file=sys.stderr, flush=True)
         print(f"  REST API: POST {url}/v1/generate, GET {url}/v1/health", flush=True)
         if ui is not None:
             print(f"  UI:       {url}{UI_PATH}/", flush=True)
-        while True:
-            time.sleep(3600)
+        while not stopping.is_set():
+            time.sleep(1)
+        raise KeyboardInterrupt
     except KeyboardInterrupt:
         import ray
 

@@ -138,8 +138,9 @@ class MetricsLog:
             write_json_atomic({"step": m["step"], "val_loss": m["val_loss"]}, best_path)
             best = m
         bands = ", ".join(f"{k} {v:.4f}" for k, v in m["val_loss_bands"].items())
+        clips = f"{m['val_clips']} clip{'' if m['val_clips'] == 1 else 's'}"
         self.say(
-            f"step {m['step']} held-out loss {m['val_loss']:.4f} over {m['val_clips']} clips ({bands}); "
+            f"step {m['step']} held-out loss {m['val_loss']:.4f} over {clips} ({bands}); "
             f"best {best['val_loss']:.4f} at step {best['step']}"
         )
 

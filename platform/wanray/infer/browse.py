@@ -28,7 +28,7 @@ from wanray.data.shards import shard_paths
 from wanray.errors import RequestError
 from wanray.infer.validation import RECORD_FILE
 from wanray.schema import decode_tensor
-from wanray.train.runs import CONFIG_FILE, RUN_FILE
+from wanray.train.runs import CONFIG_FILE, RUN_FILE, trained_experts
 from wanray.wan import EXPERTS
 
 MAX_DEPTH = 3
@@ -100,7 +100,7 @@ class RunView:
 
     @property
     def experts(self) -> list[str]:
-        return _trained_experts(self.path)
+        return trained_experts(self.path)
 
     def metrics(self) -> list[dict]:
         """Every logged step of every expert (metrics.jsonl), each with its expert."""
@@ -193,12 +193,8 @@ class DataView:
         raise RequestError(f"no clip {clip_id!r} in {self.path}")
 
 
-def _trained_experts(d: Path) -> list[str]:
-    return [e for e in EXPERTS if (d / e / RUN_FILE).is_file()]
-
-
 def _is_run(d: Path) -> bool:
-    return bool(_trained_experts(d))
+    return bool(trained_experts(d))
 
 
 def _is_data(d: Path) -> bool:

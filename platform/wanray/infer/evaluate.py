@@ -28,7 +28,7 @@ from wanray.infer.batch import generate_videos, read_prompts
 from wanray.infer.scores import VideoScorer, mean_scores
 from wanray.io import write_bytes_atomic, write_json_atomic
 from wanray.sections import LoraSource, LoraUse
-from wanray.train.runs import RUN_FILE
+from wanray.train.runs import trained_experts
 
 ADAPTER = "evaluated"
 """The infer.loras name a `BASE+ADAPTER` model's adapter is served under."""
@@ -57,10 +57,6 @@ def parse_candidate(text: str) -> tuple[str, str]:
     return name, spec
 
 
-def is_run(path: Path) -> bool:
-    return any((path / e / RUN_FILE).is_file() for e in ("high", "low"))
-
-
 def resolve_candidate(cfg: Config, text: str, work: Path, log=print) -> Candidate:
     """The model `text` names, a run exported under work/models/<name> first."""
     from wanray.train.export import export_run
@@ -71,7 +67,7 @@ def resolve_candidate(cfg: Config, text: str, work: Path, log=print) -> Candidat
     path = Path(base.removesuffix(":best")).expanduser()
     if not path.exists():
         raise ConfigError(f"--models {text!r}: {path} does not exist")
-    if is_run(path):
+    if trained_experts(path):
         if plus:
             raise ConfigError(f"--models {text!r}: an adapter goes on a model directory, not on a run")
         log(f"[evaluate] {name}: exporting the run {path} ({'lowest held-out loss' if best else 'latest'})")
@@ -113,16 +109,21 @@ def evaluate(cfg: Config, models_given: list[str], prompts_file, out_dir, log=pr
         log(f"[evaluate] {c.name}: {len(params)} prompts from {c.model_dir}{f' + {c.adapter}' if c.adapter else ''}")
         videos = out / "videos" / c.name
         rows = generate_videos(ccfg, str(c.model_dir), params, videos, save_frames=True, log=log)
-        scored = []
+        scores, scored = [], []
         for row in rows:
             frames_file = videos / Path(row["video"]).with_suffix(".npy").name
-            scores = scorer(np.load(frames_file), row["prompt"]).as_dict()
+            scores.append(scorer(np.load(frames_file), row["prompt"]).as_dict())
             frames_file.unlink()
             video = (videos / Path(row["video"]).name).relative_to(out)
-            scored.append({"prompt": row["prompt"], "seed": row["seed"], "video": str(video), **scores})
-        means = mean_scores([{k: v for k, v in s.items() if isinstance(v, float)} for s in scored])
-        results[c.name] = {"source": c.source, "model": str(c.model_dir), "adapter": c.adapter, "mean": means}
-        results[c.name]["prompts"] = scored
+            scored.append({"prompt": row["prompt"], "seed": row["seed"], "video": str(video), **scores[-1]})
+        means = mean_scores(scores)
+        results[c.name] = {
+            "source": c.source,
+            "model": str(c.model_dir),
+            "adapter": c.adapter,
+            "mean": means,
+            "prompts": scored,
+        }
         log(f"[evaluate] {c.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
     write_json_atomic(results, out / "metrics.json")
     write_bytes_atomic(out / "report.html", report_html(results).encode())

@@ -58,6 +58,11 @@ def trained_boundary(run_dir, experts) -> float | None:
     return found.pop() if found else None
 
 
+def trained_experts(run_dir) -> list[str]:
+    """The experts a run directory (train.py --out) holds a training of, in EXPERTS order."""
+    return [e for e in EXPERTS if (Path(run_dir) / e / RUN_FILE).is_file()]
+
+
 def selected(expert: str, kind: ModelKind) -> tuple[str, ...]:
     """The experts `high`, `low` or `both` names for a model of `kind`; for a one-transformer model
     (TI2V-5B) `high` and `both` mean its transformer, `low` is an error."""

@@ -17,6 +17,7 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch is pinned in pyproject.toml (the CPU build; add the npu extra on Ascend nodes)
 .venv/bin/python -m pip install --quiet -e ".[dev]"
+.venv/bin/python -m pip install --quiet --no-deps -r scripts/requirements-no-deps.txt
 if [ "${1:-}" = "--with-test-deps" ]; then
   # the fp8 extra's torchao beside the environment, not in it (see pyproject.toml): the fp8 test imports it from here
   .venv/bin/python -m pip install --quiet --no-deps --target .venv/extras "torchao==0.18.0"

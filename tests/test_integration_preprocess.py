@@ -20,7 +20,7 @@ from conftest import ROOT, tiny_config
 from wanray.buckets import BucketSet
 from wanray.data.preprocess import Preprocessor, run_preprocess
 from wanray.data.shards import EMPTY_PROMPT_FILE, read_clips, read_empty_prompt, shard_paths
-from wanray.data.synthetic import SyntheticClip, render, write_dataset, write_mp4
+from wanray.data.synthetic import SyntheticClip, render, write_dataset, write_mp4, write_shots
 from wanray.data.video import decode_clip
 from wanray.schema import VERSION_KEY, ClipRow, pad_text_embedding
 from wanray.wan import KINDS
@@ -95,7 +95,7 @@ def test_shards_are_plain_pyarrow_with_schema_version(prep):
     out, _, _ = prep
     shard = shard_paths(out)[0]
     table = pq.read_table(shard)
-    assert table.schema.metadata[VERSION_KEY] == b"2"
+    assert table.schema.metadata[VERSION_KEY] == b"3"
     row = table.slice(0, 1).to_pylist()[0]
     assert row["latent_dtype"] == "float32" and row["latent_shape"][0] == 16
     assert len(row["latent"]) == 4 * int(np.prod(row["latent_shape"]))
@@ -279,3 +279,37 @@ print("workers", len(first), "reused", len(first & second))
     assert found, out.stdout[-1000:] + out.stderr[-2000:]
     workers, reused = map(int, found.groups())
     assert reused == workers > 2, out.stdout  # every worker kept, more than the 2 Ray alone keeps
+
+
+def test_long_videos_split_into_clips_that_record_their_source_range_and_a_rerun_splits_none(
+    tmp_path, tiny_model, ray_cluster
+):
+    long = tmp_path / "long.mp4"
+    write_shots(long, [40, 56, 6], seed=3)  # hard cuts at frames 40 and 96
+    (tmp_path / "m.jsonl").write_text(
+        json.dumps({"path": "long.mp4", "cap": "shapes"})
+        + "\n"
+        + json.dumps({"path": "long.mp4", "cap": "the first second", "cut": [0, 17]})
+        + "\n"
+    )
+    cfg = tiny_config(tiny_model, "data.max_clip_seconds=1.5", "data.min_clip_seconds=0.5", "data.min_frames=5")
+    log: list[str] = []
+    summary = run_preprocess(cfg, str(tmp_path / "m.jsonl"), str(tmp_path / "out"), log.append)
+    rows = read_clips(tmp_path / "out").to_pylist()
+    ranges = sorted((r["caption"], r["cut_start"], r["cut_end"]) for r in rows)
+    split = [("shapes", a, b) for a, b in [(0, 24), (24, 40), (40, 64), (64, 88), (88, 96)]]
+    assert ranges == sorted([("the first second", 0, 17), *split])
+    assert all(r["source"] == str(long) and r["clip_start"] == r["cut_start"] and r["motion"] > 0 for r in rows)
+    # each clip holds the frames of its range only: a 16-frame piece gives 13 frames (4n+1), not more
+    assert {(r["cut_start"], r["num_frames"]) for r in rows if r["caption"] == "shapes"} == {
+        (0, 17),
+        (24, 13),
+        (40, 17),
+        (64, 17),
+        (88, 5),
+    }
+    assert summary["clips_after_split"] == 6 and summary["rejects_by_reason"] == {"short_shot": 1}
+    assert any("split 1/1 videos: 5 clips" in line for line in log)
+    log.clear()
+    again = run_preprocess(cfg, str(tmp_path / "m.jsonl"), str(tmp_path / "out"), log.append)
+    assert again["outcomes"]["written"] == 0 and not any("splitting" in line for line in log)

@@ -3,8 +3,9 @@ REMOVAL_VERSION, after which an old key is an unknown key and an old shard is re
 
 - Config keys that were renamed or removed: a one-line error naming the new key (not "unknown key").
 - Parquet shards of schema 1 (one fixed size per directory, before each clip's bucket and source size
-  were stored): training reads them, as it needs only the tensors and their shapes; preprocessing
-  writes schema 2 only.
+  were stored) and 2 (before each clip's source frame range and motion score): training reads them, as it
+  needs only the tensors and their shapes (a train.filters column they lack is an error); preprocessing
+  writes schema 3 only.
 - Shards of several clips per Parquet row group (before one row group per clip): training reads them, with a
   warning, as every clip read decodes its whole row group.
 """
@@ -41,7 +42,7 @@ REMOVED_KEYS = {
 }
 
 
-TRAINING_READS = ("1", "2")
+TRAINING_READS = ("1", "2", "3")
 """Parquet schema versions training reads (wanray.schema.SCHEMA_VERSION is what preprocessing writes)."""
 
 

@@ -18,8 +18,9 @@ from wanray.errors import DataError
 if TYPE_CHECKING:
     import torch  # imported where tensors are made: the decode and shard-writing workers never need it
 
-SCHEMA_VERSION = "2"
-"""2 added each clip's bucket and its source's size (1 had one fixed size)."""
+SCHEMA_VERSION = "3"
+"""3 added each clip's source frame range (cut_start, cut_end) and its motion score; 2 each clip's bucket
+and its source's size (1 had one fixed size)."""
 VERSION_KEY = b"wanray.schema_version"
 
 # Stored dtype name -> the dtype its bytes travel as (numpy has no bfloat16: its bits go as int16).
@@ -70,6 +71,13 @@ CLIP_SCHEMA = pa.schema(
         pa.field("source_height", pa.int32(), nullable=False),
         pa.field("source_width", pa.int32(), nullable=False),
         pa.field("clip_start", pa.int32(), nullable=False),
+        # the clip is source frames [cut_start, cut_end): the manifest's cut, a piece of a shot the video was
+        # split into (data.max_clip_seconds), or the whole video; clip_start is the first frame it uses
+        pa.field("cut_start", pa.int32(), nullable=False),
+        pa.field("cut_end", pa.int32(), nullable=False),
+        # mean optical-flow magnitude (wanray.data.video.flow_motion), pixels per frame at 16 fps on a 256-pixel
+        # wide copy; null for a still image. train.filters select on it
+        pa.field("motion", pa.float32(), nullable=True),
         *_tensor_fields("latent"),
         *_tensor_fields("text_embedding"),
         pa.field("text_tokens", pa.int32(), nullable=False),
@@ -100,6 +108,8 @@ META_COLUMNS = (
     "source_width",
     "clip_start",
 )
+CURATION_COLUMNS = ("cut_start", "cut_end", "motion")
+"""Schema 3's metadata columns: (0, -1, None) for a shard of schema 1 or 2."""
 
 
 @dataclass
@@ -124,9 +134,13 @@ class ClipRow:
     """(text_tokens, text_dim): UMT5 output without padding."""
     condition: torch.Tensor | None = None
     """Image-to-video models: like `latent`, the first frame's latent then zero frames' (else None)."""
+    cut_start: int = 0
+    cut_end: int = -1
+    """Source frames [cut_start, cut_end) the clip is cut from."""
+    motion: float | None = None
 
     def to_record(self) -> dict:
-        rec = {k: getattr(self, k) for k in META_COLUMNS}
+        rec = {k: getattr(self, k) for k in (*META_COLUMNS, *CURATION_COLUMNS)}
         for name in ("latent", "text_embedding", "condition"):
             value = getattr(self, name)
             rec[name], rec[f"{name}_shape"], rec[f"{name}_dtype"] = (
@@ -143,6 +157,7 @@ class ClipRow:
             if rec.get(n) is not None
         }
         meta: dict[str, Any] = {k: rec[k] for k in META_COLUMNS}
+        meta.update({k: rec[k] for k in CURATION_COLUMNS if k in rec})
         return cls(**meta, **tensors)  # type: ignore[arg-type]  # the columns are the fields, typed by the schema
 
 

@@ -78,6 +78,15 @@ class DataConfig:
     min_motion: float = 0.0
     """Curation: reject clips whose mean absolute difference between consecutive frames, on the 0-255
     scale of the stored frames, is below this (static_clip): slideshows, frozen frames. 0: off."""
+    max_clip_seconds: float = 0.0
+    """Split every manifest line without a `cut` into clips: its shots (PySceneDetect), each cut into clips of
+    at most this many seconds (wanray.data.scenes); a line with a `cut` is kept as it is. 0: off."""
+    min_clip_seconds: float = 0.0
+    """Splitting: a piece of a shot shorter than this, or than data.min_frames at data.fps, is no clip (rejected
+    short_shot)."""
+    scene_threshold: float = 27.0
+    """Splitting: PySceneDetect ContentDetector's threshold, the HSV change between two frames that is a cut
+    (lower finds more cuts)."""
 
     def __post_init__(self) -> None:
         """What holds for every model; the sizes a model's VAE takes are checked with its kind
@@ -92,6 +101,13 @@ class DataConfig:
             raise ConfigError(f"data.height and data.width must be positive, got {self.height}x{self.width}")
         if self.min_resolution < 0 or self.min_seconds < 0 or self.min_motion < 0:
             raise ConfigError("data.min_resolution, min_seconds and min_motion must be >= 0 (0 turns each off)")
+        if self.max_clip_seconds < 0 or self.min_clip_seconds < 0 or self.scene_threshold <= 0:
+            raise ConfigError("data.max_clip_seconds and min_clip_seconds must be >= 0, data.scene_threshold > 0")
+        if self.max_clip_seconds and self.min_clip_seconds > self.max_clip_seconds:
+            raise ConfigError(
+                f"data.min_clip_seconds ({self.min_clip_seconds:g}) exceeds data.max_clip_seconds "
+                f"({self.max_clip_seconds:g}): no clip could be cut"
+            )
         if self.bucket_budget < 0:
             raise ConfigError(f"data.bucket_budget must be a token count >= 0, got {self.bucket_budget}")
         if self.buckets and self.bucket_budget:

@@ -35,6 +35,9 @@ class ClipSource:
     cut_start: int = 0
     cut_end: int = -1
     """Exclusive end frame in the source video; -1 means the end of the video."""
+    whole: bool = False
+    """The manifest gave no `cut`: with data.max_clip_seconds set, the video is split into clips
+    (wanray.data.scenes); a line with a `cut` is kept as it is."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ def parse_entry(entry, folder: Path, where: str) -> ClipSource | Reject:
     cut = _cut(entry)
     if cut is None:
         return Reject(path, "malformed_cut", f"{where}: cut must be [start_frame, end_frame], got {entry['cut']!r}")
-    return ClipSource(clip_id(path, caption, *cut), path, caption, *cut)
+    return ClipSource(clip_id(path, caption, *cut), path, caption, *cut, whole="cut" not in entry)
 
 
 def _annotation(path: Path, folder: Path, where: str) -> list[ClipSource | Reject]:

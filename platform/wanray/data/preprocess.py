@@ -1,6 +1,7 @@
 """The preprocessing job on Ray Data: manifest -> decode -> VAE -> UMT5 -> Parquet shards.
 
-    read manifest (driver) -> skip clips already written or rejected (resume)
+    read manifest (driver) -> with data.max_clip_seconds, split long videos into clips (wanray.data.curate)
+      -> skip clips already written or rejected (resume)
       -> decode: CPU tasks (video.decode_source), clips_per_decode_task clips each; rejects recorded where they happen
       -> LatentEncoder actor pool (VAE; NPU / GPU / CPU per config)
       -> TextEncoder actor pool (UMT5)
@@ -25,11 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import ray
 
 from wanray import model_files, models
 from wanray.buckets import BucketSet
 from wanray.config import Config
+from wanray.data.curate import curate_sources
 from wanray.data.encode import LatentEncoder, TextEncoder
 from wanray.data.manifest import ClipSource, read_manifest
 from wanray.data.shards import (
@@ -38,12 +41,14 @@ from wanray.data.shards import (
     collect_rejects,
     record_reject,
     rejected_keys,
+    shard_paths,
     write_shard,
     written_ids,
 )
 from wanray.data.video import decode_source
-from wanray.errors import ConfigError
+from wanray.errors import ConfigError, DataError
 from wanray.io import write_json_atomic
+from wanray.schema import check_version
 from wanray.wan import ModelKind
 
 
@@ -58,11 +63,19 @@ def _check_settings(cfg: Config, out_dir: Path) -> None:
         "data": dataclasses.asdict(cfg.data),
         "dtype": cfg.preprocess.encoders.dtype,
     }
+    for shard in shard_paths(out_dir)[:1]:  # every shard of a directory is written by one wanray
+        try:
+            check_version(pq.read_schema(shard), str(shard))
+        except DataError as e:
+            raise ConfigError(str(e)) from None
     path = out_dir / "settings.json"
     if path.exists():
         before = json.loads(path.read_text())
         # a data key this wanray no longer has (data.max_text_tokens) does not make the settings differ
         before["data"] = {k: v for k, v in before.get("data", {}).items() if k in settings["data"]}
+        # nor does one it did not have yet (data.max_clip_seconds), left at its default
+        for key, default in dataclasses.asdict(type(cfg.data)()).items():
+            before["data"].setdefault(key, default)
         if before != settings:
             changed = sorted(k for k in settings if before.get(k) != settings[k])
             raise ConfigError(
@@ -242,12 +255,17 @@ class PreprocessRun:
         done, rejected = written_ids(out), rejected_keys(out)
         for r in self.manifest_rejects:
             record_reject(out, r)
-        todo = [s for s in self.sources if s.id not in done and s.id not in rejected]
         kind = models.read_kind(self.model_path)
         log(f"[preprocess] buckets: {BucketSet.from_config(self.cfg.data, kind).describe()}")
+        clips = self.sources
+        if self.cfg.data.max_clip_seconds:
+            clips = curate_sources(self.sources, self.cfg, str(out), rejected, log)
+        skip = rejected_keys(out)  # with the rejects of the split
+        todo = [c for c in clips if c.id not in done and c.id not in skip]
         log(
-            f"[preprocess] {len(self.sources)} clips in manifest, {len(self.manifest_rejects)} bad entries; "
-            f"{len(self.sources) - len(todo)} already done, {len(todo)} to process"
+            f"[preprocess] {len(self.sources)} entries in manifest, {len(self.manifest_rejects)} bad"
+            + (f", split into {len(clips)} clips" if clips is not self.sources else "")
+            + f"; {len(clips) - len(todo)} already done or rejected, {len(todo)} to process"
         )
         start, written, frames = time.perf_counter(), 0, 0
         if todo:
@@ -265,9 +283,10 @@ class PreprocessRun:
         summary: dict[str, Any] = {
             "manifest": self.manifest,
             "clips_in_manifest": len(self.sources),
+            "clips_after_split": len(clips),
             "outcomes": {
                 "written": written,
-                "already_written": len(done & {s.id for s in self.sources}),
+                "already_written": len(done & {c.id for c in clips}),
                 "rejected": len(records),
             },
             "rejects_by_reason": dict(Counter(r["reason"] for r in records)),

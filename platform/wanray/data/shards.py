@@ -18,6 +18,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -108,6 +109,8 @@ def write_shard(batch: dict, out_dir: str) -> dict:
     columns = {}
     for f in CLIP_SCHEMA:
         values = list(batch[f.name]) if f.name in batch else [None] * rows  # nullable columns a model has not
+        if f.name == "motion":  # a still's NaN (decode_source)
+            values = [None if v is None or np.isnan(v) else float(v) for v in values]
         columns[f.name] = (
             [None if v is None else list(map(int, v)) for v in values] if f.name.endswith("_shape") else values
         )

@@ -101,3 +101,17 @@ def write_dataset(root, count: int = 16, seed: int = 0) -> Path:
     manifest = root / "data.txt"
     manifest.write_text(".,data.json\n")
     return manifest
+
+
+def write_shots(path, frames_per_shot: list[int], seed: int = 0, size: tuple[int, int] = (96, 160), fps: int = 16):
+    """A raw video of len(frames_per_shot) shots with hard cuts between them: each shot a synthetic clip of
+    its own shape, colour, background and motion, all of one size and frame rate. Returns the clips."""
+    rng = random.Random(seed)
+    shots = []
+    for i, n in enumerate(frames_per_shot):
+        background = list(BACKGROUNDS)[i % len(BACKGROUNDS)]  # consecutive shots never share a background
+        shape, color, motion = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(MOTIONS))
+        caption = f"a {color} {shape} moving {motion} on a {background} background"
+        shots.append(SyntheticClip(f"shot{i}", caption, *size, fps, n, shape, color, background, motion))
+    write_mp4(path, np.concatenate([render(s) for s in shots]), fps)
+    return shots

@@ -20,6 +20,7 @@ import numpy as np
 from wanray.buckets import Bucket, BucketSet
 from wanray.config import Config
 from wanray.data.manifest import ClipSource, Reject
+from wanray.data.motion import curation_motion
 from wanray.data.shards import record_reject
 from wanray.wan import VAE_STRIDE_TEMPORAL, ModelKind
 
@@ -127,6 +128,8 @@ class DecodedClip:
     """(height, width) of the source video."""
     source_seconds: float = 0.0
     """Duration of the source within its cut (0 for an image)."""
+    cut: tuple[int, int] = (0, 1)
+    """Source frames [start, end) of the cut the clip is taken from (an image: its one frame)."""
 
 
 def frame_size(path: str) -> tuple[int, int]:
@@ -138,14 +141,24 @@ def frame_size(path: str) -> tuple[int, int]:
         return stream.codec_context.height, stream.codec_context.width
 
 
-def decode_clip(path: str, buckets: BucketSet, fps: float, cut_start: int = 0, cut_end: int = -1) -> DecodedClip:
-    """Decode the clip of `path` into its bucket (raises ClipRejected with a named reason)."""
-    import decord
-
+def check_file(path: str) -> None:
+    """A missing or empty input file is a named reject before any decoder sees it."""
     if not os.path.exists(path):
         raise ClipRejected("file_not_found", path)
     if os.path.getsize(path) == 0:
         raise ClipRejected("empty_file", path)
+
+
+def unreadable(path: str, e: Exception) -> ClipRejected:
+    """The reject for a video file a decoder failed to open: damaged, or no video at all."""
+    return ClipRejected("corrupt_video" if looks_like_video(path) else "not_a_video", _first_line(e))
+
+
+def decode_clip(path: str, buckets: BucketSet, fps: float, cut_start: int = 0, cut_end: int = -1) -> DecodedClip:
+    """Decode the clip of `path` into its bucket (raises ClipRejected with a named reason)."""
+    import decord
+
+    check_file(path)
     try:
         src_h, src_w = frame_size(path)
         height, width = buckets.resolution(src_h, src_w)
@@ -154,8 +167,7 @@ def decode_clip(path: str, buckets: BucketSet, fps: float, cut_start: int = 0, c
         reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1, **scale)
         src_frames, src_fps = len(reader), reader.get_avg_fps()
     except Exception as e:  # PyAV and decord raise with ffmpeg's message
-        reason = "corrupt_video" if looks_like_video(path) else "not_a_video"
-        raise ClipRejected(reason, _first_line(e)) from None
+        raise unreadable(path, e) from None
     available = available_frames(src_fps, src_frames, fps, cut_start, cut_end)
     n = buckets.frames((height, width), available)
     if n is None:
@@ -178,6 +190,7 @@ def decode_clip(path: str, buckets: BucketSet, fps: float, cut_start: int = 0, c
         Bucket(height, width, n),
         (src_h, src_w),
         (end - cut_start) / src_fps,
+        (cut_start, end),
     )
 
 
@@ -195,10 +208,7 @@ def decode_image(path: str, buckets: BucketSet) -> DecodedClip:
     as 1-frame videos); raises ClipRejected with a named reason."""
     from PIL import Image
 
-    if not os.path.exists(path):
-        raise ClipRejected("file_not_found", path)
-    if os.path.getsize(path) == 0:
-        raise ClipRejected("empty_file", path)
+    check_file(path)
     try:
         with Image.open(path) as opened:
             img = opened.convert("RGB")  # decodes the whole image: a truncated file fails here
@@ -271,6 +281,10 @@ def decode_source(row: dict, cfg: Config, out_dir: str, kind: ModelKind) -> list
             "source_height": np.int32(clip.source_size[0]),
             "source_width": np.int32(clip.source_size[1]),
             "clip_start": np.int32(clip.plan.start),
+            "cut_start": np.int32(clip.cut[0]),
+            "cut_end": np.int32(clip.cut[1]),
+            # NaN for a still (Ray Data blocks keep one column type); the shard stores it as null
+            "motion": np.float32("nan" if b.frames == 1 else curation_motion(clip.frames)),
             "frames": clip.frames,
             "seq": np.int32(seq),
         }

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from wanray.data.motion import as_uint8, flow_motion
+
 
 @dataclass(frozen=True)
 class VideoScores:
@@ -34,23 +36,9 @@ class VideoScores:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def as_uint8(frames: np.ndarray) -> np.ndarray:
-    """(F, H, W, 3) frames, float in [0, 1] (the sampler's) or uint8, as uint8."""
-    if frames.dtype == np.uint8:
-        return frames
-    return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
-
-
 def motion(frames: np.ndarray) -> float:
     """Mean Farneback optical-flow magnitude (pixels per frame) between consecutive frames; 0 for a still."""
-    import cv2
-
-    gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in as_uint8(frames)]
-    magnitudes = [
-        float(np.linalg.norm(cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0), axis=-1).mean())
-        for a, b in zip(gray, gray[1:])
-    ]
-    return float(np.mean(magnitudes)) if magnitudes else 0.0
+    return flow_motion(frames)
 
 
 def sharpness(frames: np.ndarray) -> float:

@@ -1,0 +1,141 @@
+"""The curation pass before decoding: manifest sources -> the clips to train on.
+
+    sources (Ray Data tasks on CPU nodes, clips_per_decode_task sources each)
+      -> split: a source without a `cut` into its shots' clips (wanray.data.scenes), data.max_clip_seconds
+      -> candidates/part-<uuid>.parquet: each clip with its source and [cut_start, cut_end) frame range,
+         and in the file's metadata the ids of the sources it covers
+    then the clips go through decode -> encode -> write as manifest lines with a `cut` do.
+
+Preprocessing runs it when data.max_clip_seconds is set. A source's clips appear in one file, whole or
+not at all (temp file + rename), so a resumed run splits only the sources no file covers; shots too
+short to be a clip and sources that cannot be split are rejects, recorded where they happen.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from wanray.config import Config
+from wanray.data.manifest import ClipSource, Reject, clip_id
+from wanray.data.scenes import cut_shot, detect_shots
+from wanray.data.shards import record_reject, write_table_atomic
+from wanray.data.video import ClipRejected, check_file, is_image, unreadable
+
+CANDIDATES_DIR = "candidates"
+SOURCES_KEY = b"wanray.sources"
+CANDIDATE_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("source_id", pa.string(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("caption", pa.string(), nullable=False),
+        pa.field("cut_start", pa.int32(), nullable=False),
+        pa.field("cut_end", pa.int32(), nullable=False),
+    ]
+)
+
+
+def needs_split(src: ClipSource, cfg: Config) -> bool:
+    return bool(cfg.data.max_clip_seconds) and src.whole and not is_image(src.path)
+
+
+def split_source(src: ClipSource, cfg: Config, out_dir: str) -> list[ClipSource]:
+    """The clips of one source: itself when it is not split, else one per piece of its shots (rejects
+    recorded in out_dir: the source when it cannot be read, each piece too short to be a clip)."""
+    if not needs_split(src, cfg):
+        return [src]
+    d = cfg.data
+    try:
+        check_file(src.path)
+        try:
+            found = detect_shots(src.path, d.scene_threshold, min_shot_frames=2)
+        except Exception as e:  # scenedetect's VideoOpenFailure and OpenCV errors carry the reason
+            raise unreadable(src.path, e) from None
+        if not found.shots or found.fps <= 0:
+            raise ClipRejected("too_short", f"no frames read ({found.frames} frames at {found.fps:g} fps)")
+    except ClipRejected as e:
+        record_reject(out_dir, Reject(src.path, e.reason, e.detail), key=src.id)
+        return []
+    shortest = max(d.min_clip_seconds, (d.min_frames - 1) / d.fps)
+    clips = []
+    for start, end in found.shots:
+        keep, short = cut_shot(start, end, found.fps, d.max_clip_seconds, shortest)
+        clips += [ClipSource(clip_id(src.path, src.caption, a, b), src.path, src.caption, a, b) for a, b in keep]
+        for a, b in short:
+            record_reject(
+                out_dir,
+                Reject(
+                    f"{src.path}#{a}-{b}",
+                    "short_shot",
+                    f"frames [{a}, {b}) of the shot [{start}, {end}): {(b - a) / found.fps:.2f}s, need {shortest:.2f}s",
+                ),
+                key=clip_id(src.path, src.caption, a, b),
+            )
+    return clips
+
+
+def split_batch(batch: pa.Table, cfg: Config, out_dir: str) -> dict:
+    """Ray Data map_batches: a batch of source rows -> one candidates file with their clips."""
+    sources = [ClipSource(**row) for row in batch.to_pylist()]
+    rows = [(s.id, c) for s in sources for c in split_source(s, cfg, out_dir)]
+    table = pa.Table.from_pydict(
+        {
+            "id": [c.id for _, c in rows],
+            "source_id": [sid for sid, _ in rows],
+            "path": [c.path for _, c in rows],
+            "caption": [c.caption for _, c in rows],
+            "cut_start": [c.cut_start for _, c in rows],
+            "cut_end": [c.cut_end for _, c in rows],
+        },
+        schema=CANDIDATE_SCHEMA.with_metadata({SOURCES_KEY: json.dumps([s.id for s in sources]).encode()}),
+    )
+    folder = Path(out_dir) / CANDIDATES_DIR
+    folder.mkdir(exist_ok=True)
+    write_table_atomic(table, folder / f"part-{uuid.uuid4().hex}.parquet")
+    return {"sources": np.array([len(sources)]), "clips": np.array([len(rows)])}
+
+
+def read_candidates(out_dir) -> tuple[dict[str, list[ClipSource]], set[str]]:
+    """(the clips of the candidates files by source id, the ids of the sources the files cover)."""
+    clips: dict[str, list[ClipSource]] = {}
+    covered: set[str] = set()
+    for path in sorted((Path(out_dir) / CANDIDATES_DIR).glob("part-*.parquet")):
+        table = pq.read_table(path, schema=CANDIDATE_SCHEMA)
+        covered.update(json.loads((pq.read_schema(path).metadata or {})[SOURCES_KEY]))
+        for r in table.to_pylist():
+            clips.setdefault(r["source_id"], []).append(
+                ClipSource(r["id"], r["path"], r["caption"], r["cut_start"], r["cut_end"])
+            )
+    return clips, covered
+
+
+def curate_sources(sources: list[ClipSource], cfg: Config, out_dir: str, skip: set[str], log) -> list[ClipSource]:
+    """The clips of `sources`, in their order: a source no candidates file covers yet (and not in `skip`,
+    the rejected) is split on Ray Data first."""
+    _, covered = read_candidates(out_dir)
+    todo = [s for s in sources if s.id not in covered and s.id not in skip and needs_split(s, cfg)]
+    if todo:
+        log(f"[preprocess] splitting {len(todo)} videos into shots, clips of at most {cfg.data.max_clip_seconds:g}s")
+        items = [{k: getattr(s, k) for k in ClipSource.__dataclass_fields__} for s in todo]
+        per_task = cfg.preprocess.clips_per_decode_task
+        ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(todo) // per_task)))
+        split = ds.map_batches(
+            split_batch,
+            fn_kwargs={"cfg": cfg, "out_dir": out_dir},
+            batch_size=per_task,
+            batch_format="pyarrow",
+            num_cpus=cfg.preprocess.decode_cpus,
+        )
+        sources_done = clips_found = 0
+        for row in split.iter_rows():
+            sources_done, clips_found = sources_done + int(row["sources"]), clips_found + int(row["clips"])
+            log(f"[preprocess] split {sources_done}/{len(todo)} videos: {clips_found} clips")
+    by_source, _ = read_candidates(out_dir)
+    return [c for s in sources for c in (by_source.get(s.id, []) if needs_split(s, cfg) else [s])]

@@ -1,0 +1,123 @@
+"""Curation without Ray: long videos split into shots and clips (PySceneDetect on real mp4 files), motion."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from wanray.config import load_config
+from wanray.data.curate import split_source
+from wanray.data.manifest import ClipSource, clip_id, read_manifest
+from wanray.data.motion import curation_motion
+from wanray.data.scenes import cut_shot, detect_shots
+from wanray.data.shards import collect_rejects
+from wanray.data.synthetic import SyntheticClip, render, write_shots
+from wanray.errors import ConfigError
+from wanray.schema import VERSION_KEY
+
+
+def test_a_shot_is_cut_into_clips_of_at_most_the_longest_and_short_pieces_are_named():
+    # 16 fps: 1.5 s is 24 frames; 0.5 s is 8
+    assert cut_shot(0, 60, 16, 1.5, 0.5) == ([(0, 24), (24, 48), (48, 60)], [])
+    keep, short = cut_shot(10, 40, 16, 1.5, 0.5)
+    assert keep == [(10, 34)] and short == [(34, 40)]
+    assert cut_shot(0, 5, 16, 1.5, 0.5) == ([], [(0, 5)])  # a shot shorter than the shortest clip
+
+
+@pytest.fixture(scope="module")
+def long_video(tmp_path_factory):
+    """Shots of 40, 56 and 6 frames at 16 fps, hard cuts at frames 40 and 96."""
+    path = tmp_path_factory.mktemp("long") / "long.mp4"
+    write_shots(path, [40, 56, 6], seed=3)
+    return str(path)
+
+
+def test_shots_are_found_at_the_hard_cuts(long_video):
+    found = detect_shots(long_video, threshold=27.0, min_shot_frames=2)
+    assert (found.fps, found.frames) == (16.0, 102)
+    assert found.shots == [(0, 40), (40, 96), (96, 102)]
+
+
+def config(*overrides):
+    return load_config("configs/tiny.yaml", ["data.min_frames=5", *overrides])
+
+
+def test_a_line_without_cut_is_split_and_one_with_cut_is_kept(long_video, tmp_path):
+    cfg = config("data.max_clip_seconds=1.5", "data.min_clip_seconds=0.5")
+    whole = ClipSource("w", long_video, "shapes", whole=True)
+    clips = split_source(whole, cfg, str(tmp_path))
+    ranges = [(c.cut_start, c.cut_end) for c in clips]
+    assert ranges == [(0, 24), (24, 40), (40, 64), (64, 88), (88, 96)]
+    assert all(
+        c.path == long_video and c.caption == "shapes" and c.id == clip_id(c.path, "shapes", *r)
+        for c, r in zip(clips, ranges)
+    )
+    # the last shot (6 frames, 0.375 s) is below min_clip_seconds: a named reject, keyed as its clip would be
+    (reject,) = collect_rejects(tmp_path)
+    assert reject["reason"] == "short_shot" and reject["input"] == f"{long_video}#96-102"
+    assert (tmp_path / "rejects" / f"{clip_id(long_video, 'shapes', 96, 102)}.json").exists()
+    cut = ClipSource("c", long_video, "shapes", 0, 30)
+    assert split_source(cut, cfg, str(tmp_path)) == [cut]
+    assert split_source(whole, config(), str(tmp_path)) == [whole]  # max_clip_seconds 0: splitting is off
+
+
+def test_the_manifest_says_which_lines_have_no_cut(tmp_path):
+    (tmp_path / "m.jsonl").write_text(
+        json.dumps({"path": "a.mp4", "cap": "x"}) + "\n" + json.dumps({"path": "a.mp4", "cap": "x", "cut": [0, 9]})
+    )
+    sources, _ = read_manifest(tmp_path / "m.jsonl")
+    assert [s.whole for s in sources] == [True, False]
+
+
+def test_a_video_that_cannot_be_split_is_a_named_reject(tmp_path):
+    cfg = config("data.max_clip_seconds=2")
+    (tmp_path / "text.mp4").write_text("not a video at all")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    for name in ("missing.mp4", "text.mp4", "empty.mp4"):
+        assert split_source(ClipSource(name, str(tmp_path / name), "x", whole=True), cfg, str(tmp_path)) == []
+    reasons = {r["input"].rsplit("/", 1)[1]: r["reason"] for r in collect_rejects(tmp_path)}
+    assert reasons == {"missing.mp4": "file_not_found", "text.mp4": "not_a_video", "empty.mp4": "empty_file"}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.max_clip_seconds=-1"], "max_clip_seconds"),
+        (["data.max_clip_seconds=2", "data.min_clip_seconds=3"], "exceeds data.max_clip_seconds"),
+        (["data.scene_threshold=0"], "scene_threshold"),
+    ],
+)
+def test_bad_split_settings_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config(*overrides)
+
+
+def test_motion_rises_with_the_speed_of_what_moves():
+    def frames(n):  # the same square crossing the frame in n frames: fewer frames, faster
+        return render(SyntheticClip("m", "", 96, 160, 16, n, "square", "white", "black", "left to right"))
+
+    still = np.repeat(frames(9)[:1], 9, axis=0)
+    slow, fast = curation_motion(frames(40)), curation_motion(frames(10))
+    assert curation_motion(still) == pytest.approx(0.0, abs=1e-3)
+    assert 0.1 < slow < fast
+
+
+def test_an_output_directory_of_older_settings_or_shards(tmp_path):
+    from wanray.data.preprocess import _check_settings
+
+    cfg = config()
+    _check_settings(cfg, tmp_path)
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    # written before the split keys existed: the same settings, as the new keys are at their defaults
+    for key in ("max_clip_seconds", "min_clip_seconds", "scene_threshold"):
+        del settings["data"][key]
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    _check_settings(cfg, tmp_path)
+    with pytest.raises(ConfigError, match="other data settings"):
+        _check_settings(config("data.max_clip_seconds=2"), tmp_path)
+    # shards of schema 2 (no cut or motion columns) and new ones would not read as one directory
+    pq.write_table(pa.table({"id": ["a"]}).replace_schema_metadata({VERSION_KEY: b"2"}), tmp_path / "part-0.parquet")
+    with pytest.raises(ConfigError, match="schema version '2', this wanray reads 3"):
+        _check_settings(cfg, tmp_path)

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import decord
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -19,7 +20,7 @@ from conftest import ROOT, tiny_config
 
 from wanray.buckets import BucketSet
 from wanray.data.preprocess import Preprocessor, run_preprocess
-from wanray.data.shards import EMPTY_PROMPT_FILE, read_clips, read_empty_prompt, shard_paths
+from wanray.data.shards import EMPTY_PROMPT_FILE, collect_rejects, read_clips, read_empty_prompt, shard_paths
 from wanray.data.synthetic import SyntheticClip, render, write_dataset, write_mp4, write_shots
 from wanray.data.video import decode_clip
 from wanray.schema import VERSION_KEY, ClipRow, pad_text_embedding
@@ -281,35 +282,54 @@ print("workers", len(first), "reused", len(first & second))
     assert reused == workers > 2, out.stdout  # every worker kept, more than the 2 Ray alone keeps
 
 
-def test_long_videos_split_into_clips_that_record_their_source_range_and_a_rerun_splits_none(
+def test_long_videos_split_into_clips_near_duplicates_rejected_and_a_rerun_splits_none(
     tmp_path, tiny_model, ray_cluster
 ):
-    long = tmp_path / "long.mp4"
+    long, reupload, other = tmp_path / "long.mp4", tmp_path / "reupload.mp4", tmp_path / "other.mp4"
     write_shots(long, [40, 56, 6], seed=3)  # hard cuts at frames 40 and 96
-    (tmp_path / "m.jsonl").write_text(
-        json.dumps({"path": "long.mp4", "cap": "shapes"})
-        + "\n"
-        + json.dumps({"path": "long.mp4", "cap": "the first second", "cut": [0, 17]})
-        + "\n"
+    # the same footage rescaled from 96x160 to 120x200 and encoded again: every clip of it a near duplicate
+    write_mp4(reupload, decord.VideoReader(str(long), width=200, height=120).get_batch(list(range(102))).asnumpy(), 16)
+    write_shots(other, [30], seed=9)
+    lines = [
+        {"path": "long.mp4", "cap": "shapes"},
+        {"path": "reupload.mp4", "cap": "shapes again"},
+        {"path": "other.mp4", "cap": "the first second", "cut": [0, 17]},
+    ]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    cfg = tiny_config(
+        tiny_model,
+        "data.max_clip_seconds=1.5",
+        "data.min_clip_seconds=0.5",
+        "data.min_frames=5",
+        "data.dedup=true",
+        "data.dedup_distance=24",  # flat synthetic frames: a rescale moves up to 22 of the 256 bits
     )
-    cfg = tiny_config(tiny_model, "data.max_clip_seconds=1.5", "data.min_clip_seconds=0.5", "data.min_frames=5")
     log: list[str] = []
     summary = run_preprocess(cfg, str(tmp_path / "m.jsonl"), str(tmp_path / "out"), log.append)
     rows = read_clips(tmp_path / "out").to_pylist()
-    ranges = sorted((r["caption"], r["cut_start"], r["cut_end"]) for r in rows)
-    split = [("shapes", a, b) for a, b in [(0, 24), (24, 40), (40, 64), (64, 88), (88, 96)]]
-    assert ranges == sorted([("the first second", 0, 17), *split])
-    assert all(r["source"] == str(long) and r["clip_start"] == r["cut_start"] and r["motion"] > 0 for r in rows)
+    shots = [(0, 24), (24, 40), (40, 64), (64, 88), (88, 96)]
+    assert sorted((r["source"], r["cut_start"], r["cut_end"]) for r in rows) == sorted(
+        [(str(long), a, b) for a, b in shots] + [(str(other), 0, 17)]
+    )
+    assert all(r["clip_start"] == r["cut_start"] and r["motion"] > 0 for r in rows)
     # each clip holds the frames of its range only: a 16-frame piece gives 13 frames (4n+1), not more
-    assert {(r["cut_start"], r["num_frames"]) for r in rows if r["caption"] == "shapes"} == {
+    assert {(r["cut_start"], r["num_frames"]) for r in rows if r["source"] == str(long)} == {
         (0, 17),
         (24, 13),
         (40, 17),
         (64, 17),
         (88, 5),
     }
-    assert summary["clips_after_split"] == 6 and summary["rejects_by_reason"] == {"short_shot": 1}
-    assert any("split 1/1 videos: 5 clips" in line for line in log)
+    rejects = {(r["input"], r["reason"]): r["detail"] for r in collect_rejects(tmp_path / "out")}
+    assert set(rejects) == {
+        (f"{long}#96-102", "short_shot"),
+        (f"{reupload}#96-102", "short_shot"),
+        *((f"{reupload}#{a}-{b}", "near_duplicate") for a, b in shots),
+    }
+    for a, b in shots:  # each names the clip it duplicates, the same range of the original
+        assert rejects[(f"{reupload}#{a}-{b}", "near_duplicate")].startswith(f"near duplicate of {long}#{a}-{b} (")
+    assert summary["clips_after_split"] == 11 and summary["outcomes"]["written"] == 6
+    assert any("curated 3/3 videos: 11 clips" in line for line in log)  # the cut line: fingerprinted only
     log.clear()
     again = run_preprocess(cfg, str(tmp_path / "m.jsonl"), str(tmp_path / "out"), log.append)
-    assert again["outcomes"]["written"] == 0 and not any("splitting" in line for line in log)
+    assert again["outcomes"]["written"] == 0 and not any("curated" in line for line in log)

@@ -6,16 +6,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import ROOT, tiny_config
 
 from wanray.config import load_config
 from wanray.data.curate import split_source
+from wanray.data.dedup import FRAMES, HASH_SIZE, band_keys, distance_bits, fingerprint, near_pairs
 from wanray.data.manifest import ClipSource, clip_id, read_manifest
 from wanray.data.motion import curation_motion
 from wanray.data.scenes import cut_shot, detect_shots
-from wanray.data.shards import collect_rejects
-from wanray.data.synthetic import SyntheticClip, render, write_shots
-from wanray.errors import ConfigError
-from wanray.schema import VERSION_KEY
+from wanray.data.shards import collect_rejects, write_shard
+from wanray.data.synthetic import SyntheticClip, render, write_mp4, write_shots
+from wanray.data.video import sample_frames
+from wanray.errors import ConfigError, DataError
+from wanray.schema import VERSION_KEY, ClipRow
 
 
 def test_a_shot_is_cut_into_clips_of_at_most_the_longest_and_short_pieces_are_named():
@@ -41,7 +44,7 @@ def test_shots_are_found_at_the_hard_cuts(long_video):
 
 
 def config(*overrides):
-    return load_config("configs/tiny.yaml", ["data.min_frames=5", *overrides])
+    return load_config(str(ROOT / "configs" / "tiny.yaml"), ["data.min_frames=5", *overrides])
 
 
 def test_a_line_without_cut_is_split_and_one_with_cut_is_kept(long_video, tmp_path):
@@ -121,3 +124,102 @@ def test_an_output_directory_of_older_settings_or_shards(tmp_path):
     pq.write_table(pa.table({"id": ["a"]}).replace_schema_metadata({VERSION_KEY: b"2"}), tmp_path / "part-0.parquet")
     with pytest.raises(ConfigError, match="schema version '2', this wanray reads 3"):
         _check_settings(cfg, tmp_path)
+
+
+def test_fingerprints_within_the_distance_share_a_band_and_the_earliest_clip_is_kept():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, 32, dtype=np.uint8)
+
+    def flip(h, bits):  # `bits` distinct bits of h flipped
+        out = np.unpackbits(h)
+        out[rng.choice(out.size, bits, replace=False)] ^= 1
+        return np.packbits(out).tobytes()
+
+    for _ in range(50):  # pigeonhole: at most `distance` differing bits leave one of distance + 1 bands whole
+        near = flip(base, 12)
+        assert distance_bits(base.tobytes(), near) == 12
+        assert set(band_keys(base.tobytes(), 12)) & set(band_keys(near, 12))
+    far = rng.integers(0, 256, 32, dtype=np.uint8).tobytes()
+    group = pa.table(
+        {
+            "id": ["c", "a", "b", "d"],
+            "rank": ["3", "1", "2", "4"],
+            "phash": [flip(base, 5), base.tobytes(), far, flip(base, 40)],
+        }
+    )
+    pairs = near_pairs(group, 12).to_pylist()
+    # c is near a (ranked first); b and d are near nothing within 12 bits
+    assert [(p["id"], p["duplicate_of"], p["bits"]) for p in pairs] == [("c", "a", 5)]
+
+
+def test_a_rescaled_reencode_keeps_the_fingerprint_and_other_footage_does_not(long_video, tmp_path):
+    import decord
+
+    frames = decord.VideoReader(long_video, width=200, height=120).get_batch(list(range(40))).asnumpy()
+    write_mp4(tmp_path / "copy.mp4", frames, 16)
+    write_shots(tmp_path / "other.mp4", [40], seed=9)
+    original = fingerprint(sample_frames(long_video, FRAMES, HASH_SIZE, 0, 40))
+    copy = fingerprint(sample_frames(str(tmp_path / "copy.mp4"), FRAMES, HASH_SIZE, 0, 40))
+    other = fingerprint(sample_frames(str(tmp_path / "other.mp4"), FRAMES, HASH_SIZE, 0, 40))
+    assert distance_bits(original, copy) <= 16 < 64 < distance_bits(original, other)
+
+
+def shard_of(out, motions, frames):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        ClipRow(
+            f"clip-{i}", "v.mp4", "a clip", 16.0, f, 32, 32, f"32x32x{f}", 32, 32, 0,
+            torch.randn(16, (f + 3) // 4, 4, 4, generator=g), torch.randn(6, 32, generator=g), motion=m,
+        ).to_record()
+        for i, (m, f) in enumerate(zip(motions, frames))
+    ]  # fmt: skip
+    write_shard({k: [r[k] for r in rows] for k in rows[0]}, str(out))
+    return out
+
+
+def test_training_keeps_the_clips_that_pass_every_filter(tmp_path):
+    from wanray.train.data import ClipIndex
+    from wanray.train.trainer import apply_filters
+
+    data = shard_of(tmp_path, [0.2, 1.5, None, 3.0], [5, 9, 1, 5])  # clip-2 is a still: no motion
+    index = ClipIndex.from_dir(data)
+    log: list[str] = []
+
+    def kept(*filters):
+        cfg = tiny_config("unused", *(f"train.filters=[{', '.join(filters)}]",) if filters else ())
+        return apply_filters(cfg, index, data, log.append).ids()
+
+    assert kept() == [f"clip-{i}" for i in range(4)]
+    assert kept("motion >= 0.5") == ["clip-1", "clip-3"]
+    assert log[-1].endswith(f"keep 2 of the 4 clips of {data} (motion >= 0.5: 2)")
+    assert kept("motion >= 0.5", "num_frames > 5") == ["clip-1"]
+    assert kept("motion != 1.5") == ["clip-0", "clip-3"]  # a null passes no filter
+    with pytest.raises(DataError, match="train.filters keep none of the 4 clips"):
+        kept("motion > 10")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("motion", "is not 'COLUMN OP NUMBER'"),
+        ("motion => 1", "is not 'COLUMN OP NUMBER'"),
+        ("colour >= 1", "'colour' is no numeric column of the shards"),
+        ("motion >= fast", "'fast' in 'motion >= fast' is not a number"),
+    ],
+)
+def test_a_bad_filter_is_a_one_line_error(text, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config("unused", f"train.filters=[{text}]")
+
+
+def test_a_filter_on_a_column_older_shards_lack_names_it(tmp_path):
+    from wanray.train.data import ClipIndex
+
+    data = shard_of(tmp_path, [1.0], [5])
+    (shard,) = data.glob("part-*.parquet")
+    table = pq.read_table(shard).drop_columns(["motion", "cut_start", "cut_end"])
+    pq.write_table(table.replace_schema_metadata({VERSION_KEY: b"2"}), shard, row_group_size=1)
+    with pytest.raises(DataError, match="has no 'motion' column \\(schema version 2\\): preprocess the videos again"):
+        ClipIndex.from_dir(data).column("motion")

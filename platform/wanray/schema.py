@@ -88,6 +88,9 @@ CLIP_SCHEMA = pa.schema(
     metadata={VERSION_KEY: SCHEMA_VERSION.encode()},
 )
 
+NUMERIC_COLUMNS = tuple(f.name for f in CLIP_SCHEMA if pa.types.is_integer(f.type) or pa.types.is_floating(f.type))
+"""The shards' numeric metadata columns (what train.filters may select on)."""
+
 # The empty-prompt embedding (caption dropout in training, unconditional branch of guidance).
 EMPTY_PROMPT_SCHEMA = pa.schema(
     [*_tensor_fields("text_embedding"), pa.field("text_tokens", pa.int32())],

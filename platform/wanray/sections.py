@@ -14,6 +14,7 @@ from typing import Literal
 from wanray.backends import ATTENTION_BACKENDS
 from wanray.buckets import parse_shape
 from wanray.errors import ConfigError
+from wanray.schema import NUMERIC_COLUMNS
 from wanray.wan import valid_frames
 
 Device = Literal["cpu", "cuda", "npu"]
@@ -87,6 +88,11 @@ class DataConfig:
     scene_threshold: float = 27.0
     """Splitting: PySceneDetect ContentDetector's threshold, the HSV change between two frames that is a cut
     (lower finds more cuts)."""
+    dedup: bool = False
+    """Reject near-duplicate clips across the output directory's corpus (near_duplicate, naming the clip kept;
+    wanray.data.dedup): perceptual hashes of 4 frames of each clip, compared with a Ray Data groupby."""
+    dedup_distance: int = 16
+    """Dedup: two clips whose fingerprints (256 bits) differ in at most this many bits are near duplicates."""
 
     def __post_init__(self) -> None:
         """What holds for every model; the sizes a model's VAE takes are checked with its kind
@@ -103,6 +109,8 @@ class DataConfig:
             raise ConfigError("data.min_resolution, min_seconds and min_motion must be >= 0 (0 turns each off)")
         if self.max_clip_seconds < 0 or self.min_clip_seconds < 0 or self.scene_threshold <= 0:
             raise ConfigError("data.max_clip_seconds and min_clip_seconds must be >= 0, data.scene_threshold > 0")
+        if not 0 <= self.dedup_distance < 128:
+            raise ConfigError(f"data.dedup_distance must be 0-127 bits of 256, got {self.dedup_distance}")
         if self.max_clip_seconds and self.min_clip_seconds > self.max_clip_seconds:
             raise ConfigError(
                 f"data.min_clip_seconds ({self.min_clip_seconds:g}) exceeds data.max_clip_seconds "
@@ -529,6 +537,25 @@ class ValidationConfig:
         return bool(self.every) and bool(self.prompts or self.prompts_file)
 
 
+FILTER_OPS = (">=", "<=", "==", "!=", ">", "<")
+
+
+def parse_filter(text: str) -> tuple[str, str, float]:
+    """A train.filters entry as (column, op, value); a ConfigError names what is wrong with it."""
+    match = re.fullmatch(r"\s*([a-z_]+)\s*(>=|<=|==|!=|>|<)\s*(\S+)\s*", str(text))
+    if not match:
+        raise ConfigError(f"train.filters: {text!r} is not 'COLUMN OP NUMBER' (OP one of {' '.join(FILTER_OPS)})")
+    column, op, value = match.groups()
+    if column not in NUMERIC_COLUMNS:
+        raise ConfigError(
+            f"train.filters: {column!r} is no numeric column of the shards ({', '.join(NUMERIC_COLUMNS)})"
+        )
+    try:
+        return column, op, float(value)
+    except ValueError:
+        raise ConfigError(f"train.filters: {value!r} in {text!r} is not a number") from None
+
+
 @dataclass
 class TrainConfig:
     steps: int = 5000
@@ -603,6 +630,10 @@ class TrainConfig:
     <run>/<expert>/tensorboard/ (wanray.train.tracking), or nowhere."""
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     """Videos rendered beside the training workers from the latest checkpoint (wanray.train.validation)."""
+    filters: list[str] = field(default_factory=list)
+    """Train only on the clips that pass every filter, "COLUMN OP NUMBER" on a numeric column of the shards
+    (e.g. "motion >= 0.5", "num_frames > 1"; OP one of >= > <= < == !=), without preprocessing again. A clip
+    whose value is null (a still's motion) fails."""
     context_parallel: ContextParallel = field(default_factory=ContextParallel)
     """Split each sample's tokens over ulysses x ring ranks (wanray.context_parallel); the workers form
     workers / (ulysses x ring) data-parallel groups."""
@@ -646,6 +677,8 @@ class TrainConfig:
             )
         if not 0.0 <= self.image_condition <= 1.0:
             raise ConfigError(f"train.image_condition must lie in [0, 1], got {self.image_condition}")
+        for text in self.filters:
+            parse_filter(text)
         if not 0.0 <= self.caption_dropout < 1.0 or self.timestep_shift <= 0:
             raise ConfigError("train.caption_dropout must lie in [0, 1) and train.timestep_shift be positive")
 

@@ -2,13 +2,15 @@
 
     sources (Ray Data tasks on CPU nodes, clips_per_decode_task sources each)
       -> split: a source without a `cut` into its shots' clips (wanray.data.scenes), data.max_clip_seconds
-      -> candidates/part-<uuid>.parquet: each clip with its source and [cut_start, cut_end) frame range,
-         and in the file's metadata the ids of the sources it covers
+      -> with data.dedup, each clip's perceptual-hash fingerprint (wanray.data.dedup)
+      -> candidates/part-<uuid>.parquet: each clip with its source, [cut_start, cut_end) frame range and
+         fingerprint, and in the file's metadata the ids of the sources it covers
+    -> with data.dedup, near duplicates across every candidates file (a Ray Data groupby): rejected
     then the clips go through decode -> encode -> write as manifest lines with a `cut` do.
 
-Preprocessing runs it when data.max_clip_seconds is set. A source's clips appear in one file, whole or
-not at all (temp file + rename), so a resumed run splits only the sources no file covers; shots too
-short to be a clip and sources that cannot be split are rejects, recorded where they happen.
+Preprocessing runs it when data.max_clip_seconds or data.dedup is set. A source's clips appear in one
+file, whole or not at all (temp file + rename), so a resumed run splits only the sources no file covers;
+shots too short to be a clip, sources that cannot be split and near duplicates are rejects.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import pyarrow.parquet as pq
 import ray
 
 from wanray.config import Config
+from wanray.data.dedup import BITS, FRAMES, HASH_SIZE, find_duplicates, fingerprint
 from wanray.data.manifest import ClipSource, Reject, clip_id
 from wanray.data.scenes import cut_shot, detect_shots
 from wanray.data.shards import record_reject, write_table_atomic
-from wanray.data.video import ClipRejected, check_file, is_image, unreadable
+from wanray.data.video import ClipRejected, check_file, is_image, open_image, sample_frames, unreadable
 
 CANDIDATES_DIR = "candidates"
 SOURCES_KEY = b"wanray.sources"
@@ -38,12 +41,31 @@ CANDIDATE_SCHEMA = pa.schema(
         pa.field("caption", pa.string(), nullable=False),
         pa.field("cut_start", pa.int32(), nullable=False),
         pa.field("cut_end", pa.int32(), nullable=False),
+        pa.field("phash", pa.binary(), nullable=True),
     ]
 )
 
 
 def needs_split(src: ClipSource, cfg: Config) -> bool:
     return bool(cfg.data.max_clip_seconds) and src.whole and not is_image(src.path)
+
+
+def in_pass(src: ClipSource, cfg: Config) -> bool:
+    """Whether the source goes through this pass (to be split, or to be fingerprinted)."""
+    return cfg.data.dedup or needs_split(src, cfg)
+
+
+def clip_name(clip: ClipSource) -> str:
+    """What a reject of one clip names: its file, with the frame range when it is a cut."""
+    return clip.path if clip.cut_end < 0 and clip.cut_start == 0 else f"{clip.path}#{clip.cut_start}-{clip.cut_end}"
+
+
+def clip_fingerprint(clip: ClipSource) -> bytes:
+    """Raises ClipRejected for what cannot be read."""
+    if is_image(clip.path):
+        image = np.asarray(open_image(clip.path).resize((HASH_SIZE, HASH_SIZE)), dtype=np.uint8)
+        return fingerprint(np.repeat(image[None], FRAMES, axis=0))
+    return fingerprint(sample_frames(clip.path, FRAMES, HASH_SIZE, clip.cut_start, clip.cut_end))
 
 
 def split_source(src: ClipSource, cfg: Config, out_dir: str) -> list[ClipSource]:
@@ -84,15 +106,22 @@ def split_source(src: ClipSource, cfg: Config, out_dir: str) -> list[ClipSource]
 def split_batch(batch: pa.Table, cfg: Config, out_dir: str) -> dict:
     """Ray Data map_batches: a batch of source rows -> one candidates file with their clips."""
     sources = [ClipSource(**row) for row in batch.to_pylist()]
-    rows = [(s.id, c) for s in sources for c in split_source(s, cfg, out_dir)]
+    rows: list[tuple[str, ClipSource, bytes | None]] = []
+    for source in sources:
+        for clip in split_source(source, cfg, out_dir):
+            try:
+                rows.append((source.id, clip, clip_fingerprint(clip) if cfg.data.dedup else None))
+            except ClipRejected as e:
+                record_reject(out_dir, Reject(clip_name(clip), e.reason, e.detail), key=clip.id)
     table = pa.Table.from_pydict(
         {
-            "id": [c.id for _, c in rows],
-            "source_id": [sid for sid, _ in rows],
-            "path": [c.path for _, c in rows],
-            "caption": [c.caption for _, c in rows],
-            "cut_start": [c.cut_start for _, c in rows],
-            "cut_end": [c.cut_end for _, c in rows],
+            "id": [c.id for _, c, _ in rows],
+            "source_id": [sid for sid, _, _ in rows],
+            "path": [c.path for _, c, _ in rows],
+            "caption": [c.caption for _, c, _ in rows],
+            "cut_start": [c.cut_start for _, c, _ in rows],
+            "cut_end": [c.cut_end for _, c, _ in rows],
+            "phash": [h for _, _, h in rows],
         },
         schema=CANDIDATE_SCHEMA.with_metadata({SOURCES_KEY: json.dumps([s.id for s in sources]).encode()}),
     )
@@ -116,13 +145,25 @@ def read_candidates(out_dir) -> tuple[dict[str, list[ClipSource]], set[str]]:
     return clips, covered
 
 
-def curate_sources(sources: list[ClipSource], cfg: Config, out_dir: str, skip: set[str], log) -> list[ClipSource]:
+def candidate_files(out_dir) -> list[Path]:
+    return sorted((Path(out_dir) / CANDIDATES_DIR).glob("part-*.parquet"))
+
+
+def curate_sources(
+    sources: list[ClipSource], cfg: Config, out_dir: str, skip: set[str], written: set[str], log
+) -> list[ClipSource]:
     """The clips of `sources`, in their order: a source no candidates file covers yet (and not in `skip`,
-    the rejected) is split on Ray Data first."""
+    the rejected) is split and fingerprinted on Ray Data first; with data.dedup, near duplicates among
+    every clip of the candidates files are rejected (never one of `written`, the clips already stored)."""
     _, covered = read_candidates(out_dir)
-    todo = [s for s in sources if s.id not in covered and s.id not in skip and needs_split(s, cfg)]
+    todo = [s for s in sources if s.id not in covered and s.id not in skip and in_pass(s, cfg)]
     if todo:
-        log(f"[preprocess] splitting {len(todo)} videos into shots, clips of at most {cfg.data.max_clip_seconds:g}s")
+        d = cfg.data
+        doing = " and ".join(
+            ([f"splitting into shots, clips of at most {d.max_clip_seconds:g}s"] if d.max_clip_seconds else [])
+            + (["fingerprinting"] if d.dedup else [])
+        )
+        log(f"[preprocess] {doing}: {len(todo)} videos")
         items = [{k: getattr(s, k) for k in ClipSource.__dataclass_fields__} for s in todo]
         per_task = cfg.preprocess.clips_per_decode_task
         ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(todo) // per_task)))
@@ -136,6 +177,23 @@ def curate_sources(sources: list[ClipSource], cfg: Config, out_dir: str, skip: s
         sources_done = clips_found = 0
         for row in split.iter_rows():
             sources_done, clips_found = sources_done + int(row["sources"]), clips_found + int(row["clips"])
-            log(f"[preprocess] split {sources_done}/{len(todo)} videos: {clips_found} clips")
+            log(f"[preprocess] curated {sources_done}/{len(todo)} videos: {clips_found} clips")
     by_source, _ = read_candidates(out_dir)
-    return [c for s in sources for c in (by_source.get(s.id, []) if needs_split(s, cfg) else [s])]
+    if cfg.data.dedup:
+        reject_duplicates(by_source, cfg.data.dedup_distance, out_dir, written, log)
+    return [c for s in sources for c in (by_source.get(s.id, []) if in_pass(s, cfg) else [s])]
+
+
+def reject_duplicates(
+    by_source: dict[str, list[ClipSource]], distance: int, out_dir: str, written: set[str], log
+) -> None:
+    clips = {c.id: c for group in by_source.values() for c in group}
+    duplicates = find_duplicates(candidate_files(out_dir), distance)
+    for dup, (kept, bits) in sorted(duplicates.items()):
+        if dup in written:  # stored by an earlier run of another manifest: it stays, the later one goes
+            if kept in written or kept in duplicates:
+                continue
+            dup, kept = kept, dup
+        detail = f"near duplicate of {clip_name(clips[kept])} ({bits} of {BITS} hash bits differ)"
+        record_reject(out_dir, Reject(clip_name(clips[dup]), "near_duplicate", detail), key=dup)
+    log(f"[preprocess] near duplicates: {len(duplicates)} of {len(clips)} clips (data.dedup_distance {distance})")

@@ -1,6 +1,7 @@
 """The preprocessing job on Ray Data: manifest -> decode -> VAE -> UMT5 -> Parquet shards.
 
-    read manifest (driver) -> with data.max_clip_seconds, split long videos into clips (wanray.data.curate)
+    read manifest (driver) -> with data.max_clip_seconds / data.dedup, split long videos into clips and reject
+      near duplicates (wanray.data.curate)
       -> skip clips already written or rejected (resume)
       -> decode: CPU tasks (video.decode_source), clips_per_decode_task clips each; rejects recorded where they happen
       -> LatentEncoder actor pool (VAE; NPU / GPU / CPU per config)
@@ -258,8 +259,8 @@ class PreprocessRun:
         kind = models.read_kind(self.model_path)
         log(f"[preprocess] buckets: {BucketSet.from_config(self.cfg.data, kind).describe()}")
         clips = self.sources
-        if self.cfg.data.max_clip_seconds:
-            clips = curate_sources(self.sources, self.cfg, str(out), rejected, log)
+        if self.cfg.data.max_clip_seconds or self.cfg.data.dedup:
+            clips = curate_sources(self.sources, self.cfg, str(out), rejected, done, log)
         skip = rejected_keys(out)  # with the rejects of the split
         todo = [c for c in clips if c.id not in done and c.id not in skip]
         log(

@@ -194,6 +194,26 @@ def decode_clip(path: str, buckets: BucketSet, fps: float, cut_start: int = 0, c
     )
 
 
+def sample_frames(path: str, count: int, size: int, cut_start: int = 0, cut_end: int = -1) -> np.ndarray:
+    """(count, size, size, 3) uint8: `count` frames evenly spread over the cut, squeezed to size x size while
+    decord decodes them (for hashing: nothing of the clip's framing matters). Raises ClipRejected."""
+    import decord
+
+    check_file(path)
+    try:
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1, width=size, height=size)
+        end = len(reader) if cut_end < 0 else min(cut_end, len(reader))
+    except Exception as e:
+        raise unreadable(path, e) from None
+    if end <= cut_start:
+        raise ClipRejected("too_short", f"cut starts at frame {cut_start}, video has {len(reader)}")
+    indices = np.linspace(cut_start, end - 1, count).round().astype(int).tolist()
+    try:
+        return reader.get_batch(indices).asnumpy()
+    except Exception as e:
+        raise ClipRejected("decode_error", _first_line(e)) from None
+
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 # PNG, JPEG and WebP signatures: a file with one that PIL cannot read is a damaged image.
 _IMAGE_MAGIC = ((0, b"\x89PNG"), (0, b"\xff\xd8\xff"), (8, b"WEBP"))
@@ -203,20 +223,27 @@ def is_image(path: str) -> bool:
     return path.lower().endswith(IMAGE_SUFFIXES)
 
 
-def decode_image(path: str, buckets: BucketSet) -> DecodedClip:
-    """A still image as a one-frame clip at the resolution of its aspect ratio (Wan trains on images
-    as 1-frame videos); raises ClipRejected with a named reason."""
+def open_image(path: str):
+    """The image at `path` as a decoded RGB PIL image; raises ClipRejected with a named reason."""
     from PIL import Image
 
     check_file(path)
     try:
         with Image.open(path) as opened:
-            img = opened.convert("RGB")  # decodes the whole image: a truncated file fails here
+            return opened.convert("RGB")  # decodes the whole image: a truncated file fails here
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
         with open(path, "rb") as f:
             head = f.read(16)
         damaged = any(head[o : o + len(m)] == m for o, m in _IMAGE_MAGIC)
         raise ClipRejected("corrupt_image" if damaged else "not_an_image", _first_line(e)) from None
+
+
+def decode_image(path: str, buckets: BucketSet) -> DecodedClip:
+    """A still image as a one-frame clip at the resolution of its aspect ratio (Wan trains on images
+    as 1-frame videos); raises ClipRejected with a named reason."""
+    from PIL import Image
+
+    img = open_image(path)
     src_w, src_h = img.size
     height, width = buckets.resolution(src_h, src_w)
     rh, rw, top, left = resize_crop_box(src_h, src_w, height, width)

@@ -29,7 +29,8 @@ import pyarrow.parquet as pq
 import torch
 
 from wanray.data.shards import shard_paths
-from wanray.schema import TRAINING_READS, check_version, decode_tensor, pad_text_embedding
+from wanray.errors import DataError
+from wanray.schema import TRAINING_READS, VERSION_KEY, check_version, decode_tensor, pad_text_embedding
 from wanray.wan import latent_tokens
 
 CONDITION_COLUMNS = ["condition", "condition_shape", "condition_dtype"]
@@ -106,6 +107,26 @@ class ClipIndex:
             for g in range(pf.num_row_groups):
                 rows[(f, g)] = pf.read_row_group(g, columns=["id"]).column("id").to_pylist()
         return [rows[(f, g)][r] for f, g, r in zip(self.file.tolist(), self.row_group.tolist(), self.row.tolist())]
+
+    def column(self, name: str) -> np.ndarray:
+        """(N,) float64: every clip's value of a numeric column, in index order; NaN where it is null. A shard
+        without the column (written before it existed) is a DataError."""
+        values: dict[tuple[int, int], np.ndarray] = {}
+        for f, path in enumerate(self.files):
+            pf = pq.ParquetFile(path)
+            if name not in pf.schema_arrow.names:
+                raise DataError(
+                    f"{path} has no {name!r} column (schema version "
+                    f"{(pf.schema_arrow.metadata or {}).get(VERSION_KEY, b'?').decode()}): preprocess the videos "
+                    "again into a new directory to filter on it"
+                )
+            for g in range(pf.num_row_groups):
+                column = pf.read_row_group(g, columns=[name]).column(name)
+                values[(f, g)] = column.cast("float64").to_numpy(zero_copy_only=False)
+        return np.array(
+            [values[(f, g)][r] for f, g, r in zip(self.file.tolist(), self.row_group.tolist(), self.row.tolist())],
+            dtype=np.float64,
+        )
 
     def subset(self, keep: np.ndarray) -> ClipIndex:
         """The clips where `keep` (N,) is true, in the same order; same files and shape ids."""

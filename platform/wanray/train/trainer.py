@@ -11,12 +11,15 @@ import threading
 from concurrent.futures import Future, as_completed
 from pathlib import Path
 
+import numpy as np
+
 from wanray import context_parallel, model_files, models
 from wanray.compat import row_group_warning
 from wanray.config import Config
 from wanray.data.shards import read_empty_prompt
 from wanray.devices import accelerator
 from wanray.errors import USER_ERRORS, ConfigError, DataError
+from wanray.sections import parse_filter
 from wanray.train import checkpoint as ckpt
 from wanray.train.console import Follow
 from wanray.train.data import ClipIndex, held_out
@@ -55,7 +58,7 @@ def make_trainer(
     contract = models.read_contract(model_path, cfg.model)
     attention = context_parallel.training_backend(cfg)
     cp = t.context_parallel
-    index = index or ClipIndex.from_dir(data_dir)
+    index = index or apply_filters(cfg, ClipIndex.from_dir(data_dir), data_dir, log=lambda _: None)
     context_parallel.check(
         cp.ulysses,
         cp.ring,
@@ -119,6 +122,34 @@ def check_data(index: ClipIndex, contract, data_dir) -> None:
         )
 
 
+def apply_filters(cfg: Config, index: ClipIndex, data_dir, log=print) -> ClipIndex:
+    """The clips that pass every train.filters entry (all of them without filters)."""
+    if not cfg.train.filters:
+        return index
+    keep = np.ones(len(index), dtype=bool)
+    counts = []
+    for text in cfg.train.filters:
+        column, op, value = parse_filter(text)
+        values = index.column(column)
+        passed = FILTER_TESTS[op](values, value) & ~np.isnan(values)  # a null value never passes
+        keep &= passed
+        counts.append(f"{text}: {int(passed.sum())}")
+    if not keep.any():
+        raise DataError(f"train.filters keep none of the {len(index)} clips of {data_dir} ({'; '.join(counts)})")
+    log(f"[train] train.filters keep {int(keep.sum())} of the {len(index)} clips of {data_dir} ({'; '.join(counts)})")
+    return index.subset(keep)
+
+
+FILTER_TESTS = {
+    ">=": np.greater_equal,
+    "<=": np.less_equal,
+    "==": np.equal,
+    "!=": np.not_equal,
+    ">": np.greater,
+    "<": np.less,
+}
+
+
 def split_holdout(cfg: Config, index: ClipIndex, data_dir, log=print) -> tuple[ClipIndex, ClipIndex | None]:
     """(the clips to train on, the held-out clips or None): train.validation.holdout's directory, or
     holdout_fraction of the training clips taken out of them."""
@@ -158,6 +189,7 @@ def train_experts(cfg: Config, expert: str, data_dir, run_dir, log=print, valida
     index = ClipIndex.from_dir(data_dir)  # read once, sent to every worker of both experts
     if warning := row_group_warning(data_dir, index.rows_per_row_group()):
         log(warning)
+    index = apply_filters(cfg, index, data_dir, log)
     index, holdout = split_holdout(cfg, index, data_dir, log)
     validators = {e: validation.start(e, run_dir) for e in experts} if validation is not None else {}
     try:

@@ -23,6 +23,7 @@ from wanray.data.preprocess import Preprocessor, run_preprocess
 from wanray.data.shards import EMPTY_PROMPT_FILE, collect_rejects, read_clips, read_empty_prompt, shard_paths
 from wanray.data.synthetic import SyntheticClip, render, write_dataset, write_mp4, write_shots
 from wanray.data.video import decode_clip
+from wanray.model_files import write_tiny_aesthetic, write_tiny_vlm
 from wanray.schema import VERSION_KEY, ClipRow, pad_text_embedding
 from wanray.wan import KINDS
 
@@ -291,8 +292,8 @@ def test_long_videos_split_into_clips_near_duplicates_rejected_and_a_rerun_split
     write_mp4(reupload, decord.VideoReader(str(long), width=200, height=120).get_batch(list(range(102))).asnumpy(), 16)
     write_shots(other, [30], seed=9)
     lines = [
-        {"path": "long.mp4", "cap": "shapes"},
-        {"path": "reupload.mp4", "cap": "shapes again"},
+        {"path": "long.mp4"},  # no caption: the VLM writes one for each of its clips
+        {"path": "reupload.mp4"},
         {"path": "other.mp4", "cap": "the first second", "cut": [0, 17]},
     ]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -303,6 +304,10 @@ def test_long_videos_split_into_clips_near_duplicates_rejected_and_a_rerun_split
         "data.min_frames=5",
         "data.dedup=true",
         "data.dedup_distance=24",  # flat synthetic frames: a rescale moves up to 22 of the 256 bits
+        f"caption.model={write_tiny_vlm(tmp_path / 'tiny-vlm')}",
+        f"data.aesthetic_model={write_tiny_aesthetic(tmp_path / 'aesthetic')}",
+        "caption.frames=3",
+        "caption.max_new_tokens=8",
     )
     log: list[str] = []
     summary = run_preprocess(cfg, str(tmp_path / "m.jsonl"), str(tmp_path / "out"), log.append)
@@ -311,7 +316,13 @@ def test_long_videos_split_into_clips_near_duplicates_rejected_and_a_rerun_split
     assert sorted((r["source"], r["cut_start"], r["cut_end"]) for r in rows) == sorted(
         [(str(long), a, b) for a, b in shots] + [(str(other), 0, 17)]
     )
-    assert all(r["clip_start"] == r["cut_start"] and r["motion"] > 0 for r in rows)
+    assert all(r["clip_start"] == r["cut_start"] and r["motion"] > 0 and np.isfinite(r["aesthetic"]) for r in rows)
+    # the uncaptioned line's clips carry the VLM's caption and its name; the manifest's caption stays as it is
+    assert {(r["caption"], r["caption_model"]) for r in rows if r["source"] == str(other)} == {
+        ("the first second", None)
+    }
+    captioned = [r for r in rows if r["source"] == str(long)]
+    assert all(r["caption"] and r["caption_model"] == "tiny-vlm" for r in captioned)
     # each clip holds the frames of its range only: a 16-frame piece gives 13 frames (4n+1), not more
     assert {(r["cut_start"], r["num_frames"]) for r in rows if r["source"] == str(long)} == {
         (0, 17),
@@ -330,6 +341,7 @@ def test_long_videos_split_into_clips_near_duplicates_rejected_and_a_rerun_split
         assert rejects[(f"{reupload}#{a}-{b}", "near_duplicate")].startswith(f"near duplicate of {long}#{a}-{b} (")
     assert summary["clips_after_split"] == 11 and summary["outcomes"]["written"] == 6
     assert any("curated 3/3 videos: 11 clips" in line for line in log)  # the cut line: fingerprinted only
+    assert any("captioned 5/5 clips" in line for line in log)  # the near duplicates are not captioned
     log.clear()
     again = run_preprocess(cfg, str(tmp_path / "m.jsonl"), str(tmp_path / "out"), log.append)
-    assert again["outcomes"]["written"] == 0 and not any("curated" in line for line in log)
+    assert again["outcomes"]["written"] == 0 and not any(w in line for line in log for w in ("curated", "captioning"))

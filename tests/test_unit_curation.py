@@ -223,3 +223,54 @@ def test_a_filter_on_a_column_older_shards_lack_names_it(tmp_path):
     pq.write_table(table.replace_schema_metadata({VERSION_KEY: b"2"}), shard, row_group_size=1)
     with pytest.raises(DataError, match="has no 'motion' column \\(schema version 2\\): preprocess the videos again"):
         ClipIndex.from_dir(data).column("motion")
+
+
+def test_the_captioner_writes_a_caption_per_clip_with_its_model_name_and_names_what_it_cannot_read(
+    long_video, tmp_path
+):
+    from wanray.data.caption import Captioner
+    from wanray.model_files import write_tiny_vlm
+
+    model = write_tiny_vlm(tmp_path / "Qwen2.5-VL-tiny")
+    cfg = config(f"caption.model={model}", "caption.frames=3", "caption.max_new_tokens=6")
+    captioner = Captioner(cfg, str(tmp_path))
+    rows = [
+        {"id": "a", "path": long_video, "cut_start": 0, "cut_end": 40, "name": "first shot"},
+        {"id": "b", "path": str(tmp_path / "gone.mp4"), "cut_start": 0, "cut_end": -1, "name": "gone"},
+        {"id": "c", "path": long_video, "cut_start": 0, "cut_end": 40, "name": "first shot again"},
+    ]
+    out = captioner(pa.Table.from_pylist(rows)).to_pylist()
+    assert [(r["id"], r["caption_model"]) for r in out] == [("a", "Qwen2.5-VL-tiny"), ("c", "Qwen2.5-VL-tiny")]
+    assert out[0]["caption"] and out[0]["caption"] == out[1]["caption"]  # greedy: one clip, one caption
+    assert [(r["input"], r["reason"]) for r in collect_rejects(tmp_path)] == [("gone", "file_not_found")]
+
+
+def test_lines_without_a_caption_are_sources_when_a_model_captions_them(tmp_path):
+    (tmp_path / "m.jsonl").write_text(
+        json.dumps({"path": "a.mp4"}) + "\n" + json.dumps({"path": "b.mp4", "cap": ""}) + "\n"
+    )
+    sources, rejects = read_manifest(tmp_path / "m.jsonl")
+    assert not sources and {r.reason for r in rejects} == {"missing_caption", "empty_caption"}
+    sources, rejects = read_manifest(tmp_path / "m.jsonl", uncaptioned=True)
+    assert [s.caption for s in sources] == ["", ""] and not rejects
+
+
+def test_the_aesthetic_scorer_rates_each_clip_with_the_predictor_head(long_video, tmp_path):
+    from wanray.data.aesthetic import AestheticScorer, load_head
+    from wanray.model_files import AESTHETIC_HEAD_FILE, write_tiny_aesthetic
+
+    model = write_tiny_aesthetic(tmp_path / "aesthetic")
+    scorer = AestheticScorer(str(model))
+    frames = sample_frames(long_video, 8, 64, 0, 40)
+    other = sample_frames(long_video, 8, 64, 40, 96)
+    out = scorer({"frames": np.array([frames, frames, other]), "id": np.array(["a", "b", "c"])})
+    scores = out["aesthetic"].tolist()
+    assert out["id"].tolist() == ["a", "b", "c"] and scores[0] == scores[1] != scores[2]
+    assert all(np.isfinite(scores))
+    # the head is LAION's layout: Linear layers at 0, 2, 4, 6 and 7, dropouts between the first four
+    head = load_head(model)
+    assert [type(m).__name__ for m in head] == ["Linear", "Identity", "Linear", "Identity", "Linear", "Identity",
+                                                "Linear", "Linear"]  # fmt: skip
+    (model / AESTHETIC_HEAD_FILE).unlink()
+    with pytest.raises(ConfigError, match="has no aesthetic_head.safetensors"):
+        load_head(model)

@@ -20,6 +20,7 @@ import yaml
 from wanray.compat import REMOVED_KEYS
 from wanray.errors import ConfigError
 from wanray.sections import (
+    CaptionConfig,
     DataConfig,
     EvalConfig,
     InferConfig,
@@ -34,6 +35,7 @@ from wanray.sections import (
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -289,3 +289,83 @@ def write_tiny_clip(path, seed: int = 0, image_size: int = 32) -> Path:
         model.save_pretrained(path)
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(path)
     return path
+
+
+QWEN_VL_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+# Qwen2.5-VL's chat template for text and image content (the real one also takes videos and system turns)
+QWEN_VL_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_tiny_vlm(path, seed: int = 0) -> Path:
+    """A random-weight Qwen2.5-VL (transformers' Qwen2_5_VLForConditionalGeneration: two vision blocks, two
+    text layers, width 32) with a byte-level tokenizer (each byte a token: no merges), Qwen's chat template
+    and a PIL image processor bounded to 56x56-112x112 pixels: what `caption.model` names in the tests (real
+    weights: e.g. Qwen/Qwen2.5-VL-7B-Instruct downloaded to a directory)."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = {t: i for i, t in enumerate([*bytes_to_unicode().values(), *QWEN_VL_SPECIAL])}
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=[], eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, bos_token=None
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_VL_SPECIAL[1:]})
+    tokenizer.chat_template = QWEN_VL_TEMPLATE
+    ids = {t: vocab[t] for t in QWEN_VL_SPECIAL}
+    text = {
+        "vocab_size": len(vocab),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32}
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config={**vision, "fullatt_block_indexes": [1]},
+        image_token_id=ids["<|image_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    with _no_progress_bars():
+        model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(path)
+    return path
+
+
+AESTHETIC_HEAD_FILE = "aesthetic_head.safetensors"
+"""The aesthetic predictor's MLP weights beside its CLIP model (wanray.data.aesthetic)."""
+
+
+def write_tiny_aesthetic(path, seed: int = 0) -> Path:
+    """A tiny CLIP (write_tiny_clip) with a random MLP head in LAION's aesthetic predictor layout (Linear layers at
+    0, 2, 4, 6 and 7): what `data.aesthetic_model` names in the tests."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = write_tiny_clip(path, seed)
+    g = torch.Generator().manual_seed(seed)
+    sizes = {0: (32, 16), 2: (16, 32), 4: (8, 16), 6: (4, 8), 7: (1, 4)}  # (out, in); 16: the CLIP's projection
+    weights = {}
+    for i, (out, inp) in sizes.items():
+        weights[f"layers.{i}.weight"] = torch.randn(out, inp, generator=g) / inp**0.5
+        weights[f"layers.{i}.bias"] = torch.full((out,), 5.0 if i == 7 else 0.0)
+    save_file(weights, str(path / AESTHETIC_HEAD_FILE))
+    return path

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     import torch  # imported where tensors are made: the decode and shard-writing workers never need it
 
 SCHEMA_VERSION = "3"
-"""3 added each clip's source frame range (cut_start, cut_end) and its motion score; 2 each clip's bucket
+"""3 added each clip's source frame range (cut_start, cut_end), motion and aesthetic scores and caption model; 2 each
+clip's bucket
 and its source's size (1 had one fixed size)."""
 VERSION_KEY = b"wanray.schema_version"
 
@@ -78,6 +79,10 @@ CLIP_SCHEMA = pa.schema(
         # mean optical-flow magnitude (wanray.data.video.flow_motion), pixels per frame at 16 fps on a 256-pixel
         # wide copy; null for a still image. train.filters select on it
         pa.field("motion", pa.float32(), nullable=True),
+        # data.aesthetic_model's score (wanray.data.aesthetic); null without one
+        pa.field("aesthetic", pa.float32(), nullable=True),
+        # the model that wrote the caption (caption.model's directory name); null for the manifest's caption
+        pa.field("caption_model", pa.string(), nullable=True),
         *_tensor_fields("latent"),
         *_tensor_fields("text_embedding"),
         pa.field("text_tokens", pa.int32(), nullable=False),
@@ -111,8 +116,8 @@ META_COLUMNS = (
     "source_width",
     "clip_start",
 )
-CURATION_COLUMNS = ("cut_start", "cut_end", "motion")
-"""Schema 3's metadata columns: (0, -1, None) for a shard of schema 1 or 2."""
+CURATION_COLUMNS = ("cut_start", "cut_end", "motion", "aesthetic", "caption_model")
+"""Schema 3's metadata columns: (0, -1, None, None, None) for a shard of schema 1 or 2."""
 
 
 @dataclass
@@ -141,6 +146,8 @@ class ClipRow:
     cut_end: int = -1
     """Source frames [cut_start, cut_end) the clip is cut from."""
     motion: float | None = None
+    aesthetic: float | None = None
+    caption_model: str | None = None
 
     def to_record(self) -> dict:
         rec = {k: getattr(self, k) for k in (*META_COLUMNS, *CURATION_COLUMNS)}

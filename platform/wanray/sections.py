@@ -91,6 +91,9 @@ class DataConfig:
     dedup: bool = False
     """Reject near-duplicate clips across the output directory's corpus (near_duplicate, naming the clip kept;
     wanray.data.dedup): perceptual hashes of 4 frames of each clip, compared with a Ray Data groupby."""
+    aesthetic_model: str = ""
+    """Directory of a CLIP model (transformers) with an aesthetic predictor head beside it
+    (wanray.data.aesthetic, LAION's layout): every clip gets an `aesthetic` score column. Empty: off."""
     dedup_distance: int = 16
     """Dedup: two clips whose fingerprints (256 bits) differ in at most this many bits are near duplicates."""
 
@@ -161,6 +164,42 @@ class Resources:
 
 
 @dataclass
+class CaptionConfig:
+    """Captions from a vision-language model for manifest lines without one (wanray.data.caption)."""
+
+    model: str = ""
+    """Directory of a transformers Qwen-VL model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: e.g. Qwen2.5-VL-7B-Instruct).
+    Empty: off, and a manifest line without a caption is rejected (missing_caption)."""
+    overwrite: bool = False
+    """Caption every clip, also those the manifest gives a caption."""
+    prompt: str = (
+        "Describe this video in one paragraph: the subjects and what they do, how they move, the setting, "
+        "the lighting and how the camera moves."
+    )
+    """What the model is asked, after the clip's frames."""
+    frames: int = 8
+    """Frames spread evenly over each clip that the model sees (as images, in order)."""
+    size: int = 448
+    """Frames are decoded with their longer side this many pixels (the model's image processor resizes them
+    within its own pixel bounds)."""
+    max_new_tokens: int = 160
+    """Longest caption, in tokens (greedy decoding)."""
+    actors: int = 1
+    """Captioner actors in the pool."""
+    batch_size: int = 4
+    """Clips per generate call."""
+    worker: Resources = field(default_factory=Resources)
+    """Each captioner actor: device (a VLM wants an accelerator: cuda or npu), dtype (bfloat16 there), CPUs."""
+
+    def __post_init__(self) -> None:
+        self.worker.check("caption.worker")
+        if min(self.frames, self.size, self.max_new_tokens, self.actors, self.batch_size) < 1:
+            raise ConfigError("caption.frames, size, max_new_tokens, actors and batch_size must be >= 1")
+        if not self.prompt.strip():
+            raise ConfigError("caption.prompt is empty")
+
+
+@dataclass
 class PreprocessConfig:
     encoders: Resources = field(default_factory=Resources)
     """The VAE and text encoder actors; `dtype` is also the dtype latents and text embeddings are stored in."""
@@ -179,14 +218,16 @@ class PreprocessConfig:
     """Captions per text encoder batch."""
     rows_per_shard: int = 64
     """Clips per Parquet shard."""
+    aesthetic_actors: int = 1
+    """Aesthetic scorer actors in the pool (data.aesthetic_model; on preprocess.encoders' device)."""
 
     def __post_init__(self) -> None:
         self.encoders.check("preprocess.encoders")
         counts = (self.clips_per_decode_task, self.vae_actors, self.vae_batch_size, self.text_actors)
-        if min(*counts, self.text_batch_size, self.rows_per_shard) < 1:
+        if min(*counts, self.text_batch_size, self.rows_per_shard, self.aesthetic_actors) < 1:
             raise ConfigError(
-                "preprocess.clips_per_decode_task, vae_actors, vae_batch_size, text_actors, text_batch_size and "
-                "rows_per_shard must be >= 1"
+                "preprocess.clips_per_decode_task, vae_actors, vae_batch_size, text_actors, text_batch_size, "
+                "rows_per_shard and aesthetic_actors must be >= 1"
             )
         if self.decode_cpus <= 0:
             raise ConfigError(f"preprocess.decode_cpus must be > 0, got {self.decode_cpus}")

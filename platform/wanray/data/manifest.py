@@ -38,6 +38,8 @@ class ClipSource:
     whole: bool = False
     """The manifest gave no `cut`: with data.max_clip_seconds set, the video is split into clips
     (wanray.data.scenes); a line with a `cut` is kept as it is."""
+    caption_model: str = ""
+    """The model that wrote `caption` (wanray.data.caption); empty for the manifest's own."""
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,9 @@ def _cut(entry: dict) -> tuple[int, int] | None:
     return (cut[0], cut[1]) if ok else None
 
 
-def parse_entry(entry, folder: Path, where: str) -> ClipSource | Reject:
-    """One annotation object -> a ClipSource, or a Reject naming what is wrong with it."""
+def parse_entry(entry, folder: Path, where: str, uncaptioned: bool = False) -> ClipSource | Reject:
+    """One annotation object -> a ClipSource, or a Reject naming what is wrong with it. `uncaptioned`: an
+    entry without a caption (or an empty one) is a source with caption "" (a VLM writes it: caption.model)."""
     if not isinstance(entry, dict):
         return Reject(where, "malformed_entry", f"expected an object, got {type(entry).__name__}")
     raw_path = next((entry[k] for k in PATH_KEYS if k in entry), None)
@@ -93,6 +96,8 @@ def parse_entry(entry, folder: Path, where: str) -> ClipSource | Reject:
         return Reject(where, "missing_path", "entry has no video path")
     path = str((folder / raw_path.strip()).resolve())
     caption, reason = _caption(entry)
+    if caption is None and uncaptioned and reason in ("missing_caption", "empty_caption"):
+        caption = ""
     if caption is None:
         return Reject(path, reason or "missing_caption", where)
     cut = _cut(entry)
@@ -101,7 +106,7 @@ def parse_entry(entry, folder: Path, where: str) -> ClipSource | Reject:
     return ClipSource(clip_id(path, caption, *cut), path, caption, *cut, whole="cut" not in entry)
 
 
-def _annotation(path: Path, folder: Path, where: str) -> list[ClipSource | Reject]:
+def _annotation(path: Path, folder: Path, where: str, uncaptioned: bool) -> list[ClipSource | Reject]:
     if not path.is_file():
         return [Reject(where, "annotation_not_found", str(path))]
     try:
@@ -110,10 +115,10 @@ def _annotation(path: Path, folder: Path, where: str) -> list[ClipSource | Rejec
         return [Reject(str(path), "malformed_json", str(e))]
     if not isinstance(entries, list):
         return [Reject(str(path), "malformed_annotation", "annotation JSON must be a list of objects")]
-    return [parse_entry(e, folder, f"{path}#{i}") for i, e in enumerate(entries)]
+    return [parse_entry(e, folder, f"{path}#{i}", uncaptioned) for i, e in enumerate(entries)]
 
 
-def _data_txt(path: Path) -> list[ClipSource | Reject]:
+def _data_txt(path: Path, uncaptioned: bool) -> list[ClipSource | Reject]:
     out: list[ClipSource | Reject] = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         line = line.strip()
@@ -124,11 +129,11 @@ def _data_txt(path: Path) -> list[ClipSource | Reject]:
             out.append(Reject(f"{path}:{n}", "malformed_manifest_line", "expected 'folder,annotation.json'"))
             continue
         folder, anno = (path.parent / parts[0]).resolve(), (path.parent / parts[1]).resolve()
-        out.extend(_annotation(anno, folder, f"{path}:{n}"))
+        out.extend(_annotation(anno, folder, f"{path}:{n}", uncaptioned))
     return out
 
 
-def _jsonl(path: Path) -> list[ClipSource | Reject]:
+def _jsonl(path: Path, uncaptioned: bool) -> list[ClipSource | Reject]:
     out: list[ClipSource | Reject] = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -138,23 +143,24 @@ def _jsonl(path: Path) -> list[ClipSource | Reject]:
         except json.JSONDecodeError as e:
             out.append(Reject(f"{path}:{n}", "malformed_json_line", str(e)))
             continue
-        out.append(parse_entry(entry, path.parent, f"{path}:{n}"))
+        out.append(parse_entry(entry, path.parent, f"{path}:{n}", uncaptioned))
     return out
 
 
-def _csv(path: Path) -> list[ClipSource | Reject]:
+def _csv(path: Path, uncaptioned: bool) -> list[ClipSource | Reject]:
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"video", "prompt"} <= set(reader.fieldnames):
             raise ManifestError(f"{path}: CSV manifest needs 'video' and 'prompt' columns, has {reader.fieldnames}")
         return [
-            parse_entry({"video": r["video"], "prompt": r["prompt"]}, path.parent, f"{path}:{n}")
+            parse_entry({"video": r["video"], "prompt": r["prompt"]}, path.parent, f"{path}:{n}", uncaptioned)
             for n, r in enumerate(reader, 2)
         ]
 
 
-def read_manifest(path) -> tuple[list[ClipSource], list[Reject]]:
-    """All clip sources of a manifest, and a Reject for every entry that cannot be one.
+def read_manifest(path, uncaptioned: bool = False) -> tuple[list[ClipSource], list[Reject]]:
+    """All clip sources of a manifest, and a Reject for every entry that cannot be one. `uncaptioned`: entries
+    without a caption are sources too (parse_entry).
 
     Duplicate entries (same video, cut and caption) are kept once and the rest rejected.
     """
@@ -163,13 +169,13 @@ def read_manifest(path) -> tuple[list[ClipSource], list[Reject]]:
         raise ManifestError(f"manifest not found: {p}")
     suffix = p.suffix.lower()
     if suffix == ".txt":
-        items = _data_txt(p)
+        items = _data_txt(p, uncaptioned)
     elif suffix == ".json":
-        items = _annotation(p, p.parent.resolve(), str(p))
+        items = _annotation(p, p.parent.resolve(), str(p), uncaptioned)
     elif suffix == ".jsonl":
-        items = _jsonl(p)
+        items = _jsonl(p, uncaptioned)
     elif suffix == ".csv":
-        items = _csv(p)
+        items = _csv(p, uncaptioned)
     else:
         raise ManifestError(f"{p}: unknown manifest format {suffix!r} (use data.txt, .json, .jsonl or .csv)")
     sources: dict[str, ClipSource] = {}

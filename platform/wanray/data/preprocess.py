@@ -2,8 +2,10 @@
 
     read manifest (driver) -> with data.max_clip_seconds / data.dedup, split long videos into clips and reject
       near duplicates (wanray.data.curate)
+      -> with caption.model, caption the clips without one (wanray.data.caption)
       -> skip clips already written or rejected (resume)
       -> decode: CPU tasks (video.decode_source), clips_per_decode_task clips each; rejects recorded where they happen
+      -> with data.aesthetic_model, AestheticScorer actor pool (the `aesthetic` column)
       -> LatentEncoder actor pool (VAE; NPU / GPU / CPU per config)
       -> TextEncoder actor pool (UMT5)
       -> write_shard tasks: rows_per_shard clips per atomically written shard
@@ -33,6 +35,8 @@ import ray
 from wanray import model_files, models
 from wanray.buckets import BucketSet
 from wanray.config import Config
+from wanray.data.aesthetic import AestheticScorer
+from wanray.data.caption import caption_clips
 from wanray.data.curate import curate_sources
 from wanray.data.encode import LatentEncoder, TextEncoder
 from wanray.data.manifest import ClipSource, read_manifest
@@ -144,6 +148,15 @@ def build_dataset(
 ) -> ray.data.Dataset:
     p, enc, blocks = cfg.preprocess, cfg.preprocess.encoders, decode_blocks(todo, cfg)
     ds = decode_dataset(todo, cfg, out_dir, models.read_kind(model_path))
+    if cfg.data.aesthetic_model:
+        ds = ds.map_batches(
+            AestheticScorer,
+            fn_constructor_kwargs={"model_dir": cfg.data.aesthetic_model, "device": enc.device},
+            batch_size=p.vae_batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=min(p.aesthetic_actors, blocks)),
+            **enc.ray_options(),
+        )
     vae = _encode_stage(
         LatentEncoder,
         encoders.vae if encoders else None,
@@ -241,7 +254,7 @@ class PreprocessRun:
 
     @classmethod
     def prepare(cls, cfg: Config, manifest: str, out_dir: str) -> PreprocessRun:
-        sources, manifest_rejects = read_manifest(manifest)
+        sources, manifest_rejects = read_manifest(manifest, uncaptioned=bool(cfg.caption.model))
         out = Path(out_dir).resolve()
         out.mkdir(parents=True, exist_ok=True)
         model_path = str(model_files.ensure_model(cfg.model))
@@ -262,10 +275,14 @@ class PreprocessRun:
         if self.cfg.data.max_clip_seconds or self.cfg.data.dedup:
             clips = curate_sources(self.sources, self.cfg, str(out), rejected, done, log)
         skip = rejected_keys(out)  # with the rejects of the split
+        after_split = len(clips)
+        if self.cfg.caption.model:
+            clips = caption_clips(clips, self.cfg, str(out), skip | done, log)
+            skip = rejected_keys(out)
         todo = [c for c in clips if c.id not in done and c.id not in skip]
         log(
             f"[preprocess] {len(self.sources)} entries in manifest, {len(self.manifest_rejects)} bad"
-            + (f", split into {len(clips)} clips" if clips is not self.sources else "")
+            + (f", split into {after_split} clips" if after_split != len(self.sources) else "")
             + f"; {len(clips) - len(todo)} already done or rejected, {len(todo)} to process"
         )
         start, written, frames = time.perf_counter(), 0, 0
@@ -284,7 +301,7 @@ class PreprocessRun:
         summary: dict[str, Any] = {
             "manifest": self.manifest,
             "clips_in_manifest": len(self.sources),
-            "clips_after_split": len(clips),
+            "clips_after_split": after_split,
             "outcomes": {
                 "written": written,
                 "already_written": len(done & {c.id for c in clips}),

@@ -111,6 +111,8 @@ def write_shard(batch: dict, out_dir: str) -> dict:
         values = list(batch[f.name]) if f.name in batch else [None] * rows  # nullable columns a model has not
         if f.name == "motion":  # a still's NaN (decode_source)
             values = [None if v is None or np.isnan(v) else float(v) for v in values]
+        if f.name == "caption_model":  # "" for a manifest's caption
+            values = [v or None for v in values]
         columns[f.name] = (
             [None if v is None else list(map(int, v)) for v in values] if f.name.endswith("_shape") else values
         )

@@ -194,14 +194,21 @@ def decode_clip(path: str, buckets: BucketSet, fps: float, cut_start: int = 0, c
     )
 
 
-def sample_frames(path: str, count: int, size: int, cut_start: int = 0, cut_end: int = -1) -> np.ndarray:
-    """(count, size, size, 3) uint8: `count` frames evenly spread over the cut, squeezed to size x size while
-    decord decodes them (for hashing: nothing of the clip's framing matters). Raises ClipRejected."""
+def sample_frames(path: str, count: int, size: int, cut_start: int = 0, cut_end: int = -1, square=True) -> np.ndarray:
+    """(count, h, w, 3) uint8: `count` frames evenly spread over the cut, scaled while decord decodes them:
+    squeezed to size x size (for hashing: nothing of the clip's framing matters), or with `square` False to
+    their longer side `size` (never up). Raises ClipRejected."""
     import decord
 
     check_file(path)
     try:
-        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1, width=size, height=size)
+        if square:
+            h, w = size, size
+        else:
+            src_h, src_w = frame_size(path)
+            scale = min(1.0, size / max(src_h, src_w))
+            h, w = max(2, round(src_h * scale)), max(2, round(src_w * scale))
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1, width=w, height=h)
         end = len(reader) if cut_end < 0 else min(cut_end, len(reader))
     except Exception as e:
         raise unreadable(path, e) from None
@@ -312,6 +319,7 @@ def decode_source(row: dict, cfg: Config, out_dir: str, kind: ModelKind) -> list
             "cut_end": np.int32(clip.cut[1]),
             # NaN for a still (Ray Data blocks keep one column type); the shard stores it as null
             "motion": np.float32("nan" if b.frames == 1 else curation_motion(clip.frames)),
+            "caption_model": src.caption_model,  # "" for the manifest's caption: stored as null
             "frames": clip.frames,
             "seq": np.int32(seq),
         }

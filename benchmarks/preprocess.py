@@ -16,6 +16,10 @@ Prints (Ray start-up and worker warm-up timed and stated apart, never inside a r
      sources) stored in aspect-ratio buckets within the single size's token budget, against the same
      set at the single size, runs alternated (--repeats each); and the share of each source's pixels
      the stored clip keeps (area after the crop / area before), bucketed vs single-size
+ (f) curation of raw long videos (--long-videos of 8 shots, 2-4 s each, 160x96 at 16 fps): clips/s through
+     splitting + fingerprinting (Ray Data tasks) and the near-duplicate groupby with one CPU worker and with
+     two, and clips/s through captioning (the tiny random Qwen2.5-VL: its cost is not a real
+     VLM's, the pool around it is measured) with one captioner actor and with two
 """
 
 import argparse
@@ -37,7 +41,7 @@ from wanray.buckets import BucketSet
 from wanray.config import load_config
 from wanray.data.manifest import read_manifest
 from wanray.data.preprocess import Preprocessor, decode_dataset, run_preprocess
-from wanray.data.synthetic import make_clips, render, write_dataset
+from wanray.data.synthetic import make_clips, render, write_dataset, write_shots
 from wanray.data.video import decode_clip, plan_clip
 from wanray.encoding import encode_latents, encode_text, frames_to_video
 from wanray.io import write_mp4
@@ -193,6 +197,54 @@ def buckets_vs_single(cfg, manifest, work: Path, repeats: int) -> tuple[float, f
     )
 
 
+def curation(work: Path, videos: int) -> None:
+    """(f): splitting + fingerprinting + dedup with 1 and 2 CPU workers, captioning with 1 and 2 actors."""
+    import random
+
+    from wanray.data.caption import caption_clips
+    from wanray.data.curate import curate_sources
+    from wanray.model_files import write_tiny_vlm
+
+    rng = random.Random(0)
+    raw = work / "raw"
+    raw.mkdir()
+    lines = []
+    for i in range(videos):
+        write_shots(raw / f"raw{i:03d}.mp4", [rng.randint(32, 64) for _ in range(8)], seed=i)
+        lines.append(json.dumps({"path": f"raw{i:03d}.mp4"}))
+    (raw / "raw.jsonl").write_text("\n".join(lines) + "\n")
+    vlm = write_tiny_vlm(work / "tiny-vlm")
+    base = [f"model.path={work / 'model'}", "data.max_clip_seconds=2", "data.min_frames=9", "data.dedup=true"]
+    base += [f"caption.model={vlm}", "caption.frames=4", "caption.max_new_tokens=16", "caption.batch_size=4"]
+    base += ["preprocess.clips_per_decode_task=1"]
+    rates = {}
+    for workers in (1, 2, 1, 2):  # alternated: the machine's noise falls on both
+        cfg = load_config(ROOT / "configs" / "tiny.yaml", [*base, f"preprocess.decode_cpus={2 / workers}"])
+        sources, _ = read_manifest(raw / "raw.jsonl", uncaptioned=True)
+        out = work / f"curate-{workers}-{len(rates)}"
+        out.mkdir()
+        t0 = time.perf_counter()
+        clips = curate_sources(sources, cfg, str(out), set(), set(), lambda _: None)
+        elapsed = time.perf_counter() - t0
+        rates.setdefault(workers, []).append((len(clips), elapsed))
+    for i, actors in enumerate((1, 2, 1, 2)):
+        cfg = load_config(ROOT / "configs" / "tiny.yaml", [*base, f"caption.actors={actors}"])
+        out = work / f"caption-{i}"
+        out.mkdir()
+        t0 = time.perf_counter()
+        captioned = caption_clips(clips, cfg, str(out), set(), lambda _: None)
+        rates.setdefault(f"caption{actors}", []).append((len(captioned), time.perf_counter() - t0))
+
+    def rate(key) -> float:
+        return statistics.median(n / t for n, t in rates[key])
+
+    print(
+        f"(f) {videos} raw videos -> {len(clips)} clips: split + fingerprint + dedup {rate(1):.2f} clips/s on one "
+        f"CPU worker, {rate(2):.2f} on two: {rate(2) / rate(1):.2f}x; captioning {rate('caption1'):.2f} clips/s "
+        f"with one actor, {rate('caption2'):.2f} with two: {rate('caption2') / rate('caption1'):.2f}x"
+    )
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clips", type=int, default=256)
@@ -202,7 +254,8 @@ def main():
     ap.add_argument("--frames", type=int, default=17)
     ap.add_argument("--hd-clips", type=int, default=32, help="480x832 source videos for (b)")
     ap.add_argument("--hd-frames", type=int, default=81, help="clip frames cut from each of them in (b)")
-    ap.add_argument("--parts", default="abcde", help="which of (a)-(e) to measure, e.g. --parts e")
+    ap.add_argument("--long-videos", type=int, default=8, help="raw videos of 8 shots each for (f)")
+    ap.add_argument("--parts", default="abcdef", help="which of (a)-(f) to measure, e.g. --parts e")
     args = ap.parse_args()
     parts = set(args.parts)
     work = Path(tempfile.mkdtemp(prefix="wanray-bench-"))
@@ -281,6 +334,8 @@ def main():
             f"clips/s: {bucketed / single:.2f}x (target within 15%); source pixels kept: bucketed "
             f"{kept_buckets:.1%}, single-size {kept_single:.1%}"
         )
+    if "f" in parts:
+        curation(work, args.long_videos)
     ray.shutdown()
     shutil.rmtree(work, ignore_errors=True)
 

@@ -17,7 +17,11 @@ from wanray.runtime import connect_ray, fail
 def get_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
-    parser.add_argument("--data", required=True, help="manifest: data.txt, annotation .json, .jsonl or .csv")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="manifest: data.txt, annotation .json, .jsonl or .csv; a path or a URI (s3://bucket/corpus/data.jsonl)",
+    )
     parser.add_argument("--out", required=True, help="output directory for Parquet shards, rejects and summary")
     return parser.parse_args()
 

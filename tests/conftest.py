@@ -40,8 +40,38 @@ def tiny_config(model: Path, *overrides: str):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A real local Ray instance (2 CPUs), joined by subprocess drivers through RAY_ADDRESS.
+def s3():
+    """A real S3-compatible server on loopback (moto's server mode: boto3, pyarrow and Ray workers speak HTTP to
+    it), found through the standard AWS_* variables, which it sets in this process before Ray starts (the
+    workers inherit them). Yields a boto3 client; each test makes its own bucket."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "wanray-test",
+        "AWS_SECRET_ACCESS_KEY": "wanray-test",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield boto3.client("s3")
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3):
+    """A real local Ray instance (2 CPUs), joined by subprocess drivers through RAY_ADDRESS; its workers reach
+    the `s3` server.
 
     Started with ray.init rather than `ray start`, so shutdown stops only this instance. It also
     declares 2 GPUs and 2 NPUs that do not exist: Ray hands out their ids and sets the visible-device

@@ -26,13 +26,14 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_generate_writes_one_video_per_prompt_with_wanpipeline_frames(tiny_model, ray_cluster, tmp_path):
+def test_generate_writes_one_video_per_prompt_with_wanpipeline_frames(tiny_model, ray_cluster, tmp_path, s3):
     """A JSONL prompts file: the first line takes the configured settings, the second its own size
-    (another bucket: portrait, 5 frames) and seed."""
-    prompts = tmp_path / "prompts.jsonl"
+    (another bucket: portrait, 5 frames) and seed. The prompts file and the videos are in an S3 bucket."""
     second = {"prompt": PROMPTS[1], "height": 64, "width": 32, "num_frames": 5, "seed": 3}
-    prompts.write_text(json.dumps({"prompt": PROMPTS[0]}) + "\n\n" + json.dumps(second) + "\n")  # blank: skipped
-    out = tmp_path / "videos"
+    s3.create_bucket(Bucket="gen")
+    body = json.dumps({"prompt": PROMPTS[0]}) + "\n\n" + json.dumps(second) + "\n"  # the blank line is skipped
+    s3.put_object(Bucket="gen", Key="in/prompts.jsonl", Body=body)
+    prompts, out = "s3://gen/in/prompts.jsonl", tmp_path / "videos"
     sets = [a for o in OVERRIDES for a in ("--set", o)]
     run = _run(
         "--config",
@@ -41,12 +42,15 @@ def test_generate_writes_one_video_per_prompt_with_wanpipeline_frames(tiny_model
         str(tiny_model),
         *sets,
         "--prompts",
-        str(prompts),
+        prompts,
         "--out",
-        str(out),
+        "s3://gen/out",
         "--save-frames",
     )
     assert run.returncode == 0, run.stderr[-3000:]
+    out.mkdir()
+    for name in ("videos.jsonl", "00000.mp4", "00000.npy", "00001.mp4", "00001.npy"):
+        s3.download_file("gen", f"out/{name}", str(out / name))
     index = [json.loads(line) for line in (out / "videos.jsonl").read_text().splitlines()]
     assert [(r["index"], r["prompt"], r["video"], r["seed"]) for r in index] == [
         (0, PROMPTS[0], "00000.mp4", 11),

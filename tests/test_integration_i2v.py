@@ -4,6 +4,7 @@ WanImageToVideoPipeline."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -109,7 +110,7 @@ def test_data_without_the_condition_is_refused_before_any_worker_starts(i2v_mode
     for p in shard_paths(i2v_prep):
         pq.write_table(
             pq.read_table(p).drop_columns(["condition", "condition_shape", "condition_dtype"]),
-            plain / p.name,
+            plain / Path(p).name,
             row_group_size=1,
         )
     shutil.copy(i2v_prep / "empty_prompt.parquet", plain)

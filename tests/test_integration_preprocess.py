@@ -25,6 +25,7 @@ from wanray.data.synthetic import SyntheticClip, render, write_dataset, write_mp
 from wanray.data.video import decode_clip
 from wanray.model_files import write_tiny_aesthetic, write_tiny_vlm
 from wanray.schema import VERSION_KEY, ClipRow, pad_text_embedding
+from wanray.train.trainer import train_experts
 from wanray.wan import KINDS
 
 
@@ -283,9 +284,11 @@ print("workers", len(first), "reused", len(first & second))
     assert reused == workers > 2, out.stdout  # every worker kept, more than the 2 Ray alone keeps
 
 
-def test_long_videos_split_into_clips_near_duplicates_rejected_and_a_rerun_splits_none(
-    tmp_path, tiny_model, ray_cluster
+def test_raw_videos_in_a_bucket_become_clips_in_a_bucket_that_train_and_a_rerun_redoes_nothing(
+    tmp_path, tiny_model, ray_cluster, s3
 ):
+    """Raw videos and their manifest in an S3 bucket (the loopback test server) are split, deduplicated, captioned
+    and encoded into Parquet in another bucket, and an expert trains from there."""
     long, reupload, other = tmp_path / "long.mp4", tmp_path / "reupload.mp4", tmp_path / "other.mp4"
     write_shots(long, [40, 56, 6], seed=3)  # hard cuts at frames 40 and 96
     # the same footage rescaled from 96x160 to 120x200 and encoded again: every clip of it a near duplicate
@@ -295,8 +298,15 @@ def test_long_videos_split_into_clips_near_duplicates_rejected_and_a_rerun_split
         {"path": "long.mp4"},  # no caption: the VLM writes one for each of its clips
         {"path": "reupload.mp4"},
         {"path": "other.mp4", "cap": "the first second", "cut": [0, 17]},
+        {"path": "gone.mp4"},  # not in the bucket
     ]
-    (tmp_path / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    s3.create_bucket(Bucket="raw")
+    for f in (long, reupload, other):
+        s3.upload_file(str(f), "raw", f"corpus/{f.name}")
+    s3.put_object(Bucket="raw", Key="corpus/m.jsonl", Body="".join(json.dumps(line) + "\n" for line in lines))
+    long, reupload, other = (f"s3://raw/corpus/{name}" for name in ("long.mp4", "reupload.mp4", "other.mp4"))
+    manifest, out = "s3://raw/corpus/m.jsonl", "s3://prep/clips"
+    s3.create_bucket(Bucket="prep")
     cfg = tiny_config(
         tiny_model,
         "data.max_clip_seconds=1.5",
@@ -310,29 +320,28 @@ def test_long_videos_split_into_clips_near_duplicates_rejected_and_a_rerun_split
         "caption.max_new_tokens=8",
     )
     log: list[str] = []
-    summary = run_preprocess(cfg, str(tmp_path / "m.jsonl"), str(tmp_path / "out"), log.append)
-    rows = read_clips(tmp_path / "out").to_pylist()
+    summary = run_preprocess(cfg, manifest, out, log.append)
+    rows = read_clips(out).to_pylist()
     shots = [(0, 24), (24, 40), (40, 64), (64, 88), (88, 96)]
     assert sorted((r["source"], r["cut_start"], r["cut_end"]) for r in rows) == sorted(
-        [(str(long), a, b) for a, b in shots] + [(str(other), 0, 17)]
+        [(long, a, b) for a, b in shots] + [(other, 0, 17)]
     )
     assert all(r["clip_start"] == r["cut_start"] and r["motion"] > 0 and np.isfinite(r["aesthetic"]) for r in rows)
     # the uncaptioned line's clips carry the VLM's caption and its name; the manifest's caption stays as it is
-    assert {(r["caption"], r["caption_model"]) for r in rows if r["source"] == str(other)} == {
-        ("the first second", None)
-    }
-    captioned = [r for r in rows if r["source"] == str(long)]
+    assert {(r["caption"], r["caption_model"]) for r in rows if r["source"] == other} == {("the first second", None)}
+    captioned = [r for r in rows if r["source"] == long]
     assert all(r["caption"] and r["caption_model"] == "tiny-vlm" for r in captioned)
     # each clip holds the frames of its range only: a 16-frame piece gives 13 frames (4n+1), not more
-    assert {(r["cut_start"], r["num_frames"]) for r in rows if r["source"] == str(long)} == {
+    assert {(r["cut_start"], r["num_frames"]) for r in rows if r["source"] == long} == {
         (0, 17),
         (24, 13),
         (40, 17),
         (64, 17),
         (88, 5),
     }
-    rejects = {(r["input"], r["reason"]): r["detail"] for r in collect_rejects(tmp_path / "out")}
+    rejects = {(r["input"], r["reason"]): r["detail"] for r in collect_rejects(out)}
     assert set(rejects) == {
+        ("s3://raw/corpus/gone.mp4", "file_not_found"),
         (f"{long}#96-102", "short_shot"),
         (f"{reupload}#96-102", "short_shot"),
         *((f"{reupload}#{a}-{b}", "near_duplicate") for a, b in shots),
@@ -340,8 +349,14 @@ def test_long_videos_split_into_clips_near_duplicates_rejected_and_a_rerun_split
     for a, b in shots:  # each names the clip it duplicates, the same range of the original
         assert rejects[(f"{reupload}#{a}-{b}", "near_duplicate")].startswith(f"near duplicate of {long}#{a}-{b} (")
     assert summary["clips_after_split"] == 11 and summary["outcomes"]["written"] == 6
-    assert any("curated 3/3 videos: 11 clips" in line for line in log)  # the cut line: fingerprinted only
+    assert any("curated 4/4 videos: 11 clips" in line for line in log)  # the cut line: fingerprinted only
     assert any("captioned 5/5 clips" in line for line in log)  # the near duplicates are not captioned
     log.clear()
-    again = run_preprocess(cfg, str(tmp_path / "m.jsonl"), str(tmp_path / "out"), log.append)
+    again = run_preprocess(cfg, manifest, out, log.append)
     assert again["outcomes"]["written"] == 0 and not any(w in line for line in log for w in ("curated", "captioning"))
+    lines: list[str] = []
+    steps = ["train.steps=2", "train.checkpoint_every=2", "train.log_every=1", "train.filters=[num_frames > 5]"]
+    train_experts(tiny_config(tiny_model, *steps), "high", out, tmp_path / "run", log=lines.append)
+    assert any(f"train.filters keep 5 of the 6 clips of {out}" in line for line in lines)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "high" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2]

@@ -132,7 +132,7 @@ def one_clip(prep, tmp_path_factory):
     return out
 
 
-def test_loss_halves_on_one_clip_and_export_carries_the_boundary_it_trained_with(one_clip, tiny_model, tmp_path):
+def test_loss_halves_on_one_clip_and_export_carries_the_boundary_it_trained_with(one_clip, tiny_model, tmp_path, s3):
     from diffusers import WanPipeline
 
     # a boundary forced over the directory's 0.875: the expert's range, the log and the export follow it
@@ -157,6 +157,14 @@ def test_loss_halves_on_one_clip_and_export_carries_the_boundary_it_trained_with
     out = export_run(cfg, tmp_path / "run", tmp_path / "export", log=lambda _: None)
     assert json.loads((out / "model_index.json").read_text())["boundary_ratio"] == 0.9
     assert json.loads((tiny_model / "model_index.json").read_text())["boundary_ratio"] == 0.875
+    # the same export into an S3 bucket: every file, byte for byte
+    s3.create_bucket(Bucket="exports")
+    assert export_run(cfg, tmp_path / "run", "s3://exports/ft", log=lambda _: None) == "s3://exports/ft"
+    listed = s3.list_objects_v2(Bucket="exports", Prefix="ft/")["Contents"]
+    local = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert {o["Key"].removeprefix("ft/") for o in listed} == set(local)
+    for key, data in local.items():
+        assert s3.get_object(Bucket="exports", Key=f"ft/{key}")["Body"].read() == data, key
     kwargs = dict(
         prompt="a red circle",
         height=64,

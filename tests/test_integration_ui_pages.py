@@ -162,6 +162,9 @@ def test_data_page_shows_summary_rejects_clips_and_a_preview_decoded_from_a_late
     assert "**4 clips** from 6 in the manifest" in summary and "file_not_found: 1" in summary
     assert sorted(row[1] for row in rejects["data"]) == ["corrupt_video", "file_not_found"]
     assert len(clips["data"]) == 4 and {"id", "caption", "bucket", "latent_shape"} <= set(clips["headers"])
+    # the curation columns: each clip's source range and motion (no aesthetic model, manifest captions: empty)
+    assert {"cut_start", "cut_end", "motion", "aesthetic", "caption_model"} <= set(clips["headers"])
+    assert all(row[clips["headers"].index("motion")] > 0 for row in clips["data"])
     clip_id = picker["value"]
     assert clip_id == clips["data"][0][clips["headers"].index("id")]
     video = client.predict(prep, clip_id, api_name="/preview")

@@ -7,7 +7,7 @@ from conftest import ROOT
 PACKAGE = ROOT / "platform" / "wanray"
 # Bottom to top. Drivers (pipelines/), the UI (ui/), benchmarks and tests sit above them all.
 FLOORS = [
-    ("errors", "io", "compat", "backends", "buckets", "sections", "config", "schema", "devices", "wan"),
+    ("errors", "io", "storage", "compat", "backends", "buckets", "sections", "config", "schema", "devices", "wan"),
     ("models", "model_files", "runtime", "encoding", "context_parallel", "ring_attention"),
     ("data",),
     ("train",),

@@ -199,7 +199,9 @@ def data_page(cfg: Config, kind: ModelKind, preview: Preview | None) -> gr.Dropd
         buckets = ", ".join(f"{b}: {n}" for b, n in s.get("clips_by_bucket", {}).items())
         text = (
             f"**{s.get('rows_in_output', total)} clips** from {s.get('clips_in_manifest', '?')} in the manifest "
-            f"(`{s.get('manifest', '?')}`); rejected: {reasons}.  \nBuckets: {buckets}.  \n"
+            f"(`{s.get('manifest', '?')}`"
+            + (f", split into {s['clips_after_split']} clips" if "clips_after_split" in s else "")
+            + f"); rejected: {reasons}.  \nBuckets: {buckets}.  \n"
             f"Throughput of the last run: {s.get('clips_per_second', 0):.2f} clips/s, "
             f"{s.get('frames_per_second', 0):.1f} frames/s over {s.get('seconds', 0):.1f} s."
         )

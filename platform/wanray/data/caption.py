@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
+from wanray import storage
 from wanray.data.curate import clip_name
 from wanray.data.manifest import ClipSource, Reject
 from wanray.data.shards import record_reject, write_table_atomic
@@ -44,7 +43,7 @@ QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 def model_name(path: str) -> str:
     """What each caption records as its model: the model directory's name."""
-    return Path(path).resolve().name
+    return storage.name(storage.absolute(path))
 
 
 def clip_frames(row: dict, frames: int, size: int) -> list[np.ndarray]:
@@ -133,17 +132,17 @@ class Captioner:
 
 def write_captions(batch: pa.Table, out_dir: str) -> dict:
     """Ray Data map_batches: one batch of captions becomes one captions file."""
-    folder = Path(out_dir) / CAPTIONS_DIR
-    folder.mkdir(exist_ok=True)
-    write_table_atomic(batch.cast(CAPTION_SCHEMA), folder / f"part-{uuid.uuid4().hex}.parquet")
+    folder = storage.join(out_dir, CAPTIONS_DIR)
+    storage.make_dirs(folder)
+    write_table_atomic(batch.cast(CAPTION_SCHEMA), storage.join(folder, f"part-{uuid.uuid4().hex}.parquet"))
     return {"captions": np.array([batch.num_rows])}
 
 
 def read_captions(out_dir) -> dict[str, tuple[str, str]]:
     """{clip id: (caption, caption_model)} of every captions file."""
     found = {}
-    for path in sorted((Path(out_dir) / CAPTIONS_DIR).glob("part-*.parquet")):
-        for r in pq.read_table(path, schema=CAPTION_SCHEMA).to_pylist():
+    for path in storage.list_files(storage.join(out_dir, CAPTIONS_DIR), "part-*.parquet"):
+        for r in storage.read_table(path, schema=CAPTION_SCHEMA).to_pylist():
             found[r["id"]] = (r["caption"], r["caption_model"])
     return found
 

@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import json
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
+from wanray import storage
 from wanray.config import Config
 from wanray.data.dedup import BITS, FRAMES, HASH_SIZE, find_duplicates, fingerprint
 from wanray.data.manifest import ClipSource, Reject, clip_id
 from wanray.data.scenes import cut_shot, detect_shots
 from wanray.data.shards import record_reject, write_table_atomic
-from wanray.data.video import ClipRejected, check_file, is_image, open_image, sample_frames, unreadable
+from wanray.data.video import ClipRejected, is_image, local_file, open_image, sample_frames, unreadable
 
 CANDIDATES_DIR = "candidates"
 SOURCES_KEY = b"wanray.sources"
@@ -75,11 +74,11 @@ def split_source(src: ClipSource, cfg: Config, out_dir: str) -> list[ClipSource]
         return [src]
     d = cfg.data
     try:
-        check_file(src.path)
-        try:
-            found = detect_shots(src.path, d.scene_threshold, min_shot_frames=2)
-        except Exception as e:  # scenedetect's VideoOpenFailure and OpenCV errors carry the reason
-            raise unreadable(src.path, e) from None
+        with local_file(src.path) as local:
+            try:
+                found = detect_shots(local, d.scene_threshold, min_shot_frames=2)
+            except Exception as e:  # scenedetect's VideoOpenFailure and OpenCV errors carry the reason
+                raise unreadable(local, e) from None
         if not found.shots or found.fps <= 0:
             raise ClipRejected("too_short", f"no frames read ({found.frames} frames at {found.fps:g} fps)")
     except ClipRejected as e:
@@ -125,9 +124,9 @@ def split_batch(batch: pa.Table, cfg: Config, out_dir: str) -> dict:
         },
         schema=CANDIDATE_SCHEMA.with_metadata({SOURCES_KEY: json.dumps([s.id for s in sources]).encode()}),
     )
-    folder = Path(out_dir) / CANDIDATES_DIR
-    folder.mkdir(exist_ok=True)
-    write_table_atomic(table, folder / f"part-{uuid.uuid4().hex}.parquet")
+    folder = storage.join(out_dir, CANDIDATES_DIR)
+    storage.make_dirs(folder)
+    write_table_atomic(table, storage.join(folder, f"part-{uuid.uuid4().hex}.parquet"))
     return {"sources": np.array([len(sources)]), "clips": np.array([len(rows)])}
 
 
@@ -135,9 +134,9 @@ def read_candidates(out_dir) -> tuple[dict[str, list[ClipSource]], set[str]]:
     """(the clips of the candidates files by source id, the ids of the sources the files cover)."""
     clips: dict[str, list[ClipSource]] = {}
     covered: set[str] = set()
-    for path in sorted((Path(out_dir) / CANDIDATES_DIR).glob("part-*.parquet")):
-        table = pq.read_table(path, schema=CANDIDATE_SCHEMA)
-        covered.update(json.loads((pq.read_schema(path).metadata or {})[SOURCES_KEY]))
+    for path in candidate_files(out_dir):
+        table = storage.read_table(path, schema=CANDIDATE_SCHEMA)
+        covered.update(json.loads((storage.read_schema(path).metadata or {})[SOURCES_KEY]))
         for r in table.to_pylist():
             clips.setdefault(r["source_id"], []).append(
                 ClipSource(r["id"], r["path"], r["caption"], r["cut_start"], r["cut_end"])
@@ -145,8 +144,8 @@ def read_candidates(out_dir) -> tuple[dict[str, list[ClipSource]], set[str]]:
     return clips, covered
 
 
-def candidate_files(out_dir) -> list[Path]:
-    return sorted((Path(out_dir) / CANDIDATES_DIR).glob("part-*.parquet"))
+def candidate_files(out_dir) -> list[str]:
+    return storage.list_files(storage.join(out_dir, CANDIDATES_DIR), "part-*.parquet")
 
 
 def curate_sources(

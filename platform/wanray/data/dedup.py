@@ -15,8 +15,6 @@ order is kept; every other is rejected as near_duplicate naming it (wanray.data.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 import ray
@@ -78,12 +76,12 @@ def _ranked(row: dict) -> dict:
     return {"id": row["id"], "phash": row["phash"], "rank": f"{row['path']}\0{row['cut_start']:012d}\0{row['id']}"}
 
 
-def find_duplicates(files: list[Path], distance: int) -> dict[str, tuple[str, int]]:
+def find_duplicates(files: list[str], distance: int) -> dict[str, tuple[str, int]]:
     """{clip id: (id of the clip it duplicates, differing bits)} over the clips of the candidates `files`
     (wanray.data.curate, written with data.dedup: every clip has its `phash`)."""
     if not files:
         return {}
-    ds = ray.data.read_parquet([str(f) for f in files], columns=["id", "path", "cut_start", "phash"])
+    ds = ray.data.read_parquet(files, columns=["id", "path", "cut_start", "phash"])  # local paths or URIs
     pairs = (
         ds.map(_ranked)
         .flat_map(_band_rows, fn_kwargs={"distance": distance})

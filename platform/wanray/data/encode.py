@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from wanray import models
+from wanray import models, storage
 from wanray.data.shards import EMPTY_PROMPT_FILE, write_empty_prompt
 from wanray.devices import accelerator, torch_dtype
 from wanray.encoding import encode_first_frame, encode_latents, encode_text, frames_to_video
@@ -77,7 +76,7 @@ class TextEncoder:
         self.device = accelerator(device).torch_device()
         self.tokenizer = models.load_tokenizer(model_path)
         self.text_encoder = models.load_text_encoder(model_path, torch_dtype(dtype), self.device)
-        if empty_prompt_dir and not (Path(empty_prompt_dir) / EMPTY_PROMPT_FILE).exists():
+        if empty_prompt_dir and not storage.is_file(storage.join(empty_prompt_dir, EMPTY_PROMPT_FILE)):
             self.write_empty_prompt(empty_prompt_dir)
 
     def write_empty_prompt(self, out_dir: str) -> None:

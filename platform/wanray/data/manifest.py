@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import PurePosixPath
 
+from wanray import storage
 from wanray.errors import ManifestError
 
 PATH_KEYS = ("path", "video", "image")
@@ -86,7 +88,7 @@ def _cut(entry: dict) -> tuple[int, int] | None:
     return (cut[0], cut[1]) if ok else None
 
 
-def parse_entry(entry, folder: Path, where: str, uncaptioned: bool = False) -> ClipSource | Reject:
+def parse_entry(entry, folder: str, where: str, uncaptioned: bool = False) -> ClipSource | Reject:
     """One annotation object -> a ClipSource, or a Reject naming what is wrong with it. `uncaptioned`: an
     entry without a caption (or an empty one) is a source with caption "" (a VLM writes it: caption.model)."""
     if not isinstance(entry, dict):
@@ -94,7 +96,7 @@ def parse_entry(entry, folder: Path, where: str, uncaptioned: bool = False) -> C
     raw_path = next((entry[k] for k in PATH_KEYS if k in entry), None)
     if not isinstance(raw_path, str) or not raw_path.strip():
         return Reject(where, "missing_path", "entry has no video path")
-    path = str((folder / raw_path.strip()).resolve())
+    path = storage.join(folder, raw_path.strip())  # a URI or an absolute path stands alone
     caption, reason = _caption(entry)
     if caption is None and uncaptioned and reason in ("missing_caption", "empty_caption"):
         caption = ""
@@ -106,11 +108,11 @@ def parse_entry(entry, folder: Path, where: str, uncaptioned: bool = False) -> C
     return ClipSource(clip_id(path, caption, *cut), path, caption, *cut, whole="cut" not in entry)
 
 
-def _annotation(path: Path, folder: Path, where: str, uncaptioned: bool) -> list[ClipSource | Reject]:
-    if not path.is_file():
+def _annotation(path: str, folder: str, where: str, uncaptioned: bool) -> list[ClipSource | Reject]:
+    if not storage.is_file(path):
         return [Reject(where, "annotation_not_found", str(path))]
     try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
+        entries = json.loads(storage.read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return [Reject(str(path), "malformed_json", str(e))]
     if not isinstance(entries, list):
@@ -118,9 +120,9 @@ def _annotation(path: Path, folder: Path, where: str, uncaptioned: bool) -> list
     return [parse_entry(e, folder, f"{path}#{i}", uncaptioned) for i, e in enumerate(entries)]
 
 
-def _data_txt(path: Path, uncaptioned: bool) -> list[ClipSource | Reject]:
+def _data_txt(path: str, uncaptioned: bool) -> list[ClipSource | Reject]:
     out: list[ClipSource | Reject] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(storage.read_text(path).splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -128,14 +130,14 @@ def _data_txt(path: Path, uncaptioned: bool) -> list[ClipSource | Reject]:
         if len(parts) != 2 or not all(parts):
             out.append(Reject(f"{path}:{n}", "malformed_manifest_line", "expected 'folder,annotation.json'"))
             continue
-        folder, anno = (path.parent / parts[0]).resolve(), (path.parent / parts[1]).resolve()
+        folder, anno = storage.join(storage.parent(path), parts[0]), storage.join(storage.parent(path), parts[1])
         out.extend(_annotation(anno, folder, f"{path}:{n}", uncaptioned))
     return out
 
 
-def _jsonl(path: Path, uncaptioned: bool) -> list[ClipSource | Reject]:
+def _jsonl(path: str, uncaptioned: bool) -> list[ClipSource | Reject]:
     out: list[ClipSource | Reject] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(storage.read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -143,17 +145,17 @@ def _jsonl(path: Path, uncaptioned: bool) -> list[ClipSource | Reject]:
         except json.JSONDecodeError as e:
             out.append(Reject(f"{path}:{n}", "malformed_json_line", str(e)))
             continue
-        out.append(parse_entry(entry, path.parent, f"{path}:{n}", uncaptioned))
+        out.append(parse_entry(entry, storage.parent(path), f"{path}:{n}", uncaptioned))
     return out
 
 
-def _csv(path: Path, uncaptioned: bool) -> list[ClipSource | Reject]:
-    with path.open(newline="", encoding="utf-8") as f:
+def _csv(path: str, uncaptioned: bool) -> list[ClipSource | Reject]:
+    with io.StringIO(storage.read_text(path), newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"video", "prompt"} <= set(reader.fieldnames):
             raise ManifestError(f"{path}: CSV manifest needs 'video' and 'prompt' columns, has {reader.fieldnames}")
         return [
-            parse_entry({"video": r["video"], "prompt": r["prompt"]}, path.parent, f"{path}:{n}", uncaptioned)
+            parse_entry({"video": r["video"], "prompt": r["prompt"]}, storage.parent(path), f"{path}:{n}", uncaptioned)
             for n, r in enumerate(reader, 2)
         ]
 
@@ -164,14 +166,14 @@ def read_manifest(path, uncaptioned: bool = False) -> tuple[list[ClipSource], li
 
     Duplicate entries (same video, cut and caption) are kept once and the rest rejected.
     """
-    p = Path(path)
-    if not p.is_file():
+    p = storage.absolute(path)  # a local path, or a URI (wanray.storage)
+    if not storage.is_file(p):
         raise ManifestError(f"manifest not found: {p}")
-    suffix = p.suffix.lower()
+    suffix = PurePosixPath(p).suffix.lower()
     if suffix == ".txt":
         items = _data_txt(p, uncaptioned)
     elif suffix == ".json":
-        items = _annotation(p, p.parent.resolve(), str(p), uncaptioned)
+        items = _annotation(p, storage.parent(p), p, uncaptioned)
     elif suffix == ".jsonl":
         items = _jsonl(p, uncaptioned)
     elif suffix == ".csv":

@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 
-from wanray import model_files, models
+from wanray import model_files, models, storage
 from wanray.buckets import BucketSet
 from wanray.config import Config
 from wanray.data.aesthetic import AestheticScorer
@@ -52,7 +51,6 @@ from wanray.data.shards import (
 )
 from wanray.data.video import decode_source
 from wanray.errors import ConfigError, DataError
-from wanray.io import write_json_atomic
 from wanray.schema import check_version
 from wanray.wan import ModelKind
 
@@ -61,7 +59,7 @@ def _empty_prompt_task(model_path: str, device: str, dtype: str, out_dir: str) -
     TextEncoder(model_path, device, dtype, empty_prompt_dir=out_dir)
 
 
-def _check_settings(cfg: Config, out_dir: Path) -> None:
+def _check_settings(cfg: Config, out_dir: str) -> None:
     """An output directory holds clips of one model and one data setting; mixing them is an error."""
     settings = {
         "model": str(Path(cfg.model.path).resolve()),
@@ -70,12 +68,12 @@ def _check_settings(cfg: Config, out_dir: Path) -> None:
     }
     for shard in shard_paths(out_dir)[:1]:  # every shard of a directory is written by one wanray
         try:
-            check_version(pq.read_schema(shard), str(shard))
+            check_version(storage.read_schema(shard), str(shard))
         except DataError as e:
             raise ConfigError(str(e)) from None
-    path = out_dir / "settings.json"
-    if path.exists():
-        before = json.loads(path.read_text())
+    path = storage.join(out_dir, "settings.json")
+    if storage.is_file(path):
+        before = json.loads(storage.read_text(path))
         # a data key this wanray no longer has (data.max_text_tokens) does not make the settings differ
         before["data"] = {k: v for k, v in before.get("data", {}).items() if k in settings["data"]}
         # nor does one it did not have yet (data.max_clip_seconds), left at its default
@@ -87,7 +85,7 @@ def _check_settings(cfg: Config, out_dir: Path) -> None:
                 f"{out_dir} was preprocessed with other {', '.join(changed)} settings; use a new --out directory"
             )
     else:
-        write_json_atomic(settings, path)
+        storage.write_json(settings, path)
 
 
 def encode_on(batch: dict, actors: list, batch_size: int) -> dict:
@@ -247,7 +245,8 @@ class PreprocessRun:
 
     cfg: Config
     manifest: str
-    out: Path
+    out: str
+    """The output directory: a resolved local path or a URI (wanray.storage)."""
     model_path: str
     sources: list[ClipSource]
     manifest_rejects: list
@@ -255,13 +254,13 @@ class PreprocessRun:
     @classmethod
     def prepare(cls, cfg: Config, manifest: str, out_dir: str) -> PreprocessRun:
         sources, manifest_rejects = read_manifest(manifest, uncaptioned=bool(cfg.caption.model))
-        out = Path(out_dir).resolve()
-        out.mkdir(parents=True, exist_ok=True)
+        out = storage.absolute(out_dir)
+        storage.make_dirs(out)
         model_path = str(model_files.ensure_model(cfg.model))
         kind = models.read_contract(model_path, cfg.model).kind
         BucketSet.from_config(cfg.data, kind)  # sizes the model cannot take fail here
         _check_settings(cfg, out)
-        return cls(cfg, str(Path(manifest).resolve()), out, model_path, sources, manifest_rejects)
+        return cls(cfg, storage.absolute(manifest), out, model_path, sources, manifest_rejects)
 
     def execute(self, log: Callable[[str], None] = print, encoders: Preprocessor | None = None) -> dict:
         """Run (or resume): clips already written or rejected are skipped. Returns the summary it writes."""
@@ -315,7 +314,7 @@ class PreprocessRun:
             "frames_per_second": round(frames / elapsed, 3) if elapsed > 0 else None,
             "rejected_this_run": len(rejected_keys(out) - rejected),
         }
-        write_json_atomic(summary, out / "summary.json")
+        storage.write_json(summary, storage.join(out, "summary.json"))
         log(
             f"[preprocess] done: {written} written, {len(records)} rejected "
             f"({', '.join(f'{k}: {v}' for k, v in sorted(summary['rejects_by_reason'].items())) or 'none'}); "
@@ -326,7 +325,7 @@ class PreprocessRun:
 
     def _ensure_empty_prompt(self, encoders: Preprocessor | None) -> None:
         """A one-shot run's text encoder actors write it as they start; none start if every clip was done."""
-        if (self.out / EMPTY_PROMPT_FILE).exists():
+        if storage.is_file(storage.join(self.out, EMPTY_PROMPT_FILE)):
             return
         if encoders is not None:  # the Preprocessor's loaded text encoder writes it
             encoders.write_empty_prompt(str(self.out))

@@ -1,8 +1,8 @@
 """Parquet shards and reject records of a preprocess output directory.
 
-out/
+out/ (a local directory, or a prefix in an object store: wanray.storage)
   part-<uuid>.parquet   clips, CLIP_SCHEMA, one row group per clip (training reads clips one by one,
-                        in random order); each shard appears whole (temp file + rename)
+                        in random order); each shard appears whole (temp file + rename, or one upload)
   empty_prompt.parquet  the empty-prompt text embedding
   rejects/<key>.json    one record per rejected input, written where it was rejected
   rejects.jsonl         all reject records, one JSON object per line (rebuilt every run)
@@ -16,35 +16,32 @@ import hashlib
 import json
 import uuid
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from wanray import storage
 from wanray.data.manifest import Reject
-from wanray.io import atomic_path, write_json_atomic, write_text_atomic
 from wanray.schema import CLIP_SCHEMA, EMPTY_PROMPT_SCHEMA, TRAINING_READS, check_version
 
 SHARD_GLOB = "part-*.parquet"
 EMPTY_PROMPT_FILE = "empty_prompt.parquet"
 
 
-def write_table_atomic(table: pa.Table, path: Path, row_group_size: int | None = None) -> None:
-    """Readers never see a partial shard (wanray.io.atomic_path)."""
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, row_group_size=row_group_size)
+def write_table_atomic(table: pa.Table, path, row_group_size: int | None = None) -> None:
+    """Readers never see a partial shard (wanray.storage.write_parquet; `path` local or a URI)."""
+    storage.write_parquet(table, path, row_group_size)
 
 
-def shard_paths(out_dir) -> list[Path]:
-    return sorted(Path(out_dir).glob(SHARD_GLOB))
+def shard_paths(out_dir) -> list[str]:
+    return storage.list_files(out_dir, SHARD_GLOB)
 
 
 def written_ids(out_dir) -> set[str]:
     """Ids of all clips already in complete shards (reads only the id column)."""
     ids: set[str] = set()
     for p in shard_paths(out_dir):
-        ids.update(pq.read_table(p, columns=["id"]).column("id").to_pylist())
+        ids.update(storage.read_table(p, columns=["id"]).column("id").to_pylist())
     return ids
 
 
@@ -54,8 +51,8 @@ def read_clips(out_dir) -> pa.Table:
     if not paths:
         raise FileNotFoundError(f"no Parquet shards ({SHARD_GLOB}) in {out_dir}")
     for p in paths:
-        check_version(pq.read_schema(p), str(p))
-    return pa.concat_tables([pq.read_table(p, schema=CLIP_SCHEMA) for p in paths])
+        check_version(storage.read_schema(p), str(p))
+    return pa.concat_tables([storage.read_table(p, schema=CLIP_SCHEMA) for p in paths])
 
 
 def bucket_counts(out_dir) -> dict[str, int]:
@@ -63,12 +60,12 @@ def bucket_counts(out_dir) -> dict[str, int]:
     (shards of schema version 1 have no bucket column: their height, width and num_frames name it)."""
     counts: Counter = Counter()
     for p in shard_paths(out_dir):
-        schema = pq.read_schema(p)
+        schema = storage.read_schema(p)
         check_version(schema, str(p), TRAINING_READS)
         if "bucket" in schema.names:
-            counts.update(pq.read_table(p, columns=["bucket"]).column("bucket").to_pylist())
+            counts.update(storage.read_table(p, columns=["bucket"]).column("bucket").to_pylist())
         else:
-            t = pq.read_table(p, columns=["height", "width", "num_frames"]).to_pydict()
+            t = storage.read_table(p, columns=["height", "width", "num_frames"]).to_pydict()
             counts.update(f"{h}x{w}x{f}" for h, w, f in zip(t["height"], t["width"], t["num_frames"]))
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
@@ -78,28 +75,24 @@ def reject_key(reject: Reject) -> str:
 
 
 def record_reject(out_dir, reject: Reject, key: str | None = None) -> None:
-    d = Path(out_dir) / "rejects"
-    d.mkdir(exist_ok=True)
-    write_json_atomic(
+    d = storage.join(out_dir, "rejects")
+    storage.make_dirs(d)
+    storage.write_json(
         {"input": reject.input, "reason": reject.reason, "detail": reject.detail},
-        d / f"{key or reject_key(reject)}.json",
+        storage.join(d, f"{key or reject_key(reject)}.json"),
     )
 
 
 def rejected_keys(out_dir) -> set[str]:
-    d = Path(out_dir) / "rejects"
-    return {p.stem for p in d.glob("*.json")} if d.is_dir() else set()
+    files = storage.list_files(storage.join(out_dir, "rejects"), "*.json")
+    return {storage.name(p).removesuffix(".json") for p in files}
 
 
 def collect_rejects(out_dir) -> list[dict]:
     """All reject records, also rewritten as out/rejects.jsonl sorted by input."""
-    d = Path(out_dir) / "rejects"
-    records = (
-        sorted((json.loads(p.read_text()) for p in d.glob("*.json")), key=lambda r: (r["input"], r["reason"]))
-        if d.is_dir()
-        else []
-    )
-    write_text_atomic(Path(out_dir) / "rejects.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    files = storage.list_files(storage.join(out_dir, "rejects"), "*.json")
+    records = sorted((json.loads(storage.read_text(p)) for p in files), key=lambda r: (r["input"], r["reason"]))
+    storage.write_text(storage.join(out_dir, "rejects.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
     return records
 
 
@@ -117,7 +110,8 @@ def write_shard(batch: dict, out_dir: str) -> dict:
             [None if v is None else list(map(int, v)) for v in values] if f.name.endswith("_shape") else values
         )
     name = f"part-{uuid.uuid4().hex}.parquet"
-    write_table_atomic(pa.Table.from_pydict(columns, schema=CLIP_SCHEMA), Path(out_dir) / name, row_group_size=1)
+    table = pa.Table.from_pydict(columns, schema=CLIP_SCHEMA)
+    write_table_atomic(table, storage.join(out_dir, name), row_group_size=1)
     return {"shard": [name], "rows": [len(batch["id"])], "frames": [int(sum(batch["num_frames"]))]}
 
 
@@ -134,13 +128,13 @@ def write_empty_prompt(out_dir, embedding) -> None:
         },
         schema=EMPTY_PROMPT_SCHEMA,
     )
-    write_table_atomic(table, Path(out_dir) / EMPTY_PROMPT_FILE)
+    write_table_atomic(table, storage.join(out_dir, EMPTY_PROMPT_FILE))
 
 
 def read_empty_prompt(out_dir):
     from wanray.schema import decode_tensor
 
-    path = Path(out_dir) / EMPTY_PROMPT_FILE
-    check_version(pq.read_schema(path), str(path), TRAINING_READS)  # unchanged since version 1
-    row = pq.read_table(path).to_pylist()[0]
+    path = storage.join(out_dir, EMPTY_PROMPT_FILE)
+    check_version(storage.read_schema(path), str(path), TRAINING_READS)  # unchanged since version 1
+    row = storage.read_table(path).to_pylist()[0]
     return decode_tensor(row["text_embedding"], row["text_embedding_shape"], row["text_embedding_dtype"])

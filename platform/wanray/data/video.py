@@ -11,12 +11,15 @@ several times the decode itself.
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.fs as pafs
 
+from wanray import storage
 from wanray.buckets import Bucket, BucketSet
 from wanray.config import Config
 from wanray.data.manifest import ClipSource, Reject
@@ -141,12 +144,24 @@ def frame_size(path: str) -> tuple[int, int]:
         return stream.codec_context.height, stream.codec_context.width
 
 
-def check_file(path: str) -> None:
-    """A missing or empty input file is a named reject before any decoder sees it."""
-    if not os.path.exists(path):
-        raise ClipRejected("file_not_found", path)
-    if os.path.getsize(path) == 0:
-        raise ClipRejected("empty_file", path)
+@contextlib.contextmanager
+def local_file(path: str) -> Iterator[str]:
+    """`path` (local, or an object-store URI: wanray.storage) as a local file the decoders can open; a missing
+    or empty file, or a store that refuses the read, is a named reject before any decoder sees it."""
+    try:
+        found = storage.info(path)
+        if found.type == pafs.FileType.NotFound:
+            raise ClipRejected("file_not_found", path)
+        if found.size == 0:
+            raise ClipRejected("empty_file", path)
+        copy = storage.local_copy(path)
+        local = copy.__enter__()
+    except OSError as e:  # pyarrow's S3, GCS and HDFS errors: access denied, no such bucket, network
+        raise ClipRejected("storage_error", _first_line(e)) from None
+    try:
+        yield local
+    finally:
+        copy.__exit__(None, None, None)
 
 
 def unreadable(path: str, e: Exception) -> ClipRejected:
@@ -156,9 +171,13 @@ def unreadable(path: str, e: Exception) -> ClipRejected:
 
 def decode_clip(path: str, buckets: BucketSet, fps: float, cut_start: int = 0, cut_end: int = -1) -> DecodedClip:
     """Decode the clip of `path` into its bucket (raises ClipRejected with a named reason)."""
+    with local_file(path) as local:
+        return _decode_clip(local, buckets, fps, cut_start, cut_end)
+
+
+def _decode_clip(path: str, buckets: BucketSet, fps: float, cut_start: int, cut_end: int) -> DecodedClip:
     import decord
 
-    check_file(path)
     try:
         src_h, src_w = frame_size(path)
         height, width = buckets.resolution(src_h, src_w)
@@ -198,9 +217,13 @@ def sample_frames(path: str, count: int, size: int, cut_start: int = 0, cut_end:
     """(count, h, w, 3) uint8: `count` frames evenly spread over the cut, scaled while decord decodes them:
     squeezed to size x size (for hashing: nothing of the clip's framing matters), or with `square` False to
     their longer side `size` (never up). Raises ClipRejected."""
+    with local_file(path) as local:
+        return _sample_frames(local, count, size, cut_start, cut_end, square)
+
+
+def _sample_frames(path: str, count: int, size: int, cut_start: int, cut_end: int, square: bool) -> np.ndarray:
     import decord
 
-    check_file(path)
     try:
         if square:
             h, w = size, size
@@ -232,9 +255,13 @@ def is_image(path: str) -> bool:
 
 def open_image(path: str):
     """The image at `path` as a decoded RGB PIL image; raises ClipRejected with a named reason."""
+    with local_file(path) as local:
+        return _open_image(local)
+
+
+def _open_image(path: str):
     from PIL import Image
 
-    check_file(path)
     try:
         with Image.open(path) as opened:
             return opened.convert("RGB")  # decodes the whole image: a truncated file fails here

@@ -11,6 +11,7 @@ guidance scales and size, so a line always gives the same video.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wanray import storage
 from wanray.config import Config
 from wanray.errors import RequestError
 from wanray.infer.api import GenerateRequest, resolve
@@ -26,7 +28,6 @@ from wanray.infer.request import GenerationParams
 from wanray.infer.sampler import Sampler
 from wanray.infer.spec import StageSpec
 from wanray.infer.video import mp4_bytes
-from wanray.io import write_bytes_atomic
 from wanray.wan import KINDS, ModelKind
 
 INDEX_FILE = "videos.jsonl"
@@ -46,12 +47,12 @@ def read_prompts(
     (infer.batch_devices when None)."""
     from pydantic import ValidationError
 
-    p = Path(path)
-    if not p.is_file():
+    p = storage.absolute(path)  # a local path or a URI (wanray.storage)
+    if not storage.is_file(p):
         raise FileNotFoundError(f"prompts file not found: {p}")
-    jsonl = p.suffix.lower() == ".jsonl"
+    jsonl = p.lower().endswith(".jsonl")
     params = []
-    for number, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(storage.read_text(p).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -61,7 +62,7 @@ def read_prompts(
                     raise RequestError("expected a JSON object of the REST API's fields (all but output)")
                 for name in ("image", "last_image"):
                     if isinstance(fields.get(name), str):
-                        fields[name] = image_file(p.parent / fields[name])
+                        fields[name] = image_file(storage.join(storage.parent(p), fields[name]))
                 request = GenerateRequest.model_validate(fields)
             else:
                 request = GenerateRequest(prompt=line.strip())
@@ -80,13 +81,13 @@ def read_prompts(
     return params
 
 
-def image_file(path: Path) -> str:
-    """An image file's bytes in base64, as GenerationParams.image holds them."""
+def image_file(path: str | os.PathLike) -> str:
+    """An image file's bytes (a local path or a URI) in base64, as GenerationParams.image holds them."""
     import base64
 
-    if not path.is_file():
+    if not storage.is_file(path):
         raise RequestError(f"image file not found: {path}")
-    return base64.b64encode(path.read_bytes()).decode()
+    return base64.b64encode(storage.read_bytes(path)).decode()
 
 
 class VideoWriter:
@@ -100,7 +101,7 @@ class VideoWriter:
             group = batch_group(spec, spec.contract.kind.experts, world, rank_options)
             experts = {e: group.expert(e) for e in spec.contract.kind.experts}
         self.sampler = Sampler(spec, experts)
-        self.out_dir, self.fps, self.save_frames = Path(out_dir), fps, save_frames
+        self.out_dir, self.fps, self.save_frames = out_dir, fps, save_frames
 
     def __call__(self, batch: dict) -> dict:
         videos, seconds = [], []
@@ -108,11 +109,13 @@ class VideoWriter:
             params = GenerationParams(**json.loads(text))
             start = time.perf_counter()
             frames = self.sampler(params)
-            video = self.out_dir / f"{int(index):05d}.mp4"
-            write_bytes_atomic(video, mp4_bytes(frames, self.fps))
+            name = f"{int(index):05d}"
+            storage.write_bytes(storage.join(self.out_dir, f"{name}.mp4"), mp4_bytes(frames, self.fps))
             if self.save_frames:
-                np.save(video.with_suffix(".npy"), frames)
-            videos.append(video.name)
+                array = io.BytesIO()
+                np.save(array, frames)
+                storage.write_bytes(storage.join(self.out_dir, f"{name}.npy"), array.getvalue())
+            videos.append(f"{name}.mp4")
             seconds.append(time.perf_counter() - start)
         return {"index": batch["index"], "video": np.array(videos, dtype=object), "seconds": np.array(seconds)}
 
@@ -129,8 +132,8 @@ def generate_videos(
     infer.batch_devices devices); return (and write) the index, in prompt order. `log` gets a line per video."""
     import ray
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.absolute(out_dir)  # a local directory or a URI (wanray.storage)
+    storage.make_dirs(out)
     inf = cfg.infer
     rows = [{"index": i, "params": json.dumps(dataclasses.asdict(p))} for i, p in enumerate(params)]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
@@ -141,7 +144,7 @@ def generate_videos(
         fn_constructor_kwargs=dict(
             spec=StageSpec.for_batch(Path(model_dir).resolve(), cfg),
             fps=cfg.data.fps,
-            out_dir=str(out.resolve()),
+            out_dir=out,
             save_frames=save_frames,
             rank_options=inf.batch.ray_options(),
         ),
@@ -159,7 +162,7 @@ def generate_videos(
                 "seconds": round(float(row["seconds"]), 3),
             }
         )
-        log(f"[{len(done)}/{len(rows)}] {out / str(row['video'])}  ({float(row['seconds']):.1f} s)")
+        log(f"[{len(done)}/{len(rows)}] {storage.join(out, str(row['video']))}  ({float(row['seconds']):.1f} s)")
     done.sort(key=lambda r: int(r["index"]))  # type: ignore[call-overload]  # an int, set above
-    (out / INDEX_FILE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done))
+    storage.write_text(storage.join(out, INDEX_FILE), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done))
     return done

@@ -36,7 +36,22 @@ MAX_DEPTH = 3
 SUMMARY_FILE, REJECTS_FILE = "summary.json", "rejects.jsonl"
 REPORT_FILES = ("metrics.json", "report.html")
 """What makes a directory an evaluation (wanray.infer.evaluate writes both)."""
-CLIP_COLUMNS = ["id", "caption", "bucket", "num_frames", "height", "width", "source", "latent_shape"]
+CLIP_COLUMNS = [
+    "id",
+    "caption",
+    "bucket",
+    "num_frames",
+    "height",
+    "width",
+    "source",
+    "cut_start",
+    "cut_end",
+    "motion",
+    "aesthetic",
+    "caption_model",
+    "latent_shape",
+]
+"""What the Data tab lists of each clip (a shard of schema 1 or 2 lacks the curation columns: left out)."""
 SKIP = ("checkpoint_", "data_order", "tensorboard", "validation", "videos")
 
 
@@ -178,7 +193,8 @@ class DataView:
         """Page `page` (from 0) of the clips' metadata, in shard order; and the number of clips."""
         rows = []
         for p in self._shards():
-            rows += pq.read_table(p, columns=CLIP_COLUMNS).to_pylist()
+            names = pq.read_schema(p).names
+            rows += pq.read_table(p, columns=[c for c in CLIP_COLUMNS if c in names]).to_pylist()
         return rows[page * per_page : (page + 1) * per_page], len(rows)
 
     def latent(self, clip_id: str) -> torch.Tensor:

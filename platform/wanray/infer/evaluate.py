@@ -71,8 +71,8 @@ def resolve_candidate(cfg: Config, text: str, work: Path, log=print) -> Candidat
         if plus:
             raise ConfigError(f"--models {text!r}: an adapter goes on a model directory, not on a run")
         log(f"[evaluate] {name}: exporting the run {path} ({'lowest held-out loss' if best else 'latest'})")
-        model_dir = export_run(cfg, path, work / "models" / name, log=log, best=best)
-        return Candidate(name, text, model_dir)
+        export_run(cfg, path, work / "models" / name, log=log, best=best)  # `work` is local
+        return Candidate(name, text, work / "models" / name)
     if best:
         raise ConfigError(f"--models {text!r}: ':best' takes a run directory (train.py --out), {path} is none")
     if not (path / "model_index.json").is_file():

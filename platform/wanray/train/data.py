@@ -22,12 +22,12 @@ import threading
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from wanray import storage
 from wanray.data.shards import shard_paths
 from wanray.errors import DataError
 from wanray.schema import TRAINING_READS, VERSION_KEY, check_version, decode_tensor, pad_text_embedding
@@ -71,10 +71,10 @@ class ClipIndex:
         paths = shard_paths(data_dir)
         if not paths:
             raise FileNotFoundError(f"no preprocessed clips (part-*.parquet) in {data_dir}")
-        files, rows, conditioned = [str(p.resolve()) for p in paths], [], True
+        files, rows, conditioned = list(paths), [], True
         shapes: dict[tuple[int, ...], int] = {}
         for f, path in enumerate(paths):
-            pf = pq.ParquetFile(path)
+            pf = storage.parquet_file(path)
             check_version(pf.schema_arrow, str(path), TRAINING_READS)
             column = iter(pf.read(columns=["latent_shape"]).column("latent_shape").to_pylist())
             conditioned = (
@@ -95,7 +95,7 @@ class ClipIndex:
 
     def fingerprint(self) -> str:
         """Changes when shards are added, removed or rewritten (not when the directory moves)."""
-        h = hashlib.sha1("\n".join(Path(f).name for f in self.files).encode())
+        h = hashlib.sha1("\n".join(storage.name(f) for f in self.files).encode())
         h.update(np.stack([self.file, self.row_group, self.row, self.shape]).tobytes())
         return h.hexdigest()[:16]
 
@@ -103,7 +103,7 @@ class ClipIndex:
         """Every clip's id, in index order (reads the shards' id columns)."""
         rows: dict[tuple[int, int], list[str]] = {}
         for f, path in enumerate(self.files):
-            pf = pq.ParquetFile(path)
+            pf = storage.parquet_file(path)
             for g in range(pf.num_row_groups):
                 rows[(f, g)] = pf.read_row_group(g, columns=["id"]).column("id").to_pylist()
         return [rows[(f, g)][r] for f, g, r in zip(self.file.tolist(), self.row_group.tolist(), self.row.tolist())]
@@ -113,7 +113,7 @@ class ClipIndex:
         without the column (written before it existed) is a DataError."""
         values: dict[tuple[int, int], np.ndarray] = {}
         for f, path in enumerate(self.files):
-            pf = pq.ParquetFile(path)
+            pf = storage.parquet_file(path)
             if name not in pf.schema_arrow.names:
                 raise DataError(
                     f"{path} has no {name!r} column (schema version "
@@ -278,7 +278,7 @@ class ClipReader:
         if f in self.handles:
             self.handles.move_to_end(f)
         else:
-            self.handles[f] = pq.ParquetFile(self.index.files[f])
+            self.handles[f] = storage.parquet_file(self.index.files[f])
             if len(self.handles) > self.OPEN_FILES:
                 self.handles.popitem(last=False)
         return self.handles[f]

@@ -8,6 +8,7 @@ adapter files diffusers' load_lora_weights reads.
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from wanray import model_files, models
+from wanray import model_files, models, storage
 from wanray.config import Config
 from wanray.io import atomic_path
 from wanray.train.runs import best_checkpoint, latest_checkpoint, trained_boundary
@@ -88,7 +89,7 @@ def expert_state_groups(model_path, expert: str, checkpoint_dir, lora=None) -> I
 
 def export_diffusers(
     model_path, out_dir, experts: dict[str, Path], boundary: float | None, lora=None, max_shard_bytes: int = 5 * 10**9
-) -> Path:
+) -> Path | str:
     """Copy the base directory to out_dir with each trained expert's weights in place.
 
     The weights stream from the checkpoint one transformer block at a time into safetensors shards
@@ -97,13 +98,19 @@ def export_diffusers(
 
     experts maps "high" / "low" to a DCP checkpoint directory; `boundary` (the one they were
     trained with; None for a one-transformer model) goes into model_index.json. The result is loadable by
-    `WanPipeline.from_pretrained(out_dir)`. LoRA runs also get `<subfolder>/lora/` with the adapter
-    written by diffusers' own `save_lora_weights`, its rank and alpha in the file's metadata, so
-    `load_lora_weights` (with `load_into_transformer_2=True` for the low-noise expert) applies it
-    at alpha / rank.
+    `WanPipeline.from_pretrained(out_dir)`. `out_dir` may be an object-store URI (wanray.storage): the export
+    is written to a local temporary directory first (room for it in TMPDIR), then uploaded. LoRA runs also
+    get `<subfolder>/lora/` with the adapter written by diffusers' own `save_lora_weights`, its rank and alpha
+    in the file's metadata, so `load_lora_weights` (with `load_into_transformer_2=True` for the low-noise
+    expert) applies it at alpha / rank.
     """
     from diffusers import WanPipeline
 
+    if storage.is_uri(out_dir):  # staged in a local temporary directory, then uploaded with model_index.json last
+        with tempfile.TemporaryDirectory(prefix="wanray-export-") as tmp:
+            local = export_diffusers(model_path, Path(tmp) / "model", experts, boundary, lora, max_shard_bytes)
+            storage.upload_dir(local, str(out_dir), last="model_index.json")
+        return str(out_dir)
     src, out = models.check_model_dir(model_path), Path(out_dir)
     with atomic_path(out, replace_dir=True) as tmp:
         models.copy_model_dir(src, tmp, without_weights_of=list(experts))
@@ -170,7 +177,7 @@ class _LazySavePlanner(dcp.DefaultSavePlanner):
         return self._read(write_item.index.fqn)
 
 
-def export_run(cfg: Config, run_dir, out_dir, log=print, best: bool = False) -> Path:
+def export_run(cfg: Config, run_dir, out_dir, log=print, best: bool = False) -> Path | str:
     """The latest checkpoint of each expert trained in run_dir (best: the one of its lowest held-out loss), in a
     copy of model.path (see export_diffusers), with the boundary they trained with in its model_index.json."""
     model_path = model_files.ensure_model(cfg.model)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wanray import context_parallel, model_files, models
+from wanray import context_parallel, model_files, models, storage
 from wanray.compat import row_group_warning
 from wanray.config import Config
 from wanray.data.shards import read_empty_prompt
@@ -186,6 +186,7 @@ def train_experts(cfg: Config, expert: str, data_dir, run_dir, log=print, valida
     experts = selected(expert, models.expected_kind(cfg.model))
     if cfg.train.validation.renders and validation is None:
         raise ConfigError("train.validation has prompts: pass a Validation (pipelines/train.py makes one)")
+    storage.require_local(run_dir, "the run directory (pipelines/train.py --out)")
     index = ClipIndex.from_dir(data_dir)  # read once, sent to every worker of both experts
     if warning := row_group_warning(data_dir, index.rows_per_row_group()):
         log(warning)

@@ -1,0 +1,241 @@
+"""Paths that are local files or object-store URIs (s3://, gs://, hdfs://, ... : whatever pyarrow's filesystems
+resolve), read through pyarrow.fs. Credentials and endpoint come from each store's standard environment: for S3
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL (S3-compatible stores: MinIO, Ceph, Huawei OBS).
+
+Decoders (decord, PySceneDetect's OpenCV, PIL) read local files: `local_copy` downloads an object once per
+process into a bounded cache (DOWNLOAD_CACHE_BYTES), so the clips of one long video decoded in one task
+fetch it once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import functools
+import hashlib
+import json
+import os
+import posixpath
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+DOWNLOAD_CACHE_BYTES = int(os.environ.get("WANRAY_DOWNLOAD_CACHE_BYTES", 4 * 1024**3))
+"""Bytes of downloaded objects one process keeps for the next decode of the same object."""
+
+
+def is_uri(path: str | os.PathLike) -> bool:
+    """An object-store (or other non-local) address such as s3://bucket/key; file:// and plain paths are local."""
+    text = str(path)
+    return "://" in text and not text.startswith("file://")
+
+
+@functools.lru_cache(maxsize=32)
+def _store(scheme_and_authority: str) -> pafs.FileSystem:
+    fs, _ = pafs.FileSystem.from_uri(scheme_and_authority + "/")
+    return fs
+
+
+def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(the pyarrow filesystem, the path within it) of a local path or a URI."""
+    text = str(path)
+    if not is_uri(text):
+        return pafs.LocalFileSystem(), str(Path(text.removeprefix("file://")).resolve())
+    scheme, rest = text.split("://", 1)
+    authority = rest.split("/", 1)[0]
+    if scheme in ("s3", "gs"):  # one client per bucket: from_uri makes a new one (and connection pool) each call
+        return _store(f"{scheme}://{authority}"), rest.rstrip("/")
+    fs, inner = pafs.FileSystem.from_uri(text)
+    return fs, inner
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """`parts` under `base`; a part that is itself a URI or an absolute local path stands alone."""
+    text = str(base)
+    for part in parts:
+        if is_uri(part) or (not is_uri(text) and os.path.isabs(part)):
+            text = part
+        elif is_uri(text):
+            scheme, rest = text.split("://", 1)
+            text = f"{scheme}://{posixpath.normpath(posixpath.join(rest, part))}"
+        else:
+            text = str((Path(text) / part).resolve())
+    return text
+
+
+def require_local(path: str | os.PathLike, what: str) -> None:
+    """A one-line error for a URI where wanray reads and writes only local or shared-filesystem paths so far."""
+    if is_uri(path):
+        from wanray.errors import ConfigError
+
+        raise ConfigError(
+            f"{what} {path}: object storage holds manifests, videos and preprocessed data so far; this must be "
+            "a local or shared-filesystem path"
+        )
+
+
+def parent(path: str | os.PathLike) -> str:
+    text = str(path)
+    if is_uri(text):
+        scheme, rest = text.split("://", 1)
+        return f"{scheme}://{posixpath.dirname(rest.rstrip('/'))}"
+    return str(Path(text).resolve().parent)
+
+
+def absolute(path: str | os.PathLike) -> str:
+    """A URI as it is; a local path resolved."""
+    return str(path) if is_uri(path) else str(Path(path).resolve())
+
+
+def info(path: str | os.PathLike) -> pafs.FileInfo:
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner)
+
+
+def is_file(path: str | os.PathLike) -> bool:
+    return info(path).type == pafs.FileType.File
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    fs, inner = filesystem(path)
+    with fs.open_input_stream(inner) as f:
+        return f.read()
+
+
+def read_text(path: str | os.PathLike) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def list_files(directory: str | os.PathLike, pattern: str = "*") -> list[str]:
+    """The files directly in `directory` whose name matches `pattern` (fnmatch), sorted by name; none when the
+    directory does not exist."""
+    fs, inner = filesystem(directory)
+    found = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+    names = sorted(i.base_name for i in found if i.type == pafs.FileType.File and fnmatch.fnmatch(i.base_name, pattern))
+    return [join(directory, name) if is_uri(directory) else str(Path(inner) / name) for name in names]
+
+
+def make_dirs(directory: str | os.PathLike) -> None:
+    """Create a local directory (and its parents); an object store has none to create."""
+    if not is_uri(directory):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Whole or not at all: locally a temporary sibling renamed into place (wanray.io); in an object store one
+    upload, which makes the object appear only when it completes (there is no rename to make it atomic)."""
+    if not is_uri(path):
+        from wanray.io import write_bytes_atomic
+
+        write_bytes_atomic(path, data)
+        return
+    fs, inner = filesystem(path)
+    with fs.open_output_stream(inner) as f:
+        f.write(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(obj, path: str | os.PathLike) -> None:
+    write_text(path, json.dumps(obj, indent=1, sort_keys=True))
+
+
+def write_parquet(table: pa.Table, path: str | os.PathLike, row_group_size: int | None = None) -> None:
+    """A Parquet file written whole or not at all (write_bytes)."""
+    if is_uri(path):
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer, row_group_size=row_group_size)
+        write_bytes(path, buffer.getvalue().to_pybytes())
+        return
+    from wanray.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=row_group_size)
+
+
+def read_table(path: str | os.PathLike, **kwargs) -> pa.Table:
+    fs, inner = filesystem(path)
+    return pq.read_table(inner, filesystem=fs, **kwargs)
+
+
+def read_schema(path: str | os.PathLike) -> pa.Schema:
+    fs, inner = filesystem(path)
+    return pq.read_schema(inner, filesystem=fs)
+
+
+def parquet_file(path: str | os.PathLike) -> pq.ParquetFile:
+    """A ParquetFile reading `path` (from its store: row groups are fetched as they are read)."""
+    if not is_uri(path):
+        return pq.ParquetFile(path)
+    fs, inner = filesystem(path)
+    return pq.ParquetFile(fs.open_input_file(inner))
+
+
+def upload_dir(local: str | os.PathLike, uri: str, last: str) -> None:
+    """Replace what is under `uri` with the files under the local directory `local`, the file named `last`
+    (the directory's marker, e.g. model_index.json) uploaded after every other: a reader that finds it finds
+    the rest, as an object store cannot rename a finished directory into place."""
+    fs, inner = filesystem(uri)
+    fs.delete_dir_contents(inner, missing_dir_ok=True)
+    root = Path(local)
+    files = sorted(
+        (p for p in root.rglob("*") if p.is_file()), key=lambda p: (p.relative_to(root).as_posix() == last, p)
+    )
+    for path in files:
+        with open(path, "rb") as src, fs.open_output_stream(f"{inner}/{path.relative_to(root).as_posix()}") as dst:
+            while chunk := src.read(64 * 1024**2):
+                dst.write(chunk)
+
+
+def name(path: str | os.PathLike) -> str:
+    """The last component of a path or URI."""
+    return PurePosixPath(str(path).rstrip("/")).name
+
+
+class _Downloads:
+    """The objects this process downloaded, newest last, within DOWNLOAD_CACHE_BYTES."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="wanray-downloads-"))
+        self.files: OrderedDict[str, tuple[Path, int]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, uri: str) -> Path:
+        with self.lock:
+            if uri in self.files:
+                self.files.move_to_end(uri)
+                return self.files[uri][0]
+            fs, inner = filesystem(uri)
+            name = hashlib.sha1(uri.encode()).hexdigest()[:16] + Path(inner).suffix
+            local = self.dir / name
+            with fs.open_input_stream(inner) as src, open(local, "wb") as dst:
+                while chunk := src.read(8 * 1024**2):
+                    dst.write(chunk)
+            self.files[uri] = (local, local.stat().st_size)
+            while len(self.files) > 1 and sum(size for _, size in self.files.values()) > DOWNLOAD_CACHE_BYTES:
+                _, (old, _) = self.files.popitem(last=False)
+                old.unlink(missing_ok=True)
+            return local
+
+
+_downloads: _Downloads | None = None
+
+
+@contextlib.contextmanager
+def local_copy(path: str | os.PathLike) -> Iterator[str]:
+    """A local file with the content of `path`: the path itself, or the object downloaded (cached)."""
+    global _downloads
+    if not is_uri(path):
+        yield str(path)
+        return
+    if _downloads is None:
+        _downloads = _Downloads()
+    yield str(_downloads.get(str(path)))

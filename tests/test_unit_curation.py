@@ -120,6 +120,15 @@ def test_an_output_directory_of_older_settings_or_shards(tmp_path):
     _check_settings(cfg, tmp_path)
     with pytest.raises(ConfigError, match="other data settings"):
         _check_settings(config("data.max_clip_seconds=2"), tmp_path)
+    # captions from another model or prompt would mix in one directory; the captioners' resources do not count
+    captioned = config("caption.model=/models/vlm", "caption.actors=1")
+    with pytest.raises(ConfigError, match="other caption settings"):
+        _check_settings(captioned, tmp_path)
+    (tmp_path / "settings.json").unlink()
+    _check_settings(captioned, tmp_path)
+    _check_settings(config("caption.model=/models/vlm", "caption.actors=4", "caption.batch_size=8"), tmp_path)
+    with pytest.raises(ConfigError, match="other caption settings"):
+        _check_settings(config("caption.model=/models/vlm", "caption.prompt=Describe it."), tmp_path)
     # shards of schema 2 (no cut or motion columns) and new ones would not read as one directory
     pq.write_table(pa.table({"id": ["a"]}).replace_schema_metadata({VERSION_KEY: b"2"}), tmp_path / "part-0.parquet")
     with pytest.raises(ConfigError, match="schema version '2', this wanray reads 3"):

@@ -66,6 +66,12 @@ def _check_settings(cfg: Config, out_dir: str) -> None:
         "data": dataclasses.asdict(cfg.data),
         "dtype": cfg.preprocess.encoders.dtype,
     }
+    if cfg.caption.model:  # what makes a caption; not where or how many captioners run
+        c = cfg.caption
+        settings["caption"] = {
+            "model": storage.absolute(c.model),
+            **{k: getattr(c, k) for k in ("overwrite", "prompt", "frames", "size", "max_new_tokens")},
+        }
     for shard in shard_paths(out_dir)[:1]:  # every shard of a directory is written by one wanray
         try:
             check_version(storage.read_schema(shard), str(shard))
@@ -80,7 +86,7 @@ def _check_settings(cfg: Config, out_dir: str) -> None:
         for key, default in dataclasses.asdict(type(cfg.data)()).items():
             before["data"].setdefault(key, default)
         if before != settings:
-            changed = sorted(k for k in settings if before.get(k) != settings[k])
+            changed = sorted(k for k in {*settings, *before} if before.get(k) != settings.get(k))
             raise ConfigError(
                 f"{out_dir} was preprocessed with other {', '.join(changed)} settings; use a new --out directory"
             )

@@ -9,7 +9,6 @@ fetch it once.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import functools
 import hashlib
@@ -19,7 +18,6 @@ import posixpath
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
@@ -229,13 +227,11 @@ class _Downloads:
 _downloads: _Downloads | None = None
 
 
-@contextlib.contextmanager
-def local_copy(path: str | os.PathLike) -> Iterator[str]:
+def local_copy(path: str | os.PathLike) -> str:
     """A local file with the content of `path`: the path itself, or the object downloaded (cached)."""
     global _downloads
     if not is_uri(path):
-        yield str(path)
-        return
+        return str(path)
     if _downloads is None:
         _downloads = _Downloads()
-    yield str(_downloads.get(str(path)))
+    return str(_downloads.get(str(path)))

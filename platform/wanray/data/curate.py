@@ -67,6 +67,11 @@ def clip_fingerprint(clip: ClipSource) -> bytes:
     return fingerprint(sample_frames(clip.path, FRAMES, HASH_SIZE, clip.cut_start, clip.cut_end))
 
 
+def piece_of(src: ClipSource, start: int, end: int) -> ClipSource:
+    """The clip of source frames [start, end) of `src`, with its caption."""
+    return ClipSource(clip_id(src.path, src.caption, start, end), src.path, src.caption, start, end)
+
+
 def split_source(src: ClipSource, cfg: Config, out_dir: str) -> list[ClipSource]:
     """The clips of one source: itself when it is not split, else one per piece of its shots (rejects
     recorded in out_dir: the source when it cannot be read, each piece too short to be a clip)."""
@@ -88,17 +93,11 @@ def split_source(src: ClipSource, cfg: Config, out_dir: str) -> list[ClipSource]
     clips = []
     for start, end in found.shots:
         keep, short = cut_shot(start, end, found.fps, d.max_clip_seconds, shortest)
-        clips += [ClipSource(clip_id(src.path, src.caption, a, b), src.path, src.caption, a, b) for a, b in keep]
-        for a, b in short:
-            record_reject(
-                out_dir,
-                Reject(
-                    f"{src.path}#{a}-{b}",
-                    "short_shot",
-                    f"frames [{a}, {b}) of the shot [{start}, {end}): {(b - a) / found.fps:.2f}s, need {shortest:.2f}s",
-                ),
-                key=clip_id(src.path, src.caption, a, b),
-            )
+        clips += [piece_of(src, a, b) for a, b in keep]
+        for piece in (piece_of(src, a, b) for a, b in short):
+            a, b = piece.cut_start, piece.cut_end
+            detail = f"frames [{a}, {b}) of the shot [{start}, {end}): {(b - a) / found.fps:.2f}s, need {shortest:.2f}s"
+            record_reject(out_dir, Reject(clip_name(piece), "short_shot", detail), key=piece.id)
     return clips
 
 

@@ -154,14 +154,10 @@ def local_file(path: str) -> Iterator[str]:
             raise ClipRejected("file_not_found", path)
         if found.size == 0:
             raise ClipRejected("empty_file", path)
-        copy = storage.local_copy(path)
-        local = copy.__enter__()
+        local = storage.local_copy(path)
     except OSError as e:  # pyarrow's S3, GCS and HDFS errors: access denied, no such bucket, network
         raise ClipRejected("storage_error", _first_line(e)) from None
-    try:
-        yield local
-    finally:
-        copy.__exit__(None, None, None)
+    yield local
 
 
 def unreadable(path: str, e: Exception) -> ClipRejected:

@@ -30,7 +30,10 @@ def get_args():
     add_config_args(parser)
     parser.add_argument("--data", help="preprocess output directory (Parquet shards)")
     parser.add_argument("--expert", default="both", choices=["high", "low", "both"])
-    parser.add_argument("--out", help="run directory: checkpoints and metrics per expert")
+    parser.add_argument(
+        "--out",
+        help="run directory (local, shared or a URI such as s3://bucket/run): checkpoints and metrics per expert",
+    )
     parser.add_argument("--plan", action="store_true", help="print the memory plan per rank instead of training")
     args = parser.parse_args()
     if not args.plan and not (args.data and args.out):

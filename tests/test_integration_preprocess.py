@@ -18,13 +18,17 @@ import pytest
 import torch
 from conftest import ROOT, tiny_config
 
+from wanray import storage
 from wanray.buckets import BucketSet
 from wanray.data.preprocess import Preprocessor, run_preprocess
 from wanray.data.shards import EMPTY_PROMPT_FILE, collect_rejects, read_clips, read_empty_prompt, shard_paths
 from wanray.data.synthetic import SyntheticClip, render, write_dataset, write_mp4, write_shots
 from wanray.data.video import decode_clip
+from wanray.infer.validation import RECORD_FILE, Validation
 from wanray.model_files import write_tiny_aesthetic, write_tiny_vlm
 from wanray.schema import VERSION_KEY, ClipRow, pad_text_embedding
+from wanray.train.export import export_run
+from wanray.train.runs import checkpoints
 from wanray.train.trainer import train_experts
 from wanray.wan import KINDS
 
@@ -284,11 +288,12 @@ print("workers", len(first), "reused", len(first & second))
     assert reused == workers > 2, out.stdout  # every worker kept, more than the 2 Ray alone keeps
 
 
-def test_raw_videos_in_a_bucket_become_clips_in_a_bucket_that_train_and_a_rerun_redoes_nothing(
+def test_raw_videos_in_a_bucket_become_clips_that_train_resume_validate_and_export_in_buckets(
     tmp_path, tiny_model, ray_cluster, s3
 ):
     """Raw videos and their manifest in an S3 bucket (the loopback test server) are split, deduplicated, captioned
-    and encoded into Parquet in another bucket, and an expert trains from there."""
+    and encoded into Parquet in another bucket (a rerun redoes nothing), and an expert trains from there into a
+    run directory in a bucket, resumes from its checkpoints there, renders validation videos and exports."""
     long, reupload, other = tmp_path / "long.mp4", tmp_path / "reupload.mp4", tmp_path / "other.mp4"
     write_shots(long, [40, 56, 6], seed=3)  # hard cuts at frames 40 and 96
     # the same footage rescaled from 96x160 to 120x200 and encoded again: every clip of it a near duplicate
@@ -354,9 +359,28 @@ def test_raw_videos_in_a_bucket_become_clips_in_a_bucket_that_train_and_a_rerun_
     log.clear()
     again = run_preprocess(cfg, manifest, out, log.append)
     assert again["outcomes"]["written"] == 0 and not any(w in line for line in log for w in ("curated", "captioning"))
+    # the run directory in a bucket too: Ray Train's checkpoints, the ranks' files and the validation videos
     lines: list[str] = []
-    steps = ["train.steps=2", "train.checkpoint_every=2", "train.log_every=1", "train.filters=[num_frames > 5]"]
-    train_experts(tiny_config(tiny_model, *steps), "high", out, tmp_path / "run", log=lines.append)
+    run, steps = "s3://runs/run", ["train.checkpoint_every=1", "train.log_every=1", "train.filters=[num_frames > 5]"]
+    s3.create_bucket(Bucket="runs")
+    train_experts(tiny_config(tiny_model, *steps, "train.steps=2"), "high", out, run, log=lines.append)
     assert any(f"train.filters keep 5 of the 6 clips of {out}" in line for line in lines)
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "high" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics if "loss" in m] == [1, 2]
+    assert any("[train:high] step 2/2 loss" in line for line in lines)  # followed from the bucket's console.log
+    validating = ["train.validation.every=3", "train.validation.prompts=[a red circle]"]
+    cfg = tiny_config(tiny_model, *steps, *validating, "train.validation.num_inference_steps=2", "train.steps=3")
+    train_experts(cfg, "high", out, run, log=lines.append, validation=Validation(cfg, tiny_model))
+    assert any("[train:high] resumed at step 2 (epoch" in line for line in lines)
+    metrics = [json.loads(line) for line in storage.read_text(f"{run}/high/metrics.jsonl").splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
+    for rank in (0, 1):  # each data-parallel rank's order, appended to across the two starts
+        order = storage.read_text(f"{run}/high/data_order/rank-0000{rank}.jsonl").splitlines()
+        assert [json.loads(line)["step"] for line in order] == [1, 2, 3]
+    assert sorted(checkpoints(run, "high")) == [2, 3]  # train.keep_checkpoints: 2
+    (record,) = [json.loads(line) for line in storage.read_text(f"{run}/high/validation/{RECORD_FILE}").splitlines()]
+    assert record["step"] == 3 and "error" not in record, record
+    assert record["videos"] == [f"{run}/high/validation/step_3/00.mp4"] and storage.info(record["videos"][0]).size
+    assert storage.is_file(f"{run}/high/wanray_run.json") and storage.list_files(f"{run}/high/tensorboard")
+    exported: list[str] = []
+    export_run(cfg, run, "s3://runs/export", log=exported.append)
+    assert any(f"high-noise expert from {run}/high/checkpoint_" in line for line in exported)
+    assert storage.is_file("s3://runs/export/model_index.json")

@@ -2,6 +2,7 @@
 manifests read from a bucket, objects downloaded once per process for the decoders."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -46,11 +47,53 @@ def test_an_object_is_downloaded_once_and_missing_or_empty_ones_are_named(s3):
         assert e.value.reason == reason
 
 
-def test_a_run_directory_on_object_storage_is_a_one_line_error_for_now(tmp_path):
-    from conftest import tiny_config
+def test_a_working_copy_appends_to_what_the_store_holds_and_the_driver_follows_its_lines(s3):
+    from wanray.train.console import Follow
 
-    from wanray.errors import ConfigError
-    from wanray.train.trainer import train_experts
+    s3.create_bucket(Bucket="runs")
+    s3.put_object(Bucket="runs", Key="run/high/console.log", Body=b"[train:high] step 2/4\n")
+    root, printed = "s3://runs/run/high", []
+    files = storage.WorkingCopy(root)
+    with Follow([storage.join(root, "console.log")], printed.append, interval=0.02):
+        files.pull("console.log", "metrics.jsonl")  # a resumed rank goes on from the store's copy
+        assert (files.local / "console.log").read_text() == "[train:high] step 2/4\n"
+        assert not (files.local / "metrics.jsonl").exists()
+        with (files.local / "console.log").open("a") as f:
+            f.write("[train:high] step 3/4\n[train:high] step 4")  # the last line is not complete yet
+        (files.local / "tensorboard").mkdir()
+        (files.local / "tensorboard" / "events.out.train").write_bytes(b"event")
+        files.push("console.log", "tensorboard", "best.json")  # best.json was not written: nothing to upload
+        deadline = time.time() + 10
+        while not printed and time.time() < deadline:
+            time.sleep(0.02)
+    assert printed == ["[train:high] step 3/4"]  # not the old line, nor the half-written one
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="runs")["Contents"]}
+    assert keys == {"run/high/console.log", "run/high/tensorboard/events.out.train"}
+    files.close()
+    assert not files.local.exists()
 
-    with pytest.raises(ConfigError, match=r"train\.py --out\) s3://b/run: object storage holds manifests, videos and"):
-        train_experts(tiny_config(tmp_path / "model"), "high", "s3://b/prep", "s3://b/run")
+
+def test_checkpoints_in_a_bucket_are_listed_and_checked_from_their_metadata_alone(s3, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from wanray.errors import DataError
+    from wanray.train.checkpoint import check_resumable
+    from wanray.train.runs import RUN_FILE, checkpoints, latest_checkpoint, trained_experts
+
+    s3.create_bucket(Bucket="ckpt")
+    dcp.save({"train": {"step": 3, "epoch": 0}}, checkpoint_id=str(tmp_path / "old"), no_dist=True)
+    for name, step in (("checkpoint_a", 2), ("checkpoint_b", 4)):
+        s3.put_object(Bucket="ckpt", Key=f"run/high/{name}/wanray_step.json", Body=json.dumps({"step": step}))
+        s3.upload_file(str(tmp_path / "old" / ".metadata"), "ckpt", f"run/high/{name}/.metadata")
+    s3.put_object(Bucket="ckpt", Key="run/high/checkpoint_c/__0_0.distcp", Body=b"")  # still being written
+    s3.put_object(Bucket="ckpt", Key=f"run/high/{RUN_FILE}", Body=b"{}")
+    assert checkpoints("s3://ckpt/run", "high") == {
+        2: "s3://ckpt/run/high/checkpoint_a",
+        4: "s3://ckpt/run/high/checkpoint_b",
+    }
+    assert latest_checkpoint("s3://ckpt/run", "high") == "s3://ckpt/run/high/checkpoint_b"
+    assert trained_experts("s3://ckpt/run") == ["high"]
+    with pytest.raises(DataError, match="s3://ckpt/run/high/checkpoint_b was written by an earlier wanray"):
+        check_resumable("s3://ckpt/run/high/checkpoint_b")
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint of the low-noise expert in s3://ckpt/run/low"):
+        latest_checkpoint("s3://ckpt/run", "low")

@@ -9,15 +9,18 @@ fetch it once.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import hashlib
 import json
 import os
 import posixpath
+import shutil
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
@@ -67,17 +70,6 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return text
 
 
-def require_local(path: str | os.PathLike, what: str) -> None:
-    """A one-line error for a URI where wanray reads and writes only local or shared-filesystem paths so far."""
-    if is_uri(path):
-        from wanray.errors import ConfigError
-
-        raise ConfigError(
-            f"{what} {path}: object storage holds manifests, videos and preprocessed data so far; this must be "
-            "a local or shared-filesystem path"
-        )
-
-
 def parent(path: str | os.PathLike) -> str:
     text = str(path)
     if is_uri(text):
@@ -100,6 +92,11 @@ def is_file(path: str | os.PathLike) -> bool:
     return info(path).type == pafs.FileType.File
 
 
+def is_dir(path: str | os.PathLike) -> bool:
+    """A local directory, or a prefix that objects of the store sit under."""
+    return info(path).type == pafs.FileType.Directory
+
+
 def read_bytes(path: str | os.PathLike) -> bytes:
     fs, inner = filesystem(path)
     with fs.open_input_stream(inner) as f:
@@ -116,6 +113,14 @@ def list_files(directory: str | os.PathLike, pattern: str = "*") -> list[str]:
     fs, inner = filesystem(directory)
     found = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
     names = sorted(i.base_name for i in found if i.type == pafs.FileType.File and fnmatch.fnmatch(i.base_name, pattern))
+    return [join(directory, name) if is_uri(directory) else str(Path(inner) / name) for name in names]
+
+
+def list_dirs(directory: str | os.PathLike) -> list[str]:
+    """The directories directly in `directory` (the prefixes, in an object store), sorted by name."""
+    fs, inner = filesystem(directory)
+    found = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+    names = sorted(i.base_name for i in found if i.type == pafs.FileType.Directory)
     return [join(directory, name) if is_uri(directory) else str(Path(inner) / name) for name in names]
 
 
@@ -188,9 +193,77 @@ def upload_dir(local: str | os.PathLike, uri: str, last: str) -> None:
         (p for p in root.rglob("*") if p.is_file()), key=lambda p: (p.relative_to(root).as_posix() == last, p)
     )
     for path in files:
-        with open(path, "rb") as src, fs.open_output_stream(f"{inner}/{path.relative_to(root).as_posix()}") as dst:
-            while chunk := src.read(64 * 1024**2):
-                dst.write(chunk)
+        upload_file(path, join(uri, path.relative_to(root).as_posix()))
+
+
+def upload_file(local: str | os.PathLike, uri: str) -> None:
+    fs, inner = filesystem(uri)
+    with open(local, "rb") as src, fs.open_output_stream(inner) as dst:
+        while chunk := src.read(64 * 1024**2):
+            dst.write(chunk)
+
+
+@contextlib.contextmanager
+def local_dir(path: str | os.PathLike, names: list[str] | None = None) -> Iterator[Path]:
+    """A local directory with the files under `path`: the directory itself, or for a URI a temporary copy of
+    them (only `names`, relative to it, when given), removed when the block ends."""
+    if not is_uri(path):
+        yield Path(path)
+        return
+    fs, inner = filesystem(path)
+    tmp = Path(tempfile.mkdtemp(prefix="wanray-copy-"))
+    try:
+        if names is None:
+            pafs.copy_files(inner, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        for relative in names or []:
+            (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(
+                f"{inner}/{relative}",
+                str(tmp / relative),
+                source_filesystem=fs,
+                destination_filesystem=pafs.LocalFileSystem(),
+            )
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class WorkingCopy:
+    """A local directory standing for `root` (a local directory or a URI) to one writer of files under it:
+    `root` itself, or a temporary local directory whose files `push` uploads whole (an object store has no
+    append: a file that grows is uploaded again) and `pull` downloads to go on appending to. Each file under
+    a run directory has one writer (a rank or the validation actor), so uploads never race."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = absolute(root)
+        self.remote = is_uri(root)
+        self.local = Path(tempfile.mkdtemp(prefix="wanray-run-")) if self.remote else Path(self.root)
+        self.local.mkdir(parents=True, exist_ok=True)
+
+    def pull(self, *names: str) -> None:
+        """Download the files `names` (relative to root) that exist there."""
+        if not self.remote:
+            return
+        for relative in names:
+            target = self.local / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                target.write_bytes(read_bytes(join(self.root, relative)))
+
+    def push(self, *names: str) -> None:
+        """Upload the files `names` (relative to root; a directory: every file under it) that exist here."""
+        if not self.remote:
+            return
+        for relative in names:
+            path = self.local / relative
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            for file in files:
+                if file.is_file():
+                    upload_file(file, join(self.root, file.relative_to(self.local).as_posix()))
+
+    def close(self) -> None:
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 def name(path: str | os.PathLike) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from wanray import storage
 from wanray.errors import ConfigError
 from wanray.sections import InferConfig, LoraConfig, LoraSource
 from wanray.wan import EXPERTS, ModelKind
@@ -126,7 +127,7 @@ def _run(run: Path, source: LoraSource, experts: tuple[str, ...], where: str) ->
                 f"{where}: {run / expert} has no checkpoint at step {step} "
                 f"(steps: {', '.join(map(str, sorted(found))) or 'none'})"
             )
-        out[expert] = AdapterFile(str(found[step].resolve()), lora)
+        out[expert] = AdapterFile(storage.absolute(found[step]), lora)
     return out
 
 

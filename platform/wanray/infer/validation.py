@@ -10,7 +10,8 @@ validation prompts two-stage from each checkpoint the workers report.
 Each render loads the trained expert from step N's checkpoint and the other expert from its own
 latest checkpoint when it is being trained too, else the base weights: the videos show what the
 run would export at that step. Prompts, seed and size are the same at every step, so the videos
-compare across steps.
+compare across steps. In a run directory on object storage the actor writes into a local working copy and
+uploads each render's files when it ends (wanray.storage.WorkingCopy).
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
 
-from wanray import models
+from wanray import models, storage
 from wanray.config import Config
 from wanray.errors import ConfigError, RequestError
 from wanray.infer.api import GenerateRequest, resolve
@@ -110,10 +112,12 @@ class Validator:
         self.sampler = Sampler(spec)
         scoring = scoring or EvalConfig()
         self.scorer = VideoScorer(scoring.clip_model, scoring.frames, spec.device("text"))
-        self.prompts, self.expert, self.run_dir, self.fps, self.lora = prompts, expert, Path(run_dir), fps, lora
+        self.prompts, self.expert, self.run_dir, self.fps, self.lora = prompts, expert, run_dir, fps, lora
         self.model_dir = spec.model_dir
-        self.loaded: dict[str, Path] = {}
-        self.tracker = Tracker(tracker, self.run_dir / expert, "validation")
+        self.loaded: dict[str, Path | str] = {}
+        self.files = storage.WorkingCopy(storage.join(run_dir, expert))
+        self.files.pull(f"validation/{RECORD_FILE}")
+        self.tracker = Tracker(tracker, self.files.local, "validation")
         self.tracker.text("validation/prompts", "\n".join(f"{i:02d}: {p.prompt}" for i, p in enumerate(prompts)))
         self.pending: int | None = None
         self.busy = False
@@ -142,28 +146,45 @@ class Validator:
                 record = self._render(step)
             except Exception as e:  # a failed render is recorded; training goes on
                 record = {"step": step, "error": f"{type(e).__name__}: {e}"}
-            records = self.run_dir / self.expert / "validation" / RECORD_FILE
+            if "error" not in record:
+                record = self._upload(record)
+            records = self.files.local / "validation" / RECORD_FILE
             records.parent.mkdir(parents=True, exist_ok=True)
             with records.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            with contextlib.suppress(OSError):  # the driver reports it from self.records; the next push has it
+                self.files.push(f"validation/{RECORD_FILE}")
             with self.changed:
                 self.records.append(record)
                 self.busy = False
                 self.changed.notify_all()
 
-    def _load(self, expert: str, checkpoint: Path) -> None:
+    def _upload(self, record: dict) -> dict:
+        """Upload a render's videos (before the record naming them) when the run directory is a URI; the local
+        copies then go."""
+        folder = f"validation/step_{record['step']}"
+        try:
+            self.files.push(folder, "tensorboard")
+        except OSError as e:
+            return {"step": record["step"], "error": f"uploading the videos to {self.files.root}: {e}"}
+        if self.files.remote:
+            shutil.rmtree(self.files.local / folder, ignore_errors=True)
+        return record
+
+    def _load(self, expert: str, checkpoint: Path | str) -> None:
         from wanray.train.export import expert_state_groups
 
         if self.loaded.get(expert) == checkpoint:
             return
         stage = self.sampler.experts[expert]
         own = set(stage.expert.state_dict())
-        for weights, _ in expert_state_groups(self.model_dir, expert, checkpoint, self.lora):
-            weights = {under_adapters(k, own): v for k, v in weights.items()}
-            missing = set(weights) - own
-            if missing:
-                raise KeyError(f"checkpoint tensors the expert does not have: {sorted(missing)[:3]}")
-            stage.expert.load_state_dict(weights, strict=False)
+        with storage.local_dir(checkpoint) as local:
+            for weights, _ in expert_state_groups(self.model_dir, expert, local, self.lora):
+                weights = {under_adapters(k, own): v for k, v in weights.items()}
+                missing = set(weights) - own
+                if missing:
+                    raise KeyError(f"checkpoint tensors the expert does not have: {sorted(missing)[:3]}")
+                stage.expert.load_state_dict(weights, strict=False)
         self.loaded[expert] = checkpoint
 
     def _render(self, step: int) -> dict:
@@ -172,13 +193,14 @@ class Validator:
         start = time.time()
         checkpoint = checkpoints(self.run_dir, self.expert).get(step)
         if checkpoint is None:
-            raise FileNotFoundError(f"no checkpoint of step {step} in {self.run_dir / self.expert}")
+            raise FileNotFoundError(f"no checkpoint of step {step} in {self.files.root}")
         self._load(self.expert, checkpoint)
         for other in self.sampler.experts:
-            if other != self.expert and (self.run_dir / other).is_dir():
+            if other != self.expert and storage.is_dir(storage.join(self.run_dir, other)):
                 with contextlib.suppress(FileNotFoundError):  # no checkpoint yet: the other's base weights
                     self._load(other, latest_checkpoint(self.run_dir, other))
-        out = self.run_dir / self.expert / "validation" / f"step_{step}"
+        folder = f"validation/step_{step}"
+        out = self.files.local / folder
         out.mkdir(parents=True, exist_ok=True)
         videos, scores = [], []
         for i, params in enumerate(self.prompts):
@@ -194,7 +216,7 @@ class Validator:
         return {
             "step": step,
             "checkpoint": str(checkpoint),
-            "videos": [str(out / v) for v in videos],
+            "videos": [storage.join(self.files.root, folder, v) for v in videos],
             "scores": scores,
             "scores_mean": means,
             "other": {e: str(c) for e, c in self.loaded.items() if e != self.expert},
@@ -219,7 +241,7 @@ class Validation:
             self.spec,
             self.prompts,
             expert,
-            str(Path(run_dir).resolve()),
+            storage.absolute(run_dir),
             self.cfg.data.fps,
             self.cfg.train.lora,
             self.cfg.train.tracker,
@@ -238,7 +260,7 @@ class Validation:
                     r["error"]
                     if "error" in r
                     else f"{len(r['videos'])} video{'s' * (len(r['videos']) != 1)} in "
-                    f"{Path(r['videos'][0]).parent} "
+                    f"{storage.parent(r['videos'][0])} "
                     f"({r['seconds']:.1f} s)"
                 )
             )

@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from wanray import storage
 from wanray.errors import DataError
 
 
@@ -96,7 +97,8 @@ def load(state: dict, directory) -> None:
 
 def check_resumable(directory) -> None:
     """A DataError for a checkpoint this wanray cannot resume from (one written before the seeded data order)."""
-    keys = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    with storage.local_dir(directory, names=[".metadata"]) as local:  # DCP's index of the checkpoint's tensors
+        keys = dcp.FileSystemReader(str(local)).read_metadata().state_dict_metadata
     if not all(f"train.{k}" in keys for k in ("batches_in_epoch", "data_fingerprint")):
         raise DataError(
             f"{directory} was written by an earlier wanray (no data position of the seeded order): "

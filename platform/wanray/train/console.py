@@ -1,19 +1,26 @@
 """The training ranks' console: rank 0 of each expert appends its progress lines to <run>/<expert>/console.log
-(wanray.train.metrics), and the driver prints them as they come."""
+(wanray.train.metrics; in an object store, uploaded again after each line), and the driver prints them as they
+come."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from wanray import storage
 
 
 class Follow:
     """Print the lines appended to `paths` (the workers' console files) while the block runs, as `tail -f`
     would, from where each file ends at the start (a resumed run's old lines are not printed again)."""
 
-    def __init__(self, paths: list[Path], log=print, interval: float = 0.5):
-        self.log, self.interval = log, interval
-        self.offsets = {p: p.stat().st_size if p.exists() else 0 for p in paths}
+    def __init__(self, paths: list[str], log=print, interval: float = 0.5):
+        """paths: local files or URIs, polled every `interval` seconds (four times that in an object store)."""
+        self.log = log
+        self.interval = interval * (4 if any(storage.is_uri(p) for p in paths) else 1)
+        self.offsets = {p: self._size(p) for p in paths}
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True, name="console")
 
@@ -27,14 +34,21 @@ class Follow:
 
     def _run(self) -> None:
         while not self.done.wait(self.interval):
-            self._print_new()
+            with contextlib.suppress(OSError):  # an object store's passing error: the next poll reads from here
+                self._print_new()
         self._print_new()
+
+    @staticmethod
+    def _size(path: str) -> int:
+        found = storage.info(path)
+        return found.size if found.type == pafs.FileType.File else 0
 
     def _print_new(self) -> None:
         for path, offset in self.offsets.items():
-            if not path.exists():
+            if self._size(path) <= offset:
                 continue
-            with path.open("rb") as f:
+            fs, inner = storage.filesystem(path)
+            with fs.open_input_file(inner) as f:  # a ranged read in an object store
                 f.seek(offset)
                 chunk = f.read()
             complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next poll

@@ -8,6 +8,7 @@ adapter files diffusers' load_lora_weights reads.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -58,7 +59,8 @@ def checkpoint_adapter(model_path, expert: str, checkpoint_dir, lora) -> dict[st
 
     model = build_on_meta(model_path, expert, lora)
     trained = {n: torch.empty(t.shape, dtype=t.dtype) for n, t in model.state_dict().items() if ".lora_" in n}
-    _load_checkpoint(trained, checkpoint_dir)
+    with storage.local_dir(checkpoint_dir) as local:  # a LoRA checkpoint holds the adapters only: megabytes
+        _load_checkpoint(trained, local)
     return {adapter_key(k): v for k, v in trained.items()}
 
 
@@ -182,7 +184,7 @@ def export_run(cfg: Config, run_dir, out_dir, log=print, best: bool = False) -> 
     copy of model.path (see export_diffusers), with the boundary they trained with in its model_index.json."""
     model_path = model_files.ensure_model(cfg.model)
     contract = models.read_contract(model_path, cfg.model)
-    experts = [e for e in contract.kind.experts if (Path(run_dir) / e).is_dir()]
+    experts = [e for e in contract.kind.experts if storage.is_dir(storage.join(run_dir, e))]
     if not experts:
         raise FileNotFoundError(f"no trained {'/ or '.join(contract.kind.experts)}/ in {run_dir}")
     trained = {}
@@ -198,7 +200,9 @@ def export_run(cfg: Config, run_dir, out_dir, log=print, best: bool = False) -> 
         boundary = contract.boundary if boundary is None else boundary
     for e, checkpoint in trained.items():
         log(f"[export] {e}-noise expert from {checkpoint}")
-    out = export_diffusers(model_path, out_dir, trained, boundary, cfg.train.lora)
+    with contextlib.ExitStack() as stack:  # a run in an object store: its checkpoints copied here first
+        local = {e: stack.enter_context(storage.local_dir(c)) for e, c in trained.items()}
+        out = export_diffusers(model_path, out_dir, local, boundary, cfg.train.lora)
     log(
         f"[export] wrote {out} ({'' if boundary is None else f'boundary {boundary}; '}load with "
         f"{contract.kind.pipeline}.from_pretrained)"

@@ -20,6 +20,7 @@ from wanray.config import Config
 from wanray.devices import accelerator, torch_dtype
 from wanray.errors import NonFiniteLoss
 from wanray.schema import pad_text_embedding
+from wanray.storage import WorkingCopy
 from wanray.train import checkpoint as ckpt
 from wanray.train.data import Batch, ClipIndex, ClipLoader, ClipReader, DataPlan, StepData, holdout_batches
 from wanray.train.flow import (
@@ -31,7 +32,7 @@ from wanray.train.flow import (
     keep_first_frame,
     noisy_latents,
 )
-from wanray.train.metrics import MetricsLog, StepMetrics
+from wanray.train.metrics import BEST_FILE, CONSOLE_FILE, METRICS_FILE, MetricsLog, StepMetrics
 from wanray.train.parallel import (
     apply_fsdp,
     build_on_meta,
@@ -61,7 +62,8 @@ class LoopSpec:
     empty_prompt: torch.Tensor
     """Unpadded empty-prompt embedding (caption dropout)."""
     run_dir: str
-    """Where rank 0 appends metrics.jsonl and every data-parallel rank its data_order/ record."""
+    """The expert's run directory (local or a URI): rank 0's metrics.jsonl, console.log and tracker files, and
+    every data-parallel rank's data_order/ record, each written through the rank's WorkingCopy of it."""
     validator: Any = None
     """The validation actor (wanray.infer.validation.Validator) rank 0 tells of each validation step's
     checkpoint once it is reported; None: no validation videos."""
@@ -303,8 +305,11 @@ def save_checkpoint(state: dict, progress: ckpt.Progress, metrics: dict, rank: i
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def data_order_path(run_dir, rank: int) -> Path:
-    return Path(run_dir) / "data_order" / f"rank-{rank:05d}.jsonl"
+def own_files(rank: int, group: int) -> list[str]:
+    """The run-directory files a rank writes (relative): rank 0 the metrics, console, best step and tracker files;
+    the first rank of each context-parallel group its data-parallel rank's data order."""
+    own = [METRICS_FILE, CONSOLE_FILE, BEST_FILE, "tensorboard"] if rank == 0 else []
+    return own + ([f"data_order/rank-{rank // group:05d}.jsonl"] if rank % group == 0 else [])
 
 
 def train_loop(config: dict) -> None:
@@ -323,7 +328,9 @@ def train_loop(config: dict) -> None:
     )
     progress = ckpt.Progress(data_fingerprint=plan.fingerprint())
     state = ckpt.app_state(trainer.model, trainer.optimizer, trainer.schedule, progress, lora=train.lora.enabled)
-    log = MetricsLog(spec, rank, world, acc)
+    files, own = WorkingCopy(spec.run_dir), own_files(rank, group)
+    files.pull(*(f for f in own if f != "tensorboard"))  # appended to from here (a new event file each start)
+    log = MetricsLog(spec, rank, world, acc, files)
     if resume is not None:
         with resume.as_directory() as d:
             ckpt.load(state, d)
@@ -334,8 +341,8 @@ def train_loop(config: dict) -> None:
         plan, reader, progress.epoch, progress.batches_in_epoch, rank // group, spec.contract.text_tokens
     )
     held_out = HeldOut(spec, rank // group, world // group) if spec.holdout is not None else None
-    order = data_order_path(spec.run_dir, rank // group)  # one record per data-parallel rank: its group's first
-    order.parent.mkdir(parents=True, exist_ok=True)
+    order = files.local / "data_order" / f"rank-{rank // group:05d}.jsonl"  # one per data-parallel rank: its
+    order.parent.mkdir(parents=True, exist_ok=True)  # group's first rank writes it
     try:
         with order.open("a") if rank % group == 0 else open(os.devnull, "w") as order_log:
             while progress.step < train.steps:
@@ -369,11 +376,14 @@ def train_loop(config: dict) -> None:
                             log.held_out(measured.metrics(progress.step, spec.expert))
                         reported = {**reported, "val_loss": measured.mean if measured is not None else math.inf}
                     save_checkpoint(state, progress, reported, rank)
+                    files.push(*own)
                     if validating and spec.validator is not None and rank == 0:
                         spec.validator.submit.remote(progress.step)  # returns at once: training goes on
     finally:
         loader.close()
         log.tracker.close()
+        files.push(*own)
+        files.close()
 
 
 def non_finite(error: NonFiniteLoss, step: int, log: MetricsLog) -> NonFiniteLoss:
@@ -386,7 +396,7 @@ def non_finite(error: NonFiniteLoss, step: int, log: MetricsLog) -> NonFiniteLos
     message = (
         f"step {step}: the loss is not finite ({error}); clips: {', '.join(suspects)}. Stopped before the "
         f"optimizer step, so the weights are step {step - 1}'s; each rank's clips of every step are in "
-        f"{Path(log.spec.run_dir) / 'data_order'}. Check those clips' latents, or lower train.lr"
+        f"{log.spec.run_dir}/data_order. Check those clips' latents, or lower train.lr"
     )
     log.say(f"error: {message}")
     return NonFiniteLoss(message, suspects)

@@ -9,7 +9,6 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import psutil
 import torch
@@ -17,10 +16,13 @@ import torch.distributed as dist
 import yaml
 
 from wanray.io import write_json_atomic
+from wanray.storage import WorkingCopy
 from wanray.train import checkpoint as ckpt
 from wanray.train.data import StepData
 from wanray.train.tracking import Tracker
 
+METRICS_FILE = "metrics.jsonl"
+"""Per expert run directory: rank 0's record of every logged step and held-out loss, one JSON line each."""
 CONSOLE_FILE = "console.log"
 """Per expert run directory: rank 0's progress lines, which the driver prints as they come."""
 BEST_FILE = "best.json"
@@ -47,14 +49,15 @@ def peak_memory_bytes(acc) -> int:
 class MetricsLog:
     """Accumulates timings between logged steps; one host sync per logged step."""
 
-    def __init__(self, spec, rank: int, world: int, acc):
-        """spec: the rank's wanray.train.loop.LoopSpec."""
-        self.spec, self.rank, self.world, self.acc = spec, rank, world, acc
-        self.path = Path(spec.run_dir) / "metrics.jsonl"
+    def __init__(self, spec, rank: int, world: int, acc, files: WorkingCopy):
+        """spec: the rank's wanray.train.loop.LoopSpec; files: its working copy of the expert's run directory,
+        into which rank 0 writes METRICS_FILE, CONSOLE_FILE and BEST_FILE (pushed as they change)."""
+        self.spec, self.rank, self.world, self.acc, self.files = spec, rank, world, acc, files
+        self.path = files.local / METRICS_FILE
         self.range = list(spec.contract.timestep_range(spec.expert))
         self.reset = True
         self.started: tuple[float, int] | None = None
-        self.tracker = Tracker(spec.cfg.train.tracker if rank == 0 else "none", spec.run_dir, "train")
+        self.tracker = Tracker(spec.cfg.train.tracker if rank == 0 else "none", files.local, "train")
         self.tracker.text("config", "```\n" + yaml.safe_dump(dataclasses.asdict(spec.cfg), sort_keys=False) + "```")
         self.say(
             f"{spec.contract.describe_range(spec.expert)} (boundary {spec.contract.boundary} from "
@@ -65,8 +68,9 @@ class MetricsLog:
         """Rank 0 appends a line to the expert's console file, which the driver prints (see trainer.fit):
         worker output itself reaches the terminal only with --verbose."""
         if self.rank == 0:
-            with (Path(self.spec.run_dir) / CONSOLE_FILE).open("a") as f:
+            with (self.files.local / CONSOLE_FILE).open("a") as f:
                 f.write(f"[train:{self.spec.expert}] {text}\n")
+            self.files.push(CONSOLE_FILE)
 
     def resumed(self, progress: ckpt.Progress, order_changed: bool) -> None:
         self.say(
@@ -137,6 +141,7 @@ class MetricsLog:
         if best is None or m["val_loss"] < best["val_loss"]:
             write_json_atomic({"step": m["step"], "val_loss": m["val_loss"]}, best_path)
             best = m
+        self.files.push(METRICS_FILE, BEST_FILE)
         bands = ", ".join(f"{k} {v:.4f}" for k, v in m["val_loss_bands"].items())
         clips = f"{m['val_clips']} clip{'' if m['val_clips'] == 1 else 's'}"
         self.say(
@@ -152,6 +157,7 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(m) + "\n")
+        self.files.push(METRICS_FILE)
         self.tracker.scalars(m)
         if self.started is None:
             self.started = (time.perf_counter(), step)

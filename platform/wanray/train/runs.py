@@ -1,17 +1,19 @@
 """A training run directory: one <expert>/ per trained expert, each with its run record, config and
-checkpoints (Ray Train's), as train.py --out writes it and export, validation and the UI read it."""
+checkpoints (Ray Train's), as train.py --out writes it and export, validation and the UI read it. A run
+directory may be an object-store URI (wanray.storage): Ray Train keeps the checkpoints there too."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
 
 import yaml
 
+from wanray import storage
 from wanray.config import Config
 from wanray.errors import ConfigError
-from wanray.io import write_json_atomic, write_text_atomic
 from wanray.train.data import ClipIndex
 from wanray.wan import EXPERTS, ModelKind, WanContract
 
@@ -23,9 +25,7 @@ STEP_FILE = "wanray_step.json"
 """In each checkpoint: the step it holds."""
 
 
-def record_run(
-    cfg: Config, expert: str, contract: WanContract, index: ClipIndex, attention: str, run_dir: Path
-) -> None:
+def record_run(cfg: Config, expert: str, contract: WanContract, index: ClipIndex, attention: str, run_dir: str) -> None:
     """Write (or, on resume, check) what the expert trains on; a resumed run must keep its boundary."""
     record = {
         "expert": expert,
@@ -35,22 +35,23 @@ def record_run(
         "attention_backend": attention,
         "clips": len(index),
     }
-    path = run_dir / RUN_FILE
-    if path.exists():
-        before = json.loads(path.read_text())
+    path = storage.join(run_dir, RUN_FILE)
+    if storage.is_file(path):
+        before = json.loads(storage.read_text(path))
         if before["boundary"] != contract.boundary:
             raise ConfigError(
                 f"{run_dir} trained the {expert}-noise expert with boundary {before['boundary']}; "
                 f"this run would use {contract.boundary}: use a new --out directory"
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(record, path)
-    write_text_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    storage.make_dirs(run_dir)
+    storage.write_json(record, path)
+    storage.write_text(storage.join(run_dir, CONFIG_FILE), yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
 
 def trained_boundary(run_dir, experts) -> float | None:
     """The boundary the experts of a run were trained with (None for runs without a record)."""
-    found = {json.loads(p.read_text())["boundary"] for e in experts if (p := Path(run_dir, e, RUN_FILE)).exists()}
+    records = [storage.join(run_dir, e, RUN_FILE) for e in experts]
+    found = {json.loads(storage.read_text(p))["boundary"] for p in records if storage.is_file(p)}
     if len(found) > 1:
         raise ConfigError(
             f"the experts in {run_dir} were trained with different boundaries {sorted(found)}; export them separately"
@@ -60,7 +61,7 @@ def trained_boundary(run_dir, experts) -> float | None:
 
 def trained_experts(run_dir) -> list[str]:
     """The experts a run directory (train.py --out) holds a training of, in EXPERTS order."""
-    return [e for e in EXPERTS if (Path(run_dir) / e / RUN_FILE).is_file()]
+    return [e for e in EXPERTS if storage.is_file(storage.join(run_dir, e, RUN_FILE))]
 
 
 def selected(expert: str, kind: ModelKind) -> tuple[str, ...]:
@@ -78,35 +79,42 @@ def selected(expert: str, kind: ModelKind) -> tuple[str, ...]:
     return EXPERTS if expert == "both" else (expert,)
 
 
-def checkpoints(run_dir, expert: str) -> dict[int, Path]:
-    """Step -> checkpoint directory of every checkpoint under run_dir/<expert>/."""
-    return {json.loads(p.read_text())["step"]: p.parent for p in Path(run_dir, expert).glob(f"*/{STEP_FILE}")}
+def checkpoints(run_dir, expert: str) -> dict[int, Path | str]:
+    """Step -> checkpoint directory (a URI in an object store) of every checkpoint under run_dir/<expert>/."""
+    root = storage.join(run_dir, expert)
+    if not storage.is_uri(root):
+        return {json.loads(p.read_text())["step"]: p.parent for p in Path(root).glob(f"*/{STEP_FILE}")}
+    found: dict[int, Path | str] = {}
+    for directory in storage.list_dirs(root):
+        with contextlib.suppress(FileNotFoundError):  # not a checkpoint, or one still being written
+            found[json.loads(storage.read_text(storage.join(directory, STEP_FILE)))["step"]] = directory
+    return found
 
 
-def latest_checkpoint(run_dir, expert: str) -> Path:
+def latest_checkpoint(run_dir, expert: str) -> Path | str:
     """The checkpoint directory with the highest step under run_dir/<expert>/."""
     found = checkpoints(run_dir, expert)
     if not found:
-        raise FileNotFoundError(f"no checkpoint of the {expert}-noise expert in {Path(run_dir) / expert}")
+        raise FileNotFoundError(f"no checkpoint of the {expert}-noise expert in {storage.join(run_dir, expert)}")
     return found[max(found)]
 
 
-def best_checkpoint(run_dir, expert: str) -> tuple[Path, int, float]:
+def best_checkpoint(run_dir, expert: str) -> tuple[Path | str, int, float]:
     """(checkpoint, step, held-out loss) of the expert's lowest held-out loss (its BEST_FILE, which training
     writes at each validation step with train.validation.holdout or holdout_fraction)."""
     from wanray.train.metrics import BEST_FILE
 
-    path = Path(run_dir, expert, BEST_FILE)
-    if not path.exists():
+    path = storage.join(run_dir, expert, BEST_FILE)
+    if not storage.is_file(path):
         raise FileNotFoundError(
             f"{path} does not exist: --best needs a run trained with a held-out loss (train.validation.holdout "
             "or holdout_fraction, and train.validation.every)"
         )
-    best = json.loads(path.read_text())
+    best = json.loads(storage.read_text(path))
     checkpoint = checkpoints(run_dir, expert).get(best["step"])
     if checkpoint is None:
         raise FileNotFoundError(
             f"the {expert}-noise expert's best checkpoint (step {best['step']}, held-out loss {best['val_loss']:.4f}) "
-            f"is no longer in {Path(run_dir, expert)}: train.keep_checkpoints kept only the latest ones"
+            f"is no longer in {storage.join(run_dir, expert)}: train.keep_checkpoints kept only the latest ones"
         )
     return checkpoint, best["step"], best["val_loss"]

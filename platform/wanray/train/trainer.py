@@ -1,15 +1,14 @@
 """Driver side of training: one Ray Train TorchTrainer per expert.
 
-Each expert's run directory (`--out/<expert>/`) holds Ray Train's checkpoints, metrics.jsonl,
-data_order/ (the clips of every step, per rank), CONFIG_FILE and RUN_FILE: the boundary and timestep
-range the expert trains on, which export writes into the exported model_index.json.
+Each expert's run directory (`--out/<expert>/`, local or an object-store URI) holds Ray Train's checkpoints,
+metrics.jsonl, data_order/ (the clips of every step, per rank), CONFIG_FILE and RUN_FILE: the boundary and
+timestep range the expert trains on, which export writes into the exported model_index.json.
 """
 
 from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, as_completed
-from pathlib import Path
 
 import numpy as np
 
@@ -25,7 +24,7 @@ from wanray.train.console import Follow
 from wanray.train.data import ClipIndex, held_out
 from wanray.train.loop import LoopSpec, train_loop
 from wanray.train.metrics import CONSOLE_FILE
-from wanray.train.runs import STEP_FILE, latest_checkpoint, record_run, selected
+from wanray.train.runs import checkpoints, latest_checkpoint, record_run, selected
 
 """The resolved config of the expert's latest start, beside RUN_FILE (the UI's Runs page shows it)."""
 
@@ -69,8 +68,8 @@ def make_trainer(
     check_data(index, contract, data_dir)
     if holdout is not None and holdout is not index:
         check_data(holdout, contract, cfg.train.validation.holdout or data_dir)
-    expert_dir = Path(run_dir).resolve() / expert
-    if list(expert_dir.glob(f"*/{STEP_FILE}")):  # a resume: fail here, not in every worker
+    expert_dir = storage.join(run_dir, expert)
+    if checkpoints(run_dir, expert):  # a resume: fail here, not in every worker
         ckpt.check_resumable(latest_checkpoint(run_dir, expert))
     record_run(cfg, expert, contract, index, attention, expert_dir)
     spec = LoopSpec(
@@ -81,7 +80,7 @@ def make_trainer(
         index,
         attention,
         read_empty_prompt(data_dir),
-        str(expert_dir),
+        expert_dir,
         validator,
         holdout,
     )
@@ -94,7 +93,7 @@ def make_trainer(
         torch_config=TorchConfig(backend=accelerator(t.worker.device).dist_backend),
         run_config=ray.train.RunConfig(
             name=expert,
-            storage_path=str(expert_dir.parent),
+            **run_storage(run_dir),
             # with a held-out loss Ray keeps the lowest-loss checkpoints (export.py --best) and the latest (resume)
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=t.keep_checkpoints,
@@ -103,6 +102,15 @@ def make_trainer(
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
         ),
     )
+
+
+def run_storage(run_dir) -> dict:
+    """RunConfig's storage arguments for a run directory: a local (shared) path, or a URI on the filesystem
+    wanray.storage made for it (the same endpoint and credentials as every other read and write)."""
+    if not storage.is_uri(run_dir):
+        return {"storage_path": storage.absolute(run_dir)}
+    fs, inner = storage.filesystem(run_dir)
+    return {"storage_path": inner, "storage_filesystem": fs}
 
 
 def check_data(index: ClipIndex, contract, data_dir) -> None:
@@ -186,7 +194,6 @@ def train_experts(cfg: Config, expert: str, data_dir, run_dir, log=print, valida
     experts = selected(expert, models.expected_kind(cfg.model))
     if cfg.train.validation.renders and validation is None:
         raise ConfigError("train.validation has prompts: pass a Validation (pipelines/train.py makes one)")
-    storage.require_local(run_dir, "the run directory (pipelines/train.py --out)")
     index = ClipIndex.from_dir(data_dir)  # read once, sent to every worker of both experts
     if warning := row_group_warning(data_dir, index.rows_per_row_group()):
         log(warning)
@@ -195,7 +202,7 @@ def train_experts(cfg: Config, expert: str, data_dir, run_dir, log=print, valida
     validators = {e: validation.start(e, run_dir) for e in experts} if validation is not None else {}
     try:
         trainers = {e: make_trainer(cfg, e, data_dir, run_dir, index, validators.get(e), holdout) for e in experts}
-        with Follow([Path(run_dir) / e / CONSOLE_FILE for e in experts], log):
+        with Follow([storage.join(run_dir, e, CONSOLE_FILE) for e in experts], log):
             try:
                 results = fit(cfg, trainers, log)
             except Exception as error:

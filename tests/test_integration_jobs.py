@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """`ray start --head --block` with the job server; stopped by terminating that command.
+    """`ray start --head --block` with the job server; stopped by terminating that command (then its process group).
 
     Every port is picked free: another Ray on this machine already holds the default agent ports.
     """
@@ -57,6 +58,7 @@ def head(tmp_path_factory):
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # a process group of its own: every Ray process it starts, and nothing else
         )
     try:
         deadline = time.time() + 180
@@ -66,7 +68,11 @@ def head(tmp_path_factory):
         yield f"http://127.0.0.1:{dash}"
     finally:
         head.terminate()
-        head.wait(timeout=120)
+        try:
+            head.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # after jobs ran, its graceful stop takes ~30 s: its group goes at once
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=60)
 
 
 def submit(address: str, args: list[str], timeout: float = 600) -> str:

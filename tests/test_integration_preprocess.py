@@ -366,7 +366,8 @@ def test_raw_videos_in_a_bucket_become_clips_that_train_resume_validate_and_expo
     train_experts(tiny_config(tiny_model, *steps, "train.steps=2"), "high", out, run, log=lines.append)
     assert any(f"train.filters keep 5 of the 6 clips of {out}" in line for line in lines)
     assert any("[train:high] step 2/2 loss" in line for line in lines)  # followed from the bucket's console.log
-    validating = ["train.validation.every=3", "train.validation.prompts=[a red circle]"]
+    s3.put_object(Bucket="runs", Key="validation.txt", Body=b"a red circle\n")
+    validating = ["train.validation.every=3", "train.validation.prompts_file=s3://runs/validation.txt"]
     cfg = tiny_config(tiny_model, *steps, *validating, "train.validation.num_inference_steps=2", "train.steps=3")
     train_experts(cfg, "high", out, run, log=lines.append, validation=Validation(cfg, tiny_model))
     assert any("[train:high] resumed at step 2 (epoch" in line for line in lines)

@@ -67,19 +67,19 @@ def validation_prompts(cfg: Config, model_dir) -> list[GenerationParams]:
     texts, lines = list(v.prompts), []
     try:
         if v.prompts_file:
-            path = Path(v.prompts_file)
-            if not path.is_file():
+            path = storage.absolute(v.prompts_file)  # local or a URI
+            if not storage.is_file(path):
                 raise FileNotFoundError(f"train.validation.prompts_file not found: {path}")
-            if path.suffix.lower() == ".jsonl":
+            if path.lower().endswith(".jsonl"):
                 lines = read_prompts(path, defaults, kind, split=1)
             else:
-                texts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+                texts += [line.strip() for line in storage.read_text(path).splitlines() if line.strip()]
         if v.images and len(v.images) != len(texts):
             raise ConfigError(
                 f"train.validation.images holds {len(v.images)} images for {len(texts)} prompts "
                 "(train.validation.prompts and a plain prompts_file): give one per prompt"
             )
-        images: list[str | None] = [image_file(Path(path)) for path in v.images] or [None] * len(texts)
+        images: list[str | None] = [image_file(path) for path in v.images] or [None] * len(texts)
         return [
             resolve(GenerateRequest(prompt=text, image=image), defaults, kind) for text, image in zip(texts, images)
         ] + lines

@@ -47,12 +47,12 @@ def test_an_object_is_downloaded_once_and_missing_or_empty_ones_are_named(s3):
         assert e.value.reason == reason
 
 
-def test_a_working_copy_appends_to_what_the_store_holds_and_the_driver_follows_its_lines(s3):
+def test_a_working_copy_appends_to_what_the_store_holds_and_the_driver_follows_its_lines(s3, capsys):
     from wanray.train.console import Follow
 
-    s3.create_bucket(Bucket="runs")
-    s3.put_object(Bucket="runs", Key="run/high/console.log", Body=b"[train:high] step 2/4\n")
-    root, printed = "s3://runs/run/high", []
+    s3.create_bucket(Bucket="wc-runs")
+    s3.put_object(Bucket="wc-runs", Key="run/high/console.log", Body=b"[train:high] step 2/4\n")
+    root, printed = "s3://wc-runs/run/high", []
     files = storage.WorkingCopy(root)
     with Follow([storage.join(root, "console.log")], printed.append, interval=0.02):
         files.pull("console.log", "metrics.jsonl")  # a resumed rank goes on from the store's copy
@@ -67,33 +67,57 @@ def test_a_working_copy_appends_to_what_the_store_holds_and_the_driver_follows_i
         while not printed and time.time() < deadline:
             time.sleep(0.02)
     assert printed == ["[train:high] step 3/4"]  # not the old line, nor the half-written one
-    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="runs")["Contents"]}
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="wc-runs")["Contents"]}
     assert keys == {"run/high/console.log", "run/high/tensorboard/events.out.train"}
+    # sync: at most once per `every` seconds, and a failed upload a warning, retried by the next sync
+    for line in ("a\n", "b\n"):
+        with (files.local / "metrics.jsonl").open("a") as f:
+            f.write(line)
+        files.sync("metrics.jsonl", every=60)
+    assert storage.read_text(f"{root}/metrics.jsonl") == "a\n"
+    files.sync("metrics.jsonl")
+    assert storage.read_text(f"{root}/metrics.jsonl") == "a\nb\n"
     files.close()
     assert not files.local.exists()
+    with storage.WorkingCopy("s3://no-such-bucket/run") as lost:
+        (lost.local / "console.log").write_text("x\n")
+        lost.sync("console.log")
+    assert "warning: uploading console.log to s3://no-such-bucket/run failed" in capsys.readouterr().err
+    assert not lost.local.exists()
 
 
-def test_checkpoints_in_a_bucket_are_listed_and_checked_from_their_metadata_alone(s3, tmp_path):
+def test_checkpoints_in_a_bucket_are_listed_checked_and_read_in_place(s3, tmp_path):
+    import torch
     import torch.distributed.checkpoint as dcp
 
     from wanray.errors import DataError
     from wanray.train.checkpoint import check_resumable
+    from wanray.train.export import _load_checkpoint
     from wanray.train.runs import RUN_FILE, checkpoints, latest_checkpoint, trained_experts
 
     s3.create_bucket(Bucket="ckpt")
-    dcp.save({"train": {"step": 3, "epoch": 0}}, checkpoint_id=str(tmp_path / "old"), no_dist=True)
-    for name, step in (("checkpoint_a", 2), ("checkpoint_b", 4)):
+    weights = {"blocks.0.w": torch.randn(4, 3), "proj.b": torch.arange(5.0)}
+    position = {"step": 4, "epoch": 0, "batches_in_epoch": 2, "data_fingerprint": "x"}
+    dcp.save(
+        {"model": weights, "optim": {"m": torch.ones(64)}, "train": position},
+        checkpoint_id=str(tmp_path / "new"),
+        no_dist=True,
+    )
+    dcp.save({"train": {"step": 2, "epoch": 0}}, checkpoint_id=str(tmp_path / "old"), no_dist=True)
+    for name, step, source in (("checkpoint_a", 2, "old"), ("checkpoint_b", 4, "new")):
+        for f in (tmp_path / source).iterdir():
+            s3.upload_file(str(f), "ckpt", f"run/high/{name}/{f.name}")
         s3.put_object(Bucket="ckpt", Key=f"run/high/{name}/wanray_step.json", Body=json.dumps({"step": step}))
-        s3.upload_file(str(tmp_path / "old" / ".metadata"), "ckpt", f"run/high/{name}/.metadata")
-    s3.put_object(Bucket="ckpt", Key="run/high/checkpoint_c/__0_0.distcp", Body=b"")  # still being written
+    s3.put_object(Bucket="ckpt", Key="run/high/checkpoint_c/__0_0.distcp", Body=b"")  # no step file: unfinished
     s3.put_object(Bucket="ckpt", Key=f"run/high/{RUN_FILE}", Body=b"{}")
-    assert checkpoints("s3://ckpt/run", "high") == {
-        2: "s3://ckpt/run/high/checkpoint_a",
-        4: "s3://ckpt/run/high/checkpoint_b",
-    }
-    assert latest_checkpoint("s3://ckpt/run", "high") == "s3://ckpt/run/high/checkpoint_b"
-    assert trained_experts("s3://ckpt/run") == ["high"]
-    with pytest.raises(DataError, match="s3://ckpt/run/high/checkpoint_b was written by an earlier wanray"):
-        check_resumable("s3://ckpt/run/high/checkpoint_b")
-    with pytest.raises(FileNotFoundError, match=r"no checkpoint of the low-noise expert in s3://ckpt/run/low"):
-        latest_checkpoint("s3://ckpt/run", "low")
+    run = "s3://ckpt/run"
+    assert checkpoints(run, "high") == {2: f"{run}/high/checkpoint_a", 4: f"{run}/high/checkpoint_b"}
+    assert latest_checkpoint(run, "high") == f"{run}/high/checkpoint_b" and trained_experts(run) == ["high"]
+    check_resumable(f"{run}/high/checkpoint_b")
+    with pytest.raises(DataError, match=f"{run}/high/checkpoint_a was written by an earlier wanray"):
+        check_resumable(f"{run}/high/checkpoint_a")
+    with pytest.raises(FileNotFoundError, match=f"no checkpoint of the low-noise expert in {run}/low"):
+        latest_checkpoint(run, "low")
+    loaded = {k: torch.empty_like(v) for k, v in weights.items()}  # the model's tensors, read from the bucket
+    _load_checkpoint(loaded, f"{run}/high/checkpoint_b")
+    assert all(torch.equal(loaded[k], weights[k]) for k in weights)

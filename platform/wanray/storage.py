@@ -4,7 +4,8 @@ AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL (S3-compatible sto
 
 Decoders (decord, PySceneDetect's OpenCV, PIL) read local files: `local_copy` downloads an object once per
 process into a bounded cache (DOWNLOAD_CACHE_BYTES), so the clips of one long video decoded in one task
-fetch it once.
+fetch it once. A file that grows (a training run's metrics, console, data order) is appended to in a local
+`WorkingCopy` and uploaded whole: an object store has no append.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ import fnmatch
 import functools
 import hashlib
 import json
+import math
 import os
 import posixpath
 import shutil
+import sys
 import tempfile
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
@@ -203,31 +206,6 @@ def upload_file(local: str | os.PathLike, uri: str) -> None:
             dst.write(chunk)
 
 
-@contextlib.contextmanager
-def local_dir(path: str | os.PathLike, names: list[str] | None = None) -> Iterator[Path]:
-    """A local directory with the files under `path`: the directory itself, or for a URI a temporary copy of
-    them (only `names`, relative to it, when given), removed when the block ends."""
-    if not is_uri(path):
-        yield Path(path)
-        return
-    fs, inner = filesystem(path)
-    tmp = Path(tempfile.mkdtemp(prefix="wanray-copy-"))
-    try:
-        if names is None:
-            pafs.copy_files(inner, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        for relative in names or []:
-            (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
-            pafs.copy_files(
-                f"{inner}/{relative}",
-                str(tmp / relative),
-                source_filesystem=fs,
-                destination_filesystem=pafs.LocalFileSystem(),
-            )
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 class WorkingCopy:
     """A local directory standing for `root` (a local directory or a URI) to one writer of files under it:
     `root` itself, or a temporary local directory whose files `push` uploads whole (an object store has no
@@ -239,6 +217,7 @@ class WorkingCopy:
         self.remote = is_uri(root)
         self.local = Path(tempfile.mkdtemp(prefix="wanray-run-")) if self.remote else Path(self.root)
         self.local.mkdir(parents=True, exist_ok=True)
+        self.synced: dict[tuple[str, ...], float] = {}
 
     def pull(self, *names: str) -> None:
         """Download the files `names` (relative to root) that exist there."""
@@ -261,9 +240,29 @@ class WorkingCopy:
                 if file.is_file():
                     upload_file(file, join(self.root, file.relative_to(self.local).as_posix()))
 
+    def sync(self, *names: str, every: float = 0.0) -> None:
+        """push, at most once per `every` seconds for the same names (a file that grows at every step is not
+        uploaded at every step); an upload error is a warning on stderr, not the caller's failure: the next sync
+        uploads the whole files again."""
+        now = time.monotonic()
+        if not self.remote or now - self.synced.get(names, -math.inf) < every:
+            return
+        try:
+            self.push(*names)
+        except OSError as e:
+            print(f"warning: uploading {', '.join(names)} to {self.root} failed, retried later: {e}", file=sys.stderr)
+            return
+        self.synced[names] = now
+
     def close(self) -> None:
         if self.remote:
             shutil.rmtree(self.local, ignore_errors=True)
+
+    def __enter__(self) -> WorkingCopy:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def name(path: str | os.PathLike) -> str:

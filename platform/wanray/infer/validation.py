@@ -137,6 +137,10 @@ class Validator:
             self.changed.wait_for(lambda: self.pending is None and not self.busy)
             return list(self.records)
 
+    def close(self) -> None:
+        """Remove the local working copy of a run directory in an object store (ray.kill runs no cleanup)."""
+        self.files.close()
+
     def _serve(self) -> None:
         while True:
             with self.changed:
@@ -178,13 +182,12 @@ class Validator:
             return
         stage = self.sampler.experts[expert]
         own = set(stage.expert.state_dict())
-        with storage.local_dir(checkpoint) as local:
-            for weights, _ in expert_state_groups(self.model_dir, expert, local, self.lora):
-                weights = {under_adapters(k, own): v for k, v in weights.items()}
-                missing = set(weights) - own
-                if missing:
-                    raise KeyError(f"checkpoint tensors the expert does not have: {sorted(missing)[:3]}")
-                stage.expert.load_state_dict(weights, strict=False)
+        for weights, _ in expert_state_groups(self.model_dir, expert, checkpoint, self.lora):
+            weights = {under_adapters(k, own): v for k, v in weights.items()}
+            missing = set(weights) - own
+            if missing:
+                raise KeyError(f"checkpoint tensors the expert does not have: {sorted(missing)[:3]}")
+            stage.expert.load_state_dict(weights, strict=False)
         self.loaded[expert] = checkpoint
 
     def _render(self, step: int) -> dict:
@@ -271,4 +274,6 @@ class Validation:
     def stop(actor) -> None:
         import ray
 
+        with contextlib.suppress(Exception):  # a dead or stuck actor keeps its files; it is killed either way
+            ray.get(actor.close.remote(), timeout=30)
         ray.kill(actor)

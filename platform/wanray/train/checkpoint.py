@@ -11,9 +11,15 @@ Noise, timesteps and caption dropout are drawn per global batch from generators 
 
 from __future__ import annotations
 
+import contextlib
+import io
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import IO
 
+import pyarrow.fs as pafs
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -95,10 +101,68 @@ def load(state: dict, directory) -> None:
     dcp.load(state, checkpoint_id=str(directory))
 
 
+class _StoreFiles(FileSystem):
+    """DCP's file operations on a pyarrow filesystem (an object store), for reading: a checkpoint's files opened
+    for random access, its .metadata read whole (pickle reads it in many small pieces)."""
+
+    def __init__(self, fs: pafs.FileSystem):
+        self.fs = fs
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode: str) -> Iterator[io.IOBase]:
+        if mode != "rb":
+            raise io.UnsupportedOperation(f"a checkpoint in an object store is read here, not written ({mode})")
+        if str(path).endswith(".metadata"):
+            with self.fs.open_input_stream(str(path)) as f:
+                yield io.BytesIO(f.read())
+            return
+        with self.fs.open_input_file(str(path)) as f:
+            yield f
+
+    def concat_path(self, path, suffix: str) -> str:
+        return f"{path}/{suffix}"
+
+    def init_path(self, path) -> str:
+        return str(path)
+
+    def exists(self, path) -> bool:
+        return self.fs.get_file_info(str(path)).type != pafs.FileType.NotFound
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id) -> bool:
+        return False  # never picked by DCP on its own: only through reader()
+
+    def rename(self, path, new_path) -> None:
+        raise io.UnsupportedOperation("rename")
+
+    def mkdir(self, path) -> None:
+        raise io.UnsupportedOperation("mkdir")
+
+    def rm_file(self, path) -> None:
+        raise io.UnsupportedOperation("rm_file")
+
+
+class _StoreReader(dcp.FileSystemReader):
+    """DCP's FileSystemReader on a checkpoint in an object store: one ranged read per tensor it loads, so export
+    and validation fetch the model's tensors, not the optimizer state stored beside them (2x as large)."""
+
+    def __init__(self, uri: str):
+        super().__init__(uri)
+        fs, self.path = storage.filesystem(uri)
+        self.fs = _StoreFiles(fs)
+
+    def _slice_file(self, file, sinfo) -> IO[bytes]:
+        return io.BytesIO(file.read_at(sinfo.length, sinfo.offset))
+
+
+def reader(directory) -> dcp.FileSystemReader:
+    """DCP's reader of a checkpoint directory, local or in an object store (wanray.storage)."""
+    return _StoreReader(str(directory)) if storage.is_uri(directory) else dcp.FileSystemReader(str(directory))
+
+
 def check_resumable(directory) -> None:
     """A DataError for a checkpoint this wanray cannot resume from (one written before the seeded data order)."""
-    with storage.local_dir(directory, names=[".metadata"]) as local:  # DCP's index of the checkpoint's tensors
-        keys = dcp.FileSystemReader(str(local)).read_metadata().state_dict_metadata
+    keys = reader(directory).read_metadata().state_dict_metadata
     if not all(f"train.{k}" in keys for k in ("batches_in_epoch", "data_fingerprint")):
         raise DataError(
             f"{directory} was written by an earlier wanray (no data position of the seeded order): "
@@ -109,7 +173,7 @@ def check_resumable(directory) -> None:
 def load_model_weights(model, directory) -> None:
     """Only the "model" entries of a DCP directory (a training checkpoint or an --to-dcp copy)."""
     state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(directory))
+    dcp.load(state, storage_reader=reader(directory))
     set_model_state_dict(model, state["model"])
 
 

@@ -8,7 +8,6 @@ adapter files diffusers' load_lora_weights reads.
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ import torch.distributed.checkpoint as dcp
 from wanray import model_files, models, storage
 from wanray.config import Config
 from wanray.io import atomic_path
+from wanray.train.checkpoint import reader
 from wanray.train.runs import best_checkpoint, latest_checkpoint, trained_boundary
 
 
@@ -49,7 +49,7 @@ def _load_checkpoint(tensors: dict, checkpoint_dir) -> None:
     """Fill `tensors` (name -> empty tensor) from the model state of a DCP checkpoint, reading just those."""
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load({"model": tensors}, checkpoint_id=str(checkpoint_dir), no_dist=True)
+        dcp.load({"model": tensors}, storage_reader=reader(checkpoint_dir), no_dist=True)
 
 
 def checkpoint_adapter(model_path, expert: str, checkpoint_dir, lora) -> dict[str, torch.Tensor]:
@@ -59,8 +59,7 @@ def checkpoint_adapter(model_path, expert: str, checkpoint_dir, lora) -> dict[st
 
     model = build_on_meta(model_path, expert, lora)
     trained = {n: torch.empty(t.shape, dtype=t.dtype) for n, t in model.state_dict().items() if ".lora_" in n}
-    with storage.local_dir(checkpoint_dir) as local:  # a LoRA checkpoint holds the adapters only: megabytes
-        _load_checkpoint(trained, local)
+    _load_checkpoint(trained, checkpoint_dir)
     return {adapter_key(k): v for k, v in trained.items()}
 
 
@@ -90,7 +89,12 @@ def expert_state_groups(model_path, expert: str, checkpoint_dir, lora=None) -> I
 
 
 def export_diffusers(
-    model_path, out_dir, experts: dict[str, Path], boundary: float | None, lora=None, max_shard_bytes: int = 5 * 10**9
+    model_path,
+    out_dir,
+    experts: dict[str, Path | str],
+    boundary: float | None,
+    lora=None,
+    max_shard_bytes: int = 5 * 10**9,
 ) -> Path | str:
     """Copy the base directory to out_dir with each trained expert's weights in place.
 
@@ -98,8 +102,9 @@ def export_diffusers(
     of at most `max_shard_bytes` (with diffusers' index when there are several), so host memory
     holds one shard and one block, not the 57 GB fp32 expert.
 
-    experts maps "high" / "low" to a DCP checkpoint directory; `boundary` (the one they were
-    trained with; None for a one-transformer model) goes into model_index.json. The result is loadable by
+    experts maps "high" / "low" to a DCP checkpoint directory (local, or a URI read in place: the model's tensors
+    only); `boundary` (the one they were trained with; None for a one-transformer model) goes into
+    model_index.json. The result is loadable by
     `WanPipeline.from_pretrained(out_dir)`. `out_dir` may be an object-store URI (wanray.storage): the export
     is written to a local temporary directory first (room for it in TMPDIR), then uploaded. LoRA runs also
     get `<subfolder>/lora/` with the adapter written by diffusers' own `save_lora_weights`, its rank and alpha
@@ -200,9 +205,7 @@ def export_run(cfg: Config, run_dir, out_dir, log=print, best: bool = False) -> 
         boundary = contract.boundary if boundary is None else boundary
     for e, checkpoint in trained.items():
         log(f"[export] {e}-noise expert from {checkpoint}")
-    with contextlib.ExitStack() as stack:  # a run in an object store: its checkpoints copied here first
-        local = {e: stack.enter_context(storage.local_dir(c)) for e, c in trained.items()}
-        out = export_diffusers(model_path, out_dir, local, boundary, cfg.train.lora)
+    out = export_diffusers(model_path, out_dir, trained, boundary, cfg.train.lora)
     log(
         f"[export] wrote {out} ({'' if boundary is None else f'boundary {boundary}; '}load with "
         f"{contract.kind.pipeline}.from_pretrained)"

@@ -8,14 +8,13 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from wanray import context_parallel
+from wanray import context_parallel, storage
 from wanray.config import Config
 from wanray.devices import accelerator, torch_dtype
 from wanray.errors import NonFiniteLoss
@@ -294,15 +293,20 @@ class HeldOut:
         )
 
 
-def save_checkpoint(state: dict, progress: ckpt.Progress, metrics: dict, rank: int) -> None:
-    """Every rank writes its shards to a local temp dir; Ray Train gathers them into one checkpoint."""
+def save_checkpoint(state: dict, progress: ckpt.Progress, metrics: dict, rank: int, run_dir: str) -> None:
+    """Every rank writes its shards to a local temp dir and Ray Train uploads them into one checkpoint of run_dir;
+    once every rank's are there, rank 0 writes its STEP_FILE, by which export, validation and the UI know it: a
+    directory without one is a checkpoint still being written (an upload runs file by file)."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
         ckpt.save(state, d)
-        if rank == 0:
-            Path(d, STEP_FILE).write_text(json.dumps({"step": progress.step}))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))  # once this rank's are up
+    dist.barrier()
+    if rank == 0:
+        persisted = ray.train.get_checkpoint()  # the checkpoint just reported, where Ray Train put it
+        name = storage.name(persisted.path)
+        storage.write_json({"step": progress.step}, storage.join(run_dir, name, STEP_FILE))
 
 
 def own_files(rank: int, group: int) -> list[str]:
@@ -328,62 +332,69 @@ def train_loop(config: dict) -> None:
     )
     progress = ckpt.Progress(data_fingerprint=plan.fingerprint())
     state = ckpt.app_state(trainer.model, trainer.optimizer, trainer.schedule, progress, lora=train.lora.enabled)
-    files, own = WorkingCopy(spec.run_dir), own_files(rank, group)
-    files.pull(*(f for f in own if f != "tensorboard"))  # appended to from here (a new event file each start)
-    log = MetricsLog(spec, rank, world, acc, files)
-    if resume is not None:
-        with resume.as_directory() as d:
-            ckpt.load(state, d)
-        log.resumed(progress, order_changed=progress.data_fingerprint != plan.fingerprint())
-        progress.data_fingerprint = plan.fingerprint()
-    reader = ClipReader(spec.index, train.cache_bytes)
-    loader = ClipLoader(
-        plan, reader, progress.epoch, progress.batches_in_epoch, rank // group, spec.contract.text_tokens
-    )
-    held_out = HeldOut(spec, rank // group, world // group) if spec.holdout is not None else None
-    order = files.local / "data_order" / f"rank-{rank // group:05d}.jsonl"  # one per data-parallel rank: its
-    order.parent.mkdir(parents=True, exist_ok=True)  # group's first rank writes it
-    try:
-        with order.open("a") if rank % group == 0 else open(os.devnull, "w") as order_log:
-            while progress.step < train.steps:
-                step_start = time.perf_counter()
-                data = loader.next()
-                wait = time.perf_counter() - step_start
-                try:
-                    result = trainer.step(data)
-                except NonFiniteLoss as e:
-                    raise non_finite(e, progress.step + 1, log) from None
-                progress.step += 1
-                progress.epoch, progress.batches_in_epoch = data.epoch, data.start + plan.per_step
-                ids = [i for b in data.batches for i in b.ids]
-                batches = [b.index for b in data.batches]
-                record = {"step": progress.step, "epoch": data.epoch, "batches": batches, "ids": ids}
-                order_log.write(json.dumps(record) + "\n")
-                order_log.flush()
-                lr = trainer.schedule.get_last_lr()[0]
-                metrics = log.step(result, lr, time.perf_counter() - step_start, wait, data, progress)
-                if metrics:
-                    metrics.update(shard_stats(trainer.model, trainer.optimizer))
-                    log.write(metrics)
-                # Ray Train hears of metrics with checkpoints only: a V2 report blocks until the
-                # controller's next poll (every 2 s), which costs more than a small step.
-                if progress.step % train.checkpoint_every == 0 or progress.step == train.steps:
-                    validating = bool(train.validation.every) and progress.step % train.validation.every == 0
-                    reported = metrics or {"step": progress.step}
-                    if held_out is not None:  # Ray keeps the checkpoints of the lowest val_loss: unmeasured is worst
-                        measured = held_out.measure(trainer) if validating else None
-                        if measured is not None:
-                            log.held_out(measured.metrics(progress.step, spec.expert))
-                        reported = {**reported, "val_loss": measured.mean if measured is not None else math.inf}
-                    save_checkpoint(state, progress, reported, rank)
-                    files.push(*own)
-                    if validating and spec.validator is not None and rank == 0:
-                        spec.validator.submit.remote(progress.step)  # returns at once: training goes on
-    finally:
-        loader.close()
-        log.tracker.close()
-        files.push(*own)
-        files.close()
+    own = own_files(rank, group)
+    with WorkingCopy(spec.run_dir) as files:
+        files.pull(*(f for f in own if f != "tensorboard"))  # appended to from here (a new event file each start)
+        log = MetricsLog(spec, rank, world, acc, files)
+        if resume is not None:
+            with resume.as_directory() as d:
+                ckpt.load(state, d)
+            log.resumed(progress, order_changed=progress.data_fingerprint != plan.fingerprint())
+            progress.data_fingerprint = plan.fingerprint()
+        reader = ClipReader(spec.index, train.cache_bytes)
+        loader = ClipLoader(
+            plan, reader, progress.epoch, progress.batches_in_epoch, rank // group, spec.contract.text_tokens
+        )
+        held_out = HeldOut(spec, rank // group, world // group) if spec.holdout is not None else None
+        order = files.local / "data_order" / f"rank-{rank // group:05d}.jsonl"  # one per data-parallel rank: its
+        order.parent.mkdir(parents=True, exist_ok=True)  # group's first rank writes it
+        try:
+            with order.open("a") if rank % group == 0 else open(os.devnull, "w") as order_log:
+                while progress.step < train.steps:
+                    step_start = time.perf_counter()
+                    data = loader.next()
+                    wait = time.perf_counter() - step_start
+                    try:
+                        result = trainer.step(data)
+                    except NonFiniteLoss as e:
+                        raise non_finite(e, progress.step + 1, log) from None
+                    progress.step += 1
+                    progress.epoch, progress.batches_in_epoch = data.epoch, data.start + plan.per_step
+                    ids = [i for b in data.batches for i in b.ids]
+                    batches = [b.index for b in data.batches]
+                    record = {"step": progress.step, "epoch": data.epoch, "batches": batches, "ids": ids}
+                    order_log.write(json.dumps(record) + "\n")
+                    order_log.flush()
+                    lr = trainer.schedule.get_last_lr()[0]
+                    metrics = log.step(result, lr, time.perf_counter() - step_start, wait, data, progress)
+                    if metrics:
+                        metrics.update(shard_stats(trainer.model, trainer.optimizer))
+                        log.write(metrics)
+                    # Ray Train hears of metrics with checkpoints only: a V2 report blocks until the
+                    # controller's next poll (every 2 s), which costs more than a small step.
+                    if progress.step % train.checkpoint_every == 0 or progress.step == train.steps:
+                        checkpoint(spec, trainer, state, progress, metrics, held_out, log, rank)
+                        files.sync(*own)
+        finally:
+            loader.close()
+            log.tracker.close()
+            files.sync(*own)
+
+
+def checkpoint(spec: LoopSpec, trainer, state: dict, progress, metrics: dict | None, held_out, log, rank: int) -> None:
+    """A checkpoint of this step, its held-out loss first on a validation step (Ray Train keeps the checkpoints of
+    the lowest; an unmeasured one counts as the worst), then the validation videos of it."""
+    train = spec.cfg.train
+    validating = bool(train.validation.every) and progress.step % train.validation.every == 0
+    reported = metrics or {"step": progress.step}
+    measured = held_out.measure(trainer) if held_out is not None and validating else None
+    if held_out is not None:
+        reported = {**reported, "val_loss": measured.mean if measured is not None else math.inf}
+    save_checkpoint(state, progress, reported, rank, spec.run_dir)
+    if measured is not None:  # best.json names a checkpoint that exists
+        log.held_out(measured.metrics(progress.step, spec.expert))
+    if validating and spec.validator is not None and rank == 0:
+        spec.validator.submit.remote(progress.step)  # returns at once: training goes on
 
 
 def non_finite(error: NonFiniteLoss, step: int, log: MetricsLog) -> NonFiniteLoss:

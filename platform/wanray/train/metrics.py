@@ -25,6 +25,9 @@ METRICS_FILE = "metrics.jsonl"
 """Per expert run directory: rank 0's record of every logged step and held-out loss, one JSON line each."""
 CONSOLE_FILE = "console.log"
 """Per expert run directory: rank 0's progress lines, which the driver prints as they come."""
+SYNC_SECONDS = 5.0
+"""In a run directory in an object store, rank 0 uploads the console and metrics at most this often (and at each
+checkpoint and the end)."""
 BEST_FILE = "best.json"
 """Per expert run directory: the step whose checkpoint has the lowest held-out loss so far, and that loss."""
 
@@ -51,7 +54,7 @@ class MetricsLog:
 
     def __init__(self, spec, rank: int, world: int, acc, files: WorkingCopy):
         """spec: the rank's wanray.train.loop.LoopSpec; files: its working copy of the expert's run directory,
-        into which rank 0 writes METRICS_FILE, CONSOLE_FILE and BEST_FILE (pushed as they change)."""
+        into which rank 0 writes METRICS_FILE, CONSOLE_FILE and BEST_FILE (synced as they change)."""
         self.spec, self.rank, self.world, self.acc, self.files = spec, rank, world, acc, files
         self.path = files.local / METRICS_FILE
         self.range = list(spec.contract.timestep_range(spec.expert))
@@ -70,7 +73,7 @@ class MetricsLog:
         if self.rank == 0:
             with (self.files.local / CONSOLE_FILE).open("a") as f:
                 f.write(f"[train:{self.spec.expert}] {text}\n")
-            self.files.push(CONSOLE_FILE)
+            self.files.sync(CONSOLE_FILE, every=SYNC_SECONDS)
 
     def resumed(self, progress: ckpt.Progress, order_changed: bool) -> None:
         self.say(
@@ -141,7 +144,7 @@ class MetricsLog:
         if best is None or m["val_loss"] < best["val_loss"]:
             write_json_atomic({"step": m["step"], "val_loss": m["val_loss"]}, best_path)
             best = m
-        self.files.push(METRICS_FILE, BEST_FILE)
+        self.files.sync(METRICS_FILE, BEST_FILE)
         bands = ", ".join(f"{k} {v:.4f}" for k, v in m["val_loss_bands"].items())
         clips = f"{m['val_clips']} clip{'' if m['val_clips'] == 1 else 's'}"
         self.say(
@@ -157,7 +160,7 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(m) + "\n")
-        self.files.push(METRICS_FILE)
+        self.files.sync(METRICS_FILE, every=SYNC_SECONDS)
         self.tracker.scalars(m)
         if self.started is None:
             self.started = (time.perf_counter(), step)

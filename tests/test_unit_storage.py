@@ -2,6 +2,7 @@
 manifests read from a bucket, objects downloaded once per process for the decoders."""
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -82,8 +83,11 @@ def test_a_working_copy_appends_to_what_the_store_holds_and_the_driver_follows_i
     with storage.WorkingCopy("s3://no-such-bucket/run") as lost:
         (lost.local / "console.log").write_text("x\n")
         lost.sync("console.log")
-    assert "warning: uploading console.log to s3://no-such-bucket/run failed" in capsys.readouterr().err
-    assert not lost.local.exists()
+    err = capsys.readouterr().err  # the copy that could not be sent stays, and says where
+    assert "warning: uploading console.log to s3://no-such-bucket/run failed" in err
+    assert f"console.log could not be uploaded to s3://no-such-bucket/run; the local copy stays in {lost.local}" in err
+    assert (lost.local / "console.log").read_text() == "x\n"
+    shutil.rmtree(lost.local)
 
 
 def test_checkpoints_in_a_bucket_are_listed_checked_and_read_in_place(s3, tmp_path):
@@ -91,7 +95,7 @@ def test_checkpoints_in_a_bucket_are_listed_checked_and_read_in_place(s3, tmp_pa
     import torch.distributed.checkpoint as dcp
 
     from wanray.errors import DataError
-    from wanray.train.checkpoint import check_resumable
+    from wanray.train.checkpoint import check_resumable, reader
     from wanray.train.export import _load_checkpoint
     from wanray.train.runs import RUN_FILE, checkpoints, latest_checkpoint, trained_experts
 
@@ -118,6 +122,8 @@ def test_checkpoints_in_a_bucket_are_listed_checked_and_read_in_place(s3, tmp_pa
         check_resumable(f"{run}/high/checkpoint_a")
     with pytest.raises(FileNotFoundError, match=f"no checkpoint of the low-noise expert in {run}/low"):
         latest_checkpoint(run, "low")
-    loaded = {k: torch.empty_like(v) for k, v in weights.items()}  # the model's tensors, read from the bucket
-    _load_checkpoint(loaded, f"{run}/high/checkpoint_b")
-    assert all(torch.equal(loaded[k], weights[k]) for k in weights)
+    source = reader(f"{run}/high/checkpoint_b")  # the model's tensors read from the bucket, a group at a time
+    for name, tensor in weights.items():
+        loaded = {name: torch.empty_like(tensor)}
+        _load_checkpoint(loaded, source)
+        assert torch.equal(loaded[name], tensor)

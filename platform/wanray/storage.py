@@ -218,6 +218,7 @@ class WorkingCopy:
         self.local = Path(tempfile.mkdtemp(prefix="wanray-run-")) if self.remote else Path(self.root)
         self.local.mkdir(parents=True, exist_ok=True)
         self.synced: dict[tuple[str, ...], float] = {}
+        self.unsent: set[str] = set()
 
     def pull(self, *names: str) -> None:
         """Download the files `names` (relative to root) that exist there."""
@@ -242,21 +243,32 @@ class WorkingCopy:
 
     def sync(self, *names: str, every: float = 0.0) -> None:
         """push, at most once per `every` seconds for the same names (a file that grows at every step is not
-        uploaded at every step); an upload error is a warning on stderr, not the caller's failure: the next sync
-        uploads the whole files again."""
+        uploaded at every step), each name on its own; an upload error is a warning on stderr, not the caller's
+        failure: the next sync uploads the whole files again, and close keeps the copy while one is unsent."""
         now = time.monotonic()
         if not self.remote or now - self.synced.get(names, -math.inf) < every:
             return
-        try:
-            self.push(*names)
-        except OSError as e:
-            print(f"warning: uploading {', '.join(names)} to {self.root} failed, retried later: {e}", file=sys.stderr)
-            return
+        for relative in names:
+            try:
+                self.push(relative)
+                self.unsent.discard(relative)
+            except OSError as e:
+                self.unsent.add(relative)
+                print(f"warning: uploading {relative} to {self.root} failed (retried later): {e}", file=sys.stderr)
         self.synced[names] = now
 
     def close(self) -> None:
-        if self.remote:
-            shutil.rmtree(self.local, ignore_errors=True)
+        """Remove the local copy, unless a file in it failed its last upload: then it stays, and says where."""
+        if not self.remote:
+            return
+        if self.unsent:
+            print(
+                f"warning: {', '.join(sorted(self.unsent))} could not be uploaded to {self.root}; "
+                f"the local copy stays in {self.local}",
+                file=sys.stderr,
+            )
+            return
+        shutil.rmtree(self.local, ignore_errors=True)
 
     def __enter__(self) -> WorkingCopy:
         return self

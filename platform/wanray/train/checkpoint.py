@@ -107,14 +107,17 @@ class _StoreFiles(FileSystem):
 
     def __init__(self, fs: pafs.FileSystem):
         self.fs = fs
+        self.metadata: dict[str, bytes] = {}
 
     @contextlib.contextmanager
     def create_stream(self, path, mode: str) -> Iterator[io.IOBase]:
         if mode != "rb":
             raise io.UnsupportedOperation(f"a checkpoint in an object store is read here, not written ({mode})")
-        if str(path).endswith(".metadata"):
-            with self.fs.open_input_stream(str(path)) as f:
-                yield io.BytesIO(f.read())
+        if str(path).endswith(".metadata"):  # read whole once: one reader loads a checkpoint block by block
+            if str(path) not in self.metadata:
+                with self.fs.open_input_stream(str(path)) as f:
+                    self.metadata[str(path)] = f.read()
+            yield io.BytesIO(self.metadata[str(path)])
             return
         with self.fs.open_input_file(str(path)) as f:
             yield f
@@ -151,13 +154,20 @@ class _StoreReader(dcp.FileSystemReader):
         fs, self.path = storage.filesystem(uri)
         self.fs = _StoreFiles(fs)
 
+    def reset(self, checkpoint_id=None) -> None:
+        super().reset()
+        if checkpoint_id:
+            self.path = storage.filesystem(checkpoint_id)[1]
+
     def _slice_file(self, file, sinfo) -> IO[bytes]:
         return io.BytesIO(file.read_at(sinfo.length, sinfo.offset))
 
 
 def reader(directory) -> dcp.FileSystemReader:
     """DCP's reader of a checkpoint directory, local or in an object store (wanray.storage)."""
-    return _StoreReader(str(directory)) if storage.is_uri(directory) else dcp.FileSystemReader(str(directory))
+    if storage.is_uri(directory):
+        return _StoreReader(str(directory))
+    return dcp.FileSystemReader(storage.filesystem(directory)[1])  # a file:// path too
 
 
 def check_resumable(directory) -> None:

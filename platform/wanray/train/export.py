@@ -45,11 +45,12 @@ def merge_lora(state: dict, scale: float) -> tuple[dict, dict]:
     return merged, adapter
 
 
-def _load_checkpoint(tensors: dict, checkpoint_dir) -> None:
-    """Fill `tensors` (name -> empty tensor) from the model state of a DCP checkpoint, reading just those."""
+def _load_checkpoint(tensors: dict, source: dcp.FileSystemReader) -> None:
+    """Fill `tensors` (name -> empty tensor) from the model state of a DCP checkpoint (its reader), reading just
+    those."""
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load({"model": tensors}, storage_reader=reader(checkpoint_dir), no_dist=True)
+        dcp.load({"model": tensors}, storage_reader=source, no_dist=True)
 
 
 def checkpoint_adapter(model_path, expert: str, checkpoint_dir, lora) -> dict[str, torch.Tensor]:
@@ -59,7 +60,7 @@ def checkpoint_adapter(model_path, expert: str, checkpoint_dir, lora) -> dict[st
 
     model = build_on_meta(model_path, expert, lora)
     trained = {n: torch.empty(t.shape, dtype=t.dtype) for n, t in model.state_dict().items() if ".lora_" in n}
-    _load_checkpoint(trained, checkpoint_dir)
+    _load_checkpoint(trained, reader(checkpoint_dir))
     return {adapter_key(k): v for k, v in trained.items()}
 
 
@@ -76,11 +77,12 @@ def expert_state_groups(model_path, expert: str, checkpoint_dir, lora=None) -> I
         parts = name.split(".")
         groups.setdefault(".".join(parts[:2]) if parts[0] == "blocks" else "rest", []).append((name, tensor))
     scale = lora.alpha / lora.rank if lora is not None and lora.enabled else None
+    source = reader(checkpoint_dir)
     with models.ExpertWeights(model_path, expert) as base:
         for members in groups.values():
             trained = {n: torch.empty(t.shape, dtype=t.dtype) for n, t in members if scale is None or ".lora_" in n}
             if trained:
-                _load_checkpoint(trained, checkpoint_dir)
+                _load_checkpoint(trained, source)
             if scale is None:
                 yield trained, {}
                 continue

@@ -299,14 +299,14 @@ def save_checkpoint(state: dict, progress: ckpt.Progress, metrics: dict, rank: i
     directory without one is a checkpoint still being written (an upload runs file by file)."""
     import ray.train
 
+    before = ray.train.get_checkpoint()
     with tempfile.TemporaryDirectory() as d:
         ckpt.save(state, d)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))  # once this rank's are up
     dist.barrier()
-    if rank == 0:
-        persisted = ray.train.get_checkpoint()  # the checkpoint just reported, where Ray Train put it
-        name = storage.name(persisted.path)
-        storage.write_json({"step": progress.step}, storage.join(run_dir, name, STEP_FILE))
+    persisted = ray.train.get_checkpoint()  # the checkpoint just reported, where Ray Train put it
+    if rank == 0 and persisted is not None and (before is None or persisted.path != before.path):  # not skipped
+        storage.write_json({"step": progress.step}, storage.join(run_dir, storage.name(persisted.path), STEP_FILE))
 
 
 def own_files(rank: int, group: int) -> list[str]:

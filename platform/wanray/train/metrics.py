@@ -86,6 +86,8 @@ class MetricsLog:
                 "or rewritten, or train.seed, train.batch_size or workers x grad_accum changed): from here on "
                 "the batches are not those of an uninterrupted run"
             )
+        if self.rank == 0:
+            self.files.sync(CONSOLE_FILE)  # not held back by the start's line just before
 
     def step(
         self, result: StepMetrics, lr: float, seconds: float, wait: float, data: StepData, progress

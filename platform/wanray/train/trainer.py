@@ -213,8 +213,9 @@ def train_experts(cfg: Config, expert: str, data_dir, run_dir, log=print, valida
                     f"training the {e}-noise expert failed: {getattr(results.get(e), 'error', 'no result')}"
                 )
             log(f"[train] {e}-noise expert: latest checkpoint {latest_checkpoint(run_dir, e)}")
-        while validators:  # the last validation may still be rendering
-            validation.finish(validators.popitem()[1], log)
+        for e in list(validators):  # the last validation may still be rendering
+            validation.finish(validators[e], log)
+            del validators[e]  # finished and stopped; the finally stops the rest
     finally:
         for v in validators.values():
             validation.stop(v)

@@ -156,8 +156,7 @@ class Validator:
             records.parent.mkdir(parents=True, exist_ok=True)
             with records.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            with contextlib.suppress(OSError):  # the driver reports it from self.records; the next push has it
-                self.files.push(f"validation/{RECORD_FILE}")
+            self.files.sync(f"validation/{RECORD_FILE}")  # a failed upload: a warning; the next sync carries it
             with self.changed:
                 self.records.append(record)
                 self.busy = False

@@ -1,5 +1,5 @@
 """The training ranks' console: rank 0 of each expert appends its progress lines to <run>/<expert>/console.log
-(wanray.train.metrics; in an object store, uploaded again after each line), and the driver prints them as they
+(wanray.train.metrics; in an object store, uploaded again at most every 5 s), and the driver prints them as they
 come."""
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Scores of a generated video (wanray.infer.scores) on videos whose answer is known: a still one, a square
 moving at a known speed, a sharp and a blurred pattern; CLIP through a tiny random-weight model of the real
-architecture."""
+architecture; noise, which a plain Laplacian variance reads as detail."""
 
 import numpy as np
 import pytest
 
-from wanray.infer.scores import VideoScorer, mean_scores, motion, sharpness
+from wanray.infer.scores import VideoScorer, mean_scores, pixel_scores
 from wanray.model_files import write_tiny_clip
 
 
@@ -19,17 +19,33 @@ def moving_square(speed: int, frames: int = 9, size: int = 64) -> np.ndarray:
     return video
 
 
+def motion(frames: np.ndarray) -> float:
+    return pixel_scores(frames)[0]
+
+
+def sharpness(frames: np.ndarray) -> float:
+    return pixel_scores(frames)[1]
+
+
 def test_motion_is_zero_for_a_still_and_grows_with_speed():
     still, slow, fast = (motion(moving_square(s)) for s in (0, 1, 3))
     assert still < 1e-3 < slow < fast
 
 
-def test_blur_lowers_sharpness():
+def test_blur_lowers_sharpness_and_so_does_noise():
     import cv2
 
-    pattern = moving_square(0)
-    blurred = np.stack([cv2.GaussianBlur(f, (7, 7), 2.0) for f in pattern])
-    assert sharpness(pattern) > 2 * sharpness(blurred)
+    for speed in (0, 2):
+        pattern = moving_square(speed)
+        blurred = np.stack([cv2.GaussianBlur(f, (7, 7), 2.0) for f in pattern])
+        assert sharpness(pattern) > 2 * sharpness(blurred), speed
+        # grain differs in every frame: not detail that stays, though every frame's Laplacian varies more
+        noisy = np.clip(pattern + np.random.default_rng(speed).normal(0, 0.1, pattern.shape), 0, 1)
+        assert sharpness(noisy) < sharpness(pattern) < pixel_scores(noisy[:1])[1], speed
+        assert abs(sharpness(np.random.default_rng(speed).random(pattern.shape))) < 0.2 * sharpness(pattern)
+    # a still image: its own Laplacian's variance, no motion
+    gray = cv2.cvtColor((pattern[0] * 255).round().astype(np.uint8), cv2.COLOR_RGB2GRAY)
+    assert pixel_scores(pattern[:1]) == (0.0, pytest.approx(cv2.Laplacian(gray, cv2.CV_64F).var(), rel=1e-4))
 
 
 @pytest.fixture(scope="module")

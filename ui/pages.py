@@ -103,7 +103,8 @@ def runs_page(cfg: Config) -> gr.Dropdown:
         )
         scores = gr.Dataframe(
             label="Validation scores, the mean over the prompts (motion: optical flow in pixels per frame; "
-            "sharpness: Laplacian variance; clip_score and temporal_consistency with eval.clip_model)",
+            "sharpness: Laplacian detail kept from frame to frame; clip_score and temporal_consistency with "
+            "eval.clip_model)",
             interactive=False,
         )
         config = gr.Code(label="Config used (config.yaml of each expert)", language="yaml")

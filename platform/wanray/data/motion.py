@@ -33,12 +33,16 @@ def flow_motion(frames: np.ndarray, width: int | None = None, pairs: int | None 
             return g
         return cv2.resize(g, (width, max(1, round(g.shape[0] * width / g.shape[1]))), interpolation=cv2.INTER_AREA)
 
-    magnitudes = []
-    for i in starts:
-        a, b = gray(frames[i]), gray(frames[i + 1])
-        flow = cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0)
-        magnitudes.append(float(np.linalg.norm(flow, axis=-1).mean()))
+    flows = (farneback(gray(frames[i]), gray(frames[i + 1])) for i in starts)
+    magnitudes = [float(np.linalg.norm(flow, axis=-1).mean()) for flow in flows]
     return float(np.mean(magnitudes)) if magnitudes else 0.0
+
+
+def farneback(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(H, W, 2) optical flow from grayscale frame a to b: a(x) matches b(x + flow(x))."""
+    import cv2
+
+    return cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0)
 
 
 def curation_motion(frames: np.ndarray) -> float:

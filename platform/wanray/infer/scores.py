@@ -9,7 +9,11 @@ the Runs page); the same scorer rates each model of an evaluation.
   (flicker and sudden changes lower it).
 - motion: the mean optical-flow magnitude between consecutive frames, in pixels per frame (OpenCV's
   Farneback flow on the grayscale frames): a distilled or collapsed model that stops moving shows here.
-- sharpness: the mean variance of each grayscale frame's Laplacian (0-255 scale, OpenCV): blur lowers it.
+  Flicker and grain read as flow too, so more is not better: compare it with the base model's.
+- sharpness: detail that stays from one frame to the next: the mean product of each grayscale frame's
+  Laplacian (0-255 scale, OpenCV) and the next frame's, moved back along the optical flow between them. Blur
+  lowers it, and so does noise: grain differs in every frame, so its products average out, where a plain
+  Laplacian variance counts it as detail. A single frame (a still): its Laplacian's variance.
 
 Without `eval.clip_model` the first two are left out (None); motion and sharpness need no model.
 """
@@ -21,7 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from wanray.data.motion import as_uint8, flow_motion
+from wanray.data.motion import as_uint8, farneback
 
 
 @dataclass(frozen=True)
@@ -36,18 +40,27 @@ class VideoScores:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def motion(frames: np.ndarray) -> float:
-    """Mean Farneback optical-flow magnitude (pixels per frame) between consecutive frames; 0 for a still."""
-    return flow_motion(frames)
-
-
-def sharpness(frames: np.ndarray) -> float:
-    """Mean variance of the Laplacian of each grayscale frame."""
+def pixel_scores(frames: np.ndarray) -> tuple[float, float]:
+    """(motion, sharpness) of (F, H, W, 3) frames, from one optical flow per pair of consecutive frames."""
     import cv2
 
-    return float(
-        np.mean([cv2.Laplacian(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var() for f in as_uint8(frames)])
-    )
+    gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in as_uint8(frames)]
+    laplacian = [cv2.Laplacian(g, cv2.CV_32F) for g in gray]
+    if len(gray) == 1:
+        return 0.0, float(laplacian[0].var())
+    h, w = gray[0].shape
+    ys, xs = np.mgrid[0:h, 0:w]
+    grid = np.stack([xs, ys], axis=-1).astype(np.float32)  # (x, y) of every pixel
+    moved, kept = [], []
+    for i in range(len(gray) - 1):
+        flow = farneback(gray[i], gray[i + 1])
+        moved.append(float(np.linalg.norm(flow, axis=-1).mean()))
+        at = grid + flow  # where each pixel of frame i is in frame i + 1
+        following = cv2.remap(
+            laplacian[i + 1], at[..., 0], at[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
+        kept.append(float((laplacian[i] * following).mean()))
+    return float(np.mean(moved)), float(np.mean(kept))
 
 
 class VideoScorer:
@@ -65,7 +78,7 @@ class VideoScorer:
     @torch.no_grad()
     def __call__(self, frames: np.ndarray, prompt: str) -> VideoScores:
         video = as_uint8(frames)
-        scores = VideoScores(motion(video), sharpness(video))
+        scores = VideoScores(*pixel_scores(video))
         if self.model is None or self.processor is None:
             return scores
         picked = video[np.unique(np.linspace(0, len(video) - 1, min(self.frames, len(video))).round().astype(int))]

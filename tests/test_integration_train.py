@@ -11,6 +11,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import replace
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -189,7 +190,6 @@ def test_a_non_finite_loss_stops_the_run_naming_its_step_and_clip_before_the_wei
     in a bare thread); step 1's checkpoint stays the last, and finite."""
     import itertools
 
-    import numpy as np
     import pyarrow as pa
 
     from wanray.errors import NonFiniteLoss
@@ -445,7 +445,7 @@ def test_killed_worker_resumes_to_the_uninterrupted_run_with_the_a14b_options(pr
     assert counts == clip_counts(killed_run) and sum(counts.values()) == steps * 4  # 2 workers x 2 micro-batches
 
 
-def test_lora_adapters_load_in_diffusers_at_their_scale_and_match_the_merged_export(prep, tiny_model, tmp_path):
+def test_lora_adapters_load_in_diffusers_at_their_scale_and_match_the_merged_export(prep, tiny_model, tmp_path, s3):
     from diffusers import WanPipeline
 
     run, resumed = tmp_path / "run", tmp_path / "resumed"
@@ -526,3 +526,24 @@ def test_lora_adapters_load_in_diffusers_at_their_scale_and_match_the_merged_exp
     assert abs(sampler(replace(params, loras=(("early", 1.0),))) - ours).max() > 1e-3  # step 2's adapters
     with pytest.raises(ConfigError, match="no checkpoint at step 3 \\(steps: 2, 4\\)"):
         StageSpec.for_batch(tiny_model, tiny_config(tiny_model, f"infer.loras.x.path={run}", "infer.loras.x.step=3"))
+
+    # the same run and export in a bucket, served from there: the same frames
+    s3.create_bucket(Bucket="lora-served")
+    for local, key in ((run, "run"), (out, "export")):
+        for f in local.rglob("*"):
+            if f.is_file():
+                s3.upload_file(str(f), "lora-served", f"{key}/{f.relative_to(local)}")
+    in_bucket = tiny_config(
+        tiny_model,
+        "infer.loras.run=s3://lora-served/run",
+        "infer.loras.early.path=s3://lora-served/run",
+        "infer.loras.early.step=2",
+        "infer.loras.export=s3://lora-served/export",
+        "infer.loras.file.high=s3://lora-served/export/transformer/lora/pytorch_lora_weights.safetensors",
+    )
+    from_bucket = Sampler(StageSpec.for_batch(tiny_model, in_bucket))
+    for name in ("run", "early", "export"):
+        np.testing.assert_array_equal(
+            from_bucket(replace(params, loras=((name, 1.0),))), sampler(replace(params, loras=((name, 1.0),))), name
+        )
+    assert abs(from_bucket(replace(params, loras=(("file", 1.0),))) - ours).max() > 1e-3  # the high expert's only

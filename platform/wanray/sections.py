@@ -302,7 +302,8 @@ class LoraSource:
     run directory (train.py --out of a LoRA run: its latest checkpoint, or `step`'s), a wanray export
     (export.py --out: both experts' `lora/` folders), or one adapter file or folder applied to both
     experts. `high` / `low`: a file or folder per expert (published adapters for the A14B models come
-    as a high-noise and a low-noise file); an expert with none runs without this adapter."""
+    as a high-noise and a low-noise file); an expert with none runs without this adapter. Each may be a
+    URI of an object store."""
 
     path: str = ""
     high: str = ""

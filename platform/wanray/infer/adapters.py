@@ -21,7 +21,6 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import yaml
@@ -60,7 +59,7 @@ class AdapterFile:
         from diffusers import WanPipeline
 
         try:
-            state, metadata = WanPipeline.lora_state_dict(self.path, return_lora_metadata=True)
+            state, metadata = WanPipeline.lora_state_dict(storage.local_copy(self.path), return_lora_metadata=True)
         except (OSError, ValueError, KeyError) as e:  # not safetensors, a broken file, keys no converter knows
             raise ConfigError(
                 f"{self.path} is not a LoRA adapter diffusers can read: {str(e).splitlines()[0]}"
@@ -76,7 +75,7 @@ class AdapterFile:
             return sum(t.numel() for n, t in model.state_dict().items() if ".lora_" in n)
         from safetensors import safe_open
 
-        with safe_open(self.path, "pt") as f:
+        with safe_open(storage.local_copy(self.path), "pt") as f:
             return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if "lora" in k)  # noqa: SIM118  (a handle, no dict)
 
     @property
@@ -88,43 +87,43 @@ Adapters = dict[str, dict[str, AdapterFile]]
 """Adapter name -> expert ("high", "low") -> its file; an expert an adapter has no file for runs without it."""
 
 
-def _file(path: Path, where: str) -> AdapterFile:
+def _file(path: str, where: str) -> AdapterFile:
     """An adapter file, or a folder holding one (diffusers' pytorch_lora_weights.safetensors or a single
-    .safetensors): never a pickle (.bin, .pt, .ckpt), which can run code when read."""
-    if path.is_dir():
-        found = sorted(path.glob("*.safetensors"))
-        named = path / ADAPTER_FILE
-        if named.is_file():
-            return AdapterFile(str(named.resolve()))
+    .safetensors): never a pickle (.bin, .pt, .ckpt), which can run code when read. Local or in a store."""
+    if storage.is_dir(path):
+        found = storage.list_files(path, "*.safetensors")
+        named = storage.join(path, ADAPTER_FILE)
+        if storage.is_file(named):
+            return AdapterFile(storage.absolute(named))
         if len(found) != 1:
             raise ConfigError(f"{where}: {path} holds {len(found)} .safetensors files; name the adapter file itself")
         path = found[0]
-    if not path.is_file():
+    if not storage.is_file(path):
         raise ConfigError(f"{where}: {path} not found")
-    if path.suffix != ".safetensors":
+    if not path.endswith(".safetensors"):
         raise ConfigError(f"{where}: {path} is not a .safetensors file (adapters load from safetensors only)")
-    return AdapterFile(str(path.resolve()))
+    return AdapterFile(storage.absolute(path))
 
 
-def _run(run: Path, source: LoraSource, experts: tuple[str, ...], where: str) -> dict[str, AdapterFile]:
+def _run(run: str, source: LoraSource, experts: tuple[str, ...], where: str) -> dict[str, AdapterFile]:
     """Each trained expert's adapter in a wanray run directory: its latest checkpoint, or source.step's."""
     from wanray.train.runs import CONFIG_FILE, RUN_FILE, checkpoints
 
     out = {}
     for expert in experts:
-        if not (run / expert / RUN_FILE).is_file():
+        if not storage.is_file(storage.join(run, expert, RUN_FILE)):
             continue
-        lora = LoraConfig(**yaml.safe_load((run / expert / CONFIG_FILE).read_text())["train"]["lora"])
+        lora = LoraConfig(**yaml.safe_load(storage.read_text(storage.join(run, expert, CONFIG_FILE)))["train"]["lora"])
         if not lora.enabled:
             raise ConfigError(
-                f"{where}: {run / expert} fine-tuned the whole expert, not LoRA adapters: export it "
+                f"{where}: {storage.join(run, expert)} fine-tuned the whole expert, not LoRA adapters: export it "
                 "(export.py) and serve the export as model.path"
             )
         found = checkpoints(run, expert)
         step = source.step or max(found, default=0)
         if step not in found:
             raise ConfigError(
-                f"{where}: {run / expert} has no checkpoint at step {step} "
+                f"{where}: {storage.join(run, expert)} has no checkpoint at step {step} "
                 f"(steps: {', '.join(map(str, sorted(found))) or 'none'})"
             )
         out[expert] = AdapterFile(storage.absolute(found[step]), lora)
@@ -141,17 +140,17 @@ def resolve(infer: InferConfig, kind: ModelKind) -> Adapters:
         assert isinstance(source, LoraSource)  # InferConfig makes every entry one
         where = f"infer.loras.{name}"
         if not source.path:
-            files = {e: _file(Path(p), f"{where}.{e}") for e in EXPERTS if (p := getattr(source, e))}
-        elif any((Path(source.path) / e / RUN_FILE).is_file() for e in EXPERTS):
-            files = _run(Path(source.path), source, kind.experts, where)
-        elif (Path(source.path) / EXPORT_FOLDERS["high"] / "lora").is_dir():
+            files = {e: _file(p, f"{where}.{e}") for e in EXPERTS if (p := getattr(source, e))}
+        elif any(storage.is_file(storage.join(source.path, e, RUN_FILE)) for e in EXPERTS):
+            files = _run(source.path, source, kind.experts, where)
+        elif storage.is_dir(storage.join(source.path, EXPORT_FOLDERS["high"], "lora")):
             files = {
                 e: _file(folder, f"{where}.{e}")
                 for e in kind.experts
-                if (folder := Path(source.path) / EXPORT_FOLDERS[e] / "lora").is_dir()
+                if storage.is_dir(folder := storage.join(source.path, EXPORT_FOLDERS[e], "lora"))
             }
         else:
-            one = _file(Path(source.path), where)
+            one = _file(source.path, where)
             files = dict.fromkeys(kind.experts, one)
         if "low" in files and kind.one_transformer:
             raise ConfigError(f"{where}: {kind.title} has one transformer: give its adapter as path or high, not low")

@@ -11,6 +11,7 @@ import pytest
 from wanray import storage
 from wanray.data.manifest import read_manifest
 from wanray.data.video import ClipRejected, local_file
+from wanray.errors import RequestError
 
 
 def test_uris_join_like_paths_and_a_uri_or_absolute_part_stands_alone(tmp_path):
@@ -127,3 +128,51 @@ def test_checkpoints_in_a_bucket_are_listed_checked_and_read_in_place(s3, tmp_pa
         loaded = {name: torch.empty_like(tensor)}
         _load_checkpoint(loaded, source)
         assert torch.equal(loaded[name], tensor)
+
+
+def test_the_ui_pages_read_runs_evaluations_and_data_in_a_bucket_and_nothing_outside(s3, tmp_path):
+    from test_unit_curation import shard_of
+
+    from ui.pages import _served_copy
+    from wanray.infer.browse import DataView, ReportView, Roots, RunView, list_datasets, list_reports, list_runs
+    from wanray.infer.evaluate import report_html
+    from wanray.train.runs import CONFIG_FILE, RUN_FILE
+
+    s3.create_bucket(Bucket="ui-roots")
+    put = lambda key, body: s3.put_object(Bucket="ui-roots", Key=key, Body=body)
+    video = b"\x00\x00\x00\x18ftypmp42 a rendered video"
+    put(f"runs/team/ft/high/{RUN_FILE}", "{}")
+    put(f"runs/team/ft/high/{CONFIG_FILE}", "train:\n  steps: 30\n")
+    put("runs/team/ft/high/metrics.jsonl", '{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+    put("runs/team/ft/high/validation/step_2/00.mp4", video)
+    put("runs/team/ft/high/validation/step_2/prompts.json", '["a red circle"]')
+    record = {"step": 2, "videos": ["s3://ui-roots/runs/team/ft/high/validation/step_2/00.mp4"]}
+    put("runs/team/ft/high/validation/validations.jsonl", json.dumps({**record, "scores_mean": {"motion": 1.5}}))
+    put(f"runs/team/ft/high/checkpoint_000000/{RUN_FILE}", "{}")  # not a run: listings skip checkpoints
+    result = {"source": "m", "mean": {"motion": 1.0}, "prompts": [{"prompt": "a red circle", "seed": 0, "video": "v/a.mp4"}]}
+    put("runs/eval/metrics.json", json.dumps({"a": result}))
+    put("runs/eval/report.html", report_html({"a": {**result, "model": "m", "adapter": ""}}))
+    put("runs/eval/v/a.mp4", video)
+    for shard in shard_of(tmp_path, [0.5, 2.0], [5, 9]).glob("*.parquet"):
+        s3.upload_file(str(shard), "ui-roots", f"data/prep/{shard.name}")
+    put("data/prep/summary.json", json.dumps({"clips": 2}))
+
+    runs, data = Roots(["s3://ui-roots/runs"], "ui.runs_roots"), Roots(["s3://ui-roots/data/"], "ui.data_roots")
+    assert list_runs(runs) == ["s3://ui-roots/runs/team/ft"] and list_reports(runs) == ["s3://ui-roots/runs/eval"]
+    run = RunView.open(runs, "s3://ui-roots/runs/team/ft")
+    assert [(m["step"], m["expert"]) for m in run.metrics()] == [(1, "high"), (2, "high")]  # a line cut short waits
+    assert run.planned_steps() == 30 and "steps: 30" in run.config()
+    assert run.scores() == [{"step": 2, "expert": "high", "motion": 1.5}]
+    [(expert, step, [(shown, prompt)])] = run.validations()
+    assert (expert, step, prompt) == ("high", 2, "a red circle") and Path(_served_copy(shown)).read_bytes() == video
+    report = ReportView.open(runs, "s3://ui-roots/runs/eval")
+    assert report.means() == [{"model": "a", "source": "m", "motion": 1.0}]
+    assert report.videos() == [("s3://ui-roots/runs/eval/v/a.mp4", "a · a red circle")]
+    assert list_datasets(data) == ["s3://ui-roots/data/prep"]
+    prep = DataView.open(data, "s3://ui-roots/data/prep")
+    clips, total = prep.clips(0, 10)
+    assert total == 2 and [c["motion"] for c in clips] == [0.5, 2.0] and prep.summary() == {"clips": 2}
+    assert tuple(prep.latent("clip-1").shape) == (16, 3, 4, 4)
+    for path in ("s3://ui-roots/runs/../data/prep", "s3://ui-roots/runsx/ft", "s3://other/runs/team/ft", "/etc"):
+        with pytest.raises(RequestError, match="is outside ui.runs_roots"):
+            RunView.open(runs, path)

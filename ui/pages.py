@@ -14,12 +14,13 @@ import inspect
 import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import gradio as gr
 import pandas as pd
 import torch
 
+from wanray import storage
 from wanray.config import Config
 from wanray.errors import RequestError
 from wanray.infer.browse import DataView, ReportView, Roots, RunView, list_datasets, list_reports, list_runs
@@ -38,13 +39,18 @@ Preview = Callable[[torch.Tensor], Awaitable[bytes]]
 _SERVED = Path(tempfile.mkdtemp(prefix="wanray-ui-files-"))
 
 
-def _served_copy(path: Path, suffix: str = "") -> str:
-    """A copy of `path` (already checked against the roots) in this process's temporary directory."""
-    stat = path.stat()
-    key = hashlib.sha256(f"{path}:{stat.st_mtime_ns}:{stat.st_size}".encode()).hexdigest()[:16]
-    copy = _SERVED / f"{key}{suffix or path.suffix}"
+def _served_copy(path: str) -> str:
+    """A copy of `path` (already checked against the roots; local or in a store) in this process's temporary
+    directory."""
+    fs, inner = storage.filesystem(path)
+    info = fs.get_file_info(inner)
+    key = hashlib.sha256(f"{path}:{info.mtime_ns}:{info.size}".encode()).hexdigest()[:16]
+    copy = _SERVED / f"{key}{PurePosixPath(inner).suffix}"
     if not copy.exists():
-        shutil.copyfile(path, copy)
+        handle, partial = tempfile.mkstemp(dir=_SERVED, suffix=".part")  # two pages may copy one file at once
+        with fs.open_input_stream(inner) as src, open(handle, "wb") as dst:
+            shutil.copyfileobj(src, dst, 8 * 1024**2)
+        Path(partial).replace(copy)
     return str(copy)
 
 

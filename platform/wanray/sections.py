@@ -745,6 +745,7 @@ class EvalConfig:
 class UIConfig:
     runs_roots: list[str] = field(default_factory=lambda: ["runs", "outputs"])
     """Directories the UI's Runs page lists training runs under (relative: to the serve.py driver's working
-    directory); nothing outside them is read. On a cluster they must be readable from the ingress's node."""
+    directory) or object-store URIs (s3://runs); nothing outside them is read. On a cluster local ones must be
+    readable from the ingress's node."""
     data_roots: list[str] = field(default_factory=lambda: ["data", "outputs"])
     """Directories the UI's Data page lists preprocessed directories under, likewise."""

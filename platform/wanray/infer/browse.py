@@ -7,9 +7,11 @@ under configured roots.
                                                                  one clip's stored latent (previewed by the VAE)
     ui.runs_roots ─► evaluations (evaluate.py --out: metrics.json + report.html) ─► means, videos side by side
 
-Every path comes from a browser, so each is resolved (symlinks followed) and must lie inside one of
-the resolved roots; a path outside them, or a file that resolves outside them, is a RequestError.
-Listings look a few directories deep (MAX_DEPTH) and skip checkpoints, so a large root stays cheap.
+A root may be a local directory or a URI of an object store (s3://runs/team-a), read through
+wanray.storage. Every path comes from a browser, so each is resolved (symlinks followed; a URI's `..`
+folded away) and must lie inside one of the resolved roots; a path outside them, or a file that
+resolves outside them, is a RequestError. Listings look a few directories deep (MAX_DEPTH), skip
+checkpoints and do not follow symlinks, so a large root stays cheap.
 """
 
 from __future__ import annotations
@@ -17,16 +19,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 
+from wanray import storage
 from wanray.config import Config
 from wanray.data.shards import shard_paths
 from wanray.errors import RequestError
-from wanray.infer.validation import RECORD_FILE
+from wanray.infer.validation import PROMPTS_FILE, RECORD_FILE
 from wanray.schema import decode_tensor
 from wanray.train.runs import CONFIG_FILE, RUN_FILE, trained_experts
 from wanray.wan import EXPERTS
@@ -59,39 +62,49 @@ class Roots:
     """The directories a page may read under; every path it is given is checked against them."""
 
     def __init__(self, roots: list[str], setting: str):
-        self.roots = [Path(r).resolve() for r in roots]
+        self.roots = [_resolved(r) for r in roots]
         self.setting = setting
 
-    def check(self, path: str | os.PathLike) -> Path:
+    def check(self, path: str | os.PathLike) -> str:
         """`path` resolved; a RequestError when it resolves outside every root (a `..` or a symlink out)."""
-        resolved = Path(path).resolve()
-        if not any(resolved == r or resolved.is_relative_to(r) for r in self.roots):
-            raise RequestError(f"{path} is outside {self.setting} ({', '.join(map(str, self.roots))})")
+        resolved = _resolved(path)
+        if not any(resolved == r or resolved.startswith(r.rstrip("/") + "/") for r in self.roots):
+            raise RequestError(f"{path} is outside {self.setting} ({', '.join(self.roots)})")
         return resolved
 
     def find(self, is_match) -> list[str]:
         """Directories under the roots (at most MAX_DEPTH deep, symlinks not followed) that `is_match`."""
-        found = []
+        found: list[str] = []
+
+        def walk(directory: str, depth: int) -> None:
+            for sub in storage.list_dirs(directory):
+                if storage.name(sub).startswith(SKIP) or (not storage.is_uri(sub) and os.path.islink(sub)):
+                    continue
+                if is_match(sub):
+                    found.append(sub)
+                elif depth + 1 < MAX_DEPTH:
+                    walk(sub, depth + 1)
+
         for root in self.roots:
-            for top, dirs, _ in os.walk(root):
-                here = Path(top)
-                depth = len(here.relative_to(root).parts)
-                if depth and is_match(here):
-                    found.append(str(here))
-                    dirs.clear()
-                elif depth >= MAX_DEPTH:
-                    dirs.clear()
-                else:
-                    dirs[:] = sorted(d for d in dirs if not d.startswith(SKIP))
+            walk(root, 0)
         return sorted(found)
 
 
-def _records(path: Path) -> list[dict]:
+def _resolved(path: str | os.PathLike) -> str:
+    """A local path resolved (symlinks followed); a URI with its `.` and `..` parts folded away."""
+    text = str(path)
+    if not storage.is_uri(text):
+        return str(Path(text).resolve())
+    scheme, rest = text.split("://", 1)
+    return f"{scheme}://{posixpath.normpath(rest)}"
+
+
+def _records(path: str) -> list[dict]:
     """A .jsonl file's records; a line cut short (the writer is mid-append) is left for the next read."""
-    if not path.is_file():
+    if not storage.is_file(path):
         return []
     out = []
-    for line in path.read_text().splitlines():
+    for line in storage.read_text(path).splitlines():
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
@@ -104,7 +117,7 @@ class RunView:
     """One training run directory (train.py --out): an <expert>/ per trained expert."""
 
     roots: Roots
-    path: Path
+    path: str
 
     @classmethod
     def open(cls, roots: Roots, path: str) -> RunView:
@@ -119,14 +132,14 @@ class RunView:
 
     def metrics(self) -> list[dict]:
         """Every logged step of every expert (metrics.jsonl), each with its expert."""
-        return [{**r, "expert": e} for e in self.experts for r in _records(self.path / e / "metrics.jsonl")]
+        return [{**r, "expert": e} for e in self.experts for r in _records(storage.join(self.path, e, "metrics.jsonl"))]
 
     def config(self) -> str:
         """Each expert's resolved config (config.yaml), under a heading per expert."""
         parts = []
         for e in self.experts:
-            f = self.path / e / CONFIG_FILE
-            text = self.roots.check(f).read_text() if f.is_file() else "(none recorded)\n"
+            f = self.roots.check(storage.join(self.path, e, CONFIG_FILE))
+            text = storage.read_text(f) if storage.is_file(f) else "(none recorded)\n"
             parts.append(f"# {e}-noise expert\n{text}")
         return "\n".join(parts)
 
@@ -136,9 +149,9 @@ class RunView:
 
         planned = [0]
         for e in self.experts:
-            f = self.path / e / CONFIG_FILE
-            if f.is_file():
-                config = yaml.safe_load(self.roots.check(f).read_text()) or {}
+            f = self.roots.check(storage.join(self.path, e, CONFIG_FILE))
+            if storage.is_file(f):
+                config = yaml.safe_load(storage.read_text(f)) or {}
                 planned.append(int((config.get("train") or {}).get("steps") or 0))
         return max(planned)
 
@@ -148,19 +161,22 @@ class RunView:
         out = [
             {"step": int(r["step"]), "expert": e, **r.get("scores_mean", {})}
             for e in self.experts
-            for r in _records(self.path / e / "validation" / RECORD_FILE)
+            for r in _records(storage.join(self.path, e, "validation", RECORD_FILE))
             if "error" not in r
         ]
         return sorted(out, key=lambda r: (r["step"], EXPERTS.index(r["expert"])))
 
-    def validations(self) -> list[tuple[str, int, list[tuple[Path, str]]]]:
+    def validations(self) -> list[tuple[str, int, list[tuple[str, str]]]]:
         """(expert, step, [(video, prompt), ...]) of every rendered validation, by step then expert."""
         out = []
         for e in self.experts:
-            for record in _records(self.path / e / "validation" / RECORD_FILE):
+            for record in _records(storage.join(self.path, e, "validation", RECORD_FILE)):
                 videos = [self.roots.check(v) for v in record["videos"]]
-                prompts_file = videos[0].parent / "prompts.json" if videos else None
-                prompts = json.loads(prompts_file.read_text()) if prompts_file and prompts_file.is_file() else []
+                prompts: list[str] = []
+                if videos and storage.is_file(
+                    f := self.roots.check(storage.join(storage.parent(videos[0]), PROMPTS_FILE))
+                ):
+                    prompts = json.loads(storage.read_text(f))
                 prompts += [""] * (len(videos) - len(prompts))
                 out.append((e, int(record["step"]), list(zip(videos, prompts))))
         return sorted(out, key=lambda v: (v[1], EXPERTS.index(v[0])))
@@ -171,7 +187,7 @@ class DataView:
     """One preprocessed directory (preprocess.py --out)."""
 
     roots: Roots
-    path: Path
+    path: str
 
     @classmethod
     def open(cls, roots: Roots, path: str) -> DataView:
@@ -181,26 +197,26 @@ class DataView:
         return cls(roots, data)
 
     def summary(self) -> dict:
-        return json.loads(self.roots.check(self.path / SUMMARY_FILE).read_text())
+        return json.loads(storage.read_text(self.roots.check(storage.join(self.path, SUMMARY_FILE))))
 
     def rejects(self) -> list[dict]:
-        return _records(self.roots.check(self.path / REJECTS_FILE))
+        return _records(self.roots.check(storage.join(self.path, REJECTS_FILE)))
 
-    def _shards(self) -> list[Path]:
+    def _shards(self) -> list[str]:
         return [self.roots.check(p) for p in shard_paths(self.path)]
 
     def clips(self, page: int, per_page: int) -> tuple[list[dict], int]:
         """Page `page` (from 0) of the clips' metadata, in shard order; and the number of clips."""
         rows = []
         for p in self._shards():
-            names = pq.read_schema(p).names
-            rows += pq.read_table(p, columns=[c for c in CLIP_COLUMNS if c in names]).to_pylist()
+            names = storage.read_schema(p).names
+            rows += storage.read_table(p, columns=[c for c in CLIP_COLUMNS if c in names]).to_pylist()
         return rows[page * per_page : (page + 1) * per_page], len(rows)
 
     def latent(self, clip_id: str) -> torch.Tensor:
         """The stored (normalised) latent of clip `clip_id`: (C, latent frames, H/8, W/8)."""
         for p in self._shards():
-            table = pq.read_table(
+            table = storage.read_table(
                 p, columns=["id", "latent", "latent_shape", "latent_dtype"], filters=[("id", "=", clip_id)]
             )
             if table.num_rows:
@@ -209,12 +225,12 @@ class DataView:
         raise RequestError(f"no clip {clip_id!r} in {self.path}")
 
 
-def _is_run(d: Path) -> bool:
+def _is_run(d: str) -> bool:
     return bool(trained_experts(d))
 
 
-def _is_data(d: Path) -> bool:
-    return (d / SUMMARY_FILE).is_file()
+def _is_data(d: str) -> bool:
+    return storage.is_file(storage.join(d, SUMMARY_FILE))
 
 
 @dataclass
@@ -222,7 +238,7 @@ class ReportView:
     """One evaluation directory (pipelines/evaluate.py --out; wanray.infer.evaluate)."""
 
     roots: Roots
-    path: Path
+    path: str
     results: dict
 
     @classmethod
@@ -230,25 +246,26 @@ class ReportView:
         report = roots.check(path)
         if not _is_report(report):
             raise RequestError(f"{path} is not an evaluation (no {REPORT_FILES[0]} and {REPORT_FILES[1]})")
-        return cls(roots, report, json.loads((report / REPORT_FILES[0]).read_text()))
+        return cls(roots, report, json.loads(storage.read_text(storage.join(report, REPORT_FILES[0]))))
 
     def means(self) -> list[dict]:
         """A row per model: its name, where it came from, each score's mean."""
         return [{"model": name, "source": r["source"], **r["mean"]} for name, r in self.results.items()]
 
-    def videos(self) -> list[tuple[Path, str]]:
+    def videos(self) -> list[tuple[str, str]]:
         """(video, caption) a row per prompt, its models side by side in the evaluation's order."""
         names = list(self.results)
         out = []
         for i, first in enumerate(self.results[names[0]]["prompts"] if names else []):
             for name in names:
                 p = self.results[name]["prompts"][i]
-                out.append((self.roots.check(self.path / p["video"]), f"{name} · {first['prompt'][:60]}"))
+                video = self.roots.check(storage.join(self.path, p["video"]))
+                out.append((video, f"{name} · {first['prompt'][:60]}"))
         return out
 
 
-def _is_report(d: Path) -> bool:
-    return all((d / f).is_file() for f in REPORT_FILES)
+def _is_report(d: str) -> bool:
+    return all(storage.is_file(storage.join(d, f)) for f in REPORT_FILES)
 
 
 def list_reports(roots: Roots) -> list[str]:
@@ -266,7 +283,7 @@ def list_datasets(roots: Roots) -> list[str]:
 def absolute_roots(cfg: Config) -> Config:
     """cfg with ui.runs_roots and ui.data_roots absolute (relative ones: to this process's working directory)."""
     ui = cfg.ui
-    absolute = lambda roots: [str(Path(r).resolve()) for r in roots]
+    absolute = lambda roots: [storage.absolute(r) for r in roots]
     return dataclasses.replace(
         cfg, ui=dataclasses.replace(ui, runs_roots=absolute(ui.runs_roots), data_roots=absolute(ui.data_roots))
     )

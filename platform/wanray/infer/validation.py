@@ -39,6 +39,8 @@ from wanray.sections import EvalConfig
 from wanray.train.tracking import Tracker
 
 RECORD_FILE = "validations.jsonl"
+PROMPTS_FILE = "prompts.json"
+"""Beside each validation's videos: the prompts they show, in order."""
 
 
 def validation_prompts(cfg: Config, model_dir) -> list[GenerationParams]:
@@ -211,7 +213,7 @@ class Validator:
             self.tracker.video(f"validation/{i:02d}", frames, step, self.fps)
             videos.append(path.name)
             scores.append(self.scorer(frames, params.prompt).as_dict())
-        write_json_atomic([p.prompt for p in self.prompts], out / "prompts.json")
+        write_json_atomic([p.prompt for p in self.prompts], out / PROMPTS_FILE)
         means = mean_scores(scores)
         for name, value in means.items():
             self.tracker.scalar(f"validation/{name}", value, step)

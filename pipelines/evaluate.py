@@ -10,6 +10,7 @@ checkpoints, or RUN:best for those of the lowest held-out loss; exported against
 generate.py's prompt file (a line per prompt, or a .jsonl with per-prompt settings and seeds). Scores: motion
 and sharpness always, text alignment and temporal consistency with eval.clip_model (wanray.infer.scores).
 Writes OUT/metrics.json, OUT/report.html (open it through any static file server over OUT) and OUT/videos/.
+Runs, adapters, --prompts and --out may be object-store URIs (s3://...); model directories are local.
 """
 
 import argparse

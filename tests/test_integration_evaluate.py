@@ -22,7 +22,7 @@ from wanray.model_files import write_tiny_clip
 SCORES = {"motion", "sharpness", "clip_score", "temporal_consistency"}
 
 
-def test_models_are_named_and_checked_before_anything_renders(tiny_model, tmp_path):
+def test_models_are_named_and_checked_before_anything_renders(tiny_model, tmp_path, s3):
     assert parse_candidate("ft=runs/exp1:best") == ("ft", "runs/exp1:best")
     assert parse_candidate("runs/exp1:best") == ("exp1", "runs/exp1:best")
     assert parse_candidate(f"{tiny_model}+runs/style/") == ("style", f"{tiny_model}+runs/style/")
@@ -31,6 +31,10 @@ def test_models_are_named_and_checked_before_anything_renders(tiny_model, tmp_pa
         evaluate(cfg, ["nowhere"], tmp_path / "p.txt", tmp_path / "out")
     with pytest.raises(ConfigError, match="neither a model directory"):
         evaluate(cfg, [str(tmp_path)], tmp_path / "p.txt", tmp_path / "out")
+    s3.create_bucket(Bucket="models")  # a run may be in a bucket, a model directory is read from local disk
+    s3.upload_file(str(tiny_model / "model_index.json"), "models", "tiny/model_index.json")
+    with pytest.raises(ConfigError, match="neither a model directory \\(model_index.json, on local disk\\)"):
+        evaluate(cfg, ["s3://models/tiny"], tmp_path / "p.txt", tmp_path / "out")
     with pytest.raises(ConfigError, match="':best' takes a run directory"):
         evaluate(cfg, [f"{tiny_model}:best"], tmp_path / "p.txt", tmp_path / "out")
     with pytest.raises(ConfigError, match="two models are named alike"):

@@ -24,6 +24,7 @@ from wanray.data.preprocess import Preprocessor, run_preprocess
 from wanray.data.shards import EMPTY_PROMPT_FILE, collect_rejects, read_clips, read_empty_prompt, shard_paths
 from wanray.data.synthetic import SyntheticClip, render, write_dataset, write_mp4, write_shots
 from wanray.data.video import decode_clip
+from wanray.infer.evaluate import evaluate
 from wanray.infer.validation import RECORD_FILE, Validation
 from wanray.model_files import write_tiny_aesthetic, write_tiny_vlm
 from wanray.schema import VERSION_KEY, ClipRow, pad_text_embedding
@@ -385,3 +386,15 @@ def test_raw_videos_in_a_bucket_become_clips_that_train_resume_validate_and_expo
     export_run(cfg, run, "s3://runs/export", log=exported.append)
     assert any(f"high-noise expert from {run}/high/checkpoint_" in line for line in exported)
     assert storage.is_file("s3://runs/export/model_index.json")
+
+    # the run evaluated from the bucket into the bucket, and the UI's pages find both there
+    from wanray.infer.browse import ReportView, Roots, list_reports, list_runs
+
+    evaluated = tiny_config(tiny_model, "infer.num_inference_steps=2")
+    results = evaluate(evaluated, [f"ft={run}"], "s3://runs/validation.txt", "s3://runs/eval", log=lines.append)
+    assert lines[-1] == "[evaluate] wrote s3://runs/eval/metrics.json and s3://runs/eval/report.html"
+    assert json.loads(storage.read_text("s3://runs/eval/metrics.json")) == results
+    roots = Roots(["s3://runs"], "ui.runs_roots")
+    assert list_runs(roots) == [run] and list_reports(roots) == ["s3://runs/eval"]
+    ((video, caption),) = ReportView.open(roots, "s3://runs/eval").videos()
+    assert caption == "ft · a red circle" and storage.info(video).size

@@ -149,7 +149,8 @@ def test_the_ui_pages_read_runs_evaluations_and_data_in_a_bucket_and_nothing_out
     record = {"step": 2, "videos": ["s3://ui-roots/runs/team/ft/high/validation/step_2/00.mp4"]}
     put("runs/team/ft/high/validation/validations.jsonl", json.dumps({**record, "scores_mean": {"motion": 1.5}}))
     put(f"runs/team/ft/high/checkpoint_000000/{RUN_FILE}", "{}")  # not a run: listings skip checkpoints
-    result = {"source": "m", "mean": {"motion": 1.0}, "prompts": [{"prompt": "a red circle", "seed": 0, "video": "v/a.mp4"}]}
+    prompt = {"prompt": "a red circle", "seed": 0, "video": "v/a.mp4"}
+    result = {"source": "m", "mean": {"motion": 1.0}, "prompts": [prompt]}
     put("runs/eval/metrics.json", json.dumps({"a": result}))
     put("runs/eval/report.html", report_html({"a": {**result, "model": "m", "adapter": ""}}))
     put("runs/eval/v/a.mp4", video)

@@ -9,6 +9,9 @@ A model is `NAME=SPEC` or `SPEC` (named after its last path part): a diffusers-f
 wanray run directory (train.py --out; its latest checkpoints, or `RUN:best` for those of the lowest held-out
 loss, exported into DIR/models/<name> against model.path), or `BASE+ADAPTER`: a model directory with an
 adapter (any infer.loras source: a LoRA run, an export, an adapter file) applied to every prompt at scale 1.
+Runs, adapters, the prompt file and DIR may be URIs of an object store; a model directory is local. DIR in a
+store: the evaluation is made in a local temporary directory (the exports stay there) and its videos, then
+report.html, then metrics.json are uploaded.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ from __future__ import annotations
 import dataclasses
 import html
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from wanray import models
+from wanray import models, storage
 from wanray.config import Config
 from wanray.errors import ConfigError
 from wanray.infer.batch import generate_videos, read_prompts
@@ -64,22 +69,26 @@ def resolve_candidate(cfg: Config, text: str, work: Path, log=print) -> Candidat
     name, spec = parse_candidate(text)
     base, plus, adapter = spec.partition("+")
     best = base.endswith(":best")
-    path = Path(base.removesuffix(":best")).expanduser()
-    if not path.exists():
-        raise ConfigError(f"--models {text!r}: {path} does not exist")
-    if trained_experts(path):
+    location = base.removesuffix(":best")
+    local = not storage.is_uri(location)
+    if local:
+        location = str(Path(location).expanduser())
+        if not Path(location).exists():
+            raise ConfigError(f"--models {text!r}: {location} does not exist")
+    if trained_experts(location):
         if plus:
             raise ConfigError(f"--models {text!r}: an adapter goes on a model directory, not on a run")
-        log(f"[evaluate] {name}: exporting the run {path} ({'lowest held-out loss' if best else 'latest'})")
-        export_run(cfg, path, work / "models" / name, log=log, best=best)  # `work` is local
+        log(f"[evaluate] {name}: exporting the run {location} ({'lowest held-out loss' if best else 'latest'})")
+        export_run(cfg, location, work / "models" / name, log=log, best=best)  # `work` is local
         return Candidate(name, text, work / "models" / name)
     if best:
-        raise ConfigError(f"--models {text!r}: ':best' takes a run directory (train.py --out), {path} is none")
-    if not (path / "model_index.json").is_file():
+        raise ConfigError(f"--models {text!r}: ':best' takes a run directory (train.py --out), {location} is none")
+    if not local or not (Path(location) / "model_index.json").is_file():
         raise ConfigError(
-            f"--models {text!r}: {path} is neither a model directory (model_index.json) nor a wanray run directory"
+            f"--models {text!r}: {location} is neither a model directory (model_index.json, on local disk) "
+            "nor a wanray run directory"
         )
-    return Candidate(name, text, path.resolve(), adapter)
+    return Candidate(name, text, Path(location).resolve(), adapter)
 
 
 def candidate_config(cfg: Config, candidate: Candidate) -> Config:
@@ -95,8 +104,26 @@ def candidate_config(cfg: Config, candidate: Candidate) -> Config:
 
 def evaluate(cfg: Config, models_given: list[str], prompts_file, out_dir, log=print) -> dict:
     """Render and score every model (on the connected Ray); write metrics.json and report.html; the metrics."""
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    if not storage.is_uri(out_dir):
+        out = Path(out_dir).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        results = _evaluate(cfg, models_given, prompts_file, out, log)
+        log(f"[evaluate] wrote {out / 'metrics.json'} and {out / 'report.html'}")
+        return results
+    work = Path(tempfile.mkdtemp(prefix="wanray-evaluate-"))
+    try:
+        results = _evaluate(cfg, models_given, prompts_file, work, log)
+        uploads = sorted(p.relative_to(work).as_posix() for p in (work / "videos").rglob("*") if p.is_file())
+        for name in [*uploads, "report.html", "metrics.json"]:  # metrics.json last: with it, the rest is there
+            storage.upload_file(work / name, storage.join(out_dir, name))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log(f"[evaluate] wrote {storage.join(out_dir, 'metrics.json')} and {storage.join(out_dir, 'report.html')}")
+    return results
+
+
+def _evaluate(cfg: Config, models_given: list[str], prompts_file, out: Path, log) -> dict:
+    """evaluate() into the local directory `out` (run exports under out/models)."""
     candidates = [resolve_candidate(cfg, text, out, log) for text in models_given]
     names = [c.name for c in candidates]
     if len(set(names)) != len(names):
@@ -127,7 +154,6 @@ def evaluate(cfg: Config, models_given: list[str], prompts_file, out_dir, log=pr
         log(f"[evaluate] {c.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
     write_json_atomic(results, out / "metrics.json")
     write_bytes_atomic(out / "report.html", report_html(results).encode())
-    log(f"[evaluate] wrote {out / 'metrics.json'} and {out / 'report.html'}")
     return results
 
 

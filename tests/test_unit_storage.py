@@ -23,6 +23,8 @@ def test_uris_join_like_paths_and_a_uri_or_absolute_part_stands_alone(tmp_path):
     assert storage.join(str(tmp_path), "/abs/a.mp4") == "/abs/a.mp4"
     assert storage.join(str(tmp_path), "s3://b/a.mp4") == "s3://b/a.mp4"
     assert storage.is_uri("s3://b/k") and not storage.is_uri("/data/k") and not storage.is_uri("file:///data/k")
+    assert not storage.is_uri(f"{tmp_path}/runs/../x://y") and not storage.is_uri("runs/x://y")  # local names
+    assert storage.absolute("file:///data/k") == "/data/k" and storage.join("file:///data", "k") == "/data/k"
 
 
 def test_a_data_txt_manifest_in_a_bucket_resolves_its_videos_there(s3):
@@ -147,7 +149,9 @@ def test_the_ui_pages_read_runs_evaluations_and_data_in_a_bucket_and_nothing_out
     put("runs/team/ft/high/validation/step_2/00.mp4", video)
     put("runs/team/ft/high/validation/step_2/prompts.json", '["a red circle"]')
     record = {"step": 2, "videos": ["s3://ui-roots/runs/team/ft/high/validation/step_2/00.mp4"]}
-    put("runs/team/ft/high/validation/validations.jsonl", json.dumps({**record, "scores_mean": {"motion": 1.5}}))
+    failed = {"step": 3, "error": "RuntimeError: out of memory"}  # a failed validation: nothing to show
+    records = [json.dumps({**record, "scores_mean": {"motion": 1.5}}), json.dumps(failed)]
+    put("runs/team/ft/high/validation/validations.jsonl", "\n".join(records) + "\n")
     put(f"runs/team/ft/high/checkpoint_000000/{RUN_FILE}", "{}")  # not a run: listings skip checkpoints
     prompt = {"prompt": "a red circle", "seed": 0, "video": "v/a.mp4"}
     result = {"source": "m", "mean": {"motion": 1.0}, "prompts": [prompt]}
@@ -177,3 +181,11 @@ def test_the_ui_pages_read_runs_evaluations_and_data_in_a_bucket_and_nothing_out
     for path in ("s3://ui-roots/runs/../data/prep", "s3://ui-roots/runsx/ft", "s3://other/runs/team/ft", "/etc"):
         with pytest.raises(RequestError, match="is outside ui.runs_roots"):
             RunView.open(runs, path)
+    with pytest.raises(RequestError, match="a percent-encoded path is not read"):
+        RunView.open(runs, "s3://ui-roots/runs/%2E%2E/data/prep")
+    local = Roots([str(tmp_path / "runs")], "ui.runs_roots")  # a "://" in a local path is a local name
+    with pytest.raises(RequestError, match="is outside ui.runs_roots"):
+        local.check(f"{tmp_path}/runs/../elsewhere://secret")
+    with pytest.raises(FileNotFoundError):  # a video gone from the bucket: an error, and no partial copy left
+        _served_copy("s3://ui-roots/runs/team/ft/high/validation/step_9/00.mp4")
+    assert not list(Path(_served_copy(shown)).parent.glob("*.part"))

@@ -48,9 +48,12 @@ def _served_copy(path: str) -> str:
     copy = _SERVED / f"{key}{PurePosixPath(inner).suffix}"
     if not copy.exists():
         handle, partial = tempfile.mkstemp(dir=_SERVED, suffix=".part")  # two pages may copy one file at once
-        with fs.open_input_stream(inner) as src, open(handle, "wb") as dst:
-            shutil.copyfileobj(src, dst, 8 * 1024**2)
-        Path(partial).replace(copy)
+        try:
+            with open(handle, "wb") as dst, fs.open_input_stream(inner) as src:
+                shutil.copyfileobj(src, dst, 8 * 1024**2)
+            Path(partial).replace(copy)
+        finally:
+            Path(partial).unlink(missing_ok=True)
     return str(copy)
 
 

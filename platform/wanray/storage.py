@@ -18,6 +18,7 @@ import json
 import math
 import os
 import posixpath
+import re
 import shutil
 import sys
 import tempfile
@@ -34,10 +35,19 @@ DOWNLOAD_CACHE_BYTES = int(os.environ.get("WANRAY_DOWNLOAD_CACHE_BYTES", 4 * 102
 """Bytes of downloaded objects one process keeps for the next decode of the same object."""
 
 
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def is_uri(path: str | os.PathLike) -> bool:
-    """An object-store (or other non-local) address such as s3://bucket/key; file:// and plain paths are local."""
+    """An object-store (or other non-local) address such as s3://bucket/key; file:// and plain paths (even one
+    with "://" inside, as runs/x://y) are local."""
     text = str(path)
-    return "://" in text and not text.startswith("file://")
+    return bool(_SCHEME.match(text)) and not text.startswith("file://")
+
+
+def _local(path: str | os.PathLike) -> str:
+    """A local path without its file:// prefix, if any."""
+    return str(path).removeprefix("file://")
 
 
 @functools.lru_cache(maxsize=32)
@@ -50,7 +60,7 @@ def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """(the pyarrow filesystem, the path within it) of a local path or a URI."""
     text = str(path)
     if not is_uri(text):
-        return pafs.LocalFileSystem(), str(Path(text.removeprefix("file://")).resolve())
+        return pafs.LocalFileSystem(), str(Path(_local(text)).resolve())
     scheme, rest = text.split("://", 1)
     authority = rest.split("/", 1)[0]
     if scheme in ("s3", "gs"):  # one client per bucket: from_uri makes a new one (and connection pool) each call
@@ -61,10 +71,10 @@ def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
 
 def join(base: str | os.PathLike, *parts: str) -> str:
     """`parts` under `base`; a part that is itself a URI or an absolute local path stands alone."""
-    text = str(base)
+    text = str(base) if is_uri(base) else _local(base)
     for part in parts:
-        if is_uri(part) or (not is_uri(text) and os.path.isabs(part)):
-            text = part
+        if is_uri(part) or (not is_uri(text) and os.path.isabs(_local(part))):
+            text = part if is_uri(part) else _local(part)
         elif is_uri(text):
             scheme, rest = text.split("://", 1)
             text = f"{scheme}://{posixpath.normpath(posixpath.join(rest, part))}"
@@ -83,7 +93,7 @@ def parent(path: str | os.PathLike) -> str:
 
 def absolute(path: str | os.PathLike) -> str:
     """A URI as it is; a local path resolved."""
-    return str(path) if is_uri(path) else str(Path(path).resolve())
+    return str(path) if is_uri(path) else str(Path(_local(path)).resolve())
 
 
 def info(path: str | os.PathLike) -> pafs.FileInfo:

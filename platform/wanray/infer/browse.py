@@ -68,6 +68,8 @@ class Roots:
     def check(self, path: str | os.PathLike) -> str:
         """`path` resolved; a RequestError when it resolves outside every root (a `..` or a symlink out)."""
         resolved = _resolved(path)
+        if storage.is_uri(resolved) and "%" in resolved:  # pyarrow decodes %2E%2E to .. for some stores
+            raise RequestError(f"{path}: a percent-encoded path is not read")
         if not any(resolved == r or resolved.startswith(r.rstrip("/") + "/") for r in self.roots):
             raise RequestError(f"{path} is outside {self.setting} ({', '.join(self.roots)})")
         return resolved
@@ -77,10 +79,18 @@ class Roots:
         found: list[str] = []
 
         def walk(directory: str, depth: int) -> None:
-            for sub in storage.list_dirs(directory):
+            try:
+                subs = storage.list_dirs(directory)
+            except OSError:  # a directory this process may not read is left out, as os.walk leaves it
+                return
+            for sub in subs:
                 if storage.name(sub).startswith(SKIP) or (not storage.is_uri(sub) and os.path.islink(sub)):
                     continue
-                if is_match(sub):
+                try:
+                    matched = is_match(sub)
+                except OSError:
+                    continue
+                if matched:
                     found.append(sub)
                 elif depth + 1 < MAX_DEPTH:
                     walk(sub, depth + 1)
@@ -171,6 +181,8 @@ class RunView:
         out = []
         for e in self.experts:
             for record in _records(storage.join(self.path, e, "validation", RECORD_FILE)):
+                if "error" in record:  # a validation that failed rendered nothing
+                    continue
                 videos = [self.roots.check(v) for v in record["videos"]]
                 prompts: list[str] = []
                 if videos and storage.is_file(

@@ -121,16 +121,19 @@ class Validator:
         self.files.pull(f"validation/{RECORD_FILE}")
         self.tracker = Tracker(tracker, self.files.local, "validation")
         self.tracker.text("validation/prompts", "\n".join(f"{i:02d}: {p.prompt}" for i, p in enumerate(prompts)))
-        self.pending: int | None = None
+        self.pending: tuple[int, str] | None = None  # (step, its checkpoint directory)
         self.busy = False
         self.records: list[dict] = []
         self.changed = threading.Condition()
         threading.Thread(target=self._serve, daemon=True, name="validation").start()
 
-    def submit(self, step: int) -> None:
-        """Render step `step` when the current render ends (a newer step replaces a waiting one)."""
+    def submit(self, step: int, checkpoint: str) -> None:
+        """Render step `step` from its checkpoint directory when the current render ends (a newer step replaces a
+        waiting one). Given, not looked up: a listing of the run would read the step file of every checkpoint,
+        some of which Ray Train may be deleting."""
         with self.changed:
-            self.pending = step if self.pending is None else max(self.pending, step)
+            if self.pending is None or step > self.pending[0]:
+                self.pending = (step, checkpoint)
             self.changed.notify_all()
 
     def drain(self) -> list[dict]:
@@ -147,9 +150,10 @@ class Validator:
         while True:
             with self.changed:
                 self.changed.wait_for(lambda: self.pending is not None)
-                step, self.pending, self.busy = self.pending or 0, None, True  # not None: waited for
+                assert self.pending is not None  # waited for
+                (step, checkpoint), self.pending, self.busy = self.pending, None, True
             try:
-                record = self._render(step)
+                record = self._render(step, checkpoint)
             except Exception as e:  # a failed render is recorded; training goes on
                 record = {"step": step, "error": f"{type(e).__name__}: {e}"}
             if "error" not in record:
@@ -191,13 +195,10 @@ class Validator:
             stage.expert.load_state_dict(weights, strict=False)
         self.loaded[expert] = checkpoint
 
-    def _render(self, step: int) -> dict:
-        from wanray.train.runs import checkpoints, latest_checkpoint
+    def _render(self, step: int, checkpoint: str) -> dict:
+        from wanray.train.runs import latest_checkpoint
 
         start = time.time()
-        checkpoint = checkpoints(self.run_dir, self.expert).get(step)
-        if checkpoint is None:
-            raise FileNotFoundError(f"no checkpoint of step {step} in {self.files.root}")
         self._load(self.expert, checkpoint)
         for other in self.sampler.experts:
             if other != self.expert and storage.is_dir(storage.join(self.run_dir, other)):

@@ -293,10 +293,11 @@ class HeldOut:
         )
 
 
-def save_checkpoint(state: dict, progress: ckpt.Progress, metrics: dict, rank: int, run_dir: str) -> None:
+def save_checkpoint(state: dict, progress: ckpt.Progress, metrics: dict, rank: int, run_dir: str) -> str | None:
     """Every rank writes its shards to a local temp dir and Ray Train uploads them into one checkpoint of run_dir;
     once every rank's are there, rank 0 writes its STEP_FILE, by which export, validation and the UI know it: a
-    directory without one is a checkpoint still being written (an upload runs file by file)."""
+    directory without one is a checkpoint still being written (an upload runs file by file). Rank 0 gets the
+    checkpoint's directory (None if Ray Train skipped the report); the other ranks None."""
     import ray.train
 
     before = ray.train.get_checkpoint()
@@ -306,7 +307,10 @@ def save_checkpoint(state: dict, progress: ckpt.Progress, metrics: dict, rank: i
     dist.barrier()
     persisted = ray.train.get_checkpoint()  # the checkpoint just reported, where Ray Train put it
     if rank == 0 and persisted is not None and (before is None or persisted.path != before.path):  # not skipped
-        storage.write_json({"step": progress.step}, storage.join(run_dir, storage.name(persisted.path), STEP_FILE))
+        directory = storage.join(run_dir, storage.name(persisted.path))
+        storage.write_json({"step": progress.step}, storage.join(directory, STEP_FILE))
+        return directory
+    return None
 
 
 def own_files(rank: int, group: int) -> list[str]:
@@ -390,11 +394,11 @@ def checkpoint(spec: LoopSpec, trainer, state: dict, progress, metrics: dict | N
     measured = held_out.measure(trainer) if held_out is not None and validating else None
     if held_out is not None:
         reported = {**reported, "val_loss": measured.mean if measured is not None else math.inf}
-    save_checkpoint(state, progress, reported, rank, spec.run_dir)
+    directory = save_checkpoint(state, progress, reported, rank, spec.run_dir)
     if measured is not None:  # best.json names a checkpoint that exists
         log.held_out(measured.metrics(progress.step, spec.expert))
-    if validating and spec.validator is not None and rank == 0:
-        spec.validator.submit.remote(progress.step)  # returns at once: training goes on
+    if validating and spec.validator is not None and directory is not None:  # rank 0, a checkpoint Ray Train kept
+        spec.validator.submit.remote(progress.step, directory)  # returns at once: training goes on
 
 
 def non_finite(error: NonFiniteLoss, step: int, log: MetricsLog) -> NonFiniteLoss:

@@ -2,6 +2,7 @@
 manifests read from a bucket, objects downloaded once per process for the decoders."""
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -37,14 +38,19 @@ def test_a_data_txt_manifest_in_a_bucket_resolves_its_videos_there(s3):
     assert [(r.input, r.reason) for r in rejects] == [("s3://manifests/set/clips/c.mp4", "missing_caption")]
 
 
-def test_an_object_is_downloaded_once_and_missing_or_empty_ones_are_named(s3):
+def test_an_object_is_downloaded_once_per_version_and_missing_or_empty_ones_are_named(s3):
     s3.create_bucket(Bucket="videos")
     s3.put_object(Bucket="videos", Key="a.mp4", Body=b"\x00\x00\x00\x18ftypmp42 not really a video")
     s3.put_object(Bucket="videos", Key="empty.mp4", Body=b"")
     with local_file("s3://videos/a.mp4") as first:
         assert Path(first).read_bytes()[:8] == b"\x00\x00\x00\x18ftyp"
-    s3.delete_object(Bucket="videos", Key="a.mp4")  # the process's copy serves the next read
-    assert storage.local_copy("s3://videos/a.mp4") == first
+    os.utime(first, (0, 0))  # the next read of the same version is the process's copy, not a download
+    assert storage.local_copy("s3://videos/a.mp4") == first and Path(first).stat().st_mtime == 0
+    s3.put_object(Bucket="videos", Key="a.mp4", Body=b"overwritten")  # a new version under the same URI
+    assert Path(storage.local_copy("s3://videos/a.mp4")).read_bytes() == b"overwritten"
+    s3.delete_object(Bucket="videos", Key="a.mp4")
+    with pytest.raises(FileNotFoundError, match="s3://videos/a.mp4"):
+        storage.local_copy("s3://videos/a.mp4")
     for uri, reason in (("s3://videos/a.mp4", "file_not_found"), ("s3://videos/empty.mp4", "empty_file")):
         with pytest.raises(ClipRejected) as e, local_file(uri):
             pass
@@ -93,7 +99,7 @@ def test_a_working_copy_appends_to_what_the_store_holds_and_the_driver_follows_i
     shutil.rmtree(lost.local)
 
 
-def test_checkpoints_in_a_bucket_are_listed_checked_and_read_in_place(s3, tmp_path):
+def test_checkpoints_in_a_bucket_are_listed_checked_and_read_in_place(s3, tmp_path, monkeypatch):
     import torch
     import torch.distributed.checkpoint as dcp
 
@@ -125,6 +131,21 @@ def test_checkpoints_in_a_bucket_are_listed_checked_and_read_in_place(s3, tmp_pa
         check_resumable(f"{run}/high/checkpoint_a")
     with pytest.raises(FileNotFoundError, match=f"no checkpoint of the low-noise expert in {run}/low"):
         latest_checkpoint(run, "low")
+    read_text = storage.read_text
+
+    def read(path, failing="", deleted=False):  # a read of checkpoint `failing`'s step file fails
+        if path.startswith(f"{run}/high/{failing}/"):
+            if deleted:  # on moto, a read that races the object's deletion (train.keep_checkpoints)
+                s3.delete_object(Bucket="ckpt", Key=path.removeprefix("s3://ckpt/"))
+            raise OSError("AWS Error INTERNAL_FAILURE during GetObject operation: Failed to flush response stream")
+        return read_text(path)
+
+    monkeypatch.setattr(storage, "read_text", lambda p: read(p, "checkpoint_b"))
+    with pytest.raises(OSError, match="Failed to flush"):  # the object is still there: a failure to report
+        checkpoints(run, "high")
+    monkeypatch.setattr(storage, "read_text", lambda p: read(p, "checkpoint_a", deleted=True))
+    assert checkpoints(run, "high") == {4: f"{run}/high/checkpoint_b"}  # gone while read: no checkpoint
+    monkeypatch.undo()
     source = reader(f"{run}/high/checkpoint_b")  # the model's tensors read from the bucket, a group at a time
     for name, tensor in weights.items():
         loaded = {name: torch.empty_like(tensor)}

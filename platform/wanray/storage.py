@@ -3,8 +3,9 @@ resolve), read through pyarrow.fs. Credentials and endpoint come from each store
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL (S3-compatible stores: MinIO, Ceph, Huawei OBS).
 
 Decoders (decord, PySceneDetect's OpenCV, PIL) read local files: `local_copy` downloads an object once per
-process into a bounded cache (DOWNLOAD_CACHE_BYTES), so the clips of one long video decoded in one task
-fetch it once. A file that grows (a training run's metrics, console, data order) is appended to in a local
+process and version (size and modification time) into a bounded cache (DOWNLOAD_CACHE_BYTES), so the clips of
+one long video decoded in one task fetch it once, and an object overwritten under the same URI (a retrained
+adapter) is fetched again. A file that grows (a training run's metrics, console, data order) is appended to in a local
 `WorkingCopy` and uploaded whole: an object store has no append.
 """
 
@@ -293,27 +294,37 @@ def name(path: str | os.PathLike) -> str:
 
 
 class _Downloads:
-    """The objects this process downloaded, newest last, within DOWNLOAD_CACHE_BYTES."""
+    """The objects this process downloaded, newest last, within DOWNLOAD_CACHE_BYTES, each with the version
+    (size, modification time) it was downloaded at."""
 
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="wanray-downloads-"))
-        self.files: OrderedDict[str, tuple[Path, int]] = OrderedDict()
+        self.files: OrderedDict[str, tuple[Path, int, int | None]] = OrderedDict()
         self.lock = threading.Lock()
 
-    def get(self, uri: str) -> Path:
+    def get(self, uri: str, found: pafs.FileInfo | None) -> Path:
+        fs, inner = filesystem(uri)
+        found = found or fs.get_file_info(inner)
+        if found.type != pafs.FileType.File:
+            raise FileNotFoundError(f"{uri}: no such object")
         with self.lock:
-            if uri in self.files:
+            cached = self.files.get(uri)
+            if cached and cached[1:] == (found.size, found.mtime_ns):
                 self.files.move_to_end(uri)
-                return self.files[uri][0]
-            fs, inner = filesystem(uri)
-            name = hashlib.sha1(uri.encode()).hexdigest()[:16] + Path(inner).suffix
-            local = self.dir / name
-            with fs.open_input_stream(inner) as src, open(local, "wb") as dst:
-                while chunk := src.read(8 * 1024**2):
-                    dst.write(chunk)
-            self.files[uri] = (local, local.stat().st_size)
-            while len(self.files) > 1 and sum(size for _, size in self.files.values()) > DOWNLOAD_CACHE_BYTES:
-                _, (old, _) = self.files.popitem(last=False)
+                return cached[0]
+            local = self.dir / (hashlib.sha1(uri.encode()).hexdigest()[:16] + Path(inner).suffix)
+            part = local.with_name(local.name + ".part")
+            try:
+                with fs.open_input_stream(inner) as src, open(part, "wb") as dst:
+                    while chunk := src.read(8 * 1024**2):
+                        dst.write(chunk)
+                part.replace(local)  # a reader of the previous version keeps its open file
+            finally:
+                part.unlink(missing_ok=True)
+            self.files[uri] = (local, found.size, found.mtime_ns)
+            self.files.move_to_end(uri)
+            while len(self.files) > 1 and sum(size for _, size, _ in self.files.values()) > DOWNLOAD_CACHE_BYTES:
+                _, (old, _, _) = self.files.popitem(last=False)
                 old.unlink(missing_ok=True)
             return local
 
@@ -321,11 +332,12 @@ class _Downloads:
 _downloads: _Downloads | None = None
 
 
-def local_copy(path: str | os.PathLike) -> str:
-    """A local file with the content of `path`: the path itself, or the object downloaded (cached)."""
+def local_copy(path: str | os.PathLike, found: pafs.FileInfo | None = None) -> str:
+    """A local file with the content of `path`: the path itself, or the object downloaded (cached while its
+    size and modification time stay the same; `found` is its `info` when the caller has it already)."""
     global _downloads
     if not is_uri(path):
         return str(path)
     if _downloads is None:
         _downloads = _Downloads()
-    return str(_downloads.get(str(path)))
+    return str(_downloads.get(str(path), found))

@@ -154,7 +154,7 @@ def local_file(path: str) -> Iterator[str]:
             raise ClipRejected("file_not_found", path)
         if found.size == 0:
             raise ClipRejected("empty_file", path)
-        local = storage.local_copy(path)
+        local = storage.local_copy(path, found)
     except OSError as e:  # pyarrow's S3, GCS and HDFS errors: access denied, no such bucket, network
         raise ClipRejected("storage_error", _first_line(e)) from None
     yield local

@@ -4,7 +4,6 @@ directory may be an object-store URI (wanray.storage): Ray Train keeps the check
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -86,8 +85,14 @@ def checkpoints(run_dir, expert: str) -> dict[int, Path | str]:
         return {json.loads(p.read_text())["step"]: p.parent for p in Path(root).glob(f"*/{STEP_FILE}")}
     found: dict[int, Path | str] = {}
     for directory in storage.list_dirs(root):
-        with contextlib.suppress(FileNotFoundError):  # not a checkpoint, or one still being written
-            found[json.loads(storage.read_text(storage.join(directory, STEP_FILE)))["step"]] = directory
+        step_file = storage.join(directory, STEP_FILE)
+        try:
+            found[json.loads(storage.read_text(step_file))["step"]] = directory
+        except FileNotFoundError:  # not a checkpoint, or one still being written
+            continue
+        except OSError:  # a store may fail a read that races the object's deletion (train.keep_checkpoints)
+            if storage.is_file(step_file):
+                raise
     return found
 
 

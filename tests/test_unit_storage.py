@@ -38,23 +38,35 @@ def test_a_data_txt_manifest_in_a_bucket_resolves_its_videos_there(s3):
     assert [(r.input, r.reason) for r in rejects] == [("s3://manifests/set/clips/c.mp4", "missing_caption")]
 
 
-def test_an_object_is_downloaded_once_per_version_and_missing_or_empty_ones_are_named(s3):
+def test_an_object_is_downloaded_once_per_version_and_missing_or_empty_ones_are_named(s3, monkeypatch):
     s3.create_bucket(Bucket="videos")
     s3.put_object(Bucket="videos", Key="a.mp4", Body=b"\x00\x00\x00\x18ftypmp42 not really a video")
     s3.put_object(Bucket="videos", Key="empty.mp4", Body=b"")
     with local_file("s3://videos/a.mp4") as first:
         assert Path(first).read_bytes()[:8] == b"\x00\x00\x00\x18ftyp"
     os.utime(first, (0, 0))  # the next read of the same version is the process's copy, not a download
-    assert storage.local_copy("s3://videos/a.mp4") == first and Path(first).stat().st_mtime == 0
+    with storage.local_copy("s3://videos/a.mp4") as again:
+        assert again == first and Path(first).stat().st_mtime == 0
     s3.put_object(Bucket="videos", Key="a.mp4", Body=b"overwritten")  # a new version under the same URI
-    assert Path(storage.local_copy("s3://videos/a.mp4")).read_bytes() == b"overwritten"
+    with storage.local_copy("s3://videos/a.mp4") as new:
+        assert Path(new).read_bytes() == b"overwritten"
     s3.delete_object(Bucket="videos", Key="a.mp4")
-    with pytest.raises(FileNotFoundError, match="s3://videos/a.mp4"):
-        storage.local_copy("s3://videos/a.mp4")
+    with pytest.raises(FileNotFoundError, match="s3://videos/a.mp4"), storage.local_copy("s3://videos/a.mp4"):
+        pass
     for uri, reason in (("s3://videos/a.mp4", "file_not_found"), ("s3://videos/empty.mp4", "empty_file")):
         with pytest.raises(ClipRejected) as e, local_file(uri):
             pass
         assert e.value.reason == reason
+    # over the cache's budget the oldest file goes, but never one a block still reads
+    monkeypatch.setattr(storage, "DOWNLOAD_CACHE_BYTES", 10)
+    for key in "bcd":
+        s3.put_object(Bucket="videos", Key=f"{key}.mp4", Body=b"8 bytes!")
+    with storage.local_copy("s3://videos/b.mp4") as b:
+        with storage.local_copy("s3://videos/c.mp4") as c:
+            assert Path(b).read_bytes() == Path(c).read_bytes() == b"8 bytes!"  # 16 bytes held: both in use
+        assert not Path(c).exists() and Path(b).exists()  # c's block ended: the oldest file not in use goes
+    with storage.local_copy("s3://videos/d.mp4") as d:
+        assert Path(d).exists() and not Path(b).exists()
 
 
 def test_a_working_copy_appends_to_what_the_store_holds_and_the_driver_follows_its_lines(s3, capsys):

@@ -25,7 +25,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
@@ -295,49 +296,69 @@ def name(path: str | os.PathLike) -> str:
 
 class _Downloads:
     """The objects this process downloaded, newest last, within DOWNLOAD_CACHE_BYTES, each with the version
-    (size, modification time) it was downloaded at."""
+    (size, modification time) it was downloaded at. A file in use (pinned) is never evicted."""
 
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="wanray-downloads-"))
         self.files: OrderedDict[str, tuple[Path, int, int | None]] = OrderedDict()
+        self.pinned: Counter[str] = Counter()
         self.lock = threading.Lock()
 
-    def get(self, uri: str, found: pafs.FileInfo | None) -> Path:
+    def pin(self, uri: str, found: pafs.FileInfo | None) -> Path:
         fs, inner = filesystem(uri)
         found = found or fs.get_file_info(inner)
         if found.type != pafs.FileType.File:
             raise FileNotFoundError(f"{uri}: no such object")
         with self.lock:
             cached = self.files.get(uri)
-            if cached and cached[1:] == (found.size, found.mtime_ns):
-                self.files.move_to_end(uri)
-                return cached[0]
-            local = self.dir / (hashlib.sha1(uri.encode()).hexdigest()[:16] + Path(inner).suffix)
-            part = local.with_name(local.name + ".part")
-            try:
-                with fs.open_input_stream(inner) as src, open(part, "wb") as dst:
-                    while chunk := src.read(8 * 1024**2):
-                        dst.write(chunk)
-                part.replace(local)  # a reader of the previous version keeps its open file
-            finally:
-                part.unlink(missing_ok=True)
-            self.files[uri] = (local, found.size, found.mtime_ns)
+            if not cached or cached[1:] != (found.size, found.mtime_ns):
+                local = self.dir / (hashlib.sha1(uri.encode()).hexdigest()[:16] + Path(inner).suffix)
+                part = local.with_name(local.name + ".part")
+                try:
+                    with fs.open_input_stream(inner) as src, open(part, "wb") as dst:
+                        while chunk := src.read(8 * 1024**2):
+                            dst.write(chunk)
+                    part.replace(local)  # a reader of the previous version keeps its open file
+                finally:
+                    part.unlink(missing_ok=True)
+                self.files[uri] = cached = (local, found.size, found.mtime_ns)
             self.files.move_to_end(uri)
-            while len(self.files) > 1 and sum(size for _, size, _ in self.files.values()) > DOWNLOAD_CACHE_BYTES:
-                _, (old, _, _) = self.files.popitem(last=False)
-                old.unlink(missing_ok=True)
-            return local
+            self.pinned[uri] += 1
+            self._evict()
+            return cached[0]
+
+    def release(self, uri: str) -> None:
+        with self.lock:
+            self.pinned[uri] -= 1
+            if self.pinned[uri] <= 0:
+                del self.pinned[uri]
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop the oldest unpinned files while the cache holds more than DOWNLOAD_CACHE_BYTES."""
+        for uri in [u for u in self.files if u not in self.pinned]:
+            if sum(size for _, size, _ in self.files.values()) <= DOWNLOAD_CACHE_BYTES:
+                return
+            self.files.pop(uri)[0].unlink(missing_ok=True)
 
 
 _downloads: _Downloads | None = None
 
 
-def local_copy(path: str | os.PathLike, found: pafs.FileInfo | None = None) -> str:
-    """A local file with the content of `path`: the path itself, or the object downloaded (cached while its
-    size and modification time stay the same; `found` is its `info` when the caller has it already)."""
+@contextlib.contextmanager
+def local_copy(path: str | os.PathLike, found: pafs.FileInfo | None = None) -> Iterator[str]:
+    """A local file with the content of `path` while the block runs: the path itself, or the object downloaded
+    (cached while its size and modification time stay the same, and kept while a block uses it; `found` is its
+    `info` when the caller has it already)."""
     global _downloads
     if not is_uri(path):
-        return str(path)
+        yield str(path)
+        return
     if _downloads is None:
         _downloads = _Downloads()
-    return str(_downloads.get(str(path), found))
+    uri = str(path)
+    local = _downloads.pin(uri, found)
+    try:
+        yield str(local)
+    finally:
+        _downloads.release(uri)

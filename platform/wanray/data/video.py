@@ -148,16 +148,17 @@ def frame_size(path: str) -> tuple[int, int]:
 def local_file(path: str) -> Iterator[str]:
     """`path` (local, or an object-store URI: wanray.storage) as a local file the decoders can open; a missing
     or empty file, or a store that refuses the read, is a named reject before any decoder sees it."""
-    try:
-        found = storage.info(path)
-        if found.type == pafs.FileType.NotFound:
-            raise ClipRejected("file_not_found", path)
-        if found.size == 0:
-            raise ClipRejected("empty_file", path)
-        local = storage.local_copy(path, found)
-    except OSError as e:  # pyarrow's S3, GCS and HDFS errors: access denied, no such bucket, network
-        raise ClipRejected("storage_error", _first_line(e)) from None
-    yield local
+    with contextlib.ExitStack() as stack:
+        try:
+            found = storage.info(path)
+            if found.type == pafs.FileType.NotFound:
+                raise ClipRejected("file_not_found", path)
+            if found.size == 0:
+                raise ClipRejected("empty_file", path)
+            local = stack.enter_context(storage.local_copy(path, found))
+        except OSError as e:  # pyarrow's S3, GCS and HDFS errors: access denied, no such bucket, network
+            raise ClipRejected("storage_error", _first_line(e)) from None
+        yield local
 
 
 def unreadable(path: str, e: Exception) -> ClipRejected:

@@ -59,7 +59,8 @@ class AdapterFile:
         from diffusers import WanPipeline
 
         try:
-            state, metadata = WanPipeline.lora_state_dict(storage.local_copy(self.path), return_lora_metadata=True)
+            with storage.local_copy(self.path) as local:
+                state, metadata = WanPipeline.lora_state_dict(local, return_lora_metadata=True)
         except (OSError, ValueError, KeyError) as e:  # not safetensors, a broken file, keys no converter knows
             raise ConfigError(
                 f"{self.path} is not a LoRA adapter diffusers can read: {str(e).splitlines()[0]}"
@@ -75,7 +76,7 @@ class AdapterFile:
             return sum(t.numel() for n, t in model.state_dict().items() if ".lora_" in n)
         from safetensors import safe_open
 
-        with safe_open(storage.local_copy(self.path), "pt") as f:
+        with storage.local_copy(self.path) as local, safe_open(local, "pt") as f:
             return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if "lora" in k)  # noqa: SIM118  (a handle, no dict)
 
     @property

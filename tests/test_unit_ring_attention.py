@@ -44,22 +44,40 @@ def _loss_and_gradients(model, inputs, target):
     return float(loss), {n: p.grad for n, p in model.named_parameters()}
 
 
-def _rank(rank: int, world: int, ulysses: int, ring: int, store: str, out: str, upstream: bool = False) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    model, inputs, target = _model_and_batch()
-    cpu = torch.device("cpu")
-    context_parallel.enable(model, ulysses, ring, context_parallel.mesh(cpu, ulysses, ring), cpu)
-    if upstream:  # diffusers' own TemplatedRingAttention, which wanray's corrected class derives from
-        from diffusers.models import attention_dispatch as ad
+LAYOUTS = {  # name: (ulysses, ring, diffusers' own ring backward)
+    "ring2": (1, 2, False),
+    "ring3": (1, 3, False),
+    "ring4": (1, 4, False),
+    "ulysses2xring2": (2, 2, False),
+    "ulysses2xring3": (2, 3, False),
+    "ring3-upstream": (1, 3, True),
+}
 
-        ad.TemplatedRingAttention = ad.TemplatedRingAttention.__mro__[1]
-    loss, grads = _loss_and_gradients(model, inputs, target)
-    for g in grads.values():  # each rank holds its tokens' share of every gradient
-        dist.all_reduce(g)
-    working = _ring_call_peak(model._parallel_config) if ulysses == 1 else None
-    if rank == 0:
-        torch.save((loss, grads, working), out)
-    dist.destroy_process_group()
+
+def _rank(rank: int, out: str) -> None:
+    """One process of the largest layout: each layout in turn is a gloo process group of its first ulysses x ring
+    processes (a file store each: no port to race for), torn down before the next one forms."""
+    from diffusers.models import attention_dispatch as ad
+
+    for name, (ulysses, ring, upstream) in LAYOUTS.items():
+        world = ulysses * ring
+        if rank >= world:
+            continue
+        dist.init_process_group("gloo", init_method=f"file://{out}/{name}.store", rank=rank, world_size=world)
+        model, inputs, target = _model_and_batch()
+        cpu = torch.device("cpu")
+        context_parallel.enable(model, ulysses, ring, context_parallel.mesh(cpu, ulysses, ring), cpu)
+        corrected = ad.TemplatedRingAttention
+        if upstream:  # diffusers' own TemplatedRingAttention, which wanray's corrected class derives from
+            ad.TemplatedRingAttention = corrected.__mro__[1]
+        loss, grads = _loss_and_gradients(model, inputs, target)
+        for g in grads.values():  # each rank holds its tokens' share of every gradient
+            dist.all_reduce(g)
+        working = _ring_call_peak(model._parallel_config) if ulysses == 1 and not upstream else None
+        ad.TemplatedRingAttention = corrected
+        if rank == 0:
+            torch.save((loss, grads, working), f"{out}/{name}.pt")
+        dist.destroy_process_group()
 
 
 def _ring_call_peak(parallel_config) -> tuple[int, int]:
@@ -95,24 +113,21 @@ def unsplit():
     return _loss_and_gradients(model, inputs, target)
 
 
-def _split_run(tmp_path, ulysses: int, ring: int, upstream: bool = False):
-    """(loss, every parameter's gradient summed over the ranks, ring call's (peak, bound) or None) of the tiny
-    expert split over ulysses x ring gloo processes (a file store: no port to race for)."""
-    out, store = tmp_path / "rank0.pt", tmp_path / "store"
-    args = (ulysses * ring, ulysses, ring, str(store), str(out), upstream)
-    mp.start_processes(_rank, args=args, nprocs=ulysses * ring, start_method="spawn")
-    return torch.load(out)
+@pytest.fixture(scope="module")
+def split_runs(tmp_path_factory) -> dict:
+    """Layout name -> (loss, every parameter's gradient summed over the ranks, ring call's (peak, bound) or None)
+    of the tiny expert split over that layout, all from one start of the largest layout's processes."""
+    out = tmp_path_factory.mktemp("ring")
+    nprocs = max(ulysses * ring for ulysses, ring, _ in LAYOUTS.values())
+    mp.start_processes(_rank, args=(str(out),), nprocs=nprocs, start_method="spawn")
+    return {name: torch.load(out / f"{name}.pt") for name in LAYOUTS}
 
 
-@pytest.mark.integration  # a gloo process group of up to 6 processes
-@pytest.mark.parametrize(
-    "ulysses,ring",
-    [(1, 2), (1, 3), (1, 4), (2, 2), (2, 3)],
-    ids=["ring2", "ring3", "ring4", "ulysses2xring2", "ulysses2xring3"],
-)
-def test_a_ring_split_sample_has_the_unsplit_loss_and_every_gradient(unsplit, tmp_path, ulysses, ring):
+@pytest.mark.integration  # gloo process groups of up to 6 processes
+@pytest.mark.parametrize("layout", ["ring2", "ring3", "ring4", "ulysses2xring2", "ulysses2xring3"])
+def test_a_ring_split_sample_has_the_unsplit_loss_and_every_gradient(unsplit, split_runs, layout):
     """Every layout wanray accepts, against the unsplit run: the loss and every parameter's gradient."""
-    loss, grads, working = _split_run(tmp_path, ulysses, ring)
+    loss, grads, working = split_runs[layout]
     ref_loss, ref = unsplit
     assert loss == pytest.approx(ref_loss, rel=1e-6)
     assert set(grads) == set(ref)
@@ -124,13 +139,13 @@ def test_a_ring_split_sample_has_the_unsplit_loss_and_every_gradient(unsplit, tm
 
 
 @pytest.mark.integration  # a gloo process group of 3 processes
-def test_diffusers_own_ring_backward_gives_ring_3_wrong_key_and_value_gradients(unsplit, tmp_path):
+def test_diffusers_own_ring_backward_gives_ring_3_wrong_key_and_value_gradients(unsplit, split_runs):
     """The upstream defect wanray corrects, reproduced (diffusers 0.42.1, TemplatedRingAttention.backward sends
     the accumulated key/value gradients to the next rank; they belong to the previous one): over ring 3 the loss
     and the last block's query projection gradient (downstream of any key/value gradient) are the unsplit run's, its
     key and value projections' are off by O(1). When a diffusers release fixes it, this fails: then
     ring_attention's correction can go."""
-    loss, grads, _ = _split_run(tmp_path, 1, 3, upstream=True)
+    loss, grads, _ = split_runs["ring3-upstream"]
     ref_loss, ref = unsplit
 
     def error(name):

@@ -1,4 +1,4 @@
-"""Context parallelism in training on a real local Ray, gloo on CPU: a sample's tokens split over 2 or 4
+"""Context parallelism in training on a real local Ray, gloo on CPU: a sample's tokens split over 2 or 3
 ranks give the loss, gradient norm and updated weights of the unsplit run; a 2x2 (data x context) run
 resumes at another layout; configurations that cannot work fail in one line before any worker starts."""
 
@@ -35,9 +35,10 @@ def unsplit(tiny_model, cp_prep, tmp_path_factory):
     return run, _train(tiny_model, cp_prep, run, "train.workers=1", "train.steps=2")
 
 
-@pytest.mark.parametrize("ulysses,ring", [(2, 1), (1, 2), (1, 3)], ids=["ulysses2", "ring2", "ring3"])
+@pytest.mark.parametrize("ulysses,ring", [(2, 1), (1, 3)], ids=["ulysses2", "ring3"])
 def test_a_split_sample_trains_as_the_whole_one(tiny_model, cp_prep, unsplit, tmp_path, ulysses, ring):
-    """Ring 3 trained on wrong key/value gradients with diffusers 0.42.1's own ring backward."""
+    """Ring 3 trained on wrong key/value gradients with diffusers 0.42.1's own ring backward. (Ring 2 and 4 take
+    the same path through training; test_unit_ring_attention checks each layout's gradients.)"""
     base_run, base = unsplit
     run = tmp_path / "run"
     workers = ulysses * ring

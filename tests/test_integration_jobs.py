@@ -69,7 +69,7 @@ def head(tmp_path_factory):
     finally:
         head.terminate()
         try:
-            head.wait(timeout=5)
+            head.wait(timeout=1)
         except subprocess.TimeoutExpired:  # after jobs ran, its graceful stop takes ~30 s: its group goes at once
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=60)

@@ -306,7 +306,8 @@ class _Downloads:
 
     def pin(self, uri: str, found: pafs.FileInfo | None) -> Path:
         fs, inner = filesystem(uri)
-        found = found or fs.get_file_info(inner)
+        if found is None:
+            found = fs.get_file_info(inner)
         if found.type != pafs.FileType.File:
             raise FileNotFoundError(f"{uri}: no such object")
         with self.lock:

@@ -67,6 +67,7 @@ def _evaluation(out, videos):
     """An evaluation directory as wanray.infer.evaluate writes it (its report_html), of two models ("a", "b")
     and one prompt each, from two existing videos (rendering them is test_integration_evaluate's part)."""
     from wanray.infer.evaluate import report_html
+    from wanray.infer.scores import SCORES_VERSION
 
     results = {}
     for name, video in zip(("a", "b"), videos):
@@ -74,7 +75,14 @@ def _evaluation(out, videos):
         (out / "videos" / name / "00000.mp4").write_bytes(video.read_bytes())
         scores = {"motion": 1.0 + len(results), "sharpness": 100.0}
         prompt = {"prompt": "a red circle moving right", "seed": 0, "video": f"videos/{name}/00000.mp4", **scores}
-        results[name] = {"source": str(video), "model": "m", "adapter": "", "mean": scores, "prompts": [prompt]}
+        results[name] = {
+            "source": str(video),
+            "model": "m",
+            "adapter": "",
+            "mean": scores,
+            "prompts": [prompt],
+            "scores_version": SCORES_VERSION,
+        }
     (out / "metrics.json").write_text(json.dumps(results))
     (out / "report.html").write_text(report_html(results))
 

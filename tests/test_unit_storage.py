@@ -183,11 +183,12 @@ def test_the_ui_pages_read_runs_evaluations_and_data_in_a_bucket_and_nothing_out
     put("runs/team/ft/high/validation/step_2/prompts.json", '["a red circle"]')
     record = {"step": 2, "videos": ["s3://ui-roots/runs/team/ft/high/validation/step_2/00.mp4"]}
     failed = {"step": 3, "error": "RuntimeError: out of memory"}  # a failed validation: nothing to show
-    records = [json.dumps({**record, "scores_mean": {"motion": 1.5}}), json.dumps(failed)]
+    # a record of an earlier wanray (no scores_version): its sharpness was another quantity, and is left out
+    records = [json.dumps({**record, "scores_mean": {"motion": 1.5, "sharpness": 600.0}}), json.dumps(failed)]
     put("runs/team/ft/high/validation/validations.jsonl", "\n".join(records) + "\n")
     put(f"runs/team/ft/high/checkpoint_000000/{RUN_FILE}", "{}")  # not a run: listings skip checkpoints
     prompt = {"prompt": "a red circle", "seed": 0, "video": "v/a.mp4"}
-    result = {"source": "m", "mean": {"motion": 1.0}, "prompts": [prompt]}
+    result = {"source": "m", "mean": {"motion": 1.0, "sharpness": 8.0}, "prompts": [prompt], "scores_version": 2}
     put("runs/eval/metrics.json", json.dumps({"a": result}))
     put("runs/eval/report.html", report_html({"a": {**result, "model": "m", "adapter": ""}}))
     put("runs/eval/v/a.mp4", video)
@@ -204,7 +205,7 @@ def test_the_ui_pages_read_runs_evaluations_and_data_in_a_bucket_and_nothing_out
     [(expert, step, [(shown, prompt)])] = run.validations()
     assert (expert, step, prompt) == ("high", 2, "a red circle") and Path(_served_copy(shown)).read_bytes() == video
     report = ReportView.open(runs, "s3://ui-roots/runs/eval")
-    assert report.means() == [{"model": "a", "source": "m", "motion": 1.0}]
+    assert report.means() == [{"model": "a", "source": "m", "motion": 1.0, "sharpness": 8.0}]
     assert report.videos() == [("s3://ui-roots/runs/eval/v/a.mp4", "a · a red circle")]
     assert list_datasets(data) == ["s3://ui-roots/data/prep"]
     prep = DataView.open(data, "s3://ui-roots/data/prep")

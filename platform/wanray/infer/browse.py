@@ -29,6 +29,7 @@ from wanray import storage
 from wanray.config import Config
 from wanray.data.shards import shard_paths
 from wanray.errors import RequestError
+from wanray.infer.scores import comparable
 from wanray.infer.validation import PROMPTS_FILE, RECORD_FILE
 from wanray.schema import decode_tensor
 from wanray.train.runs import CONFIG_FILE, RUN_FILE, trained_experts
@@ -169,7 +170,7 @@ class RunView:
         """Each rendered validation's scores (wanray.infer.scores; the mean over its prompts), by step then
         expert: {"step", "expert", score: value, ...}."""
         out = [
-            {"step": int(r["step"]), "expert": e, **r.get("scores_mean", {})}
+            {"step": int(r["step"]), "expert": e, **comparable(r.get("scores_mean", {}), r.get("scores_version"))}
             for e in self.experts
             for r in _records(storage.join(self.path, e, "validation", RECORD_FILE))
             if "error" not in r
@@ -262,7 +263,10 @@ class ReportView:
 
     def means(self) -> list[dict]:
         """A row per model: its name, where it came from, each score's mean."""
-        return [{"model": name, "source": r["source"], **r["mean"]} for name, r in self.results.items()]
+        return [
+            {"model": name, "source": r["source"], **comparable(r["mean"], r.get("scores_version"))}
+            for name, r in self.results.items()
+        ]
 
     def videos(self) -> list[tuple[str, str]]:
         """(video, caption) a row per prompt, its models side by side in the evaluation's order."""

@@ -30,7 +30,7 @@ from wanray import models, storage
 from wanray.config import Config
 from wanray.errors import ConfigError
 from wanray.infer.batch import generate_videos, read_prompts
-from wanray.infer.scores import VideoScorer, mean_scores
+from wanray.infer.scores import SCORES_VERSION, VideoScorer, mean_scores
 from wanray.io import write_bytes_atomic, write_json_atomic
 from wanray.sections import LoraSource, LoraUse
 from wanray.train.runs import trained_experts
@@ -150,6 +150,7 @@ def _evaluate(cfg: Config, models_given: list[str], prompts_file, out: Path, log
             "adapter": c.adapter,
             "mean": means,
             "prompts": scored,
+            "scores_version": SCORES_VERSION,
         }
         log(f"[evaluate] {c.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
     write_json_atomic(results, out / "metrics.json")

@@ -27,6 +27,17 @@ import torch
 
 from wanray.data.motion import as_uint8, farneback
 
+SCORES_VERSION = 2
+"""Written beside every record of scores (validations.jsonl, an evaluation's metrics.json). Records without it
+are version 1, whose sharpness was a plain Laplacian variance: another quantity under the same name."""
+
+
+def comparable(scores: dict[str, float], version: int | None) -> dict[str, float]:
+    """A record's `scores` as this version defines them: a version-1 sharpness is left out."""
+    if (version or 1) >= SCORES_VERSION:
+        return scores
+    return {k: v for k, v in scores.items() if k != "sharpness"}
+
 
 @dataclass(frozen=True)
 class VideoScores:

@@ -31,7 +31,7 @@ from wanray.infer.api import GenerateRequest, resolve
 from wanray.infer.batch import image_file, read_prompts
 from wanray.infer.request import GenerationParams
 from wanray.infer.sampler import Sampler
-from wanray.infer.scores import VideoScorer, mean_scores
+from wanray.infer.scores import SCORES_VERSION, VideoScorer, mean_scores
 from wanray.infer.spec import StageSpec
 from wanray.infer.video import mp4_bytes
 from wanray.io import write_bytes_atomic, write_json_atomic
@@ -224,6 +224,7 @@ class Validator:
             "videos": [storage.join(self.files.root, folder, v) for v in videos],
             "scores": scores,
             "scores_mean": means,
+            "scores_version": SCORES_VERSION,
             "other": {e: str(c) for e, c in self.loaded.items() if e != self.expert},
             "started": start,
             "seconds": round(time.time() - start, 3),

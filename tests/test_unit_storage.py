@@ -47,9 +47,11 @@ def test_an_object_is_downloaded_once_per_version_and_missing_or_empty_ones_are_
     os.utime(first, (0, 0))  # the next read of the same version is the process's copy, not a download
     with storage.local_copy("s3://videos/a.mp4") as again:
         assert again == first and Path(first).stat().st_mtime == 0
-    s3.put_object(Bucket="videos", Key="a.mp4", Body=b"overwritten")  # a new version under the same URI
-    with storage.local_copy("s3://videos/a.mp4") as new:
-        assert Path(new).read_bytes() == b"overwritten"
+        s3.put_object(Bucket="videos", Key="a.mp4", Body=b"overwritten")  # a new version under the same URI
+        with storage.local_copy("s3://videos/a.mp4") as new:
+            assert Path(new).read_bytes() == b"overwritten"
+            assert Path(first).read_bytes()[:8] == b"\x00\x00\x00\x18ftyp"  # still in use: still there
+    assert not Path(first).exists() and Path(new).exists()  # replaced and no longer used: gone
     s3.delete_object(Bucket="videos", Key="a.mp4")
     with pytest.raises(FileNotFoundError, match="s3://videos/a.mp4"), storage.local_copy("s3://videos/a.mp4"):
         pass
@@ -57,16 +59,23 @@ def test_an_object_is_downloaded_once_per_version_and_missing_or_empty_ones_are_
         with pytest.raises(ClipRejected) as e, local_file(uri):
             pass
         assert e.value.reason == reason
-    # over the cache's budget the oldest file goes, but never one a block still reads
+    # over the cache's budget the least recently used file goes, but never one a block still reads, nor the
+    # latest one used: a video larger than the cache still serves all its clips from one download
     monkeypatch.setattr(storage, "DOWNLOAD_CACHE_BYTES", 10)
-    for key in "bcd":
+    for key in "bc":
         s3.put_object(Bucket="videos", Key=f"{key}.mp4", Body=b"8 bytes!")
+    s3.put_object(Bucket="videos", Key="large.mp4", Body=b"16 bytes, large!")
     with storage.local_copy("s3://videos/b.mp4") as b:
         with storage.local_copy("s3://videos/c.mp4") as c:
             assert Path(b).read_bytes() == Path(c).read_bytes() == b"8 bytes!"  # 16 bytes held: both in use
-        assert not Path(c).exists() and Path(b).exists()  # c's block ended: the oldest file not in use goes
-    with storage.local_copy("s3://videos/d.mp4") as d:
-        assert Path(d).exists() and not Path(b).exists()
+        assert Path(b).exists() and Path(c).exists()  # b in use, c the latest
+    assert not Path(b).exists() and Path(c).exists() and not Path(new).exists()
+    for _ in range(2):
+        with storage.local_copy("s3://videos/large.mp4") as large:
+            assert Path(large).read_bytes() == b"16 bytes, large!"
+        assert Path(large).exists() and not Path(c).exists()
+        os.utime(large, (0, 0))
+    assert Path(large).stat().st_mtime == 0  # the second block read the first one's download
 
 
 def test_a_working_copy_appends_to_what_the_store_holds_and_the_driver_follows_its_lines(s3, capsys):
@@ -157,6 +166,18 @@ def test_checkpoints_in_a_bucket_are_listed_checked_and_read_in_place(s3, tmp_pa
         checkpoints(run, "high")
     monkeypatch.setattr(storage, "read_text", lambda p: read(p, "checkpoint_a", deleted=True))
     assert checkpoints(run, "high") == {4: f"{run}/high/checkpoint_b"}  # gone while read: no checkpoint
+    local = tmp_path / "local_run"  # on a local disk too
+    for name, step in (("checkpoint_a", 2), ("checkpoint_b", 4)):
+        (local / "high" / name).mkdir(parents=True)
+        (local / "high" / name / "wanray_step.json").write_text(json.dumps({"step": step}))
+
+    def read_after_a_is_deleted(path):
+        if "checkpoint_a" in str(path):
+            shutil.rmtree(local / "high" / "checkpoint_a")  # between the listing and the read
+        return read_text(path)
+
+    monkeypatch.setattr(storage, "read_text", read_after_a_is_deleted)
+    assert checkpoints(local, "high") == {4: local / "high" / "checkpoint_b"}
     monkeypatch.undo()
     source = reader(f"{run}/high/checkpoint_b")  # the model's tensors read from the bucket, a group at a time
     for name, tensor in weights.items():

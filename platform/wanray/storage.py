@@ -294,56 +294,66 @@ def name(path: str | os.PathLike) -> str:
     return PurePosixPath(str(path).rstrip("/")).name
 
 
+Version = tuple[str, int, int | None]
+"""An object as it was downloaded: (URI, size, modification time in ns)."""
+
+
 class _Downloads:
-    """The objects this process downloaded, newest last, within DOWNLOAD_CACHE_BYTES, each with the version
-    (size, modification time) it was downloaded at. A file in use (pinned) is never evicted."""
+    """The objects this process downloaded, each version in a file of its own, least recently used first: the
+    oldest go while the cache holds more than DOWNLOAD_CACHE_BYTES, and a version a newer one replaced goes
+    at once, but never a file in use (pinned), nor the latest one used (a video larger than the whole cache
+    still serves each of its clips from one download)."""
 
     def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="wanray-downloads-"))
-        self.files: OrderedDict[str, tuple[Path, int, int | None]] = OrderedDict()
-        self.pinned: Counter[str] = Counter()
+        self.dir: Path | None = None  # made at the first download
+        self.files: OrderedDict[Version, Path] = OrderedDict()
+        self.pinned: Counter[Version] = Counter()
         self.lock = threading.Lock()
 
-    def pin(self, uri: str, found: pafs.FileInfo | None) -> Path:
+    def pin(self, uri: str, found: pafs.FileInfo | None) -> tuple[Version, Path]:
         fs, inner = filesystem(uri)
         if found is None:
             found = fs.get_file_info(inner)
         if found.type != pafs.FileType.File:
             raise FileNotFoundError(f"{uri}: no such object")
+        version: Version = (uri, found.size, found.mtime_ns)
         with self.lock:
-            cached = self.files.get(uri)
-            if not cached or cached[1:] != (found.size, found.mtime_ns):
-                local = self.dir / (hashlib.sha1(uri.encode()).hexdigest()[:16] + Path(inner).suffix)
+            local = self.files.get(version)
+            if local is None:
+                self.dir = self.dir or Path(tempfile.mkdtemp(prefix="wanray-downloads-"))
+                local = self.dir / (hashlib.sha1(repr(version).encode()).hexdigest()[:16] + Path(inner).suffix)
                 part = local.with_name(local.name + ".part")
                 try:
                     with fs.open_input_stream(inner) as src, open(part, "wb") as dst:
                         while chunk := src.read(8 * 1024**2):
                             dst.write(chunk)
-                    part.replace(local)  # a reader of the previous version keeps its open file
+                    part.replace(local)
                 finally:
                     part.unlink(missing_ok=True)
-                self.files[uri] = cached = (local, found.size, found.mtime_ns)
-            self.files.move_to_end(uri)
-            self.pinned[uri] += 1
+                self.files[version] = local
+            self.files.move_to_end(version)
+            self.pinned[version] += 1
             self._evict()
-            return cached[0]
+            return version, local
 
-    def release(self, uri: str) -> None:
+    def release(self, version: Version) -> None:
         with self.lock:
-            self.pinned[uri] -= 1
-            if self.pinned[uri] <= 0:
-                del self.pinned[uri]
+            self.pinned[version] -= 1
+            if self.pinned[version] <= 0:
+                del self.pinned[version]
             self._evict()
 
     def _evict(self) -> None:
-        """Drop the oldest unpinned files while the cache holds more than DOWNLOAD_CACHE_BYTES."""
-        for uri in [u for u in self.files if u not in self.pinned]:
-            if sum(size for _, size, _ in self.files.values()) <= DOWNLOAD_CACHE_BYTES:
-                return
-            self.files.pop(uri)[0].unlink(missing_ok=True)
+        versions = list(self.files)
+        for i, version in enumerate(versions[:-1]):
+            if version in self.pinned:
+                continue
+            replaced = any(later[0] == version[0] for later in versions[i + 1 :])
+            if replaced or sum(v[1] for v in self.files) > DOWNLOAD_CACHE_BYTES:
+                self.files.pop(version).unlink(missing_ok=True)
 
 
-_downloads: _Downloads | None = None
+_downloads = _Downloads()
 
 
 @contextlib.contextmanager
@@ -351,15 +361,11 @@ def local_copy(path: str | os.PathLike, found: pafs.FileInfo | None = None) -> I
     """A local file with the content of `path` while the block runs: the path itself, or the object downloaded
     (cached while its size and modification time stay the same, and kept while a block uses it; `found` is its
     `info` when the caller has it already)."""
-    global _downloads
     if not is_uri(path):
         yield str(path)
         return
-    if _downloads is None:
-        _downloads = _Downloads()
-    uri = str(path)
-    local = _downloads.pin(uri, found)
+    version, local = _downloads.pin(str(path), found)
     try:
         yield str(local)
     finally:
-        _downloads.release(uri)
+        _downloads.release(version)

@@ -81,10 +81,13 @@ def selected(expert: str, kind: ModelKind) -> tuple[str, ...]:
 def checkpoints(run_dir, expert: str) -> dict[int, Path | str]:
     """Step -> checkpoint directory (a URI in an object store) of every checkpoint under run_dir/<expert>/."""
     root = storage.join(run_dir, expert)
-    if not storage.is_uri(root):
-        return {json.loads(p.read_text())["step"]: p.parent for p in Path(root).glob(f"*/{STEP_FILE}")}
+    directories: list[Path] | list[str]
+    if storage.is_uri(root):
+        directories = storage.list_dirs(root)
+    else:
+        directories = [p.parent for p in Path(root).glob(f"*/{STEP_FILE}")]
     found: dict[int, Path | str] = {}
-    for directory in storage.list_dirs(root):
+    for directory in directories:  # train.keep_checkpoints may delete one while it is read
         step_file = storage.join(directory, STEP_FILE)
         try:
             found[json.loads(storage.read_text(step_file))["step"]] = directory

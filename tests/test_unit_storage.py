@@ -4,6 +4,7 @@ manifests read from a bucket, objects downloaded once per process for the decode
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -76,6 +77,53 @@ def test_an_object_is_downloaded_once_per_version_and_missing_or_empty_ones_are_
         assert Path(large).exists() and not Path(c).exists()
         os.utime(large, (0, 0))
     assert Path(large).stat().st_mtime == 0  # the second block read the first one's download
+
+
+def test_a_same_size_overwrite_is_fetched_again_and_one_download_holds_up_no_other_read(s3, monkeypatch):
+    s3.create_bucket(Bucket="slow")
+    s3.put_object(Bucket="slow", Key="lora.safetensors", Body=b"weights1")
+    with storage.local_copy("s3://slow/lora.safetensors") as old:
+        assert Path(old).read_bytes() == b"weights1"
+    # the same size within the same second: S3's modification time (whole seconds) cannot tell; its ETag can
+    s3.put_object(Bucket="slow", Key="lora.safetensors", Body=b"weights2")
+    with storage.local_copy("s3://slow/lora.safetensors") as new:
+        assert Path(new).read_bytes() == b"weights2"
+    # a download in progress (held here, as a slow network would) keeps neither a read of another object nor
+    # one of a cached object waiting, and a second reader of the same object waits for it instead of fetching
+    s3.put_object(Bucket="slow", Key="video.mp4", Body=b"a long video")
+    held, started, parts = threading.Event(), threading.Event(), []
+    download, mkstemp = storage._Downloads._download, storage.tempfile.mkstemp
+
+    def slow_download(self, version, opened, local):
+        if version[0].endswith("video.mp4"):
+            started.set()
+            assert held.wait(60)
+        download(self, version, opened, local)
+
+    monkeypatch.setattr(storage._Downloads, "_download", slow_download)
+    monkeypatch.setattr(storage.tempfile, "mkstemp", lambda **kw: parts.append(kw) or mkstemp(**kw))
+    read: dict[str, bytes] = {}
+
+    def reader(name, uri):
+        with storage.local_copy(uri) as local:
+            read[name] = Path(local).read_bytes()
+
+    first = threading.Thread(target=reader, args=("first", "s3://slow/video.mp4"))
+    first.start()
+    assert started.wait(30)
+    second = threading.Thread(target=reader, args=("second", "s3://slow/video.mp4"))
+    second.start()
+    others = [threading.Thread(target=reader, args=(n, f"s3://slow/{n}")) for n in ("lora.safetensors", "b.mp4")]
+    s3.put_object(Bucket="slow", Key="b.mp4", Body=b"another")
+    for t in others:
+        t.start()
+        t.join(10)
+    assert read == {"lora.safetensors": b"weights2", "b.mp4": b"another"}  # neither waited for the video
+    held.set()
+    for t in (first, second):
+        t.join(30)
+    assert read["first"] == read["second"] == b"a long video"
+    assert len(parts) == 2  # downloads: b.mp4 and the video once; the cached adapter none
 
 
 def test_a_working_copy_appends_to_what_the_store_holds_and_the_driver_follows_its_lines(s3, capsys):

@@ -3,10 +3,11 @@ resolve), read through pyarrow.fs. Credentials and endpoint come from each store
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL (S3-compatible stores: MinIO, Ceph, Huawei OBS).
 
 Decoders (decord, PySceneDetect's OpenCV, PIL) read local files: `local_copy` downloads an object once per
-process and version (size and modification time) into a bounded cache (DOWNLOAD_CACHE_BYTES), so the clips of
-one long video decoded in one task fetch it once, and an object overwritten under the same URI (a retrained
-adapter) is fetched again. A file that grows (a training run's metrics, console, data order) is appended to in a local
-`WorkingCopy` and uploaded whole: an object store has no append.
+process and version (size and ETag, or modification time where a store has no ETag) into a bounded cache
+(DOWNLOAD_CACHE_BYTES), so the clips of one long video decoded in one task fetch it once, and an object
+overwritten under the same URI (a retrained adapter) is fetched again. A file that grows (a training run's
+metrics, console, data order) is appended to in a local `WorkingCopy` and uploaded whole: an object store has no
+append.
 """
 
 from __future__ import annotations
@@ -294,47 +295,76 @@ def name(path: str | os.PathLike) -> str:
     return PurePosixPath(str(path).rstrip("/")).name
 
 
-Version = tuple[str, int, int | None]
-"""An object as it was downloaded: (URI, size, modification time in ns)."""
+Version = tuple[str, int, str]
+"""An object as it was downloaded: (URI, size, tag). The tag is the store's ETag, which changes with every write;
+where a store gives none, the modification time in ns (S3's is in whole seconds: an overwrite of the same size
+within a second of the last write would not show in it)."""
+
+
+def _tag(fs: pafs.FileSystem, inner: str, opened: pa.NativeFile) -> str:
+    etag = opened.metadata().get("ETag")
+    return etag.decode() if etag else f"mtime:{fs.get_file_info(inner).mtime_ns}"
+
+
+def _local_name(version: Version, inner: str) -> str:
+    return hashlib.sha1(repr(version).encode()).hexdigest()[:16] + Path(inner).suffix
 
 
 class _Downloads:
     """The objects this process downloaded, each version in a file of its own, least recently used first: the
     oldest go while the cache holds more than DOWNLOAD_CACHE_BYTES, and a version a newer one replaced goes
     at once, but never a file in use (pinned), nor the latest one used (a video larger than the whole cache
-    still serves each of its clips from one download)."""
+    still serves each of its clips from one download). One thread downloads a version while the others that
+    want it wait; a thread that wants another object, or one already here, does not."""
 
     def __init__(self) -> None:
         self.dir: Path | None = None  # made at the first download
         self.files: OrderedDict[Version, Path] = OrderedDict()
         self.pinned: Counter[Version] = Counter()
-        self.lock = threading.Lock()
+        self.downloading: dict[Version, threading.Lock] = {}
+        self.lock = threading.Lock()  # guards the fields above, never held over a download
 
-    def pin(self, uri: str, found: pafs.FileInfo | None) -> tuple[Version, Path]:
+    def pin(self, uri: str) -> tuple[Version, Path]:
         fs, inner = filesystem(uri)
-        if found is None:
-            found = fs.get_file_info(inner)
-        if found.type != pafs.FileType.File:
-            raise FileNotFoundError(f"{uri}: no such object")
-        version: Version = (uri, found.size, found.mtime_ns)
+        try:
+            opened = fs.open_input_file(inner)  # one HEAD: the object's size and ETag
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{uri}: no such object") from None
+        with opened:
+            version: Version = (uri, opened.size(), _tag(fs, inner, opened))
+            with self.lock:
+                self.pinned[version] += 1  # from here on no eviction takes it, once it is here
+                gate = None if version in self.files else self.downloading.setdefault(version, threading.Lock())
+                self.dir = directory = self.dir or Path(tempfile.mkdtemp(prefix="wanray-downloads-"))
+            try:
+                if gate is not None:
+                    with gate:
+                        self._download(version, opened, directory / _local_name(version, inner))
+            except BaseException:
+                self.release(version)
+                raise
         with self.lock:
-            local = self.files.get(version)
-            if local is None:
-                self.dir = self.dir or Path(tempfile.mkdtemp(prefix="wanray-downloads-"))
-                local = self.dir / (hashlib.sha1(repr(version).encode()).hexdigest()[:16] + Path(inner).suffix)
-                part = local.with_name(local.name + ".part")
-                try:
-                    with fs.open_input_stream(inner) as src, open(part, "wb") as dst:
-                        while chunk := src.read(8 * 1024**2):
-                            dst.write(chunk)
-                    part.replace(local)
-                finally:
-                    part.unlink(missing_ok=True)
-                self.files[version] = local
             self.files.move_to_end(version)
-            self.pinned[version] += 1
             self._evict()
-            return version, local
+            return version, self.files[version]
+
+    def _download(self, version: Version, opened: pa.NativeFile, local: Path) -> None:
+        """Writes `version` into the cache unless a thread that held the gate before this one did."""
+        with self.lock:
+            if version in self.files:
+                return
+        fd, part = tempfile.mkstemp(dir=local.parent, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as dst:
+                while chunk := opened.read(8 * 1024**2):
+                    dst.write(chunk)
+            os.replace(part, local)
+            with self.lock:
+                self.files[version] = local
+        finally:
+            Path(part).unlink(missing_ok=True)
+            with self.lock:
+                self.downloading.pop(version, None)
 
     def release(self, version: Version) -> None:
         with self.lock:
@@ -357,14 +387,14 @@ _downloads = _Downloads()
 
 
 @contextlib.contextmanager
-def local_copy(path: str | os.PathLike, found: pafs.FileInfo | None = None) -> Iterator[str]:
+def local_copy(path: str | os.PathLike) -> Iterator[str]:
     """A local file with the content of `path` while the block runs: the path itself, or the object downloaded
-    (cached while its size and modification time stay the same, and kept while a block uses it; `found` is its
-    `info` when the caller has it already)."""
+    (cached while its size and ETag stay the same, and kept while a block uses it). A missing object is a
+    FileNotFoundError naming it."""
     if not is_uri(path):
         yield str(path)
         return
-    version, local = _downloads.pin(str(path), found)
+    version, local = _downloads.pin(str(path))
     try:
         yield str(local)
     finally:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.fs as pafs
 
 from wanray import storage
 from wanray.buckets import Bucket, BucketSet
@@ -150,14 +150,14 @@ def local_file(path: str) -> Iterator[str]:
     or empty file, or a store that refuses the read, is a named reject before any decoder sees it."""
     with contextlib.ExitStack() as stack:
         try:
-            found = storage.info(path)
-            if found.type == pafs.FileType.NotFound:
-                raise ClipRejected("file_not_found", path)
-            if found.size == 0:
-                raise ClipRejected("empty_file", path)
-            local = stack.enter_context(storage.local_copy(path, found))
+            local = stack.enter_context(storage.local_copy(path))
+            size = os.path.getsize(local)
+        except FileNotFoundError:
+            raise ClipRejected("file_not_found", path) from None
         except OSError as e:  # pyarrow's S3, GCS and HDFS errors: access denied, no such bucket, network
             raise ClipRejected("storage_error", _first_line(e)) from None
+        if size == 0:
+            raise ClipRejected("empty_file", path)
         yield local
 
 

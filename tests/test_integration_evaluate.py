@@ -15,8 +15,8 @@ from PIL import Image
 from reference import tiny_adapter
 from safetensors.torch import save_file
 
-from wanray.errors import ConfigError
-from wanray.infer.evaluate import evaluate, parse_candidate
+from wanray.errors import ConfigError, RequestError
+from wanray.infer.evaluate import candidate_config, evaluate, parse_candidate, resolve_candidate
 from wanray.model_files import write_tiny_clip
 
 SCORES = {"motion", "sharpness", "clip_score", "temporal_consistency"}
@@ -27,8 +27,19 @@ def test_models_are_named_and_checked_before_anything_renders(tiny_model, tmp_pa
     assert parse_candidate("runs/exp1:best") == ("exp1", "runs/exp1:best")
     assert parse_candidate(f"{tiny_model}+runs/style/") == ("style", f"{tiny_model}+runs/style/")
     cfg = tiny_config(tiny_model)
+    # names and the prompt file first: an A14B run's export takes long before a typo would show
+    with pytest.raises(ConfigError, match="two models are named alike"):
+        evaluate(cfg, ["/x/a/run", "/x/b/run:best"], tmp_path / "p.txt", tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="prompts file not found"):
+        evaluate(cfg, ["nowhere"], tmp_path / "p.txt", tmp_path / "out")
+    (tmp_path / "p.txt").write_text("\n \n")
+    with pytest.raises(RequestError, match="holds no prompt"):
+        evaluate(cfg, ["nowhere"], tmp_path / "p.txt", tmp_path / "out")
+    (tmp_path / "p.txt").write_text("a red circle\n")
     with pytest.raises(ConfigError, match="does not exist"):
         evaluate(cfg, ["nowhere"], tmp_path / "p.txt", tmp_path / "out")
+    with pytest.raises(ConfigError, match="nothing after '\\+'"):
+        evaluate(cfg, [f"{tiny_model}+"], tmp_path / "p.txt", tmp_path / "out")
     with pytest.raises(ConfigError, match="neither a model directory"):
         evaluate(cfg, [str(tmp_path)], tmp_path / "p.txt", tmp_path / "out")
     s3.create_bucket(Bucket="models")  # a run may be in a bucket, a model directory is read from local disk
@@ -39,6 +50,14 @@ def test_models_are_named_and_checked_before_anything_renders(tiny_model, tmp_pa
         evaluate(cfg, [f"{tiny_model}:best"], tmp_path / "p.txt", tmp_path / "out")
     with pytest.raises(ConfigError, match="two models are named alike"):
         evaluate(cfg, [f"a={tiny_model}", f"a={tiny_model}"], tmp_path / "p.txt", tmp_path / "out")
+    # the config's default adapters render every model (a 4-step distillation, say); BASE+ADAPTER adds its own
+    served = tiny_config(
+        tiny_model, "infer.loras={fast: /adapters/fast.safetensors}", "infer.default_loras=[{name: fast}]"
+    )
+    plain = candidate_config(served, resolve_candidate(served, f"base={tiny_model}", tmp_path))
+    assert plain.infer.loras == served.infer.loras and plain.infer.default_loras == served.infer.default_loras
+    styled = candidate_config(served, resolve_candidate(served, f"{tiny_model}+/adapters/x.safetensors", tmp_path))
+    assert [u.name for u in styled.infer.default_loras] == list(styled.infer.loras) == ["fast", "evaluated"]
 
 
 def test_the_same_model_scores_the_same_and_the_report_shows_every_video(tiny_model, ray_cluster, tmp_path):

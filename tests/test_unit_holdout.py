@@ -26,6 +26,7 @@ def test_the_held_out_clips_are_chosen_by_id_whatever_their_order():
     assert {i for i, k in zip(shuffled, held_out(shuffled, 0.1)) if k} == chosen
     assert 20 < len(chosen) < 60  # about a tenth
     assert held_out(IDS[:3], 0.01).sum() == 1  # at least one
+    assert held_out(IDS[:1], 0.2).tolist() == [True]  # also of one clip: training refuses it, not a NaN loss
 
 
 def test_the_bands_lie_on_the_experts_side_highest_first(tiny_model):

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_config
 from reference import wanpipeline_frames
 
-from wanray.errors import RequestError
+from wanray.errors import ConfigError, RequestError
 from wanray.infer.api import GenerateRequest, resolve
 from wanray.infer.request import GenerationParams
 from wanray.infer.sampler import ExpertStage, PromptEncoder, Sampler, VideoDecoder
@@ -315,6 +315,23 @@ def test_a_jsonl_prompts_file_sets_each_videos_fields_and_names_the_bad_line(tin
         bad.write_text('{"prompt": "fine"}\n' + line + "\n")
         with pytest.raises(RequestError, match=f"^{bad} line 2: .*{message}"):
             read_prompts(bad, cfg)
+
+
+def test_a_validation_prompts_file_without_a_prompt_is_refused_before_training(tiny_model, tmp_path):
+    """A plain file of blank lines once gave no prompt and no error, so the end of training indexed the videos
+    of no prompt (IndexError); now it is refused where a missing file is."""
+    from wanray.infer.validation import validation_prompts
+
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    for path, message in ((blank, "holds no prompt"), (tmp_path / "gone.txt", "prompts file not found")):
+        cfg = tiny_config(tiny_model, "train.validation.every=10", f"train.validation.prompts_file={path}")
+        with pytest.raises(ConfigError, match=f"^train.validation: .*{message}"):
+            validation_prompts(cfg, tiny_model)
+    blank.write_text("\na red circle\n")
+    cfg = tiny_config(tiny_model, "train.validation.every=10", f"train.validation.prompts_file={blank}")
+    (only,) = validation_prompts(cfg, tiny_model)
+    assert only.prompt == "a red circle"
 
 
 def test_compiled_blocks_give_the_eager_frames_and_compile_once_per_size(tiny_model):

@@ -77,6 +77,8 @@ def test_clip_scores_a_video_against_its_prompt(scorer):
     assert scores.temporal_consistency == pytest.approx(1.0, abs=1e-5)  # identical frames
     noise = np.random.default_rng(1).random((9, 64, 64, 3))
     assert scorer(noise, "a textured square").temporal_consistency < scores.temporal_consistency
+    # a prompt longer than CLIP's 77 positions is cut there (this tokenizer sets no model_max_length)
+    assert scorer(still, "a textured square " * 40).clip_score is not None
 
 
 def test_without_a_clip_model_only_motion_and_sharpness_are_scored():

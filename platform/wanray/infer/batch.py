@@ -28,6 +28,7 @@ from wanray.infer.request import GenerationParams
 from wanray.infer.sampler import Sampler
 from wanray.infer.spec import StageSpec
 from wanray.infer.video import mp4_bytes
+from wanray.sections import EvalConfig
 from wanray.wan import KINDS, ModelKind
 
 INDEX_FILE = "videos.jsonl"
@@ -47,14 +48,10 @@ def read_prompts(
     (infer.batch_devices when None)."""
     from pydantic import ValidationError
 
-    p = storage.absolute(path)  # a local path or a URI (wanray.storage)
-    if not storage.is_file(p):
-        raise FileNotFoundError(f"prompts file not found: {p}")
+    p, lines = prompt_lines(path)
     jsonl = p.lower().endswith(".jsonl")
     params = []
-    for number, line in enumerate(storage.read_text(p).splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, line in lines:
         try:
             if jsonl:
                 fields = json.loads(line)
@@ -76,9 +73,19 @@ def read_prompts(
             ) from None
         except RequestError as e:
             raise RequestError(f"{p} line {number}: {e}") from None
-    if not params:
-        raise RequestError(f"{p} holds no prompt (one prompt per line)")
     return params
+
+
+def prompt_lines(path: str | os.PathLike) -> tuple[str, list[tuple[int, str]]]:
+    """(the file's absolute path or URI, its non-blank lines with their numbers); a missing file is a
+    FileNotFoundError and one without a prompt a RequestError."""
+    p = storage.absolute(path)  # a local path or a URI (wanray.storage)
+    if not storage.is_file(p):
+        raise FileNotFoundError(f"prompts file not found: {p}")
+    lines = [(n, line) for n, line in enumerate(storage.read_text(p).splitlines(), start=1) if line.strip()]
+    if not lines:
+        raise RequestError(f"{p} holds no prompt (one prompt per line)")
+    return p, lines
 
 
 def image_file(path: str | os.PathLike) -> str:
@@ -95,16 +102,29 @@ class VideoWriter:
     With spec.devices above 1 it is rank 0 of its experts' group, the other ranks actors of `rank_options`
     on its node (wanray.infer.group)."""
 
-    def __init__(self, spec: StageSpec, fps: float, out_dir: str, save_frames: bool, rank_options: dict):
+    def __init__(
+        self,
+        spec: StageSpec,
+        fps: float,
+        out_dir: str,
+        save_frames: bool,
+        rank_options: dict,
+        score: EvalConfig | None = None,
+    ):
         experts = None
         if (world := spec.devices["high"]) > 1:
             group = batch_group(spec, spec.contract.kind.experts, world, rank_options)
             experts = {e: group.expert(e) for e in spec.contract.kind.experts}
         self.sampler = Sampler(spec, experts)
         self.out_dir, self.fps, self.save_frames = out_dir, fps, save_frames
+        self.scorer = None
+        if score is not None:
+            from wanray.infer.scores import VideoScorer
+
+            self.scorer = VideoScorer(score.clip_model, score.frames, spec.device("text"))
 
     def __call__(self, batch: dict) -> dict:
-        videos, seconds = [], []
+        videos, seconds, scores = [], [], []
         for index, text in zip(batch["index"], batch["params"]):
             params = GenerationParams(**json.loads(text))
             start = time.perf_counter()
@@ -116,8 +136,14 @@ class VideoWriter:
                 np.save(array, frames)
                 storage.write_bytes(storage.join(self.out_dir, f"{name}.npy"), array.getvalue())
             videos.append(f"{name}.mp4")
-            seconds.append(time.perf_counter() - start)
-        return {"index": batch["index"], "video": np.array(videos, dtype=object), "seconds": np.array(seconds)}
+            seconds.append(time.perf_counter() - start)  # rendering: the scores below are not counted
+            scores.append(json.dumps(self.scorer(frames, params.prompt).as_dict()) if self.scorer else "{}")
+        return {
+            "index": batch["index"],
+            "video": np.array(videos, dtype=object),
+            "seconds": np.array(seconds),
+            "scores": np.array(scores, dtype=object),
+        }
 
 
 def generate_videos(
@@ -127,9 +153,12 @@ def generate_videos(
     out_dir: str | os.PathLike,
     save_frames: bool = False,
     log=print,
+    score: EvalConfig | None = None,
 ) -> list[dict]:
     """Generate every video on `cfg.infer.batch_actors` actors of the connected Ray (each over
-    infer.batch_devices devices); return (and write) the index, in prompt order. `log` gets a line per video."""
+    infer.batch_devices devices); return (and write) the index, in prompt order. `log` gets a line per video.
+    With `score`, each actor also scores its videos (wanray.infer.scores) where it rendered them, and every row
+    holds them under "scores"."""
     import ray
 
     out = storage.absolute(out_dir)  # a local directory or a URI (wanray.storage)
@@ -147,6 +176,7 @@ def generate_videos(
             out_dir=out,
             save_frames=save_frames,
             rank_options=inf.batch.ray_options(),
+            score=score,
         ),
         **inf.batch.ray_options(),
     )
@@ -160,9 +190,10 @@ def generate_videos(
                 "seed": p.seed,
                 "video": str(row["video"]),
                 "seconds": round(float(row["seconds"]), 3),
+                **({"scores": json.loads(row["scores"])} if score is not None else {}),
             }
         )
         log(f"[{len(done)}/{len(rows)}] {storage.join(out, str(row['video']))}  ({float(row['seconds']):.1f} s)")
-    done.sort(key=lambda r: int(r["index"]))  # type: ignore[call-overload]  # an int, set above
+    done.sort(key=lambda r: int(r["index"]))
     storage.write_text(storage.join(out, INDEX_FILE), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done))
     return done

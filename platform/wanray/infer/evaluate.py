@@ -9,9 +9,10 @@ A model is `NAME=SPEC` or `SPEC` (named after its last path part): a diffusers-f
 wanray run directory (train.py --out; its latest checkpoints, or `RUN:best` for those of the lowest held-out
 loss, exported into DIR/models/<name> against model.path), or `BASE+ADAPTER`: a model directory with an
 adapter (any infer.loras source: a LoRA run, an export, an adapter file) applied to every prompt at scale 1.
-Runs, adapters, the prompt file and DIR may be URIs of an object store; a model directory is local. DIR in a
-store: the evaluation is made in a local temporary directory (the exports stay there) and its videos, then
-report.html, then metrics.json are uploaded.
+Runs, adapters, the prompt file and DIR may be URIs of an object store; a model directory is local. The actors
+write the videos straight into DIR and score them where they rendered them; report.html, then metrics.json
+come last. A run is exported on the driver (into DIR/models, or a local temporary directory when DIR is a URI),
+where the actors must read it.
 """
 
 from __future__ import annotations
@@ -24,14 +25,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from wanray import models, storage
 from wanray.config import Config
 from wanray.errors import ConfigError
-from wanray.infer.batch import generate_videos, read_prompts
-from wanray.infer.scores import SCORES_VERSION, VideoScorer, mean_scores
-from wanray.io import write_bytes_atomic, write_json_atomic
+from wanray.infer.batch import generate_videos, prompt_lines, read_prompts
+from wanray.infer.scores import SCORES_VERSION, mean_scores
 from wanray.sections import LoraSource, LoraUse
 from wanray.train.runs import trained_experts
 
@@ -54,6 +52,8 @@ class Candidate:
 def parse_candidate(text: str) -> tuple[str, str]:
     """(name, spec) of `NAME=SPEC` or `SPEC` (named after the spec's last path part, without ':best')."""
     name, sep, spec = text.partition("=")
+    if spec.endswith("+") or text.endswith("+"):
+        raise ConfigError(f"--models {text!r}: nothing after '+' (BASE+ADAPTER names an adapter)")
     if not sep:
         spec = text
         name = Path(spec.split("+")[-1].removesuffix(":best").rstrip("/")).name
@@ -92,58 +92,55 @@ def resolve_candidate(cfg: Config, text: str, work: Path, log=print) -> Candidat
 
 
 def candidate_config(cfg: Config, candidate: Candidate) -> Config:
-    """cfg rendering `candidate`: its model directory, and its adapter served and applied by default."""
+    """cfg rendering `candidate`: its model directory, and its adapter (if any) served and applied to every
+    prompt on top of the config's infer.default_loras. Those apply to every model alike, as the steps and
+    guidance do (a distilled adapter that renders in 4 steps, say)."""
     model = dataclasses.replace(cfg.model, path=str(candidate.model_dir), create_tiny=False)
     infer = cfg.infer
     if candidate.adapter:
         infer = dataclasses.replace(
-            infer, loras={ADAPTER: LoraSource(path=candidate.adapter)}, default_loras=[LoraUse(ADAPTER, 1.0)]
+            infer,
+            loras={**infer.loras, ADAPTER: LoraSource(path=candidate.adapter)},
+            default_loras=[*infer.default_loras, LoraUse(ADAPTER, 1.0)],
         )
     return dataclasses.replace(cfg, model=model, infer=infer)
 
 
 def evaluate(cfg: Config, models_given: list[str], prompts_file, out_dir, log=print) -> dict:
-    """Render and score every model (on the connected Ray); write metrics.json and report.html; the metrics."""
+    """Render and score every model (on the connected Ray); write metrics.json and report.html; the metrics.
+    Every model's name and the prompt file are checked before any run is exported."""
+    named = [parse_candidate(text)[0] for text in models_given]
+    if len(set(named)) != len(named):
+        raise ConfigError(f"--models: two models are named alike ({', '.join(named)}): name them NAME=SPEC")
+    prompt_lines(prompts_file)
     if not storage.is_uri(out_dir):
         out = Path(out_dir).resolve()
         out.mkdir(parents=True, exist_ok=True)
-        results = _evaluate(cfg, models_given, prompts_file, out, log)
-        log(f"[evaluate] wrote {out / 'metrics.json'} and {out / 'report.html'}")
-        return results
-    work = Path(tempfile.mkdtemp(prefix="wanray-evaluate-"))
-    try:
-        results = _evaluate(cfg, models_given, prompts_file, work, log)
-        uploads = sorted(p.relative_to(work).as_posix() for p in (work / "videos").rglob("*") if p.is_file())
-        for name in [*uploads, "report.html", "metrics.json"]:  # metrics.json last: with it, the rest is there
-            storage.upload_file(work / name, storage.join(out_dir, name))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        results = _evaluate(cfg, models_given, prompts_file, str(out), out, log)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="wanray-evaluate-"))  # exports of runs
+        try:
+            results = _evaluate(cfg, models_given, prompts_file, storage.absolute(out_dir), work, log)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     log(f"[evaluate] wrote {storage.join(out_dir, 'metrics.json')} and {storage.join(out_dir, 'report.html')}")
     return results
 
 
-def _evaluate(cfg: Config, models_given: list[str], prompts_file, out: Path, log) -> dict:
-    """evaluate() into the local directory `out` (run exports under out/models)."""
-    candidates = [resolve_candidate(cfg, text, out, log) for text in models_given]
-    names = [c.name for c in candidates]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"--models: two models are named alike ({', '.join(names)}): name them NAME=SPEC")
-    scorer = VideoScorer(cfg.eval.clip_model, cfg.eval.frames)
+def _evaluate(cfg: Config, models_given: list[str], prompts_file, out: str, work: Path, log) -> dict:
+    """evaluate() into `out` (a local directory or a URI); runs are exported under work/models."""
+    candidates = [resolve_candidate(cfg, text, work, log) for text in models_given]
     results: dict = {}
     for c in candidates:
         ccfg = candidate_config(cfg, c)
         params = read_prompts(prompts_file, ccfg, models.expected_kind(ccfg.model))
         log(f"[evaluate] {c.name}: {len(params)} prompts from {c.model_dir}{f' + {c.adapter}' if c.adapter else ''}")
-        videos = out / "videos" / c.name
-        rows = generate_videos(ccfg, str(c.model_dir), params, videos, save_frames=True, log=log)
-        scores, scored = [], []
-        for row in rows:
-            frames_file = videos / Path(row["video"]).with_suffix(".npy").name
-            scores.append(scorer(np.load(frames_file), row["prompt"]).as_dict())
-            frames_file.unlink()
-            video = (videos / Path(row["video"]).name).relative_to(out)
-            scored.append({"prompt": row["prompt"], "seed": row["seed"], "video": str(video), **scores[-1]})
-        means = mean_scores(scores)
+        videos = f"videos/{c.name}"
+        rows = generate_videos(ccfg, str(c.model_dir), params, storage.join(out, videos), log=log, score=cfg.eval)
+        scored = [
+            {"prompt": r["prompt"], "seed": r["seed"], "video": f"{videos}/{r['video']}", **r["scores"]} for r in rows
+        ]
+        means = mean_scores([r["scores"] for r in rows])
         results[c.name] = {
             "source": c.source,
             "model": str(c.model_dir),
@@ -153,8 +150,9 @@ def _evaluate(cfg: Config, models_given: list[str], prompts_file, out: Path, log
             "scores_version": SCORES_VERSION,
         }
         log(f"[evaluate] {c.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
-    write_json_atomic(results, out / "metrics.json")
-    write_bytes_atomic(out / "report.html", report_html(results).encode())
+    # metrics.json last: with it, the rest is there (an object store has no rename)
+    storage.write_bytes(storage.join(out, "report.html"), report_html(results).encode())
+    storage.write_json(results, storage.join(out, "metrics.json"))
     return results
 
 

@@ -95,7 +95,12 @@ class VideoScorer:
             return scores
         picked = video[np.unique(np.linspace(0, len(video) - 1, min(self.frames, len(video))).round().astype(int))]
         inputs = self.processor(
-            text=[prompt], images=list(picked), return_tensors="pt", padding=True, truncation=True
+            text=[prompt],
+            images=list(picked),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,  # at the model's own length: a tokenizer may leave model_max_length unset
+            max_length=self.model.config.text_config.max_position_embeddings,
         ).to(self.device)
         text = self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         image = self.model.get_image_features(pixel_values=inputs["pixel_values"])

@@ -28,7 +28,7 @@ from wanray import models, storage
 from wanray.config import Config
 from wanray.errors import ConfigError, RequestError
 from wanray.infer.api import GenerateRequest, resolve
-from wanray.infer.batch import image_file, read_prompts
+from wanray.infer.batch import image_file, prompt_lines, read_prompts
 from wanray.infer.request import GenerationParams
 from wanray.infer.sampler import Sampler
 from wanray.infer.scores import SCORES_VERSION, VideoScorer, mean_scores
@@ -69,13 +69,11 @@ def validation_prompts(cfg: Config, model_dir) -> list[GenerationParams]:
     texts, lines = list(v.prompts), []
     try:
         if v.prompts_file:
-            path = storage.absolute(v.prompts_file)  # local or a URI
-            if not storage.is_file(path):
-                raise FileNotFoundError(f"train.validation.prompts_file not found: {path}")
+            path, found = prompt_lines(v.prompts_file)  # local or a URI; none there is an error, as missing is
             if path.lower().endswith(".jsonl"):
                 lines = read_prompts(path, defaults, kind, split=1)
             else:
-                texts += [line.strip() for line in storage.read_text(path).splitlines() if line.strip()]
+                texts += [line.strip() for _, line in found]
         if v.images and len(v.images) != len(texts):
             raise ConfigError(
                 f"train.validation.images holds {len(v.images)} images for {len(texts)} prompts "
@@ -85,7 +83,7 @@ def validation_prompts(cfg: Config, model_dir) -> list[GenerationParams]:
         return [
             resolve(GenerateRequest(prompt=text, image=image), defaults, kind) for text, image in zip(texts, images)
         ] + lines
-    except RequestError as e:
+    except (RequestError, FileNotFoundError) as e:
         raise ConfigError(f"train.validation: {e}") from None
 
 

@@ -371,7 +371,7 @@ def held_out(ids: list[str], fraction: float) -> np.ndarray:
     or the run's seed), about `fraction` of them and at least one."""
     scores = np.array([int.from_bytes(hashlib.sha1(i.encode()).digest()[:8], "big") / 2**64 for i in ids])
     keep = scores < fraction
-    if not keep.any() and len(ids) > 1:
+    if not keep.any() and len(ids):
         keep[np.argmin(scores)] = True
     return keep
 

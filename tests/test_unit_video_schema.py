@@ -73,6 +73,59 @@ def test_decode_scales_larger_sources_like_a_resize_of_the_full_frames(tmp_path)
     assert np.abs(out.frames.astype(int) - want.astype(int)).mean() < 4
 
 
+def test_a_rotated_phone_video_decodes_upright_into_its_portrait_bucket(tmp_path):
+    """Stored 96x160 with a display rotation of 90 degrees (as phones record portrait): decord returns it upright,
+    so its bucket is the portrait one, and the frames are decord's upright ones scaled, not squeezed."""
+    import av
+    import decord
+
+    from wanray.buckets import Bucket
+    from wanray.data.video import sample_frames
+
+    path = tmp_path / "phone.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=16)
+        stream.width, stream.height, stream.pix_fmt = 160, 96, "yuv420p"
+        stream.set_display_rotation(90)
+        for i in range(20):
+            frame = np.zeros((96, 160, 3), np.uint8)
+            frame[:, 8 * i : 8 * i + 40] = 255  # a band that moves along the stored width
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    buckets = BucketSet.of([Bucket(64, 32, 9), Bucket(32, 64, 9)], T2V)
+    out = decode_clip(str(path), buckets, 16)
+    upright = decord.VideoReader(str(path)).get_batch(out.plan.indices).asnumpy()
+    assert upright.shape[1:3] == (160, 96) and out.source_size == (160, 96)
+    assert out.bucket == Bucket(64, 32, 9) and out.frames.shape == (9, 64, 32, 3)
+    assert np.abs(out.frames.astype(int) - resize_crop(upright, 64, 32).astype(int)).max() <= 1
+    assert sample_frames(str(path), 3, 80, square=False).shape == (3, 80, 48, 3)
+    assert sample_frames(str(path), 3, 16).shape == (3, 16, 16, 3)
+    # a bucket set of still images only has no place for a video: a named reject, not a crash
+    with pytest.raises(ClipRejected) as e:
+        decode_clip(str(path), BucketSet.of([Bucket(64, 32, 1)], T2V), 16)
+    assert e.value.reason == "no_video_bucket"
+    with_stills = BucketSet.of([Bucket(64, 64, 1), *buckets.buckets], T2V)  # a square still is no video's place
+    assert with_stills.resolution(64, 64) == (64, 64) and with_stills.resolution(64, 64, video=True) == (32, 64)
+
+
+def test_a_photo_with_an_exif_orientation_is_bucketed_as_shown(tmp_path):
+    from PIL import Image
+
+    from wanray.buckets import Bucket
+    from wanray.data.video import decode_image
+
+    stored = np.zeros((32, 64, 3), np.uint8)
+    stored[:, :16] = 255  # white at the stored left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: 64 high, 32 wide, the white edge on top
+    Image.fromarray(stored).save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    out = decode_image(str(tmp_path / "photo.jpg"), BucketSet.of([Bucket(64, 32, 1), Bucket(32, 64, 1)], T2V))
+    assert out.bucket == Bucket(64, 32, 1) and out.source_size == (64, 32)
+    assert out.frames[0, :12, :, 0].min() > 200 and out.frames[0, 20:, :, 0].max() < 50
+
+
 def test_decoding_does_not_import_torch(tmp_path):
     clip = SyntheticClip("c.mp4", "x", 96, 160, 16, 20, "square", "white", "black", "left to right")
     write_mp4(tmp_path / "c.mp4", render(clip), 16)

@@ -148,10 +148,12 @@ class BucketSet:
     def max_tokens(self) -> int:
         return max(b.tokens(self.kind) for b in self.buckets)
 
-    def resolution(self, src_height: int, src_width: int) -> tuple[int, int]:
-        """The resolution whose aspect ratio is nearest the source's (log ratio; ties to the larger)."""
+    def resolution(self, src_height: int, src_width: int, video: bool = False) -> tuple[int, int] | None:
+        """The resolution whose aspect ratio is nearest the source's (log ratio; ties to the larger); for a
+        `video`, of those with a video frame count (None: data.buckets gives only still images)."""
         aspect = math.log(src_width / src_height)
-        return min(self.frames_by_resolution, key=lambda r: (abs(math.log(r[1] / r[0]) - aspect), -r[0] * r[1]))
+        fits = [r for r, counts in self.frames_by_resolution.items() if not video or max(counts) > 1]
+        return min(fits, key=lambda r: (abs(math.log(r[1] / r[0]) - aspect), -r[0] * r[1]), default=None)
 
     def frames(self, resolution: tuple[int, int], available: int) -> int | None:
         """The longest video frame count of `resolution` that `available` frames hold (None: too short).

@@ -92,16 +92,20 @@ def resize_crop_box(src_h: int, src_w: int, h: int, w: int) -> tuple[int, int, i
 def resize_crop(frames: np.ndarray, h: int, w: int) -> np.ndarray:
     """(T, H, W, 3) uint8 -> (T, h, w, 3) uint8, bilinear with antialiasing (a no-op resize when
     the frames already cover h x w exactly, as decode_clip asks decord to scale them)."""
-    src_h, src_w = frames.shape[1:3]
-    rh, rw, top, left = resize_crop_box(src_h, src_w, h, w)
-    if (rh, rw) != (src_h, src_w):
-        import torch
-        import torch.nn.functional as F
+    rh, rw, top, left = resize_crop_box(frames.shape[1], frames.shape[2], h, w)
+    return np.ascontiguousarray(resize(frames, rh, rw)[:, top : top + h, left : left + w])
 
-        x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
-        x = F.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
-        frames = x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return np.ascontiguousarray(frames[:, top : top + h, left : left + w])
+
+def resize(frames: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(T, H, W, 3) uint8 -> (T, h, w, 3) uint8, bilinear with antialiasing; the frames themselves at their size."""
+    if frames.shape[1:3] == (h, w):
+        return frames
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 # Container signatures: (offset, magic). A file with one of these that still fails to
@@ -135,13 +139,29 @@ class DecodedClip:
     """Source frames [start, end) of the cut the clip is taken from (an image: its one frame)."""
 
 
-def frame_size(path: str) -> tuple[int, int]:
-    """(height, width) of the first video stream, read from the container header (PyAV, < 1 ms)."""
+def frame_size(path: str) -> tuple[int, int, bool]:
+    """(height, width, rotated) of the first video stream as it is shown: a phone's portrait video is stored
+    landscape with a display rotation of 90 degrees, which decord applies to the frames it returns (PyAV: the
+    container header, and the first frame for its rotation)."""
     import av
 
     with av.open(path) as container:
         stream = container.streams.video[0]
-        return stream.codec_context.height, stream.codec_context.width
+        h, w = stream.codec_context.height, stream.codec_context.width
+        first = next(container.decode(stream), None)
+    return (w, h, True) if first is not None and round(first.rotation) % 180 == 90 else (h, w, False)
+
+
+def read_frames(reader, indices: list[int], h: int, w: int, fit) -> np.ndarray:
+    """`fit(frames, h, w)` of the reader's frames at `indices`, CHUNK at a time. A rotated video is read at its
+    full size and scaled here: decord's own scaling squeezes it into the stored orientation, or fails."""
+    return np.concatenate(
+        [fit(reader.get_batch(indices[i : i + CHUNK]).asnumpy(), h, w) for i in range(0, len(indices), CHUNK)]
+    )
+
+
+CHUNK = 8
+"""Frames decoded at once: a rotated 4K video's are read at full size (25 MB each)."""
 
 
 @contextlib.contextmanager
@@ -176,10 +196,16 @@ def _decode_clip(path: str, buckets: BucketSet, fps: float, cut_start: int, cut_
     import decord
 
     try:
-        src_h, src_w = frame_size(path)
-        height, width = buckets.resolution(src_h, src_w)
+        src_h, src_w, rotated = frame_size(path)
+    except Exception as e:  # PyAV raises with ffmpeg's message
+        raise unreadable(path, e) from None
+    resolution = buckets.resolution(src_h, src_w, video=True)
+    if resolution is None:
+        raise ClipRejected("no_video_bucket", f"data.buckets holds still images only ({buckets.describe()})")
+    height, width = resolution
+    try:
         rh, rw, _, _ = resize_crop_box(src_h, src_w, height, width)
-        scale = {} if (rh, rw) == (src_h, src_w) else {"height": rh, "width": rw}
+        scale = {} if rotated or (rh, rw) == (src_h, src_w) else {"height": rh, "width": rw}
         reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1, **scale)
         src_frames, src_fps = len(reader), reader.get_avg_fps()
     except Exception as e:  # PyAV and decord raise with ffmpeg's message
@@ -193,14 +219,14 @@ def _decode_clip(path: str, buckets: BucketSet, fps: float, cut_start: int, cut_
         )
     plan = plan_clip(src_fps, src_frames, fps, n, n, cut_start, cut_end)
     try:
-        frames = reader.get_batch(plan.indices).asnumpy()
+        frames = read_frames(reader, list(plan.indices), height, width, resize_crop)
     except Exception as e:
         raise ClipRejected("decode_error", _first_line(e)) from None
     if frames.shape[0] != len(plan.indices) or frames.ndim != 4:
         raise ClipRejected("decode_error", f"got frames of shape {frames.shape} for {len(plan.indices)} indices")
     end = src_frames if cut_end < 0 else min(cut_end, src_frames)
     return DecodedClip(
-        resize_crop(frames, height, width),
+        frames,
         plan,
         src_fps,
         Bucket(height, width, n),
@@ -222,13 +248,15 @@ def _sample_frames(path: str, count: int, size: int, cut_start: int, cut_end: in
     import decord
 
     try:
+        src_h, src_w, rotated = frame_size(path)
         if square:
             h, w = size, size
         else:
-            src_h, src_w = frame_size(path)
             scale = min(1.0, size / max(src_h, src_w))
             h, w = max(2, round(src_h * scale)), max(2, round(src_w * scale))
-        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1, width=w, height=h)
+        reader = decord.VideoReader(
+            path, ctx=decord.cpu(0), num_threads=1, **({} if rotated else {"width": w, "height": h})
+        )
         end = len(reader) if cut_end < 0 else min(cut_end, len(reader))
     except Exception as e:
         raise unreadable(path, e) from None
@@ -236,7 +264,7 @@ def _sample_frames(path: str, count: int, size: int, cut_start: int, cut_end: in
         raise ClipRejected("too_short", f"cut starts at frame {cut_start}, video has {len(reader)}")
     indices = np.linspace(cut_start, end - 1, count).round().astype(int).tolist()
     try:
-        return reader.get_batch(indices).asnumpy()
+        return read_frames(reader, indices, h, w, resize)
     except Exception as e:
         raise ClipRejected("decode_error", _first_line(e)) from None
 
@@ -257,11 +285,11 @@ def open_image(path: str):
 
 
 def _open_image(path: str):
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as opened:
-            return opened.convert("RGB")  # decodes the whole image: a truncated file fails here
+        with Image.open(path) as opened:  # upright as shown (a phone's EXIF orientation), then whole: a
+            return ImageOps.exif_transpose(opened).convert("RGB")  # truncated file fails here
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
         with open(path, "rb") as f:
             head = f.read(16)
@@ -276,7 +304,9 @@ def decode_image(path: str, buckets: BucketSet) -> DecodedClip:
 
     img = open_image(path)
     src_w, src_h = img.size
-    height, width = buckets.resolution(src_h, src_w)
+    resolution = buckets.resolution(src_h, src_w)
+    assert resolution is not None  # a bucket set holds a resolution
+    height, width = resolution
     rh, rw, top, left = resize_crop_box(src_h, src_w, height, width)
     if (rh, rw) != (src_h, src_w):
         img = img.resize((rw, rh), Image.Resampling.BICUBIC, reducing_gap=3.0)

@@ -328,7 +328,7 @@ def test_raw_videos_in_a_bucket_become_clips_that_train_resume_validate_and_expo
     log: list[str] = []
     summary = run_preprocess(cfg, manifest, out, log.append)
     rows = read_clips(out).to_pylist()
-    shots = [(0, 24), (24, 40), (40, 64), (64, 88), (88, 96)]
+    shots = [(0, 25), (25, 40), (40, 65), (65, 90)]
     assert sorted((r["source"], r["cut_start"], r["cut_end"]) for r in rows) == sorted(
         [(long, a, b) for a, b in shots] + [(other, 0, 17)]
     )
@@ -337,35 +337,33 @@ def test_raw_videos_in_a_bucket_become_clips_that_train_resume_validate_and_expo
     assert {(r["caption"], r["caption_model"]) for r in rows if r["source"] == other} == {("the first second", None)}
     captioned = [r for r in rows if r["source"] == long]
     assert all(r["caption"] and r["caption_model"] == "tiny-vlm" for r in captioned)
-    # each clip holds the frames of its range only: a 16-frame piece gives 13 frames (4n+1), not more
+    # each clip holds the frames of its range only: a 15-frame piece gives 13 frames (4n+1), not more
     assert {(r["cut_start"], r["num_frames"]) for r in rows if r["source"] == long} == {
         (0, 17),
-        (24, 13),
+        (25, 13),
         (40, 17),
-        (64, 17),
-        (88, 5),
+        (65, 17),
     }
     rejects = {(r["input"], r["reason"]): r["detail"] for r in collect_rejects(out)}
     assert set(rejects) == {
         ("s3://raw/corpus/gone.mp4", "file_not_found"),
-        (f"{long}#96-102", "short_shot"),
-        (f"{reupload}#96-102", "short_shot"),
+        *((f"{video}#{a}-{b}", "short_shot") for video in (long, reupload) for a, b in ((90, 96), (96, 102))),
         *((f"{reupload}#{a}-{b}", "near_duplicate") for a, b in shots),
     }
     for a, b in shots:  # each names the clip it duplicates, the same range of the original
         assert rejects[(f"{reupload}#{a}-{b}", "near_duplicate")].startswith(f"near duplicate of {long}#{a}-{b} (")
-    assert summary["clips_after_split"] == 11 and summary["outcomes"]["written"] == 6
-    assert any("curated 4/4 videos: 11 clips" in line for line in log)  # the cut line: fingerprinted only
-    assert any("captioned 5/5 clips" in line for line in log)  # the near duplicates are not captioned
+    assert summary["clips_after_split"] == 9 and summary["outcomes"]["written"] == 5
+    assert any("curated 4/4 videos: 9 clips" in line for line in log)  # the cut line: fingerprinted only
+    assert any("captioned 4/4 clips" in line for line in log)  # the near duplicates are not captioned
     log.clear()
     again = run_preprocess(cfg, manifest, out, log.append)
     assert again["outcomes"]["written"] == 0 and not any(w in line for line in log for w in ("curated", "captioning"))
     # the run directory in a bucket too: Ray Train's checkpoints, the ranks' files and the validation videos
     lines: list[str] = []
-    run, steps = "s3://runs/run", ["train.checkpoint_every=1", "train.log_every=1", "train.filters=[num_frames > 5]"]
+    run, steps = "s3://runs/run", ["train.checkpoint_every=1", "train.log_every=1", "train.filters=[num_frames > 13]"]
     s3.create_bucket(Bucket="runs")
     train_experts(tiny_config(tiny_model, *steps, "train.steps=2"), "high", out, run, log=lines.append)
-    assert any(f"train.filters keep 5 of the 6 clips of {out}" in line for line in lines)
+    assert any(f"train.filters keep 4 of the 5 clips of {out}" in line for line in lines)
     assert any("[train:high] step 2/2 loss" in line for line in lines)  # followed from the bucket's console.log
     s3.put_object(Bucket="runs", Key="validation.txt", Body=b"a red circle\n")
     validating = ["train.validation.every=3", "train.validation.prompts_file=s3://runs/validation.txt"]

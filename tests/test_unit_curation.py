@@ -16,17 +16,25 @@ from wanray.data.motion import curation_motion
 from wanray.data.scenes import cut_shot, detect_shots
 from wanray.data.shards import collect_rejects, write_shard
 from wanray.data.synthetic import SyntheticClip, render, write_mp4, write_shots
-from wanray.data.video import sample_frames
+from wanray.data.video import available_frames, sample_frames
 from wanray.errors import ConfigError, DataError
 from wanray.schema import VERSION_KEY, ClipRow
 
 
 def test_a_shot_is_cut_into_clips_of_at_most_the_longest_and_short_pieces_are_named():
-    # 16 fps: 1.5 s is 24 frames; 0.5 s is 8
-    assert cut_shot(0, 60, 16, 1.5, 0.5) == ([(0, 24), (24, 48), (48, 60)], [])
+    # 16 fps, first frame to last: 1.5 s is 25 frames; 0.5 s is 9
+    assert cut_shot(0, 60, 16, 1.5, 0.5) == ([(0, 25), (25, 50), (50, 60)], [])
     keep, short = cut_shot(10, 40, 16, 1.5, 0.5)
-    assert keep == [(10, 34)] and short == [(34, 40)]
+    assert keep == [(10, 35)] and short == [(35, 40)]
     assert cut_shot(0, 5, 16, 1.5, 0.5) == ([], [(0, 5)])  # a shot shorter than the shortest clip
+    # the README's split, 5.06 s and at least 81 frames at 16 fps: every piece decodes to 81 frames, whatever
+    # the source's rate (pieces of 80 frames at 16 fps were cut, and every one was rejected too_short)
+    for fps in (8, 12, 15, 16, 24, 25, 29.97, 30, 60):
+        shortest = (81 - 1) / 16  # what curate asks of a piece for data.min_frames 81 at data.fps 16
+        keep, _ = cut_shot(0, 2000, fps, 5.06, shortest)
+        assert keep and {available_frames(fps, 2000, 16, a, b) for a, b in keep} == {81}, fps
+        least = next(n for n in range(1, 400) if cut_shot(0, n, fps, 5.06, shortest)[0])  # the shortest clip
+        assert available_frames(fps, 2000, 16, 0, least) == 81 and available_frames(fps, 2000, 16, 0, least - 1) < 81
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +60,19 @@ def test_a_line_without_cut_is_split_and_one_with_cut_is_kept(long_video, tmp_pa
     whole = ClipSource("w", long_video, "shapes", whole=True)
     clips = split_source(whole, cfg, str(tmp_path))
     ranges = [(c.cut_start, c.cut_end) for c in clips]
-    assert ranges == [(0, 24), (24, 40), (40, 64), (64, 88), (88, 96)]
+    assert ranges == [(0, 25), (25, 40), (40, 65), (65, 90)]
     assert all(
         c.path == long_video and c.caption == "shapes" and c.id == clip_id(c.path, "shapes", *r)
         for c, r in zip(clips, ranges)
     )
-    # the last shot (6 frames, 0.375 s) is below min_clip_seconds: a named reject, keyed as its clip would be
-    (reject,) = collect_rejects(tmp_path)
-    assert reject["reason"] == "short_shot" and reject["input"] == f"{long_video}#96-102"
+    # the end of the second shot and the last shot (6 frames, 0.31 s) are below min_clip_seconds: named rejects,
+    # keyed as their clips would be
+    rejects = sorted(collect_rejects(tmp_path), key=lambda r: r["input"])
+    assert [(r["reason"], r["input"]) for r in rejects] == [
+        ("short_shot", f"{long_video}#90-96"),
+        ("short_shot", f"{long_video}#96-102"),
+    ]
+    assert rejects[1]["detail"] == "frames [96, 102) of the shot [96, 102): 0.31s, need 0.50s"
     assert (tmp_path / "rejects" / f"{clip_id(long_video, 'shapes', 96, 102)}.json").exists()
     cut = ClipSource("c", long_video, "shapes", 0, 30)
     assert split_source(cut, cfg, str(tmp_path)) == [cut]

@@ -81,7 +81,8 @@ class DataConfig:
     scale of the stored frames, is below this (static_clip): slideshows, frozen frames. 0: off."""
     max_clip_seconds: float = 0.0
     """Split every manifest line without a `cut` into clips: its shots (PySceneDetect), each cut into clips of
-    at most this many seconds (wanray.data.scenes); a line with a `cut` is kept as it is. 0: off."""
+    at most this many seconds from first to last frame (wanray.data.scenes: 5.06 holds 81 frames at 16 fps); a
+    line with a `cut` is kept as it is. 0: off."""
     min_clip_seconds: float = 0.0
     """Splitting: a piece of a shot shorter than this, or than data.min_frames at data.fps, is no clip (rejected
     short_shot)."""

@@ -96,7 +96,8 @@ def split_source(src: ClipSource, cfg: Config, out_dir: str) -> list[ClipSource]
         clips += [piece_of(src, a, b) for a, b in keep]
         for piece in (piece_of(src, a, b) for a, b in short):
             a, b = piece.cut_start, piece.cut_end
-            detail = f"frames [{a}, {b}) of the shot [{start}, {end}): {(b - a) / found.fps:.2f}s, need {shortest:.2f}s"
+            span = (b - a - 1) / found.fps  # first frame to last, as cut_shot counts
+            detail = f"frames [{a}, {b}) of the shot [{start}, {end}): {span:.2f}s, need {shortest:.2f}s"
             record_reject(out_dir, Reject(clip_name(piece), "short_shot", detail), key=piece.id)
     return clips
 

@@ -2,8 +2,8 @@
 
 Shots come from PySceneDetect's ContentDetector (HSV change between consecutive frames, on frames it
 downscales itself), read through its OpenCV backend. Each shot is cut from its start into clips of
-at most data.max_clip_seconds; a piece shorter than data.min_clip_seconds (a short shot, or what is
-left at a shot's end) is no clip. A clip is a frame range [start, end) of its source: nothing is
+at most data.max_clip_seconds from first to last frame; a piece shorter than data.min_clip_seconds (a
+short shot, or what is left at a shot's end) is no clip. A clip is a frame range [start, end) of its source: nothing is
 re-encoded, the decode stage reads those frames of the source.
 """
 
@@ -40,9 +40,11 @@ def cut_shot(
     start: int, end: int, fps: float, max_seconds: float, min_seconds: float
 ) -> tuple[list[Range], list[Range]]:
     """([start, end) of each clip, [start, end) of each piece too short to be one) for one shot: clips of
-    max_seconds from its start, the last one shorter; pieces under min_seconds are left out."""
-    longest = max(1, math.floor(max_seconds * fps + 1e-6))
-    shortest = math.ceil(min_seconds * fps - 1e-6)
+    max_seconds from its start, the last one shorter; pieces under min_seconds are left out. A clip's seconds
+    run from its first frame to its last, as a clip's frames at data.fps count them (wanray.data.video's
+    available_frames): 81 frames at 16 fps are 5.0 s, so max_seconds 5.06 cuts pieces of 81 frames."""
+    longest = math.floor(max_seconds * fps + 1e-6) + 1
+    shortest = max(1, math.ceil(min_seconds * fps - 1e-6) + 1)
     clips: list[Range] = []
     short: list[Range] = []
     for a in range(start, end, longest):

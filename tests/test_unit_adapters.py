@@ -114,13 +114,22 @@ def test_interleaved_requests_each_get_their_own_adapters(tiny_model, adapter_fi
     assert np.abs(alone[0] - alone[2]).max() > 1e-3 and np.abs(alone[1] - alone[2]).max() > 1e-3
 
 
-def test_an_adapter_for_one_expert_leaves_the_other_as_it_was(tiny_model, adapter_files):
+def test_an_adapter_for_one_expert_leaves_the_other_as_it_was(tiny_model, adapter_files, tmp_path):
     files = {"a": {"low": adapter_files["diffusers"]["a"]["low"]}}
     spec = StageSpec.for_batch(tiny_model, tiny_config(tiny_model, *lora_sets(files)))
     params = replace(PARAMS, loras=(("a", 1.0),))
     ref = wanpipeline_frames(tiny_model, params, spec.contract.boundary, adapters=files)
     assert np.abs(Sampler(spec)(params) - ref).max() <= 1e-4
     assert spec.adapters["a"].keys() == {"low"}
+    # the export of a LoRA run that trained the low-noise expert alone: its transformer_2/lora only
+    export = tmp_path / "export"
+    (export / "transformer_2" / "lora").mkdir(parents=True)
+    save_file(
+        tiny_adapter(tiny_model, "low", 0), export / "transformer_2" / "lora" / "pytorch_lora_weights.safetensors"
+    )
+    assert StageSpec.for_batch(tiny_model, tiny_config(tiny_model, f"infer.loras.x={export}")).adapters["x"].keys() == {
+        "low"
+    }
 
 
 def test_bad_adapters_are_one_line_errors_at_start(tiny_model, adapter_files, tmp_path):
@@ -131,6 +140,7 @@ def test_bad_adapters_are_one_line_errors_at_start(tiny_model, adapter_files, tm
             {k: v[:2] if k.endswith("attn1.to_q.lora_A.weight") and "blocks.0." in k else v for k, v in good.items()},
             "rank 2",
         ),
+        "no lora_A": ({k: v for k, v in good.items() if "blocks.0.attn1.to_q.lora_A" not in k}, "but no lora_A"),
         "wrong width": (
             {k: torch.zeros(RANK, 3) if k.endswith("blocks.1.ffn.net.2.lora_A.weight") else v for k, v in good.items()},
             "takes",
@@ -150,7 +160,14 @@ def test_bad_adapters_are_one_line_errors_at_start(tiny_model, adapter_files, tm
     for bad, message in (
         (["infer.loras.x.path=/a", "infer.loras.x.high=/b"], "either path"),
         (["infer.loras.bad name=/a"], "not an adapter name"),
+        (["infer.loras={v1.2: /a}"], "not an adapter name"),  # peft's ModuleDict refuses a '.' at the first request
         (["infer.default_loras=[{name: y}]"], "does not define"),
+        # what every request that names no adapter would be refused for (a 422 each)
+        (["infer.loras.a=/a", "infer.default_loras=[{name: a}, {name: a}]"], "names an adapter twice"),
+        (
+            ["infer.loras={a: /a, b: /b}", "infer.default_loras=[{name: a}, {name: b}]", "infer.max_loaded_loras=1"],
+            "stacks 2 adapters, at most 1",
+        ),
     ):
         with pytest.raises(ConfigError, match=message):
             tiny_config(tiny_model, *bad)

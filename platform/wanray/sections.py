@@ -293,8 +293,9 @@ class Stages:
             )
 
 
-ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-"""What an adapter may be called (infer.loras keys): letters, digits, `_`, `.`, `-`, at most 64."""
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+"""What an adapter may be called (infer.loras keys): letters, digits, `_`, `-`, at most 64. No `.`: peft keeps
+an adapter's layers in a torch ModuleDict under its name, which refuses one (every request would fail)."""
 
 
 @dataclass
@@ -447,9 +448,12 @@ class InferConfig:
         self.loras = {k: LoraSource(path=v) if isinstance(v, str) else v for k, v in self.loras.items()}
         for name in self.loras:
             if not ADAPTER_NAME.fullmatch(name):
-                raise ConfigError(
-                    f"infer.loras key {name!r} is not an adapter name (letters, digits, _ . -; at most 64)"
-                )
+                raise ConfigError(f"infer.loras key {name!r} is not an adapter name (letters, digits, _ -; at most 64)")
+        if self.max_loaded_loras < 1:
+            raise ConfigError(f"infer.max_loaded_loras must be >= 1, got {self.max_loaded_loras}")
+        names = [use.name for use in self.default_loras]
+        if len(set(names)) != len(names):  # the rules of a request's loras (wanray.infer.api), which these fill
+            raise ConfigError(f"infer.default_loras names an adapter twice: {names}")
         for use in self.default_loras:
             if use.name not in self.loras:
                 raise ConfigError(
@@ -457,12 +461,11 @@ class InferConfig:
                     f"(defined: {', '.join(self.loras) or 'none'})"
                 )
             _check_scale(use.scale, f"infer.default_loras {use.name}")
-        if len(self.default_loras) > MAX_STACKED_LORAS:
+        if len(names) > (most := min(MAX_STACKED_LORAS, self.max_loaded_loras)):
             raise ConfigError(
-                f"infer.default_loras stacks {len(self.default_loras)} adapters, at most {MAX_STACKED_LORAS}"
+                f"infer.default_loras stacks {len(names)} adapters, at most {most} "
+                f"(infer.max_loaded_loras {self.max_loaded_loras}, and {MAX_STACKED_LORAS} in all)"
             )
-        if self.max_loaded_loras < 1:
-            raise ConfigError(f"infer.max_loaded_loras must be >= 1, got {self.max_loaded_loras}")
         if self.cache != "none" and not 0 < self.cache_threshold < 10:
             raise ConfigError(f"infer.cache_threshold must lie in (0, 10), got {self.cache_threshold}")
         if (

@@ -144,7 +144,7 @@ def resolve(infer: InferConfig, kind: ModelKind) -> Adapters:
             files = {e: _file(p, f"{where}.{e}") for e in EXPERTS if (p := getattr(source, e))}
         elif any(storage.is_file(storage.join(source.path, e, RUN_FILE)) for e in EXPERTS):
             files = _run(source.path, source, kind.experts, where)
-        elif storage.is_dir(storage.join(source.path, EXPORT_FOLDERS["high"], "lora")):
+        elif any(storage.is_dir(storage.join(source.path, EXPORT_FOLDERS[e], "lora")) for e in kind.experts):
             files = {
                 e: _file(folder, f"{where}.{e}")
                 for e in kind.experts
@@ -187,6 +187,8 @@ def check(state: dict[str, torch.Tensor], model: torch.nn.Module, where: str) ->
                     f"{None if other is None else tuple(other.shape)}"
                 )
         elif part == "B.weight":
+            if f"{key[: -len('B.weight')]}A.weight" not in state:  # peft would keep its random init for A
+                raise ConfigError(f"{where}: {module_name} has a lora_B but no lora_A")
             if tensor.ndim != 2 or tensor.shape[0] != base.out_features:
                 raise ConfigError(
                     f"{where}: {key} has shape {tuple(tensor.shape)}; {module_name} gives {base.out_features} outputs"

@@ -11,10 +11,10 @@ from conftest import ROOT, tiny_config
 from wanray.config import load_config
 from wanray.data.curate import split_source
 from wanray.data.dedup import FRAMES, HASH_SIZE, band_keys, distance_bits, fingerprint, near_pairs
-from wanray.data.manifest import ClipSource, clip_id, read_manifest
+from wanray.data.manifest import ClipSource, Reject, clip_id, read_manifest
 from wanray.data.motion import curation_motion
 from wanray.data.scenes import cut_shot, detect_shots
-from wanray.data.shards import collect_rejects, write_shard
+from wanray.data.shards import collect_rejects, forget_retried, record_reject, rejected_keys, write_shard
 from wanray.data.synthetic import SyntheticClip, render, write_mp4, write_shots
 from wanray.data.video import available_frames, sample_frames
 from wanray.errors import ConfigError, DataError
@@ -296,3 +296,14 @@ def test_the_aesthetic_scorer_rates_each_clip_with_the_predictor_head(long_video
     (model / AESTHETIC_HEAD_FILE).unlink()
     with pytest.raises(ConfigError, match="has no aesthetic_head.safetensors"):
         load_head(model)
+
+
+def test_a_storage_error_is_recorded_and_tried_again_by_the_next_run(tmp_path):
+    """A store that refused a read may serve it later: its reject is kept apart, so resume does not skip the input
+    for good; the next run deletes the record and tries again (recording it again if it fails again)."""
+    record_reject(tmp_path, Reject("s3://raw/a.mp4", "storage_error", "AWS Error NETWORK_CONNECTION"), key="a")
+    record_reject(tmp_path, Reject("s3://raw/b.mp4", "corrupt_video", "moov atom not found"), key="b")
+    assert rejected_keys(tmp_path) == {"b"} and rejected_keys(tmp_path, retried=True) == {"a", "b"}
+    assert [r["reason"] for r in collect_rejects(tmp_path)] == ["storage_error", "corrupt_video"]  # both reported
+    assert forget_retried(tmp_path) == 1 and forget_retried(tmp_path) == 0
+    assert [r["input"] for r in collect_rejects(tmp_path)] == ["s3://raw/b.mp4"]

@@ -140,6 +140,13 @@ def list_dirs(directory: str | os.PathLike) -> list[str]:
     return [join(directory, name) if is_uri(directory) else str(Path(inner) / name) for name in names]
 
 
+def remove(path: str | os.PathLike) -> None:
+    """Deletes a file or object; one already gone is no error."""
+    fs, inner = filesystem(path)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_file(inner)
+
+
 def make_dirs(directory: str | os.PathLike) -> None:
     """Create a local directory (and its parents); an object store has none to create."""
     if not is_uri(directory):

@@ -43,6 +43,7 @@ from wanray.data.shards import (
     EMPTY_PROMPT_FILE,
     bucket_counts,
     collect_rejects,
+    forget_retried,
     record_reject,
     rejected_keys,
     shard_paths,
@@ -271,6 +272,8 @@ class PreprocessRun:
     def execute(self, log: Callable[[str], None] = print, encoders: Preprocessor | None = None) -> dict:
         """Run (or resume): clips already written or rejected are skipped. Returns the summary it writes."""
         out = self.out
+        if retried := forget_retried(out):
+            log(f"[preprocess] trying {retried} input(s) again whose storage read failed in an earlier run")
         done, rejected = written_ids(out), rejected_keys(out)
         for r in self.manifest_rejects:
             record_reject(out, r)
@@ -318,7 +321,7 @@ class PreprocessRun:
             "seconds": round(elapsed, 3),
             "clips_per_second": round(written / elapsed, 3) if elapsed > 0 else None,
             "frames_per_second": round(frames / elapsed, 3) if elapsed > 0 else None,
-            "rejected_this_run": len(rejected_keys(out) - rejected),
+            "rejected_this_run": len(rejected_keys(out, retried=True) - rejected),
         }
         storage.write_json(summary, storage.join(out, "summary.json"))
         log(

@@ -4,7 +4,8 @@ out/ (a local directory, or a prefix in an object store: wanray.storage)
   part-<uuid>.parquet   clips, CLIP_SCHEMA, one row group per clip (training reads clips one by one,
                         in random order); each shard appears whole (temp file + rename, or one upload)
   empty_prompt.parquet  the empty-prompt text embedding
-  rejects/<key>.json    one record per rejected input, written where it was rejected
+  rejects/<key>.json    one record per rejected input, written where it was rejected (.retry.json: a
+                        storage error, tried again by the next run)
   rejects.jsonl         all reject records, one JSON object per line (rebuilt every run)
   summary.json          counts by outcome, reject reason and bucket, throughput
   settings.json         the model and data settings the shards were made with
@@ -74,18 +75,39 @@ def reject_key(reject: Reject) -> str:
     return hashlib.sha1(f"{reject.input}\n{reject.reason}".encode()).hexdigest()[:20]
 
 
+RETRIED = frozenset({"storage_error"})
+"""Reject reasons the next run tries again: a store that refused a read (network, throttling, credentials) may
+serve it then. Their records are `rejects/<key>.retry.json`, which resume does not skip."""
+RETRY_SUFFIX = ".retry.json"
+
+
 def record_reject(out_dir, reject: Reject, key: str | None = None) -> None:
     d = storage.join(out_dir, "rejects")
     storage.make_dirs(d)
+    suffix = RETRY_SUFFIX if reject.reason in RETRIED else ".json"
     storage.write_json(
         {"input": reject.input, "reason": reject.reason, "detail": reject.detail},
-        storage.join(d, f"{key or reject_key(reject)}.json"),
+        storage.join(d, f"{key or reject_key(reject)}{suffix}"),
     )
 
 
-def rejected_keys(out_dir) -> set[str]:
+def rejected_keys(out_dir, retried: bool = False) -> set[str]:
+    """The keys of the inputs rejected for good (what a resumed run skips), and with `retried` also of those the
+    next run tries again."""
     files = storage.list_files(storage.join(out_dir, "rejects"), "*.json")
-    return {storage.name(p).removesuffix(".json") for p in files}
+    return {
+        storage.name(p).removesuffix(RETRY_SUFFIX).removesuffix(".json")
+        for p in files
+        if retried or not p.endswith(RETRY_SUFFIX)
+    }
+
+
+def forget_retried(out_dir) -> int:
+    """Deletes the records of the rejects a run tries again (RETRIED); how many there were."""
+    files = storage.list_files(storage.join(out_dir, "rejects"), "*" + RETRY_SUFFIX)
+    for p in files:
+        storage.remove(p)
+    return len(files)
 
 
 def collect_rejects(out_dir) -> list[dict]:

@@ -56,7 +56,12 @@ def main(args):
     connect_ray(verbose=args.verbose)
     import ray
 
-    print(f"[calibrate] {len(prompts)} prompts at {steps} {sampler} steps on {cfg.infer.batch.device}", flush=True)
+    loras = ", ".join(f"{n} at {s:g}" for n, s in prompts[0].loras) or "none"
+    print(
+        f"[calibrate] {len(prompts)} prompts at {steps} {sampler} steps on {cfg.infer.batch.device}, adapters: {loras} "
+        "(the ratios fit requests with these)",
+        flush=True,
+    )
     task = ray.remote(**cfg.infer.batch.ray_options())(run)
     calibration = ray.get(task.remote(cfg, model_dir, prompts, threshold))
     out = args.out or ratios_path(cfg.infer.cache_ratios, model_dir)

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import logging
 import pickle
 from dataclasses import replace
 
@@ -85,7 +86,7 @@ def test_first_block_cache_gives_diffusers_cached_frames_and_skips_work(tiny_mod
     tiny_config(tiny_model, "infer.cache=magcache", "infer.stages.high.devices=2")  # magcache is allowed there
 
 
-def test_magcache_calibrates_per_expert_and_gives_diffusers_magcache_frames(tiny_model, tmp_path):
+def test_magcache_calibrates_per_expert_and_gives_diffusers_magcache_frames(tiny_model, tmp_path, caplog):
     """calibrate(): one ratio per step of each expert, the quality gate measured; then infer.cache magcache with that
     calibration gives WanPipeline's frames with diffusers' MagCacheConfig on each transformer (its own steps and
     ratios), skips forwards (frames differ from uncached), starts each request afresh and maps another step
@@ -105,20 +106,25 @@ def test_magcache_calibrates_per_expert_and_gives_diffusers_magcache_frames(tiny
     assert q["threshold"] == 0.5 and q["speedup"] > 0 and 0 < q["ssim"] <= 1 and q["psnr_db"] > 0
     path = tmp_path / "ratios.json"
     calibration.write(path)
-    assert Calibration.read(path) == calibration
+    assert Calibration.read(path) == calibration and calibration.loras == []  # what the prompts rendered with
 
     ratios = {"high": [1.0] + [1.01] * (high - 1), "low": [1.0] + [0.99] * (PARAMS.num_inference_steps - high - 1)}
-    path.write_text(json.dumps({**json.loads(path.read_text()), "ratios": ratios}))
+    # calibrated with an adapter (a distilled one, say), served to a request without: a warning, once per expert
+    path.write_text(json.dumps({**json.loads(path.read_text()), "ratios": ratios, "loras": [["fast", 1.0]]}))
     cfg = tiny_config(tiny_model, "infer.cache=magcache", "infer.cache_threshold=0.1", f"infer.cache_ratios={path}")
     sampler = Sampler(StageSpec.for_batch(tiny_model, cfg))
-    ours = sampler(PARAMS)
+    with caplog.at_level(logging.WARNING, logger="wanray"):
+        ours = sampler(PARAMS)
+    warned = [r.getMessage() for r in caplog.records if "calibrated with adapters [('fast', 1.0)]" in r.getMessage()]
+    assert [w.split(":")[0] for w in warned] == ["high expert", "low expert"]
     configs = {
         e: MagCacheConfig(threshold=0.1, num_inference_steps=len(r), mag_ratios=r, retention_ratio=0.2)
         for e, r in ratios.items()
     }
     assert np.abs(ours - wanpipeline_frames(tiny_model, PARAMS, spec.contract.boundary, caches=configs)).max() <= 1e-4
     assert np.abs(ours - wanpipeline_frames(tiny_model, PARAMS, spec.contract.boundary)).max() > 1e-3
-    assert np.array_equal(sampler(PARAMS), ours)
+    caplog.clear()
+    assert np.array_equal(sampler(PARAMS), ours) and not caplog.records  # warned once
     assert np.isfinite(sampler(replace(PARAMS, num_inference_steps=PARAMS.num_inference_steps + 4))).all()
 
     path.write_text("{not json")

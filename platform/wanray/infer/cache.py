@@ -46,6 +46,9 @@ class Calibration:
     flow_shift: float | None
     prompts: int
     quality: dict = field(default_factory=dict)
+    loras: list = field(default_factory=list)
+    """The adapters the prompts rendered with, [name, scale] each (infer.default_loras, or a .jsonl's): an adapter
+    changes the residuals, so the ratios fit requests with these."""
     """threshold, psnr_db, ssim, speedup, skipped steps per expert (see calibrate_cache.py)."""
 
     @classmethod

@@ -55,6 +55,8 @@ def calibrate(spec: StageSpec, prompts: list[GenerationParams], threshold: float
     ones, the speedup, and how many of each expert's forwards were computed, in `quality`."""
     if len({p.num_inference_steps for p in prompts}) != 1:
         raise ValueError("calibrate the prompts at one step count")
+    if len({p.loras for p in prompts}) != 1:
+        raise ValueError("calibrate the prompts with one set of adapters")
     sampler = Sampler(spec)
     stages = {"high": sampler.high, **({"low": sampler.low} if sampler.low is not None else {})}
     recorded: dict[str, list[list[float]]] = {e: [] for e in stages}
@@ -68,7 +70,14 @@ def calibrate(spec: StageSpec, prompts: list[GenerationParams], threshold: float
             recorded[e].append(r.close())
         log(f"[calibrate] prompt {k + 1}/{len(prompts)} uncached in {time.perf_counter() - start:.1f} s")
     ratios = {e: np.mean(np.array(runs, dtype=np.float64), axis=0).round(5).tolist() for e, runs in recorded.items()}
-    calibration = Calibration(ratios, prompts[0].num_inference_steps, prompts[0].sampler, spec.flow_shift, len(prompts))
+    calibration = Calibration(
+        ratios,
+        prompts[0].num_inference_steps,
+        prompts[0].sampler,
+        spec.flow_shift,
+        len(prompts),
+        loras=[[name, scale] for name, scale in prompts[0].loras],
+    )
 
     plain = {e: s.cache for e, s in stages.items()}
     counters = {e: _Computed(s.expert) for e, s in stages.items()}

@@ -16,6 +16,7 @@ stages in one process.
 from __future__ import annotations
 
 import copy
+import logging
 
 import numpy as np
 import torch
@@ -110,11 +111,27 @@ class ExpertStage:
         self.adapters = LoadedAdapters(self.expert, expert, spec.adapters, spec.model_dir, spec.max_loaded_loras)
         self.ranks = spec.devices[expert]
         self.batched_guidance = spec.batched_guidance
-        if spec.compile_backend:  # after the cache's and the adapters' hooks, which the blocks' graphs then see
+        if spec.compile_backend:  # after the cache's hooks; adapters load later, and a new set recompiles
             check_compile_backend(spec.compile_backend, "infer.compile_backend")
             self.expert.compile_repeated_blocks(backend=spec.compile_backend)
+        self.calibrated = None if spec.calibration is None else tuple((n, float(v)) for n, v in spec.calibration.loras)
+        self.warned: set[tuple] = set()
         self.should_stop = lambda: False
         """Asked before every denoising step (Serve's stage sets it per request): True stops the request."""
+
+    def _check_calibrated(self, loras: tuple) -> None:
+        """A warning, once per set, for a request whose adapters are not those MagCache's ratios were measured
+        with: it runs on those ratios, and its quality may differ from the calibration's PSNR."""
+        if self.calibrated is None or tuple(loras) == self.calibrated or loras in self.warned:
+            return
+        self.warned.add(loras)
+        logging.getLogger("wanray").warning(
+            "%s expert: MagCache's ratios were calibrated with adapters %s; a request with %s uses them as they are "
+            "(calibrate with the adapters you serve: pipelines/calibrate_cache.py)",
+            self.expert_name,
+            list(self.calibrated) or "none",
+            list(loras) or "none",
+        )
 
     def _stopping(self) -> bool:
         """should_stop(), agreed by every rank of a group: one all-reduce of a flag per step (the other ranks'
@@ -162,6 +179,7 @@ class ExpertStage:
         high_steps = int(self.contract.uses_high_expert(timesteps).sum())  # host sync, once per request
         stop = high_steps if self.expert_name == "high" else len(timesteps)
         scale = params.guidance_scale if self.expert_name == "high" else params.guidance_scale_2
+        self._check_calibrated(params.loras)
         self.adapters.activate(params.loras)  # before `resident`: an adapter loaded now waits with the expert
         with resident(self.expert, self.device, self.offload):
             state = self._steps(state, text, scale, stop)

@@ -206,6 +206,9 @@ def test_training_keeps_the_clips_that_pass_every_filter(tmp_path):
     from wanray.train.trainer import apply_filters
 
     data = shard_of(tmp_path, [0.2, 1.5, None, 3.0], [5, 9, 1, 5])  # clip-2 is a still: no motion
+    # a write task retried after it wrote (its worker died before it returned) writes the same file again
+    shard_of(tmp_path, [0.2, 1.5, None, 3.0], [5, 9, 1, 5])
+    assert len(list(tmp_path.glob("part-*.parquet"))) == 1
     index = ClipIndex.from_dir(data)
     log: list[str] = []
 

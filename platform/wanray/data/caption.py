@@ -3,7 +3,7 @@
     clips without a caption (all of them with caption.overwrite), not yet captioned
       -> Captioner actors (caption.actors, on caption.worker's device): caption.frames frames of each clip,
          the prompt, greedy generation
-      -> captions/part-<uuid>.parquet: (id, caption, caption_model), written whole per batch
+      -> captions/part-<hash>.parquet: (id, caption, caption_model), written whole per batch
     a resumed run captions only the clips no captions file holds.
 
 The model is any of the Qwen-VL family in transformers (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), loaded with
@@ -17,7 +17,6 @@ once per merged patch (image_grid_thw / merge_size^2).
 from __future__ import annotations
 
 import dataclasses
-import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +25,7 @@ import ray
 from wanray import storage
 from wanray.data.curate import clip_name
 from wanray.data.manifest import ClipSource, Reject
-from wanray.data.shards import record_reject, write_table_atomic
+from wanray.data.shards import part_name, record_reject, write_table_atomic
 from wanray.data.video import ClipRejected, is_image, open_image, sample_frames
 from wanray.errors import ConfigError
 
@@ -134,7 +133,7 @@ def write_captions(batch: pa.Table, out_dir: str) -> dict:
     """Ray Data map_batches: one batch of captions becomes one captions file."""
     folder = storage.join(out_dir, CAPTIONS_DIR)
     storage.make_dirs(folder)
-    write_table_atomic(batch.cast(CAPTION_SCHEMA), storage.join(folder, f"part-{uuid.uuid4().hex}.parquet"))
+    write_table_atomic(batch.cast(CAPTION_SCHEMA), storage.join(folder, part_name(batch.column("id").to_pylist())))
     return {"captions": np.array([batch.num_rows])}
 
 

@@ -3,7 +3,7 @@
     sources (Ray Data tasks on CPU nodes, clips_per_decode_task sources each)
       -> split: a source without a `cut` into its shots' clips (wanray.data.scenes), data.max_clip_seconds
       -> with data.dedup, each clip's perceptual-hash fingerprint (wanray.data.dedup)
-      -> candidates/part-<uuid>.parquet: each clip with its source, [cut_start, cut_end) frame range and
+      -> candidates/part-<hash>.parquet: each clip with its source, [cut_start, cut_end) frame range and
          fingerprint, and in the file's metadata the ids of the sources it covers
     -> with data.dedup, near duplicates across every candidates file (a Ray Data groupby): rejected
     then the clips go through decode -> encode -> write as manifest lines with a `cut` do.
@@ -16,7 +16,6 @@ shots too short to be a clip, sources that cannot be split and near duplicates a
 from __future__ import annotations
 
 import json
-import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +26,7 @@ from wanray.config import Config
 from wanray.data.dedup import BITS, FRAMES, HASH_SIZE, find_duplicates, fingerprint
 from wanray.data.manifest import ClipSource, Reject, clip_id
 from wanray.data.scenes import cut_shot, detect_shots
-from wanray.data.shards import record_reject, write_table_atomic
+from wanray.data.shards import part_name, record_reject, write_table_atomic
 from wanray.data.video import ClipRejected, is_image, local_file, open_image, sample_frames, unreadable
 
 CANDIDATES_DIR = "candidates"
@@ -126,7 +125,7 @@ def split_batch(batch: pa.Table, cfg: Config, out_dir: str) -> dict:
     )
     folder = storage.join(out_dir, CANDIDATES_DIR)
     storage.make_dirs(folder)
-    write_table_atomic(table, storage.join(folder, f"part-{uuid.uuid4().hex}.parquet"))
+    write_table_atomic(table, storage.join(folder, part_name([s.id for s in sources])))
     return {"sources": np.array([len(sources)]), "clips": np.array([len(rows)])}
 
 

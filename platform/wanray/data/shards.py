@@ -1,7 +1,7 @@
 """Parquet shards and reject records of a preprocess output directory.
 
 out/ (a local directory, or a prefix in an object store: wanray.storage)
-  part-<uuid>.parquet   clips, CLIP_SCHEMA, one row group per clip (training reads clips one by one,
+  part-<hash>.parquet   clips, CLIP_SCHEMA, one row group per clip (training reads clips one by one,
                         in random order); each shard appears whole (temp file + rename, or one upload)
   empty_prompt.parquet  the empty-prompt text embedding
   rejects/<key>.json    one record per rejected input, written where it was rejected (.retry.json: a
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 from collections import Counter
 
 import numpy as np
@@ -32,6 +31,12 @@ EMPTY_PROMPT_FILE = "empty_prompt.parquet"
 def write_table_atomic(table: pa.Table, path, row_group_size: int | None = None) -> None:
     """Readers never see a partial shard (wanray.storage.write_parquet; `path` local or a URI)."""
     storage.write_parquet(table, path, row_group_size)
+
+
+def part_name(ids) -> str:
+    """A part file's name from the ids it holds: a Ray task retried after its write (its worker died before it
+    returned) writes the same file again rather than a second copy of its rows."""
+    return f"part-{hashlib.sha1(chr(10).join(ids).encode()).hexdigest()[:32]}.parquet"
 
 
 def shard_paths(out_dir) -> list[str]:
@@ -131,7 +136,7 @@ def write_shard(batch: dict, out_dir: str) -> dict:
         columns[f.name] = (
             [None if v is None else list(map(int, v)) for v in values] if f.name.endswith("_shape") else values
         )
-    name = f"part-{uuid.uuid4().hex}.parquet"
+    name = part_name(batch["id"])
     table = pa.Table.from_pydict(columns, schema=CLIP_SCHEMA)
     write_table_atomic(table, storage.join(out_dir, name), row_group_size=1)
     return {"shard": [name], "rows": [len(batch["id"])], "frames": [int(sum(batch["num_frames"]))]}

@@ -79,6 +79,14 @@ def test_a_line_without_cut_is_split_and_one_with_cut_is_kept(long_video, tmp_pa
     assert split_source(whole, config(), str(tmp_path)) == [whole]  # max_clip_seconds 0: splitting is off
 
 
+def test_the_split_keeps_pieces_as_long_as_the_shortest_video_bucket():
+    from wanray.data.curate import least_video_frames
+
+    assert least_video_frames(config().data) == 5  # data.min_frames
+    assert least_video_frames(config("data.buckets=[64x64x17, 32x64x9, 64x64x1]").data) == 9  # not min_frames'
+    assert least_video_frames(config("data.buckets=[64x64x1]").data) == 1  # stills only: no floor of its own
+
+
 def test_the_manifest_says_which_lines_have_no_cut(tmp_path):
     (tmp_path / "m.jsonl").write_text(
         json.dumps({"path": "a.mp4", "cap": "x"}) + "\n" + json.dumps({"path": "a.mp4", "cap": "x", "cut": [0, 9]})

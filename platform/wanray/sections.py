@@ -84,8 +84,8 @@ class DataConfig:
     at most this many seconds from first to last frame (wanray.data.scenes: 5.06 holds 81 frames at 16 fps); a
     line with a `cut` is kept as it is. 0: off."""
     min_clip_seconds: float = 0.0
-    """Splitting: a piece of a shot shorter than this, or than data.min_frames at data.fps, is no clip (rejected
-    short_shot)."""
+    """Splitting: a piece of a shot shorter than this, or than the shortest video clip (data.min_frames, or with
+    data.buckets its shortest video bucket) at data.fps, is no clip (rejected short_shot)."""
     scene_threshold: float = 27.0
     """Splitting: PySceneDetect ContentDetector's threshold, the HSV change between two frames that is a cut
     (lower finds more cuts)."""

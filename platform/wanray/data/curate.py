@@ -22,6 +22,7 @@ import pyarrow as pa
 import ray
 
 from wanray import storage
+from wanray.buckets import parse_shape
 from wanray.config import Config
 from wanray.data.dedup import BITS, FRAMES, HASH_SIZE, find_duplicates, fingerprint
 from wanray.data.manifest import ClipSource, Reject, clip_id
@@ -88,7 +89,7 @@ def split_source(src: ClipSource, cfg: Config, out_dir: str) -> list[ClipSource]
     except ClipRejected as e:
         record_reject(out_dir, Reject(src.path, e.reason, e.detail), key=src.id)
         return []
-    shortest = max(d.min_clip_seconds, (d.min_frames - 1) / d.fps)
+    shortest = max(d.min_clip_seconds, (least_video_frames(d) - 1) / d.fps)
     clips = []
     for start, end in found.shots:
         keep, short = cut_shot(start, end, found.fps, d.max_clip_seconds, shortest)
@@ -99,6 +100,14 @@ def split_source(src: ClipSource, cfg: Config, out_dir: str) -> list[ClipSource]
             detail = f"frames [{a}, {b}) of the shot [{start}, {end}): {span:.2f}s, need {shortest:.2f}s"
             record_reject(out_dir, Reject(clip_name(piece), "short_shot", detail), key=piece.id)
     return clips
+
+
+def least_video_frames(d) -> int:
+    """The fewest frames a video clip may have: the shortest video bucket of data.buckets (1 where it lists still
+    images only), else data.min_frames."""
+    if not d.buckets:
+        return d.min_frames
+    return min((f for f in (parse_shape(b)[2] for b in d.buckets) if f > 1), default=1)
 
 
 def split_batch(batch: pa.Table, cfg: Config, out_dir: str) -> dict:

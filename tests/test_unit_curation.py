@@ -10,7 +10,7 @@ from conftest import ROOT, tiny_config
 
 from wanray.config import load_config
 from wanray.data.curate import split_source
-from wanray.data.dedup import FRAMES, HASH_SIZE, band_keys, distance_bits, fingerprint, near_pairs
+from wanray.data.dedup import FRAMES, HASH_SIZE, band_keys, choose, distance_bits, fingerprint, near_pairs
 from wanray.data.manifest import ClipSource, Reject, clip_id, read_manifest
 from wanray.data.motion import curation_motion
 from wanray.data.scenes import cut_shot, detect_shots
@@ -179,7 +179,23 @@ def test_fingerprints_within_the_distance_share_a_band_and_the_earliest_clip_is_
     )
     pairs = near_pairs(group, 12).to_pylist()
     # c is near a (ranked first); b and d are near nothing within 12 bits
-    assert [(p["id"], p["duplicate_of"], p["bits"]) for p in pairs] == [("c", "a", 5)]
+    assert [(p["id"], p["other"], p["bits"]) for p in pairs] == [("c", "a", 5)]
+
+
+def test_a_clip_is_rejected_only_as_the_duplicate_of_one_that_stays():
+    def pair(one, other, bits):  # rank: the clip's name
+        return {"id": one, "rank": one, "other": other, "other_rank": other, "bits": bits}
+
+    # a chain, each near the next, a not near c: b goes as a's duplicate, c stays (it was lost as b's)
+    chain = [pair("b", "a", 10), pair("c", "b", 10)]
+    assert choose(chain) == {"b": ("a", 10)}
+    # d near both a (rejected here: a stored clip comes first) and b: it names the first one that stays
+    assert choose([*chain, pair("d", "a", 3), pair("d", "b", 7)], kept=frozenset({"c"})) == {
+        "b": ("c", 10),
+        "d": ("a", 3),
+    }
+    # two stored clips near each other both stay, and each pair counts once however many bands it shares
+    assert choose([pair("b", "a", 4), pair("b", "a", 4)], kept=frozenset({"a", "b"})) == {}
 
 
 def test_a_rescaled_reencode_keeps_the_fingerprint_and_other_footage_does_not(long_video, tmp_path):

@@ -195,12 +195,9 @@ def reject_duplicates(
     by_source: dict[str, list[ClipSource]], distance: int, out_dir: str, written: set[str], log
 ) -> None:
     clips = {c.id: c for group in by_source.values() for c in group}
-    duplicates = find_duplicates(candidate_files(out_dir), distance)
+    # a clip stored by an earlier run (of another manifest, say) stays, and a later near one goes
+    duplicates = find_duplicates(candidate_files(out_dir), distance, frozenset(written))
     for dup, (kept, bits) in sorted(duplicates.items()):
-        if dup in written:  # stored by an earlier run of another manifest: it stays, the later one goes
-            if kept in written or kept in duplicates:
-                continue
-            dup, kept = kept, dup
         detail = f"near duplicate of {clip_name(clips[kept])} ({bits} of {BITS} hash bits differ)"
         record_reject(out_dir, Reject(clip_name(clips[dup]), "near_duplicate", detail), key=dup)
     log(f"[preprocess] near duplicates: {len(duplicates)} of {len(clips)} clips (data.dedup_distance {distance})")

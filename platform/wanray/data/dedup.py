@@ -9,8 +9,9 @@ Comparing every pair is quadratic, so the bits are cut into distance + 1 bands: 
 `distance` bits agree on at least one whole band (pigeonhole). Every clip goes out once per band, keyed by
 (band, its bits); a groupby on that key brings together only clips that share a band, and each group
 compares its own members (a band is 256 / (distance + 1) bits: the larger the distance, the larger the
-groups). Of near duplicates the clip first in (source path, start frame)
-order is kept; every other is rejected as near_duplicate naming it (wanray.data.curate).
+groups). Clips are taken in (source path, start frame) order, those stored already first: one near a clip
+kept before it is rejected as near_duplicate naming that clip (wanray.data.curate), one near only rejected
+clips stays.
 """
 
 from __future__ import annotations
@@ -50,35 +51,31 @@ def _band_rows(row: dict, distance: int) -> list[dict]:
 
 
 def near_pairs(group: pa.Table, distance: int) -> pa.Table:
-    """Ray Data map_groups: the clips of one band key -> (id, duplicate_of, of_rank, bits) for every clip
-    within `distance` bits of one before it in rank order (the earliest such one)."""
+    """Ray Data map_groups: the clips of one band key -> every pair of them within `distance` bits, as (id, rank,
+    other, other_rank, bits) with `other` the one before in rank order."""
     order = np.argsort(np.array(group.column("rank").to_pylist(), dtype=object), kind="stable")
     ids = np.array(group.column("id").to_pylist(), dtype=object)[order]
     ranks = np.array(group.column("rank").to_pylist(), dtype=object)[order]
     hashes = np.frombuffer(b"".join(group.column("phash").to_pylist()), np.uint8).reshape(len(ids), -1)[order]
-    found: dict[str, list] = {"id": [], "duplicate_of": [], "of_rank": [], "bits": []}
+    found: dict[str, list] = {"id": [], "rank": [], "other": [], "other_rank": [], "bits": []}
     for j in range(1, len(ids)):
         bits = np.unpackbits(hashes[:j] ^ hashes[j], axis=1).sum(axis=1)
-        near = np.flatnonzero((bits <= distance) & (ids[:j] != ids[j]))
-        if near.size:
-            i = int(near[0])
-            for key, value in zip(found, (ids[j], ids[i], ranks[i], int(bits[i]))):
+        for i in np.flatnonzero((bits <= distance) & (ids[:j] != ids[j])):
+            for key, value in zip(found, (ids[j], ranks[j], ids[i], ranks[i], int(bits[i]))):
                 found[key].append(value)
-    return pa.table(
-        found,
-        schema=pa.schema(
-            [("id", pa.string()), ("duplicate_of", pa.string()), ("of_rank", pa.string()), ("bits", pa.int64())]
-        ),
-    )
+    return pa.table(found, schema=pa.schema([(k, pa.int64() if k == "bits" else pa.string()) for k in found]))
 
 
 def _ranked(row: dict) -> dict:
     return {"id": row["id"], "phash": row["phash"], "rank": f"{row['path']}\0{row['cut_start']:012d}\0{row['id']}"}
 
 
-def find_duplicates(files: list[str], distance: int) -> dict[str, tuple[str, int]]:
-    """{clip id: (id of the clip it duplicates, differing bits)} over the clips of the candidates `files`
-    (wanray.data.curate, written with data.dedup: every clip has its `phash`)."""
+def find_duplicates(files: list[str], distance: int, kept: frozenset[str] = frozenset()) -> dict[str, tuple[str, int]]:
+    """{clip id: (id of the kept clip it duplicates, differing bits)} over the clips of the candidates `files`
+    (wanray.data.curate, written with data.dedup: every clip has its `phash`). Clips are taken in (source path,
+    start frame) order, those of `kept` (stored already) first and never rejected: a clip is rejected when it is
+    near one kept before it, naming the first such one. So a clip near only a rejected one stays: of A, B, C in a
+    row, each near the next but A not near C, A and C stay."""
     if not files:
         return {}
     ds = ray.data.read_parquet(files, columns=["id", "path", "cut_start", "phash"])  # local paths or URIs
@@ -88,8 +85,25 @@ def find_duplicates(files: list[str], distance: int) -> dict[str, tuple[str, int
         .groupby("band", num_partitions=min(len(files), 200))  # Ray's default is 200: slow for a few files
         .map_groups(near_pairs, fn_kwargs={"distance": distance}, batch_format="pyarrow")
     )
-    best: dict[str, tuple[str, str, int]] = {}
-    for r in pairs.iter_rows():  # a clip near several earlier ones, in several bands: the earliest
-        if r["id"] not in best or r["of_rank"] < best[r["id"]][1]:
-            best[r["id"]] = (r["duplicate_of"], r["of_rank"], int(r["bits"]))
-    return {k: (of, bits) for k, (of, _, bits) in best.items()}
+    return choose(pairs.iter_rows(), kept)
+
+
+def choose(pairs, kept: frozenset[str] = frozenset()) -> dict[str, tuple[str, int]]:
+    """find_duplicates' choice over near_pairs' rows: each clip in order, rejected when near one kept before."""
+    near: dict[str, dict[str, int]] = {}  # clip -> {a clip near it: bits}, each pair once however many bands
+    rank: dict[str, str] = {}
+    for r in pairs:
+        rank[r["id"]], rank[r["other"]] = r["rank"], r["other_rank"]
+        near.setdefault(r["id"], {})[r["other"]] = int(r["bits"])
+        near.setdefault(r["other"], {})[r["id"]] = int(r["bits"])
+
+    def first(clip: str) -> tuple[bool, str]:  # the order clips are taken in
+        return clip not in kept, rank[clip]
+
+    duplicates: dict[str, tuple[str, int]] = {}
+    for clip in sorted(near, key=first):
+        before = [o for o in near[clip] if first(o) < first(clip) and o not in duplicates]
+        if before and clip not in kept:
+            of = min(before, key=first)
+            duplicates[clip] = (of, near[clip][of])
+    return duplicates

@@ -110,6 +110,35 @@ def test_a_rotated_phone_video_decodes_upright_into_its_portrait_bucket(tmp_path
     assert with_stills.resolution(64, 64) == (64, 64) and with_stills.resolution(64, 64, video=True) == (32, 64)
 
 
+def test_a_variable_rate_video_is_sampled_by_time_not_by_its_average_rate(tmp_path):
+    """30 frames 33 ms apart, then 30 frames 250 ms apart (7.65 fps on average): a 16 fps clip shows the frame
+    on screen every 62.5 ms; by index at the average rate it covered 0.23 s as if it were 1 s."""
+    import fractions
+
+    import av
+
+    path, shown = tmp_path / "vfr.mp4", []
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        ms = fractions.Fraction(1, 1000)
+        stream.time_base = stream.codec_context.time_base = ms
+        for i in range(60):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 4 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = (shown[-1] + (33 if i <= 30 else 250)) if shown else 0, ms
+            shown.append(frame.pts)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    times = np.array(shown) / 1000
+    out = decode_clip(str(path), BucketSet.fixed(48, 64, 17, 17, T2V), 16)
+    want = [int(np.searchsorted(times, k / 16 + 1e-6, side="right")) - 1 for k in range(17)]
+    assert out.plan.indices == want and want[-1] == 30  # 1 s in: frame 30, at 0.99 s
+    assert np.abs(out.frames[:, 24, 32, 0].astype(int) - 4 * np.array(want)).max() <= 6  # those frames' shades
+    assert decode_clip(str(path), BucketSet.fixed(48, 64, 129, 129, T2V), 16).plan.indices[-1] == 58  # 7.99 s
+
+
 def test_a_photo_with_an_exif_orientation_is_bucketed_as_shown(tmp_path):
     from PIL import Image
 

@@ -82,6 +82,33 @@ def plan_clip(
     return ClipPlan([cut_start + int(i * step) for i in range(n)])
 
 
+def variable_rate_times(reader, src_fps: float) -> np.ndarray | None:
+    """Each frame's presentation time (s) when the video's frame rate varies (a phone's recording, a screen
+    capture): a frame more than half a frame period from where its average rate puts it. None: a constant rate,
+    where a frame's index gives its time."""
+    if len(reader) < 2 or not src_fps or not math.isfinite(src_fps) or src_fps <= 0:
+        return None
+    times = np.asarray(reader.get_frame_timestamp(range(len(reader))))[:, 0]
+    drift = np.abs((times - times[0]) * src_fps - np.arange(len(times)))
+    return times if drift.max() > 0.5 else None
+
+
+def timed_available(times: np.ndarray, fps: float, cut_start: int = 0, cut_end: int = -1) -> int:
+    """available_frames of a variable-rate video: the clip frames at 1 / fps steps from the cut's first frame's
+    time to its last one's."""
+    end = len(times) if cut_end < 0 else min(cut_end, len(times))
+    if cut_start >= end:
+        raise ClipRejected("too_short", f"cut starts at frame {cut_start}, video has {len(times)}")
+    return int((times[end - 1] - times[cut_start]) * fps + 1e-6) + 1
+
+
+def timed_plan(times: np.ndarray, fps: float, n: int, cut_start: int = 0) -> ClipPlan:
+    """plan_clip of a variable-rate video, by time: clip frame i shows the source frame on screen at
+    i / fps after the cut's first frame (the last one that started by then)."""
+    targets = times[cut_start] + np.arange(n) / fps + 1e-6
+    return ClipPlan([int(i) for i in np.searchsorted(times, targets, side="right") - 1])
+
+
 def resize_crop_box(src_h: int, src_w: int, h: int, w: int) -> tuple[int, int, int, int]:
     """(resized_h, resized_w, top, left): scale to cover h x w keeping aspect, then center-crop."""
     scale = max(h / src_h, w / src_w)
@@ -210,14 +237,25 @@ def _decode_clip(path: str, buckets: BucketSet, fps: float, cut_start: int, cut_
         src_frames, src_fps = len(reader), reader.get_avg_fps()
     except Exception as e:  # PyAV and decord raise with ffmpeg's message
         raise unreadable(path, e) from None
-    available = available_frames(src_fps, src_frames, fps, cut_start, cut_end)
+    try:
+        times = variable_rate_times(reader, src_fps)
+    except Exception as e:  # decord's index of the frames' timestamps
+        raise unreadable(path, e) from None
+    if times is None:
+        available = available_frames(src_fps, src_frames, fps, cut_start, cut_end)
+    else:
+        available = timed_available(times, fps, cut_start, cut_end)
     n = buckets.frames((height, width), available)
     if n is None:
         shortest = min(f for f in buckets.frames_by_resolution[(height, width)] if f > 1)
+        rate = f"{src_fps:g} fps" if times is None else f"a variable rate ({src_fps:g} fps on average)"
         raise ClipRejected(
-            "too_short", f"{src_frames} frames at {src_fps:g} fps give {available} at {fps:g} fps, need {shortest}"
+            "too_short", f"{src_frames} frames at {rate} give {available} at {fps:g} fps, need {shortest}"
         )
-    plan = plan_clip(src_fps, src_frames, fps, n, n, cut_start, cut_end)
+    if times is None:
+        plan = plan_clip(src_fps, src_frames, fps, n, n, cut_start, cut_end)
+    else:
+        plan = timed_plan(times, fps, n, cut_start)
     try:
         frames = read_frames(reader, list(plan.indices), height, width, resize_crop)
     except Exception as e:

@@ -3,6 +3,7 @@ every format diffusers reads for Wan; requests with different adapters on one sa
 distilled 4-step recipe (no Ray)."""
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -320,3 +321,37 @@ def test_an_adapter_of_the_layer_that_gathers_split_tokens_is_refused_over_sever
     assert StageSpec.for_batch(tiny_model, tiny_config(tiny_model, *sets)).adapters["head"].keys() == {"high", "low"}
     with pytest.raises(ConfigError, match="adapts proj_out, where the expert's 2 devices gather"):
         StageSpec.for_batch(tiny_model, tiny_config(tiny_model, *sets, "infer.batch_devices=2"))
+
+
+def _activate_rank(rank: int, out: str) -> None:
+    """One of two gloo ranks of an expert stage whose rank 1 fails to load its adapter: what each rank raised."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from wanray.infer.sampler import ExpertStage
+
+    class Adapters:
+        def activate(self, loras):
+            if rank == 1:
+                raise OSError("AWS Error NETWORK_CONNECTION during GetObject")
+
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
+    stage = SimpleNamespace(adapters=Adapters(), ranks=2, device=torch.device("cpu"), expert_name="high")
+    try:
+        ExpertStage._activate(stage, (("style", 1.0),))
+        raised = "nothing"
+    except Exception as e:
+        raised = f"{type(e).__name__}: {e}"
+    dist.destroy_process_group()
+    Path(out, f"rank{rank}").write_text(raised)
+
+
+def test_an_adapter_that_fails_on_one_rank_fails_the_request_on_every_rank(tmp_path):
+    """Rank 0 raising alone would leave rank 1 in the request's first collective, where the next request's would
+    pair with it; the ranks agree first, so both raise before any."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_activate_rank, args=(str(tmp_path),), nprocs=2, start_method="spawn")
+    assert (tmp_path / "rank1").read_text() == "OSError: AWS Error NETWORK_CONNECTION during GetObject"
+    assert (tmp_path / "rank0").read_text() == "RuntimeError: high expert: an adapter failed to load on another rank"

@@ -133,6 +133,25 @@ class ExpertStage:
             list(loras) or "none",
         )
 
+    def _activate(self, loras: tuple) -> None:
+        """adapters.activate, agreed by every rank of a group: when one rank fails to load an adapter (a store's
+        error, memory), every rank raises before the request's first collective, instead of the others waiting
+        in it, where the next request's collectives would pair with theirs."""
+        failed: Exception | None = None
+        try:
+            self.adapters.activate(loras)
+        except Exception as e:
+            failed = e
+        if self.ranks > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([float(failed is not None)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and failed is None:
+                raise RuntimeError(f"{self.expert_name} expert: an adapter failed to load on another rank")
+        if failed is not None:
+            raise failed
+
     def _stopping(self) -> bool:
         """should_stop(), agreed by every rank of a group: one all-reduce of a flag per step (the other ranks'
         collectives would wait forever for a rank that stopped alone); a host sync, tiny beside a step."""
@@ -180,7 +199,7 @@ class ExpertStage:
         stop = high_steps if self.expert_name == "high" else len(timesteps)
         scale = params.guidance_scale if self.expert_name == "high" else params.guidance_scale_2
         self._check_calibrated(params.loras)
-        self.adapters.activate(params.loras)  # before `resident`: an adapter loaded now waits with the expert
+        self._activate(params.loras)  # before `resident`: an adapter loaded now waits with the expert
         with resident(self.expert, self.device, self.offload):
             state = self._steps(state, text, scale, stop)
         return state.to(torch.device("cpu"))

@@ -474,7 +474,10 @@ def test_lora_adapters_load_in_diffusers_at_their_scale_and_match_the_merged_exp
     assert [x["step"] for x in metrics(resumed, "low")] == [1, 2, 3, 4]
     assert_same_training_state(state, checkpoint_state(latest_checkpoint(resumed, "low"), resumed), atol=0)
 
-    out = export_run(cfg, run, tmp_path / "export", log=lambda _: None)
+    # exported under the plain config: the adapters' rank and alpha are the run's, from its config.yaml
+    exported: list[str] = []
+    out = export_run(tiny_config(tiny_model), run, tmp_path / "export", log=exported.append)
+    assert any("low-noise expert from" in line and line.endswith("LoRA rank 4 alpha 8") for line in exported)
     merged = load_file(out / "transformer_2" / "diffusion_pytorch_model.safetensors")
     adapter = load_file(out / "transformer_2" / "lora" / "pytorch_lora_weights.safetensors")
     assert set(merged) == set(base)

@@ -23,7 +23,6 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import yaml
 
 from wanray import storage
 from wanray.errors import ConfigError
@@ -108,13 +107,13 @@ def _file(path: str, where: str) -> AdapterFile:
 
 def _run(run: str, source: LoraSource, experts: tuple[str, ...], where: str) -> dict[str, AdapterFile]:
     """Each trained expert's adapter in a wanray run directory: its latest checkpoint, or source.step's."""
-    from wanray.train.runs import CONFIG_FILE, RUN_FILE, checkpoints
+    from wanray.train.runs import RUN_FILE, checkpoints, trained_lora
 
     out = {}
     for expert in experts:
         if not storage.is_file(storage.join(run, expert, RUN_FILE)):
             continue
-        lora = LoraConfig(**yaml.safe_load(storage.read_text(storage.join(run, expert, CONFIG_FILE)))["train"]["lora"])
+        lora = trained_lora(run, expert, LoraConfig())
         if not lora.enabled:
             raise ConfigError(
                 f"{where}: {storage.join(run, expert)} fine-tuned the whole expert, not LoRA adapters: export it "

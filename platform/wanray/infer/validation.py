@@ -180,12 +180,14 @@ class Validator:
 
     def _load(self, expert: str, checkpoint: Path | str) -> None:
         from wanray.train.export import expert_state_groups
+        from wanray.train.runs import trained_lora
 
         if self.loaded.get(expert) == checkpoint:
             return
         stage = self.sampler.experts[expert]
         own = set(stage.expert.state_dict())
-        for weights, _ in expert_state_groups(self.model_dir, expert, checkpoint, self.lora):
+        lora = trained_lora(self.run_dir, expert, self.lora)  # the other expert's may be another run's settings
+        for weights, _ in expert_state_groups(self.model_dir, expert, checkpoint, lora):
             weights = {under_adapters(k, own): v for k, v in weights.items()}
             missing = set(weights) - own
             if missing:

@@ -20,7 +20,7 @@ from wanray import model_files, models, storage
 from wanray.config import Config
 from wanray.io import atomic_path
 from wanray.train.checkpoint import reader
-from wanray.train.runs import best_checkpoint, latest_checkpoint, trained_boundary
+from wanray.train.runs import best_checkpoint, latest_checkpoint, trained_boundary, trained_lora
 
 
 def adapter_key(peft_key: str) -> str:
@@ -95,7 +95,7 @@ def export_diffusers(
     out_dir,
     experts: dict[str, Path | str],
     boundary: float | None,
-    lora=None,
+    loras: dict | None = None,
     max_shard_bytes: int = 5 * 10**9,
 ) -> Path | str:
     """Copy the base directory to out_dir with each trained expert's weights in place.
@@ -111,13 +111,14 @@ def export_diffusers(
     is written to a local temporary directory first (room for it in TMPDIR), then uploaded. LoRA runs also
     get `<subfolder>/lora/` with the adapter written by diffusers' own `save_lora_weights`, its rank and alpha
     in the file's metadata, so `load_lora_weights` (with `load_into_transformer_2=True` for the low-noise
-    expert) applies it at alpha / rank.
+    expert) applies it at alpha / rank. `loras`: each expert's LoraConfig as its run trained it (none: full
+    fine-tuning).
     """
     from diffusers import WanPipeline
 
     if storage.is_uri(out_dir):  # staged in a local temporary directory, then uploaded with model_index.json last
         with tempfile.TemporaryDirectory(prefix="wanray-export-") as tmp:
-            local = export_diffusers(model_path, Path(tmp) / "model", experts, boundary, lora, max_shard_bytes)
+            local = export_diffusers(model_path, Path(tmp) / "model", experts, boundary, loras, max_shard_bytes)
             storage.upload_dir(local, str(out_dir), last="model_index.json")
         return str(out_dir)
     src, out = models.check_model_dir(model_path), Path(out_dir)
@@ -126,12 +127,14 @@ def export_diffusers(
         if boundary is not None:
             models.write_boundary(tmp, boundary)
         for expert, ckpt in experts.items():
+            lora = (loras or {}).get(expert)
             shards, adapter = models.WeightShards(tmp, expert, max_shard_bytes), {}
             for weights, group_adapter in expert_state_groups(src, expert, ckpt, lora):
                 shards.add(weights)
                 adapter.update(group_adapter)
             folder = shards.close()
             if adapter:
+                assert lora is not None  # an adapter comes from a LoRA run's checkpoint
                 WanPipeline.save_lora_weights(
                     folder / "lora",
                     transformer_lora_layers={k: v.contiguous() for k, v in adapter.items()},
@@ -205,9 +208,11 @@ def export_run(cfg: Config, run_dir, out_dir, log=print, best: bool = False) -> 
     if not contract.kind.one_transformer:
         boundary = trained_boundary(run_dir, trained)
         boundary = contract.boundary if boundary is None else boundary
+    loras = {e: trained_lora(run_dir, e, cfg.train.lora) for e in trained}  # the run's, not this command's
     for e, checkpoint in trained.items():
-        log(f"[export] {e}-noise expert from {checkpoint}")
-    out = export_diffusers(model_path, out_dir, trained, boundary, cfg.train.lora)
+        how = f", LoRA rank {loras[e].rank} alpha {loras[e].alpha:g}" if loras[e].enabled else ""
+        log(f"[export] {e}-noise expert from {checkpoint}{how}")
+    out = export_diffusers(model_path, out_dir, trained, boundary, loras)
     log(
         f"[export] wrote {out} ({'' if boundary is None else f'boundary {boundary}; '}load with "
         f"{contract.kind.pipeline}.from_pretrained)"

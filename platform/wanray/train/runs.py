@@ -13,6 +13,7 @@ import yaml
 from wanray import storage
 from wanray.config import Config
 from wanray.errors import ConfigError
+from wanray.sections import LoraConfig
 from wanray.train.data import ClipIndex
 from wanray.wan import EXPERTS, ModelKind, WanContract
 
@@ -56,6 +57,15 @@ def trained_boundary(run_dir, experts) -> float | None:
             f"the experts in {run_dir} were trained with different boundaries {sorted(found)}; export them separately"
         )
     return found.pop() if found else None
+
+
+def trained_lora(run_dir, expert: str, default: LoraConfig) -> LoraConfig:
+    """The LoRA settings `expert` of run_dir trained with, from its config.yaml (`default` for a run without
+    one): what its checkpoints hold, whatever the config of the command that reads them says."""
+    path = storage.join(run_dir, expert, CONFIG_FILE)
+    if not storage.is_file(path):
+        return default
+    return LoraConfig(**yaml.safe_load(storage.read_text(path))["train"]["lora"])
 
 
 def trained_experts(run_dir) -> list[str]:

@@ -38,7 +38,7 @@ def test_the_step_loss_is_the_mean_over_its_clips_whatever_the_micro_batch_sizes
     )
     model = Toy()
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 if step == 0 else 0.5)
     batches = [
         Batch(torch.zeros(2, 16, 1, 2, 2), torch.zeros(2, 4, 8)),
         Batch(torch.zeros(1, 16, 3, 2, 2), torch.zeros(1, 4, 8)),
@@ -46,9 +46,11 @@ def test_the_step_loss_is_the_mean_over_its_clips_whatever_the_micro_batch_sizes
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         trainer = loop.ExpertTrainer(spec, torch.device("cpu"), model, [model.p], optimizer, schedule)
-        loss = trainer.step(StepData(0, 0, batches, samples=3)).loss
+        result = trainer.step(StepData(0, 0, batches, samples=3))
     finally:
         dist.destroy_process_group()
+    loss = result.loss
+    assert result.lr == 1.0 and schedule.get_last_lr() == [0.5]  # the step's own rate, not the next step's
     assert abs(float(loss) - (3 * 2 + 2 * 1) / 3) < 1e-6  # not (3 + 2) / 2, the mean of the micro-batch means
     assert abs(float(model.p) - (1 - 8 / 3)) < 1e-6  # and the gradient is that mean's
 

@@ -213,10 +213,11 @@ class ExpertTrainer:
         if not torch.isfinite(grad_norm):
             bad = [i for b, loss in zip(data.batches, losses) if not torch.isfinite(loss) for i in b.ids]
             raise NonFiniteLoss(f"gradient norm {float(grad_norm)}", bad, [i for b in data.batches for i in b.ids])
+        lr = self.schedule.get_last_lr()[0]  # this step's: the schedule steps to the next one's below
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
-        return StepMetrics(loss_sum, grad_norm, torch.cat(drawn))
+        return StepMetrics(loss_sum, grad_norm, torch.cat(drawn), lr)
 
 
 @dataclass
@@ -369,8 +370,7 @@ def train_loop(config: dict) -> None:
                     record = {"step": progress.step, "epoch": data.epoch, "batches": batches, "ids": ids}
                     order_log.write(json.dumps(record) + "\n")
                     order_log.flush()
-                    lr = trainer.schedule.get_last_lr()[0]
-                    metrics = log.step(result, lr, time.perf_counter() - step_start, wait, data, progress)
+                    metrics = log.step(result, time.perf_counter() - step_start, wait, data, progress)
                     if metrics:
                         metrics.update(shard_stats(trainer.model, trainer.optimizer))
                         log.write(metrics)

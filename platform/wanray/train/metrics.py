@@ -42,6 +42,8 @@ class StepMetrics:
     """The global gradient norm before clipping."""
     timesteps: torch.Tensor
     """Every timestep this rank drew, on the CPU."""
+    lr: float
+    """The learning rate the step used (the schedule has moved on to the next step's when it is read)."""
 
 
 def peak_memory_bytes(acc) -> int:
@@ -89,9 +91,7 @@ class MetricsLog:
         if self.rank == 0:
             self.files.sync(CONSOLE_FILE)  # not held back by the start's line just before
 
-    def step(
-        self, result: StepMetrics, lr: float, seconds: float, wait: float, data: StepData, progress
-    ) -> dict | None:
+    def step(self, result: StepMetrics, seconds: float, wait: float, data: StepData, progress) -> dict | None:
         """The metrics of this step when it is a logged one (else None), accumulated since the last."""
         if self.reset:
             self.seconds = self.wait = self.samples = self.tokens = 0.0
@@ -120,7 +120,7 @@ class MetricsLog:
             "epoch": progress.epoch,
             "loss": loss_v,
             "grad_norm": norm_v,
-            "lr": lr,
+            "lr": result.lr,
             "samples_per_s": self.samples / self.seconds,
             "tokens_per_s": self.tokens / self.seconds,
             "buckets": dict(sorted(self.buckets.items())),

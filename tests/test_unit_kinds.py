@@ -2,6 +2,7 @@
 each that diffusers' own pipelines run, the presets, the sampler against diffusers' pipeline of each
 image model, and requests that carry an image only where the model takes one."""
 
+import io
 import json
 import typing
 
@@ -179,6 +180,19 @@ def _png(array) -> bytes:
     return buffer.getvalue()
 
 
+def _png_header(width: int, height: int) -> str:
+    """A base64 PNG whose header declares width x height, with no pixel data."""
+    import base64
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return base64.b64encode(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")).decode()
+
+
 def test_requests_and_prompt_files_carry_an_image_only_where_the_model_takes_one(tiny_kinds, tmp_path):
     import base64
 
@@ -216,6 +230,17 @@ def test_requests_and_prompt_files_carry_an_image_only_where_the_model_takes_one
         resolve(
             GenerateRequest(prompt="x", image=png), tiny_config(tiny_kinds["t2v-a14b"], "infer.max_image_bytes=10"), i2v
         )
+    gif = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(gif, format="GIF")
+    for request, message in (
+        # a few bytes that declare a huge image: refused from the header, before anything is allocated
+        (GenerateRequest(prompt="x", image=_png_header(9000, 9000)), "is 9000x9000 pixels, at most 67108864"),
+        (GenerateRequest(prompt="x", image=_png_header(20000, 10000)), "has more than 67108864 pixels"),
+        (GenerateRequest(prompt="x", image=base64.b64encode(gif.getvalue()).decode()), "not a base64-encoded PNG"),
+        (GenerateRequest(prompt="x", image=png, last_image=png, num_frames=1), "last_image needs num_frames of 5"),
+    ):
+        with pytest.raises(RequestError, match=message):
+            resolve(request, cfg, i2v)
 
     (tmp_path / "first.png").write_bytes(_png(np.zeros((16, 16, 3), np.uint8)))
     prompts = tmp_path / "p.jsonl"

@@ -8,6 +8,7 @@ REST API would refuse is refused here with the same message.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import tempfile
 from pathlib import Path
@@ -76,26 +77,23 @@ def build_ui(generate: Generate, cfg: Config, model_dir: str, preview: Preview |
         image, last_image = [*rest[: len(images)], None, None][:2]
         try:
             loras = adapter_uses(*rest[len(images) :]) if inf.loras else None
-            params = resolve(
-                GenerateRequest(
-                    prompt=prompt,
-                    negative_prompt=negative_prompt,
-                    seed=seed,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance_scale,
-                    guidance_scale_2=guidance_scale_2,
-                    height=height,
-                    width=width,
-                    num_frames=num_frames,
-                    image=encode(image),
-                    last_image=encode(last_image),
-                    loras=loras,
-                    sampler=sampler,
-                ),
-                cfg,
-                kind,
-                served_split(cfg),
+            request = GenerateRequest(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                seed=seed,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                guidance_scale_2=guidance_scale_2,
+                height=height,
+                width=width,
+                num_frames=num_frames,
+                image=encode(image),
+                last_image=encode(last_image),
+                loras=loras,
+                sampler=sampler,
             )
+            # in a thread: decoding the images would hold the event loop every request and the REST API share
+            params = await asyncio.to_thread(resolve, request, cfg, kind, served_split(cfg))
         except (RequestError, ValidationError) as e:
             raise _request_error(e) from None
         progress(0.0, desc="encoding prompt")
@@ -198,7 +196,11 @@ def build_ui(generate: Generate, cfg: Config, model_dir: str, preview: Preview |
                     *images,
                     *adapters,
                 ]
-                generating = button.click(run, inputs=[*inputs, sampler], outputs=video, api_name="generate")
+                # concurrency_limit=None: Gradio's default runs one click at a time for every page, so no two
+                # UI requests would share the stages; the stage queues (infer.max_queued) bound them instead
+                generating = button.click(
+                    run, inputs=[*inputs, sampler], outputs=video, api_name="generate", concurrency_limit=None
+                )
                 # the request leaves its stage queue, or its expert stops at the next step
                 stop.click(None, cancels=[generating])
             run_picker = runs_page(cfg)

@@ -8,6 +8,7 @@ never serves a path from the roots itself (the roots check is the only gate).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import inspect
@@ -230,7 +231,8 @@ def data_page(cfg: Config, kind: ModelKind, preview: Preview | None) -> gr.Dropd
             raise RequestError("previews need the served VAE stage")
         if not (path and clip_id):
             raise RequestError("pick a preprocessed directory and a clip")
-        latent = DataView.open(roots, path).latent(clip_id)
+        # in a thread: it reads the shards (local or a bucket), which would hold the server's event loop
+        latent = await asyncio.to_thread(lambda: DataView.open(roots, path).latent(clip_id))
         if latent.shape[0] != kind.latent_channels:
             raise RequestError(
                 f"clip {clip_id} has {latent.shape[0]}-channel latents; the served {kind.title} "

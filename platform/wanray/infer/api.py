@@ -203,6 +203,10 @@ def resolve(req: GenerateRequest, cfg: Config, kind: ModelKind = KINDS["t2v-a14b
         _check(m <= value <= most, f"{name} must lie in [{m}, {most}], got {value}")
     _check(valid_frames(p.num_frames), f"num_frames must be 4n+1 (1, 5, ..., 81), got {p.num_frames}")
     _check(1 <= p.num_frames <= inf.max_frames, f"num_frames must lie in [1, {inf.max_frames}], got {p.num_frames}")
+    _check(
+        req.last_image is None or p.num_frames >= 5,
+        f"last_image needs num_frames of 5 or more (a first and a last frame), got {p.num_frames}",
+    )
     tokens = kind.tokens(p.num_frames, p.height, p.width)
     _check(
         tokens % split == 0,
@@ -339,7 +343,8 @@ def build_api(
 
         params = None
         try:
-            params = resolve(req, cfg, kind, served_split(cfg))
+            # in a thread: decoding an image (up to infer.max_image_bytes) would hold every request's event loop
+            params = await asyncio.to_thread(resolve, req, cfg, kind, served_split(cfg))
         except RequestError as e:
             return answer("invalid", JSONResponse({"detail": str(e)}, status_code=422))
         try:

@@ -13,9 +13,15 @@ class Cancelled(Exception):
     """The request was cancelled (its client went away) while an expert stage ran it: it stopped at a step."""
 
 
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+"""The most pixels an input image may have (8192 x 8192): its size is read from the header, before anything is
+decoded, so a small file that declares a huge image (a decompression bomb) is refused without allocating it."""
+
+
 def image_from_base64(data: str, name: str = "image"):
-    """A base64-encoded image file (GenerationParams.image) as an RGB PIL image; RequestError, naming the
-    field `name`, if it is none."""
+    """A base64-encoded PNG, JPEG or WebP file (GenerationParams.image) as an RGB PIL image; RequestError,
+    naming the field `name`, if it is none, or larger than MAX_IMAGE_PIXELS."""
     import base64
     import binascii
     import io
@@ -25,8 +31,14 @@ def image_from_base64(data: str, name: str = "image"):
     from wanray.errors import RequestError
 
     try:
-        with Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as img:
+        # formats: only these decoders (Pillow would otherwise try every format it knows, EPS's Ghostscript too)
+        with Image.open(io.BytesIO(base64.b64decode(data, validate=True)), formats=IMAGE_FORMATS) as img:
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise RequestError(f"{name} is {w}x{h} pixels, at most {MAX_IMAGE_PIXELS} pixels are served")
             return img.convert("RGB")
+    except Image.DecompressionBombError:  # Image.open's own bound (twice PIL.Image.MAX_IMAGE_PIXELS) came first
+        raise RequestError(f"{name} has more than {MAX_IMAGE_PIXELS} pixels, more than are served") from None
     except (binascii.Error, ValueError, OSError, SyntaxError) as e:  # PIL: UnidentifiedImageError is an OSError
         raise RequestError(
             f"{name} is not a base64-encoded PNG, JPEG or WebP file: {str(e).splitlines()[0][:120]}"

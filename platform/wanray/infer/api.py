@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -155,6 +155,40 @@ def token_matches(header: str, token: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
+def max_body_bytes(cfg: Config) -> int:
+    """The largest request body served: a /v1/generate body with both images at infer.max_image_bytes (base64:
+    4/3 of that) and both prompts at infer.max_prompt_chars of JSON's longest escapes, plus 64 KiB."""
+    inf = cfg.infer
+    return 2 * math.ceil(inf.max_image_bytes * 4 / 3) + 2 * 12 * inf.max_prompt_chars + 64 * 2**10
+
+
+class TokenGate:
+    """ASGI middleware: a 401 for any HTTP request without the bearer token, except under `open_prefix`. It
+    answers from the headers alone, so a body (up to the size limit) is never read, or parsed, for a client
+    without the token; FastAPI reads and parses a body before a route's dependencies run."""
+
+    def __init__(self, app, token: str, open_prefix: str | None = None):
+        self.app, self.token, self.open_prefix = app, token, open_prefix
+
+    async def __call__(self, scope, receive, send) -> None:
+        path, root = scope["path"], scope.get("root_path", "")  # the app's own path: Serve's route prefix off
+        if scope["type"] == "http" and not self._open(path[len(root) :] if path.startswith(root) else path):
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if not token_matches(header, self.token):
+                refused = JSONResponse(
+                    {"detail": "missing or wrong bearer token (Authorization: Bearer <infer.api_token>)"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await refused(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _open(self, path: str) -> bool:
+        prefix = self.open_prefix
+        return prefix is not None and (path == prefix or path.startswith(prefix.rstrip("/") + "/"))
+
+
 def served_split(cfg: Config) -> int:
     """What every served request's tokens must divide: the device counts of the expert stages."""
     return math.lcm(cfg.infer.stages.high.devices, cfg.infer.stages.low.devices)
@@ -275,23 +309,22 @@ def build_api(
     queues: Queues | None = None,
     count: Callable[[str, float], None] = lambda outcome, seconds: None,
     loras: dict[str, dict[str, str]] | None = None,
+    open_prefix: str | None = None,
 ) -> FastAPI:
     """The FastAPI app of the ingress; `generate` moves one request through the stages, `queues` reports
     their depths in /v1/health, `count(outcome, seconds)` records each /v1/generate, `loras` (name -> expert
-    -> file) is what GET /v1/loras lists. With a `token`, every /v1 route answers 401 unless the request
-    carries it as a bearer token."""
+    -> file) is what GET /v1/loras lists. With a `token`, every path but those under `open_prefix` (the
+    UI, behind its own login) answers 401 unless the request carries it as a bearer token."""
     loras = loras or {}
     kind = models.read_kind(model_dir)
 
-    async def authorized(request: Request) -> None:
-        if token and not token_matches(request.headers.get("authorization", ""), token):
-            raise HTTPException(
-                401,
-                "missing or wrong bearer token (Authorization: Bearer <infer.api_token>)",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
-    app = FastAPI(title="wanray", description=f"{kind.title} from {model_dir}", dependencies=[Depends(authorized)])
+    app = FastAPI(
+        title="wanray",
+        description=f"{kind.title} from {model_dir}",
+        max_body_size=max_body_bytes(cfg),  # a 413 once a body passes it, before the rest is read
+    )
+    if token:
+        app.add_middleware(TokenGate, token=token, open_prefix=open_prefix)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:

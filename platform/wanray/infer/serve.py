@@ -307,7 +307,16 @@ class Ingress:
         return (await self.vae.render.remote(state, "mp4", self.cfg.data.fps)).value
 
     def __serve_build_asgi_app__(self):
-        app = build_api(self.generate, self.cfg, self.model_dir, self.token, self.queues, self.count, self.loras)
+        app = build_api(
+            self.generate,
+            self.cfg,
+            self.model_dir,
+            self.token,
+            self.queues,
+            self.count,
+            self.loras,
+            open_prefix=None if self.ui is None else UI_PATH,  # the page asks for the token itself
+        )
         if self.ui is None:
             return app
         import gradio as gr

@@ -232,3 +232,60 @@ def test_a_batch_actor_runs_both_experts_over_two_devices_with_the_single_device
     odd.write_text('{"prompt": "a cat"}\n{"prompt": "a dog", "num_frames": 1, "height": 48, "width": 48}\n')
     with pytest.raises(RequestError, match=r"odd.jsonl line 2: .*9 tokens, which the 2 devices"):
         read_prompts(odd, cfg)
+
+
+def test_a_group_whose_rank_fails_in_a_request_refuses_the_next_instead_of_hanging(tiny_model, ray_cluster):
+    """Rank 0 of a 2-device expert fails in the middle of a request while rank 1 waits in that step's
+    collective: the group kills rank 1 and refuses every later request at once (the Serve replica's health
+    check then fails), where the next request's collectives would have paired with rank 1's stale one."""
+    import threading
+
+    import ray
+    import torch
+    import torch.distributed as dist
+
+    from wanray.infer.api import GenerateRequest, resolve
+    from wanray.infer.group import RankGroup
+    from wanray.infer.request import TextEmbeddings
+    from wanray.infer.spec import StageSpec
+    from wanray.models import read_kind
+
+    cfg = tiny_config(tiny_model, "infer.stages.high.devices=2", "infer.stages.low.devices=2")
+    spec = StageSpec.for_serving(str(tiny_model), cfg)
+    request = GenerateRequest(prompt="x", height=64, width=64, num_frames=9, num_inference_steps=4, guidance_scale=4)
+    params = resolve(request, cfg, read_kind(str(tiny_model)), split=2)
+    group = RankGroup(spec, ("high",), 2, lambda rank: {"num_cpus": 0})
+    try:
+        expert, stage = group.expert("high"), group.stages["high"]
+        dim = stage.expert.config.text_dim
+        text = TextEmbeddings(torch.randn(1, 512, dim), torch.randn(1, 512, dim))
+        forward, calls = stage._forward, []
+
+        def failing(*args, **kwargs):  # the unconditional pass of step 1: rank 1 waits in its collective
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("out of memory (injected)")
+            return forward(*args, **kwargs)
+
+        stage._forward = failing
+        with pytest.raises(RuntimeError, match="ranks are out of step .rank 0: RuntimeError: out of memory"):
+            expert.denoise(params, text)
+        stage._forward = forward
+        outcome: list = []
+        later = threading.Thread(target=lambda: outcome.append(_raised(lambda: expert.denoise(params, text))))
+        later.start()
+        later.join(timeout=60)
+        assert outcome and "high expert's ranks are out of step" in outcome[0]
+        assert "out of memory (injected)" in expert.broken
+        with pytest.raises(ray.exceptions.RayActorError):  # rank 1 was killed: no collective waits on it
+            ray.get(group.ranks[0].__ray_ready__.remote(), timeout=30)
+    finally:
+        dist.destroy_process_group()
+
+
+def _raised(call) -> str:
+    try:
+        call()
+    except Exception as e:
+        return str(e)
+    return "no error"

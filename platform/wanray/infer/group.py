@@ -17,6 +17,7 @@ hand-off of DenoiseState to the next stage) is unchanged: a group is one ExpertS
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -29,13 +30,19 @@ from wanray.infer.spec import StageSpec
 
 RANKS_TIMEOUT_S = 600.0
 """How long a batch actor waits for its other ranks to be placed and load their experts."""
+COLLECTIVE_TIMEOUT_S = 600.0
+"""The group's collective timeout (init_process_group's; nccl's default, gloo's would be 30 minutes): how long a
+rank waits in a collective that never pairs before gloo raises or the nccl / hccl watchdog ends the process."""
 
 
 def _join(spec: StageSpec, expert: str, rank: int, world: int, store) -> None:
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     backend = accelerator(spec.resources[expert].device).dist_backend
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+    timeout = timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 def _store(host: str, port: int, world: int, master: bool):
@@ -98,9 +105,24 @@ class RankGroup:
         _join(spec, experts[0], 0, world, store)  # returns once every rank has joined
         self.stages = {e: ExpertStage(spec, e) for e in experts}
         ray.get(started)  # a rank that failed to load fails here
+        self.broken = ""
+        """Why the ranks are out of step ("" while they are not): no request runs on them again."""
 
     def expert(self, name: str) -> GroupExpert:
         return GroupExpert(self, name)
+
+    def fail(self, why: str) -> None:
+        """One rank failed in a request while the others wait in a collective that will never pair (the next
+        request's collectives would pair with it instead): kill the other ranks, which ends rank 0's wait on
+        gloo (and on nccl / hccl, at the watchdog's COLLECTIVE_TIMEOUT_S), and refuse every later request. A
+        Serve replica's health check then fails (ExpertDeployment.check_health), and Serve replaces it."""
+        import ray
+
+        if self.broken:
+            return
+        self.broken = why
+        for r in self.ranks:
+            ray.kill(r)
 
 
 class GroupExpert:
@@ -118,6 +140,11 @@ class GroupExpert:
         self.group.stages[self.name].should_stop = stop
 
     @property
+    def broken(self) -> str:
+        """Why the group's ranks are out of step ("" while they are not)."""
+        return self.group.broken
+
+    @property
     def adapters(self):
         """Rank 0's adapters (every rank loads and activates the same ones)."""
         return self.group.stages[self.name].adapters
@@ -131,14 +158,45 @@ class GroupExpert:
     ) -> DenoiseState:
         import ray
 
-        others = [r.denoise.remote(self.name, params, text, state, condition) for r in self.group.ranks]
+        group = self.group
+        if group.broken:
+            raise RuntimeError(f"{self.name} expert's ranks are out of step ({group.broken}): the stage restarts")
+        others = [r.denoise.remote(self.name, params, text, state, condition) for r in group.ranks]
+        finished = threading.Event()
+        threading.Thread(target=self._watch, args=(others, finished), daemon=True).start()
         try:
-            out = self.group.stages[self.name].denoise(params, text, state, condition)
+            out = group.stages[self.name].denoise(params, text, state, condition)
         except Cancelled:  # the other ranks stopped at the same step: their Cancelled is this one's
             ray.wait(others, num_returns=len(others))
             raise
-        ray.get(others)
+        except Exception as e:
+            group.fail(f"rank 0: {type(e).__name__}: {e}")
+            raise RuntimeError(f"{self.name} expert's ranks are out of step ({group.broken})") from e
+        finally:
+            finished.set()
+        try:
+            ray.get(others)
+        except Exception as e:
+            group.fail(f"{type(e).__name__}: {e}")
+            raise
         return out
+
+    def _watch(self, others: list, finished: threading.Event) -> None:
+        """While rank 0 runs the request: a rank that fails leaves rank 0 waiting in a collective, so fail the
+        group (killing the ranks ends that wait). A Cancelled rank is in step: rank 0 stops at the same step."""
+        import ray
+
+        pending = list(others)
+        while pending and not finished.is_set():
+            ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                except Cancelled:
+                    pass
+                except Exception as e:
+                    self.group.fail(f"another rank: {type(e).__name__}: {str(e).splitlines()[0]}")
+                    return
 
 
 def ExpertGroup(spec: StageSpec, expert: str) -> GroupExpert:

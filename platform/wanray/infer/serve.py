@@ -176,6 +176,12 @@ class ExpertDeployment(QueuedStage):
         """This replica's queue, and the adapters its expert holds loaded now (least recently used first)."""
         return {**await super().depth(), "adapters_loaded": list(self.stage.adapters.names)}
 
+    def check_health(self) -> None:
+        """Serve's periodic health check: a multi-device expert whose ranks fell out of step (one failed in a
+        request) can run nothing again, so this replica is replaced (with new ranks)."""
+        if broken := getattr(self.stage, "broken", ""):
+            raise RuntimeError(f"{self.name} stage's ranks are out of step: {broken}")
+
 
 class VaeDeployment(QueuedStage):
     """The VAE stage's deployment: a request's first-frame condition, and its video."""

@@ -362,6 +362,27 @@ def test_compiled_blocks_give_the_eager_frames_and_compile_once_per_size(tiny_mo
     torch._dynamo.reset()
 
 
+def test_blocks_compile_under_magcache_and_give_its_eager_frames(tiny_model, tmp_path):
+    """infer.compile with infer.cache magcache: the blocks are compiled before MagCache's hooks (which are
+    torch.compiler.disable'd) wrap them, so they still compile (compiling the hooked block compiled nothing),
+    and the frames are the eager cached ones."""
+    from torch._dynamo.utils import counters
+
+    high = 3  # the tiny model's steps at or above the boundary, of 8
+    path = tmp_path / "ratios.json"
+    ratios = {"high": [1.0] + [1.01] * (high - 1), "low": [1.0] + [0.99] * (PARAMS.num_inference_steps - high - 1)}
+    fields = {"num_inference_steps": PARAMS.num_inference_steps, "sampler": "unipc", "flow_shift": None}
+    path.write_text(json.dumps({"ratios": ratios, **fields, "prompts": 1}))
+    cached = ("infer.cache=magcache", "infer.cache_threshold=0.1", f"infer.cache_ratios={path}")
+    eager = Sampler(StageSpec.for_batch(tiny_model, tiny_config(tiny_model, *cached)))(PARAMS)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = tiny_config(tiny_model, *cached, "infer.compile=true", "infer.compile_backend=aot_eager")
+    frames = Sampler(StageSpec.for_batch(tiny_model, compiled))(PARAMS)
+    assert counters["stats"]["unique_graphs"] == 1 and np.abs(frames - eager).max() <= 1e-4
+    torch._dynamo.reset()
+
+
 def _magcache_rank(rank: int, model: str, ratios: str, store: str, out: str) -> None:
     import torch.distributed as dist
 

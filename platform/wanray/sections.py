@@ -366,16 +366,20 @@ class InferConfig:
     """fp8: the experts' block Linear layers in float8 weights and dynamic float8 activations (torchao; CUDA GPUs of
     compute capability 8.9+, bfloat16 stages): half the expert weights, faster matmuls (wanray.infer.quantize)."""
     compile: bool = False
-    """torch.compile each expert's transformer blocks (regional compilation, diffusers' compile_repeated_blocks):
-    the 40 blocks share one compiled graph; the first request of a size compiles (minutes on the real model), a
-    request of a size seen before none; a second size recompiles once with dynamic shapes."""
+    """torch.compile each expert's transformer blocks (regional compilation: each block's forward, before the
+    cache's and the split's hooks wrap it): the 40 blocks share one compiled graph; the first request of a size
+    compiles (minutes on the real model), a request of a size seen before none; a second size recompiles once
+    with dynamic shapes."""
     compile_backend: str = "inductor"
     """torch.compile backend of infer.compile (inductor on CUDA and CPU; on NPU, torch_npu's, e.g. npugraph_ex)."""
     vae_tiling: bool = False
-    """Decode the VAE in overlapping spatial tiles of vae_tile pixels (diffusers' tiled decode, blended over a
-    quarter of a tile): the decoder's working set no longer grows with the frame's area (--plan shows it)."""
+    """Decode the VAE's up path in spatial tiles of vae_tile pixels, each with a halo of its receptive radius
+    (wanray.infer.vae_tiles; the frames are the whole decode's): the decoder's working set no longer grows with
+    the frame's area (--plan shows it)."""
     vae_tile: int = 256
-    """Tile side in pixels with vae_tiling (a multiple of 64; tiles step by three quarters of it)."""
+    """Tile side in pixels with vae_tiling (a multiple of 64). Each tile also computes its halo (13 latent pixels
+    a side): at 256, about 2.5x the up path's compute of a whole decode (Wan2.1's VAE) or 4-5x (Wan2.2's, 16x
+    compression); 512 halves that for about 2.5x the working set."""
     max_queued: int = 8
     """The Serve application holds (max_queued + 1) x the fewest replicas of a stage requests at most (a stage
     replica runs one at a time, and a burst may wait at one stage); one more gets 503 with Retry-After at once."""

@@ -82,6 +82,14 @@ class PromptEncoder:
             return TextEmbeddings(one(params.prompt), negative)
 
 
+def compile_blocks(expert, backend: str) -> None:
+    """torch.compile each transformer block's forward (regional compilation: the blocks share one graph), before
+    any hook wraps it. diffusers' compile_repeated_blocks compiles a block's Module call instead, which runs its
+    hooked forward: MagCache's hooks are torch.compiler.disable'd, so under them nothing compiled at all."""
+    for block in expert.blocks:
+        block.forward = torch.compile(block.forward, backend=backend)
+
+
 class ExpertStage:
     """Stage 2 or 3: the high-noise expert (t >= boundary*1000, starting from noise) or the low-noise one."""
 
@@ -102,6 +110,9 @@ class ExpertStage:
         if spec.quantize == "fp8":
             check_fp8_gpu(self.device)
             quantize_fp8(self.expert)
+        if spec.compile_backend:  # adapters load later, and a new set recompiles
+            check_compile_backend(spec.compile_backend, "infer.compile_backend")
+            compile_blocks(self.expert, spec.compile_backend)
         ratios = spec.calibration.expert(expert, spec.contract.kind.experts) if spec.calibration else None
         self.cache = StepCache(self.expert, spec.cache, spec.cache_threshold, ratios)  # before the split's hooks
         if (ranks := spec.devices[expert]) > 1:  # one rank of a group (wanray.infer.group)
@@ -111,9 +122,6 @@ class ExpertStage:
         self.adapters = LoadedAdapters(self.expert, expert, spec.adapters, spec.model_dir, spec.max_loaded_loras)
         self.ranks = spec.devices[expert]
         self.batched_guidance = spec.batched_guidance
-        if spec.compile_backend:  # after the cache's hooks; adapters load later, and a new set recompiles
-            check_compile_backend(spec.compile_backend, "infer.compile_backend")
-            self.expert.compile_repeated_blocks(backend=spec.compile_backend)
         self.calibrated = None if spec.calibration is None else tuple((n, float(v)) for n, v in spec.calibration.loras)
         self.warned: set[tuple] = set()
         self.should_stop = lambda: False

@@ -125,6 +125,15 @@ def test_magcache_calibrates_per_expert_and_gives_diffusers_magcache_frames(tiny
     assert np.abs(ours - wanpipeline_frames(tiny_model, PARAMS, spec.contract.boundary)).max() > 1e-3
     caplog.clear()
     assert np.array_equal(sampler(PARAMS), ours) and not caplog.records  # warned once
+    # another schedule than the calibration's (unipc at the directory's shift): every step computed, a warning
+    with caplog.at_level(logging.WARNING, logger="wanray"):
+        shifted = sampler(replace(PARAMS, flow_shift=12.0))
+    reference = wanpipeline_frames(tiny_model, PARAMS, spec.contract.boundary, flow_shift=12.0)
+    assert np.abs(shifted - reference).max() <= 1e-4
+    assert [r.getMessage().split(":")[0] for r in caplog.records if "run uncached" in r.getMessage()] == [
+        "high expert",
+        "low expert",
+    ]
     assert np.isfinite(sampler(replace(PARAMS, num_inference_steps=PARAMS.num_inference_steps + 4))).all()
 
     path.write_text("{not json")

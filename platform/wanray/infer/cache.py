@@ -100,7 +100,7 @@ class StepCache:
 
     def __init__(self, expert: Any, mode: str, threshold: float, ratios: list[float] | None):
         """expert: a diffusers transformer (CacheMixin: enable_cache, cache_context)."""
-        self.expert, self.mode, self.ratios = expert, mode, ratios
+        self.expert, self.mode, self.ratios, self.threshold = expert, mode, ratios, threshold
         self.config: Any = None
         if mode == "first_block":
             from diffusers import FirstBlockCacheConfig
@@ -118,9 +118,12 @@ class StepCache:
     def on(self) -> bool:
         return self.mode != "none"
 
-    def begin(self, steps: int) -> None:
+    def begin(self, steps: int, skips: bool = True) -> None:
         """A new request in which this expert runs `steps` steps: fresh state (no residual of the last one), and
-        the ratios mapped onto that many steps (the hooks share this config: they stay registered as they are)."""
+        the ratios mapped onto that many steps (the hooks share this config: they stay registered as they are).
+        skips False: MagCache computes every step of this request (a threshold no accumulated error is under)."""
+        if self.config is not None:
+            self.config.threshold = self.threshold if skips else -1.0
         if self.config is not None and steps and steps != self.config.num_inference_steps:
             from diffusers.hooks.mag_cache import nearest_interp
 

@@ -57,6 +57,8 @@ def calibrate(spec: StageSpec, prompts: list[GenerationParams], threshold: float
         raise ValueError("calibrate the prompts at one step count")
     if len({p.loras for p in prompts}) != 1:
         raise ValueError("calibrate the prompts with one set of adapters")
+    if len({(p.sampler, p.flow_shift) for p in prompts}) != 1:
+        raise ValueError("calibrate the prompts with one sampler and flow_shift")
     sampler = Sampler(spec)
     stages = {"high": sampler.high, **({"low": sampler.low} if sampler.low is not None else {})}
     recorded: dict[str, list[list[float]]] = {e: [] for e in stages}
@@ -74,7 +76,7 @@ def calibrate(spec: StageSpec, prompts: list[GenerationParams], threshold: float
         ratios,
         prompts[0].num_inference_steps,
         prompts[0].sampler,
-        spec.flow_shift,
+        spec.flow_shift if prompts[0].flow_shift is None else prompts[0].flow_shift,
         len(prompts),
         loras=[[name, scale] for name, scale in prompts[0].loras],
     )

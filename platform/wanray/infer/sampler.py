@@ -82,6 +82,10 @@ class PromptEncoder:
             return TextEmbeddings(one(params.prompt), negative)
 
 
+MIN_CACHED_STEPS = 3
+"""MagCache skips no step of an expert that runs fewer of its own steps in a request."""
+
+
 def compile_blocks(expert, backend: str) -> None:
     """torch.compile each transformer block's forward (regional compilation: the blocks share one graph), before
     any hook wraps it. diffusers' compile_repeated_blocks compiles a block's Module call instead, which runs its
@@ -122,24 +126,52 @@ class ExpertStage:
         self.adapters = LoadedAdapters(self.expert, expert, spec.adapters, spec.model_dir, spec.max_loaded_loras)
         self.ranks = spec.devices[expert]
         self.batched_guidance = spec.batched_guidance
-        self.calibrated = None if spec.calibration is None else tuple((n, float(v)) for n, v in spec.calibration.loras)
+        self.calibration = spec.calibration
+        if spec.calibration is not None:  # the shift it ran at (None: the directory's)
+            shift = spec.calibration.flow_shift
+            self.calibrated_shift = models.load_scheduler(spec.model_dir, shift).config.flow_shift
         self.warned: set[tuple] = set()
         self.should_stop = lambda: False
         """Asked before every denoising step (Serve's stage sets it per request): True stops the request."""
 
-    def _check_calibrated(self, loras: tuple) -> None:
-        """A warning, once per set, for a request whose adapters are not those MagCache's ratios were measured
-        with: it runs on those ratios, and its quality may differ from the calibration's PSNR."""
-        if self.calibrated is None or tuple(loras) == self.calibrated or loras in self.warned:
-            return
-        self.warned.add(loras)
-        logging.getLogger("wanray").warning(
-            "%s expert: MagCache's ratios were calibrated with adapters %s; a request with %s uses them as they are "
-            "(calibrate with the adapters you serve: pipelines/calibrate_cache.py)",
-            self.expert_name,
-            list(self.calibrated) or "none",
-            list(loras) or "none",
-        )
+    def _cache_fits(self, params: GenerationParams, scheduler, steps: int) -> bool:
+        """Whether MagCache's calibrated ratios may skip this request's steps (other caches: always). Not under
+        another schedule than the calibration's (sampler, flow_shift): the ratios belong to its sigmas; nor for
+        an expert of fewer than MIN_CACHED_STEPS own steps (a distilled 4-step request: 2 each), where diffusers'
+        retention of the first fifth of the steps rounds to none. Adapters other than the calibration's keep the
+        ratios (a warning, once per set of names)."""
+        c = self.calibration
+        if c is None:
+            return True
+        shift = scheduler.config.flow_shift if multistep(scheduler) else scheduler.config.shift
+        if (params.sampler, shift) != (c.sampler, self.calibrated_shift):
+            self._warn_once(
+                ("schedule", params.sampler, shift),
+                "MagCache was calibrated for %s at flow_shift %g; requests with %s at %g run uncached (calibrate "
+                "this schedule: pipelines/calibrate_cache.py)",
+                c.sampler,
+                self.calibrated_shift,
+                params.sampler,
+                shift,
+            )
+            return False
+        if steps < MIN_CACHED_STEPS:
+            return False
+        loras = [(n, float(v)) for n, v in c.loras]
+        if list(params.loras) != loras:
+            self._warn_once(
+                ("loras", *sorted(n for n, _ in params.loras)),
+                "MagCache's ratios were calibrated with adapters %s; a request with %s uses them as they are "
+                "(calibrate with the adapters you serve: pipelines/calibrate_cache.py)",
+                loras or "none",
+                list(params.loras) or "none",
+            )
+        return True
+
+    def _warn_once(self, key: tuple, message: str, *args) -> None:
+        if key not in self.warned and len(self.warned) < 64:  # bounded: requests choose the keys
+            self.warned.add(key)
+            logging.getLogger("wanray").warning("%s expert: " + message, self.expert_name, *args)
 
     def _activate(self, loras: tuple) -> None:
         """adapters.activate, agreed by every rank of a group: when one rank fails to load an adapter (a store's
@@ -206,7 +238,8 @@ class ExpertStage:
         high_steps = int(self.contract.uses_high_expert(timesteps).sum())  # host sync, once per request
         stop = high_steps if self.expert_name == "high" else len(timesteps)
         scale = params.guidance_scale if self.expert_name == "high" else params.guidance_scale_2
-        self._check_calibrated(params.loras)
+        # each request starts afresh (no residual from the last one), MagCache only under its calibration's schedule
+        self.cache.begin(stop - state.step, self._cache_fits(params, state.scheduler, stop - state.step))
         self._activate(params.loras)  # before `resident`: an adapter loaded now waits with the expert
         with resident(self.expert, self.device, self.offload):
             state = self._steps(state, text, scale, stop)
@@ -220,7 +253,6 @@ class ExpertStage:
         latents, scheduler = state.latents, state.scheduler
         mask = frame_mask(state, self.contract)
         euler = not multistep(scheduler)
-        self.cache.begin(stop - state.step)  # each request starts afresh: no residual from the previous one
         for i in range(state.step, stop):
             if self._stopping():
                 raise Cancelled(f"cancelled before step {i + 1} of {len(scheduler.timesteps)}")

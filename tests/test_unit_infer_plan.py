@@ -184,3 +184,29 @@ def test_fp8_experts_put_the_whole_model_on_one_device_and_are_refused_off_cuda(
         StageSpec.for_batch(a14b, preset(a14b, "infer.quantize=fp8", "infer.batch.device=npu"))
     with pytest.raises(ConfigError, match="infer.quantize fp8 halves the experts: run without offload"):
         StageSpec.for_batch(a14b, preset(a14b, *cuda[:2], "infer.batch_offload=true", "infer.quantize=fp8"))
+
+
+def test_a_ti2v_experts_plan_is_what_its_real_step_holds(tmp_path):
+    """TI2V-5B runs a timestep per token (expand_timesteps), and diffusers keeps a (tokens, 6, dim) projection of
+    them through the forward: the plan's working set of a guided step equals what the sampler's own step holds
+    on the tiny model, measured on real tensors (a plan with one timestep held a quarter less here)."""
+    from conftest import tiny_config
+
+    from wanray.infer.api import GenerateRequest, resolve
+    from wanray.infer.request import TextEmbeddings
+    from wanray.infer.sampler import ExpertStage
+    from wanray.infer.spec import StageSpec
+
+    model = model_files.write_tiny_checkpoint(tmp_path / "ti2v", kind="ti2v-5b")
+    cfg = tiny_config(model)
+    spec = StageSpec.for_batch(model, cfg)
+    stage = ExpertStage(spec, "high")
+    request = GenerateRequest(prompt="x", height=128, width=128, num_frames=17, num_inference_steps=4, guidance_scale=4)
+    state = stage.initial_state(resolve(request, cfg, models.read_kind(model)))
+    dim = stage.expert.config.text_dim
+    text = TextEmbeddings(torch.zeros(1, 512, dim), torch.zeros(1, 512, dim))
+    held = [*stage.expert.parameters(), *stage.expert.buffers(), state.latents, text.prompt, text.negative]
+    with LiveBytes(held) as step, torch.no_grad():
+        stage._steps(state, text, 4.0, 1)
+    plan = plan_stage(model, "high", "float32", spec.contract, 17, 128, 128)
+    assert abs(plan.working_bytes - step.peak) <= 0.01 * step.peak

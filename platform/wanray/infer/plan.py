@@ -122,8 +122,10 @@ def plan_stage(
     batched_guidance: bool = False,
     vae_tile: int = 0,
     quantize: str = "none",
+    cache: str = "none",
 ) -> StagePlan:
-    """Weights and working set of one stage at frames x height x width (built on fake tensors)."""
+    """Weights and working set of one stage at frames x height x width (built on fake tensors); an expert's with
+    the tensors its step cache (infer.cache) holds from one forward to the next."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     compute = torch_dtype(dtype)
@@ -144,6 +146,11 @@ def plan_stage(
             )
             depth = config["num_layers"] - 1  # blocks beyond the first
             weights, saved, working = one[0] + depth * (two[0] - one[0]), one[1] + depth * (two[1] - one[1]), two[2]
+            # per guidance pass (cond, uncond: 2; batched, 1 of batch 2), (tokens, dim) tensors kept between steps:
+            # MagCache's first-block input and residual, the first-block cache's output and two residuals
+            held = {"none": 0, "magcache": 2, "first_block": 3}[cache]
+            dim = config["num_attention_heads"] * config["attention_head_dim"]
+            working += 2 * held * contract.kind.tokens(frames, height, width) * dim * compute.itemsize
             if quantize == "fp8":  # the working set stays bfloat16's (activations quantized per matmul)
                 return StagePlan(stage, f"fp8 weights, {dtype}", weights - saved, working)
             return StagePlan(stage, dtype, weights, working)
@@ -177,8 +184,13 @@ def _expert_bytes(
     latents = torch.zeros(contract.latent_shape(config["in_channels"], frames, height, width))
     text = torch.zeros(1, contract.text_tokens, config["text_dim"], dtype=compute)
 
+    # TI2V-5B (expand_timesteps): a timestep per token, as ExpertStage._steps passes it; diffusers then keeps a
+    # (tokens, 6, dim) projection through the forward, where one timestep keeps (6, dim)
+    tokens = contract.kind.tokens(frames, height, width) if contract.kind.expand_timesteps else 1
+    t = torch.full((1, tokens), 500.0) if contract.kind.expand_timesteps else torch.tensor([500.0])
+
     def guided_step():  # as ExpertStage._steps: conditional, unconditional, combined
-        x, t = latents.to(compute), torch.tensor([500.0])
+        x = latents.to(compute)
         if batched_guidance:
             cond, uncond = model(
                 hidden_states=torch.cat([x, x]),
@@ -288,7 +300,18 @@ def plan_inference(cfg: Config, model_dir, use: str) -> InferencePlan:
         if quantize == "fp8":
             check_fp8(resources[s].device, dtype, f"the {s}-noise expert")
         stages[s] = plan_stage(
-            model_dir, s, dtype, contract, frames, height, width, attention, i.batched_guidance, tile, quantize
+            model_dir,
+            s,
+            dtype,
+            contract,
+            frames,
+            height,
+            width,
+            attention,
+            i.batched_guidance,
+            tile,
+            quantize,
+            i.cache if s in EXPERTS else "none",
         )
         if s in EXPERTS:
             devices = {"serve": i.stages[s].devices, "batch": i.batch_devices, "validation": 1}[use]

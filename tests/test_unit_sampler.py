@@ -371,6 +371,13 @@ def test_compiled_blocks_give_the_eager_frames_and_compile_once_per_size(tiny_mo
     torch._dynamo.reset()
 
 
+def test_the_speedup_of_a_calibration_leaves_out_the_warm_up():
+    """The first prompt's uncached render also loads the adapters and compiles, for both passes."""
+    from wanray.infer.calibrate import speedup
+
+    assert speedup([30.0, 10.0, 10.0], [5.0, 5.0, 5.0]) == 2.0 and speedup([4.0], [2.0]) == 2.0
+
+
 def test_blocks_compile_under_magcache_and_give_its_eager_frames(tiny_model, tmp_path):
     """infer.compile with infer.cache magcache: the blocks are compiled before MagCache's hooks (which are
     torch.compiler.disable'd) wrap them, so they still compile (compiling the hooked block compiled nothing),

@@ -74,3 +74,16 @@ def test_a_body_over_the_limit_is_a_413_before_it_is_all_read(tiny_model, app):
     assert status == 413 and reads < (limit + 2**20) / 2**16
     status, answer, _ = call(app, "POST", "/v1/generate", json.dumps({"prompt": ""}).encode(), token=TOKEN)
     assert status == 422 and answer["detail"] == "prompt must not be empty"
+
+
+def test_a_stage_replica_that_stops_under_a_request_is_a_503_to_retry(tiny_model):
+    """Serve stops a replica on a scale-down, a redeploy or a failed health check; after infer.drain_timeout_s it
+    kills one still running: the request's client gets a 503 to retry (another replica takes it), not a 500."""
+    from ray.exceptions import ActorDiedError
+
+    async def generate(params, output, on_stage):
+        raise ActorDiedError()
+
+    app = build_api(generate, tiny_config(tiny_model), str(tiny_model))
+    status, answer, _ = call(app, "POST", "/v1/generate", json.dumps({"prompt": "a cat"}).encode())
+    assert status == 503 and "replica stopped while running the request" in answer["detail"]

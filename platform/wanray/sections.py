@@ -385,6 +385,10 @@ class InferConfig:
     replica runs one at a time, and a burst may wait at one stage); one more gets 503 with Retry-After at once."""
     queue_timeout_s: float = 600.0
     """A request that has waited this long in a stage's queue is dropped with 503 before the stage runs it."""
+    drain_timeout_s: float = 1200.0
+    """A replica Serve stops (a scale-down, a redeploy, an unhealthy replica) first finishes the requests it holds,
+    for at most this long, before it is killed (Serve's graceful_shutdown_timeout_s, whose default is 20 s: less
+    than one A14B video)."""
     batch: Resources = field(default_factory=Resources)
     """Resources of each batch-generation actor (generate.py), which runs all four stages."""
     batch_devices: int = 1
@@ -482,10 +486,10 @@ class InferConfig:
             )
         if self.vae_tile < 64 or self.vae_tile % 64:
             raise ConfigError(f"infer.vae_tile must be a multiple of 64 pixels, got {self.vae_tile}")
-        if self.max_queued < 0 or self.queue_timeout_s <= 0:
+        if self.max_queued < 0 or self.queue_timeout_s <= 0 or self.drain_timeout_s <= 0:
             raise ConfigError(
-                f"infer.max_queued must be >= 0 and infer.queue_timeout_s > 0, got "
-                f"{self.max_queued}, {self.queue_timeout_s}"
+                f"infer.max_queued must be >= 0, infer.queue_timeout_s and infer.drain_timeout_s > 0, got "
+                f"{self.max_queued}, {self.queue_timeout_s}, {self.drain_timeout_s}"
             )
         if self.batch_devices < 1:
             raise ConfigError(f"infer.batch_devices must be >= 1, got {self.batch_devices}")

@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from ray.exceptions import RayActorError
 
 from wanray import models
 from wanray.config import Config
@@ -396,6 +397,11 @@ def build_api(
                 )
             if isinstance(reason, Cancelled):
                 return answer("cancelled", JSONResponse({"detail": str(reason)}, status_code=503))
+            if isinstance(reason, RayActorError):  # a stage's replica stopped under the request: another takes it
+                detail = f"a stage's replica stopped while running the request ({type(reason).__name__}): try again"
+                return answer(
+                    "failed", JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "10"})
+                )
             logger.exception("generation failed")
             return answer(
                 "failed",

@@ -365,6 +365,7 @@ def build_app(cfg: Config, model_dir: str, ui: BuildUI | None = None):
             deployment,
             name=name,
             max_ongoing_requests=ongoing,
+            graceful_shutdown_timeout_s=cfg.infer.drain_timeout_s,
             ray_actor_options=resources.ray_options(),
             **group,
             **scale,
@@ -377,7 +378,9 @@ def build_app(cfg: Config, model_dir: str, ui: BuildUI | None = None):
     high = expert("high_noise_expert", "high")
     low = None if spec.contract.kind.one_transformer else expert("low_noise_expert", "low")
     vae = stage("vae_decoder", "vae", VaeDeployment, VideoStage, spec)
-    ingress = Ingress.options(ray_actor_options={"num_cpus": cfg.infer.ingress_cpus})  # type: ignore[attr-defined]  # a Serve deployment
+    ingress = Ingress.options(  # type: ignore[attr-defined]  # a Serve deployment
+        ray_actor_options={"num_cpus": cfg.infer.ingress_cpus}, graceful_shutdown_timeout_s=cfg.infer.drain_timeout_s
+    )
     loras = {name: {e: f.label for e, f in files.items()} for name, files in spec.adapters.items()}
     return ingress.bind(text, high, low, vae, cfg, str(model_dir), ui, serving_token(cfg), loras)
 

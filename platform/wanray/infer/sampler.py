@@ -211,6 +211,8 @@ class ExpertStage:
 
         shift = self.flow_shift if params.flow_shift is None else params.flow_shift
         if (params.sampler, shift) not in self.schedulers:
+            if len(self.schedulers) >= 16:  # requests choose the shift: keep the 16 newest
+                del self.schedulers[next(iter(self.schedulers))]
             self.schedulers[params.sampler, shift] = models.load_scheduler(self.model_dir, shift, params.sampler)
         scheduler = copy.deepcopy(self.schedulers[params.sampler, shift])
         set_timesteps(scheduler, params.num_inference_steps, self.device)

@@ -57,6 +57,17 @@ def app(tiny_model):
 
 
 def test_a_request_without_the_token_is_refused_before_its_body_is_read(app):
+    lifespan = []  # Serve starts the app with a lifespan scope (no path, no headers) before any request
+
+    async def receive():
+        return {"type": "lifespan.startup"} if not lifespan else {"type": "lifespan.shutdown"}
+
+    async def send(message):
+        lifespan.append(message["type"])
+
+    asyncio.run(app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send))
+    assert lifespan[:1] == ["lifespan.startup.complete"]
+
     body = json.dumps({"prompt": "x" * 10**6}).encode()  # a megabyte a client without the token sends
     status, answer, reads = call(app, "POST", "/v1/generate", body)
     assert (status, reads) == (401, 0) and "missing or wrong bearer token" in answer["detail"]

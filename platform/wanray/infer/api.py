@@ -172,8 +172,7 @@ class TokenGate:
         self.app, self.token, self.open_prefix = app, token, open_prefix
 
     async def __call__(self, scope, receive, send) -> None:
-        path, root = scope["path"], scope.get("root_path", "")  # the app's own path: Serve's route prefix off
-        if scope["type"] == "http" and not self._open(path[len(root) :] if path.startswith(root) else path):
+        if scope["type"] == "http" and not self._open(scope):
             header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             if not token_matches(header, self.token):
                 refused = JSONResponse(
@@ -185,8 +184,9 @@ class TokenGate:
                 return
         await self.app(scope, receive, send)
 
-    def _open(self, path: str) -> bool:
-        prefix = self.open_prefix
+    def _open(self, scope) -> bool:
+        path, root = scope["path"], scope.get("root_path", "")  # the app's own path: Serve's route prefix off
+        path, prefix = path[len(root) :] if path.startswith(root) else path, self.open_prefix
         return prefix is not None and (path == prefix or path.startswith(prefix.rstrip("/") + "/"))
 
 

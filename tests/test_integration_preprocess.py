@@ -297,7 +297,8 @@ def test_raw_videos_in_a_bucket_become_clips_that_train_resume_validate_and_expo
     run directory in a bucket, resumes from its checkpoints there, renders validation videos and exports."""
     long, reupload, other = tmp_path / "long.mp4", tmp_path / "reupload.mp4", tmp_path / "other.mp4"
     write_shots(long, [40, 56, 6], seed=3)  # hard cuts at frames 40 and 96
-    # the same footage rescaled from 96x160 to 120x200 and encoded again: every clip of it a near duplicate
+    # the same footage rescaled from 96x160 to 120x200 and encoded again: every clip of one a near duplicate of
+    # the other's, and the larger copy's stay (the re-upload's, though its path sorts after)
     write_mp4(reupload, decord.VideoReader(str(long), width=200, height=120).get_batch(list(range(102))).asnumpy(), 16)
     write_shots(other, [30], seed=9)
     lines = [
@@ -330,15 +331,15 @@ def test_raw_videos_in_a_bucket_become_clips_that_train_resume_validate_and_expo
     rows = read_clips(out).to_pylist()
     shots = [(0, 25), (25, 40), (40, 65), (65, 90)]
     assert sorted((r["source"], r["cut_start"], r["cut_end"]) for r in rows) == sorted(
-        [(long, a, b) for a, b in shots] + [(other, 0, 17)]
+        [(reupload, a, b) for a, b in shots] + [(other, 0, 17)]
     )
     assert all(r["clip_start"] == r["cut_start"] and r["motion"] > 0 and np.isfinite(r["aesthetic"]) for r in rows)
     # the uncaptioned line's clips carry the VLM's caption and its name; the manifest's caption stays as it is
     assert {(r["caption"], r["caption_model"]) for r in rows if r["source"] == other} == {("the first second", None)}
-    captioned = [r for r in rows if r["source"] == long]
+    captioned = [r for r in rows if r["source"] == reupload]
     assert all(r["caption"] and r["caption_model"] == "tiny-vlm" for r in captioned)
     # each clip holds the frames of its range only: a 15-frame piece gives 13 frames (4n+1), not more
-    assert {(r["cut_start"], r["num_frames"]) for r in rows if r["source"] == long} == {
+    assert {(r["cut_start"], r["num_frames"]) for r in rows if r["source"] == reupload} == {
         (0, 17),
         (25, 13),
         (40, 17),
@@ -348,10 +349,10 @@ def test_raw_videos_in_a_bucket_become_clips_that_train_resume_validate_and_expo
     assert set(rejects) == {
         ("s3://raw/corpus/gone.mp4", "file_not_found"),
         *((f"{video}#{a}-{b}", "short_shot") for video in (long, reupload) for a, b in ((90, 96), (96, 102))),
-        *((f"{reupload}#{a}-{b}", "near_duplicate") for a, b in shots),
+        *((f"{long}#{a}-{b}", "near_duplicate") for a, b in shots),
     }
-    for a, b in shots:  # each names the clip it duplicates, the same range of the original
-        assert rejects[(f"{reupload}#{a}-{b}", "near_duplicate")].startswith(f"near duplicate of {long}#{a}-{b} (")
+    for a, b in shots:  # each names the clip it duplicates, the same range of the larger copy
+        assert rejects[(f"{long}#{a}-{b}", "near_duplicate")].startswith(f"near duplicate of {reupload}#{a}-{b} (")
     assert summary["clips_after_split"] == 9 and summary["outcomes"]["written"] == 5
     assert any("curated 4/4 videos: 9 clips" in line for line in log)  # the cut line: fingerprinted only
     assert any("captioned 4/4 clips" in line for line in log)  # the near duplicates are not captioned

@@ -198,6 +198,33 @@ def test_a_clip_is_rejected_only_as_the_duplicate_of_one_that_stays():
     assert choose([pair("b", "a", 4), pair("b", "a", 4)], kept=frozenset({"a", "b"})) == {}
 
 
+def test_of_near_duplicates_the_copy_of_the_largest_frames_stays(long_video, tmp_path):
+    """A video uploaded again at another size: whichever path sorts first, the larger copy stays (the smaller
+    would also lose the bucket sizes above its own and fail data.min_resolution first). Candidates files of an
+    older run carry no frame size: their clips come after those that do, in path order."""
+    import decord
+
+    from wanray.data.curate import source_pixels
+    from wanray.data.dedup import _ranked
+
+    small = tmp_path / "a-small.mp4"
+    write_mp4(small, decord.VideoReader(long_video, width=80, height=48).get_batch(list(range(40))).asnumpy(), 16)
+    assert source_pixels(str(small)) == 48 * 80 and source_pixels(long_video) > 48 * 80
+    h = fingerprint(sample_frames(long_video, FRAMES, HASH_SIZE, 0, 40))
+    rows = [
+        # the small copy's path sorts first
+        _ranked(
+            {"id": "small", "path": "s3://a/v.mp4", "cut_start": 0, "pixels": source_pixels(str(small)), "phash": h}
+        ),
+        _ranked(
+            {"id": "large", "path": "s3://b/v.mp4", "cut_start": 0, "pixels": source_pixels(long_video), "phash": h}
+        ),
+        _ranked({"id": "old", "path": "s3://0/v.mp4", "cut_start": 0, "phash": h}),  # no pixels column
+    ]
+    pairs = near_pairs(pa.table({k: [r[k] for r in rows] for k in rows[0]}), 12).to_pylist()
+    assert choose(pairs) == {"small": ("large", 0), "old": ("large", 0)}
+
+
 def test_a_rescaled_reencode_keeps_the_fingerprint_and_other_footage_does_not(long_video, tmp_path):
     import decord
 

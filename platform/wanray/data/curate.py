@@ -28,7 +28,15 @@ from wanray.data.dedup import BITS, FRAMES, HASH_SIZE, find_duplicates, fingerpr
 from wanray.data.manifest import ClipSource, Reject, clip_id
 from wanray.data.scenes import cut_shot, detect_shots
 from wanray.data.shards import part_name, record_reject, write_table_atomic
-from wanray.data.video import ClipRejected, is_image, local_file, open_image, sample_frames, unreadable
+from wanray.data.video import (
+    ClipRejected,
+    frame_size,
+    is_image,
+    local_file,
+    open_image,
+    sample_frames,
+    unreadable,
+)
 
 CANDIDATES_DIR = "candidates"
 SOURCES_KEY = b"wanray.sources"
@@ -41,6 +49,8 @@ CANDIDATE_SCHEMA = pa.schema(
         pa.field("cut_start", pa.int32(), nullable=False),
         pa.field("cut_end", pa.int32(), nullable=False),
         pa.field("phash", pa.binary(), nullable=True),
+        pa.field("pixels", pa.int64(), nullable=True),  # the source's frame height x width (data.dedup keeps
+        # the largest copy); null in candidates files of older runs
     ]
 )
 
@@ -65,6 +75,20 @@ def clip_fingerprint(clip: ClipSource) -> bytes:
         image = np.asarray(open_image(clip.path).resize((HASH_SIZE, HASH_SIZE)), dtype=np.uint8)
         return fingerprint(np.repeat(image[None], FRAMES, axis=0))
     return fingerprint(sample_frames(clip.path, FRAMES, HASH_SIZE, clip.cut_start, clip.cut_end))
+
+
+def source_pixels(path: str) -> int:
+    """Height x width of a source's frames (as shown: a rotated phone video's or photo's too). Raises
+    ClipRejected for what cannot be read."""
+    if is_image(path):
+        width, height = open_image(path).size
+        return width * height
+    with local_file(path) as local:
+        try:
+            height, width, _ = frame_size(local)
+        except Exception as e:
+            raise unreadable(local, e) from None
+    return height * width
 
 
 def piece_of(src: ClipSource, start: int, end: int) -> ClipSource:
@@ -113,22 +137,26 @@ def least_video_frames(d) -> int:
 def split_batch(batch: pa.Table, cfg: Config, out_dir: str) -> dict:
     """Ray Data map_batches: a batch of source rows -> one candidates file with their clips."""
     sources = [ClipSource(**row) for row in batch.to_pylist()]
-    rows: list[tuple[str, ClipSource, bytes | None]] = []
+    rows: list[tuple[str, ClipSource, bytes | None, int | None]] = []
     for source in sources:
+        pixels = None
         for clip in split_source(source, cfg, out_dir):
             try:
-                rows.append((source.id, clip, clip_fingerprint(clip) if cfg.data.dedup else None))
+                if cfg.data.dedup and pixels is None:
+                    pixels = source_pixels(source.path)
+                rows.append((source.id, clip, clip_fingerprint(clip) if cfg.data.dedup else None, pixels))
             except ClipRejected as e:
                 record_reject(out_dir, Reject(clip_name(clip), e.reason, e.detail), key=clip.id)
     table = pa.Table.from_pydict(
         {
-            "id": [c.id for _, c, _ in rows],
-            "source_id": [sid for sid, _, _ in rows],
-            "path": [c.path for _, c, _ in rows],
-            "caption": [c.caption for _, c, _ in rows],
-            "cut_start": [c.cut_start for _, c, _ in rows],
-            "cut_end": [c.cut_end for _, c, _ in rows],
-            "phash": [h for _, _, h in rows],
+            "id": [c.id for _, c, _, _ in rows],
+            "source_id": [sid for sid, _, _, _ in rows],
+            "path": [c.path for _, c, _, _ in rows],
+            "caption": [c.caption for _, c, _, _ in rows],
+            "cut_start": [c.cut_start for _, c, _, _ in rows],
+            "cut_end": [c.cut_end for _, c, _, _ in rows],
+            "phash": [h for _, _, h, _ in rows],
+            "pixels": [n for _, _, _, n in rows],
         },
         schema=CANDIDATE_SCHEMA.with_metadata({SOURCES_KEY: json.dumps([s.id for s in sources]).encode()}),
     )

@@ -9,9 +9,10 @@ Comparing every pair is quadratic, so the bits are cut into distance + 1 bands: 
 `distance` bits agree on at least one whole band (pigeonhole). Every clip goes out once per band, keyed by
 (band, its bits); a groupby on that key brings together only clips that share a band, and each group
 compares its own members (a band is 256 / (distance + 1) bits: the larger the distance, the larger the
-groups). Clips are taken in (source path, start frame) order, those stored already first: one near a clip
-kept before it is rejected as near_duplicate naming that clip (wanray.data.curate), one near only rejected
-clips stays.
+groups). Clips are taken in order of their source's frame size, the largest first (of a video uploaded at 1080p
+and again at 240p, the 1080p copy stays), then (source path, start frame), those stored already before all:
+one near a clip kept before it is rejected as near_duplicate naming that clip (wanray.data.curate), one near
+only rejected clips stays.
 """
 
 from __future__ import annotations
@@ -66,19 +67,29 @@ def near_pairs(group: pa.Table, distance: int) -> pa.Table:
     return pa.table(found, schema=pa.schema([(k, pa.int64() if k == "bits" else pa.string()) for k in found]))
 
 
+MAX_PIXELS = 10**15
+
+
 def _ranked(row: dict) -> dict:
-    return {"id": row["id"], "phash": row["phash"], "rank": f"{row['path']}\0{row['cut_start']:012d}\0{row['id']}"}
+    """The clip's place in the order: larger sources first (candidates files of an older run have no pixels:
+    0), then by path and start frame."""
+    fewer = MAX_PIXELS - min(row.get("pixels") or 0, MAX_PIXELS)
+    return {
+        "id": row["id"],
+        "phash": row["phash"],
+        "rank": f"{fewer:016d}\0{row['path']}\0{row['cut_start']:012d}\0{row['id']}",
+    }
 
 
 def find_duplicates(files: list[str], distance: int, kept: frozenset[str] = frozenset()) -> dict[str, tuple[str, int]]:
     """{clip id: (id of the kept clip it duplicates, differing bits)} over the clips of the candidates `files`
-    (wanray.data.curate, written with data.dedup: every clip has its `phash`). Clips are taken in (source path,
-    start frame) order, those of `kept` (stored already) first and never rejected: a clip is rejected when it is
-    near one kept before it, naming the first such one. So a clip near only a rejected one stays: of A, B, C in a
-    row, each near the next but A not near C, A and C stay."""
+    (wanray.data.curate, written with data.dedup: every clip has its `phash`). Clips are taken largest source
+    first, then in (source path, start frame) order, those of `kept` (stored already) first and never rejected:
+    a clip is rejected when it is near one kept before it, naming the first such one. So a clip near only a
+    rejected one stays: of A, B, C in a row, each near the next but A not near C, A and C stay."""
     if not files:
         return {}
-    ds = ray.data.read_parquet(files, columns=["id", "path", "cut_start", "phash"])  # local paths or URIs
+    ds = ray.data.read_parquet(files).select_columns(["id", "path", "cut_start", "pixels", "phash"])  # or URIs
     pairs = (
         ds.map(_ranked)
         .flat_map(_band_rows, fn_kwargs={"distance": distance})

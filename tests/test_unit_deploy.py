@@ -99,16 +99,19 @@ def _flags(script: str) -> set[str]:
 def test_a_rayjob_runs_a_pipeline_of_this_checkout_with_flags_it_takes(manifest):
     doc = yaml.safe_load(manifest.read_text())
     assert doc["spec"]["clusterSelector"] == {"ray.io/cluster": "wanray"}
-    cd, command = doc["spec"]["entrypoint"].split("&&")
-    assert cd.split() == ["cd", "/opt/wanray"]  # the image's checkout (deploy/Dockerfile WORKDIR)
-    words = shlex.split(command)
-    assert words[0] == "python" and words[1].startswith("pipelines/")
-    script = words[1].removeprefix("pipelines/")
+    entrypoint = doc["spec"]["entrypoint"]
+    # KubeRay's submitter runs `bash -ce "ray job submit ... -- <entrypoint> ;"` with the entrypoint unquoted
+    # (common/job.go BuildJobSubmitCommand): a shell operator in it would end the submitted job there
+    assert not set(shlex.split(entrypoint, posix=True)) & {"&&", "||", ";", "|", "&"} and "\n" not in entrypoint
+    words = shlex.split(entrypoint)
+    checkout = "/opt/wanray/"  # the image's checkout (deploy/Dockerfile WORKDIR), named in full
+    assert words[0] == "python" and words[1].startswith(f"{checkout}pipelines/")
+    script = words[1].removeprefix(f"{checkout}pipelines/")
     assert (ROOT / "pipelines" / script).is_file()
     used = {w for w in words if w.startswith("--")}
     assert used <= _flags(script), used - _flags(script)
     config = words[words.index("--config") + 1]
-    assert (ROOT / config).is_file()
+    assert config.startswith(checkout) and (ROOT / config.removeprefix(checkout)).is_file()
 
 
 def test_the_rayservice_application_builds_from_its_import_path_and_args(tiny_model):

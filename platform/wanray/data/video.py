@@ -219,8 +219,23 @@ def decode_clip(path: str, buckets: BucketSet, fps: float, cut_start: int = 0, c
         return _decode_clip(local, buckets, fps, cut_start, cut_end)
 
 
+def _decord():
+    """decord, or a one-line error where it is not installed: it publishes x86_64 wheels only (pyproject.toml's
+    marker leaves it out on aarch64, e.g. Kunpeng Ascend hosts), so decode on x86_64 CPU nodes."""
+    try:
+        import decord
+    except ModuleNotFoundError:
+        from wanray.errors import ConfigError
+
+        raise ConfigError(
+            "decord is not installed on this node (it has x86_64 wheels only): run video decoding on x86_64 CPU "
+            "nodes (Ray schedules preprocessing's decode tasks on any node with free CPUs)"
+        ) from None
+    return decord
+
+
 def _decode_clip(path: str, buckets: BucketSet, fps: float, cut_start: int, cut_end: int) -> DecodedClip:
-    import decord
+    decord = _decord()
 
     try:
         src_h, src_w, rotated = frame_size(path)
@@ -283,7 +298,7 @@ def sample_frames(path: str, count: int, size: int, cut_start: int = 0, cut_end:
 
 
 def _sample_frames(path: str, count: int, size: int, cut_start: int, cut_end: int, square: bool) -> np.ndarray:
-    import decord
+    decord = _decord()
 
     try:
         src_h, src_w, rotated = frame_size(path)

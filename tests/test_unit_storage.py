@@ -292,3 +292,39 @@ def test_the_ui_pages_read_runs_evaluations_and_data_in_a_bucket_and_nothing_out
     with pytest.raises(FileNotFoundError):  # a video gone from the bucket: an error, and no partial copy left
         _served_copy("s3://ui-roots/runs/team/ft/high/validation/step_9/00.mp4")
     assert not list(Path(_served_copy(shown)).parent.glob("*.part"))
+
+
+def test_an_export_replaces_only_an_earlier_export_or_nothing(tmp_path, s3):
+    """export.py --out (and --to-dcp) replace the directory whole: one holding other files, a bucket's root, or
+    the model or run it is made from is refused before anything is read or deleted."""
+    from wanray.errors import ConfigError
+
+    model, run = tmp_path / "models" / "base", tmp_path / "runs" / "ft"
+    for folder in (model, run, tmp_path / "earlier", tmp_path / "empty", tmp_path / "team"):
+        folder.mkdir(parents=True)
+    (model / "model_index.json").write_text("{}")
+    (tmp_path / "earlier" / "model_index.json").write_text("{}")
+    (tmp_path / "team" / "notes.txt").write_text("keep me")
+    check = lambda out: storage.check_replaceable(out, "model_index.json", "export", keep=(model, run))
+    for fine in ("new", "empty", "earlier"):
+        check(tmp_path / fine)
+    for out, message in (
+        (tmp_path / "team", "holds files and is no earlier export"),
+        (tmp_path / "team" / "notes.txt", "is a file"),
+        (model, "is, or is inside or holds"),
+        (tmp_path / "models", "is, or is inside or holds"),
+        (run / "export", "is, or is inside or holds"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            check(out)
+    assert (tmp_path / "team" / "notes.txt").read_text() == "keep me"
+    s3.create_bucket(Bucket="exports-guard")
+    s3.put_object(Bucket="exports-guard", Key="other-team/model.bin", Body=b"x")
+    check("s3://exports-guard/new")
+    for out, message in (
+        ("s3://exports-guard", "a bucket's root"),
+        ("s3://exports-guard/", "a bucket's root"),
+        ("s3://exports-guard/other-team", "holds files and is no earlier export"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            check(out)

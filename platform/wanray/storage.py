@@ -205,6 +205,32 @@ def parquet_file(path: str | os.PathLike) -> pq.ParquetFile:
     return pq.ParquetFile(fs.open_input_file(inner))
 
 
+def check_replaceable(path: str | os.PathLike, marker: str, what: str, keep: tuple = ()) -> None:
+    """A ConfigError unless writing the `what` at `path` may replace whatever is there: nothing yet, an empty
+    directory, or an earlier `what` (its `marker` file at the top), never a bucket's root nor a path equal to,
+    inside or holding one of `keep` (the model or the run it is made from)."""
+    from wanray.errors import ConfigError
+
+    text = absolute(path)
+    if is_uri(text) and "/" not in text.split("://", 1)[1].strip("/"):
+        raise ConfigError(f"{path} is a bucket's root: name a prefix in it for the {what}")
+    for source in map(absolute, keep):
+        a, b = text.rstrip("/") + "/", source.rstrip("/") + "/"
+        if a.startswith(b) or b.startswith(a):
+            raise ConfigError(f"{path} is, or is inside or holds, {source}: write the {what} elsewhere")
+    found = info(text)
+    if found.type == pafs.FileType.NotFound or is_file(join(text, marker)):
+        return
+    if found.type == pafs.FileType.File:
+        raise ConfigError(f"{path} is a file: name a directory for the {what}")
+    fs, inner = filesystem(text)
+    if fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True)):
+        raise ConfigError(
+            f"{path} holds files and is no earlier {what} (no {marker}): writing it would delete them; name a new "
+            "or empty directory"
+        )
+
+
 def upload_dir(local: str | os.PathLike, uri: str, last: str) -> None:
     """Replace what is under `uri` with the files under the local directory `local`, the file named `last`
     (the directory's marker, e.g. model_index.json) uploaded after every other: a reader that finds it finds

@@ -116,6 +116,7 @@ def export_diffusers(
     """
     from diffusers import WanPipeline
 
+    storage.check_replaceable(out_dir, "model_index.json", "export", keep=(model_path,))
     if storage.is_uri(out_dir):  # staged in a local temporary directory, then uploaded with model_index.json last
         with tempfile.TemporaryDirectory(prefix="wanray-export-") as tmp:
             local = export_diffusers(model_path, Path(tmp) / "model", experts, boundary, loras, max_shard_bytes)
@@ -157,6 +158,7 @@ def diffusers_to_dcp(model_path, expert: str, out_dir) -> Path:
 
     from wanray.train.parallel import build_on_meta
 
+    storage.check_replaceable(out_dir, ".metadata", "DCP checkpoint", keep=(model_path,))
     shapes = build_on_meta(model_path, expert).state_dict()
     out = Path(out_dir)
     with models.ExpertWeights(model_path, expert) as weights, atomic_path(out, replace_dir=True) as tmp:
@@ -192,6 +194,7 @@ class _LazySavePlanner(dcp.DefaultSavePlanner):
 def export_run(cfg: Config, run_dir, out_dir, log=print, best: bool = False) -> Path | str:
     """The latest checkpoint of each expert trained in run_dir (best: the one of its lowest held-out loss), in a
     copy of model.path (see export_diffusers), with the boundary they trained with in its model_index.json."""
+    storage.check_replaceable(out_dir, "model_index.json", "export", keep=(run_dir,))  # before any loading
     model_path = model_files.ensure_model(cfg.model)
     contract = models.read_contract(model_path, cfg.model)
     experts = [e for e in contract.kind.experts if storage.is_dir(storage.join(run_dir, e))]

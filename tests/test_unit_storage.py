@@ -328,3 +328,19 @@ def test_an_export_replaces_only_an_earlier_export_or_nothing(tmp_path, s3):
     ):
         with pytest.raises(ConfigError, match=message):
             check(out)
+
+
+def test_a_processs_download_cache_goes_when_it_exits(s3, tmp_path):
+    """Each Ray worker that read an object keeps a download cache in the node's temporary directory: it is
+    removed when the process exits, not left behind job after job."""
+    import subprocess
+    import sys
+
+    s3.create_bucket(Bucket="cache-exit")
+    s3.put_object(Bucket="cache-exit", Key="v.mp4", Body=b"x" * 1000)
+    code = "from wanray import storage\nwith storage.local_copy('s3://cache-exit/v.mp4') as local:\n    print(local)\n"
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr
+    local = run.stdout.strip()
+    assert local.startswith(str(tmp_path)) and not os.path.exists(os.path.dirname(local))

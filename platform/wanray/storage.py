@@ -368,7 +368,7 @@ class _Downloads:
             with self.lock:
                 self.pinned[version] += 1  # from here on no eviction takes it, once it is here
                 gate = None if version in self.files else self.downloading.setdefault(version, threading.Lock())
-                self.dir = directory = self.dir or Path(tempfile.mkdtemp(prefix="wanray-downloads-"))
+                self.dir = directory = self.dir or self._make_dir()
             try:
                 if gate is not None:
                     with gate:
@@ -380,6 +380,16 @@ class _Downloads:
             self.files.move_to_end(version)
             self._evict()
             return version, self.files[version]
+
+    @staticmethod
+    def _make_dir() -> Path:
+        """The process's cache directory, removed when the process exits (a Ray worker ends with its job: a run
+        after run would otherwise leave up to DOWNLOAD_CACHE_BYTES in the node's temporary directory each)."""
+        import atexit
+
+        directory = Path(tempfile.mkdtemp(prefix="wanray-downloads-"))
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        return directory
 
     def _download(self, version: Version, opened: pa.NativeFile, local: Path) -> None:
         """Writes `version` into the cache unless a thread that held the gate before this one did."""

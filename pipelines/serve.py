@@ -116,14 +116,14 @@ def page():
     return build_ui
 
 
-APP_ARGS = ("config", "set", "ui")
+APP_ARGS = ("config", "set", "ui", "open")
 
 
 def app(args: dict):
     """The application for a RayService's serveConfigV2 (deploy/kuberay/rayservice.yaml): `import_path:
     pipelines.serve:app` with args `config` (a path, relative to this checkout), `set` (key=value
-    overrides) and `ui` (default true). Serve calls it in the cluster; the API token comes from
-    WANRAY_API_TOKEN there (or infer.api_token)."""
+    overrides), `ui` (default true) and `open` (default false: without an API token it refuses to build).
+    Serve calls it in the cluster; the API token comes from WANRAY_API_TOKEN there (or infer.api_token)."""
     from wanray.errors import ConfigError
     from wanray.infer.serve import build_app
 
@@ -132,6 +132,13 @@ def app(args: dict):
     if "config" not in args:
         raise ConfigError("pipelines.serve:app needs args.config (a config file, e.g. configs/t2v_a14b.yaml)")
     cfg = load_config(ROOT / args["config"], [str(s) for s in args.get("set", [])])
+    if not serving_token(cfg) and not args.get("open", False):
+        # a RayService's proxy listens on every address; Serve builds the application in a task on any node, so
+        # a token set in one group's containers only may not be here
+        raise ConfigError(
+            "no API token where the application is built: set WANRAY_API_TOKEN in every group's containers (or "
+            "infer.api_token), or args.open: true to serve without one"
+        )
     ui = page() if args.get("ui", True) else None
     return build_app(cfg, str(ensure_model(cfg.model)), ui)
 

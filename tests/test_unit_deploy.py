@@ -114,7 +114,7 @@ def test_a_rayjob_runs_a_pipeline_of_this_checkout_with_flags_it_takes(manifest)
     assert config.startswith(checkout) and (ROOT / config.removeprefix(checkout)).is_file()
 
 
-def test_the_rayservice_application_builds_from_its_import_path_and_args(tiny_model):
+def test_the_rayservice_application_builds_from_its_import_path_and_args(tiny_model, monkeypatch):
     from ray.serve import Application
 
     from pipelines.serve import APP_ARGS, app
@@ -132,9 +132,27 @@ def test_the_rayservice_application_builds_from_its_import_path_and_args(tiny_mo
         + [f"model.path={tiny_model}", "model.create_tiny=false"],
         "config": "configs/tiny.yaml",
     }
+    monkeypatch.delenv("WANRAY_API_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="no API token where the application is built"):
+        app(tiny)  # Serve builds it on any node: one whose pod lacks the token would serve an open API
+    assert isinstance(app({**tiny, "open": True}), Application)
+    monkeypatch.setenv("WANRAY_API_TOKEN", "s3cret")
     assert isinstance(app(tiny), Application)
     with pytest.raises(ConfigError, match="unknown application args"):
         app({**tiny, "replica": 2})
+    # every group's containers carry the token (Serve's build task runs on any node), and Ray's own auth is on
+    groups = [
+        service["spec"]["rayClusterConfig"]["headGroupSpec"],
+        *service["spec"]["rayClusterConfig"]["workerGroupSpecs"],
+    ]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            assert "WANRAY_API_TOKEN" in {e["name"] for e in container.get("env", [])}, container["name"]
+    for spec in (
+        service["spec"]["rayClusterConfig"],
+        yaml.safe_load((KUBERAY / "raycluster.yaml").read_text())["spec"],
+    ):
+        assert spec["authOptions"] == {"mode": "token"}
 
 
 def _hadolint() -> str:

@@ -44,6 +44,19 @@ def test_parameters_and_per_rank_shards_of_the_real_expert(a14b_configs, activat
     assert plan.fits == (world == 16)  # 64 GB devices: MindSpeed-MM trains it on 16
 
 
+def test_the_plan_takes_the_largest_micro_batch_of_the_data_buckets(a14b_configs, activations):
+    """A plan of data.height x data.width alone said "fits" for 720P buckets it would run out of memory on; with
+    scale_batch_by_tokens, a micro-batch of stills holds many clips, each with its own text activations."""
+    plan = lambda *sets: plan_training(
+        preset(a14b_configs, "train.workers=16", *sets), a14b_configs, "high", activations
+    )
+    base, hd = plan(), plan("data.buckets=[480x832x81, 720x1280x81]")
+    assert (base.tokens, base.bucket, hd.tokens, hd.bucket) == (32_760, "1 x 480x832x81", 75_600, "1 x 720x1280x81")
+    assert hd.activation_bytes > base.activation_bytes and base.fits and not hd.fits
+    stills = plan("data.buckets=[480x832x81, 480x832x1]", "train.scale_batch_by_tokens=true")
+    assert stills.bucket == "21 x 480x832x1" and stills.activation_bytes > base.activation_bytes
+
+
 def test_activation_model_predicts_a_block_it_was_not_fitted_on(activations):
     import torch
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
@@ -105,7 +118,10 @@ def test_context_parallel_splits_a_720p_samples_activations_over_its_group(a14b_
     for n in (2, 4):
         assert plans[n].param_bytes == plans[1].param_bytes
         assert abs(plans[n].activation_bytes * n / plans[1].activation_bytes - 1) < 0.02
-    assert "75,600 tokens, 18,900 per rank (context parallel over 4)" in "\n".join(plans[4].lines())
+    assert (
+        "75,600 tokens (1 x 720x1280x81, the largest micro-batch), 18,900 per rank (context parallel over 4)"
+        in "\n".join(plans[4].lines())
+    )
     assert plans[4].total_bytes < plans[1].total_bytes
 
 

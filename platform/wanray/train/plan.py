@@ -38,9 +38,10 @@ class ActivationModel:
     rest: tuple[float, float, float, float]
 
     @staticmethod
-    def bytes(coef, tokens: int, dim: int, ffn: int) -> float:
+    def bytes(coef, tokens: int, dim: int, ffn: int, clips: int = 1) -> float:
+        """Over `tokens` tokens of `clips` clips (k: per clip, its text)."""
         d, f, c, k = coef
-        return tokens * (d * dim + f * ffn + c) + k * dim
+        return tokens * (d * dim + f * ffn + c) + clips * k * dim
 
 
 def _saved_bytes(model, inputs: dict) -> int:
@@ -149,7 +150,9 @@ class TrainingPlan:
     micro-batches holds."""
     lora: bool
     tokens: int
-    """Of the micro-batch, before any context-parallel split."""
+    """Of the largest micro-batch of the data's buckets, before any context-parallel split."""
+    bucket: str
+    """That micro-batch: clips x its bucket (HxWxF)."""
     activation_bytes: int
     activation_bytes_without_checkpointing: int
     device_bytes: int
@@ -199,7 +202,8 @@ class TrainingPlan:
             f"per rank: parameters (fp32 shard) {g(self.param_bytes)}, gradients {g(self.grad_bytes)}, "
             f"AdamW moments {g(self.optimizer_bytes)}, gathered bf16 parameters {g(self.gathered_bytes)}, "
             f"gradient buffers {g(self.grad_buffer_bytes)}",
-            f"activations for {self.tokens:,} tokens{split}: {g(self.activation_bytes)} "
+            f"activations for {self.tokens:,} tokens ({self.bucket}, the largest micro-batch){split}: "
+            f"{g(self.activation_bytes)} "
             f"(activation checkpointing {'on' if self.activation_checkpointing else 'off'}; "
             f"{g(self.activation_bytes_without_checkpointing)} without it)",
             *(
@@ -243,6 +247,7 @@ def _rank0_shard_numel(model, world: int) -> tuple[int, int]:
 def plan_training(cfg: Config, model_path, expert: str, activations: ActivationModel | None = None) -> TrainingPlan:
     """Rank 0's memory when training `expert` of `model_path` (its config.json only) under `cfg`."""
     from wanray import context_parallel, models, ring_attention
+    from wanray.buckets import BucketSet
     from wanray.context_parallel import training_backend
     from wanray.train.parallel import build_on_meta
 
@@ -258,36 +263,35 @@ def plan_training(cfg: Config, model_path, expert: str, activations: ActivationM
     reduce = torch_dtype(t.reduce_dtype).itemsize
     dim = config["num_attention_heads"] * config["attention_head_dim"]
     ffn, layers = config["ffn_dim"], config["num_layers"]
-    _, _, frames, height, width = models.read_contract(model_path, cfg.model).latent_shape(
-        16, d.num_frames, d.height, d.width
-    )
-    pt, ph, pw = config["patch_size"]
-    tokens = t.batch_size * (frames // pt) * (height // ph) * (width // pw)  # 21 x 30 x 52 = 32,760 per clip
+    # the largest micro-batch of the data's buckets: batch_size clips each, or with scale_batch_by_tokens as many
+    # as fit the largest bucket's tokens (train.data.DataPlan); 81x480x832: 21 x 30 x 52 = 32,760 per clip
+    kind = models.read_contract(model_path, cfg.model).kind
+    per_clip = {f"{b.height}x{b.width}x{b.frames}": b.tokens(kind) for b in BucketSet.from_config(d, kind).buckets}
+    most = max(per_clip.values())
+    clips = {
+        b: max(1, t.batch_size * most // n) if t.scale_batch_by_tokens else t.batch_size for b, n in per_clip.items()
+    }
+    bucket = max(per_clip, key=lambda b: (clips[b] * per_clip[b], clips[b]))
+    tokens, batch = clips[bucket] * per_clip[bucket], clips[bucket]
     # A context-parallel rank keeps its shard's activations: Ulysses' attention holds all tokens of 1/U of
     # the heads, the same bytes. Ring attention saves its own chunk too, but each call gathers every
     # rank's keys and values and, in backward, float32 gradient buffers: ring_bytes, counted once.
     rank_tokens = tokens // t.context_parallel.degree
     act = activations or measure_activations(t.worker.dtype)
-    one_block = ActivationModel.bytes(act.block, rank_tokens, dim, ffn)
-    rest = ActivationModel.bytes(act.rest, rank_tokens, dim, ffn)
+    one_block = ActivationModel.bytes(act.block, rank_tokens, dim, ffn, batch)
+    rest = ActivationModel.bytes(act.rest, rank_tokens, dim, ffn, batch)
     # with checkpointing: every block keeps its inputs, and backward recomputes one block at a time
-    checkpointed = layers * ActivationModel.bytes(act.checkpointed, rank_tokens, dim, ffn) + one_block + rest
+    checkpointed = layers * ActivationModel.bytes(act.checkpointed, rank_tokens, dim, ffn, batch) + one_block + rest
     cp = t.context_parallel
     heads = config["num_attention_heads"]
-    context_parallel.check(
-        cp.ulysses,
-        cp.ring,
-        heads,
-        {f"{d.height}x{d.width}x{d.num_frames}": tokens // t.batch_size},
-        training_backend(cfg),
-    )
+    context_parallel.check(cp.ulysses, cp.ring, heads, per_clip, training_backend(cfg))
     half_npu = t.worker.device == "npu" and t.worker.dtype != "float32"  # torch_npu's fused op, not the tiles
     ring_bytes = (
         0
         if cp.ring == 1
         else ring_attention.ring_working_bytes(
-            t.batch_size,
-            tokens // t.batch_size,
+            batch,
+            per_clip[bucket],
             heads,
             config["attention_head_dim"],
             cp.ulysses,
@@ -313,6 +317,7 @@ def plan_training(cfg: Config, model_path, expert: str, activations: ActivationM
         unsharded_grad_bytes=reduce * trainable,
         lora=lora,
         tokens=tokens,
+        bucket=f"{batch} x {bucket}",
         activation_bytes=int(checkpointed if t.activation_checkpointing else layers * one_block + rest),
         activation_bytes_without_checkpointing=int(layers * one_block + rest),
         device_bytes=int(t.device_memory_gb * GB),

@@ -125,6 +125,20 @@ def test_layouts_that_cannot_work_fail_in_one_line_before_any_worker(tiny_model,
             cp_prep,
             tmp_path / "run",
         )
+    # held-out clips from a directory of their own: their shapes too (else the first validation step fails)
+    import dataclasses
+
+    from wanray.train.data import ClipIndex
+
+    odd = dataclasses.replace(ClipIndex.from_dir(cp_prep), shapes=[(16, 1, 6, 6)])  # 1 x 3 x 3 = 9 tokens
+    with pytest.raises(ConfigError, match="ulysses x ring = 2 must divide every sample's tokens; bucket .* has 9"):
+        make_trainer(
+            tiny_config(tiny_model, "train.workers=2", "train.context_parallel.ulysses=2"),
+            "high",
+            cp_prep,
+            tmp_path / "run",
+            holdout=odd,
+        )
     with pytest.raises(ConfigError, match="attention backend 'flex' has no context-parallel backward"):
         context_parallel.check(2, 1, 40, {"480x832x81": 32760}, "flex")
     context_parallel.check(8, 1, 40, {"480x832x81": 32760}, "native")  # A14B: 40 heads, 32,760 tokens

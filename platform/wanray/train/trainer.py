@@ -58,12 +58,12 @@ def make_trainer(
     attention = context_parallel.training_backend(cfg)
     cp = t.context_parallel
     index = index or apply_filters(cfg, ClipIndex.from_dir(data_dir), data_dir, log=lambda _: None)
+    # every shape a rank splits: the training clips' and the held-out ones' (a held-out directory has its own)
+    shapes = {contract.bucket_name(s): index.tokens(i) for i, s in enumerate(index.shapes)}
+    if holdout is not None:
+        shapes |= {contract.bucket_name(s): holdout.tokens(i) for i, s in enumerate(holdout.shapes)}
     context_parallel.check(
-        cp.ulysses,
-        cp.ring,
-        models.expert_config(model_path, expert)["num_attention_heads"],
-        {contract.bucket_name(s): index.tokens(i) for i, s in enumerate(index.shapes)},
-        attention,
+        cp.ulysses, cp.ring, models.expert_config(model_path, expert)["num_attention_heads"], shapes, attention
     )
     check_data(index, contract, data_dir)
     if holdout is not None and holdout is not index:

@@ -344,3 +344,24 @@ def test_a_processs_download_cache_goes_when_it_exits(s3, tmp_path):
     assert run.returncode == 0, run.stderr
     local = run.stdout.strip()
     assert local.startswith(str(tmp_path)) and not os.path.exists(os.path.dirname(local))
+
+
+def test_an_unreachable_store_is_a_one_line_error(capsys):
+    """A wrong endpoint, credentials or bucket: pyarrow raises an OSError naming the store's error; a pipeline
+    prints its first line and exits 2, not a traceback."""
+    import pyarrow.fs as pafs
+
+    from wanray.runtime import fail
+
+    store = pafs.S3FileSystem(
+        endpoint_override="127.0.0.1:9", scheme="http", retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1)
+    )
+    with pytest.raises(OSError) as raised:
+        store.get_file_info("raw/corpus/data.jsonl")
+    with pytest.raises(SystemExit) as exited, fail("preprocess.py"):
+        raise raised.value
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("preprocess.py: error: object storage: ") and "AWS Error" in err
+    with pytest.raises(OSError, match="disk full"), fail("preprocess.py"):  # other OSErrors keep their traceback
+        raise OSError("disk full")

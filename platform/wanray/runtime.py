@@ -93,6 +93,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+STORE_ERRORS = ("AWS Error", "google::cloud::Status", "GCS Error", "Azure Error")
+"""What pyarrow's object-store filesystems put in the OSErrors they raise."""
+
+
 @contextlib.contextmanager
 def fail(program: str):
     """A driver's user error as one line and exit status 2; a Ctrl-C as "interrupted" and status 130 (the
@@ -101,6 +105,13 @@ def fail(program: str):
         yield
     except USER_ERRORS as e:
         print(f"{Path(program).name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if not any(mark in str(e) for mark in STORE_ERRORS):
+            raise
+        # an object store refused or could not be reached (endpoint, credentials, bucket): pyarrow's message
+        # names the operation, the bucket and key, and the store's error code
+        print(f"{Path(program).name}: error: object storage: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"{Path(program).name}: interrupted", file=sys.stderr)

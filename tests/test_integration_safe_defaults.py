@@ -34,9 +34,10 @@ def test_services_bind_to_loopback_by_default(preset):
     assert cfg.infer.host == "127.0.0.1"
 
 
-def test_the_cluster_launcher_keeps_token_authentication():
-    """cluster.yaml's start commands and environment never turn Ray's token authentication off (the test
-    below shows what a cluster with it does to a client without the token)."""
+def test_the_cluster_launcher_turns_token_authentication_on():
+    """Ray's default is RAY_AUTH_MODE=disabled: cluster.yaml starts every node with token mode and the token
+    copied from the launcher, and never turns it off (the test below shows what a cluster with it does to a
+    client without the token)."""
     raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     commands = [
         c
@@ -44,6 +45,11 @@ def test_the_cluster_launcher_keeps_token_authentication():
         for c in raw.get(key, [])
     ]
     assert commands and not any(re.search(r"RAY_AUTH_MODE\s*=\s*['\"]?disabled", c) for c in commands)
+    starts = [
+        c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in raw[key] if "ray start" in c
+    ]
+    assert len(starts) == 2 and all(c.index("export RAY_AUTH_MODE=token") < c.index("ray start") for c in starts)
+    assert raw["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
 
 
 def test_cluster_rejects_a_client_without_the_token(ray_cluster, tmp_path):

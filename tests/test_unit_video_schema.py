@@ -212,3 +212,14 @@ def test_curation_rejects_low_resolution_short_and_static_clips_by_name(tmp_path
     assert run("moving", "data.min_resolution=96")[0]
     assert run("moving", "data.min_seconds=2")[1] == ["below_min_duration"]  # 20 frames at 16 fps: 1.25 s
     assert run("moving", "data.min_seconds=1")[0]
+    # a still for I2V-A14B: its first-frame condition would be the still itself, the loss's answer given away
+    from PIL import Image
+
+    from wanray.wan import KINDS
+
+    Image.fromarray(moving[0]).save(tmp_path / "photo.png")
+    row = {"id": "p", "path": str(tmp_path / "photo.png"), "caption": "c", "cut_start": 0, "cut_end": -1}
+    cfg = tiny_config(tmp_path / "no-model")
+    assert decode_source(row, cfg, str(tmp_path / "out-t2v"), T2V)
+    assert not decode_source(row, cfg, str(tmp_path / "out-i2v"), KINDS["i2v-a14b"])
+    assert [r["reason"] for r in collect_rejects(tmp_path / "out-i2v")] == ["still_for_image_to_video"]

@@ -399,6 +399,9 @@ def decode_source(row: dict, cfg: Config, out_dir: str, kind: ModelKind) -> list
     d = cfg.data
     buckets = BucketSet.from_config(d, kind)
     try:
+        if is_image(src.path) and kind.image == "required":
+            # its first-frame condition would be the still itself, so the loss gives the answer away
+            raise ClipRejected("still_for_image_to_video", f"{kind.title} trains on videos only")
         clip = (
             decode_image(src.path, buckets)
             if is_image(src.path)

@@ -280,10 +280,14 @@ def plan_training(cfg: Config, model_path, expert: str, activations: ActivationM
     act = activations or measure_activations(t.worker.dtype)
     one_block = ActivationModel.bytes(act.block, rank_tokens, dim, ffn, batch)
     rest = ActivationModel.bytes(act.rest, rank_tokens, dim, ffn, batch)
-    # with checkpointing: every block keeps its inputs, and backward recomputes one block at a time
-    checkpointed = layers * ActivationModel.bytes(act.checkpointed, rank_tokens, dim, ffn, batch) + one_block + rest
     cp = t.context_parallel
     heads = config["num_attention_heads"]
+    # ring attention keeps each block's reduced output (compute dtype) and log-sum-exp (float32) on its autograd
+    # context as attributes (diffusers' TemplatedRingAttention), which no saved-tensor hook sees: activation
+    # checkpointing does not drop them, and the measured activation model does not count them
+    ring_kept = 0 if cp.ring == 1 else layers * rank_tokens * (compute * dim + 4 * heads)
+    # with checkpointing: every block keeps its inputs, and backward recomputes one block at a time
+    checkpointed = layers * ActivationModel.bytes(act.checkpointed, rank_tokens, dim, ffn, batch) + one_block + rest
     context_parallel.check(cp.ulysses, cp.ring, heads, per_clip, training_backend(cfg))
     half_npu = t.worker.device == "npu" and t.worker.dtype != "float32"  # torch_npu's fused op, not the tiles
     ring_bytes = (
@@ -318,8 +322,8 @@ def plan_training(cfg: Config, model_path, expert: str, activations: ActivationM
         lora=lora,
         tokens=tokens,
         bucket=f"{batch} x {bucket}",
-        activation_bytes=int(checkpointed if t.activation_checkpointing else layers * one_block + rest),
-        activation_bytes_without_checkpointing=int(layers * one_block + rest),
+        activation_bytes=int((checkpointed if t.activation_checkpointing else layers * one_block + rest) + ring_kept),
+        activation_bytes_without_checkpointing=int(layers * one_block + rest + ring_kept),
         device_bytes=int(t.device_memory_gb * GB),
         activation_checkpointing=t.activation_checkpointing,
         context_parallel=cp.degree,

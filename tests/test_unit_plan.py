@@ -70,6 +70,13 @@ def test_activation_model_predicts_a_block_it_was_not_fitted_on(activations):
     measured = [_saved_bytes(_tiny_expert(dim, ffn, layers, 64, torch.bfloat16, False), inputs) for layers in (1, 2)]
     predicted = ActivationModel.bytes(activations.block, 4 * side * side, dim, ffn)
     assert abs((measured[1] - measured[0]) - predicted) < 0.03 * predicted
+    # TI2V-5B trains with a timestep per token: (tokens, 6, dim) float32 tables per block, fitted on their own
+    per_token = measure_activations("bfloat16", per_token=True)
+    inputs["timestep"] = torch.full((1, 4 * side * side), 500.0)
+    measured = [_saved_bytes(_tiny_expert(dim, ffn, layers, 64, torch.bfloat16, False), inputs) for layers in (1, 2)]
+    predicted = ActivationModel.bytes(per_token.block, 4 * side * side, dim, ffn)
+    assert abs((measured[1] - measured[0]) - predicted) < 0.03 * predicted
+    assert predicted > 1.3 * ActivationModel.bytes(activations.block, 4 * side * side, dim, ffn)
     _AttentionBackendRegistry.set_active_backend("_native_math")  # another model's global choice must not leak in
     try:
         assert measure_activations("bfloat16").block == activations.block

@@ -92,9 +92,13 @@ def cpu_proxy(attention: str) -> str:
     return attention if attention in ("native", "_native_math") else "native"
 
 
-def measure_activations(dtype: str, attention: str = "native", text_tokens: int = 512) -> ActivationModel:
+def measure_activations(
+    dtype: str, attention: str = "native", text_tokens: int = 512, per_token: bool = False
+) -> ActivationModel:
     """Fit ActivationModel on the real diffusers Wan blocks at small sizes, on the CPU (a few seconds),
-    with the attention backend set explicitly (diffusers' global default may have been changed)."""
+    with the attention backend set explicitly (diffusers' global default may have been changed). `per_token`:
+    a timestep per token, as TI2V-5B trains (expand_timesteps): diffusers then keeps (tokens, 6, dim) float32
+    modulation tables per block, where one timestep keeps (6, dim)."""
     from diffusers.utils import logging as diffusers_logging
 
     compute = torch_dtype(dtype)
@@ -107,7 +111,7 @@ def measure_activations(dtype: str, attention: str = "native", text_tokens: int 
         x = torch.randn(1, 16, 4, 2 * side, 2 * side, dtype=compute)
         inputs = {
             "hidden_states": x.requires_grad_(),
-            "timestep": torch.tensor([500.0]),
+            "timestep": torch.full((1, tokens), 500.0) if per_token else torch.tensor([500.0]),
             "encoder_hidden_states": torch.randn(1, text_tokens, 64, dtype=compute),
         }
         for checkpointing in (False, True):
@@ -277,7 +281,7 @@ def plan_training(cfg: Config, model_path, expert: str, activations: ActivationM
     # the heads, the same bytes. Ring attention saves its own chunk too, but each call gathers every
     # rank's keys and values and, in backward, float32 gradient buffers: ring_bytes, counted once.
     rank_tokens = tokens // t.context_parallel.degree
-    act = activations or measure_activations(t.worker.dtype)
+    act = activations or measure_activations(t.worker.dtype, per_token=kind.expand_timesteps)
     one_block = ActivationModel.bytes(act.block, rank_tokens, dim, ffn, batch)
     rest = ActivationModel.bytes(act.rest, rank_tokens, dim, ffn, batch)
     cp = t.context_parallel
@@ -338,7 +342,10 @@ def print_plans(cfg: Config, expert: str, log=print) -> bool:
     from wanray.train.runs import selected
 
     model_path = models.check_model_dir(cfg.model.path)
-    activations = measure_activations(cfg.train.worker.dtype, context_parallel.training_backend(cfg))
+    per_token = models.read_kind(model_path).expand_timesteps  # TI2V-5B: a timestep per token
+    activations = measure_activations(
+        cfg.train.worker.dtype, context_parallel.training_backend(cfg), per_token=per_token
+    )
     fits = True
     for e in selected(expert, models.read_kind(model_path)):
         plan = plan_training(cfg, model_path, e, activations)

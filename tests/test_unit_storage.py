@@ -365,3 +365,27 @@ def test_an_unreachable_store_is_a_one_line_error(capsys):
     assert err.startswith("preprocess.py: error: object storage: ") and "AWS Error" in err
     with pytest.raises(OSError, match="disk full"), fail("preprocess.py"):  # other OSErrors keep their traceback
         raise OSError("disk full")
+
+
+def test_an_interrupted_directory_upload_leaves_nothing_behind(s3, tmp_path, monkeypatch):
+    """pyarrow's S3 stream completes the object it was writing when closed, even on an exception: a Ctrl-C
+    in an export's upload left a truncated object under its final key. upload_dir now removes what it wrote."""
+    s3.create_bucket(Bucket="upload-stop")
+    local = tmp_path / "model"
+    for name in ("a.safetensors", "b.safetensors", "model_index.json"):
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_bytes(b"x" * 100)
+    uploaded, upload = [], storage.upload_file
+
+    def stopping(path, uri):
+        if uploaded:
+            raise KeyboardInterrupt
+        uploaded.append(uri)
+        upload(path, uri)
+
+    monkeypatch.setattr(storage, "upload_file", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        storage.upload_dir(local, "s3://upload-stop/ft", last="model_index.json")
+    assert uploaded == ["s3://upload-stop/ft/a.safetensors"]
+    objects = [o["Key"] for o in s3.list_objects_v2(Bucket="upload-stop", Prefix="ft/").get("Contents", [])]
+    assert objects in ([], ["ft/"])  # pyarrow may keep the emptied prefix's directory marker

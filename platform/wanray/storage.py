@@ -241,8 +241,14 @@ def upload_dir(local: str | os.PathLike, uri: str, last: str) -> None:
     files = sorted(
         (p for p in root.rglob("*") if p.is_file()), key=lambda p: (p.relative_to(root).as_posix() == last, p)
     )
-    for path in files:
-        upload_file(path, join(uri, path.relative_to(root).as_posix()))
+    try:
+        for path in files:
+            upload_file(path, join(uri, path.relative_to(root).as_posix()))
+    except BaseException:
+        # an interrupted upload leaves no half directory: pyarrow's S3 stream completes what it holds when
+        # closed, even on an exception, so the object being written may be a truncated one
+        fs.delete_dir_contents(inner, missing_dir_ok=True)
+        raise
 
 
 def upload_file(local: str | os.PathLike, uri: str) -> None:

@@ -1,5 +1,5 @@
-"""The configuration's sections: model, data, the resources a stage asks Ray for, preprocess, infer,
-train and ui (wanray.config holds the root and the loader). Each section checks its own values when it
+"""The configuration's sections: model, data, the resources a stage asks Ray for, preprocess, caption,
+infer, train, ui and eval (wanray.config holds the root and the loader). Each section checks its own values when it
 is made (`__post_init__`, so a `dataclasses.replace` is checked too): a value that cannot work is a
 one-line ConfigError naming its key. What depends on the model directory (sizes its VAE takes, heads
 a split needs) is checked where the directory is read."""
@@ -683,7 +683,8 @@ class TrainConfig:
     """Where scalars, the config and validation videos go besides metrics.jsonl: TensorBoard event files in
     <run>/<expert>/tensorboard/ (wanray.train.tracking), or nowhere."""
     validation: ValidationConfig = field(default_factory=ValidationConfig)
-    """Videos rendered beside the training workers from the latest checkpoint (wanray.train.validation)."""
+    """Videos rendered beside the training workers from each validation step's checkpoint
+    (wanray.infer.validation)."""
     filters: list[str] = field(default_factory=list)
     """Train only on the clips that pass every filter, "COLUMN OP NUMBER" on a numeric column of the shards
     (e.g. "motion >= 0.5", "num_frames > 1"; OP one of >= > <= < == !=), without preprocessing again. A clip
@@ -756,8 +757,8 @@ class EvalConfig:
 @dataclass
 class UIConfig:
     runs_roots: list[str] = field(default_factory=lambda: ["runs", "outputs"])
-    """Directories the UI's Runs page lists training runs under (relative: to the serve.py driver's working
-    directory) or object-store URIs (s3://runs); nothing outside them is read. On a cluster local ones must be
-    readable from the ingress's node."""
+    """Directories the UI's Runs and Evaluate pages list training runs and evaluations under (relative: to the
+    serve.py driver's working directory) or object-store URIs (s3://runs); nothing outside them is read. On a
+    cluster local ones must be readable from the ingress's node."""
     data_roots: list[str] = field(default_factory=lambda: ["data", "outputs"])
     """Directories the UI's Data page lists preprocessed directories under, likewise."""

@@ -241,6 +241,13 @@ def test_requests_and_prompt_files_carry_an_image_only_where_the_model_takes_one
     ):
         with pytest.raises(RequestError, match=message):
             resolve(request, cfg, i2v)
+    # float32 frames pass the VAE stage, the object store and the ingress whole: bounded on their own
+    small = tiny_config(tiny_kinds["t2v-a14b"], "infer.max_frames_output_bytes=100000")
+    big = GenerateRequest(prompt="x", height=64, width=64, num_frames=9, output="frames")  # 9 x 64 x 64 x 12 bytes
+    with pytest.raises(RequestError, match=r'"output": "frames" of 9x64x64 is 0.4 MB of float32, at most 0.1 MB'):
+        resolve(big, small, t2v)
+    assert resolve(big.model_copy(update={"output": "mp4"}), small, t2v).num_frames == 9
+    assert resolve(big, cfg, t2v).num_frames == 9  # 442 kB: within the default 1 GiB
 
     (tmp_path / "first.png").write_bytes(_png(np.zeros((16, 16, 3), np.uint8)))
     prompts = tmp_path / "p.jsonl"

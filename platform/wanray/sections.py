@@ -430,6 +430,10 @@ class InferConfig:
     """Largest first image (image-to-video models) a request may carry."""
     max_prompt_chars: int = 2000
     """Longest prompt or negative prompt, in characters (UMT5 keeps 512 tokens of it)."""
+    max_frames_output_bytes: int = 2**30
+    """Largest `"output": "frames"` answer (float32 frames: frames x height x width x 12 bytes); each passes the
+    VAE stage, the object store and the ingress whole, several copies at once. Default 1 GiB: 81 frames of 720P
+    fit (0.9 GB), 121 of 1280x1280 (2.4 GB) do not; mp4 has no such bound."""
     batch_actors: int = 1
     """Sampler actors of batch generation (generate.py); each holds the whole model."""
     batch_offload: bool = False
@@ -486,6 +490,8 @@ class InferConfig:
             )
         if self.vae_tile < 64 or self.vae_tile % 64:
             raise ConfigError(f"infer.vae_tile must be a multiple of 64 pixels, got {self.vae_tile}")
+        if self.max_frames_output_bytes <= 0:
+            raise ConfigError(f"infer.max_frames_output_bytes must be > 0, got {self.max_frames_output_bytes}")
         if self.max_queued < 0 or self.queue_timeout_s <= 0 or self.drain_timeout_s <= 0:
             raise ConfigError(
                 f"infer.max_queued must be >= 0, infer.queue_timeout_s and infer.drain_timeout_s > 0, got "

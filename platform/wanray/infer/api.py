@@ -238,6 +238,12 @@ def resolve(req: GenerateRequest, cfg: Config, kind: ModelKind = KINDS["t2v-a14b
         _check(m <= value <= most, f"{name} must lie in [{m}, {most}], got {value}")
     _check(valid_frames(p.num_frames), f"num_frames must be 4n+1 (1, 5, ..., 81), got {p.num_frames}")
     _check(1 <= p.num_frames <= inf.max_frames, f"num_frames must lie in [1, {inf.max_frames}], got {p.num_frames}")
+    frames_bytes = p.num_frames * p.height * p.width * 3 * 4
+    _check(
+        req.output != "frames" or frames_bytes <= inf.max_frames_output_bytes,
+        f'"output": "frames" of {p.num_frames}x{p.height}x{p.width} is {frames_bytes / 1e6:.1f} MB of float32, at '
+        f"most {inf.max_frames_output_bytes / 1e6:.1f} MB are served (infer.max_frames_output_bytes): ask for mp4",
+    )
     _check(
         req.last_image is None or p.num_frames >= 5,
         f"last_image needs num_frames of 5 or more (a first and a last frame), got {p.num_frames}",

@@ -98,3 +98,11 @@ def test_a_stage_replica_that_stops_under_a_request_is_a_503_to_retry(tiny_model
     app = build_api(generate, tiny_config(tiny_model), str(tiny_model))
     status, answer, _ = call(app, "POST", "/v1/generate", json.dumps({"prompt": "a cat"}).encode())
     assert status == 503 and "replica stopped while running the request" in answer["detail"]
+    from wanray.infer.request import StageUnavailable
+
+    async def out_of_step(params, output, on_stage):  # a multi-device expert until Serve replaces it
+        raise StageUnavailable("high expert's ranks are out of step (rank 0: OOM): the stage restarts")
+
+    app = build_api(out_of_step, tiny_config(tiny_model), str(tiny_model))
+    status, answer, _ = call(app, "POST", "/v1/generate", json.dumps({"prompt": "a cat"}).encode())
+    assert status == 503 and answer["detail"].endswith("the stage restarts: try again")

@@ -234,8 +234,8 @@ def test_requests_and_prompt_files_carry_an_image_only_where_the_model_takes_one
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(gif, format="GIF")
     for request, message in (
         # a few bytes that declare a huge image: refused from the header, before anything is allocated
-        (GenerateRequest(prompt="x", image=_png_header(9000, 9000)), "is 9000x9000 pixels, at most 67108864"),
-        (GenerateRequest(prompt="x", image=_png_header(20000, 10000)), "has more than 67108864 pixels"),
+        (GenerateRequest(prompt="x", image=_png_header(9000, 9000)), "^image is 9000x9000 pixels, at most 67108864"),
+        (GenerateRequest(prompt="x", image=_png_header(20000, 10000)), "^image has more than 67108864 pixels"),
         (GenerateRequest(prompt="x", image=base64.b64encode(gif.getvalue()).decode()), "not a base64-encoded PNG"),
         (GenerateRequest(prompt="x", image=png, last_image=png, num_frames=1), "last_image needs num_frames of 5"),
     ):

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from ui.pages import Preview, data_page, evaluate_page, runs_page
 from wanray.config import Config
 from wanray.errors import RequestError
-from wanray.infer.api import Busy, Generate, GenerateRequest, cause, resolve, served_split
+from wanray.infer.api import IMAGE_DECODES, Busy, Generate, GenerateRequest, cause, resolve, served_split
 from wanray.models import read_kind
 
 MAX_GUIDANCE = 20.0  # slider range; the REST API takes any finite scale >= 0
@@ -52,6 +52,7 @@ def build_ui(generate: Generate, cfg: Config, model_dir: str, preview: Preview |
     """The page: Generate (through `generate`), Runs and Data (ui.pages; `preview` decodes a stored latent)."""
     inf, data = cfg.infer, cfg.data
     kind = read_kind(model_dir)
+    decoding = asyncio.Semaphore(IMAGE_DECODES)
 
     async def run(
         prompt,
@@ -92,8 +93,10 @@ def build_ui(generate: Generate, cfg: Config, model_dir: str, preview: Preview |
                 loras=loras,
                 sampler=sampler,
             )
-            # in a thread: decoding the images would hold the event loop every request and the REST API share
-            params = await asyncio.to_thread(resolve, request, cfg, kind, served_split(cfg))
+            # in a thread (decoding the images would hold the event loop every request and the REST API share),
+            # a few at once (IMAGE_DECODES: each may take hundreds of MB)
+            async with decoding:
+                params = await asyncio.to_thread(resolve, request, cfg, kind, served_split(cfg))
         except (RequestError, ValidationError) as e:
             raise _request_error(e) from None
         progress(0.0, desc="encoding prompt")

@@ -21,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from wanray.data.video import IMAGE_SUFFIXES
+
 FRAMES = 4
 BITS = 64 * FRAMES
 HASH_SIZE = 64
@@ -68,12 +70,22 @@ def near_pairs(group: pa.Table, distance: int) -> pa.Table:
 
 
 MAX_PIXELS = 10**15
+RANK_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("path", pa.string()),
+        ("cut_start", pa.int32()),
+        ("pixels", pa.int64()),
+        ("phash", pa.binary()),
+    ]
+)
 
 
 def _ranked(row: dict) -> dict:
-    """The clip's place in the order: larger sources first (candidates files of an older run have no pixels:
-    0), then by path and start frame."""
-    fewer = MAX_PIXELS - min(row.get("pixels") or 0, MAX_PIXELS)
+    """The clip's place in the order: videos before stills (a photo never replaces a clip that moves), larger
+    sources first (candidates files of an older run have no pixels: 0), then by path and start frame."""
+    still = row["path"].lower().endswith(IMAGE_SUFFIXES)
+    fewer = MAX_PIXELS - min(row.get("pixels") or 0, MAX_PIXELS) + (MAX_PIXELS if still else 0)
     return {
         "id": row["id"],
         "phash": row["phash"],
@@ -89,7 +101,8 @@ def find_duplicates(files: list[str], distance: int, kept: frozenset[str] = froz
     rejected one stays: of A, B, C in a row, each near the next but A not near C, A and C stay."""
     if not files:
         return {}
-    ds = ray.data.read_parquet(files).select_columns(["id", "path", "cut_start", "pixels", "phash"])  # or URIs
+    # an explicit schema: candidates files of older runs have no pixels column (read as null)
+    ds = ray.data.read_parquet(files, schema=RANK_SCHEMA).select_columns(RANK_SCHEMA.names)  # local paths or URIs
     pairs = (
         ds.map(_ranked)
         .flat_map(_band_rows, fn_kwargs={"distance": distance})

@@ -26,7 +26,7 @@ from ray.exceptions import RayActorError
 from wanray import models
 from wanray.config import Config
 from wanray.errors import RequestError
-from wanray.infer.request import Cancelled, GenerationParams, image_from_base64
+from wanray.infer.request import Cancelled, GenerationParams, StageUnavailable, image_from_base64
 from wanray.sections import MAX_LORA_SCALE, MAX_STACKED_LORAS, STAGES
 from wanray.wan import KINDS, ModelKind, valid_frames
 
@@ -154,6 +154,11 @@ def token_matches(header: str, token: str) -> bool:
     """An `Authorization: Bearer <token>` header against the token, in constant time."""
     scheme, _, given = header.partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+IMAGE_DECODES = 2
+"""Requests whose images the ingress decodes at once: an 8192 x 8192 image takes about 400 MB to decode, and a
+burst of them in the default thread pool (up to 32 threads) would take the ingress node's memory."""
 
 
 def max_body_bytes(cfg: Config) -> int:
@@ -332,6 +337,7 @@ def build_api(
     )
     if token:
         app.add_middleware(TokenGate, token=token, open_prefix=open_prefix)
+    decoding = asyncio.Semaphore(IMAGE_DECODES)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -383,8 +389,11 @@ def build_api(
 
         params = None
         try:
-            # in a thread: decoding an image (up to infer.max_image_bytes) would hold every request's event loop
-            params = await asyncio.to_thread(resolve, req, cfg, kind, served_split(cfg))
+            if req.image is None and req.last_image is None:
+                params = resolve(req, cfg, kind, served_split(cfg))
+            else:  # in a thread (an image's decode would hold every request's event loop), IMAGE_DECODES at once
+                async with decoding:
+                    params = await asyncio.to_thread(resolve, req, cfg, kind, served_split(cfg))
         except RequestError as e:
             return answer("invalid", JSONResponse({"detail": str(e)}, status_code=422))
         try:
@@ -403,6 +412,9 @@ def build_api(
                 )
             if isinstance(reason, Cancelled):
                 return answer("cancelled", JSONResponse({"detail": str(reason)}, status_code=503))
+            if isinstance(reason, StageUnavailable):
+                detail = f"{reason}: try again"
+                return answer("busy", JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "10"}))
             if isinstance(reason, RayActorError):  # a stage's replica stopped under the request: another takes it
                 detail = f"a stage's replica stopped while running the request ({type(reason).__name__}): try again"
                 return answer(

@@ -24,10 +24,19 @@ import torch
 
 from wanray.devices import accelerator
 from wanray.errors import ConfigError
-from wanray.infer.request import Cancelled, DenoiseState, GenerationParams, TextEmbeddings
+from wanray.infer.request import (
+    AgreedFailure,
+    Cancelled,
+    DenoiseState,
+    GenerationParams,
+    StageUnavailable,
+    TextEmbeddings,
+)
 from wanray.infer.sampler import ExpertStage
 from wanray.infer.spec import StageSpec
 
+IN_STEP = (Cancelled, AgreedFailure)
+"""What every rank raises at the same point: the group stays usable."""
 RANKS_TIMEOUT_S = 600.0
 """How long a batch actor waits for its other ranks to be placed and load their experts."""
 COLLECTIVE_TIMEOUT_S = 600.0
@@ -160,13 +169,13 @@ class GroupExpert:
 
         group = self.group
         if group.broken:
-            raise RuntimeError(f"{self.name} expert's ranks are out of step ({group.broken}): the stage restarts")
+            raise StageUnavailable(f"{self.name} expert's ranks are out of step ({group.broken}): the stage restarts")
         others = [r.denoise.remote(self.name, params, text, state, condition) for r in group.ranks]
         finished = threading.Event()
         threading.Thread(target=self._watch, args=(others, finished), daemon=True).start()
         try:
             out = group.stages[self.name].denoise(params, text, state, condition)
-        except Cancelled:  # the other ranks stopped at the same step: their Cancelled is this one's
+        except IN_STEP:  # the other ranks stopped at the same point: their exception is this one's
             ray.wait(others, num_returns=len(others))
             raise
         except Exception as e:
@@ -183,7 +192,8 @@ class GroupExpert:
 
     def _watch(self, others: list, finished: threading.Event) -> None:
         """While rank 0 runs the request: a rank that fails leaves rank 0 waiting in a collective, so fail the
-        group (killing the ranks ends that wait). A Cancelled rank is in step: rank 0 stops at the same step."""
+        group (killing the ranks ends that wait). A rank's Cancelled or AgreedFailure is in step: rank 0 raises the
+        same."""
         import ray
 
         pending = list(others)
@@ -192,7 +202,7 @@ class GroupExpert:
             for ref in ready:
                 try:
                     ray.get(ref)
-                except Cancelled:
+                except IN_STEP:
                     pass
                 except Exception as e:
                     self.group.fail(f"another rank: {type(e).__name__}: {str(e).splitlines()[0]}")

@@ -13,6 +13,16 @@ class Cancelled(Exception):
     """The request was cancelled (its client went away) while an expert stage ran it: it stopped at a step."""
 
 
+class AgreedFailure(RuntimeError):
+    """Every rank of a multi-device stage raised it at the same point, before any other collective (an adapter
+    that failed to load on one of them): the ranks are still in step, and the next request runs."""
+
+
+class StageUnavailable(Exception):
+    """A stage replica that can run no request now (a multi-device expert whose ranks fell out of step, until
+    Serve replaces it): 503 with Retry-After."""
+
+
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 """The most pixels an input image may have (8192 x 8192): its size is read from the header, before anything is
@@ -37,6 +47,8 @@ def image_from_base64(data: str, name: str = "image"):
             if w * h > MAX_IMAGE_PIXELS:
                 raise RequestError(f"{name} is {w}x{h} pixels, at most {MAX_IMAGE_PIXELS} pixels are served")
             return img.convert("RGB")
+    except RequestError:  # the size check above (a ValueError too: kept as it is)
+        raise
     except Image.DecompressionBombError:  # Image.open's own bound (twice PIL.Image.MAX_IMAGE_PIXELS) came first
         raise RequestError(f"{name} has more than {MAX_IMAGE_PIXELS} pixels, more than are served") from None
     except (binascii.Error, ValueError, OSError, SyntaxError) as e:  # PIL: UnidentifiedImageError is an OSError

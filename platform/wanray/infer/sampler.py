@@ -28,6 +28,7 @@ from wanray.infer.adapters import LoadedAdapters
 from wanray.infer.cache import StepCache
 from wanray.infer.quantize import check_fp8_gpu, quantize_fp8
 from wanray.infer.request import (
+    AgreedFailure,
     Cancelled,
     DenoiseState,
     GenerationParams,
@@ -187,8 +188,10 @@ class ExpertStage:
 
             flag = torch.tensor([float(failed is not None)], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() and failed is None:
-                raise RuntimeError(f"{self.expert_name} expert: an adapter failed to load on another rank")
+            if flag.item():  # every rank raises here: the group stays in step (wanray.infer.group)
+                if failed is None:
+                    raise AgreedFailure(f"{self.expert_name} expert: an adapter failed to load on another rank")
+                raise AgreedFailure(f"{type(failed).__name__}: {failed}") from failed
         if failed is not None:
             raise failed
 

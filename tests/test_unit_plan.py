@@ -55,6 +55,10 @@ def test_the_plan_takes_the_largest_micro_batch_of_the_data_buckets(a14b_configs
     assert hd.activation_bytes > base.activation_bytes and base.fits and not hd.fits
     stills = plan("data.buckets=[480x832x81, 480x832x1]", "train.scale_batch_by_tokens=true")
     assert stills.bucket == "21 x 480x832x1" and stills.activation_bytes > base.activation_bytes
+    # by bytes, not tokens: 20 stills of 496x832 hold fewer tokens (32,240) than one 480x832x81 clip, more bytes
+    uneven = plan("data.buckets=[480x832x81, 496x832x1]", "train.scale_batch_by_tokens=true")
+    assert uneven.bucket == "20 x 496x832x1" and uneven.tokens < base.tokens
+    assert uneven.activation_bytes > base.activation_bytes
 
 
 def test_activation_model_predicts_a_block_it_was_not_fitted_on(activations):

@@ -270,20 +270,35 @@ def plan_training(cfg: Config, model_path, expert: str, activations: ActivationM
     # the largest micro-batch of the data's buckets: batch_size clips each, or with scale_batch_by_tokens as many
     # as fit the largest bucket's tokens (train.data.DataPlan); 81x480x832: 21 x 30 x 52 = 32,760 per clip
     kind = models.read_contract(model_path, cfg.model).kind
-    per_clip = {f"{b.height}x{b.width}x{b.frames}": b.tokens(kind) for b in BucketSet.from_config(d, kind).buckets}
+    per_clip = {
+        f"{b.height}x{b.width}x{b.frames}": b.tokens(kind)
+        for b in BucketSet.from_config(d, kind).buckets
+        if b.frames > 1 or kind.image != "required"  # I2V-A14B's preprocessing rejects stills
+    }
     most = max(per_clip.values())
     clips = {
         b: max(1, t.batch_size * most // n) if t.scale_batch_by_tokens else t.batch_size for b, n in per_clip.items()
     }
-    bucket = max(per_clip, key=lambda b: (clips[b] * per_clip[b], clips[b]))
-    tokens, batch = clips[bucket] * per_clip[bucket], clips[bucket]
+    act = activations or measure_activations(t.worker.dtype, per_token=kind.expand_timesteps)
     # A context-parallel rank keeps its shard's activations: Ulysses' attention holds all tokens of 1/U of
     # the heads, the same bytes. Ring attention saves its own chunk too, but each call gathers every
     # rank's keys and values and, in backward, float32 gradient buffers: ring_bytes, counted once.
-    rank_tokens = tokens // t.context_parallel.degree
-    act = activations or measure_activations(t.worker.dtype, per_token=kind.expand_timesteps)
-    one_block = ActivationModel.bytes(act.block, rank_tokens, dim, ffn, batch)
-    rest = ActivationModel.bytes(act.rest, rank_tokens, dim, ffn, batch)
+    split = t.context_parallel.degree
+
+    def activation_bytes(b: str) -> tuple[float, ...]:
+        """(one block's, the rest's, one block's checkpointed inputs') bytes of bucket b's micro-batch."""
+        rank, n = clips[b] * per_clip[b] // split, clips[b]
+        return tuple(ActivationModel.bytes(c, rank, dim, ffn, n) for c in (act.block, act.rest, act.checkpointed))
+
+    def total(b: str) -> float:
+        one, rest, kept = activation_bytes(b)
+        return layers * kept + one + rest if t.activation_checkpointing else layers * one + rest
+
+    # the micro-batch of the most activation bytes (a batch of many stills holds fewer tokens, but a text each)
+    bucket = max(per_clip, key=total)
+    tokens, batch = clips[bucket] * per_clip[bucket], clips[bucket]
+    rank_tokens = tokens // split
+    one_block, rest, _ = activation_bytes(bucket)
     cp = t.context_parallel
     heads = config["num_attention_heads"]
     # ring attention keeps each block's reduced output (compute dtype) and log-sum-exp (float32) on its autograd

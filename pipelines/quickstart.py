@@ -5,7 +5,7 @@
 
     python pipelines/quickstart.py [--out outputs/quickstart] [--clips 16] [--prompt "..."]
 
-Uses configs/tiny.yaml (a tiny random-init Wan2.2 written on first use) and a local Ray
+Uses configs/tiny.yaml (a tiny Wan2.2 pretrained on the synthetic shapes, written on first use) and a local Ray
 instance (or the cluster in RAY_ADDRESS); prints where every artifact is.
 """
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,10 +35,32 @@ def synthetic(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("synthetic"), count=8, seed=1)
 
 
+@pytest.fixture(scope="session")
+def quickstart(ray_cluster, tmp_path_factory) -> tuple[list[str], Path, Path]:
+    """pipelines/quickstart.py run once as the README's first command runs it (configs/tiny.yaml: the tiny model
+    pretrained on the shapes, written on first use; 16 clips; 20 steps): its console lines, its --out directory
+    and the model it wrote."""
+    root = tmp_path_factory.mktemp("quickstart")
+    model, out = root / "tiny-shapes", root / "qs"
+    return run_pipeline("quickstart.py", "--out", str(out), "--set", f"model.path={model}"), out, model
+
+
+def run_pipeline(script: str, *args: str) -> list[str]:
+    """Run pipelines/SCRIPT in a subprocess (a driver of its own, joining the test's Ray through RAY_ADDRESS);
+    its non-blank console lines."""
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / script), *args], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+
+
 def tiny_config(model: Path, *overrides: str):
+    """configs/tiny.yaml on `model`, at the learning rate of a random-init tiny model (the tests' own): 1e-3,
+    not the 1e-4 that fine-tunes the pretrained one."""
     from wanray.config import load_config
 
-    return load_config(ROOT / "configs" / "tiny.yaml", [f"model.path={model}", *overrides])
+    return load_config(ROOT / "configs" / "tiny.yaml", [f"model.path={model}", "train.lr=1e-3", *overrides])
 
 
 @pytest.fixture(scope="session")

@@ -4,20 +4,22 @@ metrics.json and a report that headless Chromium shows with every video."""
 import functools
 import http.server
 import json
+import shutil
 import subprocess
 import sys
 import threading
 
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT, tiny_config
 from PIL import Image
 from reference import tiny_adapter
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from wanray.errors import ConfigError, RequestError
 from wanray.infer.evaluate import candidate_config, evaluate, parse_candidate, resolve_candidate
-from wanray.model_files import write_tiny_clip
+from wanray.model_files import TINY_SHAPES, write_tiny_clip
 
 SCORES = {"motion", "sharpness", "clip_score", "temporal_consistency"}
 
@@ -117,3 +119,32 @@ def test_the_same_model_scores_the_same_and_the_report_shows_every_video(tiny_mo
     image = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int32)
     saturated = image[(image.max(axis=2) - image.min(axis=2)) > 15]
     assert len(np.unique(saturated[:, 0] * 65536 + saturated[:, 1] * 256 + saturated[:, 2])) > 1000  # frames drawn
+
+
+def test_a_noise_weight_model_scores_worse_than_the_quickstarts_fine_tune(quickstart, tmp_path):
+    """The quickstart's run (the tiny model pretrained on the shapes, fine-tuned 20 steps) against a broken copy of
+    its base (every transformer tensor replaced by Gaussian noise of its own RMS, as the README's evaluation
+    makes it), scored with the CLIP pretrained beside the model: the broken one shows less of its prompts and
+    holds together less from frame to frame; its motion is farther from the base's (motion has no better
+    direction: flicker reads as flow, a collapsed model stops). Not sharpness: the broken model's blobs have more
+    edges than one blurred shape (the tiny VAE keeps about a tenth of a clip's sharpness; README, Evaluation)."""
+    _, out, base = quickstart
+    broken = tmp_path / "broken"
+    shutil.copytree(base, broken)
+    torch.manual_seed(0)
+    for f in sorted(broken.glob("transformer*/*.safetensors")):
+        save_file({k: torch.randn(v.shape) * v.float().pow(2).mean().sqrt() for k, v in load_file(f).items()}, f)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(
+        "a red circle moving left to right on a black background\n"
+        "a blue square moving top to bottom on a olive background\n"
+        "a yellow circle moving bottom to top on a gray background\n"
+        "a white square moving right to left on a navy background\n"
+    )
+    cfg = tiny_config(base, f"eval.clip_model={TINY_SHAPES / 'clip'}")
+    given = [f"base={base}", f"ft={out / 'run'}:best", f"broken={broken}"]
+    means = {name: r["mean"] for name, r in evaluate(cfg, given, prompts, tmp_path / "eval").items()}
+    for score in ("clip_score", "temporal_consistency"):
+        assert means["broken"][score] < means["ft"][score], (score, means)
+    moved = {name: abs(m["motion"] - means["base"]["motion"]) for name, m in means.items()}
+    assert moved["broken"] > moved["ft"], means

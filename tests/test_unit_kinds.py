@@ -4,7 +4,11 @@ image model, and requests that carry an image only where the model takes one."""
 
 import io
 import json
+import os
+import subprocess
+import sys
 import typing
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +19,7 @@ from PIL import Image
 from wanray import model_files, models
 from wanray.config import load_config
 from wanray.errors import ConfigError
+from wanray.infer.scores import VideoScorer
 from wanray.sections import ModelConfig
 from wanray.wan import KINDS
 
@@ -69,6 +74,51 @@ def test_presets_and_the_tiny_kind_setting_name_every_kind():
     assert (i2v.infer.flow_shift, i2v.infer.guidance_scale, i2v.infer.guidance_scale_2) == (5.0, 3.5, 3.5)
     assert (ti2v.data.height, ti2v.data.width, ti2v.data.num_frames, ti2v.data.fps) == (704, 1280, 121, 24.0)
     assert (ti2v.infer.flow_shift, ti2v.infer.num_inference_steps, ti2v.infer.guidance_scale) == (5.0, 50, 5.0)
+
+
+def test_the_pretrained_tiny_model_reconstructs_the_shapes_and_only_its_kind_takes_its_weights(tmp_path):
+    """configs/tiny.yaml's weights (model.tiny_weights: shapes): its VAE gives back a synthetic clip where a random
+    one gives texture, and a tiny I2V or TI2V asked for them is a one-line config error, not a crash on load."""
+    from wanray.data.synthetic import SyntheticClip, render
+    from wanray.encoding import encode_latents, frames_to_video
+    from wanray.wan import denormalize_latents
+
+    clip = SyntheticClip("", "", 64, 64, 16, 17, "square", "yellow", "gray", "top to bottom")
+    video = frames_to_video(render(clip))[None]
+    error = {}
+    for weights in ("shapes", "random"):
+        vae = models.load_vae(model_files.write_tiny_checkpoint(tmp_path / weights, weights=weights))
+        with torch.no_grad():
+            z = denormalize_latents(encode_latents(vae, video), vae.config.latents_mean, vae.config.latents_std)
+            error[weights] = float((vae.decode(z).sample - video).abs().mean())
+    assert error["shapes"] < 0.1 < error["random"], error
+    assert load_config(ROOT / "configs" / "tiny.yaml").model.tiny_weights == "shapes"
+    with pytest.raises(ConfigError, match="set model.tiny_weights=random for a tiny ti2v-5b"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["model.tiny_kind=ti2v-5b"])
+    assert load_config(ROOT / "configs" / "tiny.yaml", ["model.tiny_kind=ti2v-5b", "model.tiny_weights=random"])
+    # its CLIP named from the repository root, as the README's evaluation does: absolute for actors elsewhere
+    relative = os.path.relpath(model_files.TINY_SHAPES / "clip")
+    clip = load_config(ROOT / "configs" / "tiny.yaml", [f"eval.clip_model={relative}"]).eval.clip_model
+    assert Path(clip).is_absolute() and Path(clip) == (model_files.TINY_SHAPES / "clip").resolve()
+
+
+def test_the_pretraining_script_writes_what_the_tiny_model_is_built_from(tmp_path, monkeypatch):
+    """scripts/pretrain_tiny.py, one step a stage: its files are the ones write_tiny_checkpoint and
+    eval.clip_model read."""
+    out = tmp_path / "weights"
+    steps = ["--vae-steps", "1", "1", "1", "--transformer-steps", "1", "--clip-steps", "1"]
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "pretrain_tiny.py"), "--out", str(out), *steps],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0 and f"[pretrain] wrote {out}" in run.stdout, run.stderr[-2000:]
+    monkeypatch.setattr(model_files, "TINY_SHAPES", out)
+    model = model_files.write_tiny_checkpoint(tmp_path / "tiny", weights="shapes")
+    stats = json.loads((out / "latents.json").read_text())
+    assert models.load_vae(model).config.latents_std == stats["latents_std"]
+    assert VideoScorer(str(out / "clip"))(np.zeros((2, 32, 32, 3), np.uint8), "a red circle").clip_score is not None
 
 
 def test_the_sampler_gives_wan_image_to_video_pipelines_frames_for_an_image(tiny_kinds, tmp_path):

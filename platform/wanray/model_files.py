@@ -1,7 +1,8 @@
-"""Model directories wanray writes itself: the tiny Wan2.2 of each kind (randomly initialised, the real
-architecture at toy width, written as a diffusers directory that every test and the quickstart load
-through the real path), and directories holding the published A14B config files only (for the memory
-plans and the device check). wanray.models reads every model directory, these included."""
+"""Model directories wanray writes itself: the tiny Wan2.2 of each kind (the real architecture at toy width,
+randomly initialised or, for the quickstart, pretrained on the synthetic shapes; written as a diffusers
+directory that every test and the quickstart load through the real path), and directories holding the
+published A14B config files only (for the memory plans and the device check). wanray.models reads every model
+directory, these included."""
 
 from __future__ import annotations
 
@@ -28,7 +29,13 @@ def ensure_model(cfg_model) -> Path:
     writing the tiny checkpoint first when asked to."""
     p = Path(cfg_model.path).resolve()
     if cfg_model.create_tiny and not (p / "model_index.json").exists():
-        write_tiny_checkpoint(p, seed=cfg_model.tiny_seed, boundary=cfg_model.boundary, kind=cfg_model.tiny_kind)
+        write_tiny_checkpoint(
+            p,
+            seed=cfg_model.tiny_seed,
+            boundary=cfg_model.boundary,
+            kind=cfg_model.tiny_kind,
+            weights=cfg_model.tiny_weights,
+        )
     return check_model_dir(p)
 
 
@@ -78,6 +85,10 @@ TINY_UMT5 = dict(
 
 
 TINY_BOUNDARY = KINDS["t2v-a14b"].boundary  # 0.875
+TINY_SHAPES = Path(__file__).parent / "assets" / "tiny_shapes"
+"""Weights of the tiny T2V model pretrained on the synthetic shapes (scripts/pretrain_tiny.py): its VAE, text
+encoder and one transformer both experts start from (model.tiny_weights: shapes), and the tiny CLIP trained
+on the same clips (clip/), which an evaluation of the tiny model scores with (eval.clip_model)."""
 
 # The published config files of Wan-AI/Wan2.2-T2V-A14B-Diffusers (both experts share one; the VAE is
 # Wan2.1's): the real dimensions without the weights, for the memory plans and the device check.
@@ -218,13 +229,19 @@ def _no_progress_bars():
         transformers_logging.enable_progress_bar()
 
 
-def write_tiny_checkpoint(path, seed: int = 0, boundary: float | None = None, kind: str = "t2v-a14b") -> Path:
-    """Write a randomly initialised tiny Wan2.2 model of `kind` (wanray.wan.KINDS) as a diffusers
-    directory (atomically); `boundary` None takes the kind's official one."""
+def write_tiny_checkpoint(
+    path, seed: int = 0, boundary: float | None = None, kind: str = "t2v-a14b", weights: str = "random"
+) -> Path:
+    """Write a tiny Wan2.2 model of `kind` (wanray.wan.KINDS) as a diffusers directory (atomically); `boundary`
+    None takes the kind's official one. `weights` "random": randomly initialised from `seed`; "shapes": the
+    T2V model pretrained on the synthetic shapes (TINY_SHAPES), which draws what its prompts say."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from safetensors.torch import load_model
     from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
     spec = KINDS[kind]
+    if weights not in ("random", "shapes") or (weights == "shapes" and kind != "t2v-a14b"):
+        raise ValueError(f"no {weights!r} weights for a tiny {kind} (pretrained: 'shapes', for t2v-a14b)")
     path = Path(path)
     torch.manual_seed(seed)
     tokenizer = ByT5Tokenizer()  # needs no vocabulary file, unlike the real UMT5 SentencePiece one
@@ -236,6 +253,10 @@ def write_tiny_checkpoint(path, seed: int = 0, boundary: float | None = None, ki
         )
         for _ in spec.experts
     ]
+    if weights == "shapes":
+        vae = AutoencoderKLWan(**TINY_VAE, **json.loads((TINY_SHAPES / "latents.json").read_text()))
+        for module, name in [(vae, "vae"), (text_encoder, "text_encoder"), *((e, "transformer") for e in experts)]:
+            load_model(module, str(TINY_SHAPES / f"{name}.safetensors"))
     parts = dict(
         tokenizer=tokenizer,
         text_encoder=text_encoder,

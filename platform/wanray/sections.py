@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from wanray.backends import ATTENTION_BACKENDS
@@ -27,7 +28,12 @@ class ModelConfig:
     """Diffusers-format Wan2.2 directory (model_index.json, transformer/ = high-noise
     expert, transformer_2/ = low-noise expert, vae/, text_encoder/, tokenizer/, scheduler/)."""
     create_tiny: bool = False
-    """If `path` holds no model, write the tiny random-init Wan2.2 there first."""
+    """If `path` holds no model, write the tiny Wan2.2 there first."""
+    tiny_weights: Literal["random", "shapes"] = "random"
+    """The weights create_tiny writes: "random" (initialised from tiny_seed: every test's model), or "shapes"
+    (the T2V model pretrained on the synthetic shapes by scripts/pretrain_tiny.py, whose VAE reconstructs them
+    and whose experts draw them: configs/tiny.yaml's, so that a quickstart video shows its prompt and an
+    evaluation can rank a fine-tune against a broken model)."""
     tiny_seed: int = 0
     """Seed of the tiny checkpoint's random initialisation."""
     tiny_kind: Literal["t2v-a14b", "i2v-a14b", "ti2v-5b"] = "t2v-a14b"
@@ -44,6 +50,11 @@ class ModelConfig:
     _native_npu on NPU in bfloat16 and native (torch SDPA) elsewhere; see wanray.backends."""
 
     def __post_init__(self) -> None:
+        if self.create_tiny and self.tiny_weights == "shapes" and self.tiny_kind != "t2v-a14b":
+            raise ConfigError(
+                f"model.tiny_weights 'shapes' are pretrained for tiny_kind t2v-a14b only: "
+                f"set model.tiny_weights=random for a tiny {self.tiny_kind}"
+            )
         if self.boundary is not None and not 0.0 < self.boundary < 1.0:
             raise ConfigError(f"model.boundary must lie in (0, 1), got {self.boundary}")
         if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
@@ -751,11 +762,14 @@ class EvalConfig:
     clip_model: str = ""
     """A CLIP model directory in transformers' layout (e.g. openai/clip-vit-large-patch14, downloaded): the
     text-video alignment (clip_score) and temporal consistency of each video. Empty: those two are left out;
-    motion and sharpness need no model."""
+    motion and sharpness need no model. The tiny model pretrained on the synthetic shapes has its own:
+    platform/wanray/assets/tiny_shapes/clip."""
     frames: int = 8
     """Frames sampled evenly from a video for its CLIP scores."""
 
     def __post_init__(self) -> None:
+        if self.clip_model and Path(self.clip_model).expanduser().is_dir():  # as the driver sees it: actors
+            self.clip_model = str(Path(self.clip_model).expanduser().resolve())  # run in other directories
         if self.frames < 2:
             raise ConfigError(f"eval.frames must be >= 2 (consecutive frames are compared), got {self.frames}")
 

@@ -14,7 +14,7 @@ motions = 192 clips):
    random UMT5 text encoder (saved with the rest), by flow matching over all 1000 timesteps with the training
    config's shift and caption dropout: both experts start from it;
 3. a tiny CLIPModel (wanray.model_files.write_tiny_clip's architecture) on the clips' frames and captions
-   (contrastive): what `eval.clip_model` names in configs/tiny.yaml.
+   (contrastive): the `eval.clip_model` of an evaluation of the tiny model (README, Evaluation).
 
 It writes vae.safetensors, text_encoder.safetensors, transformer.safetensors, latents.json and clip/ under
 --out; `model.tiny_weights: shapes` (configs/tiny.yaml) builds the tiny model from them. About 50 minutes

@@ -102,6 +102,7 @@ def test_the_pretrained_tiny_model_reconstructs_the_shapes_and_only_its_kind_tak
     assert Path(clip).is_absolute() and Path(clip) == (model_files.TINY_SHAPES / "clip").resolve()
 
 
+@pytest.mark.integration  # a script run of its own (26 s): not in the unit tier's 2 minutes
 def test_the_pretraining_script_writes_what_the_tiny_model_is_built_from(tmp_path, monkeypatch):
     """scripts/pretrain_tiny.py, one step a stage: its files are the ones write_tiny_checkpoint and
     eval.clip_model read."""

@@ -35,7 +35,7 @@ import torch
 from wanray.data.synthetic import BACKGROUNDS, COLORS, MOTIONS, SHAPES, SyntheticClip, render
 from wanray.model_files import TINY_SHAPES, TINY_VAE, write_tiny_checkpoint, write_tiny_clip
 from wanray.schema import pad_text_embedding
-from wanray.train.flow import shift_sigma
+from wanray.train.flow import noisy_latents, shift_sigma
 
 SIZE, FRAMES = 64, 17
 
@@ -93,10 +93,9 @@ def train_transformer(dit, latents: torch.Tensor, text: torch.Tensor, empty: tor
         idx = torch.randint(0, len(latents), (16,), generator=g)
         x0, context = latents[idx], text[idx].clone()
         context[torch.rand(16, generator=g) < 0.1] = empty
-        s = shift_sigma(torch.rand(16, generator=g), 5.0)[:, None, None, None, None]
-        noise = torch.randn(x0.shape, generator=g)
-        v = dit((1 - s) * x0 + s * noise, s.flatten() * 1000, context, return_dict=False)[0]
-        loss = ((v - (noise - x0)) ** 2).mean()
+        timesteps = shift_sigma(torch.rand(16, generator=g), 5.0) * 1000
+        xt, target = noisy_latents(x0, torch.randn(x0.shape, generator=g), timesteps, 1000)
+        loss = ((dit(xt, timesteps, context, return_dict=False)[0] - target) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)

@@ -16,7 +16,6 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -42,27 +41,6 @@ def find_browser() -> str:
     )
 
 
-HEARTBEAT = "/heartbeat/"
-"""A Gradio page with an unload event (the wanray UI: a closed tab stops its generation) holds an event stream
-at this path open for as long as it is open: never idle in Playwright's sense ("networkidle")."""
-
-
-def settle(page, in_flight: set, timeout_s: float) -> None:
-    """Wait until no request but the heartbeat has been in flight for 500 ms: Playwright's networkidle, less the
-    heartbeat."""
-    end, idle_since = time.monotonic() + timeout_s, None
-    while time.monotonic() < end:
-        if in_flight:
-            idle_since = None
-        elif idle_since is None:
-            idle_since = time.monotonic()
-        elif time.monotonic() - idle_since >= 0.5:
-            return
-        page.wait_for_timeout(100)  # Playwright delivers the request events while it waits
-    pending = sorted(r.url for r in in_flight)[:3]
-    raise RuntimeError(f"the page's requests were still running after {timeout_s:.0f} s: {pending}")
-
-
 def screenshot(
     url: str,
     out: Path,
@@ -85,10 +63,6 @@ def screenshot(
         browser = p.chromium.launch(executable_path=find_browser(), args=FLAGS)
         try:
             page = browser.new_page(viewport={"width": width, "height": height})
-            in_flight: set = set()
-            page.on("request", lambda r: None if HEARTBEAT in r.url else in_flight.add(r))
-            page.on("requestfinished", lambda r: in_flight.discard(r))
-            page.on("requestfailed", lambda r: in_flight.discard(r))
             page.goto(url, wait_until="load", timeout=timeout_s * 1000)
             for condition in wait_for:
                 selector, _, count = condition.rpartition("=") if "=" in condition else (condition, "", "1")
@@ -99,7 +73,7 @@ def screenshot(
                 )
             for text in wait_for_text:
                 page.wait_for_function("t => document.body.innerText.includes(t)", arg=text, timeout=timeout_s * 1000)
-            settle(page, in_flight, timeout_s)
+            page.wait_for_load_state("networkidle", timeout=timeout_s * 1000)
             page.wait_for_timeout(1000)  # the plots' and videos' last paint
             page.screenshot(path=str(out))
             if texts:

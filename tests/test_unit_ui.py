@@ -1,7 +1,7 @@
 """The Gradio page on its own (no Ray): what its event settings do to users who share it."""
 
 import asyncio
-import contextlib
+import socket
 import threading
 import time
 
@@ -11,19 +11,6 @@ from conftest import tiny_config
 from ui.app import build_ui
 from wanray.infer.api import Generated
 from wanray.infer.video import mp4_bytes
-from wanray.runtime import free_port
-
-
-@contextlib.contextmanager
-def _page(generate, model):
-    """The page on `generate` (a stand-in for the Serve pipeline), served by Gradio alone: its address."""
-    port = free_port()
-    demo = build_ui(generate, tiny_config(model), str(model))
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
 
 
 def test_two_pages_generate_at_the_same_time(tiny_model, monkeypatch):
@@ -42,12 +29,19 @@ def test_two_pages_generate_at_the_same_time(tiny_model, monkeypatch):
         await asyncio.wait_for(both.wait(), 30)  # TimeoutError: the requests ran one after the other
         return Generated(mp4_bytes(np.zeros((5, 32, 48, 3), np.float32), 16), {})
 
-    with _page(generate, tiny_model) as url:
-        client = Client(url, verbose=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = build_ui(generate, tiny_config(tiny_model), str(tiny_model))
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         jobs = [
             client.submit("a red circle", "", seed, 4, 4.0, 3.0, 32, 48, 5, api_name="/generate") for seed in (1, 2)
         ]
         videos = [job.result(timeout=90) for job in jobs]
+    finally:
+        demo.close()
     assert sorted(started) == [1, 2] and all(str(v).endswith(".mp4") for v in videos)
 
 
@@ -75,10 +69,15 @@ def test_closing_the_tab_stops_its_generation(tiny_model, monkeypatch):
             raise
         return Generated(mp4_bytes(np.zeros((5, 32, 48, 3), np.float32), 16), {})
 
-    with _page(generate, tiny_model) as url:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = build_ui(generate, tiny_config(tiny_model), str(tiny_model))
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
         closing, staying = (
-            Client(url, verbose=False),
-            Client(url, verbose=False),
+            Client(f"http://127.0.0.1:{port}/", verbose=False),
+            Client(f"http://127.0.0.1:{port}/", verbose=False),
         )
         closing.submit("a red circle", "", 1, 4, 4.0, 3.0, 32, 48, 5, api_name="/generate")
         kept = staying.submit("a red circle", "", 2, 4, 4.0, 3.0, 32, 48, 5, api_name="/generate")
@@ -93,3 +92,5 @@ def test_closing_the_tab_stops_its_generation(tiny_model, monkeypatch):
         release.set()
         assert str(kept.result(timeout=60)).endswith(".mp4") and cancelled == [1]
         staying.close()
+    finally:
+        demo.close()

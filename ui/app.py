@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 import gradio as gr
-from gradio.utils import cancel_tasks  # what Gradio's /cancel route (the Stop button) runs
 from pydantic import ValidationError
 
 from ui.pages import Preview, data_page, evaluate_page, runs_page
@@ -207,13 +206,6 @@ def build_ui(generate: Generate, cfg: Config, model_dir: str, preview: Preview |
                 )
                 # the request leaves its stage queue, or its expert stops at the next step
                 stop.click(None, cancels=[generating])
-
-                async def closed(request: gr.Request):
-                    """The tab was closed or reloaded (Gradio's heartbeat ended): its generation stops as Stop
-                    stops it; Gradio alone would run it to the end for no one."""
-                    await cancel_tasks({f"{request.session_hash}_{generating['id']}"})
-
-                page.unload(closed)
             run_picker = runs_page(cfg)
             data_picker = data_page(cfg, kind, preview)
             report_picker = evaluate_page(cfg)

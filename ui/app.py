@@ -44,6 +44,19 @@ def adapter_uses(names: list[str] | None, scales: str | None) -> list[dict]:
     return [{"name": n, "scale": v} for n, v in zip(names, values)]
 
 
+PAGE_CHECK_S = 1.0
+"""How often a generation looks whether its page is still open."""
+
+
+def page_open(page: gr.Blocks, session_hash: str | None) -> bool:
+    """False once Gradio has seen every event of this page's session go: the page's event stream closed (a
+    closed or reloaded tab), so no one will see the video. Gradio itself runs the event to its end. Reads the
+    queue's active events (Gradio internals: where they are missing, the page counts as open)."""
+    active = getattr(getattr(page, "_queue", None), "active_jobs", None) or []
+    events = [e for job in active if job for e in job if getattr(e, "session_hash", None) == session_hash]
+    return not events or any(getattr(e, "alive", True) for e in events)
+
+
 LINKED = (("run", "runs"), ("data", "data"), ("report", "evaluate"))
 """The page's address parameters, each opening its tab on the directory it names."""
 
@@ -70,6 +83,7 @@ def build_ui(generate: Generate, cfg: Config, model_dir: str, preview: Preview |
         extra_4=None,
         extra_5=None,
         progress=gr.Progress(),  # noqa: B008  (Gradio injects the page's progress bar through this default)
+        session: gr.Request = None,  # Gradio injects the page's session (it goes by this type)
     ):
         """extra_*, in order: the image inputs the model takes (first frame, last frame), the chosen adapters and
         their scales where adapters are served, then the sampler; each may be left out (None: its default)."""
@@ -100,12 +114,20 @@ def build_ui(generate: Generate, cfg: Config, model_dir: str, preview: Preview |
         except (RequestError, ValidationError) as e:
             raise _request_error(e) from None
         progress(0.0, desc="encoding prompt")
-        try:
-            video = (await generate(params, "mp4", lambda fraction, what: progress(fraction, desc=what))).data
+        rendering = asyncio.ensure_future(generate(params, "mp4", lambda fraction, what: progress(fraction, desc=what)))
+        try:  # Stop cancels this coroutine: the finally passes it on to the rendering
+            while not (await asyncio.wait({rendering}, timeout=PAGE_CHECK_S))[0]:
+                if not page_open(page, session.session_hash):
+                    rendering.cancel()  # the stages drop the request or stop it at the next step, as for Stop
+                    await asyncio.wait({rendering})
+                    return
+            video = rendering.result().data
         except Exception as e:  # a full pipeline or a timed-out queue: the REST API's 503, as a message
             if isinstance(cause(e), Busy):
                 raise gr.Error(str(cause(e)), print_exception=False) from None
             raise
+        finally:
+            rendering.cancel()
         with tempfile.TemporaryDirectory(prefix="wanray-ui-") as tmp:
             path = Path(tmp) / f"wanray-seed{params.seed}.mp4"
             path.write_bytes(video)

@@ -1,6 +1,7 @@
 """Object-store paths (wanray.storage) against the loopback S3 server: URIs joined and read as local paths are,
 manifests read from a bucket, objects downloaded once per process for the decoders."""
 
+import io
 import json
 import os
 import shutil
@@ -146,8 +147,8 @@ def test_a_working_copy_appends_to_what_the_store_holds_and_the_driver_follows_i
         while not printed and time.time() < deadline:
             time.sleep(0.02)
     assert printed == ["[train:high] step 3/4"]  # not the old line, nor the half-written one
-    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="wc-runs")["Contents"]}
-    assert keys == {"run/high/console.log", "run/high/tensorboard/events.out.train"}
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="wc-runs")["Contents"]} - {"run/high/", "run/high/tensorboard/"}
+    assert keys == {"run/high/console.log", "run/high/tensorboard/events.out.train"}  # less pyarrow's directory markers
     # sync: at most once per `every` seconds, and a failed upload a warning, retried by the next sync
     for line in ("a\n", "b\n"):
         with (files.local / "metrics.jsonl").open("a") as f:
@@ -166,6 +167,33 @@ def test_a_working_copy_appends_to_what_the_store_holds_and_the_driver_follows_i
     assert f"console.log could not be uploaded to s3://no-such-bucket/run; the local copy stays in {lost.local}" in err
     assert (lost.local / "console.log").read_text() == "x\n"
     shutil.rmtree(lost.local)
+
+
+def test_a_push_stopped_part_way_leaves_the_earlier_upload_whole(s3, monkeypatch):
+    """pyarrow's S3 stream completes the object it holds when closed, even on an exception: a Ctrl-C while a
+    run uploaded its log replaced the store's whole log with a truncated (here: empty) one. A push now writes
+    beside the file and moves it over: stopped, it leaves the earlier upload and no temporary object."""
+    s3.create_bucket(Bucket="wc-stop")
+    files = storage.WorkingCopy("s3://wc-stop/run")
+    (files.local / "console.log").write_text("one\ntwo\n")
+    files.push("console.log")
+    with (files.local / "console.log").open("a") as f:
+        f.write("three\n")
+
+    class Stopped(io.BytesIO):
+        def read(self, *_):  # Ctrl-C once the upload's stream is open, before any byte is written
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(storage, "open", lambda *_: Stopped(), raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        files.push("console.log")
+    assert storage.read_text("s3://wc-stop/run/console.log") == "one\ntwo\n"
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="wc-stop")["Contents"]]
+    assert [k for k in keys if k != "run/"] == ["run/console.log"]  # less pyarrow's directory marker
+    monkeypatch.undo()
+    files.push("console.log")
+    assert storage.read_text("s3://wc-stop/run/console.log") == "one\ntwo\nthree\n"
+    files.close()
 
 
 def test_checkpoints_in_a_bucket_are_listed_checked_and_read_in_place(s3, tmp_path, monkeypatch):

@@ -252,10 +252,31 @@ def upload_dir(local: str | os.PathLike, uri: str, last: str) -> None:
 
 
 def upload_file(local: str | os.PathLike, uri: str) -> None:
-    fs, inner = filesystem(uri)
+    _write(local, *filesystem(uri))
+
+
+def _write(local: str | os.PathLike, fs: pafs.FileSystem, inner: str) -> None:
     with open(local, "rb") as src, fs.open_output_stream(inner) as dst:
         while chunk := src.read(64 * 1024**2):
             dst.write(chunk)
+
+
+def replace_file(local: str | os.PathLike, uri: str) -> None:
+    """upload_file for a file that replaces an earlier upload of itself (a run's log or metrics): written under
+    a temporary name beside it (.NAME.<random>.part), then moved over it. pyarrow's S3 stream completes what it
+    holds when closed, even on an exception, so an upload stopped part way (Ctrl-C) would replace the whole
+    earlier file with a truncated one; stopped now, it leaves the earlier one. An object store's move is a copy:
+    for files under its copy limit (S3: 5 GB), as a run's files are; exports go through upload_dir."""
+    fs, inner = filesystem(uri)
+    parent, _, name = inner.rpartition("/")
+    part = f"{parent}/.{name}.{os.urandom(4).hex()}.part"
+    try:
+        _write(local, fs, part)
+        fs.move(part, inner)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.delete_file(part)
+        raise
 
 
 class WorkingCopy:
@@ -291,7 +312,7 @@ class WorkingCopy:
             files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
             for file in files:
                 if file.is_file():
-                    upload_file(file, join(self.root, file.relative_to(self.local).as_posix()))
+                    replace_file(file, join(self.root, file.relative_to(self.local).as_posix()))
 
     def sync(self, *names: str, every: float = 0.0) -> None:
         """push, at most once per `every` seconds for the same names (a file that grows at every step is not

@@ -174,6 +174,21 @@ def test_bad_adapters_are_one_line_errors_at_start(tiny_model, adapter_files, tm
             tiny_config(tiny_model, *bad)
 
 
+def test_an_adapter_overwritten_while_served_is_refused_not_mixed(tiny_model, tmp_path):
+    """Each expert stage (each replica) reads an adapter on its first use of it, and again after unloading it: a
+    file overwritten in between gave the two experts, or two replicas, different adapters under one name. Every
+    reader now reads the version resolved at start, or refuses."""
+    path = tmp_path / "style.safetensors"
+    save_file(tiny_adapter(tiny_model, "high", 0), path)
+    files = StageSpec.for_batch(tiny_model, tiny_config(tiny_model, f"infer.loras.style={path}")).adapters["style"]
+    state, _ = files["high"].read(str(tiny_model), "high")
+    assert state.keys() == tiny_adapter(tiny_model, "high", 0).keys()
+    save_file({**tiny_adapter(tiny_model, "low", 1), "transformer.extra.lora_A.weight": torch.zeros(1, 1)}, path)
+    with pytest.raises(ConfigError, match="overwritten after it was checked at start") as e:
+        files["low"].read(str(tiny_model), "low")
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
 def test_requests_name_served_adapters_only(tiny_model, adapter_files):
     cfg = tiny_config(tiny_model, *lora_sets(adapter_files["diffusers"]), "infer.max_loaded_loras=2")
     ok = resolve(GenerateRequest(prompt="p", loras=[{"name": "a", "scale": 0.5}, {"name": "b"}]), cfg)

@@ -196,6 +196,26 @@ def test_a_push_stopped_part_way_leaves_the_earlier_upload_whole(s3, monkeypatch
     files.close()
 
 
+def test_a_copy_pinned_to_a_version_refuses_one_written_since(s3, tmp_path):
+    """local_copy(path, version(path)): the object (or file) as it was when its version was taken, or Changed."""
+    s3.create_bucket(Bucket="pinned")
+    s3.put_object(Bucket="pinned", Key="a.safetensors", Body=b"one")
+    local = tmp_path / "a.safetensors"
+    local.write_bytes(b"one")
+    for path in ("s3://pinned/a.safetensors", str(local)):
+        taken = storage.version(path)
+        with storage.local_copy(path, taken) as copy:
+            assert Path(copy).read_bytes() == b"one"
+        if path.startswith("s3://"):
+            s3.put_object(Bucket="pinned", Key="a.safetensors", Body=b"two")  # the same size: another ETag
+        else:
+            local.write_bytes(b"two!")
+        with pytest.raises(storage.Changed, match="was written since"), storage.local_copy(path, taken):
+            pass
+    with pytest.raises(FileNotFoundError, match="no such object"):
+        storage.version("s3://pinned/missing.safetensors")
+
+
 def test_checkpoints_in_a_bucket_are_listed_checked_and_read_in_place(s3, tmp_path, monkeypatch):
     import torch
     import torch.distributed.checkpoint as dcp

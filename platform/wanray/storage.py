@@ -456,16 +456,41 @@ class _Downloads:
 _downloads = _Downloads()
 
 
+class Changed(Exception):
+    """The file or object is no longer the version a reader pinned (`version`): it was written since."""
+
+
+def version(path: str | os.PathLike) -> str:
+    """What local_copy checks a file or object against: its size and ETag (an object with none, or a local
+    file: its modification time)."""
+    fs, inner = filesystem(path)
+    if not is_uri(path):
+        info = fs.get_file_info(inner)
+        if info.type != pafs.FileType.File:
+            raise FileNotFoundError(f"{path}: no such file")
+        return f"{info.size}:mtime:{info.mtime_ns}"
+    try:
+        opened = fs.open_input_file(inner)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such object") from None
+    with opened:
+        return f"{opened.size()}:{_tag(fs, inner, opened)}"
+
+
 @contextlib.contextmanager
-def local_copy(path: str | os.PathLike) -> Iterator[str]:
+def local_copy(path: str | os.PathLike, pinned: str | None = None) -> Iterator[str]:
     """A local file with the content of `path` while the block runs: the path itself, or the object downloaded
     (cached while its size and ETag stay the same, and kept while a block uses it). A missing object is a
-    FileNotFoundError naming it."""
+    FileNotFoundError naming it; with `pinned` (from `version`), one written since is Changed."""
     if not is_uri(path):
+        if pinned is not None and version(path) != pinned:
+            raise Changed(f"{path} was written since its version {pinned} was taken")
         yield str(path)
         return
-    version, local = _downloads.pin(str(path))
+    got, local = _downloads.pin(str(path))
     try:
+        if pinned is not None and f"{got[1]}:{got[2]}" != pinned:
+            raise Changed(f"{path} was written since its version {pinned} was taken")
         yield str(local)
     finally:
-        _downloads.release(version)
+        _downloads.release(got)

@@ -17,9 +17,11 @@ A request's frames with an adapter equal diffusers' WanPipeline after `load_lora
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +45,10 @@ class AdapterFile:
     path: str
     lora: LoraConfig | None = None
     """A wanray run's LoRA settings when `path` is a DCP checkpoint; None for a file."""
+    version: str | None = None
+    """A file's version (storage.version) when the driver resolved it: every stage and replica reads that one,
+    or refuses (a file overwritten while served would give the experts, or the replicas, different adapters
+    under one name). None for a run's checkpoint, which is never written again."""
 
     def read(self, model_dir: str, expert: str) -> tuple[dict[str, torch.Tensor], dict | None]:
         """(the adapter as diffusers' Wan loader hands it to the transformer: "transformer."-prefixed
@@ -58,7 +64,7 @@ class AdapterFile:
         from diffusers import WanPipeline
 
         try:
-            with storage.local_copy(self.path) as local:
+            with self._local() as local:
                 state, metadata = WanPipeline.lora_state_dict(local, return_lora_metadata=True)
         except (OSError, ValueError, KeyError) as e:  # not safetensors, a broken file, keys no converter knows
             raise ConfigError(
@@ -75,8 +81,20 @@ class AdapterFile:
             return sum(t.numel() for n, t in model.state_dict().items() if ".lora_" in n)
         from safetensors import safe_open
 
-        with storage.local_copy(self.path) as local, safe_open(local, "pt") as f:
+        with self._local() as local, safe_open(local, "pt") as f:
             return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if "lora" in k)  # noqa: SIM118  (a handle, no dict)
+
+    @contextlib.contextmanager
+    def _local(self) -> Iterator[str]:
+        try:
+            with storage.local_copy(self.path, self.version) as local:
+                yield local
+        except storage.Changed:
+            raise ConfigError(
+                f"{self.path} was overwritten after it was checked at start: reading it now would give some "
+                "experts or replicas another adapter under the same name; give the new file a new name, or start "
+                "again"
+            ) from None
 
     @property
     def label(self) -> str:
@@ -94,7 +112,7 @@ def _file(path: str, where: str) -> AdapterFile:
         found = storage.list_files(path, "*.safetensors")
         named = storage.join(path, ADAPTER_FILE)
         if storage.is_file(named):
-            return AdapterFile(storage.absolute(named))
+            return AdapterFile(storage.absolute(named), version=storage.version(named))
         if len(found) != 1:
             raise ConfigError(f"{where}: {path} holds {len(found)} .safetensors files; name the adapter file itself")
         path = found[0]
@@ -102,7 +120,7 @@ def _file(path: str, where: str) -> AdapterFile:
         raise ConfigError(f"{where}: {path} not found")
     if not path.endswith(".safetensors"):
         raise ConfigError(f"{where}: {path} is not a .safetensors file (adapters load from safetensors only)")
-    return AdapterFile(storage.absolute(path))
+    return AdapterFile(storage.absolute(path), version=storage.version(path))
 
 
 def _run(run: str, source: LoraSource, experts: tuple[str, ...], where: str) -> dict[str, AdapterFile]:

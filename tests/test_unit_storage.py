@@ -193,6 +193,18 @@ def test_a_push_stopped_part_way_leaves_the_earlier_upload_whole(s3, monkeypatch
     monkeypatch.undo()
     files.push("console.log")
     assert storage.read_text("s3://wc-stop/run/console.log") == "one\ntwo\nthree\n"
+    assert [o["Key"] for o in s3.list_objects_v2(Bucket="wc-stop")["Contents"] if o["Key"] != "run/"] == [
+        "run/console.log"
+    ]
+    # a file too large for an object store's copy is written in place (S3 copies 5 GiB at most)
+    monkeypatch.setattr(storage, "MOVED_BYTES", 8)
+    with (files.local / "console.log").open("a") as f:
+        f.write("four\n")
+    written, write = [], storage._write
+    monkeypatch.setattr(storage, "_write", lambda local, fs, inner: (written.append(inner), write(local, fs, inner)))
+    files.push("console.log")
+    assert storage.read_text("s3://wc-stop/run/console.log") == "one\ntwo\nthree\nfour\n"
+    assert written == ["wc-stop/run/console.log"]
     files.close()
 
 

@@ -120,6 +120,8 @@ def build_ui(generate: Generate, cfg: Config, model_dir: str, preview: Preview |
                 if not page_open(page, session.session_hash):
                     rendering.cancel()  # the stages drop the request or stop it at the next step, as for Stop
                     await asyncio.wait({rendering})
+                    if not rendering.cancelled():  # it ended first: its error, if any, is no one's to see
+                        rendering.exception()
                     return
             video = rendering.result().data
         except Exception as e:  # a full pipeline or a timed-out queue: the REST API's 503, as a message

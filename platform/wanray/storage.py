@@ -261,15 +261,24 @@ def _write(local: str | os.PathLike, fs: pafs.FileSystem, inner: str) -> None:
             dst.write(chunk)
 
 
+MOVED_BYTES = 4 * 1024**3
+"""replace_file writes a larger file in place: an object store's move is a copy, and S3 copies 5 GiB at most."""
+
+
 def replace_file(local: str | os.PathLike, uri: str) -> None:
     """upload_file for a file that replaces an earlier upload of itself (a run's log or metrics): written under
-    a temporary name beside it (.NAME.<random>.part), then moved over it. pyarrow's S3 stream completes what it
-    holds when closed, even on an exception, so an upload stopped part way (Ctrl-C) would replace the whole
-    earlier file with a truncated one; stopped now, it leaves the earlier one. An object store's move is a copy:
-    for files under its copy limit (S3: 5 GB), as a run's files are; exports go through upload_dir."""
+    a temporary name beside it, then moved over it. pyarrow's S3 stream completes what it holds when closed,
+    even on an exception, so an upload stopped part way (Ctrl-C) would replace the whole earlier file with a
+    truncated one; stopped now, it leaves the earlier one. The temporary name (.<hash of the name>.part) keeps
+    no part of the file's name a reader matches (TensorBoard loads any name holding "tfevents"), and is the
+    same at every upload, so the next one replaces what a killed one left. A file over MOVED_BYTES (a long
+    run's TensorBoard events with their videos) is written in place, as upload_file writes."""
     fs, inner = filesystem(uri)
+    if os.path.getsize(local) > MOVED_BYTES:
+        _write(local, fs, inner)
+        return
     parent, _, name = inner.rpartition("/")
-    part = f"{parent}/.{name}.{os.urandom(4).hex()}.part"
+    part = f"{parent}/.{hashlib.sha1(name.encode()).hexdigest()[:16]}.part"
     try:
         _write(local, fs, part)
         fs.move(part, inner)

@@ -2,6 +2,7 @@
 every format diffusers reads for Wan; requests with different adapters on one sampler; bad adapters refused; the
 distilled 4-step recipe (no Ray)."""
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -174,19 +175,23 @@ def test_bad_adapters_are_one_line_errors_at_start(tiny_model, adapter_files, tm
             tiny_config(tiny_model, *bad)
 
 
-def test_an_adapter_overwritten_while_served_is_refused_not_mixed(tiny_model, tmp_path):
+def test_an_adapter_overwritten_while_served_is_refused_not_mixed(tiny_model, adapter_files, tmp_path):
     """Each expert stage (each replica) reads an adapter on its first use of it, and again after unloading it: a
     file overwritten in between gave the two experts, or two replicas, different adapters under one name. Every
-    reader now reads the version resolved at start, or refuses."""
+    reader now reads the version resolved at start, or refuses, and a refused one unloads no other."""
     path = tmp_path / "style.safetensors"
     save_file(tiny_adapter(tiny_model, "high", 0), path)
-    files = StageSpec.for_batch(tiny_model, tiny_config(tiny_model, f"infer.loras.style={path}")).adapters["style"]
-    state, _ = files["high"].read(str(tiny_model), "high")
-    assert state.keys() == tiny_adapter(tiny_model, "high", 0).keys()
+    os.utime(path, (1, 1))  # a copy's, or a touched file's, other modification time: the same version
+    sets = [f"infer.loras.style={path}", f"infer.loras.a={adapter_files['diffusers']['a']['high']}"]
+    sampler = Sampler(StageSpec.for_batch(tiny_model, tiny_config(tiny_model, *sets, "infer.max_loaded_loras=1")))
+    sampler(replace(PARAMS, loras=(("style", 1.0),)))
+    os.utime(path)
+    sampler(replace(PARAMS, loras=(("a", 1.0),)))  # unloads style
     save_file({**tiny_adapter(tiny_model, "low", 1), "transformer.extra.lora_A.weight": torch.zeros(1, 1)}, path)
     with pytest.raises(ConfigError, match="overwritten after it was checked at start") as e:
-        files["low"].read(str(tiny_model), "low")
+        sampler(replace(PARAMS, loras=(("style", 1.0),)))
     assert str(path) in str(e.value) and "\n" not in str(e.value)
+    assert sampler.high.adapters.names == ("a",) and sampler.high.adapters.loads == 2
 
 
 def test_requests_name_served_adapters_only(tiny_model, adapter_files):

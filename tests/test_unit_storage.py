@@ -221,7 +221,9 @@ def test_a_copy_pinned_to_a_version_refuses_one_written_since(s3, tmp_path):
         if path.startswith("s3://"):
             s3.put_object(Bucket="pinned", Key="a.safetensors", Body=b"two")  # the same size: another ETag
         else:
-            local.write_bytes(b"two!")
+            os.utime(local, (1, 1))  # touched (or copied to another node): the same content, the same version
+            assert storage.version(path) == taken
+            local.write_bytes(b"two")
         with pytest.raises(storage.Changed, match="was written since"), storage.local_copy(path, taken):
             pass
     with pytest.raises(FileNotFoundError, match="no such object"):

@@ -393,7 +393,9 @@ class _Downloads:
         self.downloading: dict[Version, threading.Lock] = {}
         self.lock = threading.Lock()  # guards the fields above, never held over a download
 
-    def pin(self, uri: str) -> tuple[Version, Path]:
+    def pin(self, uri: str, expected: str | None = None) -> tuple[Version, Path]:
+        """The object's current version, downloaded unless here; Changed (before any download) when that is not
+        `expected` (a `version` taken earlier)."""
         fs, inner = filesystem(uri)
         try:
             opened = fs.open_input_file(inner)  # one HEAD: the object's size and ETag
@@ -401,6 +403,8 @@ class _Downloads:
             raise FileNotFoundError(f"{uri}: no such object") from None
         with opened:
             version: Version = (uri, opened.size(), _tag(fs, inner, opened))
+            if expected is not None and f"{version[1]}:{version[2]}" != expected:
+                raise Changed(f"{uri} was written since its version {expected} was taken")
             with self.lock:
                 self.pinned[version] += 1  # from here on no eviction takes it, once it is here
                 gate = None if version in self.files else self.downloading.setdefault(version, threading.Lock())
@@ -470,14 +474,19 @@ class Changed(Exception):
 
 
 def version(path: str | os.PathLike) -> str:
-    """What local_copy checks a file or object against: its size and ETag (an object with none, or a local
-    file: its modification time)."""
+    """What local_copy checks a file or object against: an object's size and ETag (its modification time where
+    a store gives none); a local file's size and content hash (copies of it on several nodes, or a file touched,
+    are the same version)."""
     fs, inner = filesystem(path)
     if not is_uri(path):
-        info = fs.get_file_info(inner)
-        if info.type != pafs.FileType.File:
-            raise FileNotFoundError(f"{path}: no such file")
-        return f"{info.size}:mtime:{info.mtime_ns}"
+        digest = hashlib.sha1()
+        try:
+            with open(inner, "rb") as f:
+                while chunk := f.read(8 * 1024**2):
+                    digest.update(chunk)
+        except (FileNotFoundError, IsADirectoryError):
+            raise FileNotFoundError(f"{path}: no such file") from None
+        return f"{os.path.getsize(inner)}:sha1:{digest.hexdigest()}"
     try:
         opened = fs.open_input_file(inner)
     except FileNotFoundError:
@@ -490,16 +499,15 @@ def version(path: str | os.PathLike) -> str:
 def local_copy(path: str | os.PathLike, pinned: str | None = None) -> Iterator[str]:
     """A local file with the content of `path` while the block runs: the path itself, or the object downloaded
     (cached while its size and ETag stay the same, and kept while a block uses it). A missing object is a
-    FileNotFoundError naming it; with `pinned` (from `version`), one written since is Changed."""
+    FileNotFoundError naming it; with `pinned` (from `version`), one written since is Changed. (Written while
+    the block reads it, it is not: a reader that must know checks `version` again after it.)"""
     if not is_uri(path):
         if pinned is not None and version(path) != pinned:
             raise Changed(f"{path} was written since its version {pinned} was taken")
         yield str(path)
         return
-    got, local = _downloads.pin(str(path))
+    got, local = _downloads.pin(str(path), pinned)
     try:
-        if pinned is not None and f"{got[1]}:{got[2]}" != pinned:
-            raise Changed(f"{path} was written since its version {pinned} was taken")
         yield str(local)
     finally:
         _downloads.release(got)

@@ -86,9 +86,13 @@ class AdapterFile:
 
     @contextlib.contextmanager
     def _local(self) -> Iterator[str]:
+        """The file as a local path while the block reads it, which must be the version resolved at start: then,
+        and still once the block has read it (an object overwritten while it downloaded, a file while read)."""
         try:
             with storage.local_copy(self.path, self.version) as local:
                 yield local
+            if self.version is not None and storage.version(self.path) != self.version:
+                raise storage.Changed(self.path)
         except storage.Changed:
             raise ConfigError(
                 f"{self.path} was overwritten after it was checked at start: reading it now would give some "
@@ -279,14 +283,16 @@ class LoadedAdapters:
         if name in self.loaded:
             self.loaded.move_to_end(name)
             return
+        file = self.files[name]  # read and checked before another is unloaded for it: one that fails (a file
+        # overwritten since start, a store's error) costs the loaded ones nothing
+        state, metadata = prepared(file, self.model, self.model_dir, self.expert, f"adapter {name}")
         if len(self.loaded) >= self.most:
             evicted, _ = self.loaded.popitem(last=False)
             self.model.delete_adapters(evicted)
+            self.names = tuple(self.loaded)
             logger.info(
                 "%s-noise expert: unloaded adapter %s (infer.max_loaded_loras %d)", self.expert, evicted, self.most
             )
-        file = self.files[name]
-        state, metadata = prepared(file, self.model, self.model_dir, self.expert, f"adapter {name}")
         with warnings.catch_warnings():  # peft warns that a second adapter makes several: that is the point
             warnings.filterwarnings("ignore", "Already found a `peft_config`", UserWarning)
             self.model.load_lora_adapter(state, adapter_name=name, metadata=metadata, prefix="transformer")

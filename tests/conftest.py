@@ -55,6 +55,17 @@ def run_pipeline(script: str, *args: str) -> list[str]:
     return [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
 
 
+def chromium(playwright):
+    """The system's headless Chromium as scripts/screenshot.py drives it (its flags: quiet and offline)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("screenshot", ROOT / "scripts" / "screenshot.py")
+    assert spec is not None and spec.loader is not None
+    screenshot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(screenshot)
+    return playwright.chromium.launch(executable_path=screenshot.find_browser(), args=screenshot.FLAGS)
+
+
 def tiny_config(model: Path, *overrides: str):
     """configs/tiny.yaml on `model`, at the learning rate of a random-init tiny model (the tests' own): 1e-3,
     not the 1e-4 that fine-tunes the pretrained one."""

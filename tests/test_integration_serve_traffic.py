@@ -1,6 +1,6 @@
 """Serving under real traffic on a real Serve: a bounded pipeline (503 + Retry-After when full, never 500),
-queue timeouts, cancellation of a request whose client hung up, queue depths in /v1/health, Prometheus
-metrics. Loopback only; every client call is bounded in time."""
+queue timeouts, cancellation of a request whose client hung up or whose page was closed, queue depths in
+/v1/health, Prometheus metrics. Loopback only; every client call is bounded in time."""
 
 import io
 import json
@@ -11,8 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
-from conftest import tiny_config
+from conftest import chromium, tiny_config
 
+from ui.app import build_ui
 from wanray.runtime import free_port
 
 MAX_QUEUED = 5
@@ -42,7 +43,7 @@ def traffic_server(tiny_model, ray_cluster):
         "infer.queue_timeout_s=4",
         "infer.max_steps=5000",
     )
-    url = start(cfg, str(tiny_model))
+    url = start(cfg, str(tiny_model), build_ui)  # the page too: a closed tab's generation (the last test)
     yield url
     serve.delete(APP_NAME)
     serve.shutdown()
@@ -169,3 +170,41 @@ def test_prometheus_metrics_count_outcomes_and_time_stages(traffic_server, ray_c
             break
         time.sleep(2)
     assert missing(lines) == [], lines
+
+
+def test_closing_the_page_frees_the_stage_at_the_next_step(traffic_server):
+    """A generation started on the page whose tab is then closed: Gradio alone would run it to the end for no
+    one; the page's handler sees its session's event stream end (through Serve's proxy) and cancels it, so the
+    high-noise stage stops at its next step, far short of the 1,400 asked (about a minute on this CPU)."""
+    import glob
+    import re
+    from pathlib import Path
+
+    import ray
+    from playwright.sync_api import sync_playwright
+
+    url = traffic_server
+    _idle(url)
+    with sync_playwright() as p:
+        browser = chromium(p)
+        tab = browser.new_page()
+        tab.goto(f"{url}/ui/")
+        tab.get_by_label("Prompt", exact=True).fill("a red circle")
+        for name, value in (("Steps", "1400"), ("Frames (4n+1)", "33")):
+            box = tab.get_by_role("spinbutton", name=name)
+            box.fill(value)
+            box.press("Enter")
+        tab.get_by_role("button", name="Generate").click()
+        end = time.monotonic() + 60
+        while requests.get(f"{url}/v1/health", timeout=10).json()["queue"]["in_pipeline"] == 0:
+            assert time.monotonic() < end, "the page's generation did not start"
+            time.sleep(0.2)
+        time.sleep(2)
+        tab.close()
+        closed = time.monotonic()
+        _idle(url, timeout=30)
+        browser.close()
+    logs = ray._private.worker._global_node.get_logs_dir_path()
+    text = "".join(Path(p).read_text() for p in glob.glob(f"{logs}/serve/replica_wanray_high_noise_expert_*.log"))
+    stopped = [int(n) for n in re.findall(r"cancelled before step (\d+) of 1400", text)]
+    assert stopped and max(stopped) < 1400, (stopped, time.monotonic() - closed)

@@ -1,13 +1,12 @@
 """The Gradio page on its own (no Ray): what its event settings do to users who share it."""
 
 import asyncio
-import importlib.util
 import socket
 import threading
 import time
 
 import numpy as np
-from conftest import ROOT, tiny_config
+from conftest import chromium, tiny_config
 
 from ui.app import build_ui
 from wanray.infer.api import Generated
@@ -60,10 +59,6 @@ def test_closing_the_tab_or_stop_ends_its_generation_and_leaves_the_other_pages(
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     from playwright.sync_api import sync_playwright
 
-    spec = importlib.util.spec_from_file_location("screenshot", ROOT / "scripts" / "screenshot.py")
-    assert spec is not None and spec.loader is not None
-    screenshot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(screenshot)
     started = {seed: threading.Event() for seed in (1, 2, 3)}
     cancelled: list[int] = []
     release = threading.Event()  # the second tab's generation ends once the test has seen the first's cancelled
@@ -88,7 +83,7 @@ def test_closing_the_tab_or_stop_ends_its_generation_and_leaves_the_other_pages(
     demo, url = _serve_page(generate, tiny_model)
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=screenshot.find_browser(), args=screenshot.FLAGS)
+            browser = chromium(p)
             tabs = {}
             for seed in (1, 2, 3):
                 tab = tabs[seed] = browser.new_page()

@@ -127,7 +127,7 @@ def test_a_noise_weight_model_scores_worse_than_the_quickstarts_fine_tune(quicks
     makes it), scored with the CLIP pretrained beside the model: the broken one shows less of its prompts and
     holds together less from frame to frame; its motion is farther from the base's (motion has no better
     direction: flicker reads as flow, a collapsed model stops). Not sharpness: the broken model's blobs have more
-    edges than one blurred shape (the tiny VAE keeps about a tenth of a clip's sharpness; README, Evaluation)."""
+    edges than one blurred shape (the tiny VAE keeps 2-13% of a clip's sharpness; README, Evaluation)."""
     _, out, base = quickstart
     broken = tmp_path / "broken"
     shutil.copytree(base, broken)

@@ -302,6 +302,7 @@ def test_the_ui_pages_read_runs_evaluations_and_data_in_a_bucket_and_nothing_out
     from ui.pages import _served_copy
     from wanray.infer.browse import DataView, ReportView, Roots, RunView, list_datasets, list_reports, list_runs
     from wanray.infer.evaluate import report_html
+    from wanray.infer.scores import SCORES_VERSION
     from wanray.train.runs import CONFIG_FILE, RUN_FILE
 
     s3.create_bucket(Bucket="ui-roots")
@@ -319,7 +320,12 @@ def test_the_ui_pages_read_runs_evaluations_and_data_in_a_bucket_and_nothing_out
     put("runs/team/ft/high/validation/validations.jsonl", "\n".join(records) + "\n")
     put(f"runs/team/ft/high/checkpoint_000000/{RUN_FILE}", "{}")  # not a run: listings skip checkpoints
     prompt = {"prompt": "a red circle", "seed": 0, "video": "v/a.mp4"}
-    result = {"source": "m", "mean": {"motion": 1.0, "sharpness": 8.0}, "prompts": [prompt], "scores_version": 2}
+    result = {
+        "source": "m",
+        "mean": {"motion": 1.0, "sharpness": 8.0},
+        "prompts": [prompt],
+        "scores_version": SCORES_VERSION,
+    }
     put("runs/eval/metrics.json", json.dumps({"a": result}))
     put("runs/eval/report.html", report_html({"a": {**result, "model": "m", "adapter": ""}}))
     put("runs/eval/v/a.mp4", video)

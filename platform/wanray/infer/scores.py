@@ -10,10 +10,12 @@ the Runs page); the same scorer rates each model of an evaluation.
 - motion: the mean optical-flow magnitude between consecutive frames, in pixels per frame (OpenCV's
   Farneback flow on the grayscale frames): a distilled or collapsed model that stops moving shows here.
   Flicker and grain read as flow too, so more is not better: compare it with the base model's.
-- sharpness: detail that stays from one frame to the next: the mean product of each grayscale frame's
-  Laplacian (0-255 scale, OpenCV) and the next frame's, moved back along the optical flow between them. Blur
-  lowers it, and so does noise: grain differs in every frame, so its products average out, where a plain
-  Laplacian variance counts it as detail. A single frame (a still): its Laplacian's variance.
+- sharpness: detail that stays from one frame to the next: the mean product of each frame's Laplacian (per
+  RGB channel, 0-255 scale, OpenCV) and the next frame's, moved back along the optical flow between them,
+  averaged over the channels. Blur lowers it, and so does noise: grain differs in every frame, so its products
+  average out, where a plain Laplacian variance counts it as detail. Per channel, not on grayscale: an edge
+  between two colours of about equal luminance (a blue square on olive) is detail, which grayscale reads as
+  flat. A single frame (a still): its Laplacian's variance, averaged over the channels.
 
 Without `eval.clip_model` the first two are left out (None); motion and sharpness need no model.
 """
@@ -27,13 +29,14 @@ import torch
 
 from wanray.data.motion import as_uint8, farneback
 
-SCORES_VERSION = 2
+SCORES_VERSION = 3
 """Written beside every record of scores (validations.jsonl, an evaluation's metrics.json). Records without it
-are version 1, whose sharpness was a plain Laplacian variance: another quantity under the same name."""
+are version 1, whose sharpness was a plain Laplacian variance; version 2 took it on grayscale frames: other
+quantities under the same name."""
 
 
 def comparable(scores: dict[str, float], version: int | None) -> dict[str, float]:
-    """A record's `scores` as this version defines them: a version-1 sharpness is left out."""
+    """A record's `scores` as this version defines them: an older version's sharpness is left out."""
     if (version or 1) >= SCORES_VERSION:
         return scores
     return {k: v for k, v in scores.items() if k != "sharpness"}
@@ -55,10 +58,11 @@ def pixel_scores(frames: np.ndarray) -> tuple[float, float]:
     """(motion, sharpness) of (F, H, W, 3) frames, from one optical flow per pair of consecutive frames."""
     import cv2
 
-    gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in as_uint8(frames)]
-    laplacian = [cv2.Laplacian(g, cv2.CV_32F) for g in gray]
+    video = as_uint8(frames)
+    gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in video]  # the flow's
+    laplacian = [cv2.Laplacian(f.astype(np.float32), cv2.CV_32F) for f in video]  # (H, W, 3): each channel's
     if len(gray) < 2:
-        return 0.0, float(laplacian[0].var()) if gray else 0.0
+        return 0.0, float(laplacian[0].var(axis=(0, 1)).mean()) if gray else 0.0
     h, w = gray[0].shape
     ys, xs = np.mgrid[0:h, 0:w]
     grid = np.stack([xs, ys], axis=-1).astype(np.float32)  # (x, y) of every pixel

@@ -49,8 +49,9 @@ def test_blur_lowers_sharpness_and_so_does_noise():
     assert pixel_scores(pattern[:1]) == (0.0, pytest.approx(own, rel=1e-4))
 
 
-def test_an_edge_between_colours_of_equal_luminance_is_detail():
-    """The synthetic world's blue square on olive: grayscale sees two equal greys (85 and 89) and no edge."""
+def test_an_edge_between_colours_of_equal_luminance_is_detail_and_its_motion_is_seen():
+    """The synthetic world's blue square on olive: luminance sees two equal greys (85 and 89), no edge and so
+    no motion; it moves as fast as the red square on black."""
     import cv2
 
     from wanray.data.synthetic import SyntheticClip, render
@@ -62,6 +63,8 @@ def test_an_edge_between_colours_of_equal_luminance_is_detail():
     blue_on_olive, red_on_black = clip("blue", "olive"), clip("red", "black")
     blurred = np.stack([cv2.GaussianBlur(f, (7, 7), 2.0) for f in blue_on_olive])
     assert sharpness(blue_on_olive) > max(0.25 * sharpness(red_on_black), 2 * sharpness(blurred))
+    assert motion(blue_on_olive) == pytest.approx(motion(red_on_black), rel=0.1)
+    assert motion(red_on_black) > 1  # the square moves 5.5 pixels a frame; most of the frame stays
 
 
 def test_slow_motion_keeps_its_sharpness():

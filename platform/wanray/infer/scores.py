@@ -8,7 +8,8 @@ the Runs page); the same scorer rates each model of an evaluation.
 - temporal_consistency: the mean cosine similarity of consecutive sampled frames' CLIP image embeddings
   (flicker and sudden changes lower it).
 - motion: the mean optical-flow magnitude between consecutive frames, in pixels per frame (OpenCV's
-  Farneback flow on the grayscale frames): a distilled or collapsed model that stops moving shows here.
+  Farneback flow, on the frames projected on the colour axis of their strongest edges: `edge_gray`, which is
+  the grey of a grey video): a distilled or collapsed model that stops moving shows here.
   Flicker and grain read as flow too, so more is not better: compare it with the base model's.
 - sharpness: detail that stays from one frame to the next: the mean product of each frame's Laplacian (per
   RGB channel, 0-255 scale, OpenCV) and the next frame's, moved back along the optical flow between them,
@@ -54,12 +55,30 @@ class VideoScores:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+def edge_gray(video: np.ndarray) -> np.ndarray:
+    """(F, H, W) uint8 of (F, H, W, 3) uint8 frames, for the optical flow: each pixel's colour projected on the
+    colour axis along which the video's edges are strongest (the top eigenvector of its neighbouring pixels'
+    colour differences), weights scaled to sum to 1 in magnitude and offset into 0-255, so a grey video keeps
+    its values. Luminance would flatten an edge between two colours of about equal luminance, and its motion
+    with it (a blue square moving on olive read as still)."""
+    picked = video[np.unique(np.linspace(0, len(video) - 1, min(8, len(video))).round().astype(int))]
+    picked = picked.astype(np.float64)
+    diffs = np.concatenate([np.diff(picked, axis=1).reshape(-1, 3), np.diff(picked, axis=2).reshape(-1, 3)])
+    values, vectors = np.linalg.eigh(diffs.T @ diffs)
+    axis = vectors[:, -1] if values[-1] > 0 else np.array([0.299, 0.587, 0.114])  # no edge: luminance
+    axis = axis if axis.sum() >= 0 else -axis
+    weights = axis / np.abs(axis).sum()
+    offset = 255.0 * -weights[weights < 0].sum()
+    projected = video.astype(np.float32) @ weights.astype(np.float32) + np.float32(offset)
+    return projected.round().clip(0, 255).astype(np.uint8)
+
+
 def pixel_scores(frames: np.ndarray) -> tuple[float, float]:
     """(motion, sharpness) of (F, H, W, 3) frames, from one optical flow per pair of consecutive frames."""
     import cv2
 
     video = as_uint8(frames)
-    gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in video]  # the flow's
+    gray = list(edge_gray(video))  # the flow's
     laplacian = [cv2.Laplacian(f.astype(np.float32), cv2.CV_32F) for f in video]  # (H, W, 3): each channel's
     if len(gray) < 2:
         return 0.0, float(laplacian[0].var(axis=(0, 1)).mean()) if gray else 0.0

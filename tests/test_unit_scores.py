@@ -5,7 +5,7 @@ architecture; noise, which a plain Laplacian variance reads as detail."""
 import numpy as np
 import pytest
 
-from wanray.infer.scores import VideoScorer, mean_scores, pixel_scores
+from wanray.infer.scores import SCORES_VERSION, VideoScorer, comparable, edge_axis, mean_scores, pixel_scores
 from wanray.model_files import write_tiny_clip
 
 
@@ -67,6 +67,15 @@ def test_an_edge_between_colours_of_equal_luminance_is_detail_and_its_motion_is_
     assert motion(red_on_black) > 1  # the square moves 5.5 pixels a frame; most of the frame stays
 
 
+def test_the_flow_sees_a_grey_video_as_it_is_and_a_flat_one_by_its_luminance():
+    grey = (moving_square(2).mean(axis=-1, keepdims=True).repeat(3, axis=-1) * 255).round().astype(np.uint8)
+    weights, offset = edge_axis(grey)
+    assert weights == pytest.approx([1 / 3] * 3, abs=1e-6) and offset == 0
+    assert np.array_equal((grey.astype(np.float32) @ weights + offset).round().astype(np.uint8), grey[..., 0])
+    weights, offset = edge_axis(np.full((3, 8, 8, 3), 90, np.uint8))
+    assert weights == pytest.approx([0.299, 0.587, 0.114], abs=1e-6) and offset == 0
+
+
 def test_slow_motion_keeps_its_sharpness():
     """Fine texture moving half a pixel a frame: the next frame's Laplacian is sampled between pixels, which a
     bilinear sample would blur (27% less); the score stays near each frame's own Laplacian variance."""
@@ -104,3 +113,10 @@ def test_without_a_clip_model_only_motion_and_sharpness_are_scored():
     scores = VideoScorer()(moving_square(2), "a square").as_dict()
     assert set(scores) == {"motion", "sharpness"}
     assert mean_scores([{"motion": 1.0, "sharpness": 3.0}, {"motion": 2.0}]) == {"motion": 1.5, "sharpness": 3.0}
+
+
+def test_scores_of_an_earlier_version_are_left_out_where_their_meaning_changed():
+    scores = {"motion": 1.0, "sharpness": 2.0, "clip_score": 0.5, "temporal_consistency": 0.9}
+    assert comparable(scores, SCORES_VERSION) == scores
+    for version in (None, 1, 2):  # sharpness on grayscale, the flow on luminance
+        assert comparable(scores, version) == {"clip_score": 0.5, "temporal_consistency": 0.9}

@@ -315,8 +315,10 @@ def test_the_ui_pages_read_runs_evaluations_and_data_in_a_bucket_and_nothing_out
     put("runs/team/ft/high/validation/step_2/prompts.json", '["a red circle"]')
     record = {"step": 2, "videos": ["s3://ui-roots/runs/team/ft/high/validation/step_2/00.mp4"]}
     failed = {"step": 3, "error": "RuntimeError: out of memory"}  # a failed validation: nothing to show
-    # a record of an earlier wanray (no scores_version): its sharpness was another quantity, and is left out
-    records = [json.dumps({**record, "scores_mean": {"motion": 1.5, "sharpness": 600.0}}), json.dumps(failed)]
+    # a record of an earlier wanray (no scores_version): its sharpness and motion were other quantities, and are
+    # left out; its CLIP score is the same quantity
+    earlier = {**record, "scores_mean": {"motion": 1.5, "sharpness": 600.0, "clip_score": 0.25}}
+    records = [json.dumps(earlier), json.dumps(failed)]
     put("runs/team/ft/high/validation/validations.jsonl", "\n".join(records) + "\n")
     put(f"runs/team/ft/high/checkpoint_000000/{RUN_FILE}", "{}")  # not a run: listings skip checkpoints
     prompt = {"prompt": "a red circle", "seed": 0, "video": "v/a.mp4"}
@@ -338,7 +340,7 @@ def test_the_ui_pages_read_runs_evaluations_and_data_in_a_bucket_and_nothing_out
     run = RunView.open(runs, "s3://ui-roots/runs/team/ft")
     assert [(m["step"], m["expert"]) for m in run.metrics()] == [(1, "high"), (2, "high")]  # a line cut short waits
     assert run.planned_steps() == 30 and "steps: 30" in run.config()
-    assert run.scores() == [{"step": 2, "expert": "high", "motion": 1.5}]
+    assert run.scores() == [{"step": 2, "expert": "high", "clip_score": 0.25}]
     [(expert, step, [(shown, prompt)])] = run.validations()
     assert (expert, step, prompt) == ("high", 2, "a red circle") and Path(_served_copy(shown)).read_bytes() == video
     report = ReportView.open(runs, "s3://ui-roots/runs/eval")

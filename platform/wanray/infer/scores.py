@@ -8,7 +8,7 @@ the Runs page); the same scorer rates each model of an evaluation.
 - temporal_consistency: the mean cosine similarity of consecutive sampled frames' CLIP image embeddings
   (flicker and sudden changes lower it).
 - motion: the mean optical-flow magnitude between consecutive frames, in pixels per frame (OpenCV's
-  Farneback flow, on the frames projected on the colour axis of their strongest edges: `edge_gray`, which is
+  Farneback flow, on the frames projected on the colour axis of their strongest edges: `edge_axis`, which is
   the grey of a grey video): a distilled or collapsed model that stops moving shows here.
   Flicker and grain read as flow too, so more is not better: compare it with the base model's.
 - sharpness: detail that stays from one frame to the next: the mean product of each frame's Laplacian (per
@@ -32,15 +32,16 @@ from wanray.data.motion import as_uint8, farneback
 
 SCORES_VERSION = 3
 """Written beside every record of scores (validations.jsonl, an evaluation's metrics.json). Records without it
-are version 1, whose sharpness was a plain Laplacian variance; version 2 took it on grayscale frames: other
-quantities under the same name."""
+are version 1, whose sharpness was a plain Laplacian variance; version 2 took sharpness on grayscale and both
+pixel scores' flow on luminance: other quantities under the same names."""
+CHANGED_IN = {"sharpness": 3, "motion": 3}
+"""The version each score last changed its meaning in."""
 
 
 def comparable(scores: dict[str, float], version: int | None) -> dict[str, float]:
-    """A record's `scores` as this version defines them: an older version's sharpness is left out."""
-    if (version or 1) >= SCORES_VERSION:
-        return scores
-    return {k: v for k, v in scores.items() if k != "sharpness"}
+    """A record's `scores` as this version defines them: a score it holds from before that score's last
+    change is left out."""
+    return {k: v for k, v in scores.items() if (version or 1) >= CHANGED_IN.get(k, 1)}
 
 
 @dataclass(frozen=True)
@@ -55,46 +56,59 @@ class VideoScores:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def edge_gray(video: np.ndarray) -> np.ndarray:
-    """(F, H, W) uint8 of (F, H, W, 3) uint8 frames, for the optical flow: each pixel's colour projected on the
-    colour axis along which the video's edges are strongest (the top eigenvector of its neighbouring pixels'
-    colour differences), weights scaled to sum to 1 in magnitude and offset into 0-255, so a grey video keeps
-    its values. Luminance would flatten an edge between two colours of about equal luminance, and its motion
-    with it (a blue square moving on olive read as still)."""
+def edge_axis(video: np.ndarray) -> tuple[np.ndarray, float]:
+    """(weights, offset) that turn a colour pixel of (F, H, W, 3) uint8 frames into one channel for the optical
+    flow, `pixel @ weights + offset`: the colour axis along which the video's edges are strongest (the top
+    eigenvector of its neighbouring pixels' colour differences, in up to 8 frames), weights scaled to sum to 1
+    in magnitude and offset into 0-255, so a grey video keeps its values; no edge at all: luminance.
+    Luminance would flatten an edge between two colours of about equal luminance, and its motion with it (a
+    blue square moving on olive read as still). One axis for the whole video has the converse blind spot: an
+    object whose colours differ only across that axis (red moving on green in a video of black and white
+    stripes) reads as still, where luminance would see it."""
     picked = video[np.unique(np.linspace(0, len(video) - 1, min(8, len(video))).round().astype(int))]
     picked = picked.astype(np.float64)
     diffs = np.concatenate([np.diff(picked, axis=1).reshape(-1, 3), np.diff(picked, axis=2).reshape(-1, 3)])
     values, vectors = np.linalg.eigh(diffs.T @ diffs)
-    axis = vectors[:, -1] if values[-1] > 0 else np.array([0.299, 0.587, 0.114])  # no edge: luminance
+    axis = vectors[:, -1] if values[-1] > 0 else np.array([0.299, 0.587, 0.114])
     axis = axis if axis.sum() >= 0 else -axis
     weights = axis / np.abs(axis).sum()
-    offset = 255.0 * -weights[weights < 0].sum()
-    projected = video.astype(np.float32) @ weights.astype(np.float32) + np.float32(offset)
-    return projected.round().clip(0, 255).astype(np.uint8)
+    return weights.astype(np.float32), float(255.0 * -weights[weights < 0].sum())
 
 
 def pixel_scores(frames: np.ndarray) -> tuple[float, float]:
-    """(motion, sharpness) of (F, H, W, 3) frames, from one optical flow per pair of consecutive frames."""
+    """(motion, sharpness) of (F, H, W, 3) frames, from one optical flow per pair of consecutive frames. Holds
+    two frames' Laplacians at a time, not the video's."""
     import cv2
 
     video = as_uint8(frames)
-    gray = list(edge_gray(video))  # the flow's
-    laplacian = [cv2.Laplacian(f.astype(np.float32), cv2.CV_32F) for f in video]  # (H, W, 3): each channel's
-    if len(gray) < 2:
-        return 0.0, float(laplacian[0].var(axis=(0, 1)).mean()) if gray else 0.0
-    h, w = gray[0].shape
+    if len(video) == 0:
+        return 0.0, 0.0
+    weights, offset = edge_axis(video)
+
+    def gray(i: int) -> np.ndarray:  # the flow's
+        return (video[i].astype(np.float32) @ weights + np.float32(offset)).round().clip(0, 255).astype(np.uint8)
+
+    def laplacian(i: int) -> np.ndarray:  # (H, W, 3): each channel's
+        return cv2.Laplacian(video[i].astype(np.float32), cv2.CV_32F)
+
+    if len(video) < 2:
+        return 0.0, float(laplacian(0).var(axis=(0, 1)).mean())
+    h, w = video.shape[1:3]
     ys, xs = np.mgrid[0:h, 0:w]
     grid = np.stack([xs, ys], axis=-1).astype(np.float32)  # (x, y) of every pixel
     moved, kept = [], []
-    for i in range(len(gray) - 1):
-        flow = farneback(gray[i], gray[i + 1])
+    this_gray, this_laplacian = gray(0), laplacian(0)
+    for i in range(len(video) - 1):
+        next_gray, next_laplacian = gray(i + 1), laplacian(i + 1)
+        flow = farneback(this_gray, next_gray)
         moved.append(float(np.linalg.norm(flow, axis=-1).mean()))
         at = grid + flow  # where each pixel of frame i is in frame i + 1 (Lanczos: a bilinear sample between
         # pixels would blur the Laplacian, -27% at half a pixel a frame, and read slow motion as blur)
         following = cv2.remap(
-            laplacian[i + 1], at[..., 0], at[..., 1], cv2.INTER_LANCZOS4, borderMode=cv2.BORDER_REPLICATE
+            next_laplacian, at[..., 0], at[..., 1], cv2.INTER_LANCZOS4, borderMode=cv2.BORDER_REPLICATE
         )
-        kept.append(float((laplacian[i] * following).mean()))
+        kept.append(float((this_laplacian * following).mean()))
+        this_gray, this_laplacian = next_gray, next_laplacian
     return float(np.mean(moved)), float(np.mean(kept))
 
 

@@ -5,7 +5,7 @@ architecture; noise, which a plain Laplacian variance reads as detail."""
 import numpy as np
 import pytest
 
-from wanray.infer.scores import SCORES_VERSION, VideoScorer, comparable, edge_axis, mean_scores, pixel_scores
+from wanray.infer.scores import SCORES_VERSION, VideoScorer, comparable, edge_axes, mean_scores, pixel_scores
 from wanray.model_files import write_tiny_clip
 
 
@@ -69,11 +69,32 @@ def test_an_edge_between_colours_of_equal_luminance_is_detail_and_its_motion_is_
 
 def test_the_flow_sees_a_grey_video_as_it_is_and_a_flat_one_by_its_luminance():
     grey = (moving_square(2).mean(axis=-1, keepdims=True).repeat(3, axis=-1) * 255).round().astype(np.uint8)
-    weights, offset = edge_axis(grey)
+    [(weights, offset)] = edge_axes(grey)
     assert weights == pytest.approx([1 / 3] * 3, abs=1e-6) and offset == 0
     assert np.array_equal((grey.astype(np.float32) @ weights + offset).round().astype(np.uint8), grey[..., 0])
-    weights, offset = edge_axis(np.full((3, 8, 8, 3), 90, np.uint8))
+    [(weights, offset)] = edge_axes(np.full((3, 8, 8, 3), 90, np.uint8))
     assert weights == pytest.approx([0.299, 0.587, 0.114], abs=1e-6) and offset == 0
+
+
+def test_an_object_whose_colours_differ_across_the_strongest_axis_still_moves():
+    """Black and white stripes make grey the axis of the strongest edges; a red square moving on green is one
+    grey there, and moves on the second axis (red against green), as luminance sees it move."""
+    import cv2
+
+    from wanray.data.motion import farneback
+
+    video = np.zeros((9, 64, 64, 3), np.uint8)
+    video[:, :, (np.arange(64) // 4) % 2 == 1] = 255
+    video[:, 16:48] = (0, 150, 0)
+    for f in range(9):
+        video[f, 27:37, 4 + 5 * f : 14 + 5 * f] = (150, 0, 0)
+    axes = edge_axes(video)
+    assert len(axes) == 2 and axes[0][0] == pytest.approx([1 / 3] * 3, abs=0.02)
+    luma = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in video]
+    on_luminance = np.mean([np.linalg.norm(farneback(a, b), axis=-1).mean() for a, b in zip(luma, luma[1:])])
+    still = video.copy()
+    still[:] = video[0]
+    assert motion(video) > 0.8 * on_luminance > 10 * motion(still)
 
 
 def test_slow_motion_keeps_its_sharpness():

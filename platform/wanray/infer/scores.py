@@ -8,8 +8,8 @@ the Runs page); the same scorer rates each model of an evaluation.
 - temporal_consistency: the mean cosine similarity of consecutive sampled frames' CLIP image embeddings
   (flicker and sudden changes lower it).
 - motion: the mean optical-flow magnitude between consecutive frames, in pixels per frame (OpenCV's
-  Farneback flow, on the frames projected on the colour axis of their strongest edges: `edge_axis`, which is
-  the grey of a grey video): a distilled or collapsed model that stops moving shows here.
+  Farneback flow, on the frames projected on the colour axes of their strongest edges: `edge_axes`, the grey
+  of a grey video): a distilled or collapsed model that stops moving shows here.
   Flicker and grain read as flow too, so more is not better: compare it with the base model's.
 - sharpness: detail that stays from one frame to the next: the mean product of each frame's Laplacian (per
   RGB channel, 0-255 scale, OpenCV) and the next frame's, moved back along the optical flow between them,
@@ -56,37 +56,51 @@ class VideoScores:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def edge_axis(video: np.ndarray) -> tuple[np.ndarray, float]:
-    """(weights, offset) that turn a colour pixel of (F, H, W, 3) uint8 frames into one channel for the optical
-    flow, `pixel @ weights + offset`: the colour axis along which the video's edges are strongest (the top
-    eigenvector of its neighbouring pixels' colour differences, in up to 8 frames), weights scaled to sum to 1
-    in magnitude and offset into 0-255, so a grey video keeps its values; no edge at all: luminance.
-    Luminance would flatten an edge between two colours of about equal luminance, and its motion with it (a
-    blue square moving on olive read as still). One axis for the whole video has the converse blind spot: an
-    object whose colours differ only across that axis (red moving on green in a video of black and white
-    stripes) reads as still, where luminance would see it."""
+LUMINANCE = np.array([0.299, 0.587, 0.114])
+SECOND_AXIS = 0.01
+"""The second colour axis gets a flow of its own where its edges hold at least this share of the first's."""
+WINDOW = 15
+"""The side of the window over which each axis's edge energy is compared: Farneback's own window."""
+
+
+def edge_axes(video: np.ndarray) -> list[tuple[np.ndarray, float]]:
+    """(weights, offset) per colour axis the optical flow runs on, each turning a colour pixel of (F, H, W, 3)
+    uint8 frames into one channel, `pixel @ weights + offset`: the two colour axes along which the video's
+    edges are strongest (the top eigenvectors of its neighbouring pixels' colour differences, in up to 8
+    frames; the second only where its edges hold SECOND_AXIS of the first's), weights scaled to sum to 1 in
+    magnitude and offset into 0-255, so a grey video has one axis and keeps its values; no edge at all:
+    luminance. Luminance alone flattens an edge between two colours of about equal luminance, and its motion
+    with it (a blue square moving on olive read as still); the strongest axis alone flattens an object whose
+    colours differ across it (red moving on green among black and white stripes)."""
     picked = video[np.unique(np.linspace(0, len(video) - 1, min(8, len(video))).round().astype(int))]
     picked = picked.astype(np.float64)
     diffs = np.concatenate([np.diff(picked, axis=1).reshape(-1, 3), np.diff(picked, axis=2).reshape(-1, 3)])
-    values, vectors = np.linalg.eigh(diffs.T @ diffs)
-    axis = vectors[:, -1] if values[-1] > 0 else np.array([0.299, 0.587, 0.114])
-    axis = axis if axis.sum() >= 0 else -axis
-    weights = axis / np.abs(axis).sum()
-    return weights.astype(np.float32), float(255.0 * -weights[weights < 0].sum())
+    values, vectors = np.linalg.eigh(diffs.T @ diffs)  # ascending
+    if values[-1] <= 0:
+        axes = [LUMINANCE]
+    else:
+        axes = [vectors[:, -1]] + ([vectors[:, -2]] if values[-2] >= SECOND_AXIS * values[-1] else [])
+    out = []
+    for axis in axes:
+        weights = (axis if axis.sum() >= 0 else -axis) / np.abs(axis).sum()
+        out.append((weights.astype(np.float32), float(255.0 * -weights[weights < 0].sum())))
+    return out
 
 
 def pixel_scores(frames: np.ndarray) -> tuple[float, float]:
-    """(motion, sharpness) of (F, H, W, 3) frames, from one optical flow per pair of consecutive frames. Holds
-    two frames' Laplacians at a time, not the video's."""
+    """(motion, sharpness) of (F, H, W, 3) frames, from one optical flow per pair of consecutive frames: with
+    two colour axes (edge_axes), each pixel's flow is that of the axis with more edge energy around it in the
+    first frame. Holds two frames' Laplacians at a time, not the video's."""
     import cv2
 
     video = as_uint8(frames)
     if len(video) == 0:
         return 0.0, 0.0
-    weights, offset = edge_axis(video)
+    axes = edge_axes(video)
 
-    def gray(i: int) -> np.ndarray:  # the flow's
-        return (video[i].astype(np.float32) @ weights + np.float32(offset)).round().clip(0, 255).astype(np.uint8)
+    def projected(i: int) -> list[np.ndarray]:  # the flow's: frame i on each axis
+        f = video[i].astype(np.float32)
+        return [(f @ w + np.float32(o)).round().clip(0, 255).astype(np.uint8) for w, o in axes]
 
     def laplacian(i: int) -> np.ndarray:  # (H, W, 3): each channel's
         return cv2.Laplacian(video[i].astype(np.float32), cv2.CV_32F)
@@ -97,10 +111,19 @@ def pixel_scores(frames: np.ndarray) -> tuple[float, float]:
     ys, xs = np.mgrid[0:h, 0:w]
     grid = np.stack([xs, ys], axis=-1).astype(np.float32)  # (x, y) of every pixel
     moved, kept = [], []
-    this_gray, this_laplacian = gray(0), laplacian(0)
+    this, this_laplacian = projected(0), laplacian(0)
     for i in range(len(video) - 1):
-        next_gray, next_laplacian = gray(i + 1), laplacian(i + 1)
-        flow = farneback(this_gray, next_gray)
+        following_frame, next_laplacian = projected(i + 1), laplacian(i + 1)
+        flows = [farneback(a, b) for a, b in zip(this, following_frame, strict=True)]
+        flow = flows[0]
+        if len(flows) == 2:
+            energy = [
+                cv2.boxFilter(
+                    cv2.Sobel(g, cv2.CV_32F, 1, 0) ** 2 + cv2.Sobel(g, cv2.CV_32F, 0, 1) ** 2, -1, (WINDOW,) * 2
+                )
+                for g in this
+            ]
+            flow = np.where((energy[1] > energy[0])[..., None], flows[1], flows[0])
         moved.append(float(np.linalg.norm(flow, axis=-1).mean()))
         at = grid + flow  # where each pixel of frame i is in frame i + 1 (Lanczos: a bilinear sample between
         # pixels would blur the Laplacian, -27% at half a pixel a frame, and read slow motion as blur)
@@ -108,7 +131,7 @@ def pixel_scores(frames: np.ndarray) -> tuple[float, float]:
             next_laplacian, at[..., 0], at[..., 1], cv2.INTER_LANCZOS4, borderMode=cv2.BORDER_REPLICATE
         )
         kept.append(float((this_laplacian * following).mean()))
-        this_gray, this_laplacian = next_gray, next_laplacian
+        this, this_laplacian = following_frame, next_laplacian
     return float(np.mean(moved)), float(np.mean(kept))
 
 

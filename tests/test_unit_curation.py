@@ -128,6 +128,17 @@ def test_motion_rises_with_the_speed_of_what_moves():
     assert 0.1 < slow < fast
 
 
+def test_motion_sees_a_square_move_on_a_background_of_its_own_luminance():
+    """Blue on olive is two greys of about equal luminance (85 and 89): on grayscale the square read as still."""
+
+    def frames(color, background):
+        return render(SyntheticClip("m", "", 96, 160, 16, 20, "square", color, background, "left to right"))
+
+    red_on_black = curation_motion(frames("red", "black"))
+    assert red_on_black > 0.3
+    assert curation_motion(frames("blue", "olive")) == pytest.approx(red_on_black, rel=0.1)
+
+
 def test_an_output_directory_of_older_settings_or_shards(tmp_path):
     from wanray.data.preprocess import _check_settings
 

@@ -5,7 +5,8 @@ architecture; noise, which a plain Laplacian variance reads as detail."""
 import numpy as np
 import pytest
 
-from wanray.infer.scores import SCORES_VERSION, VideoScorer, comparable, edge_axes, mean_scores, pixel_scores
+from wanray.data.motion import edge_axes
+from wanray.infer.scores import SCORES_VERSION, VideoScorer, comparable, mean_scores, pixel_scores
 from wanray.model_files import write_tiny_clip
 
 

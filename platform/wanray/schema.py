@@ -76,7 +76,7 @@ CLIP_SCHEMA = pa.schema(
         # split into (data.max_clip_seconds), or the whole video; clip_start is the first frame it uses
         pa.field("cut_start", pa.int32(), nullable=False),
         pa.field("cut_end", pa.int32(), nullable=False),
-        # mean optical-flow magnitude (wanray.data.video.flow_motion), pixels per frame at 16 fps on a 256-pixel
+        # mean optical-flow magnitude (wanray.data.motion.flow_motion), pixels per frame at 16 fps on a 256-pixel
         # wide copy; null for a still image. train.filters select on it
         pa.field("motion", pa.float32(), nullable=True),
         # data.aesthetic_model's score (wanray.data.aesthetic); null without one

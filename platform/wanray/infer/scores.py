@@ -8,7 +8,7 @@ the Runs page); the same scorer rates each model of an evaluation.
 - temporal_consistency: the mean cosine similarity of consecutive sampled frames' CLIP image embeddings
   (flicker and sudden changes lower it).
 - motion: the mean optical-flow magnitude between consecutive frames, in pixels per frame (OpenCV's
-  Farneback flow, on the frames projected on the colour axes of their strongest edges: `edge_axes`, the grey
+  Farneback flow, on the frames projected on the colour axes of their strongest edges: wanray.data.motion, the grey
   of a grey video): a distilled or collapsed model that stops moving shows here.
   Flicker and grain read as flow too, so more is not better: compare it with the base model's.
 - sharpness: detail that stays from one frame to the next: the mean product of each frame's Laplacian (per
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from wanray.data.motion import as_uint8, farneback
+from wanray.data.motion import as_uint8, colour_flow, edge_axes, project
 
 SCORES_VERSION = 3
 """Written beside every record of scores (validations.jsonl, an evaluation's metrics.json). Records without it
@@ -56,37 +56,6 @@ class VideoScores:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-LUMINANCE = np.array([0.299, 0.587, 0.114])
-SECOND_AXIS = 0.01
-"""The second colour axis gets a flow of its own where its edges hold at least this share of the first's."""
-WINDOW = 15
-"""The side of the window over which each axis's edge energy is compared: Farneback's own window."""
-
-
-def edge_axes(video: np.ndarray) -> list[tuple[np.ndarray, float]]:
-    """(weights, offset) per colour axis the optical flow runs on, each turning a colour pixel of (F, H, W, 3)
-    uint8 frames into one channel, `pixel @ weights + offset`: the two colour axes along which the video's
-    edges are strongest (the top eigenvectors of its neighbouring pixels' colour differences, in up to 8
-    frames; the second only where its edges hold SECOND_AXIS of the first's), weights scaled to sum to 1 in
-    magnitude and offset into 0-255, so a grey video has one axis and keeps its values; no edge at all:
-    luminance. Luminance alone flattens an edge between two colours of about equal luminance, and its motion
-    with it (a blue square moving on olive read as still); the strongest axis alone flattens an object whose
-    colours differ across it (red moving on green among black and white stripes)."""
-    picked = video[np.unique(np.linspace(0, len(video) - 1, min(8, len(video))).round().astype(int))]
-    picked = picked.astype(np.float64)
-    diffs = np.concatenate([np.diff(picked, axis=1).reshape(-1, 3), np.diff(picked, axis=2).reshape(-1, 3)])
-    values, vectors = np.linalg.eigh(diffs.T @ diffs)  # ascending
-    if values[-1] <= 0:
-        axes = [LUMINANCE]
-    else:
-        axes = [vectors[:, -1]] + ([vectors[:, -2]] if values[-2] >= SECOND_AXIS * values[-1] else [])
-    out = []
-    for axis in axes:
-        weights = (axis if axis.sum() >= 0 else -axis) / np.abs(axis).sum()
-        out.append((weights.astype(np.float32), float(255.0 * -weights[weights < 0].sum())))
-    return out
-
-
 def pixel_scores(frames: np.ndarray) -> tuple[float, float]:
     """(motion, sharpness) of (F, H, W, 3) frames, from one optical flow per pair of consecutive frames: with
     two colour axes (edge_axes), each pixel's flow is that of the axis with more edge energy around it in the
@@ -98,10 +67,6 @@ def pixel_scores(frames: np.ndarray) -> tuple[float, float]:
         return 0.0, 0.0
     axes = edge_axes(video)
 
-    def projected(i: int) -> list[np.ndarray]:  # the flow's: frame i on each axis
-        f = video[i].astype(np.float32)
-        return [(f @ w + np.float32(o)).round().clip(0, 255).astype(np.uint8) for w, o in axes]
-
     def laplacian(i: int) -> np.ndarray:  # (H, W, 3): each channel's
         return cv2.Laplacian(video[i].astype(np.float32), cv2.CV_32F)
 
@@ -111,19 +76,10 @@ def pixel_scores(frames: np.ndarray) -> tuple[float, float]:
     ys, xs = np.mgrid[0:h, 0:w]
     grid = np.stack([xs, ys], axis=-1).astype(np.float32)  # (x, y) of every pixel
     moved, kept = [], []
-    this, this_laplacian = projected(0), laplacian(0)
+    this, this_laplacian = project(video[0], axes), laplacian(0)
     for i in range(len(video) - 1):
-        following_frame, next_laplacian = projected(i + 1), laplacian(i + 1)
-        flows = [farneback(a, b) for a, b in zip(this, following_frame, strict=True)]
-        flow = flows[0]
-        if len(flows) == 2:
-            energy = [
-                cv2.boxFilter(
-                    cv2.Sobel(g, cv2.CV_32F, 1, 0) ** 2 + cv2.Sobel(g, cv2.CV_32F, 0, 1) ** 2, -1, (WINDOW,) * 2
-                )
-                for g in this
-            ]
-            flow = np.where((energy[1] > energy[0])[..., None], flows[1], flows[0])
+        following_frame, next_laplacian = project(video[i + 1], axes), laplacian(i + 1)
+        flow = colour_flow(this, following_frame)
         moved.append(float(np.linalg.norm(flow, axis=-1).mean()))
         at = grid + flow  # where each pixel of frame i is in frame i + 1 (Lanczos: a bilinear sample between
         # pixels would blur the Laplacian, -27% at half a pixel a frame, and read slow motion as blur)

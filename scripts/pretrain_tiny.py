@@ -19,7 +19,9 @@ motions = 192 clips):
 It writes vae.safetensors, text_encoder.safetensors, transformer.safetensors, latents.json and clip/ under
 --out; `model.tiny_weights: shapes` (configs/tiny.yaml) builds the tiny model from them. About 50 minutes
 on 2 CPU cores. Every stage is seeded; the committed weights were trained stage by stage, with the same
-settings and seeds.
+settings and seeds. `--stages` trains some of them: the others' files stay as they are under --out, and the
+transformer trains on the latents of the VAE there (`--stages transformer` after a change to that stage
+retrains the experts' start without retraining the VAE).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from wanray.schema import pad_text_embedding
 from wanray.train.flow import noisy_latents, shift_sigma
 
 SIZE, FRAMES = 64, 17
+STAGES = ("vae", "transformer", "clip")
 
 
 def world() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -138,7 +141,7 @@ def train_clip(path: Path, videos: torch.Tensor, captions: list[str], steps: int
 
 def main() -> None:
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from safetensors.torch import save_model
+    from safetensors.torch import load_model, save_model
     from transformers import ByT5Tokenizer, UMT5EncoderModel
 
     from wanray.encoding import encode_text
@@ -150,6 +153,13 @@ def main() -> None:
     )
     parser.add_argument("--transformer-steps", type=int, default=6000)
     parser.add_argument("--clip-steps", type=int, default=2000)
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        choices=STAGES,
+        default=list(STAGES),
+        help="the stages to train; the transformer reads the VAE from --out when the vae stage is not among them",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -158,35 +168,45 @@ def main() -> None:
         print(f"[pretrain] {line}", flush=True)
 
     videos, shape, captions = world()
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(**TINY_VAE)
-    train_vae(vae, videos, torch.ones_like(shape), args.vae_steps[0], 5, log)
-    torch.manual_seed(0)
-    train_vae(vae, videos, torch.ones_like(shape), args.vae_steps[1], 9, log)
-    torch.manual_seed(0)  # then 5x the weight on the shapes: the colours of a shape were the last to come
-    train_vae(vae, videos, 1 + 4 * shape, args.vae_steps[2], 9, log)
-    vae.eval()
-    with torch.no_grad():
-        z = torch.cat([vae.encode(videos[i : i + 16]).latent_dist.mode() for i in range(0, len(videos), 16)])
-    mean, std = z.mean((0, 2, 3, 4)), z.std((0, 2, 3, 4))
-    latents = (z - mean[:, None, None, None]) / std[:, None, None, None]
+    if "vae" in args.stages:
+        torch.manual_seed(0)
+        vae = AutoencoderKLWan(**TINY_VAE)
+        train_vae(vae, videos, torch.ones_like(shape), args.vae_steps[0], 5, log)
+        torch.manual_seed(0)
+        train_vae(vae, videos, torch.ones_like(shape), args.vae_steps[1], 9, log)
+        torch.manual_seed(0)  # then 5x the weight on the shapes: the colours of a shape were the last to come
+        train_vae(vae, videos, 1 + 4 * shape, args.vae_steps[2], 9, log)
+        vae.eval()
+        with torch.no_grad():
+            z = torch.cat([vae.encode(videos[i : i + 16]).latent_dist.mode() for i in range(0, len(videos), 16)])
+        stats = {"latents_mean": z.mean((0, 2, 3, 4)).tolist(), "latents_std": z.std((0, 2, 3, 4)).tolist()}
+        save_model(vae, str(args.out / "vae.safetensors"))
+        (args.out / "latents.json").write_text(json.dumps(stats, indent=1) + "\n")
+        log(f"wrote the VAE under {args.out}")
 
-    with tempfile.TemporaryDirectory() as tmp:  # the seed-0 random tiny model: its text encoder, its first expert
-        random_init = write_tiny_checkpoint(Path(tmp) / "tiny", seed=0)
-        tokenizer = ByT5Tokenizer.from_pretrained(random_init / "tokenizer")
-        text_encoder = UMT5EncoderModel.from_pretrained(random_init / "text_encoder").eval()
-        dit = WanTransformer3DModel.from_pretrained(random_init / "transformer")
-    text = torch.stack([pad_text_embedding(e, 512) for e in encode_text(tokenizer, text_encoder, captions)])
-    empty = pad_text_embedding(encode_text(tokenizer, text_encoder, [""])[0], 512)
-    train_transformer(dit, latents, text, empty, args.transformer_steps, log)
+    if "transformer" in args.stages:
+        stats = json.loads((args.out / "latents.json").read_text())
+        vae = AutoencoderKLWan(**TINY_VAE, **stats).eval()
+        load_model(vae, str(args.out / "vae.safetensors"))
+        with torch.no_grad():
+            z = torch.cat([vae.encode(videos[i : i + 16]).latent_dist.mode() for i in range(0, len(videos), 16)])
+        mean, std = (torch.tensor(stats[k])[:, None, None, None] for k in ("latents_mean", "latents_std"))
+        latents = (z - mean) / std
+        with tempfile.TemporaryDirectory() as tmp:  # the seed-0 random tiny model: its text encoder, its first expert
+            random_init = write_tiny_checkpoint(Path(tmp) / "tiny", seed=0)
+            tokenizer = ByT5Tokenizer.from_pretrained(random_init / "tokenizer")
+            text_encoder = UMT5EncoderModel.from_pretrained(random_init / "text_encoder").eval()
+            dit = WanTransformer3DModel.from_pretrained(random_init / "transformer")
+        text = torch.stack([pad_text_embedding(e, 512) for e in encode_text(tokenizer, text_encoder, captions)])
+        empty = pad_text_embedding(encode_text(tokenizer, text_encoder, [""])[0], 512)
+        train_transformer(dit, latents, text, empty, args.transformer_steps, log)
+        save_model(text_encoder, str(args.out / "text_encoder.safetensors"))
+        save_model(dit, str(args.out / "transformer.safetensors"))
+        log(f"wrote the text encoder and transformer under {args.out}")
 
-    train_clip(args.out / "clip", videos, captions, args.clip_steps, log)
-    save_model(vae, str(args.out / "vae.safetensors"))
-    save_model(text_encoder, str(args.out / "text_encoder.safetensors"))
-    save_model(dit, str(args.out / "transformer.safetensors"))
-    stats = {"latents_mean": mean.tolist(), "latents_std": std.tolist()}
-    (args.out / "latents.json").write_text(json.dumps(stats, indent=1) + "\n")
-    log(f"wrote {args.out}")
+    if "clip" in args.stages:
+        train_clip(args.out / "clip", videos, captions, args.clip_steps, log)
+        log(f"wrote the CLIP under {args.out / 'clip'}")
 
 
 if __name__ == "__main__":

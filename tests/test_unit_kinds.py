@@ -104,17 +104,21 @@ def test_the_pretrained_tiny_model_reconstructs_the_shapes_and_only_its_kind_tak
 
 @pytest.mark.integration  # a script run of its own (26 s): not in the unit tier's 2 minutes
 def test_the_pretraining_script_writes_what_the_tiny_model_is_built_from(tmp_path, monkeypatch):
-    """scripts/pretrain_tiny.py, one step a stage: its files are the ones write_tiny_checkpoint and
-    eval.clip_model read."""
+    """scripts/pretrain_tiny.py, one step a stage, the transformer in a second run that reads the first's VAE:
+    its files are the ones write_tiny_checkpoint and eval.clip_model read."""
     out = tmp_path / "weights"
     steps = ["--vae-steps", "1", "1", "1", "--transformer-steps", "1", "--clip-steps", "1"]
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "pretrain_tiny.py"), "--out", str(out), *steps],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0 and f"[pretrain] wrote {out}" in run.stdout, run.stderr[-2000:]
+    script = [sys.executable, str(ROOT / "scripts" / "pretrain_tiny.py"), "--out", str(out), *steps]
+    for stages in (["vae", "clip"], ["transformer"]):
+        run = subprocess.run(
+            [*script, "--stages", *stages],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        written = [line for line in run.stdout.splitlines() if line.startswith("[pretrain] wrote")]
+        assert len(written) == len(stages) and all(str(out) in line for line in written), run.stdout
     monkeypatch.setattr(model_files, "TINY_SHAPES", out)
     model = model_files.write_tiny_checkpoint(tmp_path / "tiny", weights="shapes")
     stats = json.loads((out / "latents.json").read_text())

@@ -125,9 +125,10 @@ def test_a_noise_weight_model_scores_worse_than_the_quickstarts_fine_tune(quicks
     """The quickstart's run (the tiny model pretrained on the shapes, fine-tuned 20 steps) against a broken copy of
     its base (every transformer tensor replaced by Gaussian noise of its own RMS, as the README's evaluation
     makes it), scored with the CLIP pretrained beside the model: the broken one shows less of its prompts and
-    holds together less from frame to frame; its motion is farther from the base's (motion has no better
-    direction: flicker reads as flow, a collapsed model stops). Not sharpness: the broken model's blobs have more
-    edges than one blurred shape (the tiny VAE keeps 2-13% of a clip's sharpness; README, Evaluation)."""
+    holds together less from frame to frame, keeps less detail on average (its mean sharpness: per prompt, its
+    blobs' many soft edges outscore three of the fine-tune's four blurred shapes, as the tiny VAE keeps 2-13% of a
+    clip's sharpness; README, Evaluation); its motion is farther from the base's (motion has no better
+    direction: flicker reads as flow, a collapsed model stops)."""
     _, out, base = quickstart
     broken = tmp_path / "broken"
     shutil.copytree(base, broken)
@@ -144,7 +145,7 @@ def test_a_noise_weight_model_scores_worse_than_the_quickstarts_fine_tune(quicks
     cfg = tiny_config(base, f"eval.clip_model={TINY_SHAPES / 'clip'}")
     given = [f"base={base}", f"ft={out / 'run'}:best", f"broken={broken}"]
     means = {name: r["mean"] for name, r in evaluate(cfg, given, prompts, tmp_path / "eval").items()}
-    for score in ("clip_score", "temporal_consistency"):
+    for score in ("clip_score", "temporal_consistency", "sharpness"):
         assert means["broken"][score] < means["ft"][score], (score, means)
     moved = {name: abs(m["motion"] - means["base"]["motion"]) for name, m in means.items()}
     assert moved["broken"] > moved["ft"], means

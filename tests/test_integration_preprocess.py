@@ -289,6 +289,33 @@ print("workers", len(first), "reused", len(first & second))
     assert reused == workers > 2, out.stdout  # every worker kept, more than the 2 Ray alone keeps
 
 
+def test_a_near_duplicate_of_a_copy_rejected_later_is_written_in_its_place(tmp_path, tiny_model, ray_cluster):
+    """The larger copy of a near-duplicate pair is kept and its smaller twin rejected as near_duplicate before
+    any decoding; when the kept copy then fails at decode (here data.min_seconds: it plays twice as fast), the
+    run deduplicates again and writes the twin, so no footage is lost to a copy that was never stored."""
+    original, faster = tmp_path / "original.mp4", tmp_path / "faster.mp4"
+    write_shots(original, [30], seed=4)  # 96x160 at 16 fps: 1.9 s
+    # the same frames at 120x200 and 32 fps: near duplicates (the hash takes the same frames), the larger first
+    write_mp4(faster, decord.VideoReader(str(original), width=200, height=120).get_batch(list(range(30))).asnumpy(), 32)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"path": p.name, "cap": "a shot"}) + "\n" for p in (original, faster)))
+    cfg = tiny_config(tiny_model, "data.dedup=true", "data.dedup_distance=24", "data.min_seconds=1.2")
+    log: list[str] = []
+    summary = run_preprocess(cfg, str(manifest), str(tmp_path / "out"), log.append)
+    assert [r["source"] for r in read_clips(tmp_path / "out").to_pylist()] == [str(original)]
+    assert [(r["input"], r["reason"]) for r in collect_rejects(tmp_path / "out")] == [
+        (str(faster), "below_min_duration")
+    ]
+    assert summary["outcomes"] == {"written": 1, "already_written": 0, "rejected": 1}, summary
+    assert any("near duplicates: 1 of 2 clips" in line for line in log), log
+    assert any("1 clip(s) kept among near duplicates were rejected: deduplicating again" in line for line in log)
+    assert any("near duplicates: 0 of 2 clips (data.dedup_distance 24); 1 no longer" in line for line in log), log
+    log.clear()
+    again = run_preprocess(cfg, str(manifest), str(tmp_path / "out"), log.append)  # a rerun: nothing to do
+    assert again["outcomes"] == {"written": 0, "already_written": 1, "rejected": 1}, again
+    assert not any("deduplicating again" in line for line in log), log
+
+
 def test_raw_videos_in_a_bucket_become_clips_that_train_resume_validate_and_export_in_buckets(
     tmp_path, tiny_model, ray_cluster, s3
 ):

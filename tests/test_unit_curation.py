@@ -207,6 +207,8 @@ def test_a_clip_is_rejected_only_as_the_duplicate_of_one_that_stays():
     }
     # two stored clips near each other both stay, and each pair counts once however many bands it shares
     assert choose([pair("b", "a", 4), pair("b", "a", 4)], kept=frozenset({"a", "b"})) == {}
+    # a rejected for another reason (its decode failed) keeps nothing: b stays, and c goes as b's duplicate
+    assert choose([*chain, pair("c", "a", 12)], failed=frozenset({"a"})) == {"c": ("b", 10)}
 
 
 def test_of_near_duplicates_the_copy_of_the_largest_frames_stays(long_video, tmp_path):

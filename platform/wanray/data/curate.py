@@ -27,7 +27,7 @@ from wanray.config import Config
 from wanray.data.dedup import BITS, FRAMES, HASH_SIZE, find_duplicates, fingerprint
 from wanray.data.manifest import ClipSource, Reject, clip_id
 from wanray.data.scenes import cut_shot, detect_shots
-from wanray.data.shards import part_name, record_reject, write_table_atomic
+from wanray.data.shards import forget_rejects, part_name, record_reject, reject_reasons, write_table_atomic
 from wanray.data.video import (
     ClipRejected,
     frame_size,
@@ -186,10 +186,12 @@ def candidate_files(out_dir) -> list[str]:
 
 def curate_sources(
     sources: list[ClipSource], cfg: Config, out_dir: str, skip: set[str], written: set[str], log
-) -> list[ClipSource]:
-    """The clips of `sources`, in their order: a source no candidates file covers yet (and not in `skip`,
-    the rejected) is split and fingerprinted on Ray Data first; with data.dedup, near duplicates among
-    every clip of the candidates files are rejected (never one of `written`, the clips already stored)."""
+) -> tuple[list[ClipSource], set[str]]:
+    """(the clips of `sources`, in their order; the clips kept as the copy of near duplicates): a source no
+    candidates file covers yet (and not in `skip`, the rejected) is split and fingerprinted on Ray Data first;
+    with data.dedup, near duplicates among every clip of the candidates files are rejected (never one of
+    `written`, the clips already stored). Should a kept copy be rejected later (its decode fails, a filter),
+    curating again frees its near duplicates (reject_duplicates)."""
     _, covered = read_candidates(out_dir)
     todo = [s for s in sources if s.id not in covered and s.id not in skip and in_pass(s, cfg)]
     if todo:
@@ -214,18 +216,28 @@ def curate_sources(
             sources_done, clips_found = sources_done + int(row["sources"]), clips_found + int(row["clips"])
             log(f"[preprocess] curated {sources_done}/{len(todo)} videos: {clips_found} clips")
     by_source, _ = read_candidates(out_dir)
-    if cfg.data.dedup:
-        reject_duplicates(by_source, cfg.data.dedup_distance, out_dir, written, log)
-    return [c for s in sources for c in (by_source.get(s.id, []) if in_pass(s, cfg) else [s])]
+    keepers = reject_duplicates(by_source, cfg.data.dedup_distance, out_dir, written, log) if cfg.data.dedup else set()
+    return [c for s in sources for c in (by_source.get(s.id, []) if in_pass(s, cfg) else [s])], keepers
 
 
 def reject_duplicates(
     by_source: dict[str, list[ClipSource]], distance: int, out_dir: str, written: set[str], log
-) -> None:
+) -> set[str]:
+    """Records a near_duplicate reject for each near duplicate and returns the ids of the clips they name. A clip
+    rejected for another reason keeps none (find_duplicates' `failed`): the reject of a near duplicate that
+    named one is deleted, and that clip is processed unless another copy stays."""
     clips = {c.id: c for group in by_source.values() for c in group}
+    reasons = reject_reasons(out_dir, set(clips))
+    failed = frozenset(k for k, reason in reasons.items() if reason != "near_duplicate")
     # a clip stored by an earlier run (of another manifest, say) stays, and a later near one goes
-    duplicates = find_duplicates(candidate_files(out_dir), distance, frozenset(written))
+    duplicates = find_duplicates(candidate_files(out_dir), distance, frozenset(written), failed)
+    freed = {k for k, reason in reasons.items() if reason == "near_duplicate" and k not in duplicates}
+    forget_rejects(out_dir, freed)
     for dup, (kept, bits) in sorted(duplicates.items()):
         detail = f"near duplicate of {clip_name(clips[kept])} ({bits} of {BITS} hash bits differ)"
         record_reject(out_dir, Reject(clip_name(clips[dup]), "near_duplicate", detail), key=dup)
-    log(f"[preprocess] near duplicates: {len(duplicates)} of {len(clips)} clips (data.dedup_distance {distance})")
+    log(
+        f"[preprocess] near duplicates: {len(duplicates)} of {len(clips)} clips (data.dedup_distance {distance})"
+        + (f"; {len(freed)} no longer, the copy they duplicated was rejected" if freed else "")
+    )
+    return {kept for kept, _ in duplicates.values()}

@@ -12,7 +12,8 @@ compares its own members (a band is 256 / (distance + 1) bits: the larger the di
 groups). Clips are taken in order of their source's frame size, the largest first (of a video uploaded at 1080p
 and again at 240p, the 1080p copy stays), then (source path, start frame), those stored already before all:
 one near a clip kept before it is rejected as near_duplicate naming that clip (wanray.data.curate), one near
-only rejected clips stays.
+only rejected clips stays. A clip rejected for another reason (its decode failed, a filter) is kept by nothing:
+its near duplicates are compared as if it were not there, so the next copy in the order stays.
 """
 
 from __future__ import annotations
@@ -93,12 +94,15 @@ def _ranked(row: dict) -> dict:
     }
 
 
-def find_duplicates(files: list[str], distance: int, kept: frozenset[str] = frozenset()) -> dict[str, tuple[str, int]]:
+def find_duplicates(
+    files: list[str], distance: int, kept: frozenset[str] = frozenset(), failed: frozenset[str] = frozenset()
+) -> dict[str, tuple[str, int]]:
     """{clip id: (id of the kept clip it duplicates, differing bits)} over the clips of the candidates `files`
     (wanray.data.curate, written with data.dedup: every clip has its `phash`). Clips are taken largest source
     first, then in (source path, start frame) order, those of `kept` (stored already) first and never rejected:
     a clip is rejected when it is near one kept before it, naming the first such one. So a clip near only a
-    rejected one stays: of A, B, C in a row, each near the next but A not near C, A and C stay."""
+    rejected one stays: of A, B, C in a row, each near the next but A not near C, A and C stay. Clips of
+    `failed` (rejected for another reason) are left out, neither kept nor duplicates."""
     if not files:
         return {}
     # an explicit schema: candidates files of older runs have no pixels column (read as null)
@@ -109,14 +113,19 @@ def find_duplicates(files: list[str], distance: int, kept: frozenset[str] = froz
         .groupby("band", num_partitions=min(len(files), 200))  # Ray's default is 200: slow for a few files
         .map_groups(near_pairs, fn_kwargs={"distance": distance}, batch_format="pyarrow")
     )
-    return choose(pairs.iter_rows(), kept)
+    return choose(pairs.iter_rows(), kept, failed)
 
 
-def choose(pairs, kept: frozenset[str] = frozenset()) -> dict[str, tuple[str, int]]:
-    """find_duplicates' choice over near_pairs' rows: each clip in order, rejected when near one kept before."""
+def choose(
+    pairs, kept: frozenset[str] = frozenset(), failed: frozenset[str] = frozenset()
+) -> dict[str, tuple[str, int]]:
+    """find_duplicates' choice over near_pairs' rows: each clip in order, rejected when near one kept before;
+    the pairs of a `failed` clip are left out."""
     near: dict[str, dict[str, int]] = {}  # clip -> {a clip near it: bits}, each pair once however many bands
     rank: dict[str, str] = {}
     for r in pairs:
+        if r["id"] in failed or r["other"] in failed:
+            continue
         rank[r["id"]], rank[r["other"]] = r["rank"], r["other_rank"]
         near.setdefault(r["id"], {})[r["other"]] = int(r["bits"])
         near.setdefault(r["other"], {})[r["id"]] = int(r["bits"])

@@ -279,32 +279,37 @@ class PreprocessRun:
             record_reject(out, r)
         kind = models.read_kind(self.model_path)
         log(f"[preprocess] buckets: {BucketSet.from_config(self.cfg.data, kind).describe()}")
-        clips = self.sources
-        if self.cfg.data.max_clip_seconds or self.cfg.data.dedup:
-            clips = curate_sources(self.sources, self.cfg, str(out), rejected, done, log)
-        skip = rejected_keys(out)  # with the rejects of the split
-        after_split = len(clips)
-        if self.cfg.caption.model:
-            clips = caption_clips(clips, self.cfg, str(out), skip | done, log)
-            skip = rejected_keys(out)
-        todo = [c for c in clips if c.id not in done and c.id not in skip]
-        log(
-            f"[preprocess] {len(self.sources)} entries in manifest, {len(self.manifest_rejects)} bad"
-            + (f", split into {after_split} clips" if after_split != len(self.sources) else "")
-            + f"; {len(clips) - len(todo)} already done or rejected, {len(todo)} to process"
-        )
-        start, written, frames = time.perf_counter(), 0, 0
-        if todo:
-            for shard in build_dataset(todo, self.cfg, self.model_path, str(out), encoders).iter_rows():
+        written, frames, elapsed = 0, 0, 0.0  # elapsed: encoding and writing only
+        clips, keepers = self._curate(rejected, done, log)
+        after_split, stored = len(clips), done
+        while True:
+            skip = rejected_keys(out)  # with the rejects of the split
+            if self.cfg.caption.model:
+                clips = caption_clips(clips, self.cfg, str(out), skip | stored, log)
+                skip = rejected_keys(out)
+            todo = [c for c in clips if c.id not in stored and c.id not in skip]
+            log(
+                f"[preprocess] {len(self.sources)} entries in manifest, {len(self.manifest_rejects)} bad"
+                + (f", split into {after_split} clips" if after_split != len(self.sources) else "")
+                + f"; {len(clips) - len(todo)} already done or rejected, {len(todo)} to process"
+            )
+            written_before, started = written, time.perf_counter()
+            for shard in build_dataset(todo, self.cfg, self.model_path, str(out), encoders).iter_rows() if todo else []:
                 written, frames = written + shard["rows"], frames + shard["frames"]
-                rate = written / (time.perf_counter() - start)
-                eta = (len(todo) - written) / rate if rate > 0 else float("nan")
+                rate = (written - written_before) / (time.perf_counter() - started)
+                eta = (len(todo) - written + written_before) / rate if rate > 0 else float("nan")
                 log(
-                    f"[preprocess] {written}/{len(todo)} clips written ({shard['shard']}), "
+                    f"[preprocess] {written - written_before}/{len(todo)} clips written ({shard['shard']}), "
                     f"{rate:.2f} clips/s, at most {eta:.0f}s left"
                 )
+            elapsed += time.perf_counter() - started
+            if not (lost := keepers & rejected_keys(out)):
+                break
+            # their near duplicates were rejected as copies of a clip that is not stored: curate again
+            log(f"[preprocess] {len(lost)} clip(s) kept among near duplicates were rejected: deduplicating again")
+            stored = written_ids(out)
+            clips, keepers = self._curate(rejected_keys(out), stored, log)
         self._ensure_empty_prompt(encoders)
-        elapsed = time.perf_counter() - start
         records = collect_rejects(out)
         summary: dict[str, Any] = {
             "manifest": self.manifest,
@@ -331,6 +336,13 @@ class PreprocessRun:
             f"{', '.join(f'{k}: {v}' for k, v in summary['clips_by_bucket'].items()) or 'none'}"
         )
         return summary
+
+    def _curate(self, rejected: set[str], done: set[str], log: Callable[[str], None]) -> tuple[list, set[str]]:
+        """The clips to process (the manifest's sources, split and deduplicated with data.max_clip_seconds /
+        data.dedup) and the clips kept as the copy of near duplicates (curate_sources)."""
+        if self.cfg.data.max_clip_seconds or self.cfg.data.dedup:
+            return curate_sources(self.sources, self.cfg, str(self.out), rejected, done, log)
+        return self.sources, set()
 
     def _ensure_empty_prompt(self, encoders: Preprocessor | None) -> None:
         """A one-shot run's text encoder actors write it as they start; none start if every clip was done."""

@@ -115,6 +115,20 @@ def forget_retried(out_dir) -> int:
     return len(files)
 
 
+def reject_reasons(out_dir, keys: set[str]) -> dict[str, str]:
+    """{key: reason} of the inputs of `keys` rejected for good (reads only their records)."""
+    return {
+        key: json.loads(storage.read_text(storage.join(out_dir, "rejects", f"{key}.json")))["reason"]
+        for key in sorted(rejected_keys(out_dir) & keys)
+    }
+
+
+def forget_rejects(out_dir, keys: set[str]) -> None:
+    """Deletes the records of these inputs' rejects for good: the next run processes them."""
+    for key in sorted(keys):
+        storage.remove(storage.join(out_dir, "rejects", f"{key}.json"))
+
+
 def collect_rejects(out_dir) -> list[dict]:
     """All reject records, also rewritten as out/rejects.jsonl sorted by input."""
     files = storage.list_files(storage.join(out_dir, "rejects"), "*.json")

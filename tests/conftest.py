@@ -36,6 +36,17 @@ def synthetic(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def t2v_prep(tiny_model, synthetic, ray_cluster, tmp_path_factory) -> Path:
+    """The `synthetic` clips preprocessed for `tiny_model` (configs/tiny.yaml): the training and validation tests
+    read it, none writes into it."""
+    from wanray.data.preprocess import run_preprocess
+
+    out = tmp_path_factory.mktemp("t2v_prep")
+    run_preprocess(tiny_config(tiny_model), str(synthetic), str(out), log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
 def quickstart(ray_cluster, tmp_path_factory) -> tuple[list[str], Path, Path]:
     """pipelines/quickstart.py run once as the README's first command runs it (configs/tiny.yaml: the tiny model
     pretrained on the shapes, written on first use; 16 clips; 20 steps): its console lines, its --out directory

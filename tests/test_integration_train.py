@@ -19,7 +19,6 @@ from conftest import ROOT, tiny_config
 from safetensors.torch import load_file
 
 from wanray.config import load_config
-from wanray.data.preprocess import run_preprocess
 from wanray.data.shards import EMPTY_PROMPT_FILE, read_empty_prompt, shard_paths
 from wanray.errors import ConfigError
 from wanray.infer.request import GenerationParams
@@ -118,10 +117,8 @@ def clip_counts(run, expert="high") -> Counter:
 
 
 @pytest.fixture(scope="module")
-def prep(tmp_path_factory, tiny_model, synthetic, ray_cluster):
-    out = tmp_path_factory.mktemp("train_prep")
-    run_preprocess(tiny_config(tiny_model), str(synthetic), str(out), log=lambda _: None)
-    return out
+def prep(t2v_prep):
+    return t2v_prep
 
 
 @pytest.fixture(scope="module")

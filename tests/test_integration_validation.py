@@ -16,12 +16,8 @@ from wanray.train.trainer import train_experts
 
 
 @pytest.fixture(scope="module")
-def val_prep(tmp_path_factory, tiny_model, synthetic, ray_cluster):
-    from wanray.data.preprocess import run_preprocess
-
-    out = tmp_path_factory.mktemp("val_prep")
-    run_preprocess(tiny_config(tiny_model), str(synthetic), str(out), log=lambda _: None)
-    return out
+def val_prep(t2v_prep):
+    return t2v_prep
 
 
 def test_validation_videos_of_every_checkpoint_step_land_beside_training(tiny_model, val_prep, tmp_path):

@@ -85,6 +85,12 @@ def train_vae(vae, videos: torch.Tensor, weights: torch.Tensor, steps: int, fram
             log(f"vae ({frames} frames) step {i}/{steps}: loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
 
 
+def encode_world(vae, videos: torch.Tensor) -> torch.Tensor:
+    """The modes of the VAE latents of every clip, 16 at a time."""
+    with torch.no_grad():
+        return torch.cat([vae.encode(videos[i : i + 16]).latent_dist.mode() for i in range(0, len(videos), 16)])
+
+
 def train_transformer(dit, latents: torch.Tensor, text: torch.Tensor, empty: torch.Tensor, steps: int, log):
     """Flow matching on normalised latents, every timestep (shift 5, as configs/tiny.yaml trains), batch 16,
     10% caption dropout to the empty prompt (classifier-free guidance); lr 1e-3 with cosine decay."""
@@ -168,6 +174,7 @@ def main() -> None:
         print(f"[pretrain] {line}", flush=True)
 
     videos, shape, captions = world()
+    z = None  # the world's latents: encoded once, by the VAE trained here or the one under --out
     if "vae" in args.stages:
         torch.manual_seed(0)
         vae = AutoencoderKLWan(**TINY_VAE)
@@ -176,9 +183,7 @@ def main() -> None:
         train_vae(vae, videos, torch.ones_like(shape), args.vae_steps[1], 9, log)
         torch.manual_seed(0)  # then 5x the weight on the shapes: the colours of a shape were the last to come
         train_vae(vae, videos, 1 + 4 * shape, args.vae_steps[2], 9, log)
-        vae.eval()
-        with torch.no_grad():
-            z = torch.cat([vae.encode(videos[i : i + 16]).latent_dist.mode() for i in range(0, len(videos), 16)])
+        z = encode_world(vae.eval(), videos)
         stats = {"latents_mean": z.mean((0, 2, 3, 4)).tolist(), "latents_std": z.std((0, 2, 3, 4)).tolist()}
         save_model(vae, str(args.out / "vae.safetensors"))
         (args.out / "latents.json").write_text(json.dumps(stats, indent=1) + "\n")
@@ -186,10 +191,10 @@ def main() -> None:
 
     if "transformer" in args.stages:
         stats = json.loads((args.out / "latents.json").read_text())
-        vae = AutoencoderKLWan(**TINY_VAE, **stats).eval()
-        load_model(vae, str(args.out / "vae.safetensors"))
-        with torch.no_grad():
-            z = torch.cat([vae.encode(videos[i : i + 16]).latent_dist.mode() for i in range(0, len(videos), 16)])
+        if z is None:
+            vae = AutoencoderKLWan(**TINY_VAE, **stats).eval()
+            load_model(vae, str(args.out / "vae.safetensors"))
+            z = encode_world(vae, videos)
         mean, std = (torch.tensor(stats[k])[:, None, None, None] for k in ("latents_mean", "latents_std"))
         latents = (z - mean) / std
         with tempfile.TemporaryDirectory() as tmp:  # the seed-0 random tiny model: its text encoder, its first expert

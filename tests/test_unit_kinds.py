@@ -104,12 +104,12 @@ def test_the_pretrained_tiny_model_reconstructs_the_shapes_and_only_its_kind_tak
 
 @pytest.mark.integration  # a script run of its own (26 s): not in the unit tier's 2 minutes
 def test_the_pretraining_script_writes_what_the_tiny_model_is_built_from(tmp_path, monkeypatch):
-    """scripts/pretrain_tiny.py, one step a stage, the transformer in a second run that reads the first's VAE:
-    its files are the ones write_tiny_checkpoint and eval.clip_model read."""
+    """scripts/pretrain_tiny.py, one step a stage, the transformer again in a second run that reads the first's
+    VAE: its files are the ones write_tiny_checkpoint and eval.clip_model read."""
     out = tmp_path / "weights"
     steps = ["--vae-steps", "1", "1", "1", "--transformer-steps", "1", "--clip-steps", "1"]
     script = [sys.executable, str(ROOT / "scripts" / "pretrain_tiny.py"), "--out", str(out), *steps]
-    for stages in (["vae", "clip"], ["transformer"]):
+    for stages in (["vae", "transformer"], ["transformer", "clip"]):
         run = subprocess.run(
             [*script, "--stages", *stages],
             capture_output=True,

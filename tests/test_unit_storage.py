@@ -95,11 +95,11 @@ def test_a_same_size_overwrite_is_fetched_again_and_one_download_holds_up_no_oth
     held, started, parts = threading.Event(), threading.Event(), []
     download, mkstemp = storage._Downloads._download, storage.tempfile.mkstemp
 
-    def slow_download(self, version, opened, local):
+    def slow_download(self, version, opened, local, *store):
         if version[0].endswith("video.mp4"):
             started.set()
             assert held.wait(60)
-        download(self, version, opened, local)
+        download(self, version, opened, local, *store)
 
     monkeypatch.setattr(storage._Downloads, "_download", slow_download)
     monkeypatch.setattr(storage.tempfile, "mkstemp", lambda **kw: parts.append(kw) or mkstemp(**kw))
@@ -228,6 +228,43 @@ def test_a_copy_pinned_to_a_version_refuses_one_written_since(s3, tmp_path):
             pass
     with pytest.raises(FileNotFoundError, match="no such object"):
         storage.version("s3://pinned/missing.safetensors")
+
+
+def test_an_object_written_while_it_downloads_is_downloaded_again_not_cached_mixed(s3, monkeypatch):
+    """The store reads an object in ranges: a write between two of them gave a file of both versions, cached
+    under the first. Its ETag, taken again at the end, now sends it round again; a copy pinned to the first
+    version is Changed, and an object written during every try is a storage error (a reject the next run tries
+    again), not a crash."""
+    s3.create_bucket(Bucket="overwritten")
+    s3.put_object(Bucket="overwritten", Key="v.mp4", Body=b"aaaaaa")
+    copy, writes = storage._copy, [b"bbbbbb"]
+
+    def write_halfway(source, dst) -> None:  # the object is written again after its first 3 bytes are read
+        dst.write(source.read(3))
+        if writes:
+            s3.put_object(Bucket="overwritten", Key="v.mp4", Body=writes.pop(0))
+        copy(source, dst)
+
+    monkeypatch.setattr(storage, "_copy", write_halfway)
+    with storage.local_copy("s3://overwritten/v.mp4") as local:
+        assert Path(local).read_bytes() == b"bbbbbb"  # not b"aaabbb"
+    s3.put_object(Bucket="overwritten", Key="v.mp4", Body=b"cccccc")
+    taken, writes[:] = storage.version("s3://overwritten/v.mp4"), [b"dddddd"]
+    with (
+        pytest.raises(storage.Changed, match="written while it downloaded"),
+        storage.local_copy("s3://overwritten/v.mp4", taken),
+    ):
+        pass
+    with storage.local_copy("s3://overwritten/v.mp4") as local:  # nothing is written now
+        assert Path(local).read_bytes() == b"dddddd"
+    s3.put_object(Bucket="overwritten", Key="v.mp4", Body=b"eeeeee")
+    writes.extend([b"ffffff", b"gggggg", b"hhhhhh"])
+    with (
+        pytest.raises(ClipRejected, match="written again during each of 3 downloads") as rejected,
+        local_file("s3://overwritten/v.mp4"),
+    ):
+        pass
+    assert rejected.value.reason == "storage_error"
 
 
 def test_checkpoints_in_a_bucket_are_listed_checked_and_read_in_place(s3, tmp_path, monkeypatch):

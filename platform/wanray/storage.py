@@ -379,6 +379,18 @@ def _local_name(version: Version, inner: str) -> str:
     return hashlib.sha1(repr(version).encode()).hexdigest()[:16] + Path(inner).suffix
 
 
+DOWNLOAD_TRIES = 3
+
+
+class _Overwritten(Exception):
+    """A download ended on another version of the object than it started on."""
+
+
+def _copy(source: pa.NativeFile, dst) -> None:
+    while chunk := source.read(8 * 1024**2):
+        dst.write(chunk)
+
+
 class _Downloads:
     """The objects this process downloaded, each version in a file of its own, least recently used first: the
     oldest go while the cache holds more than DOWNLOAD_CACHE_BYTES, and a version a newer one replaced goes
@@ -394,9 +406,20 @@ class _Downloads:
         self.lock = threading.Lock()  # guards the fields above, never held over a download
 
     def pin(self, uri: str, expected: str | None = None) -> tuple[Version, Path]:
-        """The object's current version, downloaded unless here; Changed (before any download) when that is not
-        `expected` (a `version` taken earlier)."""
+        """The object's current version, downloaded unless here; Changed when that is not `expected` (a `version`
+        taken earlier), before any download or, written while it downloaded, after. The store reads an object in
+        ranges, so a download overlapping a write may hold parts of both versions: its ETag is taken again at the
+        end, and a download it disagrees with is dropped and made again, DOWNLOAD_TRIES times at most."""
         fs, inner = filesystem(uri)
+        for _ in range(DOWNLOAD_TRIES):
+            try:
+                return self._pin(uri, fs, inner, expected)
+            except _Overwritten:
+                if expected is not None:
+                    raise Changed(f"{uri} was written while it downloaded") from None
+        raise OSError(f"{uri} was written again during each of {DOWNLOAD_TRIES} downloads")
+
+    def _pin(self, uri: str, fs: pafs.FileSystem, inner: str, expected: str | None) -> tuple[Version, Path]:
         try:
             opened = fs.open_input_file(inner)  # one HEAD: the object's size and ETag
         except FileNotFoundError:
@@ -412,7 +435,7 @@ class _Downloads:
             try:
                 if gate is not None:
                     with gate:
-                        self._download(version, opened, directory / _local_name(version, inner))
+                        self._download(version, opened, directory / _local_name(version, inner), fs, inner)
             except BaseException:
                 self.release(version)
                 raise
@@ -431,16 +454,23 @@ class _Downloads:
         atexit.register(shutil.rmtree, directory, ignore_errors=True)
         return directory
 
-    def _download(self, version: Version, opened: pa.NativeFile, local: Path) -> None:
-        """Writes `version` into the cache unless a thread that held the gate before this one did."""
+    def _download(self, version: Version, opened: pa.NativeFile, local: Path, fs: pafs.FileSystem, inner: str) -> None:
+        """Writes `version` into the cache unless a thread that held the gate before this one did; _Overwritten
+        when the object is another version once the download ends."""
         with self.lock:
             if version in self.files:
                 return
         fd, part = tempfile.mkstemp(dir=local.parent, suffix=".part")
         try:
             with os.fdopen(fd, "wb") as dst:
-                while chunk := opened.read(8 * 1024**2):
-                    dst.write(chunk)
+                _copy(opened, dst)
+            try:
+                again = fs.open_input_file(inner)  # one more HEAD
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{version[0]}: no such object (deleted while it downloaded)") from None
+            with again:
+                if (again.size(), _tag(fs, inner, again)) != version[1:]:
+                    raise _Overwritten
             os.replace(part, local)
             with self.lock:
                 self.files[version] = local

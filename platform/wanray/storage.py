@@ -403,6 +403,7 @@ class _Downloads:
         self.files: OrderedDict[Version, Path] = OrderedDict()
         self.pinned: Counter[Version] = Counter()
         self.downloading: dict[Version, threading.Lock] = {}
+        self.stale: set[Version] = set()  # versions found written over during their download
         self.lock = threading.Lock()  # guards the fields above, never held over a download
 
     def pin(self, uri: str, expected: str | None = None) -> tuple[Version, Path]:
@@ -439,6 +440,10 @@ class _Downloads:
             except BaseException:
                 self.release(version)
                 raise
+            finally:
+                with self.lock:  # the gate goes with its last user: a later one for the version is another's
+                    if gate is not None and self.downloading.get(version) is gate:
+                        del self.downloading[version]
         with self.lock:
             self.files.move_to_end(version)
             self._evict()
@@ -456,28 +461,39 @@ class _Downloads:
 
     def _download(self, version: Version, opened: pa.NativeFile, local: Path, fs: pafs.FileSystem, inner: str) -> None:
         """Writes `version` into the cache unless a thread that held the gate before this one did; _Overwritten
-        when the object is another version once the download ends."""
+        when the object is another version once the download ends (or fails: a write that shrank it ends the
+        ranges early), or a thread before this one found so."""
         with self.lock:
             if version in self.files:
                 return
+            if version in self.stale:
+                raise _Overwritten
         fd, part = tempfile.mkstemp(dir=local.parent, suffix=".part")
         try:
-            with os.fdopen(fd, "wb") as dst:
-                _copy(opened, dst)
             try:
-                again = fs.open_input_file(inner)  # one more HEAD
-            except FileNotFoundError:
-                raise FileNotFoundError(f"{version[0]}: no such object (deleted while it downloaded)") from None
-            with again:
-                if (again.size(), _tag(fs, inner, again)) != version[1:]:
-                    raise _Overwritten
+                with os.fdopen(fd, "wb") as dst:
+                    _copy(opened, dst)
+            except OSError:
+                self._check(version, fs, inner)
+                raise  # the same version: a network or store error
+            self._check(version, fs, inner)
             os.replace(part, local)
             with self.lock:
                 self.files[version] = local
         finally:
             Path(part).unlink(missing_ok=True)
-            with self.lock:
-                self.downloading.pop(version, None)
+
+    def _check(self, version: Version, fs: pafs.FileSystem, inner: str) -> None:
+        """_Overwritten unless the object is still `version`; FileNotFoundError when it is gone."""
+        try:
+            again = fs.open_input_file(inner)  # one more HEAD
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{version[0]}: no such object (deleted while it downloaded)") from None
+        with again:
+            if (again.size(), _tag(fs, inner, again)) != version[1:]:
+                with self.lock:
+                    self.stale.add(version)
+                raise _Overwritten
 
     def release(self, version: Version) -> None:
         with self.lock:

@@ -283,10 +283,11 @@ class PreprocessRun:
         clips, keepers = self._curate(rejected, done, log)
         after_split, stored = len(clips), done
         while True:
-            skip = rejected_keys(out)  # with the rejects of the split
+            # with the rejects of the split, and this run's storage errors: retried by the next run, not this one
+            skip = rejected_keys(out, retried=True)
             if self.cfg.caption.model:
                 clips = caption_clips(clips, self.cfg, str(out), skip | stored, log)
-                skip = rejected_keys(out)
+                skip = rejected_keys(out, retried=True)
             todo = [c for c in clips if c.id not in stored and c.id not in skip]
             log(
                 f"[preprocess] {len(self.sources)} entries in manifest, {len(self.manifest_rejects)} bad"

@@ -224,7 +224,7 @@ def curation(work: Path, videos: int) -> None:
         out = work / f"curate-{workers}-{len(rates)}"
         out.mkdir()
         t0 = time.perf_counter()
-        clips, _ = curate_sources(sources, cfg, str(out), set(), set(), lambda _: None)
+        clips = curate_sources(sources, cfg, str(out), set(), set(), lambda _: None).clips
         elapsed = time.perf_counter() - t0
         rates.setdefault(workers, []).append((len(clips), elapsed))
     for i, actors in enumerate((1, 2, 1, 2)):

@@ -289,10 +289,17 @@ print("workers", len(first), "reused", len(first & second))
     assert reused == workers > 2, out.stdout  # every worker kept, more than the 2 Ray alone keeps
 
 
-def test_a_near_duplicate_of_a_copy_rejected_later_is_written_in_its_place(tmp_path, tiny_model, ray_cluster):
+def test_a_near_duplicate_of_a_copy_rejected_later_is_written_in_its_place(
+    tmp_path, tiny_model, ray_cluster, monkeypatch
+):
     """The larger copy of a near-duplicate pair is kept and its smaller twin rejected as near_duplicate before
     any decoding; when the kept copy then fails at decode (here data.min_seconds: it plays twice as fast), the
-    run deduplicates again and writes the twin, so no footage is lost to a copy that was never stored."""
+    run deduplicates again, from the near pairs it found (the Ray Data comparison runs once a run), and writes
+    the twin, so no footage is lost to a copy that was never stored."""
+    from wanray.data import curate
+
+    compared, near_pair_rows = [], curate.near_pair_rows
+    monkeypatch.setattr(curate, "near_pair_rows", lambda *a: compared.append(a) or near_pair_rows(*a))
     original, faster = tmp_path / "original.mp4", tmp_path / "faster.mp4"
     write_shots(original, [30], seed=4)  # 96x160 at 16 fps: 1.9 s
     # the same frames at 120x200 and 32 fps: near duplicates (the hash takes the same frames), the larger first
@@ -310,6 +317,7 @@ def test_a_near_duplicate_of_a_copy_rejected_later_is_written_in_its_place(tmp_p
     assert any("near duplicates: 1 of 2 clips" in line for line in log), log
     assert any("1 clip(s) kept among near duplicates were rejected: deduplicating again" in line for line in log)
     assert any("near duplicates: 0 of 2 clips (data.dedup_distance 24); 1 no longer" in line for line in log), log
+    assert len(compared) == 1
     log.clear()
     again = run_preprocess(cfg, str(manifest), str(tmp_path / "out"), log.append)  # a rerun: nothing to do
     assert again["outcomes"] == {"written": 0, "already_written": 1, "rejected": 1}, again

@@ -16,6 +16,7 @@ shots too short to be a clip, sources that cannot be split and near duplicates a
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +25,7 @@ import ray
 from wanray import storage
 from wanray.buckets import parse_shape
 from wanray.config import Config
-from wanray.data.dedup import BITS, FRAMES, HASH_SIZE, find_duplicates, fingerprint
+from wanray.data.dedup import BITS, FRAMES, HASH_SIZE, choose, fingerprint, near_pair_rows
 from wanray.data.manifest import ClipSource, Reject, clip_id
 from wanray.data.scenes import cut_shot, detect_shots
 from wanray.data.shards import forget_rejects, part_name, record_reject, reject_reasons, write_table_atomic
@@ -184,14 +185,31 @@ def candidate_files(out_dir) -> list[str]:
     return storage.list_files(storage.join(out_dir, CANDIDATES_DIR), "part-*.parquet")
 
 
+@dataclass(frozen=True)
+class Curated:
+    """curate_sources' result: the clips of the sources, in their order; the ids of the clips kept as the copy
+    of near duplicates; with data.dedup, the near pairs found (near_pair_rows) and the candidates files they
+    came from, which spare curating again in the same run the comparison while those files stay the same."""
+
+    clips: list[ClipSource]
+    keepers: set[str] = field(default_factory=set)
+    pairs: tuple[list[str], list[dict]] | None = None
+
+
 def curate_sources(
-    sources: list[ClipSource], cfg: Config, out_dir: str, skip: set[str], written: set[str], log
-) -> tuple[list[ClipSource], set[str]]:
-    """(the clips of `sources`, in their order; the clips kept as the copy of near duplicates): a source no
-    candidates file covers yet (and not in `skip`, the rejected) is split and fingerprinted on Ray Data first;
-    with data.dedup, near duplicates among every clip of the candidates files are rejected (never one of
-    `written`, the clips already stored). Should a kept copy be rejected later (its decode fails, a filter),
-    curating again frees its near duplicates (reject_duplicates)."""
+    sources: list[ClipSource],
+    cfg: Config,
+    out_dir: str,
+    skip: set[str],
+    written: set[str],
+    log,
+    pairs: tuple[list[str], list[dict]] | None = None,
+) -> Curated:
+    """The clips of `sources`: a source no candidates file covers yet (and not in `skip`, the rejected) is split
+    and fingerprinted on Ray Data first; with data.dedup, near duplicates among every clip of the candidates
+    files are rejected (never one of `written`, the clips already stored). Should a kept copy be rejected later
+    (its decode fails, a filter), curating again frees its near duplicates (reject_duplicates); `pairs`, a
+    Curated's of the same run, spares it comparing the clips again."""
     _, covered = read_candidates(out_dir)
     todo = [s for s in sources if s.id not in covered and s.id not in skip and in_pass(s, cfg)]
     if todo:
@@ -216,21 +234,26 @@ def curate_sources(
             sources_done, clips_found = sources_done + int(row["sources"]), clips_found + int(row["clips"])
             log(f"[preprocess] curated {sources_done}/{len(todo)} videos: {clips_found} clips")
     by_source, _ = read_candidates(out_dir)
-    keepers = reject_duplicates(by_source, cfg.data.dedup_distance, out_dir, written, log) if cfg.data.dedup else set()
-    return [c for s in sources for c in (by_source.get(s.id, []) if in_pass(s, cfg) else [s])], keepers
+    clips = [c for s in sources for c in (by_source.get(s.id, []) if in_pass(s, cfg) else [s])]
+    if not cfg.data.dedup:
+        return Curated(clips)
+    files = candidate_files(out_dir)
+    rows = pairs[1] if pairs is not None and pairs[0] == files else near_pair_rows(files, cfg.data.dedup_distance)
+    keepers = reject_duplicates(by_source, rows, cfg.data.dedup_distance, out_dir, written, log)
+    return Curated(clips, keepers, (files, rows))
 
 
 def reject_duplicates(
-    by_source: dict[str, list[ClipSource]], distance: int, out_dir: str, written: set[str], log
+    by_source: dict[str, list[ClipSource]], rows: list[dict], distance: int, out_dir: str, written: set[str], log
 ) -> set[str]:
-    """Records a near_duplicate reject for each near duplicate and returns the ids of the clips they name. A clip
-    rejected for another reason keeps none (find_duplicates' `failed`): the reject of a near duplicate that
-    named one is deleted, and that clip is processed unless another copy stays."""
+    """Records a near_duplicate reject for each near duplicate among the near pairs `rows` and returns the ids
+    of the clips they name. A clip rejected for another reason keeps none (choose's `failed`): the reject of a
+    near duplicate that named one is deleted, and that clip is processed unless another copy stays."""
     clips = {c.id: c for group in by_source.values() for c in group}
     reasons = reject_reasons(out_dir, set(clips))
     failed = frozenset(k for k, reason in reasons.items() if reason != "near_duplicate")
     # a clip stored by an earlier run (of another manifest, say) stays, and a later near one goes
-    duplicates = find_duplicates(candidate_files(out_dir), distance, frozenset(written), failed)
+    duplicates = choose(rows, frozenset(written), failed)
     freed = {k for k, reason in reasons.items() if reason == "near_duplicate" and k not in duplicates}
     forget_rejects(out_dir, freed)
     for dup, (kept, bits) in sorted(duplicates.items()):

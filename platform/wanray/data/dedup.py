@@ -94,17 +94,11 @@ def _ranked(row: dict) -> dict:
     }
 
 
-def find_duplicates(
-    files: list[str], distance: int, kept: frozenset[str] = frozenset(), failed: frozenset[str] = frozenset()
-) -> dict[str, tuple[str, int]]:
-    """{clip id: (id of the kept clip it duplicates, differing bits)} over the clips of the candidates `files`
-    (wanray.data.curate, written with data.dedup: every clip has its `phash`). Clips are taken largest source
-    first, then in (source path, start frame) order, those of `kept` (stored already) first and never rejected:
-    a clip is rejected when it is near one kept before it, naming the first such one. So a clip near only a
-    rejected one stays: of A, B, C in a row, each near the next but A not near C, A and C stay. Clips of
-    `failed` (rejected for another reason) are left out, neither kept nor duplicates."""
+def near_pair_rows(files: list[str], distance: int) -> list[dict]:
+    """near_pairs' rows over the clips of the candidates `files` (wanray.data.curate, written with data.dedup:
+    every clip has its `phash`): each pair within `distance` bits, once per band it shares, on the driver."""
     if not files:
-        return {}
+        return []
     # an explicit schema: candidates files of older runs have no pixels column (read as null)
     ds = ray.data.read_parquet(files, schema=RANK_SCHEMA).select_columns(RANK_SCHEMA.names)  # local paths or URIs
     pairs = (
@@ -113,14 +107,17 @@ def find_duplicates(
         .groupby("band", num_partitions=min(len(files), 200))  # Ray's default is 200: slow for a few files
         .map_groups(near_pairs, fn_kwargs={"distance": distance}, batch_format="pyarrow")
     )
-    return choose(pairs.iter_rows(), kept, failed)
+    return list(pairs.iter_rows())
 
 
 def choose(
     pairs, kept: frozenset[str] = frozenset(), failed: frozenset[str] = frozenset()
 ) -> dict[str, tuple[str, int]]:
-    """find_duplicates' choice over near_pairs' rows: each clip in order, rejected when near one kept before;
-    the pairs of a `failed` clip are left out."""
+    """{clip id: (id of the kept clip it duplicates, differing bits)} from near_pairs' rows. Clips are taken
+    largest source first, then in (source path, start frame) order, those of `kept` (stored already) first and
+    never rejected: a clip is rejected when it is near one kept before it, naming the first such one. So a clip
+    near only a rejected one stays: of A, B, C in a row, each near the next but A not near C, A and C stay.
+    Clips of `failed` (rejected for another reason) are left out, neither kept nor duplicates."""
     near: dict[str, dict[str, int]] = {}  # clip -> {a clip near it: bits}, each pair once however many bands
     rank: dict[str, str] = {}
     for r in pairs:

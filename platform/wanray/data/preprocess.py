@@ -36,7 +36,7 @@ from wanray.buckets import BucketSet
 from wanray.config import Config
 from wanray.data.aesthetic import AestheticScorer
 from wanray.data.caption import caption_clips
-from wanray.data.curate import curate_sources
+from wanray.data.curate import Curated, curate_sources
 from wanray.data.encode import LatentEncoder, TextEncoder
 from wanray.data.manifest import ClipSource, read_manifest
 from wanray.data.shards import (
@@ -280,8 +280,8 @@ class PreprocessRun:
         kind = models.read_kind(self.model_path)
         log(f"[preprocess] buckets: {BucketSet.from_config(self.cfg.data, kind).describe()}")
         written, frames, elapsed = 0, 0, 0.0  # elapsed: encoding and writing only
-        clips, keepers = self._curate(rejected, done, log)
-        after_split, stored = len(clips), done
+        curated = self._curate(rejected, done, log)
+        clips, after_split, stored = curated.clips, len(curated.clips), done
         while True:
             # with the rejects of the split, and this run's storage errors: retried by the next run, not this one
             skip = rejected_keys(out, retried=True)
@@ -304,12 +304,13 @@ class PreprocessRun:
                     f"{rate:.2f} clips/s, at most {eta:.0f}s left"
                 )
             elapsed += time.perf_counter() - started
-            if not (lost := keepers & rejected_keys(out)):
+            if not (lost := curated.keepers & rejected_keys(out)):
                 break
             # their near duplicates were rejected as copies of a clip that is not stored: curate again
             log(f"[preprocess] {len(lost)} clip(s) kept among near duplicates were rejected: deduplicating again")
             stored = written_ids(out)
-            clips, keepers = self._curate(rejected_keys(out), stored, log)
+            curated = self._curate(rejected_keys(out), stored, log, curated.pairs)
+            clips = curated.clips
         self._ensure_empty_prompt(encoders)
         records = collect_rejects(out)
         summary: dict[str, Any] = {
@@ -338,12 +339,12 @@ class PreprocessRun:
         )
         return summary
 
-    def _curate(self, rejected: set[str], done: set[str], log: Callable[[str], None]) -> tuple[list, set[str]]:
-        """The clips to process (the manifest's sources, split and deduplicated with data.max_clip_seconds /
-        data.dedup) and the clips kept as the copy of near duplicates (curate_sources)."""
+    def _curate(self, rejected: set[str], done: set[str], log: Callable[[str], None], pairs: Any = None) -> Curated:
+        """The manifest's sources, split and deduplicated with data.max_clip_seconds / data.dedup
+        (curate_sources; `pairs` from an earlier pass of the run)."""
         if self.cfg.data.max_clip_seconds or self.cfg.data.dedup:
-            return curate_sources(self.sources, self.cfg, str(self.out), rejected, done, log)
-        return self.sources, set()
+            return curate_sources(self.sources, self.cfg, str(self.out), rejected, done, log, pairs)
+        return Curated(self.sources)
 
     def _ensure_empty_prompt(self, encoders: Preprocessor | None) -> None:
         """A one-shot run's text encoder actors write it as they start; none start if every clip was done."""
